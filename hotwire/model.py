@@ -1,0 +1,190 @@
+"""The logical model of an app: PE specs joined by stream specs, as a networkx DiGraph.
+
+The model is what the client builds by running app.py and what the master stores,
+diffs and schedules. It holds no user code: callables are referred to by the PE's
+name and identified by their fingerprint, so the master never imports an app.
+
+Nodes are PE names with the attribute ``spec`` (a :class:`PESpec`); edges are
+``(src, dst)`` with the attribute ``spec`` (a :class:`StreamSpec`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import networkx as nx
+
+PE_KINDS = (
+    "source",
+    "map",
+    "filter",
+    "flat_map",
+    "reduce",
+    "process",
+    "sink",
+    "union",
+    "dl_job",
+)
+PARTITIONS = ("shuffle", "key", "broadcast", "forward")
+
+
+@dataclass(frozen=True)
+class PESpec:
+    """One process element of the logical model.
+
+    ``fingerprint`` identifies behaviour: it changes when the callable's code,
+    constants, closure values or the config change, and not when only line
+    numbers, comments or formatting do. ``parallelism`` is kept apart so a
+    rescale is not a code change.
+    """
+
+    name: str
+    kind: str
+    parallelism: int = 1
+    fingerprint: str = ""
+    callable_name: str = ""
+    config: dict[str, Any] = field(default_factory=dict, compare=True, hash=False)
+    keyed: bool = False  # the PE's input is key-partitioned (reduce, keyed process)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PESpec:
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """A stream from PE ``src`` to PE ``dst``.
+
+    ``partition`` is one of :data:`PARTITIONS`; ``key_fingerprint`` identifies the
+    key function of a ``key`` stream (empty otherwise).
+    """
+
+    src: str
+    dst: str
+    partition: str = "shuffle"
+    key_fingerprint: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> StreamSpec:
+        return cls(**d)
+
+
+@dataclass
+class LogicalModel:
+    """An app's logical model: its name and its graph of PE and stream specs."""
+
+    app: str
+    graph: nx.DiGraph
+
+    @classmethod
+    def build(cls, app: str, pes: list[PESpec], streams: list[StreamSpec]) -> LogicalModel:
+        g = nx.DiGraph()
+        for pe in pes:
+            g.add_node(pe.name, spec=pe)
+        for st in streams:
+            g.add_edge(st.src, st.dst, spec=st)
+        return cls(app, g)
+
+    # -- accessors -------------------------------------------------------
+    def pe(self, name: str) -> PESpec:
+        spec: PESpec = self.graph.nodes[name]["spec"]
+        return spec
+
+    def stream(self, src: str, dst: str) -> StreamSpec:
+        spec: StreamSpec = self.graph.edges[src, dst]["spec"]
+        return spec
+
+    @property
+    def pes(self) -> list[PESpec]:
+        return [self.graph.nodes[n]["spec"] for n in self.graph.nodes]
+
+    @property
+    def streams(self) -> list[StreamSpec]:
+        return [self.graph.edges[e]["spec"] for e in self.graph.edges]
+
+    def inputs(self, name: str) -> list[StreamSpec]:
+        return [self.graph.edges[u, name]["spec"] for u in self.graph.predecessors(name)]
+
+    def outputs(self, name: str) -> list[StreamSpec]:
+        return [self.graph.edges[name, v]["spec"] for v in self.graph.successors(name)]
+
+    # -- serialisation ---------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "app": self.app,
+            "pes": [p.to_dict() for p in self.pes],
+            "streams": [s.to_dict() for s in self.streams],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LogicalModel:
+        return cls.build(
+            d["app"],
+            [PESpec.from_dict(p) for p in d["pes"]],
+            [StreamSpec.from_dict(s) for s in d["streams"]],
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> LogicalModel:
+        return cls.from_dict(json.loads(text))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, LogicalModel):
+            return NotImplemented
+        return self.to_json() == other.to_json()
+
+
+def check_structure(model: LogicalModel) -> list[str]:
+    """Problems in a model's shape, each naming the PE; empty when it is sound.
+
+    The SDK reports these (and more, about callables) on the client; the master
+    runs this again on what it receives, since it never trusts a client.
+    """
+    problems: list[str] = []
+    g = model.graph
+    if not model.app or not isinstance(model.app, str):
+        problems.append("the app has no name")
+    for pe in model.pes:
+        where = f"PE {pe.name!r} of app {model.app!r}"
+        if pe.kind not in PE_KINDS:
+            problems.append(f"{where}: unknown kind {pe.kind!r}")
+        if not isinstance(pe.parallelism, int) or pe.parallelism < 1:
+            problems.append(f"{where}: parallelism must be an integer >= 1, got {pe.parallelism!r}")
+        ins = list(g.predecessors(pe.name))
+        outs = list(g.successors(pe.name))
+        if pe.kind == "source" and ins:
+            problems.append(f"{where}: a source cannot have inputs")
+        if pe.kind != "source" and not ins:
+            problems.append(f"{where}: has no input stream")
+        if pe.kind == "sink" and outs:
+            problems.append(f"{where}: a sink cannot have outputs")
+        if pe.kind != "sink" and not outs:
+            problems.append(
+                f"{where}: its output stream goes nowhere; add a sink or another PE after it"
+            )
+    for st in model.streams:
+        if st.partition not in PARTITIONS:
+            problems.append(f"stream {st.src!r} -> {st.dst!r}: unknown partitioning {st.partition!r}")
+        if st.partition == "forward":
+            ps, pd = model.pe(st.src).parallelism, model.pe(st.dst).parallelism
+            if ps != pd:
+                problems.append(
+                    f"stream {st.src!r} -> {st.dst!r}: forward needs equal parallelism, "
+                    f"got {ps} and {pd}"
+                )
+    for cycle in nx.simple_cycles(g):
+        problems.append(f"PE {cycle[0]!r}: is on a cycle {' -> '.join([*cycle, cycle[0]])}")
+        if len(problems) > 50:
+            break
+    return problems

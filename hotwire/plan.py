@@ -1,0 +1,304 @@
+"""Physical placement and the instructions the master sends to workers.
+
+Pure data, shared by the planner (master) and the executor (worker). Every
+instruction is a frozen, comparable dataclass that round-trips through
+:func:`to_wire` / :func:`from_wire` (msgpack-able dicts), so the planner is
+tested without a network and the worker performs exactly what was planned.
+
+Identities
+----------
+* A PE's instances belong to a *generation* ``gen``: the app version at which
+  they were created. A PE keeps its generation across upgrades that do not touch
+  it; a change of code, config or parallelism (or of its keyed input stream)
+  gives it a new generation, whose instances succeed the old ones.
+* Instance id: ``"{pe}@{gen}.{index}"`` (unique within an app).
+* Channel id: ``"{src_instance}>{dst_instance}"``; a channel is kept by an
+  upgrade exactly when both of its ends are kept.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import msgpack
+
+
+def instance_id(pe: str, gen: int, index: int) -> str:
+    return f"{pe}@{gen}.{index}"
+
+
+def parse_instance_id(iid: str) -> tuple[str, int, int]:
+    pe, rest = iid.rsplit("@", 1)
+    gen, index = rest.split(".")
+    return pe, int(gen), int(index)
+
+
+def channel_id(src_iid: str, dst_iid: str) -> str:
+    return f"{src_iid}>{dst_iid}"
+
+
+def key_partition(key: Any, n: int) -> int:
+    """The index (0..n-1) of the instance that owns ``key``: stable across processes."""
+    if n == 1:
+        return 0
+    return zlib.crc32(msgpack.packb(key, use_bin_type=True)) % n
+
+
+# ---------------------------------------------------------------------------
+# Placement
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PEPlacement:
+    """Where a PE's instances run: ``workers[i]`` hosts instance ``i``."""
+
+    gen: int
+    bundle: str  # content hash of the bundle whose code the instances run
+    workers: tuple[str, ...]
+
+    @property
+    def parallelism(self) -> int:
+        return len(self.workers)
+
+    def instance(self, pe: str, index: int) -> str:
+        return instance_id(pe, self.gen, index)
+
+
+Placement = dict[str, PEPlacement]  # pe name -> placement
+
+
+def placement_to_dict(p: Placement) -> dict[str, Any]:
+    return {
+        pe: {"gen": pl.gen, "bundle": pl.bundle, "workers": list(pl.workers)}
+        for pe, pl in p.items()
+    }
+
+
+def placement_from_dict(d: dict[str, Any]) -> Placement:
+    return {
+        pe: PEPlacement(int(v["gen"]), str(v["bundle"]), tuple(v["workers"])) for pe, v in d.items()
+    }
+
+
+# ---------------------------------------------------------------------------
+# Routing
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Target:
+    """One channel out of an instance, to instance ``instance`` on worker ``worker``."""
+
+    channel: str
+    instance: str
+    worker: str
+
+
+@dataclass(frozen=True)
+class KeyRef:
+    """Where a key function lives: the stream ``src -> dst`` of the app in ``bundle``."""
+
+    bundle: str
+    src: str
+    dst: str
+
+
+@dataclass(frozen=True)
+class Route:
+    """An instance's output stream to PE ``dst_pe``.
+
+    ``targets`` are ordered by the destination's instance index. ``shuffle`` deals
+    batches round-robin, ``key`` sends a record to ``targets[key_partition(key, n)]``,
+    ``broadcast`` to all, ``forward`` to the one target.
+    """
+
+    dst_pe: str
+    partition: str
+    targets: tuple[Target, ...]
+    key: KeyRef | None = None
+
+
+# ---------------------------------------------------------------------------
+# Instructions
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StartInstance:
+    """PREPARE: load ``bundle``, build the instance and run its ``setup``.
+
+    It reads from ``inputs`` (channel ids). When ``predecessors`` is non-empty it
+    processes nothing until each predecessor has handed over its state (possibly
+    empty); a source emits nothing until then. ``input_key`` is the key function of
+    a keyed PE's input stream, used to index keyed state.
+    """
+
+    app: str
+    version: int
+    pe: str
+    kind: str
+    gen: int
+    index: int
+    parallelism: int
+    bundle: str
+    inputs: tuple[str, ...]
+    routes: tuple[Route, ...]
+    predecessors: tuple[str, ...] = ()
+    input_key: KeyRef | None = None
+    config: dict[str, Any] = field(default_factory=dict, hash=False)
+
+    @property
+    def instance(self) -> str:
+        return instance_id(self.pe, self.gen, self.index)
+
+
+@dataclass(frozen=True)
+class Gate:
+    """PREPARE: a kept instance gains ``appearing`` input channels and loses
+    ``disappearing`` ones. It reads nothing from an appearing channel until every
+    disappearing channel has delivered its end marker.
+    """
+
+    app: str
+    version: int
+    instance: str
+    appearing: tuple[str, ...]
+    disappearing: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Switch:
+    """SWITCH: at its next batch boundary a kept instance sends an end marker on each
+    channel in ``ended``, then replaces its routes to the PEs in ``routes`` (by
+    ``dst_pe``) and drops the routes to the PEs in ``unrouted``.
+    """
+
+    app: str
+    version: int
+    instance: str
+    routes: tuple[Route, ...]
+    unrouted: tuple[str, ...]
+    ended: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Successor:
+    instance: str
+    worker: str
+
+
+@dataclass(frozen=True)
+class Retire:
+    """SWITCH: the instance goes on until every input channel has delivered its end
+    marker (a source stops at its next batch boundary), then flushes, sends an end
+    marker on every output channel, hands its state to ``successors`` and exits.
+
+    State split: when ``keyed``, each key's state goes to
+    ``successors[key_partition(key, len(successors))]``; otherwise the whole state
+    goes to ``successors[index % len(successors)]``. Every successor receives one
+    handover from every predecessor, empty or not.
+    """
+
+    app: str
+    version: int
+    instance: str
+    successors: tuple[Successor, ...]
+    keyed: bool = False
+
+
+@dataclass(frozen=True)
+class StopApp:
+    """Stop every instance of ``app`` on the worker now (``streamctl kill``)."""
+
+    app: str
+    version: int
+
+
+Instruction = StartInstance | Gate | Switch | Retire | StopApp
+
+INSTRUCTION_TYPES: dict[str, type] = {
+    t.__name__: t for t in (StartInstance, Gate, Switch, Retire, StopApp)
+}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Instructions grouped by phase and worker.
+
+    ``prepare`` runs everywhere and is acknowledged before anything in ``switch``
+    is sent; a failed prepare is undone with an abort and nothing else changes.
+    """
+
+    app: str
+    version: int
+    prepare: dict[str, tuple[Instruction, ...]]  # worker -> instructions
+    switch: dict[str, tuple[Instruction, ...]]
+
+    @property
+    def workers(self) -> set[str]:
+        return set(self.prepare) | set(self.switch)
+
+    def count(self) -> int:
+        return sum(len(v) for v in self.prepare.values()) + sum(
+            len(v) for v in self.switch.values()
+        )
+
+
+# ---------------------------------------------------------------------------
+# Wire form
+# ---------------------------------------------------------------------------
+
+
+def _enc(v: Any) -> Any:
+    if isinstance(v, (Route, Target, KeyRef, Successor)):
+        return {f.name: _enc(getattr(v, f.name)) for f in fields(v)}
+    if isinstance(v, tuple):
+        return [_enc(x) for x in v]
+    return v
+
+
+def to_wire(ins: Instruction) -> dict[str, Any]:
+    d = {f.name: _enc(getattr(ins, f.name)) for f in fields(ins)}
+    d["type"] = type(ins).__name__
+    return d
+
+
+def _target(d: dict[str, Any]) -> Target:
+    return Target(**d)
+
+
+def _keyref(d: dict[str, Any] | None) -> KeyRef | None:
+    return None if d is None else KeyRef(**d)
+
+
+def _route(d: dict[str, Any]) -> Route:
+    return Route(
+        dst_pe=d["dst_pe"],
+        partition=d["partition"],
+        targets=tuple(_target(t) for t in d["targets"]),
+        key=_keyref(d.get("key")),
+    )
+
+
+def from_wire(d: dict[str, Any]) -> Instruction:
+    d = dict(d)
+    cls = INSTRUCTION_TYPES[d.pop("type")]
+    if cls is StartInstance:
+        d["inputs"] = tuple(d["inputs"])
+        d["routes"] = tuple(_route(r) for r in d["routes"])
+        d["predecessors"] = tuple(d["predecessors"])
+        d["input_key"] = _keyref(d.get("input_key"))
+    elif cls is Gate:
+        d["appearing"] = tuple(d["appearing"])
+        d["disappearing"] = tuple(d["disappearing"])
+    elif cls is Switch:
+        d["routes"] = tuple(_route(r) for r in d["routes"])
+        d["unrouted"] = tuple(d["unrouted"])
+        d["ended"] = tuple(d["ended"])
+    elif cls is Retire:
+        d["successors"] = tuple(Successor(**s) for s in d["successors"])
+    result: Instruction = cls(**d)
+    return result
