@@ -1,0 +1,97 @@
+"""Class-based PEs: the :class:`ProcessPE` ABC and the :class:`Context` the runtime hands them."""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(slots=True)
+class Context:
+    """What a PE instance knows about itself. The runtime constructs it; user code reads it.
+
+    ``position`` is, for a source, how many records earlier generations of this
+    source instance emitted: a source that replaces another resumes from there.
+    ``key`` is the current record's key while a keyed ``process`` PE handles it,
+    else None.
+    """
+
+    app: str
+    pe: str
+    instance: int = 0
+    parallelism: int = 1
+    config: dict[str, Any] = field(default_factory=dict)
+    position: int = 0
+    key: Any = None
+    logger: logging.Logger = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.logger = logging.getLogger(f"hotwire.app.{self.app}.{self.pe}")
+
+
+class ProcessPE(ABC):
+    """A class-based PE. The runtime makes one object per PE instance.
+
+    Lifecycle: ``setup(ctx)`` once, then ``restore(state)`` if the instance takes
+    over state (on upgrade or rescale), then ``process`` (or ``process_batch``) for
+    its records, ``snapshot()`` when it hands its state to successors, and
+    ``teardown()`` once at the end.
+    """
+
+    def setup(self, ctx: Context) -> None:  # noqa: B027 - optional hook
+        """Called once, before any other method, when the instance is built.
+
+        During an upgrade this runs in the prepare phase: an exception here fails
+        the upgrade and leaves the old version running. Not called again on
+        restore or rescale of this object.
+        """
+
+    @abstractmethod
+    def process(self, record: Any) -> Iterable[Any]:
+        """Handle one record and return (or yield) the records to emit downstream.
+
+        May be ``async def``. Called once per input record, in arrival order per
+        upstream channel, never concurrently on the same object. Not called when
+        the subclass defines :meth:`process_batch`. In a keyed PE, ``ctx.key`` is
+        the record's key.
+        """
+
+    def process_batch(self, records: list[Any]) -> list[Any]:
+        """Optional: handle a batch of records and return the records to emit.
+
+        If a subclass defines it, the runtime calls it with each input batch
+        instead of calling :meth:`process` per record (see :meth:`batched`).
+        May be ``async def``.
+        """
+        raise NotImplementedError
+
+    @classmethod
+    def batched(cls) -> bool:
+        """True when the subclass defines :meth:`process_batch`."""
+        return cls.process_batch is not ProcessPE.process_batch
+
+    def snapshot(self) -> Any:
+        """Return the instance's state when it retires (upgrade or rescale); None for none.
+
+        For a keyed PE return a mapping ``{key: state}`` so the runtime can split it
+        by key among successors. Called after the last record was processed and
+        before :meth:`teardown`; not called when the app is killed. The state must
+        be msgpack-serialisable.
+        """
+        return None
+
+    def restore(self, state: Any) -> None:  # noqa: B027 - optional hook
+        """Take over state from predecessors, after :meth:`setup` and before any record.
+
+        For a keyed PE ``state`` maps each key this instance now owns to its state
+        (merged from all predecessors). Not called when there is no predecessor.
+        """
+
+    def teardown(self) -> None:  # noqa: B027 - optional hook
+        """Called once when the instance stops: retired after an upgrade, or app killed.
+
+        Release resources here. Not called if :meth:`setup` raised.
+        """
