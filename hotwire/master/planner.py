@@ -1,0 +1,247 @@
+"""The upgrade planner: change set + placements -> per-worker instructions.
+
+Pure. Only the *touched* streams are enumerated (those with an endpoint added,
+removed or regenerated, and those added, removed or changed themselves), so a
+plan's size grows with the change and not with the topology (invariant 3).
+
+* prepare: ``StartInstance`` for each new instance (downstream PEs first on each
+  worker), then ``Gate`` for each kept instance whose input channels change;
+* switch: ``Switch`` for each kept instance whose routes change, then ``Retire``
+  for each instance that goes.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+
+import networkx as nx
+
+from hotwire.master.diff import ChangeSet, split_stream_name
+from hotwire.model import LogicalModel, StreamSpec
+from hotwire.plan import (
+    Gate,
+    Instruction,
+    KeyRef,
+    Placement,
+    Plan,
+    Retire,
+    Route,
+    StartInstance,
+    StopApp,
+    Successor,
+    Switch,
+    Target,
+    channel_id,
+)
+
+Edge = tuple[str, str]
+
+
+def stream_channels(st: StreamSpec, pl: Placement, index: int) -> list[tuple[int, str]]:
+    """``(dst index, channel id)`` of the channels out of instance ``index`` of ``st.src``."""
+    src, dst = pl[st.src], pl[st.dst]
+    sid = src.instance(st.src, index)
+    if st.partition == "forward":
+        js: Iterable[int] = [index] if index < dst.parallelism else []
+    else:
+        js = range(dst.parallelism)
+    return [(j, channel_id(sid, dst.instance(st.dst, j))) for j in js]
+
+
+def _route(st: StreamSpec, pl: Placement, index: int, key_bundle: str) -> Route:
+    dst = pl[st.dst]
+    targets = tuple(
+        Target(ch, dst.instance(st.dst, j), dst.workers[j])
+        for j, ch in stream_channels(st, pl, index)
+    )
+    key = KeyRef(key_bundle, st.src, st.dst) if st.partition == "key" else None
+    return Route(st.dst, st.partition, targets, key)
+
+
+def _in_channels(st: StreamSpec, pl: Placement, index: int) -> list[str]:
+    """Channel ids into instance ``index`` of ``st.dst``."""
+    src, dst = pl[st.src], pl[st.dst]
+    did = dst.instance(st.dst, index)
+    if st.partition == "forward":
+        iis: Iterable[int] = [index] if index < src.parallelism else []
+    else:
+        iis = range(src.parallelism)
+    return [channel_id(src.instance(st.src, i), did) for i in iis]
+
+
+def _edges_of(model: LogicalModel, pes: Iterable[str]) -> set[Edge]:
+    g = model.graph
+    out: set[Edge] = set()
+    for pe in pes:
+        if pe in g:
+            out.update(g.in_edges(pe))
+            out.update(g.out_edges(pe))
+    return out
+
+
+def plan_upgrade(
+    app: str,
+    version: int,
+    old: LogicalModel,
+    old_pl: Placement,
+    new: LogicalModel,
+    new_pl: Placement,
+    change: ChangeSet,
+) -> Plan:
+    """The instructions that turn ``old`` on ``old_pl`` into ``new`` on ``new_pl``."""
+    added, removed, regen = set(change.pes_added), set(change.pes_removed), set(change.regenerated)
+    new_pes = added | regen
+    gone = removed | regen
+    changed_streams = {
+        split_stream_name(s, old, new)
+        for s in (*change.streams_added, *change.streams_removed, *change.streams_changed)
+    }
+    touched_old = _edges_of(old, gone | added) | {
+        e for e in changed_streams if old.graph.has_edge(*e)
+    }
+    touched_new = _edges_of(new, new_pes | removed) | {
+        e for e in changed_streams if new.graph.has_edge(*e)
+    }
+    stream_level = {split_stream_name(s, old, new) for s in change.streams_changed}
+    new_bundles = {pe: new_pl[pe].bundle for pe in new_pes}
+
+    def key_bundle(u: str, v: str) -> str:
+        # The key function of a kept stream is the one the sender already runs; a
+        # new or changed key function lives in the new version's bundle.
+        if (u, v) in changed_streams and u not in new_bundles and v in new_bundles:
+            return new_bundles[v]
+        return new_pl[u].bundle
+
+    prepare: dict[str, list[Instruction]] = defaultdict(list)
+    switch: dict[str, list[Instruction]] = defaultdict(list)
+    starts: dict[str, list[tuple[str, int, StartInstance]]] = defaultdict(list)
+
+    # -- new instances ---------------------------------------------------------
+    for pe in sorted(new_pes):
+        spec, pl = new.pe(pe), new_pl[pe]
+        in_streams = sorted(new.inputs(pe), key=lambda s: s.src)
+        out_streams = sorted(new.outputs(pe), key=lambda s: s.dst)
+        input_key = next(
+            (KeyRef(pl.bundle, s.src, pe) for s in in_streams if s.partition == "key"), None
+        )
+        preds: tuple[str, ...] = ()
+        if pe in regen:
+            opl = old_pl[pe]
+            preds = tuple(opl.instance(pe, i) for i in range(opl.parallelism))
+        for i in range(pl.parallelism):
+            ins = StartInstance(
+                app=app,
+                version=version,
+                pe=pe,
+                kind=spec.kind,
+                gen=pl.gen,
+                index=i,
+                parallelism=pl.parallelism,
+                bundle=pl.bundle,
+                inputs=tuple(sorted(c for s in in_streams for c in _in_channels(s, new_pl, i))),
+                routes=tuple(_route(s, new_pl, i, pl.bundle) for s in out_streams),
+                predecessors=preds,
+                input_key=input_key,
+                config=spec.config,
+            )
+            starts[pl.workers[i]].append((pe, i, ins))
+
+    # -- kept instances: gates and switches -------------------------------------
+    kept_in: dict[str, set[Edge]] = defaultdict(lambda: set())
+    kept_out: dict[str, set[Edge]] = defaultdict(lambda: set())
+    for u, v in touched_old | touched_new:
+        if u not in new_pes and u not in gone:
+            kept_out[u].add((u, v))
+        if v not in new_pes and v not in gone:
+            kept_in[v].add((u, v))
+
+    for pe in sorted(kept_in):
+        pl = new_pl[pe]
+        for i in range(pl.parallelism):
+            before = {
+                c
+                for e in kept_in[pe]
+                if e in touched_old
+                for c in _in_channels(old.stream(*e), old_pl, i)
+            }
+            after = {
+                c
+                for e in kept_in[pe]
+                if e in touched_new
+                for c in _in_channels(new.stream(*e), new_pl, i)
+            }
+            if before != after:
+                prepare[pl.workers[i]].append(
+                    Gate(
+                        app,
+                        version,
+                        pl.instance(pe, i),
+                        tuple(sorted(after - before)),
+                        tuple(sorted(before - after)),
+                    )
+                )
+
+    for pe in sorted(kept_out):
+        pl = new_pl[pe]
+        edges = sorted(kept_out[pe])
+        for i in range(pl.parallelism):
+            old_routes = {
+                v: _route(old.stream(u, v), old_pl, i, old_pl[u].bundle)
+                for u, v in edges
+                if (u, v) in touched_old
+            }
+            new_routes = {
+                v: _route(new.stream(u, v), new_pl, i, key_bundle(u, v))
+                for u, v in edges
+                if (u, v) in touched_new
+            }
+            before = {t.channel for r in old_routes.values() for t in r.targets}
+            after = {t.channel for r in new_routes.values() for t in r.targets}
+            if old_routes == new_routes and not any(e in stream_level for e in edges):
+                continue
+            switch[pl.workers[i]].append(
+                Switch(
+                    app,
+                    version,
+                    pl.instance(pe, i),
+                    routes=tuple(new_routes[v] for v in sorted(new_routes)),
+                    unrouted=tuple(sorted(v for v in old_routes if not new.graph.has_edge(pe, v))),
+                    ended=tuple(sorted(before - after)),
+                )
+            )
+
+    # -- retiring instances ------------------------------------------------------
+    for pe in sorted(gone):
+        opl = old_pl[pe]
+        succ: tuple[Successor, ...] = ()
+        if pe in regen:
+            npl = new_pl[pe]
+            succ = tuple(
+                Successor(npl.instance(pe, j), npl.workers[j]) for j in range(npl.parallelism)
+            )
+        keyed = (new if pe in new.graph else old).pe(pe).keyed
+        for i in range(opl.parallelism):
+            switch[opl.workers[i]].append(
+                Retire(app, version, opl.instance(pe, i), successors=succ, keyed=keyed)
+            )
+
+    # -- order: new instances downstream first, then gates ------------------------
+    if starts:
+        rank = {pe: r for r, pe in enumerate(nx.lexicographical_topological_sort(new.graph))}
+        for w, items in starts.items():
+            items.sort(key=lambda t: (-rank[t[0]], t[0], t[1]))
+            prepare[w][:0] = [ins for _, _, ins in items]
+
+    return Plan(
+        app=app,
+        version=version,
+        prepare={w: tuple(prepare[w]) for w in sorted(prepare) if prepare[w]},
+        switch={w: tuple(switch[w]) for w in sorted(switch) if switch[w]},
+    )
+
+
+def plan_stop(app: str, version: int, placement: Placement) -> dict[str, tuple[StopApp]]:
+    """One ``StopApp`` for every worker that hosts an instance of the app."""
+    workers = {w for pl in placement.values() for w in pl.workers}
+    return {w: (StopApp(app, version),) for w in sorted(workers)}

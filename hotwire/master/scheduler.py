@@ -1,0 +1,73 @@
+"""Placing PE instances on workers: slots and spread. Pure and deterministic."""
+
+from __future__ import annotations
+
+from hotwire.master.diff import ChangeSet
+from hotwire.model import LogicalModel
+from hotwire.plan import PEPlacement, Placement
+
+
+class SchedulingError(Exception):
+    """The live workers have too few free slots for the instances to place."""
+
+
+def schedule(
+    new: LogicalModel,
+    old_placement: Placement,
+    change: ChangeSet,
+    workers: dict[str, int],
+    version: int,
+    bundle: str,
+) -> Placement:
+    """The placement of ``new`` after the upgrade described by ``change``.
+
+    PEs kept by the upgrade keep their placement. Added and regenerated PEs get
+    ``gen=version`` and ``bundle``, and each of their instances goes to the live
+    worker (``workers``: name -> slots) with the fewest instances of the new
+    placement, ties broken by name. Instance ``i`` of a regenerated PE first tries
+    the worker of the old instance ``i``, so its state handover stays local.
+    Raises :class:`SchedulingError` when the instances do not fit in the slots.
+    """
+    regenerated = set(change.regenerated)
+    added = set(change.pes_added)
+    placing = sorted(
+        pe for pe in new.graph.nodes if pe in added or pe in regenerated or pe not in old_placement
+    )
+    result: Placement = {
+        pe: old_placement[pe] for pe in sorted(new.graph.nodes) if pe not in placing
+    }
+    load = {w: 0 for w in workers}
+    for pl in result.values():
+        for w in pl.workers:
+            if w in load:
+                load[w] += 1
+
+    needed = sum(new.pe(pe).parallelism for pe in placing)
+    free = sum(max(workers[w] - load[w], 0) for w in workers)
+    if needed > free:
+        names = ", ".join(repr(p) for p in placing[:5]) + (", ..." if len(placing) > 5 else "")
+        raise SchedulingError(
+            f"app {new.app!r} needs {needed} free slot(s) for the new instances of {names} "
+            f"but the {len(workers)} live worker(s) have {free}; "
+            "start more workers or give them more --slots"
+        )
+
+    chosen: dict[str, list[str | None]] = {pe: [None] * new.pe(pe).parallelism for pe in placing}
+    # Pass 1: instances of regenerated PEs stay where their predecessor ran.
+    for pe in placing:
+        if pe not in regenerated or pe not in old_placement:
+            continue
+        for i, w in enumerate(old_placement[pe].workers[: len(chosen[pe])]):
+            if w in workers and load[w] < workers[w]:
+                chosen[pe][i] = w
+                load[w] += 1
+    # Pass 2: spread the rest.
+    for pe in placing:
+        for i, prior in enumerate(chosen[pe]):
+            if prior is None:
+                best = min((x for x in workers if load[x] < workers[x]), key=lambda x: (load[x], x))
+                chosen[pe][i] = best
+                load[best] += 1
+    for pe in placing:
+        result[pe] = PEPlacement(version, bundle, tuple(w for w in chosen[pe] if w is not None))
+    return dict(sorted(result.items()))

@@ -1,0 +1,225 @@
+"""diff(old, new) -> ChangeSet: unit cases and a property over random model pairs."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hotwire.master.diff import ChangeSet, diff, split_stream_name, stream_name
+from hotwire.model import LogicalModel, PESpec, StreamSpec, check_structure
+
+
+def pe(name: str, kind: str = "map", par: int = 1, fp: str = "f", **kw: object) -> PESpec:
+    return PESpec(name, kind, par, fp, f"fn_{name}", **kw)  # type: ignore[arg-type]
+
+
+def model(pes: list[PESpec], streams: list[StreamSpec], app: str = "orders") -> LogicalModel:
+    m = LogicalModel.build(app, pes, streams)
+    assert check_structure(m) == []
+    return m
+
+
+EMPTY = LogicalModel.build("orders", [], [])
+BASE = model(
+    [pe("raw", "source"), pe("clean"), pe("totals", "reduce", 2, keyed=True), pe("out", "sink")],
+    [
+        StreamSpec("raw", "clean"),
+        StreamSpec("clean", "totals", "key", "k1"),
+        StreamSpec("totals", "out"),
+    ],
+)
+
+
+def with_pe(m: LogicalModel, name: str, **changes: object) -> LogicalModel:
+    pes = [dataclasses.replace(p, **changes) if p.name == name else p for p in m.pes]  # type: ignore[arg-type]
+    return model(pes, m.streams)
+
+
+def test_identical_models_give_an_empty_change_set() -> None:
+    c = diff(BASE, BASE)
+    assert c.is_empty
+    assert c == ChangeSet()
+    assert c.describe() == []
+
+
+def test_first_submit_adds_everything() -> None:
+    c = diff(EMPTY, BASE)
+    assert c.pes_added == ("clean", "out", "raw", "totals")
+    assert c.streams_added == ("clean->totals", "raw->clean", "totals->out")
+    assert c.pes_removed == c.pes_changed == c.pes_rescaled == c.regenerated == ()
+    assert not c.is_empty
+
+
+def test_code_change() -> None:
+    c = diff(BASE, with_pe(BASE, "clean", fingerprint="g"))
+    assert c.pes_changed == ("clean",)
+    assert c.regenerated == ("clean",)
+    assert c.describe() == ["~ pe 'clean' (code)"]
+
+
+def test_config_change() -> None:
+    c = diff(BASE, with_pe(BASE, "clean", config={"x": 1}))
+    assert c.pes_changed == ("clean",)
+    assert c.describe() == ["~ pe 'clean' (config)"]
+
+
+def test_rescale_is_not_a_code_change() -> None:
+    c = diff(BASE, with_pe(BASE, "totals", parallelism=3))
+    assert c.pes_changed == ()
+    assert c.pes_rescaled == ("totals",)
+    assert c.regenerated == ("totals",)
+    assert c.describe() == ["↕ pe 'totals' 2 -> 3"]
+
+
+def test_change_and_rescale_together() -> None:
+    c = diff(BASE, with_pe(BASE, "clean", fingerprint="g", parallelism=2))
+    assert c.pes_changed == c.pes_rescaled == c.regenerated == ("clean",)
+
+
+def test_insert_pe_into_stream() -> None:
+    new = model(
+        [*BASE.pes, pe("enrich")],
+        [
+            StreamSpec("raw", "enrich"),
+            StreamSpec("enrich", "clean"),
+            StreamSpec("clean", "totals", "key", "k1"),
+            StreamSpec("totals", "out"),
+        ],
+    )
+    c = diff(BASE, new)
+    assert c.pes_added == ("enrich",)
+    assert c.streams_added == ("enrich->clean", "raw->enrich")
+    assert c.streams_removed == ("raw->clean",)
+    assert c.regenerated == ()  # clean is not keyed
+    assert c.describe() == [
+        "+ pe 'enrich'",
+        "+ stream 'enrich->clean'",
+        "+ stream 'raw->enrich'",
+        "- stream 'raw->clean'",
+    ]
+
+
+def test_keyed_pe_with_a_changed_input_is_regenerated() -> None:
+    streams = [
+        StreamSpec("raw", "clean"),
+        StreamSpec("clean", "totals", "key", "k2"),
+        StreamSpec("totals", "out"),
+    ]
+    c = diff(BASE, model(BASE.pes, streams))
+    assert c.streams_changed == ("clean->totals",)
+    assert c.pes_changed == ()
+    assert c.regenerated == ("totals",)
+    assert c.describe() == ["~ stream 'clean->totals' (key)"]
+
+
+def test_partition_change_of_an_unkeyed_pe_regenerates_nothing() -> None:
+    streams = [
+        StreamSpec("raw", "clean", "broadcast"),
+        StreamSpec("clean", "totals", "key", "k1"),
+        StreamSpec("totals", "out"),
+    ]
+    c = diff(BASE, model(BASE.pes, streams))
+    assert c.streams_changed == ("raw->clean",)
+    assert c.regenerated == ()
+    assert c.describe() == ["~ stream 'raw->clean' (shuffle -> broadcast)"]
+
+
+def test_removed_pe_and_its_streams() -> None:
+    c = diff(BASE, EMPTY)
+    assert c.pes_removed == ("clean", "out", "raw", "totals")
+    assert c.streams_removed == ("clean->totals", "raw->clean", "totals->out")
+    assert c.regenerated == ()
+
+
+def test_round_trip_through_dict() -> None:
+    c = diff(BASE, with_pe(BASE, "totals", parallelism=3, fingerprint="h"))
+    d = c.to_dict()
+    assert set(d) >= {
+        "pes_added",
+        "pes_removed",
+        "pes_changed",
+        "pes_rescaled",
+        "streams_added",
+        "streams_removed",
+        "streams_changed",
+        "regenerated",
+    }
+    assert d["pes_changed"] == ["totals"]
+    assert ChangeSet.from_dict(d) == c
+    # A record without details still reads, and still describes.
+    bare = ChangeSet.from_dict({k: v for k, v in d.items() if k != "details"})
+    assert bare.describe() == ["~ pe 'totals'", "↕ pe 'totals'"]
+
+
+def test_split_stream_name_with_arrows_in_pe_names() -> None:
+    m = model([pe("a->b", "source"), pe("c", "sink")], [StreamSpec("a->b", "c")])
+    assert split_stream_name(stream_name("a->b", "c"), m) == ("a->b", "c")
+    assert split_stream_name("x->y") == ("x", "y")
+
+
+# -- property: the change set is exactly the difference ------------------------------
+
+NAMES = [f"p{i}" for i in range(8)]
+
+
+@st.composite
+def random_models(draw: st.DrawFn) -> LogicalModel:
+    """Any DAG over a subset of NAMES (edges go from lower to higher name index)."""
+    names = draw(st.lists(st.sampled_from(NAMES), unique=True, max_size=len(NAMES)))
+    names.sort(key=NAMES.index)
+    pes = [
+        PESpec(
+            n,
+            draw(st.sampled_from(["map", "reduce", "union"])),
+            draw(st.integers(1, 3)),
+            draw(st.sampled_from(["f", "g"])),
+            "fn",
+            draw(st.sampled_from([{}, {"x": 1}])),
+            draw(st.booleans()),
+        )
+        for n in names
+    ]
+    streams = [
+        StreamSpec(u, v, draw(st.sampled_from(["shuffle", "key", "broadcast"])), "k")
+        for i, u in enumerate(names)
+        for v in names[i + 1 :]
+        if draw(st.booleans())
+    ]
+    return LogicalModel.build("app", pes, streams)
+
+
+@settings(deadline=None, max_examples=150)
+@given(random_models(), random_models())
+def test_change_set_is_the_difference(old: LogicalModel, new: LogicalModel) -> None:
+    c = diff(old, new)
+    on, nn = set(old.graph.nodes), set(new.graph.nodes)
+    assert (on - set(c.pes_removed)) | set(c.pes_added) == nn
+    assert set(c.pes_removed) <= on and not set(c.pes_removed) & nn
+    assert set(c.pes_added) <= nn and not set(c.pes_added) & on
+    for n in on & nn:
+        o, w = old.pe(n), new.pe(n)
+        assert (n in c.pes_changed) == (
+            dataclasses.replace(o, parallelism=1) != dataclasses.replace(w, parallelism=1)
+        )
+        assert (n in c.pes_rescaled) == (o.parallelism != w.parallelism)
+    oe = {stream_name(u, v) for u, v in old.graph.edges}
+    ne = {stream_name(u, v) for u, v in new.graph.edges}
+    assert (oe - set(c.streams_removed)) | set(c.streams_added) == ne
+    assert set(c.streams_changed) <= oe & ne
+    for s in oe & ne:
+        u, v = split_stream_name(s, old)
+        assert (s in c.streams_changed) == (old.stream(u, v) != new.stream(u, v))
+    touched = {
+        split_stream_name(s, old, new)[1]
+        for s in (*c.streams_added, *c.streams_removed, *c.streams_changed)
+    }
+    expected_regen = set(c.pes_changed) | set(c.pes_rescaled)
+    expected_regen |= {v for v in touched if v in on and v in nn and new.pe(v).keyed}
+    assert set(c.regenerated) == expected_regen
+    for field in dataclasses.fields(c):
+        value = getattr(c, field.name)
+        assert value == tuple(sorted(value))
+    assert ChangeSet.from_dict(c.to_dict()) == c
+    assert c.is_empty == (old == new)
