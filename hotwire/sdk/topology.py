@@ -261,13 +261,15 @@ class Topology:
                 )
         names = set(counts)
         pes: list[PESpec] = []
+        built: set[str] = set()
         for node in self._nodes:
             spec = self._check_node(node, problems)
-            if spec is not None:
+            if spec is not None and spec.name not in built:
+                built.add(spec.name)  # a duplicate name keeps its first PE in the graph
                 pes.append(spec)
         streams = self._check_edges(names, problems)
         model = LogicalModel.build(app, pes, streams)
-        problems.extend(check_structure(model))
+        problems.extend(_in_app(app, p) for p in check_structure(model))
         if problems:
             raise ValidationError(_unique(problems))
         return model
@@ -287,7 +289,7 @@ class Topology:
                 f"{where}: parallelism must be an integer >= 1, got {node.parallelism!r}"
             )
         config = {} if node.config is None else node.config
-        config_ok = _check_config(config, f"{where}: config", problems)
+        config_ok = _check_config(config, where, problems)
         target: Any = None
         callable_name = ""
         if node.kind in _FN_KINDS:
@@ -387,6 +389,24 @@ def _callable_name(fn: Any) -> str:
     return str(name) if name else type(fn).__qualname__
 
 
+_HINTS = {
+    "forward needs equal parallelism": "give both PEs the same parallelism or drop .forward()",
+    "is on a cycle": "remove the app.connect() that closes the loop",
+    "a source cannot have inputs": "connect streams to a non-source PE",
+    "unknown partitioning": "use one of shuffle, key, broadcast, forward",
+}
+
+
+def _in_app(app: str, problem: str) -> str:
+    """A structural problem from check_structure, with the app named and a hint added."""
+    if f"app {app!r}" not in problem:
+        problem = f"app {app!r}: {problem}"
+    for fragment, hint in _HINTS.items():
+        if fragment in problem:
+            return f"{problem}; {hint}"
+    return problem
+
+
 def _unique(problems: list[str]) -> list[str]:
     return list(dict.fromkeys(problems))
 
@@ -394,7 +414,9 @@ def _unique(problems: list[str]) -> list[str]:
 def _check_config(config: Any, where: str, problems: list[str]) -> bool:
     """Whether ``config`` is a dict with str keys that JSON and msgpack both serialise."""
     if not isinstance(config, dict):
-        problems.append(f"{where} must be a dict, got {type(config).__name__}; pass config={{...}}")
+        problems.append(
+            f"{where}: config must be a dict, got {type(config).__name__}; pass config={{...}}"
+        )
         return False
     bad = _bad_config_value(config, "config")
     if bad is None:
@@ -429,4 +451,4 @@ def _bad_config_value(v: Any, path: str) -> str | None:
             if bad:
                 return bad
         return None
-    return f"{path} holds a {type(v).__name__} ({v!r:.40})"
+    return f"{path} holds a value of type {type(v).__name__}"
