@@ -241,10 +241,37 @@ class Plan:
     def workers(self) -> set[str]:
         return set(self.prepare) | set(self.switch)
 
+    def describe(self) -> list[str]:
+        """One human line per instruction, by phase and worker."""
+        lines: list[str] = []
+        for phase, batches in (("prepare", self.prepare), ("switch", self.switch)):
+            for worker in sorted(batches):
+                for ins in batches[worker]:
+                    lines.append(f"{phase:<7} {worker}: {_describe(ins)}")
+        return lines
+
     def count(self) -> int:
         return sum(len(v) for v in self.prepare.values()) + sum(
             len(v) for v in self.switch.values()
         )
+
+
+def _describe(ins: Instruction) -> str:
+    if isinstance(ins, StartInstance):
+        extra = f", after state of {len(ins.predecessors)}" if ins.predecessors else ""
+        return (f"start {ins.instance} ({ins.kind}, {len(ins.inputs)} inputs, "
+                f"{len(ins.routes)} outputs{extra})")
+    if isinstance(ins, Gate):
+        return (f"gate {ins.instance}: hold {len(ins.appearing)} new input(s) until "
+                f"{len(ins.disappearing)} old one(s) end")
+    if isinstance(ins, Switch):
+        return (f"switch {ins.instance}: end {len(ins.ended)} channel(s), reroute "
+                f"{', '.join(r.dst_pe for r in ins.routes) or '-'}"
+                + (f", drop {', '.join(ins.unrouted)}" if ins.unrouted else ""))
+    if isinstance(ins, Retire):
+        to = f" -> state to {len(ins.successors)}" if ins.successors else ""
+        return f"retire {ins.instance}{to}"
+    return f"stop app {ins.app}"
 
 
 # ---------------------------------------------------------------------------

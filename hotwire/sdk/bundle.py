@@ -104,14 +104,14 @@ def load_bundle(hash: str, data: bytes, cache_dir: str | os.PathLike[str]) -> To
         bundle_dir = _unpack(hash, data, Path(cache_dir))
         app_file = bundle_dir / "app.py"
         label = f"app.py (bundle {hash[:16]})"
-        stashed = _stash_bundle_modules(Path(cache_dir).resolve())
-        before = set(sys.modules)
+        names = _shadowed_names(bundle_dir)
+        stashed = _stash_modules(names)
         try:
             module = _import(
                 f"hotwire_app_{hash[:16]}", app_file.read_bytes(), app_file, label, bundle_dir
             )
         finally:
-            _drop_bundle_modules(before, bundle_dir)
+            _drop_modules(names)
             sys.modules.update(stashed)
         topology = _the_topology(module, label)
         _loaded[hash] = topology
@@ -205,32 +205,32 @@ def _the_topology(module: types.ModuleType, label: str) -> Topology:
     )
 
 
-def _module_dir(mod: types.ModuleType) -> Path | None:
-    file = getattr(mod, "__file__", None)
-    if not isinstance(file, str):
-        return None
-    return Path(file).resolve().parent
+def _shadowed_names(bundle_dir: Path) -> set[str]:
+    """Top-level module names the bundle provides besides app.py (its included directory)."""
+    names = set()
+    for entry in bundle_dir.iterdir():
+        if entry.name == "app.py" or entry.name.startswith("."):
+            continue
+        name = entry.stem if entry.suffix == ".py" else entry.name
+        if name.isidentifier() and name != "hotwire":
+            names.add(name)
+    return names
 
 
-def _stash_bundle_modules(cache_dir: Path) -> dict[str, types.ModuleType]:
-    """Remove modules imported from other bundles' included directories, to restore later.
+def _stash_modules(names: set[str]) -> dict[str, types.ModuleType]:
+    """Take the modules ``names`` (and their submodules) out of sys.modules, to restore later.
 
     So a bundle imports its own copy of an included package, not another version's.
     """
     stashed = {}
-    for name, mod in list(sys.modules.items()):
-        d = _module_dir(mod) if isinstance(mod, types.ModuleType) else None
-        if d is not None and cache_dir in d.parents and not name.startswith("hotwire_app_"):
+    for name in list(sys.modules):
+        if name.split(".", 1)[0] in names:
             stashed[name] = sys.modules.pop(name)
     return stashed
 
 
-def _drop_bundle_modules(before: set[str], bundle_dir: Path) -> None:
-    """Forget modules this bundle's import loaded from its own directory (the app keeps them)."""
-    for name in set(sys.modules) - before:
-        mod = sys.modules[name]
-        if name.startswith("hotwire_app_"):
-            continue
-        d = _module_dir(mod) if isinstance(mod, types.ModuleType) else None
-        if d is not None and (d == bundle_dir or bundle_dir in d.parents):
+def _drop_modules(names: set[str]) -> None:
+    """Forget the bundle's own modules after its import (the app module keeps references)."""
+    for name in list(sys.modules):
+        if name.split(".", 1)[0] in names:
             del sys.modules[name]

@@ -1,0 +1,506 @@
+"""streamctl: run and operate hotwire clusters and apps (DESIGN 1.3).
+
+Exit status: 0 success, 1 refused or failed (one line on stderr; ``--debug``
+adds the traceback), 2 usage error. Reading commands take ``--json``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import click
+import grpc
+
+DEFAULT_MASTER = "127.0.0.1:7600"
+
+
+class Failure(Exception):
+    """A refused or failed command: printed as one line, exit status 1."""
+
+
+def _fail_from_rpc(e: grpc.RpcError) -> Failure:
+    code = e.code()
+    details = e.details() or code.name
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return Failure(f"cannot reach the master: {details}")
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return Failure(f"the master did not answer in time: {details}")
+    return Failure(details)
+
+
+def _run(fn: Callable[[], Any]) -> Any:
+    ctx = click.get_current_context()
+    debug = ctx.find_root().params.get("debug", False)
+    try:
+        return fn()
+    except grpc.RpcError as e:
+        err: Exception = _fail_from_rpc(e)
+        cause: BaseException = e
+    except Failure as e:
+        err, cause = e, e
+    except Exception as e:  # AppLoadError, ValidationError, OSError, ...
+        err, cause = Failure(str(e) or type(e).__name__), e
+    if debug:
+        traceback.print_exception(cause)
+    click.echo(f"streamctl: {str(err).splitlines()[0] if str(err) else 'failed'}", err=True)
+    sys.exit(1)
+
+
+def _stub(master: str) -> Any:
+    from hotwire.proto import hotwire_pb2_grpc as pb_grpc
+
+    channel = grpc.insecure_channel(
+        master,
+        options=[("grpc.max_send_message_length", 64 * 1024 * 1024),
+                 ("grpc.max_receive_message_length", 64 * 1024 * 1024)],
+    )
+    return pb_grpc.MasterStub(channel)
+
+
+def _emit(as_json: bool, doc: Any, human: Callable[[], None]) -> None:
+    if as_json:
+        click.echo(json.dumps(doc, indent=2, sort_keys=True))
+    else:
+        human()
+
+
+def _load(app_path: str, include: str | None) -> tuple[Any, Any]:
+    from hotwire.sdk.bundle import load_app, make_bundle
+
+    topo = load_app(app_path)
+    model = topo.model()
+    bundle = make_bundle(app_path, include=include)
+    return model, bundle
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--master", "master", default=lambda: os.environ.get("HOTWIRE_MASTER", DEFAULT_MASTER),
+              show_default="$HOTWIRE_MASTER or 127.0.0.1:7600", help="master address HOST:PORT")
+@click.option("--debug", is_flag=True, help="show tracebacks")
+@click.pass_context
+def main(ctx: click.Context, master: str, debug: bool) -> None:
+    """hotwire: stream processing with online upgrades."""
+    ctx.obj = {"master": master, "debug": debug}
+
+
+# ---------------------------------------------------------------------------
+# Daemons
+# ---------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--listen", default=DEFAULT_MASTER, show_default=True, help="gRPC address HOST:PORT")
+@click.option("--data-dir", default="hotwire-data", show_default=True, type=click.Path(),
+              help="where the master keeps its state")
+@click.option("--heartbeat-timeout", default=5.0, show_default=True,
+              help="seconds without a heartbeat before a worker counts as dead")
+@click.option("--log-level", default="info", show_default=True)
+def master(listen: str, data_dir: str, heartbeat_timeout: float, log_level: str) -> None:
+    """Run the master."""
+    from hotwire.master.service import Master
+    from hotwire.node import install_uvloop
+
+    _setup_logging(log_level)
+    install_uvloop()
+
+    async def serve() -> None:
+        m = Master(listen=listen, data_dir=data_dir, heartbeat_timeout=heartbeat_timeout)
+        await m.start()
+        click.echo(f"master listening on {m.address}", err=True)
+        await _until_signalled()
+        await m.close()
+
+    _run(lambda: asyncio.run(serve()))
+
+
+@main.command()
+@click.option("--listen", default="127.0.0.1:0", show_default=True, help="data-plane address HOST:PORT")
+@click.option("--name", default=None, help="worker name (default host-pid)")
+@click.option("--slots", default=16, show_default=True, type=click.IntRange(min=1),
+              help="how many PE instances this worker runs at most")
+@click.option("--data-dir", default=None, type=click.Path(), help="bundle cache (default: a temp dir)")
+@click.option("--log-level", default="info", show_default=True)
+@click.pass_context
+def worker(ctx: click.Context, listen: str, name: str | None, slots: int, data_dir: str | None,
+           log_level: str) -> None:
+    """Run a worker daemon."""
+    from hotwire.node import install_uvloop
+    from hotwire.worker.daemon import Worker
+
+    _setup_logging(log_level)
+    install_uvloop()
+
+    async def serve() -> None:
+        w = Worker(master=ctx.obj["master"], listen=listen, name=name, slots=slots,
+                   data_dir=data_dir)
+        await w.start(timeout=3600)
+        click.echo(f"worker {w.name} data plane on {w.data_address}", err=True)
+        await _until_signalled()
+        await w.close()
+
+    _run(lambda: asyncio.run(serve()))
+
+
+async def _until_signalled() -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+@main.command()
+@click.argument("app", required=False, type=click.Path(exists=True, dir_okay=False))
+@click.option("--workers", "n_workers", default=2, show_default=True, type=click.IntRange(min=1))
+@click.option("--listen", default=DEFAULT_MASTER, show_default=True, help="master address")
+@click.option("--data-dir", default=None, type=click.Path(), help="master state (default: a temp dir)")
+@click.option("--slots", default=16, show_default=True, type=click.IntRange(min=1))
+def up(app: str | None, n_workers: int, listen: str, data_dir: str | None, slots: int) -> None:
+    """Run a local cluster (master + N workers), submitting APP if given; Ctrl-C stops it."""
+    import tempfile
+
+    tmp = tempfile.TemporaryDirectory(prefix="hotwire-up-") if data_dir is None else None
+    data = data_dir or (tmp.name if tmp else "hotwire-data")
+    exe = [sys.executable, "-m", "hotwire.cli"]
+    procs: list[subprocess.Popen[bytes]] = []
+    pumps: list[Any] = []
+
+    def spawn(label: str, args: list[str]) -> None:
+        import threading
+
+        p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             start_new_session=True)
+        procs.append(p)
+
+        def pump() -> None:
+            assert p.stdout is not None
+            for line in iter(p.stdout.readline, b""):
+                text = line.decode(errors="replace").rstrip()
+                click.echo(f"[{label}] {text}")
+
+        t = threading.Thread(target=pump, daemon=True)
+        t.start()
+        pumps.append(t)
+
+    def stop_all() -> None:
+        for p in reversed(procs):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for p in procs:
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+        if tmp is not None:
+            tmp.cleanup()
+
+    def body() -> None:
+        spawn("master", [*exe, "master", "--listen", listen, "--data-dir", data,
+                         "--log-level", "warning"])
+        _wait_for_master(listen, 20)
+        for i in range(n_workers):
+            spawn(f"w{i + 1}", [*exe, "--master", listen, "worker", "--name", f"w{i + 1}",
+                                "--slots", str(slots), "--log-level", "warning"])
+        _wait_for_workers(listen, n_workers, 20)
+        click.echo(f"local cluster up: master {listen}, {n_workers} workers "
+                   f"(export HOTWIRE_MASTER={listen})")
+        if app:
+            from hotwire.proto import hotwire_pb2 as pb
+
+            model, bundle = _load(app, None)
+            r = _stub(listen).Submit(pb.SubmitRequest(model_json=model.to_json(),
+                                                      bundle=bundle.data,
+                                                      bundle_hash=bundle.hash), timeout=60)
+            click.echo(f"submitted app {r.app!r} version {r.version} ({r.instances} instances)")
+        click.echo("Ctrl-C stops the cluster")
+        while all(p.poll() is None for p in procs):
+            time.sleep(0.2)
+        raise Failure("a cluster process exited; stopping the cluster")
+
+    try:
+        _run(body)
+    except KeyboardInterrupt:
+        click.echo("stopping the local cluster")
+    finally:
+        stop_all()
+
+
+def _wait_for_master(addr: str, timeout: float) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with grpc.insecure_channel(addr) as ch:
+                r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if r.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+        except grpc.RpcError:
+            pass
+        time.sleep(0.1)
+    raise Failure(f"the master at {addr} did not come up within {timeout:.0f}s")
+
+
+def _wait_for_workers(addr: str, n: int, timeout: float) -> None:
+    from hotwire.proto import hotwire_pb2 as pb
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            r = _stub(addr).ListWorkers(pb.ListWorkersRequest(), timeout=2)
+            if sum(w.alive for w in r.workers) >= n:
+                return
+        except grpc.RpcError:
+            pass
+        time.sleep(0.1)
+    raise Failure(f"{n} workers did not register within {timeout:.0f}s")
+
+
+# ---------------------------------------------------------------------------
+# Apps
+# ---------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("app", type=click.Path(exists=True, dir_okay=False))
+@click.option("--name", default="", help="deploy under this name")
+@click.option("--include", default=None, type=click.Path(exists=True, file_okay=False),
+              help="a directory shipped with the app")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def submit(ctx: click.Context, app: str, name: str, include: str | None, as_json: bool) -> None:
+    """Deploy an app; prints its name and version."""
+    from hotwire.proto import hotwire_pb2 as pb
+
+    def body() -> None:
+        model, bundle = _load(app, include)
+        r = _stub(ctx.obj["master"]).Submit(
+            pb.SubmitRequest(model_json=model.to_json(), bundle=bundle.data,
+                             bundle_hash=bundle.hash, name=name), timeout=120)
+        doc = {"app": r.app, "version": r.version, "instances": r.instances,
+               "latency_ms": round(r.latency_ms, 3)}
+        _emit(as_json, doc, lambda: click.echo(
+            f"app {r.app!r} version {r.version} running ({r.instances} instances, "
+            f"{r.latency_ms:.1f} ms)"))
+
+    _run(body)
+
+
+def _print_upgrade(r: Any, as_json: bool, dry_run: bool) -> None:
+    changes = json.loads(r.changes_json) if r.changes_json else {}
+    keys = ("pes_added", "pes_removed", "pes_changed", "pes_rescaled",
+            "streams_added", "streams_removed", "streams_changed")
+    doc = {
+        "app": r.app, "from_version": r.from_version, "to_version": r.to_version,
+        "changes": {k: changes.get(k, []) for k in keys},
+        "instructions": r.instructions, "applied": r.applied,
+        "latency_ms": round(r.latency_ms, 3), "plan": list(r.plan_lines),
+        "dry_run": dry_run,
+    }
+
+    def human() -> None:
+        click.echo(f"app {r.app!r}: version {r.from_version} -> {r.to_version}")
+        if not r.change_lines:
+            click.echo("  no changes")
+        for line in r.change_lines:
+            click.echo(f"  {line}")
+        click.echo(f"plan: {r.instructions} instructions")
+        for line in r.plan_lines:
+            click.echo(f"  {line}")
+        if r.applied:
+            click.echo(f"version {r.to_version} is live ({r.latency_ms:.1f} ms)")
+        elif dry_run:
+            click.echo("dry run: nothing applied")
+        else:
+            click.echo("nothing to apply")
+
+    _emit(as_json, doc, human)
+
+
+@main.command()
+@click.argument("app", type=click.Path(exists=True, dir_okay=False))
+@click.option("--name", default="", help="the running app's name, if not the model's")
+@click.option("--include", default=None, type=click.Path(exists=True, file_okay=False))
+@click.option("--dry-run", is_flag=True, help="print the change set and plan; apply nothing")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def upgrade(ctx: click.Context, app: str, name: str, include: str | None, dry_run: bool,
+            as_json: bool) -> None:
+    """Diff APP against the running version and apply the change online."""
+    from hotwire.proto import hotwire_pb2 as pb
+
+    def body() -> None:
+        model, bundle = _load(app, include)
+        r = _stub(ctx.obj["master"]).Upgrade(
+            pb.UpgradeRequest(model_json=model.to_json(), bundle=bundle.data,
+                              bundle_hash=bundle.hash, name=name, dry_run=dry_run), timeout=180)
+        _print_upgrade(r, as_json, dry_run)
+
+    _run(body)
+
+
+@main.command()
+@click.argument("name")
+@click.option("--to", "to_version", default=0, type=click.IntRange(min=0),
+              help="version to go back to (default: the one before the current)")
+@click.option("--dry-run", is_flag=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def rollback(ctx: click.Context, name: str, to_version: int, dry_run: bool, as_json: bool) -> None:
+    """Upgrade back to an earlier version, online."""
+    from hotwire.proto import hotwire_pb2 as pb
+
+    def body() -> None:
+        r = _stub(ctx.obj["master"]).Rollback(
+            pb.RollbackRequest(app=name, to_version=to_version, dry_run=dry_run), timeout=180)
+        _print_upgrade(r, as_json, dry_run)
+
+    _run(body)
+
+
+@main.command()
+@click.argument("name", required=False, default="")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def status(ctx: click.Context, name: str, as_json: bool) -> None:
+    """Versions, PEs, instances and their workers, per-PE rates."""
+    from hotwire.proto import hotwire_pb2 as pb
+
+    def body() -> None:
+        r = _stub(ctx.obj["master"]).Status(pb.StatusRequest(app=name), timeout=10)
+        apps = [{
+            "app": a.app, "version": a.version, "state": a.state,
+            "pes": [{
+                "name": p.name, "kind": p.kind, "parallelism": p.parallelism, "gen": p.gen,
+                "rate": round(sum(i.rate_in for i in p.instances), 1),
+                "instances": [{"index": i.index, "worker": i.worker, "records_in": i.records_in,
+                               "records_out": i.records_out, "rate": round(i.rate_in, 1),
+                               "errors": i.errors} for i in p.instances],
+            } for p in a.pes],
+        } for a in r.apps]
+
+        def human() -> None:
+            if not apps:
+                click.echo("no apps")
+            for a in apps:
+                click.echo(f"app {a['app']!r} version {a['version']} {a['state']}")
+                for p in a["pes"]:
+                    where = ", ".join(f"{i['index']}@{i['worker']}" for i in p["instances"])
+                    click.echo(f"  {p['name']:<16} {p['kind']:<8} x{p['parallelism']:<3} "
+                               f"{p['rate']:>10.1f} rec/s  [{where}]")
+
+        _emit(as_json, apps[0] if name and apps else {"apps": apps}, human)
+
+    _run(body)
+
+
+@main.command()
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def history(ctx: click.Context, name: str, as_json: bool) -> None:
+    """Every version of an app, when, and what changed."""
+    from hotwire.proto import hotwire_pb2 as pb
+
+    def body() -> None:
+        r = _stub(ctx.obj["master"]).History(pb.HistoryRequest(app=name), timeout=10)
+        versions = [{
+            "version": v.version, "created": v.created_unix, "action": v.action,
+            "changes": json.loads(v.changes_json or "{}"), "latency_ms": round(v.latency_ms, 3),
+            **({"rolled_back_to": v.rolled_back_to} if v.rolled_back_to else {}),
+        } for v in r.versions]
+
+        def human() -> None:
+            from hotwire.master.diff import ChangeSet
+
+            for v in versions:
+                when = datetime.fromtimestamp(v["created"]).strftime("%Y-%m-%d %H:%M:%S")
+                mark = "*" if v["version"] == r.current else " "
+                extra = f" to {v['rolled_back_to']}" if v.get("rolled_back_to") else ""
+                click.echo(f"{mark} v{v['version']:<4} {when}  {v['action']}{extra} "
+                           f"({v['latency_ms']:.1f} ms)")
+                if v["action"] != "submit":
+                    for line in ChangeSet.from_dict(v["changes"]).describe():
+                        click.echo(f"        {line}")
+
+        _emit(as_json, {"app": r.app, "current": r.current, "versions": versions}, human)
+
+    _run(body)
+
+
+@main.command()
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def kill(ctx: click.Context, name: str, as_json: bool) -> None:
+    """Stop an app."""
+    from hotwire.proto import hotwire_pb2 as pb
+
+    def body() -> None:
+        r = _stub(ctx.obj["master"]).Kill(pb.KillRequest(app=name), timeout=60)
+        _emit(as_json, {"app": r.app, "version": r.version, "killed": True},
+              lambda: click.echo(f"app {r.app!r} (version {r.version}) stopped"))
+
+    _run(body)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def workers(ctx: click.Context, as_json: bool) -> None:
+    """Registered workers, liveness, slots, PE instances."""
+    from hotwire.proto import hotwire_pb2 as pb
+
+    def body() -> None:
+        r = _stub(ctx.obj["master"]).ListWorkers(pb.ListWorkersRequest(), timeout=10)
+        ws = [{"name": w.name, "address": w.data_address, "alive": w.alive, "slots": w.slots,
+               "last_heartbeat_s": round(w.last_heartbeat_age_s, 2),
+               "instances": list(w.instances)} for w in r.workers]
+
+        def human() -> None:
+            if not ws:
+                click.echo("no workers")
+            for w in ws:
+                state = "alive" if w["alive"] else "dead"
+                click.echo(f"{w['name']:<12} {w['address']:<22} {state:<5} "
+                           f"{len(w['instances'])}/{w['slots']} slots")
+
+        _emit(as_json, {"workers": ws}, human)
+
+    _run(body)
+
+
+def _add_jobs() -> None:
+    try:
+        from hotwire.jobs.cli import jobs
+    except ImportError:  # the jobs part is optional at import time
+        return
+    main.add_command(jobs)
+
+
+_add_jobs()
+
+if __name__ == "__main__":
+    main()
+
+
+__all__ = ["main"]
+_ = Path

@@ -1,0 +1,433 @@
+"""The master: gRPC services for clients and workers, and upgrade coordination.
+
+The master never runs user code. It checks the logical model it receives, diffs
+it against the running version, places new instances, plans the instructions
+and drives the two phases (prepare everywhere, then switch) over the workers'
+instruction streams, committing a version only when every worker acknowledged
+its switch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import msgpack
+
+from hotwire.master.diff import ChangeSet, diff
+from hotwire.master.membership import Membership, WorkerGone
+from hotwire.master.planner import plan_stop, plan_upgrade
+from hotwire.master.scheduler import SchedulingError, schedule
+from hotwire.master.store import Store
+from hotwire.model import LogicalModel, check_structure
+from hotwire.node import Node, add_health
+from hotwire.plan import Plan, Placement, StartInstance, to_wire
+from hotwire.proto import hotwire_pb2 as pb
+from hotwire.proto import hotwire_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE = 64 * 1024 * 1024
+
+
+class Refused(Exception):
+    """A request the master turns down: carries the gRPC status code and a reason."""
+
+    def __init__(self, code: grpc.StatusCode, reason: str):
+        super().__init__(reason)
+        self.code = code
+
+
+@dataclass
+class AppState:
+    name: str
+    version: int
+    state: str  # running | killed
+    model: LogicalModel
+    bundle: str
+    placement: Placement
+
+
+@dataclass
+class Outcome:
+    app: str
+    from_version: int
+    to_version: int
+    change: ChangeSet
+    plan: Plan
+    applied: bool
+    latency_ms: float
+
+
+class Master(Node):
+    service_name = "hotwire.Master"
+
+    def __init__(self, listen: str = "127.0.0.1:7600", data_dir: str | Path = "hotwire-data",
+                 heartbeat_interval: float = 1.0, heartbeat_timeout: float = 5.0):
+        super().__init__()
+        self.listen = listen
+        self.data_dir = Path(data_dir)
+        self.membership = Membership(heartbeat_interval, heartbeat_timeout)
+        self.apps: dict[str, AppState] = {}
+        self.locks: dict[str, str] = {}  # app -> what is in flight
+        self.store: Store | None = None
+        self.server: grpc.aio.Server | None = None
+        self.port = 0
+
+    @property
+    def address(self) -> str:
+        host = self.listen.rpartition(":")[0]
+        return f"{host}:{self.port}"
+
+    async def _start(self) -> None:
+        self.store = Store(self.data_dir / "hotwire.db")
+        for name, version, state in self.store.apps():
+            rec = self.store.version(name, version)
+            if rec is not None:
+                self.apps[name] = AppState(name, version, state, rec.model, rec.bundle_hash,
+                                           rec.placement)
+        opts = [("grpc.max_receive_message_length", MAX_MESSAGE),
+                ("grpc.max_send_message_length", MAX_MESSAGE)]
+        self.server = grpc.aio.server(options=opts)
+        pb_grpc.add_MasterServicer_to_server(ClientService(self), self.server)
+        pb_grpc.add_WorkerControlServicer_to_server(WorkerService(self), self.server)
+        add_health(self.server, self.health)
+        self.port = self.server.add_insecure_port(self.listen)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {self.listen}")
+        await self.server.start()
+        log.info("master listening on %s (data in %s)", self.address, self.data_dir)
+
+    async def _close(self) -> None:
+        if self.server is not None:
+            await self.server.stop(grace=1.0)
+        if self.store is not None:
+            self.store.close()
+
+    # ------------------------------------------------------------------
+    # Deploy, upgrade, rollback, kill
+    # ------------------------------------------------------------------
+    def _check_model(self, model_json: str, name: str) -> LogicalModel:
+        try:
+            model = LogicalModel.from_json(model_json)
+        except Exception as e:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"malformed logical model: {e}") from e
+        if name:
+            model.app = name
+        problems = check_structure(model)
+        if problems:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "; ".join(problems))
+        return model
+
+    def _check_bundle(self, data: bytes, h: str) -> None:
+        if not data:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "the request carries no app bundle")
+        if hashlib.sha256(data).hexdigest() != h:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                          "the app bundle does not match its hash; resend it")
+
+    def _lock(self, app: str, what: str) -> None:
+        if app in self.locks:
+            raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"app {app!r}: {self.locks[app]} is in progress; "
+                          "wait for it to finish and try again")
+        self.locks[app] = what
+
+    def _free_slots(self, app: str) -> dict[str, int]:
+        load: dict[str, int] = {}
+        for other in self.apps.values():
+            if other.name == app or other.state != "running":
+                continue
+            for pl in other.placement.values():
+                for w in pl.workers:
+                    load[w] = load.get(w, 0) + 1
+        return {n: max(w.slots - load.get(n, 0), 0) for n, w in self.membership.live().items()}
+
+    async def submit(self, model_json: str, bundle: bytes, bundle_hash: str, name: str) -> Outcome:
+        model = self._check_model(model_json, name)
+        self._check_bundle(bundle, bundle_hash)
+        app = model.app
+        cur = self.apps.get(app)
+        if cur is not None and cur.state == "running":
+            raise Refused(grpc.StatusCode.ALREADY_EXISTS,
+                          f"app {app!r} is already running at version {cur.version}; "
+                          "use 'streamctl upgrade' to change it")
+        self._lock(app, "a submit")
+        try:
+            version = (cur.version + 1) if cur is not None else 1
+            empty = LogicalModel.build(app, [], [])
+            return await self._transition(app, version, "submit", empty, {}, model, bundle,
+                                          bundle_hash, dry_run=False)
+        finally:
+            self.locks.pop(app, None)
+
+    async def upgrade(self, model_json: str, bundle: bytes, bundle_hash: str, name: str,
+                      dry_run: bool, action: str = "upgrade", rolled_back_to: int = 0) -> Outcome:
+        model = self._check_model(model_json, name)
+        self._check_bundle(bundle, bundle_hash)
+        app = model.app
+        cur = self.apps.get(app)
+        if cur is None or cur.state != "running":
+            raise Refused(grpc.StatusCode.NOT_FOUND,
+                          f"app {app!r} is not running; deploy it with 'streamctl submit'")
+        self._lock(app, f"an upgrade to version {cur.version + 1}")
+        try:
+            return await self._transition(app, cur.version + 1, action, cur.model, cur.placement,
+                                          model, bundle, bundle_hash, dry_run, rolled_back_to)
+        finally:
+            self.locks.pop(app, None)
+
+    async def rollback(self, app: str, to_version: int, dry_run: bool) -> Outcome:
+        assert self.store is not None
+        cur = self.apps.get(app)
+        if cur is None or cur.state != "running":
+            raise Refused(grpc.StatusCode.NOT_FOUND, f"app {app!r} is not running")
+        target = to_version or cur.version - 1
+        if target < 1 or target >= cur.version:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"app {app!r} is at version {cur.version}; roll back to a version "
+                          f"between 1 and {cur.version - 1}")
+        rec = self.store.version(app, target)
+        data = self.store.bundle(rec.bundle_hash) if rec is not None else None
+        if rec is None or data is None:
+            raise Refused(grpc.StatusCode.NOT_FOUND, f"app {app!r} has no version {target}")
+        return await self.upgrade(rec.model.to_json(), data, rec.bundle_hash, app, dry_run,
+                                  action="rollback", rolled_back_to=target)
+
+    async def _transition(self, app: str, version: int, action: str, old: LogicalModel,
+                          old_pl: Placement, new: LogicalModel, bundle: bytes, bundle_hash: str,
+                          dry_run: bool, rolled_back_to: int = 0) -> Outcome:
+        assert self.store is not None
+        t0 = time.perf_counter()
+        change = diff(old, new)
+        cur_version = version - 1 if action != "submit" else (version - 1)
+        try:
+            new_pl = schedule(new, old_pl, change, self._free_slots(app), version, bundle_hash)
+        except SchedulingError as e:
+            raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from e
+        plan = plan_upgrade(app, version, old, old_pl, new, new_pl, change)
+        outcome = Outcome(app, cur_version, version, change, plan, False, 0.0)
+        if dry_run or (change.is_empty and action != "submit"):
+            return outcome
+        self.store.put_bundle(bundle_hash, bundle)
+        await self._apply(plan, bundle_hash, bundle)
+        latency = (time.perf_counter() - t0) * 1000
+        self.store.commit_version(app, version, action, new, bundle_hash, new_pl,
+                                  change.to_dict(), latency, rolled_back_to=rolled_back_to)
+        self.apps[app] = AppState(app, version, "running", new, bundle_hash, new_pl)
+        outcome.applied = True
+        outcome.latency_ms = latency
+        log.info("app %r: %s to version %d in %.1f ms (%d instructions)",
+                 app, action, version, latency, plan.count())
+        return outcome
+
+    async def _apply(self, plan: Plan, bundle_hash: str, bundle: bytes) -> None:
+        """Prepare everywhere, then switch; a failed prepare is aborted everywhere."""
+        m = self.membership
+        prep_workers = sorted(plan.prepare)
+
+        def wire(ins: Any) -> bytes:
+            return msgpack.packb(to_wire(ins), use_bin_type=True)
+
+        async def prepare(w: str) -> None:
+            items = plan.prepare[w]
+            needs = any(isinstance(i, StartInstance) for i in items)
+            ack = await m.send(w, pb.PREPARE, plan.app, plan.version, [wire(i) for i in items],
+                               {bundle_hash: bundle} if needs else None)
+            if not ack.ok:
+                raise RuntimeError(ack.error)
+
+        results = await asyncio.gather(*(prepare(w) for w in prep_workers), return_exceptions=True)
+        errors = [f"{r}" for r in results if isinstance(r, BaseException)]
+        if errors:
+            await asyncio.gather(
+                *(m.send(w, pb.ABORT, plan.app, plan.version, [], timeout=10)
+                  for w in prep_workers if m.alive(w)),
+                return_exceptions=True,
+            )
+            raise Refused(grpc.StatusCode.ABORTED,
+                          f"upgrade of app {plan.app!r} to version {plan.version} failed in "
+                          f"prepare; the running version is unchanged: {errors[0]}")
+
+        async def switch(w: str) -> None:
+            ack = await m.send(w, pb.SWITCH, plan.app, plan.version,
+                               [wire(i) for i in plan.switch.get(w, ())])
+            if not ack.ok:
+                raise RuntimeError(ack.error)
+
+        results = await asyncio.gather(*(switch(w) for w in sorted(plan.workers)),
+                                       return_exceptions=True)
+        errors = [f"{r}" for r in results if isinstance(r, BaseException)]
+        if errors:
+            raise Refused(grpc.StatusCode.INTERNAL,
+                          f"app {plan.app!r} version {plan.version}: switch failed: {errors[0]}")
+
+    async def kill(self, app: str) -> int:
+        assert self.store is not None
+        cur = self.apps.get(app)
+        if cur is None or cur.state != "running":
+            raise Refused(grpc.StatusCode.NOT_FOUND, f"app {app!r} is not running")
+        self._lock(app, "a kill")
+        try:
+            stops = plan_stop(app, cur.version, cur.placement)
+            await asyncio.gather(
+                *(self.membership.send(w, pb.STOP, app, cur.version,
+                                       [msgpack.packb(to_wire(i)) for i in ins], timeout=30)
+                  for w, ins in stops.items() if self.membership.alive(w)),
+                return_exceptions=True,
+            )
+            cur.state = "killed"
+            self.store.set_state(app, "killed")
+            return cur.version
+        finally:
+            self.locks.pop(app, None)
+
+    # ------------------------------------------------------------------
+    # Reading
+    # ------------------------------------------------------------------
+    def app_status(self, app: str) -> pb.StatusReply:
+        if app and app not in self.apps:
+            raise Refused(grpc.StatusCode.NOT_FOUND, f"no app named {app!r}")
+        stats: dict[tuple[str, str], tuple[Any, float]] = {}
+        for w in self.membership.workers.values():
+            for r in w.running:
+                stats[(r.app, r.instance)] = (r, w.rates.get((r.app, r.instance), 0.0))
+        reply = pb.StatusReply()
+        for st in sorted(self.apps.values(), key=lambda a: a.name):
+            if app and st.name != app:
+                continue
+            state = "upgrading" if st.name in self.locks else st.state
+            a = reply.apps.add(app=st.name, version=st.version, state=state)
+            if st.state != "running":
+                continue
+            for spec in st.model.pes:
+                pl = st.placement[spec.name]
+                p = a.pes.add(name=spec.name, kind=spec.kind, parallelism=pl.parallelism, gen=pl.gen)
+                for i, w in enumerate(pl.workers):
+                    r, rate = stats.get((st.name, pl.instance(spec.name, i)), (None, 0.0))
+                    p.instances.add(
+                        index=i, worker=w, rate_in=rate,
+                        records_in=r.records_in if r else 0,
+                        records_out=r.records_out if r else 0,
+                        errors=r.errors if r else 0,
+                    )
+        return reply
+
+    def history(self, app: str) -> pb.HistoryReply:
+        assert self.store is not None
+        if app not in self.apps:
+            raise Refused(grpc.StatusCode.NOT_FOUND, f"no app named {app!r}")
+        reply = pb.HistoryReply(app=app, current=self.apps[app].version)
+        for rec in self.store.versions(app):
+            reply.versions.add(version=rec.version, created_unix=rec.created, action=rec.action,
+                               changes_json=json.dumps(rec.changes), latency_ms=rec.latency_ms,
+                               rolled_back_to=rec.rolled_back_to)
+        return reply
+
+    def workers(self) -> pb.ListWorkersReply:
+        reply = pb.ListWorkersReply()
+        now = time.monotonic()
+        for name in sorted(self.membership.workers):
+            w = self.membership.workers[name]
+            reply.workers.add(
+                name=name, data_address=w.data_address, health_address=w.health_address,
+                slots=w.slots, alive=self.membership.alive(name),
+                last_heartbeat_age_s=now - w.last_seen,
+                instances=[f"{r.app}/{r.instance}" for r in w.running],
+            )
+        return reply
+
+
+def _upgrade_reply(o: Outcome) -> pb.UpgradeReply:
+    return pb.UpgradeReply(
+        app=o.app, from_version=o.from_version, to_version=o.to_version,
+        changes_json=json.dumps(o.change.to_dict()), change_lines=o.change.describe(),
+        plan_lines=o.plan.describe(), instructions=o.plan.count(), applied=o.applied,
+        latency_ms=o.latency_ms,
+    )
+
+
+async def _guard(context: grpc.aio.ServicerContext, coro: Any) -> Any:
+    """Run a handler; a refusal or an unexpected error becomes a gRPC status."""
+    try:
+        return await coro
+    except Refused as e:
+        await context.abort(e.code, str(e))
+    except WorkerGone as e:
+        await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+    except (grpc.aio.AbortError, asyncio.CancelledError):
+        raise
+    except Exception as e:
+        log.exception("request failed")
+        await context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+
+
+async def _sync(fn: Any, *args: Any) -> Any:
+    return fn(*args)
+
+
+class ClientService(pb_grpc.MasterServicer):
+    def __init__(self, master: Master):
+        self.m = master
+
+    async def Submit(self, request: Any, context: Any) -> pb.SubmitReply:
+        o = await _guard(context, self.m.submit(request.model_json, request.bundle,
+                                                request.bundle_hash, request.name))
+        n = sum(pl.parallelism for pl in self.m.apps[o.app].placement.values())
+        return pb.SubmitReply(app=o.app, version=o.to_version, instances=n, latency_ms=o.latency_ms)
+
+    async def Upgrade(self, request: Any, context: Any) -> pb.UpgradeReply:
+        o = await _guard(context, self.m.upgrade(request.model_json, request.bundle,
+                                                 request.bundle_hash, request.name,
+                                                 request.dry_run))
+        return _upgrade_reply(o)
+
+    async def Rollback(self, request: Any, context: Any) -> pb.UpgradeReply:
+        o = await _guard(context, self.m.rollback(request.app, request.to_version,
+                                                  request.dry_run))
+        return _upgrade_reply(o)
+
+    async def Status(self, request: Any, context: Any) -> pb.StatusReply:
+        return await _guard(context, _sync(self.m.app_status, request.app))
+
+    async def History(self, request: Any, context: Any) -> pb.HistoryReply:
+        return await _guard(context, _sync(self.m.history, request.app))
+
+    async def Kill(self, request: Any, context: Any) -> pb.KillReply:
+        v = await _guard(context, self.m.kill(request.app))
+        return pb.KillReply(app=request.app, version=v)
+
+    async def ListWorkers(self, request: Any, context: Any) -> pb.ListWorkersReply:
+        return await _guard(context, _sync(self.m.workers))
+
+
+class WorkerService(pb_grpc.WorkerControlServicer):
+    def __init__(self, master: Master):
+        self.m = master
+
+    async def Register(self, request: Any, context: Any) -> pb.RegisterReply:
+        if not request.name or not request.data_address:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                "a worker must register with a name and a data address")
+        w = self.m.membership.register(request)
+        log.info("worker %s registered (data %s, %d slots, %d instances running)",
+                 w.name, w.data_address, w.slots, len(w.running))
+        return pb.RegisterReply(session=w.session,
+                                heartbeat_interval_s=self.m.membership.heartbeat_interval)
+
+    async def Heartbeat(self, request: Any, context: Any) -> pb.HeartbeatReply:
+        if self.m.membership.heartbeat(request) is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND,
+                                f"worker {request.name!r} has no session {request.session!r}; "
+                                "register again")
+        return pb.HeartbeatReply()
+
+    async def Control(self, request_iterator: Any, context: Any) -> None:
+        await self.m.membership.serve_control(context)

@@ -1,0 +1,277 @@
+"""What each PE kind does with a batch of input records.
+
+An executor turns one input batch into one output batch; the instance around it
+(``hotwire.worker.instance``) handles channels, gating, markers and handover.
+Sync callables run on a fast path over the whole batch; when a record raises,
+the batch is finished record by record so that exactly the failing records are
+reported and skipped, and side effects (sinks, state) are never applied twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+ErrorHook = Callable[[Any, BaseException], None]
+
+
+def _is_async(fn: Any) -> bool:
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+        getattr(fn, "__call__", None)  # noqa: B004 - callable objects with async __call__
+    )
+
+
+class Executor:
+    """Base: a stateless PE. Subclasses override :meth:`process`."""
+
+    keyed = False
+
+    def __init__(self, fn: Any, ctx: Any, on_error: ErrorHook, key_fn: Any = None):
+        self.fn = fn
+        self.ctx = ctx
+        self.on_error = on_error
+        self.key_fn = key_fn
+        self.is_async = _is_async(fn)
+
+    async def setup(self) -> None:
+        return None
+
+    async def process(self, records: list[Any]) -> list[Any]:
+        raise NotImplementedError
+
+    def snapshot(self) -> Any:
+        return None
+
+    def restore(self, states: list[Any]) -> None:
+        return None
+
+    async def teardown(self) -> None:
+        return None
+
+    async def _each(self, records: list[Any], step: Callable[[Any], Any]) -> None:
+        """Apply ``step`` to each record once, reporting and skipping failures."""
+        i, n = 0, len(records)
+        while i < n:
+            try:
+                if self.is_async:
+                    while i < n:
+                        await step(records[i])
+                        i += 1
+                else:
+                    while i < n:
+                        step(records[i])
+                        i += 1
+            except Exception as e:
+                self.on_error(records[i], e)
+                i += 1
+
+
+class MapExecutor(Executor):
+    async def process(self, records: list[Any]) -> list[Any]:
+        fn = self.fn
+        if not self.is_async:
+            try:
+                return [fn(r) for r in records]
+            except Exception:
+                pass
+        out: list[Any] = []
+
+        async def astep(r: Any) -> None:
+            out.append(await fn(r))
+
+        await self._each(records, astep if self.is_async else (lambda r: out.append(fn(r))))
+        return out
+
+
+class FilterExecutor(Executor):
+    async def process(self, records: list[Any]) -> list[Any]:
+        fn = self.fn
+        if not self.is_async:
+            try:
+                return [r for r in records if fn(r)]
+            except Exception:
+                pass
+        out: list[Any] = []
+
+        async def astep(r: Any) -> None:
+            if await fn(r):
+                out.append(r)
+
+        def step(r: Any) -> None:
+            if fn(r):
+                out.append(r)
+
+        await self._each(records, astep if self.is_async else step)
+        return out
+
+
+class FlatMapExecutor(Executor):
+    async def process(self, records: list[Any]) -> list[Any]:
+        fn = self.fn
+        if not self.is_async:
+            try:
+                return [o for r in records for o in fn(r)]
+            except Exception:
+                pass
+        out: list[Any] = []
+
+        async def astep(r: Any) -> None:
+            out.extend(await fn(r))
+
+        await self._each(records, astep if self.is_async else (lambda r: out.extend(fn(r))))
+        return out
+
+
+class IdentityExecutor(Executor):
+    async def process(self, records: list[Any]) -> list[Any]:
+        return records
+
+
+class SinkExecutor(Executor):
+    async def process(self, records: list[Any]) -> list[Any]:
+        await self._each(records, self.fn)
+        return []
+
+
+class ReduceExecutor(Executor):
+    """Keyed state: ``fn(acc | None, record) -> acc``; emits ``(key, acc)``."""
+
+    keyed = True
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.state: dict[Any, Any] = {}
+
+    async def process(self, records: list[Any]) -> list[Any]:
+        fn, key_fn, state = self.fn, self.key_fn, self.state
+        out: list[Any] = []
+
+        def step(r: Any) -> None:
+            k = key_fn(r)
+            acc = fn(state.get(k), r)
+            state[k] = acc
+            out.append((k, acc))
+
+        async def astep(r: Any) -> None:
+            k = key_fn(r)
+            acc = await fn(state.get(k), r)
+            state[k] = acc
+            out.append((k, acc))
+
+        await self._each(records, astep if self.is_async else step)
+        return out
+
+    def snapshot(self) -> Any:
+        return self.state
+
+    def restore(self, states: list[Any]) -> None:
+        for s in states:
+            if s:
+                self.state.update(_keyed_items(s))
+
+
+def _keyed_items(s: Any) -> list[tuple[Any, Any]]:
+    # Keyed state crosses the wire as a list of [key, value] pairs, since msgpack
+    # map keys must be hashable once decoded (a list key is not).
+    if isinstance(s, dict):
+        return list(s.items())
+    return [(_hashable(k), v) for k, v in s]
+
+
+def _hashable(k: Any) -> Any:
+    if isinstance(k, list):
+        return tuple(_hashable(x) for x in k)
+    return k
+
+
+class ProcessExecutor(Executor):
+    """A class PE: one object per instance; ``process(record) -> iterable``."""
+
+    def __init__(self, cls: Any, ctx: Any, on_error: ErrorHook, key_fn: Any = None):
+        self.obj = cls()
+        super().__init__(self.obj.process, ctx, on_error, key_fn)
+        self.keyed = key_fn is not None
+        batch = getattr(self.obj, "process_batch", None)
+        self.batch_fn = batch if callable(batch) else None
+
+    async def setup(self) -> None:
+        setup = getattr(self.obj, "setup", None)
+        if setup is None:
+            return
+        if _is_async(setup):
+            await setup(self.ctx)
+        else:
+            # A slow setup (starting a job, loading a model) must not stall other PEs.
+            await asyncio.to_thread(setup, self.ctx)
+
+    async def process(self, records: list[Any]) -> list[Any]:
+        if self.batch_fn is not None and not self.keyed:
+            try:
+                res = self.batch_fn(records)
+                if inspect.isawaitable(res):
+                    res = await res
+                return list(res)
+            except Exception as e:
+                for r in records:
+                    self.on_error(r, e)
+                return []
+        fn, ctx, key_fn = self.fn, self.ctx, self.key_fn
+        out: list[Any] = []
+
+        def step(r: Any) -> None:
+            if key_fn is not None:
+                ctx.key = key_fn(r)
+            res = fn(r)
+            if res is not None:
+                out.extend(res)
+
+        async def astep(r: Any) -> None:
+            if key_fn is not None:
+                ctx.key = key_fn(r)
+            res = await fn(r)
+            if res is not None:
+                out.extend(res)
+
+        await self._each(records, astep if self.is_async else step)
+        return out
+
+    def snapshot(self) -> Any:
+        snap = getattr(self.obj, "snapshot", None)
+        return snap() if snap is not None else None
+
+    def restore(self, states: list[Any]) -> None:
+        restore = getattr(self.obj, "restore", None)
+        if restore is None:
+            return
+        if self.keyed:
+            merged: dict[Any, Any] = {}
+            for s in states:
+                if s:
+                    merged.update(_keyed_items(s))
+            restore(merged)
+        else:
+            for s in states:
+                if s is not None:
+                    restore(s)
+
+    async def teardown(self) -> None:
+        td = getattr(self.obj, "teardown", None)
+        if td is None:
+            return
+        res = td()
+        if inspect.isawaitable(res):
+            await res
+
+
+EXECUTORS: dict[str, type[Executor]] = {
+    "map": MapExecutor,
+    "filter": FilterExecutor,
+    "flat_map": FlatMapExecutor,
+    "union": IdentityExecutor,
+    "sink": SinkExecutor,
+    "reduce": ReduceExecutor,
+    "process": ProcessExecutor,
+    "dl_job": ProcessExecutor,
+}

@@ -1,0 +1,155 @@
+"""Output channels and routing: how an instance's output batches reach its downstreams.
+
+Two channel implementations share one interface: :class:`LocalChannel` hands the
+batch object to a same-worker instance's inbox without serialising it, and
+:class:`RemoteChannel` writes a BATCH frame on the link to the peer worker. Both
+are credit-based: a sender holds at most :data:`CREDITS` unacknowledged batches
+per channel, and the receiver returns a credit when it has processed a batch. A
+receiver that holds a channel (the gating rule) returns no credit, so its sender
+stops instead of growing memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from hotwire.plan import Route, key_partition
+from hotwire.worker.transport import Frame, Link, encode
+
+if TYPE_CHECKING:
+    from hotwire.worker.instance import Instance
+
+CREDITS = 16
+
+# Inbox item kinds.
+BATCH, END, STATE, CONTROL = 0, 1, 2, 3
+
+
+class OutChannel:
+    """The sending end of one channel."""
+
+    __slots__ = ("_waiter", "app", "channel", "credit", "ended")
+
+    def __init__(self, app: str, channel: str):
+        self.app = app
+        self.channel = channel
+        self.credit = CREDITS
+        self.ended = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    def grant(self, app: str, channel: str, n: int) -> None:
+        """Return ``n`` credits (called by the receiver's side)."""
+        self.credit += n
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    async def _take_credit(self) -> None:
+        while self.credit <= 0:
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+            self._waiter = None
+        self.credit -= 1
+
+    async def send(self, records: list[Any]) -> None:
+        raise NotImplementedError
+
+    async def end(self) -> None:
+        raise NotImplementedError
+
+
+class LocalChannel(OutChannel):
+    __slots__ = ("dst",)
+
+    def __init__(self, app: str, channel: str, dst: Instance):
+        super().__init__(app, channel)
+        self.dst = dst
+
+    async def send(self, records: list[Any]) -> None:
+        if self.credit <= 0:
+            await self._take_credit()
+        else:
+            self.credit -= 1
+        self.dst.inbox.put_nowait((BATCH, self.channel, records, self))
+
+    async def end(self) -> None:
+        if not self.ended:
+            self.ended = True
+            self.dst.inbox.put_nowait((END, self.channel, None, None))
+
+
+class RemoteChannel(OutChannel):
+    __slots__ = ("link", "link_factory")
+
+    def __init__(self, app: str, channel: str, link_factory: Callable[[], Any]):
+        super().__init__(app, channel)
+        self.link: Link | None = None
+        self.link_factory = link_factory
+
+    async def _link(self) -> Link:
+        link = self.link
+        if link is None or link.closed:
+            link = self.link = await self.link_factory()
+        return link
+
+    async def connect(self) -> None:
+        await self._link()
+
+    async def send(self, records: list[Any]) -> None:
+        if self.credit <= 0:
+            await self._take_credit()
+        else:
+            self.credit -= 1
+        link = await self._link()
+        link.write(encode(Frame.BATCH, self.app, self.channel, records))
+        await link.drain_if_needed()
+
+    async def end(self) -> None:
+        if not self.ended:
+            self.ended = True
+            link = await self._link()
+            link.write(encode(Frame.END, self.app, self.channel))
+
+
+class RouteState:
+    """One output stream of an instance: partitioning over its target channels."""
+
+    __slots__ = ("channels", "dst_pe", "key_fn", "n", "next", "partition", "route")
+
+    def __init__(self, route: Route, channels: list[OutChannel], key_fn: Callable[[Any], Any] | None):
+        self.route = route
+        self.dst_pe = route.dst_pe
+        self.partition = route.partition
+        self.channels = channels
+        self.n = len(channels)
+        self.key_fn = key_fn
+        self.next = 0
+
+    async def emit(self, records: list[Any]) -> None:
+        """Send one batch of output records along this stream."""
+        p = self.partition
+        if p == "shuffle":
+            # Deal whole batches round-robin: one channel per batch.
+            ch = self.channels[self.next]
+            self.next = (self.next + 1) % self.n
+            await ch.send(records)
+        elif p == "key":
+            n = self.n
+            if n == 1:
+                await self.channels[0].send(records)
+                return
+            key_fn = self.key_fn
+            assert key_fn is not None
+            parts: list[list[Any]] = [[] for _ in range(n)]
+            for r in records:
+                parts[key_partition(key_fn(r), n)].append(r)
+            for ch, part in zip(self.channels, parts, strict=True):
+                if part:
+                    await ch.send(part)
+        elif p == "broadcast":
+            for ch in self.channels:
+                await ch.send(records)
+        else:  # forward
+            await self.channels[0].send(records)

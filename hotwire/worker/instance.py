@@ -1,0 +1,364 @@
+"""A running PE instance: an asyncio task reading its inbox.
+
+The inbox carries, in arrival order, batches from input channels, end markers,
+state handovers from predecessors, and control items (switch, retire). The
+instance applies the gating rule:
+
+* while it waits for predecessors' state it holds every input batch;
+* a channel that appears by an upgrade is held until every channel it replaces
+  has delivered its end marker.
+
+Held batches return no credit, so their senders stop at the credit limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import TYPE_CHECKING, Any
+
+from hotwire.pe.executors import EXECUTORS, Executor, _keyed_items
+from hotwire.plan import Gate, Retire, StartInstance, Switch, key_partition
+from hotwire.worker.channels import BATCH, CONTROL, END, STATE, OutChannel, RouteState
+
+if TYPE_CHECKING:
+    from hotwire.worker.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+SOURCE_BATCH = 256
+SOURCE_LINGER_S = 0.002
+MAX_LOGGED_ERRORS = 20
+
+
+class Instance:
+    """One instance of one PE of one app on this worker."""
+
+    def __init__(self, runtime: Runtime, spec: StartInstance, ctx: Any, executor: Executor | None,
+                 source_fn: Any = None):
+        self.runtime = runtime
+        self.spec = spec
+        self.app = spec.app
+        self.iid = spec.instance
+        self.pe = spec.pe
+        self.kind = spec.kind
+        self.ctx = ctx
+        self.executor = executor
+        self.source_fn = source_fn
+        self.inbox: asyncio.Queue[tuple[int, Any, Any, Any]] = asyncio.Queue()
+        self.inputs: set[str] = set(spec.inputs)
+        self.routes: dict[str, RouteState] = {}
+        self.out: dict[str, OutChannel] = {}
+        # gating
+        self.holding: set[str] = set()
+        self.held: dict[str, list[tuple[list[Any], Any]]] = {}
+        self.gates: dict[int, tuple[set[str], set[str]]] = {}  # version -> (appearing, remaining)
+        self.pending_preds: set[str] = set(spec.predecessors)
+        self.pred_states: list[Any] = []
+        # lifecycle
+        self.retire: Retire | None = None
+        self.activated = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        self.released: asyncio.Future[None] = loop.create_future()
+        self.finished: asyncio.Future[None] = loop.create_future()
+        self.gate_released: dict[int, asyncio.Future[None]] = {}
+        self.task: asyncio.Task[None] | None = None
+        # counters
+        self.records_in = 0
+        self.records_out = 0
+        self.errors = 0
+        self.position = 0  # records a source has emitted, over all its generations
+
+    # -- set-up (prepare phase) ------------------------------------------
+    def start_task(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self._main(), name=f"{self.app}/{self.iid}")
+
+    def apply_gate(self, gate: Gate) -> None:
+        appearing, remaining = set(gate.appearing), set(gate.disappearing) & self.inputs
+        self.inputs |= appearing
+        fut = asyncio.get_running_loop().create_future()
+        self.gate_released[gate.version] = fut
+        if remaining and appearing:
+            self.holding |= appearing
+            self.gates[gate.version] = (appearing, remaining)
+        else:
+            fut.set_result(None)
+
+    def undo_gate(self, version: int) -> None:
+        appearing, _ = self.gates.pop(version, (set(), set()))
+        self.holding -= appearing
+        self.inputs -= appearing
+        fut = self.gate_released.pop(version, None)
+        if fut is not None and not fut.done():
+            fut.cancel()
+
+    # -- main loop -------------------------------------------------------
+    async def _main(self) -> None:
+        try:
+            await self.activated.wait()
+            if self.kind == "source":
+                await self._run_source()
+            else:
+                await self._run()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("instance %s/%s failed", self.app, self.iid)
+            if not self.finished.done():
+                self.finished.set_result(None)
+
+    async def _run(self) -> None:
+        if not self.pending_preds:
+            self._set_released()
+        get = self.inbox.get
+        while not self.finished.done():
+            kind, ch, payload, ret = await get()
+            if kind == BATCH:
+                if self.pending_preds or ch in self.holding:
+                    self.held.setdefault(ch, []).append((payload, ret))
+                else:
+                    await self._process(ch, payload, ret)
+            elif kind == END:
+                await self._on_end(ch)
+            elif kind == STATE:
+                await self._on_state(ch, payload)
+            elif kind == CONTROL:
+                await self._on_control(payload)
+            if self.retire is not None and not self.inputs and not self.pending_preds:
+                await self._finish()
+
+    async def _process(self, ch: str, records: list[Any], ret: Any) -> None:
+        assert self.executor is not None
+        self.records_in += len(records)
+        out = await self.executor.process(records)
+        if ret is not None:
+            ret.grant(self.app, ch, 1)
+        if out:
+            self.records_out += len(out)
+            for route in self.routes.values():
+                await route.emit(out)
+
+    async def _release_held(self, channels: set[str] | None = None) -> None:
+        for ch in list(self.held):
+            if channels is None or ch in channels:
+                batches = self.held.pop(ch)
+                for records, ret in batches:
+                    await self._process(ch, records, ret)
+
+    async def _on_end(self, ch: str) -> None:
+        self.inputs.discard(ch)
+        self.runtime.forget_in(self.app, ch)
+        for version, (appearing, remaining) in list(self.gates.items()):
+            remaining.discard(ch)
+            if not remaining:
+                del self.gates[version]
+                self.holding -= appearing
+                if not self.pending_preds:
+                    await self._release_held(appearing)
+                fut = self.gate_released.get(version)
+                if fut is not None and not fut.done():
+                    fut.set_result(None)
+
+    async def _on_state(self, src: str, state: Any) -> None:
+        if src not in self.pending_preds:
+            log.warning("%s/%s: unexpected state from %s dropped", self.app, self.iid, src)
+            return
+        self.pending_preds.discard(src)
+        self.pred_states.append(state)
+        if not self.pending_preds:
+            self._restore(self.pred_states)
+            self.pred_states = []
+            self._set_released()
+            if self.kind != "source":
+                # Held channels that no gate still holds flow now, in arrival order.
+                await self._release_held({c for c in self.held if c not in self.holding})
+
+    def _restore(self, states: list[Any]) -> None:
+        if self.kind == "source":
+            positions = [s["position"] for s in states if isinstance(s, dict) and "position" in s]
+            self.position = max(positions, default=0)
+            self.ctx.position = self.position
+        elif self.executor is not None:
+            self.executor.restore(states)
+
+    def _set_released(self) -> None:
+        if not self.released.done():
+            self.released.set_result(None)
+
+    async def _on_control(self, item: Any) -> None:
+        if isinstance(item, Switch):
+            for ch in item.ended:
+                out = self.out.pop(ch, None)
+                if out is not None:
+                    await out.end()
+                    self.runtime.forget_out(self.app, ch)
+            for dst in item.unrouted:
+                self.routes.pop(dst, None)
+            for route in item.routes:
+                self.routes[route.dst_pe] = self.runtime.make_route(self, route)
+        elif isinstance(item, Retire):
+            self.retire = item
+
+    # -- sources ---------------------------------------------------------
+    async def _run_source(self) -> None:
+        # Wait for predecessors' state (a replaced source resumes from its position).
+        while self.pending_preds:
+            kind, ch, payload, _ = await self.inbox.get()
+            if kind == STATE:
+                await self._on_state(ch, payload)
+            elif kind == CONTROL:
+                await self._on_control(payload)
+        self._set_released()
+        if await self._source_controls():
+            return
+        it = self.source_fn(self.ctx)
+        if inspect.isasyncgen(it) or hasattr(it, "__anext__"):
+            chunks = _async_chunks(it)
+        else:
+            chunks = _thread_chunks(iter(it))
+        exhausted = False
+        try:
+            while True:
+                if await self._source_controls():
+                    return
+                if exhausted:
+                    kind, _ch, payload, _ret = await self.inbox.get()
+                    if kind == CONTROL:
+                        await self._on_control(payload)
+                    continue
+                chunk = await chunks.__anext__()
+                if not chunk:
+                    exhausted = True
+                    continue
+                self.position += len(chunk)
+                self.records_out += len(chunk)
+                for route in self.routes.values():
+                    await route.emit(chunk)
+        finally:
+            await _aclose(chunks)
+            await _aclose(it)
+
+    async def _source_controls(self) -> bool:
+        """Apply queued control items; True when the source has retired."""
+        while not self.inbox.empty():
+            kind, _ch, payload, _ = self.inbox.get_nowait()
+            if kind == CONTROL:
+                await self._on_control(payload)
+        if self.retire is not None:
+            await self._finish()
+            return True
+        return False
+
+    # -- retirement ------------------------------------------------------
+    async def _finish(self) -> None:
+        if self.finished.done():
+            return
+        retire = self.retire
+        assert retire is not None
+        for ch, out in list(self.out.items()):
+            await out.end()
+            self.runtime.forget_out(self.app, ch)
+        self.out.clear()
+        succ = retire.successors
+        if succ:
+            parts = self._split_state(retire)
+            for s, part in zip(succ, parts, strict=True):
+                await self.runtime.send_state(self.app, s.instance, s.worker, self.iid, part)
+        await self.teardown()
+        self.runtime.remove_instance(self)
+        self.finished.set_result(None)
+
+    def _split_state(self, retire: Retire) -> list[Any]:
+        n = len(retire.successors)
+        if self.kind == "source":
+            state: Any = {"position": self.position}
+        else:
+            assert self.executor is not None
+            state = self.executor.snapshot()
+        if retire.keyed and state:
+            parts: list[list[Any]] = [[] for _ in range(n)]
+            for k, v in _keyed_items(state):
+                parts[key_partition(k, n)].append([k, v])
+            return parts
+        out: list[Any] = [None] * n
+        out[self.spec.index % n] = state
+        return out
+
+    async def teardown(self) -> None:
+        if self.executor is not None:
+            try:
+                await self.executor.teardown()
+            except Exception:
+                log.exception("%s/%s: teardown raised", self.app, self.iid)
+
+    def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+
+    # -- errors ----------------------------------------------------------
+    def on_error(self, record: Any, exc: BaseException) -> None:
+        self.errors += 1
+        if self.errors <= MAX_LOGGED_ERRORS:
+            log.error(
+                "app %r PE %r instance %d: %s: %s (record %.200r); record skipped",
+                self.app, self.pe, self.spec.index, type(exc).__name__, exc, record,
+            )
+
+
+async def _aclose(obj: Any) -> None:
+    close = getattr(obj, "aclose", None)
+    if close is not None:
+        try:
+            await close()
+        except Exception:
+            pass
+
+
+async def _async_chunks(it: AsyncIterator[Any]) -> AsyncIterator[list[Any]]:
+    anext_ = it.__anext__
+    clock = time.monotonic
+    while True:
+        chunk: list[Any] = []
+        deadline = clock() + SOURCE_LINGER_S
+        try:
+            while len(chunk) < SOURCE_BATCH:
+                chunk.append(await anext_())
+                if clock() > deadline:
+                    break
+        except StopAsyncIteration:
+            if chunk:
+                yield chunk
+            yield []
+            return
+        yield chunk
+
+
+async def _thread_chunks(it: Iterator[Any]) -> AsyncIterator[list[Any]]:
+    """Pull a sync iterator in a thread, so a blocking source never stalls other PEs."""
+    loop = asyncio.get_running_loop()
+    lock = threading.Lock()
+
+    def take() -> tuple[list[Any], bool]:
+        with lock:
+            chunk: list[Any] = []
+            deadline = time.monotonic() + SOURCE_LINGER_S
+            for r in it:
+                chunk.append(r)
+                if len(chunk) >= SOURCE_BATCH or time.monotonic() > deadline:
+                    return chunk, False
+            return chunk, True
+
+    while True:
+        chunk, done = await loop.run_in_executor(None, take)
+        if chunk:
+            yield chunk
+        if done:
+            yield []
+            return
+
+
+__all__ = ["EXECUTORS", "Instance"]

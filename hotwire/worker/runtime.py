@@ -1,0 +1,303 @@
+"""The worker's runtime: its PE instances, their channels, and the instructions it performs.
+
+:class:`Runtime` performs the phases of the upgrade protocol (``hotwire.plan``):
+``prepare`` builds new instances (bundle loaded, PE built, ``setup`` run, channels
+connected) and installs gates, and undoes all of it if anything fails;
+``switch`` activates what prepare built and delivers switch and retire items to
+the instances' inboxes; ``abort`` drops a prepare; ``stop`` ends an app. It is
+also the data plane's receiver, routing decoded frames to instance inboxes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hotwire.pe.executors import EXECUTORS, Executor, ProcessExecutor
+from hotwire.plan import Gate, Instruction, KeyRef, Retire, Route, StartInstance, Switch
+from hotwire.worker.channels import (
+    CONTROL,
+    END,
+    STATE,
+    LocalChannel,
+    OutChannel,
+    RemoteChannel,
+    RouteState,
+)
+from hotwire.worker.channels import BATCH as _BATCH
+from hotwire.worker.instance import Instance
+from hotwire.worker.transport import DataPlane, Frame, Link, encode
+
+log = logging.getLogger(__name__)
+
+SWITCH_TIMEOUT_S = 60.0
+
+
+class PrepareError(Exception):
+    """A prepare failed; the message says which PE, instance and why."""
+
+
+@dataclass
+class Prepared:
+    instances: list[Instance] = field(default_factory=list)
+    gated: list[Instance] = field(default_factory=list)
+
+
+class Runtime:
+    def __init__(self, name: str, bundle_dir: Path):
+        self.name = name
+        self.bundle_dir = bundle_dir
+        self.dataplane = DataPlane(name, self)
+        self.instances: dict[tuple[str, str], Instance] = {}
+        self.in_channels: dict[tuple[str, str], Instance] = {}
+        self.out_channels: dict[tuple[str, str], OutChannel] = {}
+        self.bundles: dict[str, bytes] = {}
+        self.prepared: dict[tuple[str, int], Prepared] = {}
+        self.drops: Counter[str] = self.dataplane.drops
+
+    # ------------------------------------------------------------------
+    # Data plane receiver
+    # ------------------------------------------------------------------
+    def on_batch(self, app: str, channel: str, records: list[Any], link: Link) -> bool:
+        inst = self.in_channels.get((app, channel))
+        if inst is None or not isinstance(records, list):
+            return False
+        inst.inbox.put_nowait((_BATCH, channel, records, link))
+        return True
+
+    def on_end(self, app: str, channel: str) -> bool:
+        inst = self.in_channels.get((app, channel))
+        if inst is None:
+            return False
+        inst.inbox.put_nowait((END, channel, None, None))
+        return True
+
+    def on_credit(self, app: str, channel: str, n: int) -> bool:
+        out = self.out_channels.get((app, channel))
+        if out is None:
+            return True  # the channel ended meanwhile; its late credit is harmless
+        out.grant(app, channel, n)
+        return True
+
+    def on_state(self, app: str, dst: str, src: str, state: Any) -> bool:
+        inst = self.instances.get((app, dst))
+        if inst is None:
+            return False
+        inst.inbox.put_nowait((STATE, src, state, None))
+        return True
+
+    async def send_state(self, app: str, dst: str, worker: str, src: str, state: Any) -> None:
+        if worker == self.name:
+            if not self.on_state(app, dst, src, state):
+                log.error("state handover %s -> %s: no such instance here", src, dst)
+            return
+        link = await self.dataplane.link(worker)
+        link.write(encode(Frame.STATE, app, dst, src, state))
+
+    # ------------------------------------------------------------------
+    # Bundles and code
+    # ------------------------------------------------------------------
+    def add_bundle(self, h: str, data: bytes) -> None:
+        if h not in self.bundles:
+            self.bundles[h] = data
+
+    def topology(self, h: str) -> Any:
+        from hotwire.sdk.bundle import load_bundle
+
+        data = self.bundles.get(h)
+        if data is None:
+            raise PrepareError(f"bundle {h[:12]} was not sent to worker {self.name!r}")
+        return load_bundle(h, data, self.bundle_dir)
+
+    def key_fn(self, ref: KeyRef | None) -> Any:
+        if ref is None:
+            return None
+        return self.topology(ref.bundle).key_fn(ref.src, ref.dst)
+
+    # ------------------------------------------------------------------
+    # Channels and routes
+    # ------------------------------------------------------------------
+    def make_route(self, inst: Instance, route: Route) -> RouteState:
+        channels: list[OutChannel] = []
+        for t in route.targets:
+            out = inst.out.get(t.channel)
+            if out is None:
+                if t.worker == self.name:
+                    dst = self.instances.get((inst.app, t.instance))
+                    if dst is None:
+                        raise PrepareError(
+                            f"app {inst.app!r}: target instance {t.instance} of "
+                            f"{inst.iid} is not on worker {self.name!r}"
+                        )
+                    out = LocalChannel(inst.app, t.channel, dst)
+                else:
+                    out = RemoteChannel(inst.app, t.channel, _dialer(self.dataplane, t.worker))
+                inst.out[t.channel] = out
+                self.out_channels[(inst.app, t.channel)] = out
+            channels.append(out)
+        return RouteState(route, channels, self.key_fn(route.key))
+
+    def forget_out(self, app: str, channel: str) -> None:
+        self.out_channels.pop((app, channel), None)
+
+    def forget_in(self, app: str, channel: str) -> None:
+        self.in_channels.pop((app, channel), None)
+
+    # ------------------------------------------------------------------
+    # Instances
+    # ------------------------------------------------------------------
+    async def _build(self, ins: StartInstance) -> Instance:
+        from hotwire.sdk.pe import Context
+
+        topo = self.topology(ins.bundle)
+        impl = topo.impl(ins.pe)
+        ctx = Context(
+            app=ins.app,
+            pe=ins.pe,
+            instance=ins.index,
+            parallelism=ins.parallelism,
+            config=dict(ins.config),
+        )
+        inst = Instance(self, ins, ctx, None, source_fn=impl.fn if ins.kind == "source" else None)
+        self.instances[(ins.app, inst.iid)] = inst
+        for ch in ins.inputs:
+            self.in_channels[(ins.app, ch)] = inst
+        try:
+            if ins.kind != "source":
+                key_fn = self.key_fn(ins.input_key)
+                executor: Executor
+                if ins.kind in ("process", "dl_job"):
+                    executor = ProcessExecutor(impl.cls, ctx, inst.on_error, key_fn)
+                else:
+                    executor = EXECUTORS[ins.kind](impl.fn, ctx, inst.on_error, key_fn)
+                inst.executor = executor
+                await executor.setup()
+            for route in ins.routes:
+                inst.routes[route.dst_pe] = self.make_route(inst, route)
+        except BaseException:
+            self.remove_instance(inst)
+            raise
+        inst.start_task()
+        return inst
+
+    def remove_instance(self, inst: Instance) -> None:
+        key = (inst.app, inst.iid)
+        if self.instances.get(key) is inst:
+            del self.instances[key]
+        for ch in [c for (a, c), i in self.in_channels.items() if i is inst and a == inst.app]:
+            del self.in_channels[(inst.app, ch)]
+        for ch in list(inst.out):
+            self.out_channels.pop((inst.app, ch), None)
+
+    async def _drop(self, inst: Instance) -> None:
+        inst.stop()
+        if inst.task is not None:
+            await asyncio.gather(inst.task, return_exceptions=True)
+        await inst.teardown()
+        self.remove_instance(inst)
+
+    # ------------------------------------------------------------------
+    # Phases
+    # ------------------------------------------------------------------
+    async def prepare(self, app: str, version: int, instructions: list[Instruction]) -> None:
+        st = self.prepared[(app, version)] = Prepared()
+        try:
+            for ins in instructions:
+                if isinstance(ins, StartInstance):
+                    try:
+                        st.instances.append(await self._build(ins))
+                    except PrepareError:
+                        raise
+                    except Exception as e:
+                        raise PrepareError(
+                            f"app {app!r} PE {ins.pe!r} instance {ins.index} on worker "
+                            f"{self.name!r}: {type(e).__name__}: {e}"
+                        ) from e
+                elif isinstance(ins, Gate):
+                    inst = self._get(app, ins.instance)
+                    inst.apply_gate(ins)
+                    for ch in ins.appearing:
+                        self.in_channels[(app, ch)] = inst
+                    st.gated.append(inst)
+                else:
+                    raise PrepareError(f"{type(ins).__name__} is not a prepare instruction")
+            # Connect downstream links before anything switches.
+            for inst in st.instances:
+                for out in inst.out.values():
+                    if isinstance(out, RemoteChannel):
+                        await out.connect()
+        except BaseException:
+            await self.abort(app, version)
+            raise
+
+    async def abort(self, app: str, version: int) -> None:
+        st = self.prepared.pop((app, version), None)
+        if st is None:
+            return
+        for inst in reversed(st.instances):
+            await self._drop(inst)
+        for inst in st.gated:
+            appearing = inst.gates.get(version, (set(), set()))[0]
+            inst.undo_gate(version)
+            for ch in appearing:
+                if self.in_channels.get((app, ch)) is inst:
+                    del self.in_channels[(app, ch)]
+
+    async def switch(self, app: str, version: int, instructions: list[Instruction],
+                     timeout: float = SWITCH_TIMEOUT_S) -> None:
+        st = self.prepared.pop((app, version), Prepared())
+        waits: list[asyncio.Future[Any]] = []
+        for inst in st.instances:
+            inst.activated.set()
+            waits.append(inst.released)
+        for inst in st.gated:
+            fut = inst.gate_released.get(version)
+            if fut is not None:
+                waits.append(fut)
+        for ins in instructions:
+            if not isinstance(ins, (Switch, Retire)):
+                raise PrepareError(f"{type(ins).__name__} is not a switch instruction")
+            inst = self._get(app, ins.instance)
+            if isinstance(ins, Retire):
+                waits.append(inst.finished)
+            inst.inbox.put_nowait((CONTROL, None, ins, None))
+        if waits:
+            await asyncio.wait_for(asyncio.gather(*waits), timeout)
+        for inst in st.gated:
+            inst.gate_released.pop(version, None)
+
+    async def stop(self, app: str) -> int:
+        victims = [i for (a, _), i in self.instances.items() if a == app]
+        for inst in victims:
+            await self._drop(inst)
+        for key in [k for k in self.prepared if k[0] == app]:
+            await self.abort(*key)
+        return len(victims)
+
+    async def close(self) -> None:
+        for inst in list(self.instances.values()):
+            await self._drop(inst)
+        await self.dataplane.close()
+
+    def _get(self, app: str, iid: str) -> Instance:
+        inst = self.instances.get((app, iid))
+        if inst is None:
+            raise PrepareError(f"app {app!r}: instance {iid} is not running on worker {self.name!r}")
+        return inst
+
+    def running(self) -> list[tuple[str, str, int, int, int]]:
+        return [
+            (a, iid, i.records_in, i.records_out, i.errors)
+            for (a, iid), i in self.instances.items()
+        ]
+
+
+def _dialer(dataplane: DataPlane, worker: str) -> Any:
+    async def dial() -> Link:
+        return await dataplane.link(worker)
+
+    return dial
