@@ -85,8 +85,15 @@ def load_app(path: str | os.PathLike[str]) -> Topology:
         raise AppLoadError(f"{path}: cannot read the app file: {e.strerror or e}") from e
     digest = hashlib.sha256(source).hexdigest()[:16]
     module_name = f"hotwire_app_file_{digest}"
+    resolved = file.resolve()
     with _lock:
-        module = _import(module_name, source, file.resolve(), str(path), file.resolve().parent)
+        names = _shadowed_names(resolved.parent, resolved)
+        stashed = _stash_modules(names)
+        try:
+            module = _import(module_name, source, resolved, str(path), resolved.parent)
+        finally:
+            _drop_modules(names)
+            sys.modules.update(stashed)
     return _the_topology(module, str(path))
 
 
@@ -104,7 +111,7 @@ def load_bundle(hash: str, data: bytes, cache_dir: str | os.PathLike[str]) -> To
         bundle_dir = _unpack(hash, data, Path(cache_dir))
         app_file = bundle_dir / "app.py"
         label = f"app.py (bundle {hash[:16]})"
-        names = _shadowed_names(bundle_dir)
+        names = _shadowed_names(bundle_dir, app_file)
         stashed = _stash_modules(names)
         try:
             module = _import(
@@ -205,14 +212,22 @@ def _the_topology(module: types.ModuleType, label: str) -> Topology:
     )
 
 
-def _shadowed_names(bundle_dir: Path) -> set[str]:
-    """Top-level module names the bundle provides besides app.py (its included directory)."""
+def _shadowed_names(directory: Path, app_file: Path) -> set[str]:
+    """Top-level modules ``directory`` provides besides the app file (e.g. an included package).
+
+    Not ``hotwire`` and not standard-library names, which always come from the installation.
+    """
     names = set()
-    for entry in bundle_dir.iterdir():
-        if entry.name == "app.py" or entry.name.startswith("."):
+    for entry in directory.iterdir():
+        if entry.name == app_file.name or entry.name.startswith("."):
             continue
-        name = entry.stem if entry.suffix == ".py" else entry.name
-        if name.isidentifier() and name != "hotwire":
+        if entry.suffix == ".py":
+            name = entry.stem
+        elif entry.is_dir():
+            name = entry.name
+        else:
+            continue
+        if name.isidentifier() and name != "hotwire" and name not in sys.stdlib_module_names:
             names.add(name)
     return names
 
