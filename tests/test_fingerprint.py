@@ -245,3 +245,22 @@ def test_fingerprint_is_stable_across_processes() -> None:
         for seed in (1, 2, 3)
     }
     assert len(outs) == 1
+
+
+def test_library_objects_in_closures_and_self_references() -> None:
+    import pathlib
+    import re
+
+    src = """
+    def make(v):
+        def f(r):
+            return v
+        return f
+    """
+    make = load(src, "make")
+    assert fingerprint(make(pathlib.Path("/a"))) != fingerprint(make(pathlib.Path("/b")))
+    assert fingerprint(make(re.compile("a+"))) != fingerprint(make(re.compile("b+")))
+    assert fingerprint(make(object())) == fingerprint(make(object()))  # no addresses
+    loop: list[object] = [1]
+    loop.append(loop)
+    assert fingerprint(make(loop)) == fingerprint(make(loop))

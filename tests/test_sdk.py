@@ -328,6 +328,16 @@ def test_empty_topology() -> None:
     assert "app 'empty'" in p and "source" in p
 
 
+def test_connect_to_unknown_pe() -> None:
+    app = Topology("conn")
+    src = app.source("src", read_orders)
+    src.sink("out", write_line)
+    app.connect(src, "ghost")
+    (p,) = problems_of(app)
+    assert_named(p, "ghost", "conn")
+    assert "does not exist" in p
+
+
 def test_streams_of_another_topology() -> None:
     other = Topology("other")
     foreign = other.source("f", read_orders)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import re
 import sys
 import types
 from typing import Any
@@ -32,6 +33,7 @@ _CLASS_SKIP = frozenset(
         "_abc_impl",
     }
 )
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 _LIBRARY_ROOTS = frozenset(sys.stdlib_module_names) | {"hotwire", "builtins"}
 
 
@@ -206,6 +208,17 @@ class _Walker:
         """
         if isinstance(v, _SCALARS):
             return (type(v).__name__, repr(v))
+        if isinstance(v, (tuple, list, set, frozenset, dict)):
+            if id(v) in self._active:
+                return ("cycle", type(v).__name__)
+            self._active.add(id(v))
+            try:
+                return self._container(v, deep)
+            finally:
+                self._active.discard(id(v))
+        return self._other(v, deep)
+
+    def _container(self, v: Any, deep: bool) -> Any:
         if isinstance(v, (tuple, list)):
             return (type(v).__name__, tuple(self._value(x, deep) for x in v))
         if isinstance(v, (set, frozenset)):
@@ -213,6 +226,9 @@ class _Walker:
         if isinstance(v, dict):
             items = [(repr(self._value(k, deep)), self._value(x, deep)) for k, x in v.items()]
             return ("dict", tuple(sorted(items, key=lambda kv: kv[0])))
+        raise TypeError(type(v))
+
+    def _other(self, v: Any, deep: bool) -> Any:
         if isinstance(v, types.FunctionType):
             if deep and not _is_library(v.__module__):
                 return self._function(v)
@@ -239,10 +255,21 @@ class _Walker:
         return self._object(v, deep)
 
     def _object(self, v: Any, deep: bool) -> Any:
-        """Any other object: its type, and when ``deep`` its instance attributes."""
+        """Any other object: its type, and when ``deep`` its instance attributes.
+
+        Library objects without instance attributes (paths, patterns, ...) are
+        represented by their repr, with any memory address removed.
+        """
         cls = type(v)
-        kind = self._class(cls) if deep and not _is_library(cls.__module__) else _qualified(cls)
+        user = not _is_library(cls.__module__)
+        kind = self._class(cls) if deep and user else _qualified(cls)
         state = getattr(v, "__dict__", None)
+        if not isinstance(state, dict) and not user:
+            try:
+                text = _ADDRESS.sub("", repr(v))
+            except Exception:
+                text = ""
+            return ("object", kind, text)
         if not deep or not isinstance(state, dict):
             return ("object", kind)
         return ("object", kind, self._guarded(v, lambda o: _digest(self._value(state, deep))))
