@@ -403,8 +403,7 @@ def test_process_pe_defaults_and_batched() -> None:
     pe.restore({"k": 1})
     pe.teardown()
     assert not Enrich.batched() and Batch.batched()
-    with pytest.raises(NotImplementedError):
-        pe.process_batch([1])
+    assert not hasattr(pe, "process_batch")  # the runtime looks for it on the subclass
 
 
 def test_context() -> None:

@@ -36,9 +36,10 @@ class ProcessPE(ABC):
     """A class-based PE. The runtime makes one object per PE instance.
 
     Lifecycle: ``setup(ctx)`` once, then ``restore(state)`` if the instance takes
-    over state (on upgrade or rescale), then ``process`` (or ``process_batch``) for
-    its records, ``snapshot()`` when it hands its state to successors, and
-    ``teardown()`` once at the end.
+    over state (on upgrade or rescale), then ``process`` for its records (or, if
+    the subclass defines ``process_batch(records) -> list``, that per batch),
+    ``snapshot()`` when it hands its state to successors, and ``teardown()`` once
+    at the end.
     """
 
     def setup(self, ctx: Context) -> None:  # noqa: B027 - optional hook
@@ -55,23 +56,18 @@ class ProcessPE(ABC):
 
         May be ``async def``. Called once per input record, in arrival order per
         upstream channel, never concurrently on the same object. Not called when
-        the subclass defines :meth:`process_batch`. In a keyed PE, ``ctx.key`` is
+        the subclass defines ``process_batch``. In a keyed PE, ``ctx.key`` is
         the record's key.
         """
 
-    def process_batch(self, records: list[Any]) -> list[Any]:
-        """Optional: handle a batch of records and return the records to emit.
-
-        If a subclass defines it, the runtime calls it with each input batch
-        instead of calling :meth:`process` per record (see :meth:`batched`).
-        May be ``async def``.
-        """
-        raise NotImplementedError
+    # ``process_batch(self, records: list) -> list`` is optional and deliberately not
+    # defined here: when a subclass defines it (sync or async), the runtime calls it
+    # with each input batch instead of calling process() per record.
 
     @classmethod
     def batched(cls) -> bool:
-        """True when the subclass defines :meth:`process_batch`."""
-        return cls.process_batch is not ProcessPE.process_batch
+        """True when the subclass defines ``process_batch(records) -> list``."""
+        return callable(getattr(cls, "process_batch", None))
 
     def snapshot(self) -> Any:
         """Return the instance's state when it retires (upgrade or rescale); None for none.
@@ -87,7 +83,8 @@ class ProcessPE(ABC):
         """Take over state from predecessors, after :meth:`setup` and before any record.
 
         For a keyed PE ``state`` maps each key this instance now owns to its state
-        (merged from all predecessors). Not called when there is no predecessor.
+        (merged from all predecessors), in one call. Otherwise it is called once per
+        predecessor whose snapshot was not None. Not called without predecessors.
         """
 
     def teardown(self) -> None:  # noqa: B027 - optional hook
