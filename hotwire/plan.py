@@ -174,6 +174,15 @@ class Switch:
     """SWITCH: at its next batch boundary a kept instance sends an end marker on each
     channel in ``ended``, then replaces its routes to the PEs in ``routes`` (by
     ``dst_pe``) and drops the routes to the PEs in ``unrouted``.
+
+    When several kept PEs switch and one feeds the other (or both are fed by a
+    common upstream), they must switch at one consistent cut of the stream:
+    ``after_epoch`` lists input channels on which this version's epoch marker must
+    arrive before the switch applies (channels that delivered it are held until
+    all have: aligned like checkpoint barriers), and ``epoch_out`` lists kept
+    output channels on which the instance sends the epoch marker right after it
+    switched. An instance with nothing to change but a place on such a path gets
+    a Switch with only these two fields set.
     """
 
     app: str
@@ -182,6 +191,8 @@ class Switch:
     routes: tuple[Route, ...]
     unrouted: tuple[str, ...]
     ended: tuple[str, ...]
+    after_epoch: tuple[str, ...] = ()
+    epoch_out: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -325,6 +336,8 @@ def from_wire(d: dict[str, Any]) -> Instruction:
         d["routes"] = tuple(_route(r) for r in d["routes"])
         d["unrouted"] = tuple(d["unrouted"])
         d["ended"] = tuple(d["ended"])
+        d["after_epoch"] = tuple(d.get("after_epoch", ()))
+        d["epoch_out"] = tuple(d.get("epoch_out", ()))
     elif cls is Retire:
         d["successors"] = tuple(Successor(**s) for s in d["successors"])
     result: Instruction = cls(**d)

@@ -146,9 +146,15 @@ def diff(old: LogicalModel, new: LogicalModel) -> ChangeSet:
             details[f"stream:{stream_name(u, v)}"] = ", ".join(what)
     s_added, s_removed = new_edges - old_edges, old_edges - new_edges
 
+    # A keyed PE whose inputs change re-partitions its state; a PE whose input
+    # stream changes partitioning moves records between its instances, so new
+    # instances take over after the old ones drained (per-key order is kept).
     regenerated = set(changed) | set(rescaled)
     for _u, v in (*s_added, *s_removed, *s_changed):
         if v in old_pes and v in new_pes and new.pe(v).keyed:
+            regenerated.add(v)
+    for _u, v in s_changed:
+        if v in old_pes and v in new_pes:
             regenerated.add(v)
 
     def names(edges: Any) -> tuple[str, ...]:
