@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 CREDITS = 16
 
 # Inbox item kinds.
-BATCH, END, STATE, CONTROL = 0, 1, 2, 3
+BATCH, END, STATE, CONTROL, EPOCH = 0, 1, 2, 3, 4
 
 
 class OutChannel:
@@ -59,6 +59,10 @@ class OutChannel:
     async def end(self) -> None:
         raise NotImplementedError
 
+    async def epoch(self, version: int) -> None:
+        """Send the epoch marker of ``version`` (in order with the batches)."""
+        raise NotImplementedError
+
 
 class LocalChannel(OutChannel):
     __slots__ = ("dst",)
@@ -78,6 +82,9 @@ class LocalChannel(OutChannel):
         if not self.ended:
             self.ended = True
             self.dst.inbox.put_nowait((END, self.channel, None, None))
+
+    async def epoch(self, version: int) -> None:
+        self.dst.inbox.put_nowait((EPOCH, self.channel, version, None))
 
 
 class RemoteChannel(OutChannel):
@@ -111,6 +118,10 @@ class RemoteChannel(OutChannel):
             self.ended = True
             link = await self._link()
             link.write(encode(Frame.END, self.app, self.channel))
+
+    async def epoch(self, version: int) -> None:
+        link = await self._link()
+        link.write(encode(Frame.EPOCH, self.app, self.channel, version))
 
 
 class RouteState:

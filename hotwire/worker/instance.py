@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from hotwire.pe.executors import EXECUTORS, Executor, _keyed_items
 from hotwire.plan import Gate, Retire, StartInstance, Switch, key_partition
-from hotwire.worker.channels import BATCH, CONTROL, END, STATE, OutChannel, RouteState
+from hotwire.worker.channels import BATCH, CONTROL, END, EPOCH, STATE, OutChannel, RouteState
 
 if TYPE_CHECKING:
     from hotwire.worker.runtime import Runtime
@@ -57,6 +57,11 @@ class Instance:
         self.holding: set[str] = set()
         self.held: dict[str, list[tuple[list[Any], Any]]] = {}
         self.gates: dict[int, tuple[set[str], set[str]]] = {}  # version -> (appearing, remaining)
+        # epoch alignment: channels past this version's cut are held until the switch
+        self.epochs: dict[int, set[str]] = {}
+        self.epoch_held: set[str] = set()
+        self.pending_switch: dict[int, tuple[Switch, set[str]]] = {}
+        self._switched: dict[int, asyncio.Future[None]] = {}
         self.pending_preds: set[str] = set(spec.predecessors)
         self.pred_states: list[Any] = []
         # lifecycle
@@ -118,12 +123,14 @@ class Instance:
         while not self.finished.done():
             kind, ch, payload, ret = await get()
             if kind == BATCH:
-                if self.pending_preds or ch in self.holding:
+                if self.pending_preds or ch in self.holding or ch in self.epoch_held:
                     self.held.setdefault(ch, []).append((payload, ret))
                 else:
                     await self._process(ch, payload, ret)
             elif kind == END:
                 await self._on_end(ch)
+            elif kind == EPOCH:
+                await self._on_epoch(ch, payload)
             elif kind == STATE:
                 await self._on_state(ch, payload)
             elif kind == CONTROL:
@@ -144,6 +151,8 @@ class Instance:
 
     async def _release_held(self, channels: set[str] | None = None) -> None:
         for ch in list(self.held):
+            if ch in self.holding or ch in self.epoch_held:
+                continue
             if channels is None or ch in channels:
                 batches = self.held.pop(ch)
                 for records, ret in batches:
@@ -189,19 +198,56 @@ class Instance:
         if not self.released.done():
             self.released.set_result(None)
 
+    def switched(self, version: int) -> asyncio.Future[None]:
+        """Resolved once this instance applied its switch of ``version``."""
+        fut = self._switched.get(version)
+        if fut is None:
+            fut = self._switched[version] = asyncio.get_running_loop().create_future()
+        return fut
+
     async def _on_control(self, item: Any) -> None:
         if isinstance(item, Switch):
-            for ch in item.ended:
-                out = self.out.pop(ch, None)
-                if out is not None:
-                    await out.end()
-                    self.runtime.forget_out(self.app, ch)
-            for dst in item.unrouted:
-                self.routes.pop(dst, None)
-            for route in item.routes:
-                self.routes[route.dst_pe] = self.runtime.make_route(self, route)
+            remaining = set(item.after_epoch) - self.epochs.get(item.version, set())
+            if remaining:
+                self.pending_switch[item.version] = (item, remaining)
+            else:
+                await self._apply_switch(item)
         elif isinstance(item, Retire):
             self.retire = item
+
+    async def _on_epoch(self, ch: str, version: int) -> None:
+        # Records behind the marker belong after the cut: hold them until we switch.
+        self.epochs.setdefault(version, set()).add(ch)
+        self.epoch_held.add(ch)
+        pending = self.pending_switch.get(version)
+        if pending is not None:
+            pending[1].discard(ch)
+            if not pending[1]:
+                del self.pending_switch[version]
+                await self._apply_switch(pending[0])
+
+    async def _apply_switch(self, sw: Switch) -> None:
+        for ch in sw.ended:
+            out = self.out.pop(ch, None)
+            if out is not None:
+                await out.end()
+                self.runtime.forget_out(self.app, ch)
+        for dst in sw.unrouted:
+            self.routes.pop(dst, None)
+        for route in sw.routes:
+            self.routes[route.dst_pe] = self.runtime.make_route(self, route)
+        for ch in sw.epoch_out:
+            out = self.out.get(ch)
+            if out is not None:
+                await out.epoch(sw.version)
+        self.epochs.pop(sw.version, None)
+        if sw.after_epoch:
+            self.epoch_held -= set(sw.after_epoch)
+            if not self.pending_preds:
+                await self._release_held(set(sw.after_epoch))
+        fut = self.switched(sw.version)
+        if not fut.done():
+            fut.set_result(None)
 
     # -- sources ---------------------------------------------------------
     async def _run_source(self) -> None:

@@ -22,6 +22,7 @@ from hotwire.plan import Gate, Instruction, KeyRef, Retire, Route, StartInstance
 from hotwire.worker.channels import (
     CONTROL,
     END,
+    EPOCH,
     STATE,
     LocalChannel,
     OutChannel,
@@ -88,6 +89,13 @@ class Runtime:
         if inst is None:
             return False
         inst.inbox.put_nowait((STATE, src, state, None))
+        return True
+
+    def on_epoch(self, app: str, channel: str, version: int) -> bool:
+        inst = self.in_channels.get((app, channel))
+        if inst is None:
+            return False
+        inst.inbox.put_nowait((EPOCH, channel, version, None))
         return True
 
     async def send_state(self, app: str, dst: str, worker: str, src: str, state: Any) -> None:
@@ -262,8 +270,7 @@ class Runtime:
             if not isinstance(ins, (Switch, Retire)):
                 raise PrepareError(f"{type(ins).__name__} is not a switch instruction")
             inst = self._get(app, ins.instance)
-            if isinstance(ins, Retire):
-                waits.append(inst.finished)
+            waits.append(inst.finished if isinstance(ins, Retire) else inst.switched(version))
             inst.inbox.put_nowait((CONTROL, None, ins, None))
         if waits:
             await asyncio.wait_for(asyncio.gather(*waits), timeout)

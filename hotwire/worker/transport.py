@@ -33,6 +33,7 @@ class Frame(enum.IntEnum):
     END = 2  # [END, app, channel]
     CREDIT = 3  # [CREDIT, app, channel, n]
     STATE = 4  # [STATE, app, dst_instance, src_instance, state]
+    EPOCH = 5  # [EPOCH, app, channel, version]: the upgrade cut on a kept channel
 
 
 class Receiver(Protocol):
@@ -42,6 +43,7 @@ class Receiver(Protocol):
     def on_end(self, app: str, channel: str) -> bool: ...
     def on_credit(self, app: str, channel: str, n: int) -> bool: ...
     def on_state(self, app: str, dst: str, src: str, state: Any) -> bool: ...
+    def on_epoch(self, app: str, channel: str, version: int) -> bool: ...
 
 
 _pack = msgpack.Packer(use_bin_type=True).pack
@@ -210,6 +212,8 @@ class DataPlane:
             ok = self.receiver.on_end(msg[1], msg[2])
         elif kind == Frame.STATE:
             ok = self.receiver.on_state(msg[1], msg[2], msg[3], msg[4])
+        elif kind == Frame.EPOCH:
+            ok = self.receiver.on_epoch(msg[1], msg[2], int(msg[3]))
         else:
             raise ValueError(f"unknown frame kind {kind!r}")
         if not ok:
