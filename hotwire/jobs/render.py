@@ -181,11 +181,7 @@ def render_context(
         master_addr, master_port = f"{name}-0.{name}", DDP_PORT
         ps_hosts = [f"{name}-ps-{i}.{name}:{TF_PORT}" for i in range(r.ps_replicas)]
         worker_hosts = [f"{name}-worker-{i}.{name}:{TF_PORT}" for i in range(r.replicas)]
-    elif backend == "podman":  # one pod, one network namespace: distinct ports
-        master_addr, master_port = "127.0.0.1", DDP_PORT
-        ps_hosts = [f"127.0.0.1:{TF_PORT + i}" for i in range(r.ps_replicas)]
-        worker_hosts = [f"127.0.0.1:{TF_PORT + r.ps_replicas + i}" for i in range(r.replicas)]
-    else:
+    else:  # local processes and podman containers share the host network
         ports = free_ports(1 + r.ps_replicas + r.replicas)
         master_addr, master_port = "127.0.0.1", ports[0]
         ps_hosts = [f"127.0.0.1:{p}" for p in ports[1: 1 + r.ps_replicas]]
