@@ -128,6 +128,21 @@ def test_partition_change_regenerates_the_receiver() -> None:
     assert c.describe() == ["~ stream 'raw->clean' (shuffle -> broadcast)"]
 
 
+def test_key_function_change_regenerates_an_unkeyed_receiver() -> None:
+    # A map after key_by is not keyed, but its instances still get other records.
+    m = model(
+        [pe("raw", "source"), pe("clean", par=2), pe("out", "sink")],
+        [StreamSpec("raw", "clean", "key", "k1"), StreamSpec("clean", "out")],
+    )
+    streams = [StreamSpec("raw", "clean", "key", "k2"), StreamSpec("clean", "out")]
+    c = diff(m, model(m.pes, streams))
+    assert c.streams_changed == ("raw->clean",)
+    assert c.pes_changed == c.pes_rescaled == ()
+    assert c.regenerated == ("clean",)
+    # only the receiver: the sender keeps its generation
+    assert "raw" not in c.regenerated
+
+
 def test_removed_pe_and_its_streams() -> None:
     c = diff(BASE, EMPTY)
     assert c.pes_removed == ("clean", "out", "raw", "totals")
@@ -217,8 +232,12 @@ def test_change_set_is_the_difference(old: LogicalModel, new: LogicalModel) -> N
         split_stream_name(s, old, new)[1]
         for s in (*c.streams_added, *c.streams_removed, *c.streams_changed)
     }
+    repartitioned = {split_stream_name(s, old, new)[1] for s in c.streams_changed}
     expected_regen = set(c.pes_changed) | set(c.pes_rescaled)
     expected_regen |= {v for v in touched if v in on and v in nn and new.pe(v).keyed}
+    # a changed stream regenerates its receiver, keyed or not (it is in both models)
+    assert repartitioned <= on & nn
+    expected_regen |= repartitioned
     assert set(c.regenerated) == expected_regen
     for field in dataclasses.fields(c):
         value = getattr(c, field.name)

@@ -396,7 +396,8 @@ def test_rescale_keyed() -> None:
             APP,
             2,
             "D@1.0",
-            (route("R", ["R@2.0", "R@2.1", "R@2.2"], "key", KeyRef("b1", "D", "R"), src="D@1.0"),),
+            # the same key function the new instances index their state with
+            (route("R", ["R@2.0", "R@2.1", "R@2.2"], "key", ik, src="D@1.0"),),
             (),
             ("D@1.0>R@1.0", "D@1.0>R@1.1"),
         ),
@@ -405,31 +406,62 @@ def test_rescale_keyed() -> None:
     }
 
 
-def test_change_partitioning_with_the_same_channels() -> None:
+def test_change_partitioning_regenerates_the_receiver() -> None:
+    # Records move between S's instances: new instances take over once the old
+    # ones drained, so no instance sees a key's records out of order.
     old = model([pe("D", "source"), pe("S", "sink", 2)], [StreamSpec("D", "S")])
     new = model(old.pes, [StreamSpec("D", "S", "broadcast")])
-    _, _, _, plan = upgrade(old, new)
-    assert plan.prepare == {}
-    assert instructions(plan) == {
-        Switch(
-            APP, 2, "D@1.0", (route("S", ["S@1.0", "S@1.1"], "broadcast", src="D@1.0"),), (), ()
-        ),
+    c, _, _, plan = upgrade(old, new)
+    assert c.regenerated == ("S",)
+    preds = ("S@1.0", "S@1.1")
+    succ = (Successor("S@2.0", "w1"), Successor("S@2.1", "w1"))
+    assert plan.prepare == {
+        "w1": (
+            start("S", 2, 0, 2, ["D@1.0>S@2.0"], [], kind="sink", preds=preds),
+            start("S", 2, 1, 2, ["D@1.0>S@2.1"], [], kind="sink", preds=preds),
+        )
+    }
+    assert plan.switch == {
+        "w1": (
+            Switch(
+                APP,
+                2,
+                "D@1.0",
+                (route("S", ["S@2.0", "S@2.1"], "broadcast", src="D@1.0"),),
+                (),
+                ("D@1.0>S@1.0", "D@1.0>S@1.1"),
+            ),
+            Retire(APP, 2, "S@1.0", succ, False),
+            Retire(APP, 2, "S@1.1", succ, False),
+        )
     }
 
 
 def test_change_to_forward_drops_cross_channels() -> None:
     old = model([pe("D", "source", 2), pe("S", "sink", 2)], [StreamSpec("D", "S")])
     new = model(old.pes, [StreamSpec("D", "S", "forward")])
-    _, _, _, plan = upgrade(old, new)
+    c, _, _, plan = upgrade(old, new)
+    assert c.regenerated == ("S",)
+    preds = ("S@1.0", "S@1.1")
+    succ = (Successor("S@2.0", "w1"), Successor("S@2.1", "w1"))
+    old_channels = ("D@1.{i}>S@1.0", "D@1.{i}>S@1.1")
     assert instructions(plan) == {
-        Switch(
-            APP, 2, "D@1.0", (route("S", ["S@1.0"], "forward", src="D@1.0"),), (), ("D@1.0>S@1.1",)
+        # the new instance j reads from D's instance j only
+        start("S", 2, 0, 2, ["D@1.0>S@2.0"], [], kind="sink", preds=preds),
+        start("S", 2, 1, 2, ["D@1.1>S@2.1"], [], kind="sink", preds=preds),
+        *(
+            Switch(
+                APP,
+                2,
+                f"D@1.{i}",
+                (route("S", [f"S@2.{i}"], "forward", src=f"D@1.{i}"),),
+                (),
+                tuple(ch.format(i=i) for ch in old_channels),
+            )
+            for i in range(2)
         ),
-        Switch(
-            APP, 2, "D@1.1", (route("S", ["S@1.1"], "forward", src="D@1.1"),), (), ("D@1.1>S@1.0",)
-        ),
-        Gate(APP, 2, "S@1.0", (), ("D@1.1>S@1.0",)),
-        Gate(APP, 2, "S@1.1", (), ("D@1.0>S@1.1",)),
+        Retire(APP, 2, "S@1.0", succ, False),
+        Retire(APP, 2, "S@1.1", succ, False),
     }
 
 
@@ -444,6 +476,195 @@ def test_change_key_function_regenerates_the_keyed_pe() -> None:
     (sw,) = [i for i in instructions(plan) if isinstance(i, Switch)]
     # the new key function lives in the new version's bundle
     assert sw.routes[0].key == KeyRef("b2", "D", "R")
+
+
+# -- epochs: related switches happen at one consistent cut ----------------------
+
+
+def test_reroute_through_a_sibling_aligns_on_an_epoch() -> None:
+    # src->audit and src->enrich become src->enrich->audit. src stops sending to
+    # audit at its position P; enrich must add its route to audit exactly at P too,
+    # or audit loses (or doubles) the records around P. So src sends an epoch
+    # marker to enrich as it switches, and enrich switches when the marker arrives.
+    old = model(
+        [pe("src", "source"), pe("enrich", par=2), pe("audit", "sink"), pe("out", "sink")],
+        [StreamSpec("src", "audit"), StreamSpec("src", "enrich"), StreamSpec("enrich", "out")],
+    )
+    new = model(
+        old.pes,
+        [StreamSpec("src", "enrich"), StreamSpec("enrich", "audit"), StreamSpec("enrich", "out")],
+    )
+    c, old_pl, new_pl, plan = upgrade(old, new)
+    assert c.regenerated == ()
+    assert plan.prepare == {
+        "w1": (
+            Gate(
+                APP,
+                2,
+                "audit@1.0",
+                ("enrich@1.0>audit@1.0", "enrich@1.1>audit@1.0"),
+                ("src@1.0>audit@1.0",),
+            ),
+        )
+    }
+    assert plan.switch == {
+        "w1": (
+            *(
+                Switch(
+                    APP,
+                    2,
+                    f"enrich@1.{j}",
+                    (route("audit", ["audit@1.0"], src=f"enrich@1.{j}"),),
+                    (),
+                    (),
+                    after_epoch=(f"src@1.0>enrich@1.{j}",),
+                )
+                for j in range(2)
+            ),
+            Switch(
+                APP,
+                2,
+                "src@1.0",
+                (),
+                ("audit",),
+                ("src@1.0>audit@1.0",),
+                epoch_out=("src@1.0>enrich@1.0", "src@1.0>enrich@1.1"),
+            ),
+        )
+    }
+    check_plan(old, old_pl, new, new_pl, c, plan)
+
+
+def test_moving_an_input_between_siblings_aligns_both_on_their_common_source() -> None:
+    # sink reads from e1, then from e2; both are fed by src. e1 must stop and e2
+    # start at the same record of src: src switches first (nothing to change but
+    # the epoch it sends), each of e1 and e2 switches when its epoch arrives.
+    pes = [pe("src", "source"), pe("e1"), pe("e2"), pe("sink", "sink"), pe("log", "sink")]
+    common = [StreamSpec("src", "e1"), StreamSpec("src", "e2"), StreamSpec("e1", "log")]
+    old = model(pes, [*common, StreamSpec("e1", "sink"), StreamSpec("e2", "log")])
+    new = model(pes, [*common, StreamSpec("e2", "sink"), StreamSpec("e2", "log")])
+    c, old_pl, new_pl, plan = upgrade(old, new)
+    assert plan.prepare == {
+        "w1": (Gate(APP, 2, "sink@1.0", ("e2@1.0>sink@1.0",), ("e1@1.0>sink@1.0",)),)
+    }
+    assert plan.switch == {
+        "w1": (
+            Switch(
+                APP,
+                2,
+                "e1@1.0",
+                (),
+                ("sink",),
+                ("e1@1.0>sink@1.0",),
+                after_epoch=("src@1.0>e1@1.0",),
+            ),
+            Switch(
+                APP,
+                2,
+                "e2@1.0",
+                (route("sink", ["sink@1.0"], src="e2@1.0"),),
+                (),
+                (),
+                after_epoch=("src@1.0>e2@1.0",),
+            ),
+            Switch(APP, 2, "src@1.0", (), (), (), epoch_out=("src@1.0>e1@1.0", "src@1.0>e2@1.0")),
+        )
+    }
+    check_plan(old, old_pl, new, new_pl, c, plan)
+
+
+def test_epochs_start_at_the_kept_root_when_the_source_is_replaced() -> None:
+    # Same move, while the source gets new code: the old source is no part of the
+    # cut (it retires), so the common kept ancestor m emits the epoch.
+    pes = [pe("src", "source"), pe("m"), pe("e1"), pe("e2"), pe("sink", "sink"), pe("log", "sink")]
+    common = [
+        StreamSpec("src", "m"),
+        StreamSpec("m", "e1"),
+        StreamSpec("m", "e2"),
+        StreamSpec("e1", "log"),
+        StreamSpec("e2", "log"),
+    ]
+    old = model(pes, [*common, StreamSpec("e1", "sink")])
+    new_pes = [dataclasses.replace(p, fingerprint="g") if p.name == "src" else p for p in pes]
+    new = model(new_pes, [*common, StreamSpec("e2", "sink")])
+    c, old_pl, new_pl, plan = upgrade(old, new)
+    assert c.regenerated == ("src",)
+    epochs = {
+        i.instance: (i.after_epoch, i.epoch_out)
+        for i in instructions(plan)
+        if isinstance(i, Switch)
+    }
+    assert epochs == {
+        "m@1.0": ((), ("m@1.0>e1@1.0", "m@1.0>e2@1.0")),
+        "e1@1.0": (("m@1.0>e1@1.0",), ()),
+        "e2@1.0": (("m@1.0>e2@1.0",), ()),
+    }
+    check_plan(old, old_pl, new, new_pl, c, plan)
+
+
+def test_unrelated_switches_need_no_epochs() -> None:
+    # a and b both get a new branch, but share no kept ancestor: no cut to align.
+    pes = [
+        pe("src1", "source"),
+        pe("src2", "source"),
+        pe("a"),
+        pe("b"),
+        pe("s1", "sink"),
+        pe("s2", "sink"),
+    ]
+    streams = [
+        StreamSpec("src1", "a"),
+        StreamSpec("src2", "b"),
+        StreamSpec("a", "s1"),
+        StreamSpec("b", "s2"),
+    ]
+    old = model(pes, streams)
+    new = model(
+        [*pes, pe("t1", "sink"), pe("t2", "sink")],
+        [*streams, StreamSpec("a", "t1"), StreamSpec("b", "t2")],
+    )
+    c, old_pl, new_pl, plan = upgrade(old, new)
+    assert {i for i in instructions(plan) if isinstance(i, Switch)} == {
+        Switch(APP, 2, "a@1.0", (route("t1", ["t1@2.0"], src="a@1.0"),), (), ()),
+        Switch(APP, 2, "b@1.0", (route("t2", ["t2@2.0"], src="b@1.0"),), (), ()),
+    }
+    check_plan(old, old_pl, new, new_pl, c, plan)
+
+
+DIAMOND = model(
+    [pe("D", "source"), pe("A", par=2), pe("B"), pe("S", "sink")],
+    [StreamSpec("D", "A"), StreamSpec("D", "B"), StreamSpec("A", "S"), StreamSpec("B", "S")],
+)
+
+
+@pytest.mark.parametrize("change", ["insert", "rescale", "code"])
+def test_a_single_switching_pe_needs_no_epochs(change: str) -> None:
+    # One kept PE switches (A for the insert, D otherwise): its batch boundary is
+    # the cut, whatever else runs beside it.
+    if change == "insert":
+        new = model(
+            [*DIAMOND.pes, pe("T")],
+            [
+                StreamSpec("D", "A"),
+                StreamSpec("D", "B"),
+                StreamSpec("A", "T"),
+                StreamSpec("T", "S"),
+                StreamSpec("B", "S"),
+            ],
+        )
+    else:
+        what = {"parallelism": 3} if change == "rescale" else {"fingerprint": "g"}
+        new = model(
+            [dataclasses.replace(p, **what) if p.name == "A" else p for p in DIAMOND.pes],
+            DIAMOND.streams,
+        )
+    c, old_pl, new_pl, plan = upgrade(DIAMOND, new)
+    switches = [i for i in instructions(plan) if isinstance(i, Switch)]
+    assert {parse_instance_id(i.instance)[0] for i in switches} == (
+        {"A"} if change == "insert" else {"D"}
+    )
+    assert all(i.after_epoch == i.epoch_out == () for i in switches)
+    check_plan(DIAMOND, old_pl, new, new_pl, c, plan)
 
 
 def test_replace_source() -> None:
@@ -747,6 +968,7 @@ def apply(state: State, plan: Plan) -> State:
                     inputs -= set(ins.disappearing)
                     inputs |= set(ins.appearing)
                 elif isinstance(ins, Switch):
+                    # after_epoch / epoch_out say *when* to switch, not what
                     routes = s[ins.instance][1]
                     current = {c for _, cs in routes.values() for c in cs}
                     assert set(ins.ended) <= current
@@ -801,14 +1023,50 @@ def check_plan(
                 assert before[i.instance][0] != after[i.instance][0]
             else:
                 assert isinstance(i, Switch)
-                assert before[i.instance][1] != after[i.instance][1] or any(
-                    f"{pe_}->{d}" in changed_streams for d in after[i.instance][1]
+                assert (
+                    before[i.instance][1] != after[i.instance][1]
+                    or any(f"{pe_}->{d}" in changed_streams for d in after[i.instance][1])
+                    or i.after_epoch
+                    or i.epoch_out
                 )
+    check_epochs(before, after, plan)
     # every instance whose state changed is reached by the plan
     touched = {getattr(i, "instance", None) for i in instructions(plan)}
     for iid in before.keys() & after.keys():
         if before[iid] != after[iid]:
             assert iid in touched
+
+
+def check_epochs(before: State, after: State, plan: Plan) -> None:
+    """Epoch markers: each one sent is awaited by its receiver and each one awaited
+    is sent, only on channels that survive the upgrade, and only when several kept
+    PEs change their routes."""
+    switches = [i for i in instructions(plan) if isinstance(i, Switch)]
+    sent: set[str] = set()
+    awaited: set[str] = set()
+    for sw in switches:
+        assert list(sw.after_epoch) == sorted(set(sw.after_epoch))
+        assert list(sw.epoch_out) == sorted(set(sw.epoch_out))
+        assert not set(sw.ended) & set(sw.epoch_out)
+        for ch in sw.epoch_out:
+            assert ch.split(">")[0] == sw.instance
+            sent.add(ch)
+        for ch in sw.after_epoch:
+            assert ch.split(">")[1] == sw.instance
+            awaited.add(ch)
+    assert sent == awaited
+    for ch in sent:
+        src, dst = ch.split(">")
+        assert ch in before[dst][0] and ch in after[dst][0]
+        assert any(ch in cs for _, cs in before[src][1].values())
+        assert any(ch in cs for _, cs in after[src][1].values())
+    if any(sw.after_epoch or sw.epoch_out for sw in switches):
+        rerouting = {
+            parse_instance_id(sw.instance)[0]
+            for sw in switches
+            if before[sw.instance][1] != after[sw.instance][1] or sw.routes or sw.unrouted
+        }
+        assert len(rerouting) >= 2
 
 
 @settings(deadline=None, max_examples=150)
@@ -873,21 +1131,41 @@ def test_plan_size_follows_the_change_not_the_topology(where: str) -> None:
     assert counts[0] == counts[1]
 
 
-def test_key_function_change_into_an_unkeyed_pe_still_switches_the_sender() -> None:
+def test_key_function_change_into_an_unkeyed_pe_regenerates_it() -> None:
     old = model(
         [pe("D", "source"), pe("M", par=2), pe("S", "sink")],
         [StreamSpec("D", "M", "key", "k1"), StreamSpec("M", "S")],
     )
     new = model(old.pes, [StreamSpec("D", "M", "key", "k2"), StreamSpec("M", "S")])
     c, _, _, plan = upgrade(old, new)
-    assert c.streams_changed == ("D->M",) and c.regenerated == ()
+    assert c.streams_changed == ("D->M",) and c.regenerated == ("M",)
+    # the new key function lives in the new bundle only: sender and receivers use it
+    key = KeyRef("b2", "D", "M")
+    preds = ("M@1.0", "M@1.1")
+    succ = (Successor("M@2.0", "w1"), Successor("M@2.1", "w1"))
     assert instructions(plan) == {
+        *(
+            start(
+                "M",
+                2,
+                j,
+                2,
+                [f"D@1.0>M@2.{j}"],
+                [route("S", ["S@1.0"], src=f"M@2.{j}")],
+                preds=preds,
+                input_key=key,
+            )
+            for j in range(2)
+        ),
+        Gate(APP, 2, "S@1.0", ("M@2.0>S@1.0", "M@2.1>S@1.0"), ("M@1.0>S@1.0", "M@1.1>S@1.0")),
         Switch(
             APP,
             2,
             "D@1.0",
-            (route("M", ["M@1.0", "M@1.1"], "key", KeyRef("b1", "D", "M"), src="D@1.0"),),
+            (route("M", ["M@2.0", "M@2.1"], "key", key, src="D@1.0"),),
             (),
-            (),
+            ("D@1.0>M@1.0", "D@1.0>M@1.1"),
         ),
+        Retire(APP, 2, "M@1.0", succ, False),
+        Retire(APP, 2, "M@1.1", succ, False),
     }

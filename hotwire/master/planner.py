@@ -8,10 +8,22 @@ plan's size grows with the change and not with the topology (invariant 3).
   worker), then ``Gate`` for each kept instance whose input channels change;
 * switch: ``Switch`` for each kept instance whose routes change, then ``Retire``
   for each instance that goes.
+
+Epochs. When two or more kept PEs switch and they are related in the *kept
+subgraph* of the old model (edges between PEs that are neither removed nor
+regenerated) -- one is an ancestor of the other, or they share an ancestor --
+switching each at its own batch boundary is no consistent cut. Those PEs and all
+their kept ancestors then switch on epoch markers, aligned like checkpoint
+barriers: every instance waits for the marker on its surviving input channels
+from that set (``after_epoch``), switches, and sends it on its surviving output
+channels into the set (``epoch_out``). The roots of the set (no kept input)
+switch at their next batch boundary. A single switching PE, or unrelated ones,
+need no epochs, and their plans carry none.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 from collections.abc import Iterable
 
@@ -23,6 +35,7 @@ from hotwire.plan import (
     Gate,
     Instruction,
     KeyRef,
+    PEPlacement,
     Placement,
     Plan,
     Retire,
@@ -106,15 +119,23 @@ def plan_upgrade(
     stream_level = {split_stream_name(s, old, new) for s in change.streams_changed}
     new_bundles = {pe: new_pl[pe].bundle for pe in new_pes}
 
+    version_bundle = next(iter(new_bundles.values()), None)
+
     def key_bundle(u: str, v: str) -> str:
-        # The key function of a kept stream is the one the sender already runs; a
-        # new or changed key function lives in the new version's bundle.
-        if (u, v) in changed_streams and u not in new_bundles and v in new_bundles:
+        # A route into a new or regenerated receiver uses the new version's bundle,
+        # so the sender partitions with exactly the function the receiver indexes
+        # its state with (and a changed stream always regenerates its receiver).
+        # A new stream into a kept receiver also has its key function there only;
+        # an untouched kept stream keeps the one the sender already runs.
+        if v in new_bundles:
             return new_bundles[v]
+        if (u, v) in changed_streams and version_bundle is not None:
+            return version_bundle
         return new_pl[u].bundle
 
     prepare: dict[str, list[Instruction]] = defaultdict(list)
     switch: dict[str, list[Instruction]] = defaultdict(list)
+    switches: dict[tuple[str, int], Switch] = {}  # (kept pe, index) -> its switch
     starts: dict[str, list[tuple[str, int, StartInstance]]] = defaultdict(list)
 
     # -- new instances ---------------------------------------------------------
@@ -200,16 +221,27 @@ def plan_upgrade(
             after = {t.channel for r in new_routes.values() for t in r.targets}
             if old_routes == new_routes and not any(e in stream_level for e in edges):
                 continue
-            switch[pl.workers[i]].append(
-                Switch(
-                    app,
-                    version,
-                    pl.instance(pe, i),
-                    routes=tuple(new_routes[v] for v in sorted(new_routes)),
-                    unrouted=tuple(sorted(v for v in old_routes if not new.graph.has_edge(pe, v))),
-                    ended=tuple(sorted(before - after)),
-                )
+            switches[pe, i] = Switch(
+                app,
+                version,
+                pl.instance(pe, i),
+                routes=tuple(new_routes[v] for v in sorted(new_routes)),
+                unrouted=tuple(sorted(v for v in old_routes if not new.graph.has_edge(pe, v))),
+                ended=tuple(sorted(before - after)),
             )
+
+    # -- epochs: related switching PEs switch at one consistent cut ----------------
+    switching = {pe for pe, _ in switches}
+    epochs = _epochs(old, old_pl, new, new_pl, gone, switching)
+    for pe, (after_epoch, epoch_out) in epochs.items():
+        pl = new_pl[pe]
+        for i in range(pl.parallelism):
+            sw = switches.get((pe, i)) or Switch(app, version, pl.instance(pe, i), (), (), ())
+            switches[pe, i] = dataclasses.replace(
+                sw, after_epoch=after_epoch[i], epoch_out=epoch_out[i]
+            )
+    for (pe, i), sw in sorted(switches.items()):
+        switch[new_pl[pe].workers[i]].append(sw)
 
     # -- retiring instances ------------------------------------------------------
     for pe in sorted(gone):
@@ -239,6 +271,80 @@ def plan_upgrade(
         prepare={w: tuple(prepare[w]) for w in sorted(prepare) if prepare[w]},
         switch={w: tuple(switch[w]) for w in sorted(switch) if switch[w]},
     )
+
+
+def _epochs(
+    old: LogicalModel,
+    old_pl: Placement,
+    new: LogicalModel,
+    new_pl: Placement,
+    gone: set[str],
+    switching: set[str],
+) -> dict[str, tuple[list[tuple[str, ...]], list[tuple[str, ...]]]]:
+    """Per kept PE that switches on epochs: ``after_epoch`` and ``epoch_out`` of each
+    of its instances (by index). Empty when the switching PEs are unrelated.
+
+    Only the kept ancestors of the switching PEs are walked, so the cost follows
+    the change's upstream, not the whole app.
+    """
+    if len(switching) < 2:
+        return {}
+    g = old.graph
+
+    def kept_preds(pe: str) -> list[str]:
+        return [u for u in g.predecessors(pe) if u not in gone and u in new_pl]
+
+    ancestors: dict[str, set[str]] = {}
+    for x in switching:
+        seen: set[str] = set()
+        todo = kept_preds(x)
+        while todo:
+            u = todo.pop()
+            if u not in seen:
+                seen.add(u)
+                todo.extend(kept_preds(u))
+        ancestors[x] = seen
+    coordinated = {
+        x
+        for x in switching
+        for y in switching
+        if x != y and (y in ancestors[x] or x in ancestors[y] or ancestors[x] & ancestors[y])
+    }
+    if not coordinated:
+        return {}
+    # Every kept ancestor lies on a path from a root of the kept subgraph (a PE
+    # without kept inputs: a source, or one fed only by PEs that go) to a member.
+    members = set(coordinated).union(*(ancestors[x] for x in coordinated))
+
+    def surviving(u: str, v: str, index: int, inputs: bool) -> set[str]:
+        """Channels of the kept stream u -> v at instance ``index`` of v (inputs) or
+        u (outputs) present both before and after the upgrade."""
+        if not new.graph.has_edge(u, v):
+            return set()
+        if inputs:
+            return set(_in_channels(old.stream(u, v), old_pl, index)) & set(
+                _in_channels(new.stream(u, v), new_pl, index)
+            )
+        return {c for _, c in stream_channels(old.stream(u, v), old_pl, index)} & {
+            c for _, c in stream_channels(new.stream(u, v), new_pl, index)
+        }
+
+    out: dict[str, tuple[list[tuple[str, ...]], list[tuple[str, ...]]]] = {}
+    for pe in sorted(members):
+        pl: PEPlacement = new_pl[pe]
+        ins = [u for u in g.predecessors(pe) if u in members]
+        outs = [v for v in g.successors(pe) if v in members]
+        out[pe] = (
+            [
+                tuple(sorted(set().union(*(surviving(u, pe, i, True) for u in ins))))
+                for i in range(pl.parallelism)
+            ],
+            [
+                tuple(sorted(set().union(*(surviving(pe, v, i, False) for v in outs))))
+                for i in range(pl.parallelism)
+            ],
+        )
+    return out
 
 
 def plan_stop(app: str, version: int, placement: Placement) -> dict[str, tuple[StopApp]]:
