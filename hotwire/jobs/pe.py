@@ -138,7 +138,7 @@ class DLJobPE(ProcessPE):
         assert self.backend is not None and self.request is not None
         name = self.request.name
         try:
-            st = self.backend.status(name)
+            st = self.backend.wait(name, timeout=3)  # let the backend notice an exit
             logs = self.backend.logs(name)
         except JobError as e:
             return JobError(f"{self._who()}: {what}; job {name}: {e}")
