@@ -35,8 +35,11 @@ w = torch.tensor([model.module.weight.item(), model.module.bias.item()])
 gathered = [torch.zeros(2) for _ in range(world)]
 dist.all_gather(gathered, w)
 same = all(torch.allclose(t, gathered[0]) for t in gathered)
-print(f"rank {rank}/{world}: w={float(w[0]):.3f} b={float(w[1]):.3f} "
-      f"loss={float(loss):.6f} in_sync={same}", flush=True)
+print(
+    f"rank {rank}/{world}: w={float(w[0]):.3f} b={float(w[1]):.3f} "
+    f"loss={float(loss):.6f} in_sync={same}",
+    flush=True,
+)
 if rank == 0 and os.environ.get("HOTWIRE_DATA"):
     with open(os.path.join(os.environ["HOTWIRE_DATA"], "ddp.json"), "w") as f:
         json.dump({"world_size": world, "w": float(w[0]), "b": float(w[1]), "in_sync": same}, f)

@@ -20,7 +20,21 @@ from hotwire.jobs.request import JobRequest, load_request, parse_request
 from hotwire.jobs.serve import serve
 
 __all__ = [
-    "BackendUnavailable", "Catalog", "CatalogError", "Image", "JobError", "JobNotFound",
-    "JobRequest", "RenderError", "RenderedJob", "RequestError", "Selection", "SelectionError",
-    "Template", "load_request", "parse_request", "render", "serve",
+    "BackendUnavailable",
+    "Catalog",
+    "CatalogError",
+    "Image",
+    "JobError",
+    "JobNotFound",
+    "JobRequest",
+    "RenderError",
+    "RenderedJob",
+    "RequestError",
+    "Selection",
+    "SelectionError",
+    "Template",
+    "load_request",
+    "parse_request",
+    "render",
+    "serve",
 ]

@@ -62,9 +62,14 @@ class Template:
 
     def summary(self) -> dict[str, Any]:
         return {
-            "id": self.id, "framework": self.framework, "mode": self.mode,
-            "accelerators": list(self.accelerators), "versions": list(self.versions),
-            "description": self.description, "source": self.source, "path": str(self.path),
+            "id": self.id,
+            "framework": self.framework,
+            "mode": self.mode,
+            "accelerators": list(self.accelerators),
+            "versions": list(self.versions),
+            "description": self.description,
+            "source": self.source,
+            "path": str(self.path),
         }
 
 
@@ -87,9 +92,13 @@ class Image:
 
     def summary(self) -> dict[str, Any]:
         return {
-            "id": self.id, "framework": self.framework, "version": self.version,
-            "accelerator": self.accelerator, "backends": self.backends,
-            "description": self.description, "source": self.source,
+            "id": self.id,
+            "framework": self.framework,
+            "version": self.version,
+            "accelerator": self.accelerator,
+            "backends": self.backends,
+            "description": self.description,
+            "source": self.source,
         }
 
 
@@ -143,9 +152,13 @@ def parse_template(path: Path, source: str = "shipped") -> Template:
     if bad:
         raise CatalogError(f"template {path}: unknown accelerators {bad}; use cpu and/or gpu")
     return Template(
-        id=str(meta["id"]), framework=str(meta["framework"]).lower(),
-        mode=str(meta["mode"]).lower(), path=path, accelerators=accs,
-        versions=_as_tuple(meta.get("versions")), description=str(meta.get("description", "")),
+        id=str(meta["id"]),
+        framework=str(meta["framework"]).lower(),
+        mode=str(meta["mode"]).lower(),
+        path=path,
+        accelerators=accs,
+        versions=_as_tuple(meta.get("versions")),
+        description=str(meta.get("description", "")),
         source=source,
     )
 
@@ -175,16 +188,23 @@ def parse_images(path: Path, source: str = "shipped") -> list[Image]:
         backends = e.get("backends") or {}
         unknown = [b for b in backends if b not in BACKENDS]
         if unknown:
-            raise CatalogError(f"{where} ({e['id']}): unknown backends {unknown}; known: "
-                               f"{', '.join(BACKENDS)}")
+            raise CatalogError(
+                f"{where} ({e['id']}): unknown backends {unknown}; known: {', '.join(BACKENDS)}"
+            )
         for b in ("podman", "kubernetes"):
             if b in backends and not (backends[b] or {}).get("image"):
                 raise CatalogError(f"{where} ({e['id']}): backends.{b} needs 'image'")
-        out.append(Image(
-            id=str(e["id"]), framework=str(e["framework"]).lower(), version=str(e["version"]),
-            accelerator=str(e["accelerator"]), backends={k: dict(v or {}) for k, v in backends.items()},
-            description=str(e.get("description", "")), source=source,
-        ))
+        out.append(
+            Image(
+                id=str(e["id"]),
+                framework=str(e["framework"]).lower(),
+                version=str(e["version"]),
+                accelerator=str(e["accelerator"]),
+                backends={k: dict(v or {}) for k, v in backends.items()},
+                description=str(e.get("description", "")),
+                source=source,
+            )
+        )
     return out
 
 
@@ -199,8 +219,9 @@ def catalog_dirs(extra: Iterable[str | Path] = ()) -> list[Path]:
 class Catalog:
     """The shipped catalog with user directories layered over it."""
 
-    def __init__(self, templates: Sequence[Template], images: Sequence[Image],
-                 search_path: Sequence[Path]) -> None:
+    def __init__(
+        self, templates: Sequence[Template], images: Sequence[Image], search_path: Sequence[Path]
+    ) -> None:
         self.templates: dict[str, Template] = {}
         for t in templates:
             self.templates[t.id] = t  # later (user) entries replace earlier ones
@@ -212,7 +233,7 @@ class Catalog:
             loader=jinja2.FileSystemLoader([str(p) for p in self.search_path]),
             undefined=jinja2.StrictUndefined,
             keep_trailing_newline=True,
-            autoescape=False,  # noqa: S701 - renders YAML, not HTML
+            autoescape=False,
         )
         self.env.filters["tojson"] = _tojson
         self.env.filters["quote"] = _tojson
@@ -278,24 +299,29 @@ class Catalog:
                 raise SelectionError(
                     f"image {im.id!r} has no realisation for backend {backend!r} "
                     f"(it has: {', '.join(im.backends) or 'none'}); add backends.{backend} "
-                    "to it in a user catalog or pick another backend", [im.id])
+                    "to it in a user catalog or pick another backend",
+                    [im.id],
+                )
             return im
         framework = r.framework
         if not framework and r.template:
             framework = self.template(r.template).framework
         same_fw = [im for im in self.images.values() if im.framework == framework]
         fits = [
-            im for im in same_fw
+            im
+            for im in same_fw
             if im.accelerator == r.accelerator
             and (r.version is None or version_matches(r.version, im.version))
         ]
         runnable = [im for im in fits if backend in im.backends]
         if not runnable:
             pool = same_fw or list(self.images.values())
-            cands = [f"{im.id} ({im.framework} {im.version}, {im.accelerator}, "
-                     f"backends: {', '.join(im.backends)})" for im in sorted(pool, key=lambda i: i.id)]
-            why = (f"none of them realised for backend {backend!r}" if fits
-                   else "none matches")
+            cands = [
+                f"{im.id} ({im.framework} {im.version}, {im.accelerator}, "
+                f"backends: {', '.join(im.backends)})"
+                for im in sorted(pool, key=lambda i: i.id)
+            ]
+            why = f"none of them realised for backend {backend!r}" if fits else "none matches"
             raise SelectionError(
                 f"no image for framework {framework!r}"
                 f"{f' version {r.version!r}' if r.version else ''} accelerator "
@@ -304,7 +330,9 @@ class Catalog:
                 "with --catalog DIR",
                 [im.id for im in pool],
             )
-        runnable.sort(key=lambda im: (_version_key(im.version), im.source != "shipped"), reverse=True)
+        runnable.sort(
+            key=lambda im: (_version_key(im.version), im.source != "shipped"), reverse=True
+        )
         best = runnable[0]
         ties = [im for im in runnable if im.version == best.version]
         if len(ties) > 1:
@@ -321,14 +349,18 @@ class Catalog:
             return self.template(r.template)
         framework = r.framework or image.framework
         fits = [
-            t for t in self.templates.values()
-            if t.framework == framework and t.mode == r.mode
-            and r.accelerator in t.accelerators and t.supports_version(image.version)
+            t
+            for t in self.templates.values()
+            if t.framework == framework
+            and t.mode == r.mode
+            and r.accelerator in t.accelerators
+            and t.supports_version(image.version)
         ]
         if len(fits) == 1:
             return fits[0]
         pool = [t for t in self.templates.values() if t.framework == framework] or list(
-            self.templates.values())
+            self.templates.values()
+        )
         cands = sorted(f"{t.id} ({t.framework}/{t.mode})" for t in pool)
         if not fits:
             raise SelectionError(
@@ -341,7 +373,9 @@ class Catalog:
         ids = sorted(t.id for t in fits)
         raise SelectionError(
             f"several templates fit framework {framework!r} mode {r.mode!r}: {', '.join(ids)}; "
-            "set 'template:' in the request", ids)
+            "set 'template:' in the request",
+            ids,
+        )
 
 
 def _tojson(v: Any) -> str:

@@ -23,17 +23,32 @@ from hotwire.jobs.render import render
 from hotwire.jobs.request import BACKENDS, load_request
 
 _catalog_opt = click.option(
-    "--catalog", "catalogs", multiple=True, type=click.Path(file_okay=False),
+    "--catalog",
+    "catalogs",
+    multiple=True,
+    type=click.Path(file_okay=False),
     help="A user catalog directory (templates/*.j2, images.yaml); repeatable. "
-         "Also HOTWIRE_JOBS_CATALOG.")
+    "Also HOTWIRE_JOBS_CATALOG.",
+)
 _json_opt = click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 _backend_opt = click.option(
-    "--backend", type=click.Choice(BACKENDS), default=None,
-    help=f"Container-scheduler backend (default: the request's, ${BACKEND_ENV}, or local).")
-_state_opt = click.option("--state-dir", type=click.Path(file_okay=False), default=None,
-                          help="local backend: where jobs live (default $HOTWIRE_JOBS_STATE).")
-_kube_opt = click.option("--kubeconfig", type=click.Path(dir_okay=False), default=None,
-                         help="kubernetes backend: the kubeconfig file (default ~/.kube/config).")
+    "--backend",
+    type=click.Choice(BACKENDS),
+    default=None,
+    help=f"Container-scheduler backend (default: the request's, ${BACKEND_ENV}, or local).",
+)
+_state_opt = click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="local backend: where jobs live (default $HOTWIRE_JOBS_STATE).",
+)
+_kube_opt = click.option(
+    "--kubeconfig",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="kubernetes backend: the kubeconfig file (default ~/.kube/config).",
+)
 
 
 def _fail_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -52,8 +67,12 @@ def _fail_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def _backend(name: str | None, state_dir: str | None = None, kubeconfig: str | None = None,
-             namespace: str | None = None) -> Backend:
+def _backend(
+    name: str | None,
+    state_dir: str | None = None,
+    kubeconfig: str | None = None,
+    namespace: str | None = None,
+) -> Backend:
     from hotwire.jobs.backends import default_backend
 
     name = name or default_backend()
@@ -95,8 +114,10 @@ def templates_cmd(catalogs: tuple[str, ...], as_json: bool) -> None:
         return
     click.echo(f"{'ID':<18} {'FRAMEWORK':<11} {'MODE':<7} {'ACCEL':<8} {'SOURCE':<8} DESCRIPTION")
     for r in rows:
-        click.echo(f"{r['id']:<18} {r['framework']:<11} {r['mode']:<7} "
-                   f"{','.join(r['accelerators']):<8} {_short(r['source']):<8} {r['description']}")
+        click.echo(
+            f"{r['id']:<18} {r['framework']:<11} {r['mode']:<7} "
+            f"{','.join(r['accelerators']):<8} {_short(r['source']):<8} {r['description']}"
+        )
 
 
 @jobs.command("images")
@@ -112,10 +133,13 @@ def images_cmd(catalogs: tuple[str, ...], as_json: bool) -> None:
         return
     click.echo(f"{'ID':<20} {'FRAMEWORK':<11} {'VERSION':<8} {'ACCEL':<6} BACKENDS")
     for r in rows:
-        real = "; ".join(f"{b}={v.get('image') or v.get('venv') or v.get('python')}"
-                         for b, v in r["backends"].items())
-        click.echo(f"{r['id']:<20} {r['framework']:<11} {r['version']:<8} "
-                   f"{r['accelerator']:<6} {real}")
+        real = "; ".join(
+            f"{b}={v.get('image') or v.get('venv') or v.get('python')}"
+            for b, v in r["backends"].items()
+        )
+        click.echo(
+            f"{r['id']:<20} {r['framework']:<11} {r['version']:<8} {r['accelerator']:<6} {real}"
+        )
 
 
 def _short(source: str) -> str:
@@ -126,11 +150,15 @@ def _short(source: str) -> str:
 @click.argument("request", type=click.Path(dir_okay=False))
 @_backend_opt
 @_catalog_opt
-@click.option("--validate", is_flag=True,
-              help="Also check the manifests against the pinned Kubernetes schema (strict).")
+@click.option(
+    "--validate",
+    is_flag=True,
+    help="Also check the manifests against the pinned Kubernetes schema (strict).",
+)
 @_fail_cleanly
-def render_cmd(request: str, backend: str | None, catalogs: tuple[str, ...],
-               validate: bool) -> None:
+def render_cmd(
+    request: str, backend: str | None, catalogs: tuple[str, ...], validate: bool
+) -> None:
     """Print the job-description file REQUEST (YAML or JSON) renders to."""
     from hotwire.jobs.backends import default_backend
 
@@ -142,8 +170,10 @@ def render_cmd(request: str, backend: str | None, catalogs: tuple[str, ...],
 
         problems = validate_schema(job.documents)
         if problems:
-            raise JobError(f"the rendered file fails the Kubernetes {KUBERNETES_VERSION} "
-                           f"schema: {'; '.join(problems)}")
+            raise JobError(
+                f"the rendered file fails the Kubernetes {KUBERNETES_VERSION} "
+                f"schema: {'; '.join(problems)}"
+            )
     click.echo(job.text, nl=not job.text.endswith("\n"))
 
 
@@ -153,13 +183,25 @@ def render_cmd(request: str, backend: str | None, catalogs: tuple[str, ...],
 @_catalog_opt
 @_state_opt
 @_kube_opt
-@click.option("--wait", "wait_s", type=float, default=None, metavar="SECONDS",
-              help="Wait up to SECONDS for the job to finish; exit 1 unless it succeeded.")
+@click.option(
+    "--wait",
+    "wait_s",
+    type=float,
+    default=None,
+    metavar="SECONDS",
+    help="Wait up to SECONDS for the job to finish; exit 1 unless it succeeded.",
+)
 @_json_opt
 @_fail_cleanly
-def submit_cmd(request: str, backend: str | None, catalogs: tuple[str, ...],
-               state_dir: str | None, kubeconfig: str | None, wait_s: float | None,
-               as_json: bool) -> None:
+def submit_cmd(
+    request: str,
+    backend: str | None,
+    catalogs: tuple[str, ...],
+    state_dir: str | None,
+    kubeconfig: str | None,
+    wait_s: float | None,
+    as_json: bool,
+) -> None:
     """Render REQUEST and start the job on a backend."""
     from hotwire.jobs.backends import default_backend
 
@@ -173,8 +215,10 @@ def submit_cmd(request: str, backend: str | None, catalogs: tuple[str, ...],
     if as_json:
         _print_json({**st.to_dict(), "template": job.template.id, "image": job.image.id})
     else:
-        click.echo(f"job {job.name} ({job.template.id}, {job.image.id}) on {bname}: {st.state}"
-                   f"{' - ' + st.message if st.message else ''}")
+        click.echo(
+            f"job {job.name} ({job.template.id}, {job.image.id}) on {bname}: {st.state}"
+            f"{' - ' + st.message if st.message else ''}"
+        )
     if wait_s is not None and st.state != "succeeded":
         sys.exit(1)
 
@@ -187,8 +231,14 @@ def submit_cmd(request: str, backend: str | None, catalogs: tuple[str, ...],
 @click.option("--namespace", default=None, help="kubernetes backend: the namespace.")
 @_json_opt
 @_fail_cleanly
-def status_cmd(name: str | None, backend: str | None, state_dir: str | None,
-               kubeconfig: str | None, namespace: str | None, as_json: bool) -> None:
+def status_cmd(
+    name: str | None,
+    backend: str | None,
+    state_dir: str | None,
+    kubeconfig: str | None,
+    namespace: str | None,
+    as_json: bool,
+) -> None:
     """Show one job's status, or every job's."""
     b = _backend(backend, state_dir, kubeconfig, namespace)
     sts = [b.status(name)] if name else b.list()
@@ -198,8 +248,10 @@ def status_cmd(name: str | None, backend: str | None, state_dir: str | None,
     if not sts:
         click.echo(f"no jobs on backend {b.name}")
     for s in sts:
-        reps = ", ".join(f"{r.name}={r.state}"
-                         f"{'' if r.exit_code is None else f'({r.exit_code})'}" for r in s.replicas)
+        reps = ", ".join(
+            f"{r.name}={r.state}{'' if r.exit_code is None else f'({r.exit_code})'}"
+            for r in s.replicas
+        )
         click.echo(f"{s.name:<32} {s.state:<10} {reps}{'  ' + s.message if s.message else ''}")
 
 
@@ -211,8 +263,14 @@ def status_cmd(name: str | None, backend: str | None, state_dir: str | None,
 @click.option("--namespace", default=None, help="kubernetes backend: the namespace.")
 @_json_opt
 @_fail_cleanly
-def stop_cmd(name: str, backend: str | None, state_dir: str | None, kubeconfig: str | None,
-             namespace: str | None, as_json: bool) -> None:
+def stop_cmd(
+    name: str,
+    backend: str | None,
+    state_dir: str | None,
+    kubeconfig: str | None,
+    namespace: str | None,
+    as_json: bool,
+) -> None:
     """Stop every replica of job NAME."""
     b = _backend(backend, state_dir, kubeconfig, namespace)
     st = b.stop(name)
@@ -229,8 +287,13 @@ def stop_cmd(name: str, backend: str | None, state_dir: str | None, kubeconfig: 
 @_kube_opt
 @click.option("--namespace", default=None, help="kubernetes backend: the namespace.")
 @_fail_cleanly
-def logs_cmd(name: str, backend: str | None, state_dir: str | None, kubeconfig: str | None,
-             namespace: str | None) -> None:
+def logs_cmd(
+    name: str,
+    backend: str | None,
+    state_dir: str | None,
+    kubeconfig: str | None,
+    namespace: str | None,
+) -> None:
     """Print each replica's output."""
     b = _backend(backend, state_dir, kubeconfig, namespace)
     for rep, text in b.logs(name).items():

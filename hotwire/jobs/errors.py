@@ -15,9 +15,7 @@ class RequestError(JobError):
         self.source = source
         lines = "; ".join(f"{f}: {m}" for f, m in self.problems)
         n = len(self.problems)
-        super().__init__(
-            f"{source} has {n} bad field{'s' if n != 1 else ''}: {lines}"
-        )
+        super().__init__(f"{source} has {n} bad field{'s' if n != 1 else ''}: {lines}")
 
 
 class CatalogError(JobError):

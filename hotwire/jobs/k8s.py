@@ -62,7 +62,8 @@ def to_models(documents: Iterable[dict[str, Any]]) -> list[Any]:
     except ImportError:
         raise BackendUnavailable(
             "the kubernetes client is not installed: pip install 'hotwire[k8s]' "
-            "(kubernetes==37.0.2)") from None
+            "(kubernetes==37.0.2)"
+        ) from None
     api = ApiClient()
     out = []
     for d in documents:
@@ -75,12 +76,15 @@ def to_models(documents: Iterable[dict[str, Any]]) -> list[Any]:
             obj = api.deserialize(json.dumps(d), model, "application/json")
         except Exception as e:  # the client raises pydantic's ValidationError, TypeError, ...
             msg = " ".join(str(e).split())
-            raise ValueError(f"{key[1]} {name}: the kubernetes client model rejects it: {msg}") from None
+            raise ValueError(
+                f"{key[1]} {name}: the kubernetes client model rejects it: {msg}"
+            ) from None
         back = api.sanitize_for_serialization(obj)
         if back != d:
             raise ValueError(
                 f"{key[1]} {name}: the client model does not keep "
-                f"the document as written: {_first_difference(d, back)}")
+                f"the document as written: {_first_difference(d, back)}"
+            )
         out.append(obj)
     return out
 

@@ -24,7 +24,6 @@ import socket
 import tempfile
 import time
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 from typing import Any
 
 from hotwire.jobs.backends import Backend, default_backend, get_backend
@@ -78,8 +77,10 @@ class DLJobPE(ProcessPE):
 
     def _who(self) -> str:
         c = self.ctx
-        return (f"dl_job PE {getattr(c, 'pe', '?')!r} (app {getattr(c, 'app', '?')!r}, "
-                f"instance {getattr(c, 'instance', '?')})")
+        return (
+            f"dl_job PE {getattr(c, 'pe', '?')!r} (app {getattr(c, 'app', '?')!r}, "
+            f"instance {getattr(c, 'instance', '?')})"
+        )
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -88,13 +89,17 @@ class DLJobPE(ProcessPE):
         config = dict(getattr(ctx, "config", None) or {})
         raw = config.get("request")
         if raw is None:
-            raise JobError(f"{self._who()}: config has no 'request'; use "
-                           "stream.dl_job(name, request={...})")
+            raise JobError(
+                f"{self._who()}: config has no 'request'; use stream.dl_job(name, request={{...}})"
+            )
         data = raw.to_dict() if isinstance(raw, JobRequest) else dict(raw)
         base = data.get("name") or getattr(ctx, "pe", "dl-job")
-        data["name"] = instance_job_name(str(base), str(getattr(ctx, "app", "")),
-                                         str(getattr(ctx, "pe", "")),
-                                         str(getattr(ctx, "instance", "")))
+        data["name"] = instance_job_name(
+            str(base),
+            str(getattr(ctx, "app", "")),
+            str(getattr(ctx, "pe", "")),
+            str(getattr(ctx, "instance", "")),
+        )
         request = parse_request(data, source=f"request of {self._who()}")
         backend_name = config.get("backend") or request.backend or default_backend()
         self.backend = get_backend(backend_name)
@@ -104,17 +109,27 @@ class DLJobPE(ProcessPE):
             extra_volumes: list[Volume] = []
             if backend_name == "podman" and self._sock_dir:
                 extra_volumes.append(Volume("hotwire-socket", self._sock_dir, CONTAINER_SOCKET_DIR))
-            self.job = render(request, catalog, backend_name,
-                              extra_env={ADDRESS_ENV: self._job_address(backend_name)},
-                              extra_volumes=extra_volumes)
+            self.job = render(
+                request,
+                catalog,
+                backend_name,
+                extra_env={ADDRESS_ENV: self._job_address(backend_name)},
+                extra_volumes=extra_volumes,
+            )
             self.request = request
             self.backend.submit(self.job)
             self._accept(float(config.get("connect_timeout", 300.0)))
         except BaseException:
             self.teardown()
             raise
-        _log.info("%s: job %s (%s, %s) serving on %s", self._who(), request.name,
-                  self.job.template.id, self.job.image.id, backend_name)
+        _log.info(
+            "%s: job %s (%s, %s) serving on %s",
+            self._who(),
+            request.name,
+            self.job.template.id,
+            self.job.image.id,
+            backend_name,
+        )
 
     def _listen(self, backend: str) -> None:
         if backend in ("local", "podman"):
@@ -142,11 +157,14 @@ class DLJobPE(ProcessPE):
             logs = self.backend.logs(name)
         except JobError as e:
             return JobError(f"{self._who()}: {what}; job {name}: {e}")
-        tail = " | ".join(f"{k}: {' '.join(v.strip().splitlines()[-5:])}" for k, v in
-                          logs.items() if v.strip())
-        return JobError(f"{self._who()}: {what}; job {name} is {st.state}"
-                        f"{': ' + st.message if st.message else ''}"
-                        f"{'; last output: ' + tail[-1500:] if tail else ''}")
+        tail = " | ".join(
+            f"{k}: {' '.join(v.strip().splitlines()[-5:])}" for k, v in logs.items() if v.strip()
+        )
+        return JobError(
+            f"{self._who()}: {what}; job {name} is {st.state}"
+            f"{': ' + st.message if st.message else ''}"
+            f"{'; last output: ' + tail[-1500:] if tail else ''}"
+        )
 
     def _check_alive(self) -> None:
         assert self.backend is not None and self.request is not None
@@ -180,8 +198,9 @@ class DLJobPE(ProcessPE):
                 last_check = now
                 self._check_alive()
             if now > end:
-                raise self._failure(f"the job's program did not call hotwire.jobs.serve() "
-                                    f"within {timeout:g}s")
+                raise self._failure(
+                    f"the job's program did not call hotwire.jobs.serve() within {timeout:g}s"
+                )
 
     def process_batch(self, records: Sequence[Any]) -> list[Any]:
         if self._chan is None:
@@ -196,8 +215,10 @@ class DLJobPE(ProcessPE):
         except (OSError, TypeError, ValueError) as e:
             if isinstance(e, OSError):
                 raise self._failure(f"cannot send a batch ({e})") from None
-            raise JobError(f"{self._who()}: records must be msgpack data (dict, list, str, "
-                           f"bytes, numbers, None): {e}") from None
+            raise JobError(
+                f"{self._who()}: records must be msgpack data (dict, list, str, "
+                f"bytes, numbers, None): {e}"
+            ) from None
         limit = (self.ctx.config or {}).get("batch_timeout") if self.ctx else None
         end = None if limit is None else time.monotonic() + float(limit)
         while True:
@@ -213,13 +234,17 @@ class DLJobPE(ProcessPE):
             if msg.get("seq") != seq:
                 continue  # a late answer to an earlier, abandoned batch
             if msg.get("t") == "error":
-                raise JobError(f"{self._who()}: the job's handler failed on a batch of "
-                               f"{len(records)} records: {msg.get('error')}\n"
-                               f"{msg.get('traceback', '')}".rstrip())
+                raise JobError(
+                    f"{self._who()}: the job's handler failed on a batch of "
+                    f"{len(records)} records: {msg.get('error')}\n"
+                    f"{msg.get('traceback', '')}".rstrip()
+                )
             results = list(msg.get("results") or [])
             if len(results) != len(records):
-                raise JobError(f"{self._who()}: the job returned {len(results)} results for "
-                               f"{len(records)} records")
+                raise JobError(
+                    f"{self._who()}: the job returned {len(results)} results for "
+                    f"{len(records)} records"
+                )
             return results
 
     def process(self, record: Any) -> Iterable[Any]:

@@ -50,6 +50,7 @@ class ReplicaSpec:
 def expand_refs(text: str, env: Mapping[str, str]) -> str:
     """Kubernetes' ``$(VAR)`` expansion: defined names are replaced, ``$$`` is ``$``,
     unknown references stay as written."""
+
     def sub(m: re.Match[str]) -> str:
         if m.group(0) == "$$":
             return "$"
@@ -86,8 +87,10 @@ def replicas_of(documents: Sequence[dict[str, Any]]) -> list[ReplicaSpec]:
         pod = spec["template"]["spec"]
         containers = pod["containers"]
         if len(containers) != 1:
-            raise RenderError(f"Job {job}: outside Kubernetes a pod must have exactly one "
-                              f"container, it has {len(containers)}")
+            raise RenderError(
+                f"Job {job}: outside Kubernetes a pod must have exactly one "
+                f"container, it has {len(containers)}"
+            )
         c = containers[0]
         mounts = {v["name"]: v for v in c.get("volumeMounts") or []}
         volumes = []
@@ -105,20 +108,34 @@ def replicas_of(documents: Sequence[dict[str, Any]]) -> list[ReplicaSpec]:
                 if "value" in e:
                     env[e["name"]] = expand_refs(str(e["value"]), env)
                 elif "fieldRef" in (e.get("valueFrom") or {}):
-                    env[e["name"]] = _field_ref(e["valueFrom"]["fieldRef"]["fieldPath"], job, i,
-                                                namespace)
+                    env[e["name"]] = _field_ref(
+                        e["valueFrom"]["fieldRef"]["fieldPath"], job, i, namespace
+                    )
                 else:
-                    raise RenderError(f"Job {job}: env {e['name']} uses a valueFrom source that "
-                                      "only Kubernetes provides")
+                    raise RenderError(
+                        f"Job {job}: env {e['name']} uses a valueFrom source that "
+                        "only Kubernetes provides"
+                    )
             argv = [*(c.get("command") or []), *(c.get("args") or [])]
             if not argv:
-                raise RenderError(f"Job {job}: the container has no command; outside Kubernetes "
-                                  "the image's entrypoint is not known")
-            out.append(ReplicaSpec(
-                job=job, index=i, image=c.get("image", ""),
-                command=tuple(expand_refs(str(a), env) for a in argv),
-                env=tuple(env.items()), working_dir=c.get("workingDir"), cpu=cpu,
-                memory=memory, gpu=gpu, volumes=tuple(volumes), daemon=daemon,
-                labels=dict(meta.get("labels") or {}),
-            ))
+                raise RenderError(
+                    f"Job {job}: the container has no command; outside Kubernetes "
+                    "the image's entrypoint is not known"
+                )
+            out.append(
+                ReplicaSpec(
+                    job=job,
+                    index=i,
+                    image=c.get("image", ""),
+                    command=tuple(expand_refs(str(a), env) for a in argv),
+                    env=tuple(env.items()),
+                    working_dir=c.get("workingDir"),
+                    cpu=cpu,
+                    memory=memory,
+                    gpu=gpu,
+                    volumes=tuple(volumes),
+                    daemon=daemon,
+                    labels=dict(meta.get("labels") or {}),
+                )
+            )
     return out

@@ -26,9 +26,9 @@ class ConnectionClosed(ConnectionError):
 
 def parse_address(address: str) -> tuple[int, Any]:
     if address.startswith("unix:"):
-        return socket.AF_UNIX, address[len("unix:"):]
+        return socket.AF_UNIX, address[len("unix:") :]
     if address.startswith("tcp://"):
-        host, _, port = address[len("tcp://"):].rpartition(":")
+        host, _, port = address[len("tcp://") :].rpartition(":")
         return socket.AF_INET, (host.strip("[]"), int(port))
     raise ValueError(f"address {address!r} is neither unix:/path nor tcp://host:port")
 
@@ -55,7 +55,7 @@ def listen(address: str) -> tuple[socket.socket, str]:
     s.bind(addr)
     s.listen(16)
     if family == socket.AF_INET:
-        host, port = s.getsockname()[:2]
+        port = s.getsockname()[1]
         address = f"tcp://{addr[0]}:{port}"
     return s, address
 
@@ -65,8 +65,7 @@ class Channel:
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self._unpacker = msgpack.Unpacker(raw=False, strict_map_key=False,
-                                          max_buffer_size=1 << 30)
+        self._unpacker = msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=1 << 30)
 
     def send(self, msg: dict[str, Any]) -> None:
         self.sock.sendall(msgpack.packb(msg, use_bin_type=True))

@@ -126,9 +126,14 @@ def render_context(
     if r.program:
         if r.program.startswith(IMAGE_PREFIX):
             if not in_container:
-                problems.append(("program", f"{r.program!r} names a path inside an image; the "
-                                            "local backend needs a local path"))
-            program_path = r.program[len(IMAGE_PREFIX):]
+                problems.append(
+                    (
+                        "program",
+                        f"{r.program!r} names a path inside an image; the "
+                        "local backend needs a local path",
+                    )
+                )
+            program_path = r.program[len(IMAGE_PREFIX) :]
             working_dir = str(Path(program_path).parent)
         else:
             p = Path(r.program).expanduser().resolve()
@@ -147,8 +152,9 @@ def render_context(
         if r.data.startswith(IMAGE_PREFIX) or "://" in r.data:
             data_path = r.data.removeprefix(IMAGE_PREFIX)
         elif in_container:
-            volumes.append(Volume("data", str(Path(r.data).expanduser().resolve()),
-                                  CONTAINER_DATA_DIR))
+            volumes.append(
+                Volume("data", str(Path(r.data).expanduser().resolve()), CONTAINER_DATA_DIR)
+            )
             data_path = CONTAINER_DATA_DIR
         else:
             data_path = str(Path(r.data).expanduser().resolve())
@@ -165,8 +171,12 @@ def render_context(
         raise RequestError(problems, f"job request {name!r}")
     volumes += list(extra_volumes)
 
-    env = [{"name": "JOB_COMPLETION_INDEX", "valueFrom": {"fieldRef": {"fieldPath":
-           COMPLETION_INDEX_PATH}}}]
+    env = [
+        {
+            "name": "JOB_COMPLETION_INDEX",
+            "valueFrom": {"fieldRef": {"fieldPath": COMPLETION_INDEX_PATH}},
+        }
+    ]
     env += [
         {"name": "HOTWIRE_JOB_NAME", "value": name},
         {"name": "HOTWIRE_REPLICA", "value": "$(JOB_COMPLETION_INDEX)"},
@@ -184,11 +194,15 @@ def render_context(
     else:  # local processes and podman containers share the host network
         ports = free_ports(1 + r.ps_replicas + r.replicas)
         master_addr, master_port = "127.0.0.1", ports[0]
-        ps_hosts = [f"127.0.0.1:{p}" for p in ports[1: 1 + r.ps_replicas]]
-        worker_hosts = [f"127.0.0.1:{p}" for p in ports[1 + r.ps_replicas:]]
+        ps_hosts = [f"127.0.0.1:{p}" for p in ports[1 : 1 + r.ps_replicas]]
+        worker_hosts = [f"127.0.0.1:{p}" for p in ports[1 + r.ps_replicas :]]
 
-    labels = {**MANAGED_BY, JOB_LABEL: name, "hotwire.io/template": template.id,
-              "hotwire.io/image": image.id}
+    labels = {
+        **MANAGED_BY,
+        JOB_LABEL: name,
+        "hotwire.io/template": template.id,
+        "hotwire.io/image": image.id,
+    }
     return {
         "name": name,
         "namespace": r.namespace,
@@ -208,10 +222,13 @@ def render_context(
         "env": env,
         "resources": _resources(r),
         "gpu": r.resources.gpu,
-        "volumes": [{"name": v.name, "hostPath": {"path": v.host_path, "type": "Directory"}}
-                    for v in volumes],
-        "volume_mounts": [{"name": v.name, "mountPath": v.mount_path, "readOnly": v.read_only}
-                          for v in volumes],
+        "volumes": [
+            {"name": v.name, "hostPath": {"path": v.host_path, "type": "Directory"}}
+            for v in volumes
+        ],
+        "volume_mounts": [
+            {"name": v.name, "mountPath": v.mount_path, "readOnly": v.read_only} for v in volumes
+        ],
         "timeout": int(r.timeout) if r.timeout else None,
         "master_addr": master_addr,
         "master_port": master_port,
@@ -234,8 +251,9 @@ def render(
     if backend not in BACKENDS:
         raise RenderError(f"unknown backend {backend!r}; backends: {', '.join(BACKENDS)}")
     selection = catalog.select(request, backend)
-    ctx = render_context(request, selection, backend, extra_env=extra_env,
-                         extra_volumes=extra_volumes)
+    ctx = render_context(
+        request, selection, backend, extra_env=extra_env, extra_volumes=extra_volumes
+    )
     t = selection.template
     try:
         text = catalog.jinja_template(t).render(**ctx)
@@ -247,8 +265,15 @@ def render(
     except yaml.YAMLError as e:
         raise RenderError(f"template {t.id} ({t.path}) rendered invalid YAML: {e}") from None
     check_structure(docs, t)
-    return RenderedJob(name=request.name, backend=backend, request=request, template=t,
-                       image=selection.image, text=text, documents=docs)
+    return RenderedJob(
+        name=request.name,
+        backend=backend,
+        request=request,
+        template=t,
+        image=selection.image,
+        text=text,
+        documents=docs,
+    )
 
 
 def check_structure(docs: Sequence[Any], t: Template) -> None:
@@ -266,8 +291,9 @@ def check_structure(docs: Sequence[Any], t: Template) -> None:
                 containers = d["spec"]["template"]["spec"]["containers"]
                 d["metadata"]["name"]
             except (KeyError, TypeError):
-                raise RenderError(f"{where}: Job lacks metadata.name or "
-                                  "spec.template.spec.containers") from None
+                raise RenderError(
+                    f"{where}: Job lacks metadata.name or spec.template.spec.containers"
+                ) from None
             if not containers:
                 raise RenderError(f"{where}: Job has no containers")
     if not jobs:

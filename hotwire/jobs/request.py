@@ -28,8 +28,15 @@ _ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 MAX_NAME_LEN = 48
 
 _MEM_UNITS = {
-    "": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
-    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40,
+    "": 1,
+    "k": 10**3,
+    "M": 10**6,
+    "G": 10**9,
+    "T": 10**12,
+    "Ki": 2**10,
+    "Mi": 2**20,
+    "Gi": 2**30,
+    "Ti": 2**40,
 }
 _MEM_RE = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(k|M|G|T|Ki|Mi|Gi|Ti)?$")
 _CPU_RE = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(m)?$")
@@ -138,9 +145,26 @@ class JobRequest:
 
 
 _FIELDS = {
-    "name", "framework", "mode", "version", "accelerator", "replicas", "procs_per_replica",
-    "ps_replicas", "resources", "command", "args", "env", "program", "data", "working_dir",
-    "template", "image", "backend", "namespace", "timeout",
+    "name",
+    "framework",
+    "mode",
+    "version",
+    "accelerator",
+    "replicas",
+    "procs_per_replica",
+    "ps_replicas",
+    "resources",
+    "command",
+    "args",
+    "env",
+    "program",
+    "data",
+    "working_dir",
+    "template",
+    "image",
+    "backend",
+    "namespace",
+    "timeout",
 }
 
 
@@ -153,14 +177,17 @@ def parse_request(data: Any, *, source: str = "job request") -> JobRequest:
     if isinstance(data, JobRequest):
         return data
     if not isinstance(data, Mapping):
-        raise RequestError([("(request)", f"must be a mapping of fields, got {type(data).__name__}")],
-                           source)
+        raise RequestError(
+            [("(request)", f"must be a mapping of fields, got {type(data).__name__}")], source
+        )
     problems: list[tuple[str, str]] = []
     out: dict[str, Any] = {}
 
     for key in data:
         if key not in _FIELDS:
-            problems.append((str(key), f"unknown field; known fields: {', '.join(sorted(_FIELDS))}"))
+            problems.append(
+                (str(key), f"unknown field; known fields: {', '.join(sorted(_FIELDS))}")
+            )
 
     def text(key: str, *, required: bool = False) -> str | None:
         v = data.get(key)
@@ -177,14 +204,27 @@ def parse_request(data: Any, *, source: str = "job request") -> JobRequest:
 
     name = text("name", required=True)
     if name is not None and (not _NAME_RE.match(name) or len(name) > MAX_NAME_LEN):
-        problems.append(("name", f"must be lower-case letters, digits and '-', start and end with a "
-                                 f"letter or digit, at most {MAX_NAME_LEN} characters; got {name!r}"))
+        problems.append(
+            (
+                "name",
+                f"must be lower-case letters, digits and '-', start and end with a "
+                f"letter or digit, at most {MAX_NAME_LEN} characters; got {name!r}",
+            )
+        )
     has_explicit = data.get("template") is not None or data.get("image") is not None
     framework = text("framework", required=not has_explicit)
     out["name"] = name
     out["framework"] = framework.lower() if framework else ""
-    for key in ("mode", "version", "program", "data", "working_dir", "template", "image",
-                "namespace"):
+    for key in (
+        "mode",
+        "version",
+        "program",
+        "data",
+        "working_dir",
+        "template",
+        "image",
+        "namespace",
+    ):
         v = text(key)
         if v is not None:
             out[key] = v

@@ -45,7 +45,8 @@ def serve(
     if not address:
         raise RuntimeError(
             f"hotwire.jobs.serve() needs {ADDRESS_ENV}: run this program as a dl_job of a "
-            "stream (stream.dl_job(name, request=...)), or set it to unix:/path or tcp://host:port")
+            "stream (stream.dl_job(name, request=...)), or set it to unix:/path or tcp://host:port"
+        )
     end = time.monotonic() + connect_timeout
     while True:
         try:
@@ -75,13 +76,21 @@ def serve(
                     if len(results) != len(records):
                         raise ValueError(
                             f"the batch handler returned {len(results)} results for "
-                            f"{len(records)} records; it must return one per record")
+                            f"{len(records)} records; it must return one per record"
+                        )
                 else:
                     results = [handler(r) for r in records]
                 ch.send({"t": "result", "seq": seq, "results": results})
             except Exception as e:
-                ch.send({"t": "error", "seq": seq, "error": f"{type(e).__name__}: {e}",
-                         "type": type(e).__name__, "traceback": traceback.format_exc()})
+                ch.send(
+                    {
+                        "t": "error",
+                        "seq": seq,
+                        "error": f"{type(e).__name__}: {e}",
+                        "type": type(e).__name__,
+                        "traceback": traceback.format_exc(),
+                    }
+                )
             served += 1
     finally:
         ch.close()

@@ -1,4 +1,4 @@
-"""Helpers of the jobs tests (importable as ``jobs_helpers``: pytest puts this directory on sys.path)."""
+"""Helpers of the jobs tests, importable as ``jobs_helpers`` (tests/jobs is on sys.path)."""
 
 from __future__ import annotations
 

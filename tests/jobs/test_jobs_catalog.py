@@ -24,8 +24,12 @@ def cat() -> Catalog:
 
 def test_shipped_catalog_has_the_required_templates_and_images(cat: Catalog) -> None:
     modes = {(t.framework, t.mode) for t in cat.templates.values()}
-    assert {("pytorch", "single"), ("pytorch", "ddp"), ("tensorflow", "ps"),
-            ("generic", "single")} <= modes
+    assert {
+        ("pytorch", "single"),
+        ("pytorch", "ddp"),
+        ("tensorflow", "ps"),
+        ("generic", "single"),
+    } <= modes
     im = cat.images["pytorch-2.13-cpu"]
     assert (im.framework, im.version, im.accelerator) == ("pytorch", "2.13.0", "cpu")
     assert set(im.backends) == {"local", "podman", "kubernetes"}
@@ -38,8 +42,12 @@ def test_shipped_catalog_has_the_required_templates_and_images(cat: Catalog) -> 
         ({"mode": "ddp", "version": "2.13"}, "local", "pytorch-ddp", "pytorch-2.13-cpu"),
         ({"resources": {"gpu": 1}}, "kubernetes", "pytorch-single", "pytorch-2.5-gpu"),
         ({"version": "2"}, "kubernetes", "pytorch-single", "pytorch-2.13-cpu"),
-        ({"framework": "tensorflow", "mode": "ps"}, "kubernetes", "tensorflow-ps",
-         "tensorflow-2.16-cpu"),
+        (
+            {"framework": "tensorflow", "mode": "ps"},
+            "kubernetes",
+            "tensorflow-ps",
+            "tensorflow-2.16-cpu",
+        ),
         ({"framework": "generic"}, "podman", "generic", "python-3.11"),
     ],
 )
@@ -52,8 +60,9 @@ def test_explicit_template_and_image_win(cat: Catalog) -> None:
     s = cat.select(req(template="generic", image="python-3.11"), "local")
     assert (s.template.id, s.image.id) == ("generic", "python-3.11")
     # framework may be left out when an image names it
-    s = cat.select(parse_request({"name": "j", "image": "pytorch-2.13-cpu", "command": ["x"]}),
-                   "local")
+    s = cat.select(
+        parse_request({"name": "j", "image": "pytorch-2.13-cpu", "command": ["x"]}), "local"
+    )
     assert s.template.id == "pytorch-single"
 
 
@@ -69,8 +78,10 @@ def test_no_image_lists_the_candidates(cat: Catalog) -> None:
 def test_an_image_the_backend_cannot_run_is_explained(cat: Catalog) -> None:
     with pytest.raises(SelectionError, match="none of them realised for backend 'local'"):
         cat.select(req(resources={"gpu": 1}), "local")
-    with pytest.raises(SelectionError, match=re.escape(
-            "image 'pytorch-2.5-gpu' has no realisation for backend 'local'")):
+    with pytest.raises(
+        SelectionError,
+        match=re.escape("image 'pytorch-2.5-gpu' has no realisation for backend 'local'"),
+    ):
         cat.select(req(image="pytorch-2.5-gpu"), "local")
 
 
@@ -93,15 +104,18 @@ def write_user_catalog(d: Path) -> Path:
     (d / "templates" / "pytorch-single.j2").write_text(
         "{#---\nid: pytorch-single\nframework: pytorch\nmode: single\n"
         "description: mine\n---#}\n{% import '_pod.j2' as pod with context %}\n"
-        "{{ pod.job(name, replicas, main, env) }}\n")
+        "{{ pod.job(name, replicas, main, env) }}\n"
+    )
     (d / "templates" / "jax-single.j2").write_text(
         "{#---\nid: jax-single\nframework: jax\nmode: single\n---#}\n"
-        "{% import '_pod.j2' as pod with context %}\n{{ pod.job(name, 1, main, env) }}\n")
+        "{% import '_pod.j2' as pod with context %}\n{{ pod.job(name, 1, main, env) }}\n"
+    )
     (d / "images.yaml").write_text(
         "- id: pytorch-2.13-cpu\n  framework: pytorch\n  version: '2.13.1'\n  accelerator: cpu\n"
         "  backends: {local: {python: current}}\n"
         "- id: jax-0.4\n  framework: jax\n  version: '0.4.30'\n  accelerator: cpu\n"
-        "  backends: {local: {venv: /opt/jax}}\n")
+        "  backends: {local: {venv: /opt/jax}}\n"
+    )
     return d
 
 
@@ -126,9 +140,10 @@ def test_several_images_at_the_same_version_are_ambiguous(tmp_path: Path) -> Non
     (d / "images.yaml").write_text(
         "images:\n- {id: pt-a, framework: pytorch, version: '9.0', accelerator: cpu, "
         "backends: {local: {}}}\n- {id: pt-b, framework: pytorch, version: '9.0', "
-        "accelerator: cpu, backends: {local: {}}}\n")
+        "accelerator: cpu, backends: {local: {}}}\n"
+    )
     cat = Catalog.load([d], use_env=False)
-    with pytest.raises(SelectionError, match="several images fit .*pt-a, pt-b") as ei:
+    with pytest.raises(SelectionError, match=r"several images fit .*pt-a, pt-b") as ei:
         cat.select(req(), "local")
     assert ei.value.candidates == ["pt-a", "pt-b"]
     assert cat.select(req(image="pt-b"), "local").image.id == "pt-b"
@@ -150,8 +165,9 @@ def test_bad_template_metadata(tmp_path: Path, text: str, error: str) -> None:
 
 
 def test_bad_images(tmp_path: Path) -> None:
-    (tmp_path / "images.yaml").write_text("- {id: x, framework: f, version: 1, accelerator: cpu, "
-                                          "backends: {podman: {python: p}}}\n")
+    (tmp_path / "images.yaml").write_text(
+        "- {id: x, framework: f, version: 1, accelerator: cpu, backends: {podman: {python: p}}}\n"
+    )
     with pytest.raises(CatalogError, match=re.escape("(x): backends.podman needs 'image'")):
         Catalog.load([tmp_path], use_env=False)
     with pytest.raises(CatalogError, match="does not exist"):

@@ -30,8 +30,9 @@ def test_templates_and_images_json() -> None:
 
 def test_render_prints_the_job_description_file(tmp_path: Path) -> None:
     req = tmp_path / "req.yaml"
-    req.write_text("name: ddp\nframework: pytorch\nmode: ddp\nreplicas: 2\n"
-                   "program: image:/app/train.py\n")
+    req.write_text(
+        "name: ddp\nframework: pytorch\nmode: ddp\nreplicas: 2\nprogram: image:/app/train.py\n"
+    )
     r = run("render", str(req), "--backend", "kubernetes", "--validate")
     assert r.exit_code == 0, r.stderr
     docs = list(yaml.safe_load_all(r.stdout))

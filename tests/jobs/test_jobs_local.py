@@ -26,26 +26,36 @@ def submit(local: LocalBackend, request) -> str:
     return job.name
 
 
-def test_replicas_run_with_their_index_env_and_working_directory(local: LocalBackend,
-                                                                 tmp_path: Path) -> None:
-    code = ("import os, sys\nprint('replica', os.environ['HOTWIRE_REPLICA'], 'of',"
-            " os.environ['HOTWIRE_REPLICAS'], os.environ['GREETING'], os.getcwd(), sys.argv[1:])\n")
-    name = submit(local, generic(tmp_path, "hello", code, replicas=3, args=["a", "b"],
-                                 env={"GREETING": "hi"}))
+def test_replicas_run_with_their_index_env_and_working_directory(
+    local: LocalBackend, tmp_path: Path
+) -> None:
+    code = (
+        "import os, sys\nprint('replica', os.environ['HOTWIRE_REPLICA'], 'of',"
+        " os.environ['HOTWIRE_REPLICAS'], os.environ['GREETING'], os.getcwd(), sys.argv[1:])\n"
+    )
+    name = submit(
+        local, generic(tmp_path, "hello", code, replicas=3, args=["a", "b"], env={"GREETING": "hi"})
+    )
     st = local.wait(name, 30)
     assert st.state == "succeeded", local.logs(name)
     assert [(r.name, r.state, r.exit_code) for r in st.replicas] == [
-        ("hello-0", "succeeded", 0), ("hello-1", "succeeded", 0), ("hello-2", "succeeded", 0)]
+        ("hello-0", "succeeded", 0),
+        ("hello-1", "succeeded", 0),
+        ("hello-2", "succeeded", 0),
+    ]
     logs = local.logs(name)
     for i in range(3):
         assert f"replica {i} of 3 hi {tmp_path} ['a', 'b']" in logs[f"hello-{i}"]
     assert [s.name for s in local.list()] == ["hello"]
 
 
-def test_a_failing_replica_fails_the_job_and_stops_the_others(local: LocalBackend,
-                                                              tmp_path: Path) -> None:
-    code = ("import os, sys, time\nif os.environ['HOTWIRE_REPLICA'] == '1':\n"
-            "    sys.exit(3)\ntime.sleep(60)\n")
+def test_a_failing_replica_fails_the_job_and_stops_the_others(
+    local: LocalBackend, tmp_path: Path
+) -> None:
+    code = (
+        "import os, sys, time\nif os.environ['HOTWIRE_REPLICA'] == '1':\n"
+        "    sys.exit(3)\ntime.sleep(60)\n"
+    )
     name = submit(local, generic(tmp_path, "fails", code, replicas=2))
     st = local.wait(name, 30)
     assert st.state == "failed"
@@ -54,8 +64,7 @@ def test_a_failing_replica_fails_the_job_and_stops_the_others(local: LocalBacken
 
 
 def test_stop_ends_every_replica(local: LocalBackend, tmp_path: Path) -> None:
-    name = submit(local, generic(tmp_path, "sleeper", "import time\ntime.sleep(120)\n",
-                                 replicas=2))
+    name = submit(local, generic(tmp_path, "sleeper", "import time\ntime.sleep(120)\n", replicas=2))
     poll_for(lambda: len(processes_mentioning(str(tmp_path / "sleeper.py"))) == 2)
     assert local.status(name).state == "running"
     st = local.stop(name)
@@ -89,7 +98,8 @@ def test_memory_limit_is_enforced(local: LocalBackend, tmp_path: Path) -> None:
     st = local.wait(name, 30)
     assert st.state == "failed", local.logs(name)
     assert st.extra["limits"]["hog-0"] in ("cgroup-v1", "cgroup-v2") or st.extra["limits"][
-        "hog-0"].startswith("rlimit-as")
+        "hog-0"
+    ].startswith("rlimit-as")
     assert "allocated" not in local.logs(name)["hog-0"]
 
 
@@ -101,15 +111,17 @@ def test_cpu_limit_pins_the_replica(local: LocalBackend, tmp_path: Path) -> None
 
 
 def test_a_command_that_cannot_start_fails_the_job(local: LocalBackend) -> None:
-    r = parse_request({"name": "nocmd", "framework": "generic",
-                       "command": ["/nonexistent/binary"], "replicas": 2})
+    r = parse_request(
+        {"name": "nocmd", "framework": "generic", "command": ["/nonexistent/binary"], "replicas": 2}
+    )
     name = submit(local, r)
     st = local.wait(name, 20)
     assert st.state == "failed" and "could not start" in st.message
 
 
-def test_running_job_cannot_be_submitted_twice_and_unknown_jobs(local: LocalBackend,
-                                                                tmp_path: Path) -> None:
+def test_running_job_cannot_be_submitted_twice_and_unknown_jobs(
+    local: LocalBackend, tmp_path: Path
+) -> None:
     r = generic(tmp_path, "twice", "import time\ntime.sleep(60)\n")
     submit(local, r)
     with pytest.raises(BackendError, match="already running; stop it first"):
@@ -121,13 +133,16 @@ def test_running_job_cannot_be_submitted_twice_and_unknown_jobs(local: LocalBack
     assert local.list() == []
 
 
-def test_get_backend_says_plainly_when_a_backend_is_missing(monkeypatch: pytest.MonkeyPatch
-                                                            ) -> None:
+def test_get_backend_says_plainly_when_a_backend_is_missing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     from hotwire.jobs import BackendUnavailable
 
     monkeypatch.setenv("PATH", "/nonexistent")
-    with pytest.raises(BackendUnavailable, match="backend 'podman' is not available on this "
-                                                 "machine: podman is not installed"):
+    with pytest.raises(
+        BackendUnavailable,
+        match="backend 'podman' is not available on this machine: podman is not installed",
+    ):
         get_backend("podman")
     with pytest.raises(BackendUnavailable, match="unknown backend 'slurm'"):
         get_backend("slurm")
@@ -136,8 +151,10 @@ def test_get_backend_says_plainly_when_a_backend_is_missing(monkeypatch: pytest.
 
 # -- real PyTorch ------------------------------------------------------------------------
 
-def test_local_backend_runs_a_pytorch_training_job(local: LocalBackend, torch_examples: Path,
-                                                   tmp_path: Path) -> None:
+
+def test_local_backend_runs_a_pytorch_training_job(
+    local: LocalBackend, torch_examples: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "out"
     out.mkdir()
     r = load_request(torch_examples / "train_single.yaml").replace(data=str(out))
@@ -145,11 +162,14 @@ def test_local_backend_runs_a_pytorch_training_job(local: LocalBackend, torch_ex
     st = local.wait(name, 90)
     assert st.state == "succeeded", local.logs(name)
     result = json.loads((out / "single.json").read_text())
-    assert result["w"] == pytest.approx(3.0, abs=0.01) and result["b"] == pytest.approx(1.0, abs=0.01)
+    assert result["w"] == pytest.approx(3.0, abs=0.01) and result["b"] == pytest.approx(
+        1.0, abs=0.01
+    )
 
 
-def test_local_backend_runs_a_two_replica_ddp_job(local: LocalBackend, torch_examples: Path,
-                                                  tmp_path: Path) -> None:
+def test_local_backend_runs_a_two_replica_ddp_job(
+    local: LocalBackend, torch_examples: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "out"
     out.mkdir()
     r = load_request(torch_examples / "train_ddp.yaml").replace(data=str(out))
@@ -172,7 +192,14 @@ def test_supervisor_runs_without_hotwire_importable(tmp_path: Path) -> None:
 
     d = tmp_path / "job"
     d.mkdir()
-    (d / "replicas.json").write_text(json.dumps({"replicas": [
-        {"pod": "p-0", "command": [sys.executable, "-c", "print('ok')"], "env": {}}]}))
+    (d / "replicas.json").write_text(
+        json.dumps(
+            {
+                "replicas": [
+                    {"pod": "p-0", "command": [sys.executable, "-c", "print('ok')"], "env": {}}
+                ]
+            }
+        )
+    )
     subprocess.run([sys.executable, "-S", "-I", str(SUPERVISOR), str(d)], check=True, timeout=30)
     assert json.loads((d / "status.json").read_text())["state"] == "succeeded"

@@ -6,12 +6,12 @@ import threading
 from pathlib import Path
 
 import pytest
+from jobs_helpers import processes_mentioning
 
 from hotwire.jobs import JobError
 from hotwire.jobs.pe import DLJobPE
 from hotwire.jobs.serve import serve
 from hotwire.sdk.pe import Context, ProcessPE
-from jobs_helpers import processes_mentioning
 
 ECHO = """
 import os
@@ -31,8 +31,9 @@ serve(handle)
 
 
 def ctx(request: dict, pe: str = "scorer", instance: int = 0, **config: object) -> Context:
-    return Context(app="app1", pe=pe, instance=instance, parallelism=1,
-                   config={"request": request, **config})
+    return Context(
+        app="app1", pe=pe, instance=instance, parallelism=1, config={"request": request, **config}
+    )
 
 
 def echo_request(tmp_path: Path, **kw: object) -> dict:
@@ -69,16 +70,18 @@ def test_every_record_comes_back_exactly_once_in_order(pes, tmp_path: Path) -> N
         got += pe.process_batch(batch)
     assert [g["in"] for g in got] == sent
     assert {g["tag"] for g in got} == {"v1"}
-    assert list(pe.process({"n": -1})) == [{"in": {"n": -1}, "tag": "v1",
-                                            "pid": got[0]["pid"]}]
+    assert list(pe.process({"n": -1})) == [{"in": {"n": -1}, "tag": "v1", "pid": got[0]["pid"]}]
 
 
 def test_a_handler_exception_fails_that_batch_only(pes, tmp_path: Path) -> None:
     pe = pes()
     pe.setup(ctx(echo_request(tmp_path)))
-    with pytest.raises(JobError, match=r"dl_job PE 'scorer' \(app 'app1', instance 0\): the "
-                                       r"job's handler failed on a batch of 2 records: "
-                                       r"ValueError: no booms please"):
+    with pytest.raises(
+        JobError,
+        match=r"dl_job PE 'scorer' \(app 'app1', instance 0\): the "
+        r"job's handler failed on a batch of 2 records: "
+        r"ValueError: no booms please",
+    ):
         pe.process_batch(["ok", "boom"])
     with pytest.raises(JobError, match="TypeError: can not serialize 'object' object"):
         pe.process_batch(["unsendable"])
@@ -100,26 +103,34 @@ def test_a_job_that_never_serves_fails_setup_with_its_output(pes, tmp_path: Path
     prog = tmp_path / "crash.py"
     prog.write_text("import sys\nprint('loading model failed', flush=True)\nsys.exit(2)\n")
     pe = pes()
-    with pytest.raises(JobError, match=r"the job ended before it served; job scorer-[0-9a-f]{8} "
-                                       r"is failed: .*last output: .*loading model failed"):
+    with pytest.raises(
+        JobError,
+        match=r"the job ended before it served; job scorer-[0-9a-f]{8} "
+        r"is failed: .*last output: .*loading model failed",
+    ):
         pe.setup(ctx({"framework": "generic", "program": str(prog)}))
     assert not processes_mentioning(str(tmp_path))
 
 
 def test_a_job_that_dies_mid_stream_is_reported(pes, tmp_path: Path) -> None:
     prog = tmp_path / "dies.py"
-    prog.write_text("import os\nfrom hotwire.jobs import serve\n"
-                    "def h(r):\n    if r == 'die':\n        os._exit(9)\n    return r\nserve(h)\n")
+    prog.write_text(
+        "import os\nfrom hotwire.jobs import serve\n"
+        "def h(r):\n    if r == 'die':\n        os._exit(9)\n    return r\nserve(h)\n"
+    )
     pe = pes()
     pe.setup(ctx({"framework": "generic", "program": str(prog)}))
     assert pe.process_batch([1]) == [1]
-    with pytest.raises(JobError, match="closed the connection mid-batch; job .* is failed"):
+    with pytest.raises(JobError, match=r"closed the connection mid-batch; job .* is failed"):
         pe.process_batch(["die"])
 
 
 def test_bad_requests_fail_setup_naming_the_pe(pes) -> None:
-    with pytest.raises(JobError, match=r"request of dl_job PE 'scorer' .* has 1 bad field: "
-                                       r"replicas: must be an integer >= 1"):
+    with pytest.raises(
+        JobError,
+        match=r"request of dl_job PE 'scorer' .* has 1 bad field: "
+        r"replicas: must be an integer >= 1",
+    ):
         pes().setup(ctx({"framework": "generic", "command": ["x"], "replicas": 0}))
     with pytest.raises(JobError, match="config has no 'request'"):
         pes().setup(Context(app="a", pe="p", config={}))
@@ -143,8 +154,9 @@ def test_upgrade_starts_the_new_job_switches_then_stops_the_old(pes, tmp_path: P
     assert {r["tag"] for r in old.process_batch([1, 2])} == {"v1"}
     # prepare: another template and image; the old job keeps serving meanwhile
     new = pes()
-    new.setup(ctx(echo_request(tmp_path, env={"TAG": "v2"}, template="generic",
-                               image="python-3.11")))
+    new.setup(
+        ctx(echo_request(tmp_path, env={"TAG": "v2"}, template="generic", image="python-3.11"))
+    )
     assert {r["tag"] for r in old.process_batch([3])} == {"v1"}
     # switch, then retire the old instance
     assert {r["tag"] for r in new.process_batch([4, 5])} == {"v2"}
@@ -156,8 +168,9 @@ def test_upgrade_starts_the_new_job_switches_then_stops_the_old(pes, tmp_path: P
 
 def test_serve_without_an_address_says_what_to_do(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("HOTWIRE_JOBS_ADDRESS", raising=False)
-    with pytest.raises(RuntimeError, match="needs HOTWIRE_JOBS_ADDRESS: run this program as a "
-                                           "dl_job"):
+    with pytest.raises(
+        RuntimeError, match="needs HOTWIRE_JOBS_ADDRESS: run this program as a dl_job"
+    ):
         serve(lambda r: r)
 
 
@@ -192,8 +205,16 @@ def test_serve_in_batch_mode_checks_the_result_count(tmp_path: Path) -> None:
 
 def test_a_pytorch_model_scores_records_through_the_pe(pes, torch_examples: Path) -> None:
     pe = pes()
-    pe.setup(ctx({"name": "scorer", "framework": "pytorch", "version": "2.13",
-                  "program": str(torch_examples / "score_model.py")}))
+    pe.setup(
+        ctx(
+            {
+                "name": "scorer",
+                "framework": "pytorch",
+                "version": "2.13",
+                "program": str(torch_examples / "score_model.py"),
+            }
+        )
+    )
     assert pe.job.template.id == "pytorch-single" and pe.job.image.id == "pytorch-2.13-cpu"
     records = [{"id": i, "features": [i / 10, 1.0, -1.0, 0.5]} for i in range(50)]
     out = pe.process_batch(records[:20]) + pe.process_batch(records[20:])

@@ -24,8 +24,11 @@ def _static_busybox() -> str | None:
     b = shutil.which("busybox")
     if not b:
         return None
-    out = subprocess.run(["file", "-L", b], capture_output=True, text=True, check=False).stdout \
-        if shutil.which("file") else ""
+    out = (
+        subprocess.run(["file", "-L", b], capture_output=True, text=True, check=False).stdout
+        if shutil.which("file")
+        else ""
+    )
     if out and "statically linked" not in out:
         return None
     return b
@@ -39,7 +42,9 @@ def backend_and_catalog(tmp_path_factory: pytest.TempPathFactory):
     if b._run("image", "exists", IMAGE, check=False).returncode != 0:
         busybox = _static_busybox()
         if busybox is None:
-            pytest.skip("no static busybox to build the test image (apt-get install busybox-static)")
+            pytest.skip(
+                "no static busybox to build the test image (apt-get install busybox-static)"
+            )
         root = tmp_path_factory.mktemp("rootfs")
         tar = root.parent / "rootfs.tar"
         with tarfile.open(tar, "w") as t:
@@ -54,7 +59,8 @@ def backend_and_catalog(tmp_path_factory: pytest.TempPathFactory):
     cat_dir = tmp_path_factory.mktemp("catalog")
     (cat_dir / "images.yaml").write_text(
         f"- id: busybox\n  framework: generic\n  version: '1'\n  accelerator: cpu\n"
-        f"  backends: {{podman: {{image: '{IMAGE}', python: 'false'}}}}\n")
+        f"  backends: {{podman: {{image: '{IMAGE}', python: 'false'}}}}\n"
+    )
     return b, Catalog.load([cat_dir], use_env=False)
 
 
@@ -77,11 +83,22 @@ def submit(b, cat, started, **kw):
 
 def test_podman_runs_replicas_in_real_containers(podman, tmp_path: Path) -> None:
     b, cat, started = podman
-    script = ("echo replica $HOTWIRE_REPLICA of $HOTWIRE_REPLICAS $GREETING; "
-              "echo $HOTWIRE_REPLICA > /workspace/data/out-$HOTWIRE_REPLICA; "
-              "cat /proc/self/cgroup | grep -c . > /dev/null; ulimit -n")
-    name = submit(b, cat, started, name="pm-ok", replicas=2, command=["sh", "-c", script],
-                  env={"GREETING": "hi"}, data=str(tmp_path), resources={"memory": "64Mi"})
+    script = (
+        "echo replica $HOTWIRE_REPLICA of $HOTWIRE_REPLICAS $GREETING; "
+        "echo $HOTWIRE_REPLICA > /workspace/data/out-$HOTWIRE_REPLICA; "
+        "cat /proc/self/cgroup | grep -c . > /dev/null; ulimit -n"
+    )
+    name = submit(
+        b,
+        cat,
+        started,
+        name="pm-ok",
+        replicas=2,
+        command=["sh", "-c", script],
+        env={"GREETING": "hi"},
+        data=str(tmp_path),
+        resources={"memory": "64Mi"},
+    )
     st = b.wait(name, 60, poll=0.3)
     assert st.state == "succeeded", b.logs(name)
     logs = b.logs(name)
@@ -91,8 +108,14 @@ def test_podman_runs_replicas_in_real_containers(podman, tmp_path: Path) -> None
 
 def test_podman_failure_and_stop(podman) -> None:
     b, cat, started = podman
-    name = submit(b, cat, started, name="pm-fail", replicas=2,
-                  command=["sh", "-c", "if [ $HOTWIRE_REPLICA = 1 ]; then exit 3; fi; sleep 60"])
+    name = submit(
+        b,
+        cat,
+        started,
+        name="pm-fail",
+        replicas=2,
+        command=["sh", "-c", "if [ $HOTWIRE_REPLICA = 1 ]; then exit 3; fi; sleep 60"],
+    )
     st = b.wait(name, 60, poll=0.3)
     assert st.state == "failed" and st.message == "replica pm-fail-1 failed"
     assert [r.exit_code for r in st.replicas][1] == 3

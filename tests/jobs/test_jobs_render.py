@@ -23,20 +23,34 @@ def cat() -> Catalog:
 
 
 def req(**kw: object):
-    base = {"name": "job", "framework": "pytorch", "program": "/opt/app/train.py",
-            "args": ["--lr", "0.1"], "env": {"EXTRA": "yes"}}
+    base = {
+        "name": "job",
+        "framework": "pytorch",
+        "program": "/opt/app/train.py",
+        "args": ["--lr", "0.1"],
+        "env": {"EXTRA": "yes"},
+    }
     return parse_request({**base, **kw})
 
 
 REQUESTS = {
     "pytorch-single": {},
     "pytorch-single-gpu": {"resources": {"gpu": 2, "cpu": 4, "memory": "8Gi"}, "timeout": 600},
-    "pytorch-ddp": {"mode": "ddp", "replicas": 3, "procs_per_replica": 2,
-                    "resources": {"cpu": "1500m", "memory": "2Gi"}},
+    "pytorch-ddp": {
+        "mode": "ddp",
+        "replicas": 3,
+        "procs_per_replica": 2,
+        "resources": {"cpu": "1500m", "memory": "2Gi"},
+    },
     "pytorch-ddp-gpu": {"mode": "ddp", "replicas": 2, "resources": {"gpu": 1}},
     "tensorflow-ps": {"framework": "tensorflow", "mode": "ps", "replicas": 2, "ps_replicas": 2},
-    "generic": {"framework": "generic", "program": None, "command": ["sh", "-c", "echo hi"],
-                "replicas": 4, "data": "/srv/data"},
+    "generic": {
+        "framework": "generic",
+        "program": None,
+        "command": ["sh", "-c", "echo hi"],
+        "replicas": 4,
+        "data": "/srv/data",
+    },
 }
 
 
@@ -53,7 +67,8 @@ def test_kubernetes_manifests_pass_strict_schema_and_client_models(cat: Catalog,
     assert validate_schema(job.documents, KUBERNETES_VERSION, strict=True) == []
     models = to_models(job.documents)
     assert [type(m).__name__ for m in models] == [
-        {"Job": "V1Job", "Service": "V1Service"}[d["kind"]] for d in job.documents]
+        {"Job": "V1Job", "Service": "V1Service"}[d["kind"]] for d in job.documents
+    ]
     # the file is exactly the documents (what `streamctl jobs render` prints)
     assert list(yaml.safe_load_all(job.text)) == list(job.documents)
     for j in job.jobs():
@@ -82,8 +97,10 @@ def test_ddp_has_a_headless_service_and_the_rendezvous_environment(cat: Catalog)
     assert c["command"][:3] == ["python3", "-m", "torch.distributed.run"]
     assert "--nnodes=3" in c["command"] and "--nproc_per_node=2" in c["command"]
     assert c["command"][-3:] == ["/workspace/program/train.py", "--lr", "0.1"]
-    assert c["resources"] == {"requests": {"cpu": "1500m", "memory": "2Gi"},
-                              "limits": {"cpu": "1500m", "memory": "2Gi"}}
+    assert c["resources"] == {
+        "requests": {"cpu": "1500m", "memory": "2Gi"},
+        "limits": {"cpu": "1500m", "memory": "2Gi"},
+    }
 
 
 def test_gpu_requests_become_nvidia_limits(cat: Catalog) -> None:
@@ -103,15 +120,20 @@ def test_tensorflow_ps_carries_tf_config_per_task(cat: Catalog) -> None:
     reps = replicas_of(job.documents)
     configs = [json.loads(r.env_dict["TF_CONFIG"]) for r in reps]
     assert [c["task"] for c in configs] == [
-        {"type": "ps", "index": 0}, {"type": "ps", "index": 1},
-        {"type": "worker", "index": 0}, {"type": "worker", "index": 1}]
+        {"type": "ps", "index": 0},
+        {"type": "ps", "index": 1},
+        {"type": "worker", "index": 0},
+        {"type": "worker", "index": 1},
+    ]
     assert configs[0]["cluster"] == {
         "ps": ["job-ps-0.job:2222", "job-ps-1.job:2222"],
-        "worker": ["job-worker-0.job:2222", "job-worker-1.job:2222"]}
+        "worker": ["job-worker-0.job:2222", "job-worker-1.job:2222"],
+    }
 
 
-def test_local_rendering_uses_the_local_interpreter_and_free_ports(cat: Catalog,
-                                                                   tmp_path: Path) -> None:
+def test_local_rendering_uses_the_local_interpreter_and_free_ports(
+    cat: Catalog, tmp_path: Path
+) -> None:
     import sys
 
     prog = tmp_path / "train.py"
@@ -142,11 +164,12 @@ def test_containers_mount_program_and_data(cat: Catalog, tmp_path: Path) -> None
 def test_a_missing_local_program_is_a_request_error(cat: Catalog, tmp_path: Path) -> None:
     from hotwire.jobs import RequestError
 
-    with pytest.raises(RequestError, match="program: .*missing.py does not exist"):
+    with pytest.raises(RequestError, match=r"program: .*missing.py does not exist"):
         render(req(program=str(tmp_path / "missing.py")), cat, "local")
 
 
 # -- negative cases: what the schema and the client models reject ---------------------
+
 
 def _first_job(cat: Catalog) -> dict:
     return copy.deepcopy(render(req(), cat, "kubernetes").jobs()[0])
@@ -175,7 +198,8 @@ def test_schema_rejects_unknown_fields_wrong_types_and_missing_parts(cat: Catalo
 def test_client_models_reject_what_kubernetes_would(cat: Catalog) -> None:
     int_quantity = _first_job(cat)
     int_quantity["spec"]["template"]["spec"]["containers"][0]["resources"] = {
-        "limits": {"nvidia.com/gpu": 1}}
+        "limits": {"nvidia.com/gpu": 1}
+    }
     with pytest.raises(ValueError, match="client model rejects it"):
         to_models([int_quantity])
     unknown = _first_job(cat)
@@ -191,17 +215,19 @@ def test_a_broken_user_template_is_caught(cat: Catalog, tmp_path: Path) -> None:
     head = "{#---\nid: %s\nframework: pytorch\nmode: %s\n---#}\n"
     (tmp_path / "templates" / "a.j2").write_text(head % ("undef", "a") + "x: {{ nope }}\n")
     (tmp_path / "templates" / "b.j2").write_text(head % ("badyaml", "b") + "a: [\n")
-    (tmp_path / "templates" / "c.j2").write_text(head % ("nojob", "c") + "apiVersion: v1\n"
-                                                 "kind: ConfigMap\nmetadata: {name: x}\n")
+    (tmp_path / "templates" / "c.j2").write_text(
+        head % ("nojob", "c") + "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n"
+    )
     (tmp_path / "templates" / "d.j2").write_text(
         head % ("badjob", "d") + "{% import '_pod.j2' as pod with context %}\n"
-        "{{ pod.job(name, 'two', main, env) }}\n")
+        "{{ pod.job(name, 'two', main, env) }}\n"
+    )
     user = Catalog.load([tmp_path], use_env=False)
-    with pytest.raises(RenderError, match="undef .* failed to render: 'nope' is undefined"):
+    with pytest.raises(RenderError, match=r"undef .* failed to render: 'nope' is undefined"):
         render(req(mode="a"), user, "kubernetes")
-    with pytest.raises(RenderError, match="badyaml .* rendered invalid YAML"):
+    with pytest.raises(RenderError, match=r"badyaml .* rendered invalid YAML"):
         render(req(mode="b"), user, "kubernetes")
-    with pytest.raises(RenderError, match="nojob .* rendered no batch/v1 Job"):
+    with pytest.raises(RenderError, match=r"nojob .* rendered no batch/v1 Job"):
         render(req(mode="c"), user, "kubernetes")
     job = render(req(mode="d"), user, "kubernetes")  # renders, but Kubernetes would refuse it
     assert any("'two' is not of type 'integer'" in p for p in validate_schema(job.documents))

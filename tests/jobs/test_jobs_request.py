@@ -52,9 +52,21 @@ def test_every_bad_field_is_named_at_once() -> None:
         parse_request(bad)
     fields = {f for f, _ in ei.value.problems}
     assert fields == {
-        "name", "framework", "replicas", "procs_per_replica", "resources.cpu",
-        "resources.memory", "resources.gpu", "resources.disk", "env.1X", "env.OK", "backend",
-        "timeout", "replica", "args", "program",
+        "name",
+        "framework",
+        "replicas",
+        "procs_per_replica",
+        "resources.cpu",
+        "resources.memory",
+        "resources.gpu",
+        "resources.disk",
+        "env.1X",
+        "env.OK",
+        "backend",
+        "timeout",
+        "replica",
+        "args",
+        "program",
     }
     msg = str(ei.value)
     assert msg.startswith("job request has 15 bad fields: ")

@@ -43,6 +43,12 @@ def get_backend(name: str | None = None, **options: Any) -> Backend:
 
 
 __all__ = [
-    "BACKEND_ENV", "Backend", "BackendError", "JobStatus", "ReplicaStatus", "backend_class",
-    "default_backend", "get_backend",
+    "BACKEND_ENV",
+    "Backend",
+    "BackendError",
+    "JobStatus",
+    "ReplicaStatus",
+    "backend_class",
+    "default_backend",
+    "get_backend",
 ]

@@ -125,16 +125,29 @@ class Supervisor:
         self.stopping = False
 
     def write(self) -> None:
-        _write_json(self.dir / "status.json", {
-            "state": self.state, "message": self.message, "started": self.started,
-            "finished": self.finished, "supervisor_pid": os.getpid(),
-            "replicas": [
-                {"pod": r["pod"], "pid": p.pid if p else None, "state": s, "exit_code": c,
-                 "daemon": r.get("daemon", False), "memory_limit": lim}
-                for r, p, s, c, lim in zip(self.replicas, self.procs, self.states, self.codes,
-                                           self.limits, strict=True)
-            ],
-        })
+        _write_json(
+            self.dir / "status.json",
+            {
+                "state": self.state,
+                "message": self.message,
+                "started": self.started,
+                "finished": self.finished,
+                "supervisor_pid": os.getpid(),
+                "replicas": [
+                    {
+                        "pod": r["pod"],
+                        "pid": p.pid if p else None,
+                        "state": s,
+                        "exit_code": c,
+                        "daemon": r.get("daemon", False),
+                        "memory_limit": lim,
+                    }
+                    for r, p, s, c, lim in zip(
+                        self.replicas, self.procs, self.states, self.codes, self.limits, strict=True
+                    )
+                ],
+            },
+        )
 
     def start(self) -> None:
         all_cpus = sorted(os.sched_getaffinity(0))
@@ -150,11 +163,16 @@ class Supervisor:
                 env.setdefault("OMP_NUM_THREADS", str(k))
             cg, how = make_cgroup(f"hotwire-{r['pod']}-{os.getpid()}", r.get("memory"))
             self.cgroups[i], self.limits[i] = cg, how
-            log = open(self.dir / "logs" / f"{r['pod']}.log", "ab")  # noqa: SIM115
+            log = open(self.dir / "logs" / f"{r['pod']}.log", "ab")
             try:
                 self.procs[i] = subprocess.Popen(
-                    r["command"], env=env, cwd=r.get("cwd") or None, stdin=subprocess.DEVNULL,
-                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                    r["command"],
+                    env=env,
+                    cwd=r.get("cwd") or None,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
                     preexec_fn=_preexec(cg, r.get("memory"), cpus),
                 )
                 self.states[i] = "running"
@@ -205,12 +223,18 @@ class Supervisor:
                     self.states[i] = "succeeded" if p.returncode == 0 else "failed"
                     changed = True
             if "failed" in self.states:
-                bad = [r["pod"] for r, s in zip(self.replicas, self.states, strict=True)
-                       if s == "failed"]
+                bad = [
+                    r["pod"]
+                    for r, s in zip(self.replicas, self.states, strict=True)
+                    if s == "failed"
+                ]
                 self.terminate_all("stopped")
                 self.state, self.message = "failed", f"replica {', '.join(bad)} failed"
-            elif all(s == "succeeded" for r, s in zip(self.replicas, self.states, strict=True)
-                     if not r.get("daemon")):
+            elif all(
+                s == "succeeded"
+                for r, s in zip(self.replicas, self.states, strict=True)
+                if not r.get("daemon")
+            ):
                 self.terminate_all("stopped")
                 self.state = "succeeded"
             elif self.stopping:

@@ -79,22 +79,37 @@ class LocalBackend(Backend):
                 if not self.status(job.name).done:
                     raise BackendError(
                         f"local job {job.name!r} is already running; stop it first "
-                        f"(streamctl jobs stop {job.name})")
+                        f"(streamctl jobs stop {job.name})"
+                    )
             shutil.rmtree(d)
         d.mkdir(parents=True)
         replicas = [
-            {"pod": r.pod_name, "command": list(r.command), "env": r.env_dict,
-             "cwd": r.working_dir, "cpu": r.cpu, "memory": r.memory, "daemon": r.daemon}
+            {
+                "pod": r.pod_name,
+                "command": list(r.command),
+                "env": r.env_dict,
+                "cwd": r.working_dir,
+                "cpu": r.cpu,
+                "memory": r.memory,
+                "daemon": r.daemon,
+            }
             for r in replicas_of(job.documents)
         ]
         (d / "job.yaml").write_text(job.text)
-        (d / "replicas.json").write_text(json.dumps(
-            {"name": job.name, "timeout": job.request.timeout, "replicas": replicas}, indent=1))
-        log = open(d / "supervisor.log", "ab")  # noqa: SIM115
+        (d / "replicas.json").write_text(
+            json.dumps(
+                {"name": job.name, "timeout": job.request.timeout, "replicas": replicas}, indent=1
+            )
+        )
+        log = open(d / "supervisor.log", "ab")
         try:
             proc = subprocess.Popen(
-                [sys.executable, str(SUPERVISOR), str(d)], stdin=subprocess.DEVNULL,
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True, close_fds=True,
+                [sys.executable, str(SUPERVISOR), str(d)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                close_fds=True,
             )
         finally:
             log.close()
@@ -121,8 +136,10 @@ class LocalBackend(Backend):
     def status(self, name: str) -> JobStatus:
         d = self._dir(name)
         if not (d / "replicas.json").exists():
-            raise JobNotFound(f"no local job {name!r} under {self.state_dir}; "
-                              "see 'streamctl jobs status' for the jobs there")
+            raise JobNotFound(
+                f"no local job {name!r} under {self.state_dir}; "
+                "see 'streamctl jobs status' for the jobs there"
+            )
         child = self._children.get(name)
         if child is not None and child.poll() is not None:
             self._children.pop(name, None)
@@ -140,11 +157,15 @@ class LocalBackend(Backend):
             state, message = st["state"], st.get("message", "")
             if state in ("pending", "running"):
                 state, message = "failed", "the supervisor process is gone (killed?)"
-        reps = tuple(ReplicaStatus(r["pod"], r["state"], r.get("exit_code"))
-                     for r in st.get("replicas", []))
-        extra = {"started": st.get("started"), "finished": st.get("finished"),
-                 "dir": str(d), "limits": {r["pod"]: r.get("memory_limit")
-                                           for r in st.get("replicas", [])}}
+        reps = tuple(
+            ReplicaStatus(r["pod"], r["state"], r.get("exit_code")) for r in st.get("replicas", [])
+        )
+        extra = {
+            "started": st.get("started"),
+            "finished": st.get("finished"),
+            "dir": str(d),
+            "limits": {r["pod"]: r.get("memory_limit") for r in st.get("replicas", [])},
+        }
         return JobStatus(name, self.name, state, reps, message, extra)
 
     def list(self) -> list[JobStatus]:

@@ -53,8 +53,10 @@ def cgroup_layout() -> str:
 def ulimit_args() -> list[str]:
     """``--ulimit`` flags within this process's hard limits (and podman's own caps)."""
     out = []
-    for flag, res, cap in (("nofile", resource.RLIMIT_NOFILE, PODMAN_NOFILE_CAP),
-                           ("nproc", resource.RLIMIT_NPROC, PODMAN_NPROC_CAP)):
+    for flag, res, cap in (
+        ("nofile", resource.RLIMIT_NOFILE, PODMAN_NOFILE_CAP),
+        ("nproc", resource.RLIMIT_NPROC, PODMAN_NPROC_CAP),
+    ):
         _, hard = resource.getrlimit(res)
         n = cap if hard == resource.RLIM_INFINITY else min(hard, cap)
         out += ["--ulimit", f"{flag}={n}:{n}"]
@@ -79,16 +81,26 @@ class PodmanBackend(Backend):
         if not shutil.which("podman"):
             return "podman is not installed (apt-get install -y podman runc)"
         if cgroup_layout() != "v2" and not shutil.which("runc"):
-            return (f"this host has {cgroup_layout()} cgroup hierarchies, where podman needs "
-                    "runc, and runc is not installed (apt-get install -y runc)")
+            return (
+                f"this host has {cgroup_layout()} cgroup hierarchies, where podman needs "
+                "runc, and runc is not installed (apt-get install -y runc)"
+            )
         return None
 
     # -- helpers -------------------------------------------------------------------------
 
-    def _run(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    def _run(
+        self, *args: str, check: bool = True, timeout: float = 120
+    ) -> subprocess.CompletedProcess[str]:
         cmd = [self.podman, *self.global_args, *args]
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False,
-                           stdin=subprocess.DEVNULL)
+        p = subprocess.run(
+            cmd,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            stdin=subprocess.DEVNULL,
+        )
         if check and p.returncode != 0:
             err = " ".join((p.stderr or p.stdout).split())[-800:]
             raise BackendError(f"podman {args[0]} failed (exit {p.returncode}): {err}")
@@ -101,8 +113,9 @@ class PodmanBackend(Backend):
         try:
             return json.loads(self._record_path(name).read_text())  # type: ignore[no-any-return]
         except FileNotFoundError:
-            raise JobNotFound(f"no podman job {name!r} started by hotwire (records in "
-                              f"{self.state_dir})") from None
+            raise JobNotFound(
+                f"no podman job {name!r} started by hotwire (records in {self.state_dir})"
+            ) from None
 
     def _write_record(self, name: str, rec: dict[str, Any]) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -124,9 +137,19 @@ class PodmanBackend(Backend):
         """The ``podman run`` argument lists of every replica (no I/O)."""
         runs = []
         for r in replicas_of(job.documents):
-            a = ["run", "-d", "--name", r.pod_name, "--label", f"{JOB_LABEL}={job.name}",
-                 "--label", f"hotwire.io/replica={r.pod_name}", "--network", "host",
-                 *ulimit_args()]
+            a = [
+                "run",
+                "-d",
+                "--name",
+                r.pod_name,
+                "--label",
+                f"{JOB_LABEL}={job.name}",
+                "--label",
+                f"hotwire.io/replica={r.pod_name}",
+                "--network",
+                "host",
+                *ulimit_args(),
+            ]
             if r.memory:
                 a += ["--memory", str(r.memory)]
             if r.cpu:
@@ -149,10 +172,14 @@ class PodmanBackend(Backend):
                 raise BackendError(f"podman job {job.name!r} is already running; stop it first")
             self.delete(job.name)
         reps = replicas_of(job.documents)
-        rec = {"name": job.name, "replicas": [r.pod_name for r in reps],
-               "daemons": [r.pod_name for r in reps if r.daemon],
-               "deadline": time.time() + job.request.timeout if job.request.timeout else None,
-               "stopped": False, "message": ""}
+        rec = {
+            "name": job.name,
+            "replicas": [r.pod_name for r in reps],
+            "daemons": [r.pod_name for r in reps if r.daemon],
+            "deadline": time.time() + job.request.timeout if job.request.timeout else None,
+            "stopped": False,
+            "message": "",
+        }
         self._write_record(job.name, rec)
         for args in self.run_args(job):
             try:
@@ -201,8 +228,9 @@ class PodmanBackend(Backend):
             state, message = "failed", "DeadlineExceeded"
         elif all(r.state == "pending" for r in reps):
             state = "pending"
-        if state in ("failed", "succeeded") and any(r.state in ("running", "pending")
-                                                   for r in reps):
+        if state in ("failed", "succeeded") and any(
+            r.state in ("running", "pending") for r in reps
+        ):
             self._stop_all(name)  # what the job no longer needs (peers, ps tasks)
             if state == "failed" and not rec.get("message"):
                 rec["message"] = message
