@@ -102,7 +102,9 @@ class DLJobPE(ProcessPE):
         )
         request = parse_request(data, source=f"request of {self._who()}")
         backend_name = config.get("backend") or request.backend or default_backend()
-        self.backend = get_backend(backend_name)
+        # a local job ends with the worker process that runs this instance
+        opts = {"bind_to_parent": True} if backend_name == "local" else {}
+        self.backend = get_backend(backend_name, **opts)
         catalog = Catalog.load(config.get("catalog") or ())
         try:
             self._listen(backend_name)

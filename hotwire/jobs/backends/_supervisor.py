@@ -9,7 +9,8 @@ command, environment, working directory and limits, logs to
 Semantics are those of a Kubernetes Indexed Job with ``backoffLimit: 0``: the
 job succeeds when every non-daemon replica exits 0, fails as soon as one exits
 non-zero (the others are stopped), and daemon replicas (TensorFlow ps tasks) are
-stopped once the others have ended. SIGTERM stops the job. Replicas die with
+stopped once the others have ended. SIGTERM stops the job; so does the death
+of the process that started it, when its pid is given as a second argument. Replicas die with
 the supervisor (``PR_SET_PDEATHSIG``), so a killed supervisor leaves no orphans.
 """
 
@@ -108,8 +109,9 @@ def _preexec(cgroup: Path | None, memory: int | None, cpus: list[int] | None):
 
 
 class Supervisor:
-    def __init__(self, job_dir: Path) -> None:
+    def __init__(self, job_dir: Path, parent: int | None = None) -> None:
         self.dir = job_dir
+        self.parent = parent
         spec = json.loads((job_dir / "replicas.json").read_text())
         self.replicas: list[dict[str, Any]] = spec["replicas"]
         self.deadline = spec.get("timeout")
@@ -240,6 +242,10 @@ class Supervisor:
             elif self.stopping:
                 self.terminate_all("stopped")
                 self.state, self.message = "stopped", "stopped on request"
+            elif self.parent is not None and os.getppid() != self.parent:
+                self.terminate_all("stopped")
+                self.state = "failed"
+                self.message = f"the process that started the job (pid {self.parent}) is gone"
             elif self.deadline and time.time() - self.started > self.deadline:
                 self.terminate_all("stopped")
                 self.state = "failed"
@@ -262,4 +268,5 @@ class Supervisor:
 
 
 if __name__ == "__main__":
-    sys.exit(Supervisor(Path(sys.argv[1])).run())
+    parent = int(sys.argv[2]) if len(sys.argv) > 2 else None
+    sys.exit(Supervisor(Path(sys.argv[1]), parent).run())

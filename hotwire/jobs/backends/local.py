@@ -58,8 +58,11 @@ def _alive(pid: int | None, marker: str) -> bool:
 class LocalBackend(Backend):
     name = "local"
 
-    def __init__(self, state_dir: str | Path | None = None) -> None:
+    def __init__(self, state_dir: str | Path | None = None, bind_to_parent: bool = False) -> None:
+        """``bind_to_parent``: the job ends when this process ends (what a DL PE wants;
+        not what ``streamctl jobs submit`` wants)."""
         self.state_dir = Path(state_dir) if state_dir else default_state_dir()
+        self.bind_to_parent = bind_to_parent
         # supervisors this object started: reaped here so they do not linger as zombies
         self._children: dict[str, subprocess.Popen[bytes]] = {}
 
@@ -104,7 +107,12 @@ class LocalBackend(Backend):
         log = open(d / "supervisor.log", "ab")
         try:
             proc = subprocess.Popen(
-                [sys.executable, str(SUPERVISOR), str(d)],
+                [
+                    sys.executable,
+                    str(SUPERVISOR),
+                    str(d),
+                    *([str(os.getpid())] if self.bind_to_parent else []),
+                ],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
