@@ -28,7 +28,7 @@ from hotwire.master.scheduler import SchedulingError, schedule
 from hotwire.master.store import Store
 from hotwire.model import LogicalModel, check_structure
 from hotwire.node import Node, add_health
-from hotwire.plan import Plan, Placement, StartInstance, to_wire
+from hotwire.plan import Plan, Placement, to_wire
 from hotwire.proto import hotwire_pb2 as pb
 from hotwire.proto import hotwire_pb2_grpc as pb_grpc
 
@@ -231,16 +231,17 @@ class Master(Node):
     async def _apply(self, plan: Plan, bundle_hash: str, bundle: bytes) -> None:
         """Prepare everywhere, then switch; a failed prepare is aborted everywhere."""
         m = self.membership
-        prep_workers = sorted(plan.prepare)
+        # Every worker in the plan prepares, even with no instruction of its own: it
+        # loads the new bundle there (a kept sender may route by a new key function).
+        prep_workers = sorted(plan.workers)
 
         def wire(ins: Any) -> bytes:
             return msgpack.packb(to_wire(ins), use_bin_type=True)
 
         async def prepare(w: str) -> None:
-            items = plan.prepare[w]
-            needs = any(isinstance(i, StartInstance) for i in items)
+            items = plan.prepare.get(w, ())
             ack = await m.send(w, pb.PREPARE, plan.app, plan.version, [wire(i) for i in items],
-                               {bundle_hash: bundle} if needs else None)
+                               {bundle_hash: bundle})
             if not ack.ok:
                 raise RuntimeError(ack.error)
 

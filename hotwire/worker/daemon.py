@@ -163,6 +163,8 @@ class Worker(Node):
                 rt.add_bundle(h, data)
             instructions = [from_wire(msgpack.unpackb(b, raw=False)) for b in batch.instructions]
             if batch.phase == pb.PREPARE:
+                for h in batch.bundles:
+                    rt.load(h)  # import errors surface here, before anything switches
                 await rt.prepare(batch.app, batch.version, instructions)
             elif batch.phase == pb.SWITCH:
                 await rt.switch(batch.app, batch.version, instructions)

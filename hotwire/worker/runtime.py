@@ -121,6 +121,15 @@ class Runtime:
             raise PrepareError(f"bundle {h[:12]} was not sent to worker {self.name!r}")
         return load_bundle(h, data, self.bundle_dir)
 
+    def load(self, h: str) -> Any:
+        """Import a bundle's app now; a failure is a prepare error naming the worker."""
+        try:
+            return self.topology(h)
+        except PrepareError:
+            raise
+        except Exception as e:
+            raise PrepareError(f"worker {self.name!r} cannot load the app bundle: {e}") from e
+
     def key_fn(self, ref: KeyRef | None) -> Any:
         if ref is None:
             return None
