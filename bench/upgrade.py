@@ -1,0 +1,572 @@
+"""Upgrade benchmark: hotwire's online upgrade against stop-and-resubmit, on a real local cluster.
+
+    python bench/upgrade.py [--quick] [--rate R] [--keys K] [--runs N] [--out FILE]
+
+Starts a master and two workers (real processes on loopback), measures the
+saturated throughput of the scenario app and its latency at half of it, then
+for each scenario performs the upgrade ``runs`` times while records flow at
+``rate`` per second (reverting in between), and does the same change by
+killing the app and submitting the new version (``restart``). Finally it
+measures how an upgrade's cost grows with the topology (``scaling``). Prints
+one JSON document on stdout and writes it to ``--out``; the sink timelines
+go beside it (``FILE.timeline.json``) for ``bench/plot.py``. See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from workload import render_app, render_wide, wide_model  # noqa: E402
+
+from hotwire.master.diff import diff  # noqa: E402
+from hotwire.master.planner import plan_upgrade  # noqa: E402
+from hotwire.master.scheduler import schedule  # noqa: E402
+from hotwire.model import LogicalModel  # noqa: E402
+from hotwire.testing import read_jsonl  # noqa: E402
+from hotwire.testing.cluster import LocalCluster, poll_for, write_app  # noqa: E402
+from hotwire.testing.scenarios import SCENARIOS, check_output  # noqa: E402
+
+BENCH_SCENARIOS = ("insert_pe", "remove_pe", "change_code", "rescale_keyed", "reroute", "rollback")
+STATELESS = ("insert_pe", "remove_pe", "reroute")  # changes that move no keyed state
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# -- statistics -------------------------------------------------------------
+def pct(values: Sequence[float], q: float) -> float | None:
+    """The ``q``-quantile (0..1) by nearest rank; None for no values."""
+    if not values:
+        return None
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
+
+
+def r3(v: float | None) -> float | None:
+    return None if v is None else round(v, 3)
+
+
+def summary(values: Sequence[float], *qs: str) -> dict[str, float | None]:
+    out: dict[str, float | None] = {}
+    for q in qs:
+        if q == "max":
+            out[q] = r3(max(values)) if values else None
+        else:
+            out[q] = r3(pct(values, int(q[1:]) / 100))
+    return out
+
+
+def max_gap(ts: Sequence[float], t0: float, t1: float) -> float:
+    """Longest interval (s) without a sink record in ``[t0, t1]``; ``ts`` sorted.
+
+    The last record before ``t0`` and the first after ``t1`` count as the
+    window's edges, so a silence that starts before or ends after it is whole.
+    """
+    import bisect
+
+    lo = max(bisect.bisect_left(ts, t0) - 1, 0)
+    hi = min(bisect.bisect_right(ts, t1) + 1, len(ts))
+    window = ts[lo:hi]
+    if len(window) < 2:
+        return t1 - t0
+    return max(b - a for a, b in zip(window, window[1:], strict=False))
+
+
+def rate_in(ts: Sequence[float], t0: float, t1: float) -> float | None:
+    import bisect
+
+    if t1 <= t0:
+        return None
+    return (bisect.bisect_right(ts, t1) - bisect.bisect_left(ts, t0)) / (t1 - t0)
+
+
+# -- one measured app ---------------------------------------------------------
+@dataclass
+class Event:
+    kind: str  # "upgrade", "rollback", "revert", "restart"
+    t_req: float  # wall clock, before the request
+    t_done: float  # wall clock, after the reply
+    apply_ms: float  # master: request to commit (UpgradeReply.latency_ms); restart: kill + submit
+    rtt_ms: float  # client round trip (includes running app.py and bundling)
+    timed: bool = True
+
+
+@dataclass
+class Run:
+    name: str
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+    n: int = 0
+
+    @property
+    def sink_times(self) -> list[float]:
+        return sorted(r["t_sink"] for r in self.rows)
+
+
+class Bench:
+    def __init__(self, cluster: LocalCluster, work: Path, rate: float, keys: int):
+        self.c = cluster
+        self.work = work
+        self.rate = rate
+        self.keys = keys
+
+    def _files(self, tag: str) -> tuple[str, str]:
+        out, audit = self.work / f"{tag}.out.jsonl", self.work / f"{tag}.audit.jsonl"
+        for p in (out, audit):
+            p.unlink(missing_ok=True)
+        return str(out), str(audit)
+
+    def _count(self, path: str) -> int:
+        try:
+            with open(path, "rb") as f:
+                return sum(1 for _ in f)
+        except FileNotFoundError:
+            return 0
+
+    def _wait_rows(self, out: str, n: int, timeout: float) -> None:
+        """Wait for at least ``n`` rows and then until the sink has been quiet for 0.3 s."""
+        seen = {"count": -1, "since": time.monotonic()}
+
+        def done() -> bool:
+            c = self._count(out)
+            now = time.monotonic()
+            if c != seen["count"]:
+                seen["count"], seen["since"] = c, now
+            return c >= n and now - seen["since"] > 0.3
+
+        try:
+            poll_for(done, timeout, interval=0.05, what=f"{n} rows")
+        except TimeoutError:
+            log(f"  only {self._count(out)} of {n} records reached the sink in time")
+
+    def apps(self, tag: str, name: str, shapes: Sequence[Any], n: int | None,
+             rate: float | None) -> tuple[str, list[str]]:
+        out, audit = self._files(tag)
+        paths = [
+            write_app(self.work, f"{tag}.v{i + 1}.py",
+                      render_app(s, out=out, audit=audit, n=n, rate=rate, keys=self.keys,
+                                 name=name))
+            for i, s in enumerate(shapes)
+        ]
+        return out, paths
+
+    # -- saturation and latency ----------------------------------------------
+    def saturate(self, seconds: float) -> float:
+        v1 = SCENARIOS["change_code"][0]
+        out, (app,) = self.apps("saturate", "saturate", [v1], None, None)
+        self.c.client.submit(app)
+        poll_for(lambda: self._count(out) > 0, 20, what="saturating records")
+        time.sleep(seconds)
+        self.c.client.kill("saturate")
+        ts = sorted(r["t_sink"] for r in read_jsonl(out))
+        t0, t1 = ts[0] + min(1.0, seconds / 3), ts[-1]
+        return rate_in(ts, t0, t1) or 0.0
+
+    def steady(self, rate: float, seconds: float) -> dict[str, Any]:
+        v1 = SCENARIOS["change_code"][0]
+        n = int(rate * seconds)
+        out, (app,) = self.apps("steady", "steady", [v1], n, rate)
+        self.c.client.submit(app)
+        self._wait_rows(out, n, seconds + 20)
+        self.c.client.kill("steady")
+        rows = read_jsonl(out)
+        ts = sorted(r["t_sink"] for r in rows)
+        skip = ts[0] + 0.5  # leave out the start-up
+        lat = [(r["t_sink"] - r["t_emit"]) * 1000 for r in rows if r["t_sink"] > skip]
+        return {"rate": rate, "records": len(rows), "throughput_rps": r3(rate_in(ts, skip, ts[-1])),
+                "latency_ms": summary(lat, "p50", "p99", "max")}
+
+    # -- online upgrades ----------------------------------------------------
+    def online(self, scenario: str, runs: int, warm: float, spacing: float) -> Run:
+        base = "change_code" if scenario == "rollback" else scenario
+        v1, v2 = SCENARIOS[base]
+        n = int(self.rate * (warm + runs * 2 * spacing + 1.5))
+        name = f"b_{scenario}"
+        out, (app1, app2) = self.apps(scenario, name, [v1, v2], n, self.rate)
+        run = Run(scenario, n=n)
+        self.c.client.submit(app1)
+        poll_for(lambda: self._count(out) > 0, 20, what="records flowing")
+        time.sleep(warm)
+        for _ in range(runs):
+            if scenario == "rollback":
+                run.events.append(self._upgrade(app2, "upgrade", timed=False))
+                time.sleep(spacing)
+                run.events.append(self._rollback(name))
+            else:
+                run.events.append(self._upgrade(app2, "upgrade"))
+                time.sleep(spacing)
+                run.events.append(self._upgrade(app1, "revert", timed=False))
+            time.sleep(spacing)
+        self._wait_rows(out, n, 30)
+        self.c.client.kill(name)
+        run.rows = read_jsonl(out)
+        return run
+
+    def _upgrade(self, app: str, kind: str, timed: bool = True) -> Event:
+        t0, p0 = time.time(), time.perf_counter()
+        r = self.c.client.upgrade(app)
+        p1 = time.perf_counter()
+        if not r.applied:
+            raise RuntimeError(f"upgrade with {app} was not applied")
+        return Event(kind, t0, time.time(), r.latency_ms, (p1 - p0) * 1000, timed)
+
+    def _rollback(self, name: str) -> Event:
+        t0, p0 = time.time(), time.perf_counter()
+        r = self.c.client.rollback(name, to_version=1)
+        p1 = time.perf_counter()
+        if not r.applied:
+            raise RuntimeError(f"rollback of {name} was not applied")
+        return Event("rollback", t0, time.time(), r.latency_ms, (p1 - p0) * 1000)
+
+    # -- the baseline: stop and resubmit -------------------------------------------
+    def restart(self, scenario: str, i: int, warm: float) -> Run:
+        base = "change_code" if scenario == "rollback" else scenario
+        v1, v2 = SCENARIOS[base]
+        if scenario == "rollback":
+            v1, v2 = v2, v1  # stop the new version, resubmit the old one
+        n = int(self.rate * (warm + 1.5))
+        name = f"r_{scenario}"
+        out, (app1, app2) = self.apps(f"restart-{scenario}-{i}", name, [v1, v2], n, self.rate)
+        run = Run(f"restart:{scenario}", n=n)
+        self.c.client.submit(app1)
+        poll_for(lambda: self._count(out) > 0, 20, what="records flowing")
+        time.sleep(warm)
+        t0, p0 = time.time(), time.perf_counter()
+        self.c.client.kill(name)
+        self.c.client.submit(app2)
+        p1 = time.perf_counter()
+        run.events.append(Event("restart", t0, time.time(), (p1 - p0) * 1000, (p1 - p0) * 1000))
+        self._wait_rows(out, n, 30)
+        self.c.client.kill(name)
+        run.rows = read_jsonl(out)
+        return run
+
+    # -- scaling --------------------------------------------------------------
+    def scaling_cluster(self, pes: int, upgrades: int) -> dict[str, Any]:
+        name = f"wide{pes}"
+        paths = [write_app(self.work, f"{name}.v{v}.py", render_wide(pes, name=name, rate=5.0,
+                                                                     version=v))
+                 for v in range(upgrades + 1)]
+        t = time.perf_counter()
+        sub = self.c.client.submit(paths[0], timeout=600)
+        submit_ms = (time.perf_counter() - t) * 1000
+        apply_ms, rtt_ms, changed = [], [], []
+        for p in paths[1:]:
+            time.sleep(0.2)
+            e = self._upgrade(p, "upgrade")
+            apply_ms.append(e.apply_ms)
+            rtt_ms.append(e.rtt_ms)
+        self.c.client.kill(name, timeout=600)
+        old, new = wide_model(pes, version=0), wide_model(pes, version=1)
+        changed = diff(old, new).regenerated
+        return {"pes": pes, "changed_pes": len(changed), "diff_plan_ms": r3(diff_plan_ms(pes)),
+                "apply_ms": r3(statistics.median(apply_ms)), "apply_ms_all": [r3(a) for a in apply_ms],
+                "rtt_ms": r3(statistics.median(rtt_ms)), "submit_ms": r3(submit_ms),
+                "submit_apply_ms": r3(sub.latency_ms)}
+
+
+def diff_plan_ms(pes: int, repeat: int = 5) -> float:
+    """Median time of diff + schedule + plan_upgrade for one changed PE among ``pes`` (no cluster)."""
+    old, new = wide_model(pes, version=0), wide_model(pes, version=1)
+    workers = {"w1": pes, "w2": pes}
+    empty = LogicalModel.build(old.app, [], [])
+    old_pl = schedule(old, {}, diff(empty, old), workers, 1, "bundle-1")
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        change = diff(old, new)
+        new_pl = schedule(new, old_pl, change, workers, 2, "bundle-2")
+        plan_upgrade(old.app, 2, old, old_pl, new, new_pl, change)
+        times.append((time.perf_counter() - t) * 1000)
+    return statistics.median(times)
+
+
+# -- reading a run ------------------------------------------------------------
+def window(e: Event) -> tuple[float, float]:
+    """Where an event's gap is looked for: from the request to a little after the reply."""
+    return e.t_req, e.t_done + 0.1
+
+
+def measure(run: Run) -> dict[str, Any]:
+    ts = run.sink_times
+    timed = [e for e in run.events if e.timed]
+    gaps = [max_gap(ts, *window(e)) * 1000 for e in timed]
+    lat_during = [(r["t_sink"] - r["t_emit"]) * 1000 for r in run.rows
+                  if any(e.t_req <= r["t_sink"] <= e.t_done + 0.5 for e in timed)]
+    v = check_output(run.rows, run.n)
+    v.state_resets = max(v.state_resets, count_resets(run.rows))
+    before = [rate_in(ts, e.t_req - 1.0, e.t_req) for e in timed]
+    during = [rate_in(ts, e.t_req, max(e.t_done, e.t_req + 0.05)) for e in timed]
+    after = [rate_in(ts, e.t_done, e.t_done + 1.0) for e in timed]
+    return {
+        "gaps": gaps,
+        "apply": [e.apply_ms for e in timed],
+        "rtt": [e.rtt_ms for e in timed],
+        "lat_during": lat_during,
+        "verdict": v,
+        "throughput_rps": {k: r3(statistics.median([x for x in xs if x is not None]))
+                           if any(x is not None for x in xs) else None
+                           for k, xs in (("before", before), ("during", during), ("after", after))},
+    }
+
+
+def count_resets(rows: list[dict[str, Any]]) -> int:
+    """Keys whose count went back to 1 after the key had been seen (duplicates included)."""
+    seen: set[str] = set()
+    reset: set[str] = set()
+    for r in sorted(rows, key=lambda r: r["t_sink"]):
+        if r["n"] == 1 and r["key"] in seen:
+            reset.add(r["key"])
+        seen.add(r["key"])
+    return len(reset)
+
+
+def new_output_gap(run: Run, e: Event) -> float:
+    """Longest interval (ms) around ``e`` without a sink record of a sequence number not seen before."""
+    best, seen_max, last = 0.0, -1, None
+    for r in sorted(run.rows, key=lambda r: r["t_sink"]):
+        if r["seq"] <= seen_max:
+            continue
+        seen_max = r["seq"]
+        t = r["t_sink"]
+        if last is not None and t >= e.t_req and last <= e.t_done:
+            best = max(best, t - last)
+        last = t
+    return best * 1000
+
+
+def steady_gap(run: Run, length: float) -> list[float]:
+    """Max gap (ms) of each window of ``length`` s that is at least 0.3 s away from any upgrade."""
+    ts = run.sink_times
+    if not ts:
+        return []
+    busy = [(e.t_req - 0.2, e.t_done + 0.2) for e in run.events]
+    out = []
+    t = ts[0] + 0.5  # leave out the start-up
+    while t + length < ts[-1] - 0.2:
+        if not any(a < t + length and t < b for a, b in busy):
+            out.append(max_gap(ts, t, t + length) * 1000)
+        t += length
+    return out
+
+
+def timeline(run: Run, bin_s: float = 0.05) -> dict[str, Any]:
+    """Sink throughput and latency per ``bin_s`` bin, times relative to the first record."""
+    if not run.rows:
+        return {"name": run.name, "bins": [], "events": []}
+    t0 = min(r["t_sink"] for r in run.rows)
+    bins: dict[int, list[float]] = {}
+    for r in run.rows:
+        bins.setdefault(int((r["t_sink"] - t0) / bin_s), []).append((r["t_sink"] - r["t_emit"]) * 1000)
+    rows = []
+    for b in range(max(bins) + 1):
+        lat = bins.get(b, [])
+        rows.append([round(b * bin_s, 3), round(len(lat) / bin_s, 1), r3(pct(lat, 0.5)), r3(pct(lat, 0.99))])
+    return {"name": run.name, "bin_s": bin_s, "columns": ["t", "rps", "lat_p50_ms", "lat_p99_ms"],
+            "bins": rows,
+            "events": [{"kind": e.kind, "t": round(e.t_req - t0, 4), "t_done": round(e.t_done - t0, 4)}
+                       for e in run.events]}
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpus": os.cpu_count(), "cpu_model": model or platform.processor(),
+            "python": platform.python_version(), "platform": platform.platform(),
+            "loadavg": [round(x, 2) for x in os.getloadavg()]}
+
+
+def scenario_entry(bench: Bench, scenario: str, runs: int, restarts: int, warm: float,
+                   spacing: float, timelines: list[dict[str, Any]]) -> dict[str, Any]:
+    log(f"{scenario}: {runs} online upgrade(s) at {bench.rate:g} records/s")
+    run = bench.online(scenario, runs, warm, spacing)
+    m = measure(run)
+    v = m["verdict"]
+    length = statistics.median([e.t_done + 0.1 - e.t_req for e in run.events if e.timed])
+    steady = steady_gap(run, length)
+    timelines.append(timeline(run))
+    log(f"{scenario}: {restarts} stop-and-resubmit run(s)")
+    r_gaps: list[float] = []
+    r_new: list[float] = []
+    r_lost = r_dup = r_resets = 0
+    r_apply: list[float] = []
+    for i in range(restarts):
+        rr = bench.restart(scenario, i, warm)
+        rm = measure(rr)
+        r_gaps += rm["gaps"]
+        r_apply += rm["apply"]
+        r_new += [new_output_gap(rr, e) for e in rr.events]
+        rv = rm["verdict"]
+        r_lost, r_dup, r_resets = r_lost + rv.lost, r_dup + rv.duplicated, r_resets + rv.state_resets
+        if i == 0:
+            timelines.append(timeline(rr))
+    gap_p50 = statistics.median(m["gaps"])
+    restart_p50 = statistics.median(r_gaps) if r_gaps else None
+    entry = {
+        "name": scenario,
+        "rate": bench.rate,
+        "keys": bench.keys,
+        "runs": len(m["gaps"]),
+        "apply_ms": summary(m["apply"], "p50", "p99", "max"),
+        "client_rtt_ms": summary(m["rtt"], "p50", "max"),
+        "gap_ms": summary(m["gaps"], "p50", "max"),
+        "gap_ms_all": [r3(g) for g in m["gaps"]],
+        "steady_gap_ms_p99": r3(pct(steady, 0.99)),
+        "steady_windows": len(steady),
+        "latency_ms_during": summary(m["lat_during"], "p50", "p99", "max"),
+        "throughput_rps": m["throughput_rps"],
+        "received": v.received,
+        "lost": v.lost,
+        "duplicated": v.duplicated,
+        "out_of_order": v.out_of_order,
+        "state_resets": v.state_resets,
+        "restart": {
+            "runs": len(r_gaps),
+            "gap_ms": summary(r_gaps, "p50", "max"),
+            "kill_submit_ms": summary(r_apply, "p50", "max"),
+            "new_output_gap_ms": summary(r_new, "p50", "max"),
+            "lost": r_lost,
+            "duplicated": r_dup,
+            "state_resets": r_resets,
+        },
+        "gap_ratio": r3(restart_p50 / gap_p50) if restart_p50 and gap_p50 else None,
+        "peer": PEER,
+    }
+    log(f"{scenario}: apply p50 {entry['apply_ms']['p50']} ms, gap p50/max "
+        f"{entry['gap_ms']['p50']}/{entry['gap_ms']['max']} ms (steady p99 "
+        f"{entry['steady_gap_ms_p99']}), restart gap p50 {entry['restart']['gap_ms']['p50']} ms, "
+        f"lost/dup/resets {v.lost}/{v.duplicated}/{v.state_resets}")
+    return entry
+
+
+def peer_status() -> dict[str, Any]:
+    try:
+        import bytewax  # type: ignore[import-not-found]  # noqa: F401
+    except ImportError:
+        return {"available": False,
+                "reason": "bytewax is not installed; the stop-and-resume-from-recovery-store "
+                          "comparison is not implemented in this harness"}
+    return {"available": False,
+            "reason": "bytewax is installed but the comparison is not implemented yet"}
+
+
+PEER = peer_status()
+
+
+def goals(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each goal of the issue, the measured value and whether it is met."""
+    out: list[dict[str, Any]] = []
+
+    def add(goal: str, value: Any, ok: Callable[[Any], bool]) -> None:
+        out.append({"goal": goal, "value": value, "met": value is not None and ok(value)})
+
+    sc = {s["name"]: s for s in doc["scenarios"]}
+    rate = doc["config"]["rate"]
+    for name in STATELESS:
+        if name in sc:
+            add(f"{name}: gap_ms max <= 10 at {rate:g}/s", sc[name]["gap_ms"]["max"], lambda v: v <= 10)
+    if "rescale_keyed" in sc:
+        add(f"rescale_keyed: gap_ms max <= 100 with {doc['config']['keys']} keys",
+            sc["rescale_keyed"]["gap_ms"]["max"], lambda v: v <= 100)
+    for s in doc["scenarios"]:
+        add(f"{s['name']}: gap_ratio >= 100", s["gap_ratio"], lambda v: v >= 100)
+        add(f"{s['name']}: lost = duplicated = state_resets = 0",
+            [s["lost"], s["duplicated"], s["state_resets"]], lambda v: v == [0, 0, 0])
+    if "change_code" in sc:
+        add("change_code (one PE): apply_ms p50 <= 50", sc["change_code"]["apply_ms"]["p50"],
+            lambda v: v <= 50)
+    by_pes = {s["pes"]: s for s in doc["scaling"]}
+    if 10 in by_pes and 1000 in by_pes and by_pes[10].get("apply_ms"):
+        add("apply_ms at 1000 PEs <= 2x at 10 PEs",
+            r3(by_pes[1000]["apply_ms"] / by_pes[10]["apply_ms"]), lambda v: v <= 2)
+    if 10000 in by_pes:
+        add("diff+plan of 10000 PEs <= 200 ms", by_pes[10000]["diff_plan_ms"], lambda v: v <= 200)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer runs; under 2 minutes on 2 cores")
+    ap.add_argument("--rate", type=float, default=10000.0, help="input records per second")
+    ap.add_argument("--keys", type=int, default=50000, help="distinct keys of the keyed stage")
+    ap.add_argument("--runs", type=int, default=None, help="upgrades per scenario (default 10, quick 3)")
+    ap.add_argument("--restarts", type=int, default=None,
+                    help="stop-and-resubmit runs per scenario (default 3, quick 1)")
+    ap.add_argument("--scenarios", default=",".join(BENCH_SCENARIOS),
+                    help="comma-separated subset of: " + ", ".join(BENCH_SCENARIOS))
+    ap.add_argument("--scaling", default=None,
+                    help="PE counts on the cluster, comma-separated (default 10,100,1000); "
+                         "'' for none")
+    ap.add_argument("--out", default="bench/results/upgrade.json", help="where to write the JSON")
+    a = ap.parse_args(argv)
+    runs = a.runs or (3 if a.quick else 10)
+    restarts = a.restarts if a.restarts is not None else (1 if a.quick else 3)
+    scenarios = [s for s in a.scenarios.split(",") if s]
+    for s in scenarios:
+        if s not in BENCH_SCENARIOS:
+            ap.error(f"unknown scenario {s!r}; choose from {', '.join(BENCH_SCENARIOS)}")
+    scaling = [int(x) for x in (a.scaling if a.scaling is not None else "10,100,1000").split(",") if x]
+    warm, spacing = (1.0, 0.4) if a.quick else (1.5, 0.6)
+    config = {"rate": a.rate, "keys": a.keys, "runs": runs, "restarts": restarts,
+              "quick": a.quick, "workers": 2, "warm_s": warm, "spacing_s": spacing,
+              "scenarios": scenarios, "scaling_pes": scaling}
+    t_start = time.perf_counter()
+    timelines: list[dict[str, Any]] = []
+    doc: dict[str, Any] = {"machine": machine(), "config": config}
+    with tempfile.TemporaryDirectory(prefix="hotwire-bench-") as tmp:
+        work = Path(tmp)
+        slots = max(64, max(scaling, default=0) // 2 + 32)
+        with LocalCluster(workers=2, slots=slots, data_dir=work / "cluster",
+                          log_level="warning") as cluster:
+            bench = Bench(cluster, work, a.rate, a.keys)
+            log("saturated throughput")
+            sat = bench.saturate(2.0 if a.quick else 4.0)
+            log(f"saturated: {sat:.0f} records/s; latency at half of it")
+            half = bench.steady(round(sat / 2, -2) or 1000.0, 2.0 if a.quick else 5.0)
+            doc["throughput"] = {"saturated_rps": r3(sat), "at_half": half}
+            if sat and a.rate > 0.8 * sat:
+                log(f"warning: --rate {a.rate:g} is above 80% of the saturated throughput")
+            doc["scenarios"] = [scenario_entry(bench, s, runs, restarts, warm, spacing, timelines)
+                                for s in scenarios]
+            doc["scaling"] = []
+            for pes in scaling:
+                log(f"scaling: one PE changed among {pes}")
+                doc["scaling"].append(bench.scaling_cluster(pes, 2 if a.quick else 5))
+    log("scaling: diff + plan alone for 10000 PEs")
+    doc["scaling"].append({"pes": 10000, "changed_pes": 1, "diff_plan_ms": r3(diff_plan_ms(10000, 3)),
+                           "apply_ms": None})
+    doc["goals"] = goals(doc)
+    doc["elapsed_s"] = round(time.perf_counter() - t_start, 1)
+    text = json.dumps(doc, indent=2)
+    print(text)
+    if a.out:
+        out = Path(a.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+        out.with_suffix(".timeline.json").write_text(json.dumps(timelines) + "\n")
+        log(f"wrote {out} and {out.with_suffix('.timeline.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

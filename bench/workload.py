@@ -1,0 +1,213 @@
+"""The benchmark's apps: timestamped versions of the upgrade scenarios, and wide topologies.
+
+``render_app`` writes the same topology as :func:`hotwire.testing.scenarios.render`
+(src -> enrich -> [extra ->] count -> out, optional audit sink) but self-contained:
+the source stamps each record with its emit time ``t`` and paces itself in 1 ms
+ticks, and the sink appends ``{"seq", "key", "n", "code", "t_emit", "t_sink"}``
+lines. Everything is defined in the app file itself, so a worker needs nothing
+beyond the bundle; source and sink code is identical in every version, so an
+upgrade never touches them.
+
+``render_wide`` and ``wide_model`` build topologies of an exact number of PEs
+(one source fanning out to chains of maps, each chain ending in a sink) for the
+scaling measurements.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hotwire.model import LogicalModel, PESpec, StreamSpec
+from hotwire.testing.scenarios import Shape
+
+_APP_HEAD = '''\
+import asyncio
+import json
+import os
+import threading
+import time
+
+from hotwire import Topology
+from hotwire.sdk import ProcessPE
+
+N = {n!r}
+RATE = {rate!r}
+KEYS = {keys!r}
+TICK_S = 0.001  # the source paces itself in ticks this long
+
+
+async def stamped(ctx):
+    start = int(getattr(ctx, "position", 0) or 0)
+    step = max(1, int(RATE * TICK_S)) if RATE else 256
+    t0 = time.monotonic()
+    seq = start
+    while N is None or seq < N:
+        yield {{"seq": seq, "key": "k%d" % (seq % KEYS), "t": time.time()}}
+        seq += 1
+        if (seq - start) % step == 0:
+            if RATE:
+                ahead = (seq - start) / RATE - (time.monotonic() - t0)
+                await asyncio.sleep(ahead if ahead > 0 else 0)
+            else:
+                await asyncio.sleep(0)
+
+
+class Lines:
+    """Appends whole JSON lines with one O_APPEND write per flush (safe across versions)."""
+
+    def __init__(self, path):
+        self.path = path
+        self.buf = []
+        self.lock = threading.Lock()
+        self.fd = None
+
+    def __call__(self, obj):
+        with self.lock:
+            self.buf.append(json.dumps(obj))
+            if self.fd is None:
+                self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+                threading.Thread(target=self._flusher, daemon=True).start()
+            if len(self.buf) >= 2048:
+                self._flush()
+
+    def _flush(self):
+        if self.buf:
+            os.write(self.fd, ("\\n".join(self.buf) + "\\n").encode())
+            self.buf = []
+
+    def _flusher(self):
+        while True:
+            time.sleep(0.02)
+            with self.lock:
+                self._flush()
+
+
+OUT = Lines({out!r})
+AUDIT = Lines({audit!r})
+
+
+def write(r):
+    OUT({{"seq": r["seq"], "key": r["key"], "n": r["n"], "code": r["code"],
+         "t_emit": r["t"], "t_sink": time.time()}})
+
+
+def audit(r):
+    AUDIT({{"seq": r["seq"], "key": r["key"]}})
+
+
+'''
+
+
+def render_app(shape: Shape, *, out: str, audit: str, n: int | None, rate: float | None,
+               keys: int, name: str) -> str:
+    """The app file of one version of a scenario, with emit and sink timestamps."""
+    if shape.key_variant != 1 or shape.src_variant != 1 or shape.sink_variant != 1:
+        raise ValueError("bench apps support changes of enrich, extra, count and audit only")
+    lines = [
+        _APP_HEAD.format(n=n, rate=rate, keys=keys, out=out, audit=audit),
+        "class Count(ProcessPE):",
+        "    def setup(self, ctx):",
+        "        self.n = {}",
+        "",
+        "    def process(self, r):",
+        '        k = r["key"]',
+        "        n = self.n.get(k, 0) + 1",
+        "        self.n[k] = n",
+        f'        yield {{"seq": r["seq"], "key": k, "n": n, "t": r["t"], '
+        f'"code": {shape.count_code}}}',
+        "",
+        "    def snapshot(self):",
+        "        return self.n",
+        "",
+        "    def restore(self, state):",
+        "        self.n.update(state)",
+        "",
+        "",
+        f"app = Topology({name!r})",
+        'src = app.source("src", stamped)',
+        'enrich = src.key_by(lambda r: r["key"]).map("enrich", lambda r: r, '
+        f"parallelism={shape.enrich_p}, config={dict(shape.enrich_cfg)!r})",
+    ]
+    feed = "enrich"
+    if shape.extra:
+        lines.append('extra = enrich.key_by(lambda r: r["key"]).map("extra", '
+                     'lambda r: {**r, "extra": 1}, parallelism=2)')
+        feed = "extra"
+    lines += [
+        f'count = {feed}.key_by(lambda r: r["key"]).process("count", Count, '
+        f"parallelism={shape.count_p})",
+        'count.sink("out", write)',
+    ]
+    if shape.audit_from:
+        lines.append(f'{shape.audit_from}.sink("audit", audit)')
+    return "\n".join(lines) + "\n"
+
+
+def chain_shape(pes: int) -> tuple[int, int]:
+    """``(chains, maps per chain)`` so that 1 source + chains * (maps + 1 sink) == pes."""
+    if pes < 3:
+        raise ValueError("a wide topology needs at least 3 PEs")
+    total = pes - 1
+    best = (1, total - 1)
+    for c in range(1, total + 1):
+        if total % c == 0 and c * c <= total:
+            best = (c, total // c - 1)
+    return best
+
+
+def render_wide(pes: int, *, name: str, rate: float, version: int = 0) -> str:
+    """An app of exactly ``pes`` PEs; ``version`` goes into the config of ``m0_0`` only."""
+    chains, length = chain_shape(pes)
+    lines = [
+        "import asyncio",
+        "",
+        "from hotwire import Topology",
+        "",
+        f"RATE = {rate!r}",
+        "",
+        "",
+        "async def tick(ctx):",
+        "    seq = int(getattr(ctx, 'position', 0) or 0)",
+        "    while True:",
+        "        yield {'seq': seq}",
+        "        seq += 1",
+        "        await asyncio.sleep(1 / RATE)",
+        "",
+        "",
+        "def same(r):",
+        "    return r",
+        "",
+        "",
+        "def drop(r):",
+        "    return None",
+        "",
+        "",
+        f"app = Topology({name!r})",
+        'src = app.source("src", tick)',
+    ]
+    for c in range(chains):
+        lines.append(f"s = src")
+        for i in range(length):
+            cfg = f", config={{'v': {version}}}" if (c, i) == (0, 0) else ""
+            lines.append(f's = s.map("m{c}_{i}", same{cfg})')
+        lines.append(f's.sink("out{c}", drop)')
+    return "\n".join(lines) + "\n"
+
+
+def wide_model(pes: int, *, name: str = "wide", version: int = 0) -> LogicalModel:
+    """The logical model of :func:`render_wide` built directly (no user code, no fingerprints)."""
+    chains, length = chain_shape(pes)
+    specs = [PESpec("src", "source", 1, "fp-src", "tick")]
+    streams: list[StreamSpec] = []
+    for c in range(chains):
+        prev = "src"
+        for i in range(length):
+            pe = f"m{c}_{i}"
+            cfg: dict[str, Any] = {"v": version} if (c, i) == (0, 0) else {}
+            fp = f"fp-map-{version}" if (c, i) == (0, 0) else "fp-map"
+            specs.append(PESpec(pe, "map", 1, fp, "same", cfg))
+            streams.append(StreamSpec(prev, pe))
+            prev = pe
+        specs.append(PESpec(f"out{c}", "sink", 1, "fp-sink", "drop"))
+        streams.append(StreamSpec(prev, f"out{c}"))
+    return LogicalModel.build(name, specs, streams)
