@@ -258,7 +258,7 @@ class Bench:
     # -- scaling --------------------------------------------------------------
     def scaling_cluster(self, pes: int, upgrades: int) -> dict[str, Any]:
         name = f"wide{pes}"
-        paths = [write_app(self.work, f"{name}.v{v}.py", render_wide(pes, name=name, rate=5.0,
+        paths = [write_app(self.work, f"{name}.v{v}.py", render_wide(pes, name=name, rate=200.0,
                                                                      version=v))
                  for v in range(upgrades + 1)]
         t = time.perf_counter()
@@ -273,26 +273,35 @@ class Bench:
         self.c.client.kill(name, timeout=600)
         old, new = wide_model(pes, version=0), wide_model(pes, version=1)
         changed = diff(old, new).regenerated
-        return {"pes": pes, "changed_pes": len(changed), "diff_plan_ms": r3(diff_plan_ms(pes)),
+        return {"pes": pes, "changed_pes": len(changed), **diff_plan_ms(pes),
                 "apply_ms": r3(statistics.median(apply_ms)), "apply_ms_all": [r3(a) for a in apply_ms],
                 "rtt_ms": r3(statistics.median(rtt_ms)), "submit_ms": r3(submit_ms),
                 "submit_apply_ms": r3(sub.latency_ms)}
 
 
-def diff_plan_ms(pes: int, repeat: int = 5) -> float:
-    """Median time of diff + schedule + plan_upgrade for one changed PE among ``pes`` (no cluster)."""
+def diff_plan_ms(pes: int, repeat: int = 5) -> dict[str, float]:
+    """Median times (ms) of diff, schedule and plan_upgrade for one changed PE among ``pes``.
+
+    Pure functions on logical models: no cluster, no user code.
+    """
     old, new = wide_model(pes, version=0), wide_model(pes, version=1)
     workers = {"w1": pes, "w2": pes}
     empty = LogicalModel.build(old.app, [], [])
     old_pl = schedule(old, {}, diff(empty, old), workers, 1, "bundle-1")
-    times = []
+    times: dict[str, list[float]] = {"diff_ms": [], "schedule_ms": [], "plan_ms": [],
+                                     "diff_plan_ms": []}
     for _ in range(repeat):
-        t = time.perf_counter()
+        t0 = time.perf_counter()
         change = diff(old, new)
+        t1 = time.perf_counter()
         new_pl = schedule(new, old_pl, change, workers, 2, "bundle-2")
+        t2 = time.perf_counter()
         plan_upgrade(old.app, 2, old, old_pl, new, new_pl, change)
-        times.append((time.perf_counter() - t) * 1000)
-    return statistics.median(times)
+        t3 = time.perf_counter()
+        for k, v in (("diff_ms", t1 - t0), ("schedule_ms", t2 - t1), ("plan_ms", t3 - t2),
+                     ("diff_plan_ms", t3 - t0)):
+            times[k].append(v * 1000)
+    return {k: round(statistics.median(v), 3) for k, v in times.items()}
 
 
 # -- reading a run ------------------------------------------------------------
@@ -370,13 +379,20 @@ def timeline(run: Run, bin_s: float = 0.05) -> dict[str, Any]:
         return {"name": run.name, "bins": [], "events": []}
     t0 = min(r["t_sink"] for r in run.rows)
     bins: dict[int, list[float]] = {}
-    for r in run.rows:
-        bins.setdefault(int((r["t_sink"] - t0) / bin_s), []).append((r["t_sink"] - r["t_emit"]) * 1000)
+    dups: dict[int, int] = {}
+    seen: set[int] = set()
+    for r in sorted(run.rows, key=lambda r: r["t_sink"]):
+        b = int((r["t_sink"] - t0) / bin_s)
+        bins.setdefault(b, []).append((r["t_sink"] - r["t_emit"]) * 1000)
+        if r["seq"] in seen:
+            dups[b] = dups.get(b, 0) + 1
+        seen.add(r["seq"])
     rows = []
     for b in range(max(bins) + 1):
         lat = bins.get(b, [])
-        rows.append([round(b * bin_s, 3), round(len(lat) / bin_s, 1), r3(pct(lat, 0.5)), r3(pct(lat, 0.99))])
-    return {"name": run.name, "bin_s": bin_s, "columns": ["t", "rps", "lat_p50_ms", "lat_p99_ms"],
+        rows.append([round(b * bin_s, 3), round(len(lat) / bin_s, 1), r3(pct(lat, 0.5)),
+                     r3(pct(lat, 0.99)), round(dups.get(b, 0) / bin_s, 1)])
+    return {"name": run.name, "bin_s": bin_s, "columns": ["t", "rps", "lat_p50_ms", "lat_p99_ms", "dup_rps"],
             "bins": rows,
             "events": [{"kind": e.kind, "t": round(e.t_req - t0, 4), "t_done": round(e.t_done - t0, 4)}
                        for e in run.events]}
@@ -553,7 +569,7 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"scaling: one PE changed among {pes}")
                 doc["scaling"].append(bench.scaling_cluster(pes, 2 if a.quick else 5))
     log("scaling: diff + plan alone for 10000 PEs")
-    doc["scaling"].append({"pes": 10000, "changed_pes": 1, "diff_plan_ms": r3(diff_plan_ms(10000, 3)),
+    doc["scaling"].append({"pes": 10000, "changed_pes": 1, **diff_plan_ms(10000, 3),
                            "apply_ms": None})
     doc["goals"] = goals(doc)
     doc["elapsed_s"] = round(time.perf_counter() - t_start, 1)

@@ -9,8 +9,8 @@ beyond the bundle; source and sink code is identical in every version, so an
 upgrade never touches them.
 
 ``render_wide`` and ``wide_model`` build topologies of an exact number of PEs
-(one source fanning out to chains of maps, each chain ending in a sink) for the
-scaling measurements.
+(chains of maps, each ending in a sink, fed by two sources) for the scaling
+measurements.
 """
 
 from __future__ import annotations
@@ -143,35 +143,37 @@ def render_app(shape: Shape, *, out: str, audit: str, n: int | None, rate: float
     return "\n".join(lines) + "\n"
 
 
-def chain_shape(pes: int) -> tuple[int, int]:
-    """``(chains, maps per chain)`` so that 1 source + chains * (maps + 1 sink) == pes."""
-    if pes < 3:
-        raise ValueError("a wide topology needs at least 3 PEs")
-    total = pes - 1
-    best = (1, total - 1)
-    for c in range(1, total + 1):
-        if total % c == 0 and c * c <= total:
-            best = (c, total // c - 1)
-    return best
+def chain_lengths(pes: int) -> list[int]:
+    """PEs per chain (maps + its sink) so that 2 sources + the chains make exactly ``pes``."""
+    if pes < 4:
+        raise ValueError("a wide topology needs at least 4 PEs")
+    rest = pes - 2
+    chains = max(1, round(rest ** 0.5))
+    return [rest // chains + (1 if c < rest % chains else 0) for c in range(chains)]
 
 
 def render_wide(pes: int, *, name: str, rate: float, version: int = 0) -> str:
-    """An app of exactly ``pes`` PEs; ``version`` goes into the config of ``m0_0`` only."""
-    chains, length = chain_shape(pes)
+    """An app of exactly ``pes`` PEs; ``version`` goes into the config of ``m0_0`` only.
+
+    Source ``src`` emits ``rate`` records/s into chain 0, where the changed PE is, so
+    its switch finds a batch boundary soon; source ``bg`` feeds every other chain at
+    1 record/s, so that a large topology is alive without saturating the machine.
+    """
     lines = [
         "import asyncio",
         "",
         "from hotwire import Topology",
         "",
-        f"RATE = {rate!r}",
         "",
+        "def ticker(rate):",
+        "    async def tick(ctx):",
+        "        seq = int(getattr(ctx, 'position', 0) or 0)",
+        "        while True:",
+        "            yield {'seq': seq}",
+        "            seq += 1",
+        "            await asyncio.sleep(1 / rate)",
         "",
-        "async def tick(ctx):",
-        "    seq = int(getattr(ctx, 'position', 0) or 0)",
-        "    while True:",
-        "        yield {'seq': seq}",
-        "        seq += 1",
-        "        await asyncio.sleep(1 / RATE)",
+        "    return tick",
         "",
         "",
         "def same(r):",
@@ -183,25 +185,30 @@ def render_wide(pes: int, *, name: str, rate: float, version: int = 0) -> str:
         "",
         "",
         f"app = Topology({name!r})",
-        'src = app.source("src", tick)',
+        f'src = app.source("src", ticker({rate!r}))',
     ]
-    for c in range(chains):
-        lines.append(f"s = src")
-        for i in range(length):
+    lengths = chain_lengths(pes)
+    if len(lengths) > 1:
+        lines.append('bg = app.source("bg", ticker(1.0))')
+    for c, length in enumerate(lengths):
+        lines.append("s = src" if c == 0 else "s = bg")
+        for i in range(length - 1):
             cfg = f", config={{'v': {version}}}" if (c, i) == (0, 0) else ""
             lines.append(f's = s.map("m{c}_{i}", same{cfg})')
         lines.append(f's.sink("out{c}", drop)')
+    if len(lengths) == 1:  # keep the PE count exact: a second, idle source with its own sink
+        lines.append('app.source("bg", ticker(1.0)).sink("bg_out", drop)')
     return "\n".join(lines) + "\n"
 
 
 def wide_model(pes: int, *, name: str = "wide", version: int = 0) -> LogicalModel:
-    """The logical model of :func:`render_wide` built directly (no user code, no fingerprints)."""
-    chains, length = chain_shape(pes)
-    specs = [PESpec("src", "source", 1, "fp-src", "tick")]
+    """The shape of :func:`render_wide` as a logical model built directly (no user code)."""
+    lengths = chain_lengths(pes)
+    specs = [PESpec("src", "source", 1, "fp-src", "tick"), PESpec("bg", "source", 1, "fp-bg", "tick")]
     streams: list[StreamSpec] = []
-    for c in range(chains):
-        prev = "src"
-        for i in range(length):
+    for c, length in enumerate(lengths):
+        prev = "src" if c == 0 else "bg"
+        for i in range(length - 1):
             pe = f"m{c}_{i}"
             cfg: dict[str, Any] = {"v": version} if (c, i) == (0, 0) else {}
             fp = f"fp-map-{version}" if (c, i) == (0, 0) else "fp-map"
@@ -210,4 +217,7 @@ def wide_model(pes: int, *, name: str = "wide", version: int = 0) -> LogicalMode
             prev = pe
         specs.append(PESpec(f"out{c}", "sink", 1, "fp-sink", "drop"))
         streams.append(StreamSpec(prev, f"out{c}"))
+    if len(lengths) == 1:
+        specs.append(PESpec("bg_out", "sink", 1, "fp-sink", "drop"))
+        streams.append(StreamSpec("bg", "bg_out"))
     return LogicalModel.build(name, specs, streams)
