@@ -235,6 +235,10 @@ def up(app: str | None, n_workers: int, listen: str, data_dir: str | None, slots
             time.sleep(0.2)
         raise Failure("a cluster process exited; stopping the cluster")
 
+    def on_term(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)  # a script's `kill` stops the cluster cleanly too
     try:
         _run(body)
     except KeyboardInterrupt:
@@ -317,9 +321,10 @@ def _print_upgrade(r: Any, as_json: bool, dry_run: bool) -> None:
     }
 
     def human() -> None:
-        click.echo(f"app {r.app!r}: version {r.from_version} -> {r.to_version}")
         if not r.change_lines:
-            click.echo("  no changes")
+            click.echo(f"app {r.app!r} version {r.from_version}: no changes, nothing to apply")
+            return
+        click.echo(f"app {r.app!r}: version {r.from_version} -> {r.to_version}")
         for line in r.change_lines:
             click.echo(f"  {line}")
         click.echo(f"plan: {r.instructions} instructions")
@@ -327,10 +332,8 @@ def _print_upgrade(r: Any, as_json: bool, dry_run: bool) -> None:
             click.echo(f"  {line}")
         if r.applied:
             click.echo(f"version {r.to_version} is live ({r.latency_ms:.1f} ms)")
-        elif dry_run:
-            click.echo("dry run: nothing applied")
         else:
-            click.echo("nothing to apply")
+            click.echo("dry run: nothing applied")
 
     _emit(as_json, doc, human)
 

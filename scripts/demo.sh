@@ -10,7 +10,7 @@ CTL=".venv/bin/streamctl"
 echo "== starting a local cluster with examples/wordcount.py"
 .venv/bin/streamctl up examples/wordcount.py --workers 2 --listen "$HOTWIRE_MASTER" &
 UP=$!
-trap 'kill -INT $UP 2>/dev/null || true; wait $UP 2>/dev/null || true' EXIT
+trap 'kill -TERM $UP 2>/dev/null || true; wait $UP 2>/dev/null || true' EXIT INT TERM
 for _ in $(seq 1 100); do
   if $CTL status wordcount >/dev/null 2>&1; then break; fi
   sleep 0.2

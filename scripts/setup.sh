@@ -1,10 +1,22 @@
 #!/usr/bin/env bash
 # Create .venv and install hotwire with its test dependencies (idempotent).
+# With --full it also installs what the deep-learning job tests use: PyTorch (CPU),
+# the Kubernetes client and schema validator, and (as root, with apt) podman.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+extras="test"
+if [ "${1:-}" = "--full" ]; then
+  extras="test,k8s,dl"
+  if ! command -v podman >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    echo "installing podman, runc and busybox-static (apt)"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman runc busybox-static >/dev/null) \
+      || echo "podman could not be installed; the podman backend tests will be skipped"
+  fi
+fi
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --upgrade pip >/dev/null
-.venv/bin/python -m pip install -q -e '.[test]' "$@"
+.venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
+.venv/bin/python -m pip install -q -e ".[$extras]" 2>&1 | grep -v '^WARNING: Location' || true
+.venv/bin/python -c "import hotwire, grpc, msgpack, networkx"

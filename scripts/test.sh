@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The test suite, with all set-up on a fresh machine: virtualenv, dependencies, pytest.
+# The whole test suite, with all set-up on a fresh machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh --full
 exec .venv/bin/python -m pytest -q "$@"

@@ -31,7 +31,7 @@ class WorkerConn:
     pending: dict[int, asyncio.Future[pb.Ack]] = field(default_factory=dict)
     running: list[pb.RunningInstance] = field(default_factory=list)
     stats_at: float = 0.0
-    rates: dict[tuple[str, str], float] = field(default_factory=dict)
+    rates: dict[tuple[str, str], tuple[float, float]] = field(default_factory=dict)  # in, out
     connected: asyncio.Event = field(default_factory=asyncio.Event)
 
     def fail_pending(self, reason: str) -> None:
@@ -71,11 +71,12 @@ class Membership:
         now = time.monotonic()
         dt = now - w.stats_at if w.stats_at else 0.0
         if dt > 0:
-            before = {(r.app, r.instance): r.records_in for r in w.running}
-            w.rates = {
-                (r.app, r.instance): max(0.0, (r.records_in - before.get((r.app, r.instance), 0)) / dt)
-                for r in req.running
-            }
+            before = {(r.app, r.instance): (r.records_in, r.records_out) for r in w.running}
+            w.rates = {}
+            for r in req.running:
+                b_in, b_out = before.get((r.app, r.instance), (0, 0))
+                w.rates[(r.app, r.instance)] = (max(0.0, (r.records_in - b_in) / dt),
+                                                max(0.0, (r.records_out - b_out) / dt))
         w.stats_at = now
         w.running = list(req.running)
         # Liveness uses the master's own monotonic clock; the worker's wall clock

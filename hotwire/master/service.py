@@ -94,7 +94,8 @@ class Master(Node):
                 self.apps[name] = AppState(name, version, state, rec.model, rec.bundle_hash,
                                            rec.placement)
         opts = [("grpc.max_receive_message_length", MAX_MESSAGE),
-                ("grpc.max_send_message_length", MAX_MESSAGE)]
+                ("grpc.max_send_message_length", MAX_MESSAGE),
+                ("grpc.so_reuseport", 0)]  # a second master on a taken port must fail
         self.server = grpc.aio.server(options=opts)
         pb_grpc.add_MasterServicer_to_server(ClientService(self), self.server)
         pb_grpc.add_WorkerControlServicer_to_server(WorkerService(self), self.server)
@@ -207,14 +208,16 @@ class Master(Node):
         assert self.store is not None
         t0 = time.perf_counter()
         change = diff(old, new)
-        cur_version = version - 1 if action != "submit" else (version - 1)
+        cur_version = version - 1
         try:
             new_pl = schedule(new, old_pl, change, self._free_slots(app), version, bundle_hash)
         except SchedulingError as e:
             raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from e
         plan = plan_upgrade(app, version, old, old_pl, new, new_pl, change)
+        if change.is_empty and action != "submit":
+            return Outcome(app, cur_version, cur_version, change, plan, False, 0.0)
         outcome = Outcome(app, cur_version, version, change, plan, False, 0.0)
-        if dry_run or (change.is_empty and action != "submit"):
+        if dry_run:
             return outcome
         self.store.put_bundle(bundle_hash, bundle)
         await self._apply(plan, bundle_hash, bundle)
@@ -296,10 +299,10 @@ class Master(Node):
     def app_status(self, app: str) -> pb.StatusReply:
         if app and app not in self.apps:
             raise Refused(grpc.StatusCode.NOT_FOUND, f"no app named {app!r}")
-        stats: dict[tuple[str, str], tuple[Any, float]] = {}
+        stats: dict[tuple[str, str], tuple[Any, tuple[float, float]]] = {}
         for w in self.membership.workers.values():
             for r in w.running:
-                stats[(r.app, r.instance)] = (r, w.rates.get((r.app, r.instance), 0.0))
+                stats[(r.app, r.instance)] = (r, w.rates.get((r.app, r.instance), (0.0, 0.0)))
         reply = pb.StatusReply()
         for st in sorted(self.apps.values(), key=lambda a: a.name):
             if app and st.name != app:
@@ -312,7 +315,8 @@ class Master(Node):
                 pl = st.placement[spec.name]
                 p = a.pes.add(name=spec.name, kind=spec.kind, parallelism=pl.parallelism, gen=pl.gen)
                 for i, w in enumerate(pl.workers):
-                    r, rate = stats.get((st.name, pl.instance(spec.name, i)), (None, 0.0))
+                    r, rates = stats.get((st.name, pl.instance(spec.name, i)), (None, (0.0, 0.0)))
+                    rate = rates[1] if spec.kind == "source" else rates[0]
                     p.instances.add(
                         index=i, worker=w, rate_in=rate,
                         records_in=r.records_in if r else 0,

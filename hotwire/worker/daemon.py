@@ -64,7 +64,7 @@ class Worker(Node):
         host, port = split_addr(self.listen)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         await self.runtime.dataplane.start(host, port)
-        self._grpc = grpc.aio.server()
+        self._grpc = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         add_health(self._grpc, self.health)
         hport = self._grpc.add_insecure_port(f"{host}:0")
         await self._grpc.start()
