@@ -145,10 +145,10 @@ def render_app(shape: Shape, *, out: str, audit: str, n: int | None, rate: float
 
 def chain_lengths(pes: int) -> list[int]:
     """PEs per chain (maps + its sink) so that 2 sources + the chains make exactly ``pes``."""
-    if pes < 4:
-        raise ValueError("a wide topology needs at least 4 PEs")
+    if pes < 6:
+        raise ValueError("a wide topology needs at least 6 PEs")
     rest = pes - 2
-    chains = max(1, round(rest ** 0.5))
+    chains = max(2, round(rest ** 0.5))
     return [rest // chains + (1 if c < rest % chains else 0) for c in range(chains)]
 
 
@@ -188,16 +188,13 @@ def render_wide(pes: int, *, name: str, rate: float, version: int = 0) -> str:
         f'src = app.source("src", ticker({rate!r}))',
     ]
     lengths = chain_lengths(pes)
-    if len(lengths) > 1:
-        lines.append('bg = app.source("bg", ticker(1.0))')
+    lines.append('bg = app.source("bg", ticker(1.0))')
     for c, length in enumerate(lengths):
         lines.append("s = src" if c == 0 else "s = bg")
         for i in range(length - 1):
             cfg = f", config={{'v': {version}}}" if (c, i) == (0, 0) else ""
             lines.append(f's = s.map("m{c}_{i}", same{cfg})')
         lines.append(f's.sink("out{c}", drop)')
-    if len(lengths) == 1:  # keep the PE count exact: a second, idle source with its own sink
-        lines.append('app.source("bg", ticker(1.0)).sink("bg_out", drop)')
     return "\n".join(lines) + "\n"
 
 
@@ -217,7 +214,4 @@ def wide_model(pes: int, *, name: str = "wide", version: int = 0) -> LogicalMode
             prev = pe
         specs.append(PESpec(f"out{c}", "sink", 1, "fp-sink", "drop"))
         streams.append(StreamSpec(prev, f"out{c}"))
-    if len(lengths) == 1:
-        specs.append(PESpec("bg_out", "sink", 1, "fp-sink", "drop"))
-        streams.append(StreamSpec("bg", "bg_out"))
     return LogicalModel.build(name, specs, streams)
