@@ -31,8 +31,9 @@ def load_timelines(path: Path) -> list[dict[str, Any]]:
     return result
 
 
-def pair_up(timelines: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any] | None,
-                                                             dict[str, Any] | None]]:
+def pair_up(
+    timelines: list[dict[str, Any]],
+) -> list[tuple[str, dict[str, Any] | None, dict[str, Any] | None]]:
     """``(scenario, online timeline, restart timeline)`` in the order of the run."""
     rows: dict[str, list[dict[str, Any] | None]] = {}
     for t in timelines:
@@ -43,8 +44,7 @@ def pair_up(timelines: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any] |
     return [(k, v[0], v[1]) for k, v in rows.items()]
 
 
-def draw(ax: Any, t: dict[str, Any] | None, title: str, ymax: float,
-         latmax: float) -> Any:
+def draw(ax: Any, t: dict[str, Any] | None, title: str, ymax: float, latmax: float) -> Any:
     if t is None or not t["bins"]:
         ax.set_title(f"{title}: no data", fontsize=9)
         return None
@@ -54,17 +54,33 @@ def draw(ax: Any, t: dict[str, Any] | None, title: str, ymax: float,
     p99 = [b[3] for b in t["bins"]]
     ax.step(ts, rps, where="post", color="tab:blue", lw=1, label="sink records/s")
     if len(t["bins"][0]) > 4:
-        ax.step(ts, [b[4] for b in t["bins"]], where="post", color="tab:red", lw=1,
-                label="of which duplicates/s")
+        ax.step(
+            ts,
+            [b[4] for b in t["bins"]],
+            where="post",
+            color="tab:red",
+            lw=1,
+            label="of which duplicates/s",
+        )
     ax.set_ylim(0, ymax * 1.15)
     ax.set_ylabel("records/s", fontsize=8)
     ax.set_xlabel("s", fontsize=8)
     ax.tick_params(labelsize=7)
     lat = ax.twinx()
-    lat.plot([x for x, y in zip(ts, p50, strict=False) if y is not None],
-             [y for y in p50 if y is not None], color="tab:green", lw=0.8, label="latency p50")
-    lat.plot([x for x, y in zip(ts, p99, strict=False) if y is not None],
-             [y for y in p99 if y is not None], color="tab:orange", lw=0.8, label="latency p99")
+    lat.plot(
+        [x for x, y in zip(ts, p50, strict=False) if y is not None],
+        [y for y in p50 if y is not None],
+        color="tab:green",
+        lw=0.8,
+        label="latency p50",
+    )
+    lat.plot(
+        [x for x, y in zip(ts, p99, strict=False) if y is not None],
+        [y for y in p99 if y is not None],
+        color="tab:orange",
+        lw=0.8,
+        label="latency p99",
+    )
     lat.set_yscale("log")
     lat.set_ylim(0.5, latmax * 1.5)
     lat.set_ylabel("latency ms", fontsize=8)
@@ -73,8 +89,13 @@ def draw(ax: Any, t: dict[str, Any] | None, title: str, ymax: float,
         measured = e["kind"] in ("upgrade", "rollback", "restart")
         if e["kind"] == "upgrade" and any(x["kind"] == "rollback" for x in t["events"]):
             measured = False  # in the rollback scenario the rollback is measured
-        ax.axvspan(e["t"], max(e["t_done"], e["t"] + 0.005), color="red" if measured else "grey",
-                   alpha=0.35 if measured else 0.2, lw=0)
+        ax.axvspan(
+            e["t"],
+            max(e["t_done"], e["t"] + 0.005),
+            color="red" if measured else "grey",
+            alpha=0.35 if measured else 0.2,
+            lw=0,
+        )
     ax.set_title(title, fontsize=9)
     return lat
 
@@ -100,10 +121,20 @@ def main(argv: list[str] | None = None) -> int:
     if not rows:
         print("plot: no timelines to draw", file=sys.stderr)
         return 1
-    ymax = max((b[1] for _, on, off in rows for t in (on, off) if t for b in t["bins"]),
-               default=1.0)
-    latmax = max((b[3] for _, on, off in rows for t in (on, off) if t for b in t["bins"]
-                  if b[3] is not None), default=10.0)
+    ymax = max(
+        (b[1] for _, on, off in rows for t in (on, off) if t for b in t["bins"]), default=1.0
+    )
+    latmax = max(
+        (
+            b[3]
+            for _, on, off in rows
+            for t in (on, off)
+            if t
+            for b in t["bins"]
+            if b[3] is not None
+        ),
+        default=10.0,
+    )
     fig, axes = plt.subplots(len(rows), 2, figsize=(12, 2.4 * len(rows)), squeeze=False)
     twins = []
     for i, (name, online, restart) in enumerate(rows):

@@ -29,15 +29,17 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from workload import render_app, render_wide, wide_model  # noqa: E402
+import itertools
 
-from hotwire.master.diff import diff  # noqa: E402
-from hotwire.master.planner import plan_upgrade  # noqa: E402
-from hotwire.master.scheduler import schedule  # noqa: E402
-from hotwire.model import LogicalModel  # noqa: E402
-from hotwire.testing import read_jsonl  # noqa: E402
-from hotwire.testing.cluster import LocalCluster, poll_for, write_app  # noqa: E402
-from hotwire.testing.scenarios import SCENARIOS, check_output  # noqa: E402
+from workload import render_app, render_wide, wide_model
+
+from hotwire.master.diff import diff
+from hotwire.master.planner import plan_upgrade
+from hotwire.master.scheduler import schedule
+from hotwire.model import LogicalModel
+from hotwire.testing import read_jsonl
+from hotwire.testing.cluster import LocalCluster, poll_for, write_app
+from hotwire.testing.scenarios import SCENARIOS, check_output
 
 BENCH_SCENARIOS = ("insert_pe", "remove_pe", "change_code", "rescale_keyed", "reroute", "rollback")
 STATELESS = ("insert_pe", "remove_pe", "reroute")  # changes that move no keyed state
@@ -83,7 +85,7 @@ def max_gap(ts: Sequence[float], t0: float, t1: float) -> float:
     window = ts[lo:hi]
     if len(window) < 2:
         return t1 - t0
-    return max(b - a for a, b in zip(window, window[1:], strict=False))
+    return max(b - a for a, b in itertools.pairwise(window))
 
 
 def rate_in(ts: Sequence[float], t0: float, t1: float) -> float | None:
@@ -153,13 +155,16 @@ class Bench:
         except TimeoutError:
             log(f"  only {self._count(out)} of {n} records reached the sink in time")
 
-    def apps(self, tag: str, name: str, shapes: Sequence[Any], n: int | None,
-             rate: float | None) -> tuple[str, list[str]]:
+    def apps(
+        self, tag: str, name: str, shapes: Sequence[Any], n: int | None, rate: float | None
+    ) -> tuple[str, list[str]]:
         out, audit = self._files(tag)
         paths = [
-            write_app(self.work, f"{tag}.v{i + 1}.py",
-                      render_app(s, out=out, audit=audit, n=n, rate=rate, keys=self.keys,
-                                 name=name))
+            write_app(
+                self.work,
+                f"{tag}.v{i + 1}.py",
+                render_app(s, out=out, audit=audit, n=n, rate=rate, keys=self.keys, name=name),
+            )
             for i, s in enumerate(shapes)
         ]
         return out, paths
@@ -187,8 +192,12 @@ class Bench:
         ts = sorted(r["t_sink"] for r in rows)
         skip = ts[0] + 0.5  # leave out the start-up
         lat = [(r["t_sink"] - r["t_emit"]) * 1000 for r in rows if r["t_sink"] > skip]
-        return {"rate": rate, "records": len(rows), "throughput_rps": r3(rate_in(ts, skip, ts[-1])),
-                "latency_ms": summary(lat, "p50", "p99", "max")}
+        return {
+            "rate": rate,
+            "records": len(rows),
+            "throughput_rps": r3(rate_in(ts, skip, ts[-1])),
+            "latency_ms": summary(lat, "p50", "p99", "max"),
+        }
 
     # -- online upgrades ----------------------------------------------------
     def online(self, scenario: str, runs: int, warm: float, spacing: float) -> Run:
@@ -258,9 +267,12 @@ class Bench:
     # -- scaling --------------------------------------------------------------
     def scaling_cluster(self, pes: int, upgrades: int) -> dict[str, Any]:
         name = f"wide{pes}"
-        paths = [write_app(self.work, f"{name}.v{v}.py", render_wide(pes, name=name, rate=200.0,
-                                                                     version=v))
-                 for v in range(upgrades + 1)]
+        paths = [
+            write_app(
+                self.work, f"{name}.v{v}.py", render_wide(pes, name=name, rate=200.0, version=v)
+            )
+            for v in range(upgrades + 1)
+        ]
         t = time.perf_counter()
         sub = self.c.client.submit(paths[0], timeout=600)
         submit_ms = (time.perf_counter() - t) * 1000
@@ -273,10 +285,16 @@ class Bench:
         self.c.client.kill(name, timeout=600)
         old, new = wide_model(pes, version=0), wide_model(pes, version=1)
         changed = diff(old, new).regenerated
-        return {"pes": pes, "changed_pes": len(changed), **diff_plan_ms(pes),
-                "apply_ms": r3(statistics.median(apply_ms)), "apply_ms_all": [r3(a) for a in apply_ms],
-                "rtt_ms": r3(statistics.median(rtt_ms)), "submit_ms": r3(submit_ms),
-                "submit_apply_ms": r3(sub.latency_ms)}
+        return {
+            "pes": pes,
+            "changed_pes": len(changed),
+            **diff_plan_ms(pes),
+            "apply_ms": r3(statistics.median(apply_ms)),
+            "apply_ms_all": [r3(a) for a in apply_ms],
+            "rtt_ms": r3(statistics.median(rtt_ms)),
+            "submit_ms": r3(submit_ms),
+            "submit_apply_ms": r3(sub.latency_ms),
+        }
 
 
 def diff_plan_ms(pes: int, repeat: int = 5) -> dict[str, float]:
@@ -288,8 +306,12 @@ def diff_plan_ms(pes: int, repeat: int = 5) -> dict[str, float]:
     workers = {"w1": pes, "w2": pes}
     empty = LogicalModel.build(old.app, [], [])
     old_pl = schedule(old, {}, diff(empty, old), workers, 1, "bundle-1")
-    times: dict[str, list[float]] = {"diff_ms": [], "schedule_ms": [], "plan_ms": [],
-                                     "diff_plan_ms": []}
+    times: dict[str, list[float]] = {
+        "diff_ms": [],
+        "schedule_ms": [],
+        "plan_ms": [],
+        "diff_plan_ms": [],
+    }
     for _ in range(repeat):
         t0 = time.perf_counter()
         change = diff(old, new)
@@ -298,8 +320,12 @@ def diff_plan_ms(pes: int, repeat: int = 5) -> dict[str, float]:
         t2 = time.perf_counter()
         plan_upgrade(old.app, 2, old, old_pl, new, new_pl, change)
         t3 = time.perf_counter()
-        for k, v in (("diff_ms", t1 - t0), ("schedule_ms", t2 - t1), ("plan_ms", t3 - t2),
-                     ("diff_plan_ms", t3 - t0)):
+        for k, v in (
+            ("diff_ms", t1 - t0),
+            ("schedule_ms", t2 - t1),
+            ("plan_ms", t3 - t2),
+            ("diff_plan_ms", t3 - t0),
+        ):
             times[k].append(v * 1000)
     return {k: round(statistics.median(v), 3) for k, v in times.items()}
 
@@ -314,8 +340,11 @@ def measure(run: Run) -> dict[str, Any]:
     ts = run.sink_times
     timed = [e for e in run.events if e.timed]
     gaps = [max_gap(ts, *window(e)) * 1000 for e in timed]
-    lat_during = [(r["t_sink"] - r["t_emit"]) * 1000 for r in run.rows
-                  if any(e.t_req <= r["t_sink"] <= e.t_done + 0.5 for e in timed)]
+    lat_during = [
+        (r["t_sink"] - r["t_emit"]) * 1000
+        for r in run.rows
+        if any(e.t_req <= r["t_sink"] <= e.t_done + 0.5 for e in timed)
+    ]
     v = check_output(run.rows, run.n)
     v.state_resets = max(v.state_resets, count_resets(run.rows))
     before = [rate_in(ts, e.t_req - 1.0, e.t_req) for e in timed]
@@ -327,9 +356,12 @@ def measure(run: Run) -> dict[str, Any]:
         "rtt": [e.rtt_ms for e in timed],
         "lat_during": lat_during,
         "verdict": v,
-        "throughput_rps": {k: r3(statistics.median([x for x in xs if x is not None]))
-                           if any(x is not None for x in xs) else None
-                           for k, xs in (("before", before), ("during", during), ("after", after))},
+        "throughput_rps": {
+            k: r3(statistics.median([x for x in xs if x is not None]))
+            if any(x is not None for x in xs)
+            else None
+            for k, xs in (("before", before), ("during", during), ("after", after))
+        },
     }
 
 
@@ -345,7 +377,7 @@ def count_resets(rows: list[dict[str, Any]]) -> int:
 
 
 def new_output_gap(run: Run, e: Event) -> float:
-    """Longest interval (ms) around ``e`` without a sink record of a sequence number not seen before."""
+    """Longest interval (ms) around ``e`` with no sink record of a not-yet-seen sequence number."""
     best, seen_max, last = 0.0, -1, None
     for r in sorted(run.rows, key=lambda r: r["t_sink"]):
         if r["seq"] <= seen_max:
@@ -390,12 +422,25 @@ def timeline(run: Run, bin_s: float = 0.05) -> dict[str, Any]:
     rows = []
     for b in range(max(bins) + 1):
         lat = bins.get(b, [])
-        rows.append([round(b * bin_s, 3), round(len(lat) / bin_s, 1), r3(pct(lat, 0.5)),
-                     r3(pct(lat, 0.99)), round(dups.get(b, 0) / bin_s, 1)])
-    return {"name": run.name, "bin_s": bin_s, "columns": ["t", "rps", "lat_p50_ms", "lat_p99_ms", "dup_rps"],
-            "bins": rows,
-            "events": [{"kind": e.kind, "t": round(e.t_req - t0, 4), "t_done": round(e.t_done - t0, 4)}
-                       for e in run.events]}
+        rows.append(
+            [
+                round(b * bin_s, 3),
+                round(len(lat) / bin_s, 1),
+                r3(pct(lat, 0.5)),
+                r3(pct(lat, 0.99)),
+                round(dups.get(b, 0) / bin_s, 1),
+            ]
+        )
+    return {
+        "name": run.name,
+        "bin_s": bin_s,
+        "columns": ["t", "rps", "lat_p50_ms", "lat_p99_ms", "dup_rps"],
+        "bins": rows,
+        "events": [
+            {"kind": e.kind, "t": round(e.t_req - t0, 4), "t_done": round(e.t_done - t0, 4)}
+            for e in run.events
+        ],
+    }
 
 
 def machine() -> dict[str, Any]:
@@ -407,13 +452,24 @@ def machine() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    return {"cpus": os.cpu_count(), "cpu_model": model or platform.processor(),
-            "python": platform.python_version(), "platform": platform.platform(),
-            "loadavg": [round(x, 2) for x in os.getloadavg()]}
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": model or platform.processor(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "loadavg": [round(x, 2) for x in os.getloadavg()],
+    }
 
 
-def scenario_entry(bench: Bench, scenario: str, runs: int, restarts: int, warm: float,
-                   spacing: float, timelines: list[dict[str, Any]]) -> dict[str, Any]:
+def scenario_entry(
+    bench: Bench,
+    scenario: str,
+    runs: int,
+    restarts: int,
+    warm: float,
+    spacing: float,
+    timelines: list[dict[str, Any]],
+) -> dict[str, Any]:
     log(f"{scenario}: {runs} online upgrade(s) at {bench.rate:g} records/s")
     run = bench.online(scenario, runs, warm, spacing)
     m = measure(run)
@@ -433,7 +489,11 @@ def scenario_entry(bench: Bench, scenario: str, runs: int, restarts: int, warm: 
         r_apply += rm["apply"]
         r_new += [new_output_gap(rr, e) for e in rr.events]
         rv = rm["verdict"]
-        r_lost, r_dup, r_resets = r_lost + rv.lost, r_dup + rv.duplicated, r_resets + rv.state_resets
+        r_lost, r_dup, r_resets = (
+            r_lost + rv.lost,
+            r_dup + rv.duplicated,
+            r_resets + rv.state_resets,
+        )
         if i == 0:
             timelines.append(timeline(rr))
     gap_p50 = statistics.median(m["gaps"])
@@ -468,10 +528,12 @@ def scenario_entry(bench: Bench, scenario: str, runs: int, restarts: int, warm: 
         "gap_ratio": r3(restart_p50 / gap_p50) if restart_p50 and gap_p50 else None,
         "peer": PEER,
     }
-    log(f"{scenario}: apply p50 {entry['apply_ms']['p50']} ms, gap p50/max "
+    log(
+        f"{scenario}: apply p50 {entry['apply_ms']['p50']} ms, gap p50/max "
         f"{entry['gap_ms']['p50']}/{entry['gap_ms']['max']} ms (steady p99 "
         f"{entry['steady_gap_ms_p99']}), restart gap p50 {entry['restart']['gap_ms']['p50']} ms, "
-        f"lost/dup/resets {v.lost}/{v.duplicated}/{v.state_resets}")
+        f"lost/dup/resets {v.lost}/{v.duplicated}/{v.state_resets}"
+    )
     return entry
 
 
@@ -479,11 +541,15 @@ def peer_status() -> dict[str, Any]:
     try:
         import bytewax  # type: ignore[import-not-found]  # noqa: F401
     except ImportError:
-        return {"available": False,
-                "reason": "bytewax is not installed; the stop-and-resume-from-recovery-store "
-                          "comparison is not implemented in this harness"}
-    return {"available": False,
-            "reason": "bytewax is installed but the comparison is not implemented yet"}
+        return {
+            "available": False,
+            "reason": "bytewax is not installed; the stop-and-resume-from-recovery-store "
+            "comparison is not implemented in this harness",
+        }
+    return {
+        "available": False,
+        "reason": "bytewax is installed but the comparison is not implemented yet",
+    }
 
 
 PEER = peer_status()
@@ -500,21 +566,37 @@ def goals(doc: dict[str, Any]) -> list[dict[str, Any]]:
     rate = doc["config"]["rate"]
     for name in STATELESS:
         if name in sc:
-            add(f"{name}: gap_ms max <= 10 at {rate:g}/s", sc[name]["gap_ms"]["max"], lambda v: v <= 10)
+            add(
+                f"{name}: gap_ms max <= 10 at {rate:g}/s",
+                sc[name]["gap_ms"]["max"],
+                lambda v: v <= 10,
+            )
     if "rescale_keyed" in sc:
-        add(f"rescale_keyed: gap_ms max <= 100 with {doc['config']['keys']} keys",
-            sc["rescale_keyed"]["gap_ms"]["max"], lambda v: v <= 100)
+        add(
+            f"rescale_keyed: gap_ms max <= 100 with {doc['config']['keys']} keys",
+            sc["rescale_keyed"]["gap_ms"]["max"],
+            lambda v: v <= 100,
+        )
     for s in doc["scenarios"]:
         add(f"{s['name']}: gap_ratio >= 100", s["gap_ratio"], lambda v: v >= 100)
-        add(f"{s['name']}: lost = duplicated = state_resets = 0",
-            [s["lost"], s["duplicated"], s["state_resets"]], lambda v: v == [0, 0, 0])
+        add(
+            f"{s['name']}: lost = duplicated = state_resets = 0",
+            [s["lost"], s["duplicated"], s["state_resets"]],
+            lambda v: v == [0, 0, 0],
+        )
     if "change_code" in sc:
-        add("change_code (one PE): apply_ms p50 <= 50", sc["change_code"]["apply_ms"]["p50"],
-            lambda v: v <= 50)
+        add(
+            "change_code (one PE): apply_ms p50 <= 50",
+            sc["change_code"]["apply_ms"]["p50"],
+            lambda v: v <= 50,
+        )
     by_pes = {s["pes"]: s for s in doc["scaling"]}
     if 10 in by_pes and 1000 in by_pes and by_pes[10].get("apply_ms"):
-        add("apply_ms at 1000 PEs <= 2x at 10 PEs",
-            r3(by_pes[1000]["apply_ms"] / by_pes[10]["apply_ms"]), lambda v: v <= 2)
+        add(
+            "apply_ms at 1000 PEs <= 2x at 10 PEs",
+            r3(by_pes[1000]["apply_ms"] / by_pes[10]["apply_ms"]),
+            lambda v: v <= 2,
+        )
     if 10000 in by_pes:
         add("diff+plan of 10000 PEs <= 200 ms", by_pes[10000]["diff_plan_ms"], lambda v: v <= 200)
     return out
@@ -525,14 +607,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer runs; under 2 minutes on 2 cores")
     ap.add_argument("--rate", type=float, default=10000.0, help="input records per second")
     ap.add_argument("--keys", type=int, default=50000, help="distinct keys of the keyed stage")
-    ap.add_argument("--runs", type=int, default=None, help="upgrades per scenario (default 10, quick 3)")
-    ap.add_argument("--restarts", type=int, default=None,
-                    help="stop-and-resubmit runs per scenario (default 3, quick 1)")
-    ap.add_argument("--scenarios", default=",".join(BENCH_SCENARIOS),
-                    help="comma-separated subset of: " + ", ".join(BENCH_SCENARIOS))
-    ap.add_argument("--scaling", default=None,
-                    help="PE counts on the cluster, comma-separated (default 10,100,1000); "
-                         "'' for none")
+    ap.add_argument(
+        "--runs", type=int, default=None, help="upgrades per scenario (default 10, quick 3)"
+    )
+    ap.add_argument(
+        "--restarts",
+        type=int,
+        default=None,
+        help="stop-and-resubmit runs per scenario (default 3, quick 1)",
+    )
+    ap.add_argument(
+        "--scenarios",
+        default=",".join(BENCH_SCENARIOS),
+        help="comma-separated subset of: " + ", ".join(BENCH_SCENARIOS),
+    )
+    ap.add_argument(
+        "--scaling",
+        default=None,
+        help="PE counts on the cluster, comma-separated (default 10,100,1000); '' for none",
+    )
     ap.add_argument("--out", default="bench/results/upgrade.json", help="where to write the JSON")
     a = ap.parse_args(argv)
     runs = a.runs or (3 if a.quick else 10)
@@ -541,19 +634,31 @@ def main(argv: list[str] | None = None) -> int:
     for s in scenarios:
         if s not in BENCH_SCENARIOS:
             ap.error(f"unknown scenario {s!r}; choose from {', '.join(BENCH_SCENARIOS)}")
-    scaling = [int(x) for x in (a.scaling if a.scaling is not None else "10,100,1000").split(",") if x]
+    scaling = [
+        int(x) for x in (a.scaling if a.scaling is not None else "10,100,1000").split(",") if x
+    ]
     warm, spacing = (1.0, 0.4) if a.quick else (1.5, 0.6)
-    config = {"rate": a.rate, "keys": a.keys, "runs": runs, "restarts": restarts,
-              "quick": a.quick, "workers": 2, "warm_s": warm, "spacing_s": spacing,
-              "scenarios": scenarios, "scaling_pes": scaling}
+    config = {
+        "rate": a.rate,
+        "keys": a.keys,
+        "runs": runs,
+        "restarts": restarts,
+        "quick": a.quick,
+        "workers": 2,
+        "warm_s": warm,
+        "spacing_s": spacing,
+        "scenarios": scenarios,
+        "scaling_pes": scaling,
+    }
     t_start = time.perf_counter()
     timelines: list[dict[str, Any]] = []
     doc: dict[str, Any] = {"machine": machine(), "config": config}
     with tempfile.TemporaryDirectory(prefix="hotwire-bench-") as tmp:
         work = Path(tmp)
         slots = max(64, max(scaling, default=0) // 2 + 32)
-        with LocalCluster(workers=2, slots=slots, data_dir=work / "cluster",
-                          log_level="warning") as cluster:
+        with LocalCluster(
+            workers=2, slots=slots, data_dir=work / "cluster", log_level="warning"
+        ) as cluster:
             bench = Bench(cluster, work, a.rate, a.keys)
             log("saturated throughput")
             sat = bench.saturate(2.0 if a.quick else 4.0)
@@ -562,15 +667,18 @@ def main(argv: list[str] | None = None) -> int:
             doc["throughput"] = {"saturated_rps": r3(sat), "at_half": half}
             if sat and a.rate > 0.8 * sat:
                 log(f"warning: --rate {a.rate:g} is above 80% of the saturated throughput")
-            doc["scenarios"] = [scenario_entry(bench, s, runs, restarts, warm, spacing, timelines)
-                                for s in scenarios]
+            doc["scenarios"] = [
+                scenario_entry(bench, s, runs, restarts, warm, spacing, timelines)
+                for s in scenarios
+            ]
             doc["scaling"] = []
             for pes in scaling:
                 log(f"scaling: one PE changed among {pes}")
                 doc["scaling"].append(bench.scaling_cluster(pes, 2 if a.quick else 5))
     log("scaling: diff + plan alone for 10000 PEs")
-    doc["scaling"].append({"pes": 10000, "changed_pes": 1, **diff_plan_ms(10000, 3),
-                           "apply_ms": None})
+    doc["scaling"].append(
+        {"pes": 10000, "changed_pes": 1, **diff_plan_ms(10000, 3), "apply_ms": None}
+    )
     doc["goals"] = goals(doc)
     doc["elapsed_s"] = round(time.perf_counter() - t_start, 1)
     text = json.dumps(doc, indent=2)

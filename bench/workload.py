@@ -98,8 +98,9 @@ def audit(r):
 '''
 
 
-def render_app(shape: Shape, *, out: str, audit: str, n: int | None, rate: float | None,
-               keys: int, name: str) -> str:
+def render_app(
+    shape: Shape, *, out: str, audit: str, n: int | None, rate: float | None, keys: int, name: str
+) -> str:
     """The app file of one version of a scenario, with emit and sink timestamps."""
     if shape.key_variant != 1 or shape.src_variant != 1 or shape.sink_variant != 1:
         raise ValueError("bench apps support changes of enrich, extra, count and audit only")
@@ -130,8 +131,10 @@ def render_app(shape: Shape, *, out: str, audit: str, n: int | None, rate: float
     ]
     feed = "enrich"
     if shape.extra:
-        lines.append('extra = enrich.key_by(lambda r: r["key"]).map("extra", '
-                     'lambda r: {**r, "extra": 1}, parallelism=2)')
+        lines.append(
+            'extra = enrich.key_by(lambda r: r["key"]).map("extra", '
+            'lambda r: {**r, "extra": 1}, parallelism=2)'
+        )
         feed = "extra"
     lines += [
         f'count = {feed}.key_by(lambda r: r["key"]).process("count", Count, '
@@ -148,7 +151,7 @@ def chain_lengths(pes: int) -> list[int]:
     if pes < 6:
         raise ValueError("a wide topology needs at least 6 PEs")
     rest = pes - 2
-    chains = max(2, round(rest ** 0.5))
+    chains = max(2, round(rest**0.5))
     return [rest // chains + (1 if c < rest % chains else 0) for c in range(chains)]
 
 
@@ -201,7 +204,10 @@ def render_wide(pes: int, *, name: str, rate: float, version: int = 0) -> str:
 def wide_model(pes: int, *, name: str = "wide", version: int = 0) -> LogicalModel:
     """The shape of :func:`render_wide` as a logical model built directly (no user code)."""
     lengths = chain_lengths(pes)
-    specs = [PESpec("src", "source", 1, "fp-src", "tick"), PESpec("bg", "source", 1, "fp-bg", "tick")]
+    specs = [
+        PESpec("src", "source", 1, "fp-src", "tick"),
+        PESpec("bg", "source", 1, "fp-bg", "tick"),
+    ]
     streams: list[StreamSpec] = []
     for c, length in enumerate(lengths):
         prev = "src" if c == 0 else "bg"

@@ -1,0 +1,173 @@
+"""Record-path throughput: hotwire against a plain Python loop doing the same work.
+
+    python bench/throughput.py [--records N] [--runs K] [--out FILE]
+
+Two workloads, each measured on a real local cluster (master and workers as
+processes) and as a plain loop in this process, alternating, K times:
+
+* ``pipeline``: source -> map -> filter -> sink on one worker;
+* ``keyed_count``: source -> key_by -> reduce (parallelism 2) -> sink across two workers.
+
+Prints one JSON document: records/s per run, medians, and the ratio of medians
+(hotwire / plain loop). The machine is shared and noisy: compare ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from hotwire.testing.cluster import LocalCluster, poll_for, write_app  # noqa: E402
+
+APP = '''
+import os, time
+from hotwire import Topology
+
+N = {n}
+DONE = {done!r}
+KEYS = 1000
+
+
+def numbers(ctx):
+    with open(DONE + ".start", "w") as f:
+        f.write(repr(time.time()))
+    for i in range(N):
+        yield {{"i": i, "k": i % KEYS, "v": 1.5}}
+
+
+def scale(r):
+    return {{"i": r["i"], "k": r["k"], "v": r["v"] * 2.0}}
+
+
+def keep(r):
+    return r["i"] % 10 != 0
+
+
+def add(acc, r):
+    return (acc or 0.0) + r["v"]
+
+
+class Done:
+    def __init__(self, expect):
+        self.expect = expect
+        self.seen = 0
+
+    def __call__(self, r):
+        self.seen += 1
+        if self.seen == self.expect:
+            with open(DONE, "w") as f:
+                f.write(repr(time.time()))
+
+
+app = Topology("tp")
+src = app.source("src", numbers)
+'''
+
+PIPELINE = APP + '''
+src.map("scale", scale).filter("keep", keep).sink("out", Done(N - N // 10))
+'''
+
+KEYED = APP + '''
+src.key_by(lambda r: r["k"]).reduce("sum", add, parallelism=2).sink("out", Done(N))
+'''
+
+
+def plain_pipeline(n: int) -> float:
+    """The same functions in one Python loop: records/s."""
+    ns: dict[str, object] = {}
+    exec(APP.format(n=n, done=os.devnull), ns)  # same callables as the app
+    numbers, scale, keep = ns["numbers"], ns["scale"], ns["keep"]
+    out: list[object] = []
+    sink = out.append
+    t0 = time.perf_counter()
+    for r in numbers(None):  # type: ignore[operator]
+        r2 = scale(r)  # type: ignore[operator]
+        if keep(r2):  # type: ignore[operator]
+            sink(r2)
+    return n / (time.perf_counter() - t0)
+
+
+def plain_keyed(n: int) -> float:
+    ns: dict[str, object] = {}
+    exec(APP.format(n=n, done=os.devnull), ns)
+    numbers, add = ns["numbers"], ns["add"]
+    state: dict[object, float] = {}
+    out: list[object] = []
+    t0 = time.perf_counter()
+    for r in numbers(None):  # type: ignore[operator]
+        k = r["k"]
+        acc = add(state.get(k), r)  # type: ignore[operator]
+        state[k] = acc
+        out.append((k, acc))
+    return n / (time.perf_counter() - t0)
+
+
+def hotwire_run(cluster: LocalCluster, body: str, n: int, tmp: Path, run: int) -> float:
+    done = tmp / f"done-{run}"
+    path = write_app(tmp, f"app-{run}.py", body.format(n=n, done=str(done)))
+    cluster.client.submit(path)
+    poll_for(done.exists, 300, interval=0.05, what="the sink to see every record")
+    t_end = float(done.read_text())
+    t_start = float(Path(str(done) + ".start").read_text())
+    cluster.client.kill("tp")
+    return n / (t_end - t_start)
+
+
+def _med(xs: list[float]) -> float:
+    return round(statistics.median(xs), 1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--records", type=int, default=1_000_000)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--out", default="")
+    args = ap.parse_args()
+    n = args.records
+    result: dict[str, object] = {
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                    "platform": platform.platform()},
+        "config": {"records": n, "runs": args.runs},
+    }
+    with tempfile.TemporaryDirectory(prefix="hotwire-tp-") as d:
+        tmp = Path(d)
+        for name, body, plain, workers in (
+            ("pipeline", PIPELINE, plain_pipeline, 1),
+            ("keyed_count", KEYED, plain_keyed, 2),
+        ):
+            hw, base = [], []
+            with LocalCluster(workers=workers, data_dir=tmp / name, log_level="warning") as c:
+                for run in range(args.runs):
+                    base.append(plain(n))
+                    hw.append(hotwire_run(c, body, n, tmp, run))
+            result[name] = {
+                "workers": workers,
+                "hotwire_rps": [round(x, 1) for x in hw],
+                "plain_loop_rps": [round(x, 1) for x in base],
+                "hotwire_rps_median": _med(hw),
+                "plain_loop_rps_median": _med(base),
+                "ratio": round(statistics.median(hw) / statistics.median(base), 3),
+            }
+    try:
+        import bytewax  # noqa: F401
+
+        result["bytewax"] = {"available": True, "note": "not measured by this script yet"}
+    except ImportError:
+        result["bytewax"] = {"available": False, "reason": "bytewax is not installed"}
+    doc = json.dumps(result, indent=2)
+    print(doc)
+    if args.out:
+        Path(args.out).write_text(doc + "\n")
+
+
+if __name__ == "__main__":
+    main()
