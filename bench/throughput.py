@@ -111,9 +111,9 @@ def plain_keyed(n: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def hotwire_run(cluster: LocalCluster, body: str, n: int, tmp: Path, run: int) -> float:
-    done = tmp / f"done-{run}"
-    path = write_app(tmp, f"app-{run}.py", body.format(n=n, done=str(done)))
+def hotwire_run(cluster: LocalCluster, body: str, n: int, tmp: Path, tag: str) -> float:
+    done = tmp / f"done-{tag}"
+    path = write_app(tmp, f"app-{tag}.py", body.format(n=n, done=str(done)))
     cluster.client.submit(path)
     poll_for(done.exists, 300, interval=0.05, what="the sink to see every record")
     t_end = float(done.read_text())
@@ -148,7 +148,7 @@ def main() -> None:
             with LocalCluster(workers=workers, data_dir=tmp / name, log_level="warning") as c:
                 for run in range(args.runs):
                     base.append(plain(n))
-                    hw.append(hotwire_run(c, body, n, tmp, run))
+                    hw.append(hotwire_run(c, body, n, tmp, f"{name}-{run}"))
             result[name] = {
                 "workers": workers,
                 "hotwire_rps": [round(x, 1) for x in hw],
