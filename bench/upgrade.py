@@ -526,6 +526,9 @@ def scenario_entry(
             "state_resets": r_resets,
         },
         "gap_ratio": r3(restart_p50 / gap_p50) if restart_p50 and gap_p50 else None,
+        "gap_ratio_new_output": r3(statistics.median(r_new) / gap_p50)
+        if r_new and gap_p50
+        else None,
         "peer": PEER,
     }
     log(
