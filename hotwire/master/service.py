@@ -53,6 +53,7 @@ class AppState:
     model: LogicalModel
     bundle: str
     placement: Placement
+    epoch: int  # the last transition id; new instances get generation epoch + 1
 
 
 @dataclass
@@ -88,11 +89,11 @@ class Master(Node):
 
     async def _start(self) -> None:
         self.store = Store(self.data_dir / "hotwire.db")
-        for name, version, state in self.store.apps():
+        for name, version, state, epoch in self.store.apps():
             rec = self.store.version(name, version)
             if rec is not None:
                 self.apps[name] = AppState(name, version, state, rec.model, rec.bundle_hash,
-                                           rec.placement)
+                                           rec.placement, epoch)
         opts = [("grpc.max_receive_message_length", MAX_MESSAGE),
                 ("grpc.max_send_message_length", MAX_MESSAGE),
                 ("grpc.so_reuseport", 0)]  # a second master on a taken port must fail
@@ -202,6 +203,10 @@ class Master(Node):
         return await self.upgrade(rec.model.to_json(), data, rec.bundle_hash, app, dry_run,
                                   action="rollback", rolled_back_to=target)
 
+    def _next_epoch(self, app: str) -> int:
+        cur = self.apps.get(app)
+        return (cur.epoch if cur is not None else 0) + 1
+
     async def _transition(self, app: str, version: int, action: str, old: LogicalModel,
                           old_pl: Placement, new: LogicalModel, bundle: bytes, bundle_hash: str,
                           dry_run: bool, rolled_back_to: int = 0) -> Outcome:
@@ -209,11 +214,12 @@ class Master(Node):
         t0 = time.perf_counter()
         change = diff(old, new)
         cur_version = version - 1
+        epoch = self._next_epoch(app)
         try:
-            new_pl = schedule(new, old_pl, change, self._free_slots(app), version, bundle_hash)
+            new_pl = schedule(new, old_pl, change, self._free_slots(app), epoch, bundle_hash)
         except SchedulingError as e:
             raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from e
-        plan = plan_upgrade(app, version, old, old_pl, new, new_pl, change)
+        plan = plan_upgrade(app, epoch, old, old_pl, new, new_pl, change)
         if change.is_empty and action != "submit":
             return Outcome(app, cur_version, cur_version, change, plan, False, 0.0)
         outcome = Outcome(app, cur_version, version, change, plan, False, 0.0)
@@ -223,8 +229,8 @@ class Master(Node):
         await self._apply(plan, bundle_hash, bundle)
         latency = (time.perf_counter() - t0) * 1000
         self.store.commit_version(app, version, action, new, bundle_hash, new_pl,
-                                  change.to_dict(), latency, rolled_back_to=rolled_back_to)
-        self.apps[app] = AppState(app, version, "running", new, bundle_hash, new_pl)
+                                  change.to_dict(), latency, epoch, rolled_back_to=rolled_back_to)
+        self.apps[app] = AppState(app, version, "running", new, bundle_hash, new_pl, epoch)
         outcome.applied = True
         outcome.latency_ms = latency
         log.info("app %r: %s to version %d in %.1f ms (%d instructions)",
@@ -257,8 +263,8 @@ class Master(Node):
                 return_exceptions=True,
             )
             raise Refused(grpc.StatusCode.ABORTED,
-                          f"upgrade of app {plan.app!r} to version {plan.version} failed in "
-                          f"prepare; the running version is unchanged: {errors[0]}")
+                          f"app {plan.app!r}: the change failed in prepare and was undone; "
+                          f"the running version is unchanged: {errors[0]}")
 
         async def switch(w: str) -> None:
             ack = await m.send(w, pb.SWITCH, plan.app, plan.version,
@@ -271,7 +277,7 @@ class Master(Node):
         errors = [f"{r}" for r in results if isinstance(r, BaseException)]
         if errors:
             raise Refused(grpc.StatusCode.INTERNAL,
-                          f"app {plan.app!r} version {plan.version}: switch failed: {errors[0]}")
+                          f"app {plan.app!r}: switch failed: {errors[0]}")
 
     async def kill(self, app: str) -> int:
         assert self.store is not None
@@ -280,9 +286,9 @@ class Master(Node):
             raise Refused(grpc.StatusCode.NOT_FOUND, f"app {app!r} is not running")
         self._lock(app, "a kill")
         try:
-            stops = plan_stop(app, cur.version, cur.placement)
+            stops = plan_stop(app, cur.epoch, cur.placement)
             await asyncio.gather(
-                *(self.membership.send(w, pb.STOP, app, cur.version,
+                *(self.membership.send(w, pb.STOP, app, cur.epoch,
                                        [msgpack.packb(to_wire(i)) for i in ins], timeout=30)
                   for w, ins in stops.items() if self.membership.alive(w)),
                 return_exceptions=True,

@@ -37,7 +37,21 @@ CREATE TABLE IF NOT EXISTS versions (
 CREATE TABLE IF NOT EXISTS apps (
     app TEXT PRIMARY KEY,
     version INTEGER NOT NULL,
-    state TEXT NOT NULL
+    state TEXT NOT NULL,
+    epoch INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS checkpoints (
+    app TEXT PRIMARY KEY,
+    id INTEGER NOT NULL,
+    epoch INTEGER NOT NULL,
+    created REAL NOT NULL,
+    states BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS inflight (
+    app TEXT PRIMARY KEY,
+    epoch INTEGER NOT NULL,
+    phase TEXT NOT NULL,
+    plan BLOB NOT NULL
 );
 """
 
@@ -87,6 +101,7 @@ class Store:
         placement: Placement,
         changes: dict[str, Any],
         latency_ms: float,
+        epoch: int,
         state: str = "running",
         rolled_back_to: int = 0,
     ) -> None:
@@ -101,15 +116,50 @@ class Store:
                 ),
             )
             self.db.execute(
-                "INSERT OR REPLACE INTO apps (app, version, state) VALUES (?, ?, ?)",
-                (app, version, state),
+                "INSERT OR REPLACE INTO apps (app, version, state, epoch) VALUES (?, ?, ?, ?)",
+                (app, version, state, epoch),
             )
+            self.db.execute("DELETE FROM inflight WHERE app = ?", (app,))
+
+    def update_placement(self, app: str, version: int, placement: Placement, epoch: int) -> None:
+        """A migration or recovery moved instances: same version, new placement."""
+        with self.db:
+            self.db.execute("BEGIN")
+            self.db.execute(
+                "UPDATE versions SET placement_json = ? WHERE app = ? AND version = ?",
+                (json.dumps(placement_to_dict(placement)), app, version),
+            )
+            self.db.execute("UPDATE apps SET epoch = ? WHERE app = ?", (epoch, app))
+            self.db.execute("DELETE FROM inflight WHERE app = ?", (app,))
+
+    # -- transitions in flight (finished or undone by a restarted master) ----
+    def begin_transition(self, app: str, epoch: int, phase: str, plan: bytes) -> None:
+        self.db.execute("INSERT OR REPLACE INTO inflight VALUES (?, ?, ?, ?)",
+                        (app, epoch, phase, plan))
+
+    def end_transition(self, app: str) -> None:
+        self.db.execute("DELETE FROM inflight WHERE app = ?", (app,))
+
+    def inflight(self) -> list[tuple[str, int, str, bytes]]:
+        return [(a, int(e), p, bytes(b)) for a, e, p, b in
+                self.db.execute("SELECT app, epoch, phase, plan FROM inflight")]
+
+    # -- checkpoints -----------------------------------------------------
+    def put_checkpoint(self, app: str, cid: int, epoch: int, states: bytes) -> None:
+        self.db.execute("INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?, ?, ?)",
+                        (app, cid, epoch, time.time(), states))
+
+    def checkpoint(self, app: str) -> tuple[int, int, bytes] | None:
+        row = self.db.execute("SELECT id, epoch, states FROM checkpoints WHERE app = ?",
+                              (app,)).fetchone()
+        return None if row is None else (int(row[0]), int(row[1]), bytes(row[2]))
 
     def set_state(self, app: str, state: str) -> None:
         self.db.execute("UPDATE apps SET state = ? WHERE app = ?", (state, app))
 
-    def apps(self) -> list[tuple[str, int, str]]:
-        return [tuple(r) for r in self.db.execute("SELECT app, version, state FROM apps ORDER BY app")]  # type: ignore[misc]
+    def apps(self) -> list[tuple[str, int, str, int]]:
+        rows = self.db.execute("SELECT app, version, state, epoch FROM apps ORDER BY app")
+        return [(str(a), int(v), str(s), int(e)) for a, v, s, e in rows]
 
     def version(self, app: str, version: int) -> VersionRecord | None:
         row = self.db.execute(
