@@ -111,8 +111,11 @@ def main(ctx: click.Context, master: str, debug: bool) -> None:
               help="where the master keeps its state")
 @click.option("--heartbeat-timeout", default=5.0, show_default=True,
               help="seconds without a heartbeat before a worker counts as dead")
+@click.option("--checkpoint-interval", default=2.0, show_default=True,
+              help="seconds between checkpoints of each app (0: none)")
 @click.option("--log-level", default="info", show_default=True)
-def master(listen: str, data_dir: str, heartbeat_timeout: float, log_level: str) -> None:
+def master(listen: str, data_dir: str, heartbeat_timeout: float, checkpoint_interval: float,
+           log_level: str) -> None:
     """Run the master."""
     from hotwire.master.service import Master
     from hotwire.node import install_uvloop
@@ -121,7 +124,8 @@ def master(listen: str, data_dir: str, heartbeat_timeout: float, log_level: str)
     install_uvloop()
 
     async def serve() -> None:
-        m = Master(listen=listen, data_dir=data_dir, heartbeat_timeout=heartbeat_timeout)
+        m = Master(listen=listen, data_dir=data_dir, heartbeat_timeout=heartbeat_timeout,
+                   checkpoint_interval=checkpoint_interval)
         await m.start()
         click.echo(f"master listening on {m.address}", err=True)
         await _until_signalled()
@@ -153,6 +157,12 @@ def worker(ctx: click.Context, listen: str, name: str | None, slots: int, data_d
         await w.start(timeout=3600)
         click.echo(f"worker {w.name} data plane on {w.data_address}", err=True)
         await _until_signalled()
+        # Graceful stop: the master moves this worker's instances away first.
+        try:
+            moved = await w.drain()
+            click.echo(f"worker {w.name}: {moved} instances moved to other workers", err=True)
+        except grpc.RpcError as e:
+            click.echo(f"worker {w.name}: could not drain ({e.details()}); stopping", err=True)
         await w.close()
 
     _run(lambda: asyncio.run(serve()))
@@ -391,12 +401,14 @@ def status(ctx: click.Context, name: str, as_json: bool) -> None:
         r = _stub(ctx.obj["master"]).Status(pb.StatusRequest(app=name), timeout=10)
         apps = [{
             "app": a.app, "version": a.version, "state": a.state,
+            "last_checkpoint": a.last_checkpoint, "recoveries": a.recoveries,
             "pes": [{
                 "name": p.name, "kind": p.kind, "parallelism": p.parallelism, "gen": p.gen,
-                "rate": round(sum(i.rate_in for i in p.instances), 1),
+                "rate": round(sum(i.rate_in for i in p.instances), 1), "failed": p.failed,
                 "instances": [{"index": i.index, "worker": i.worker, "records_in": i.records_in,
                                "records_out": i.records_out, "rate": round(i.rate_in, 1),
-                               "errors": i.errors} for i in p.instances],
+                               "errors": i.errors, "failed": i.failed, "error": i.error,
+                               "dead_letters": i.dead_letters} for i in p.instances],
             } for p in a.pes],
         } for a in r.apps]
 
@@ -409,6 +421,10 @@ def status(ctx: click.Context, name: str, as_json: bool) -> None:
                     where = ", ".join(f"{i['index']}@{i['worker']}" for i in p["instances"])
                     click.echo(f"  {p['name']:<16} {p['kind']:<8} x{p['parallelism']:<3} "
                                f"{p['rate']:>10.1f} rec/s  [{where}]")
+                    for i in p["instances"]:
+                        if i["failed"]:
+                            click.echo(f"    FAILED instance {i['index']}@{i['worker']}: "
+                                       f"{i['error']}")
 
         _emit(as_json, apps[0] if name and apps else {"apps": apps}, human)
 

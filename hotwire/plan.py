@@ -149,6 +149,7 @@ class StartInstance:
     predecessors: tuple[str, ...] = ()
     input_key: KeyRef | None = None
     config: dict[str, Any] = field(default_factory=dict, hash=False)
+    initial_state: Any = field(default=None, hash=False, compare=False)  # from a checkpoint
 
     @property
     def instance(self) -> str:

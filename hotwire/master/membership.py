@@ -47,6 +47,7 @@ class Membership:
         self.heartbeat_timeout = heartbeat_timeout
         self.workers: dict[str, WorkerConn] = {}
         self._batch_ids = itertools.count(1)
+        self.on_report: Any = lambda report: None  # checkpoint reports from workers
 
     # -- registration ----------------------------------------------------
     def register(self, req: pb.RegisterRequest) -> WorkerConn:
@@ -146,6 +147,8 @@ class Membership:
                     fut = w.pending.get(msg.ack.batch_id)
                     if fut is not None and not fut.done():
                         fut.set_result(msg.ack)
+                elif msg.HasField("report"):
+                    self.on_report(msg.report)
 
         read_task = asyncio.get_running_loop().create_task(reader())
         write_task: asyncio.Task[Any] | None = None

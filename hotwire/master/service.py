@@ -23,12 +23,13 @@ import msgpack
 
 from hotwire.master.diff import ChangeSet, diff
 from hotwire.master.membership import Membership, WorkerGone
+from hotwire.master.recovery import Recovery
 from hotwire.master.planner import plan_stop, plan_upgrade
 from hotwire.master.scheduler import SchedulingError, schedule
 from hotwire.master.store import Store
 from hotwire.model import LogicalModel, check_structure
 from hotwire.node import Node, add_health
-from hotwire.plan import Plan, Placement, to_wire
+from hotwire.plan import Plan, Placement, placement_from_dict, placement_to_dict, to_wire
 from hotwire.proto import hotwire_pb2 as pb
 from hotwire.proto import hotwire_pb2_grpc as pb_grpc
 
@@ -71,11 +72,14 @@ class Master(Node):
     service_name = "hotwire.Master"
 
     def __init__(self, listen: str = "127.0.0.1:7600", data_dir: str | Path = "hotwire-data",
-                 heartbeat_interval: float = 1.0, heartbeat_timeout: float = 5.0):
+                 heartbeat_interval: float = 1.0, heartbeat_timeout: float = 5.0,
+                 checkpoint_interval: float = 2.0):
         super().__init__()
         self.listen = listen
         self.data_dir = Path(data_dir)
         self.membership = Membership(heartbeat_interval, heartbeat_timeout)
+        self.recovery = Recovery(self, checkpoint_interval)
+        self.membership.on_report = self.recovery.on_report
         self.apps: dict[str, AppState] = {}
         self.locks: dict[str, str] = {}  # app -> what is in flight
         self.store: Store | None = None
@@ -105,6 +109,7 @@ class Master(Node):
         if self.port == 0:
             raise OSError(f"cannot listen on {self.listen}")
         await self.server.start()
+        self.recovery.start()
         log.info("master listening on %s (data in %s)", self.address, self.data_dir)
 
     async def _close(self) -> None:
@@ -150,7 +155,8 @@ class Master(Node):
             for pl in other.placement.values():
                 for w in pl.workers:
                     load[w] = load.get(w, 0) + 1
-        return {n: max(w.slots - load.get(n, 0), 0) for n, w in self.membership.live().items()}
+        return {n: max(w.slots - load.get(n, 0), 0) for n, w in self.membership.live().items()
+                if n not in self.recovery.draining}
 
     async def submit(self, model_json: str, bundle: bytes, bundle_hash: str, name: str) -> Outcome:
         model = self._check_model(model_json, name)
@@ -226,20 +232,47 @@ class Master(Node):
         if dry_run:
             return outcome
         self.store.put_bundle(bundle_hash, bundle)
-        await self._apply(plan, bundle_hash, bundle)
+        intent = {"kind": "version", "version": version, "action": action,
+                  "model": new.to_json(), "bundle": bundle_hash,
+                  "placement": placement_to_dict(new_pl), "changes": change.to_dict(),
+                  "rolled_back_to": rolled_back_to}
+        await self._apply(plan, bundle_hash, bundle, intent)
         latency = (time.perf_counter() - t0) * 1000
-        self.store.commit_version(app, version, action, new, bundle_hash, new_pl,
-                                  change.to_dict(), latency, epoch, rolled_back_to=rolled_back_to)
-        self.apps[app] = AppState(app, version, "running", new, bundle_hash, new_pl, epoch)
+        self._commit(intent, epoch, latency)
         outcome.applied = True
         outcome.latency_ms = latency
         log.info("app %r: %s to version %d in %.1f ms (%d instructions)",
                  app, action, version, latency, plan.count())
         return outcome
 
-    async def _apply(self, plan: Plan, bundle_hash: str, bundle: bytes) -> None:
-        """Prepare everywhere, then switch; a failed prepare is aborted everywhere."""
+    def _commit(self, intent: dict[str, Any], epoch: int, latency_ms: float) -> None:
+        """Record a finished transition: a new version, or new placement of the same one."""
+        assert self.store is not None
+        app = LogicalModel.from_json(intent["model"])
+        placement = placement_from_dict(intent["placement"])
+        if intent["kind"] == "version":
+            self.store.commit_version(app.app, intent["version"], intent["action"], app,
+                                      intent["bundle"], placement, intent["changes"], latency_ms,
+                                      epoch, rolled_back_to=intent["rolled_back_to"])
+        else:
+            self.store.update_placement(app.app, intent["version"], placement, epoch)
+        self.apps[app.app] = AppState(app.app, intent["version"], "running", app,
+                                      intent["bundle"], placement, epoch)
+
+    async def _apply(self, plan: Plan, bundle_hash: str, bundle: bytes,
+                     intent: dict[str, Any]) -> None:
+        """Prepare everywhere, then switch; a failed prepare is aborted everywhere.
+
+        The intent and the phase are stored first, so a master that crashes midway
+        undoes the transition (crash in prepare) or finishes it (crash in switch)
+        when it starts again.
+        """
+        assert self.store is not None
         m = self.membership
+        record = {**intent, "prepare_workers": sorted(plan.workers),
+                  "switch": {w: [to_wire(i) for i in ins] for w, ins in plan.switch.items()}}
+        self.store.begin_transition(plan.app, plan.version, "prepare",
+                                    msgpack.packb(record, use_bin_type=True))
         # Every worker in the plan prepares, even with no instruction of its own: it
         # loads the new bundle there (a kept sender may route by a new key function).
         prep_workers = sorted(plan.workers)
@@ -262,22 +295,29 @@ class Master(Node):
                   for w in prep_workers if m.alive(w)),
                 return_exceptions=True,
             )
+            self.store.end_transition(plan.app)
             raise Refused(grpc.StatusCode.ABORTED,
                           f"app {plan.app!r}: the change failed in prepare and was undone; "
                           f"the running version is unchanged: {errors[0]}")
 
+        self.store.begin_transition(plan.app, plan.version, "switch",
+                                    msgpack.packb(record, use_bin_type=True))
+        await self.switch_all(plan.app, plan.version, sorted(plan.workers),
+                              {w: [wire(i) for i in ins] for w, ins in plan.switch.items()})
+
+    async def switch_all(self, app: str, epoch: int, workers: list[str],
+                         batches: dict[str, list[bytes]]) -> None:
+        """Send the switch phase to every worker of a plan and wait for all of them."""
+
         async def switch(w: str) -> None:
-            ack = await m.send(w, pb.SWITCH, plan.app, plan.version,
-                               [wire(i) for i in plan.switch.get(w, ())])
+            ack = await self.membership.send(w, pb.SWITCH, app, epoch, batches.get(w, []))
             if not ack.ok:
                 raise RuntimeError(ack.error)
 
-        results = await asyncio.gather(*(switch(w) for w in sorted(plan.workers)),
-                                       return_exceptions=True)
+        results = await asyncio.gather(*(switch(w) for w in workers), return_exceptions=True)
         errors = [f"{r}" for r in results if isinstance(r, BaseException)]
         if errors:
-            raise Refused(grpc.StatusCode.INTERNAL,
-                          f"app {plan.app!r}: switch failed: {errors[0]}")
+            raise Refused(grpc.StatusCode.INTERNAL, f"app {app!r}: switch failed: {errors[0]}")
 
     async def kill(self, app: str) -> int:
         assert self.store is not None
@@ -314,7 +354,13 @@ class Master(Node):
             if app and st.name != app:
                 continue
             state = "upgrading" if st.name in self.locks else st.state
-            a = reply.apps.add(app=st.name, version=st.version, state=state)
+            ck = self.store.checkpoint(st.name) if self.store is not None else None
+            a = reply.apps.add(
+                app=st.name, version=st.version, state=state,
+                last_checkpoint=ck[0] if ck is not None and ck[1] == st.epoch else 0,
+                recoveries=sum(1 for e in self.recovery.events
+                               if e["app"] == st.name and e["event"] == "recovery"),
+            )
             if st.state != "running":
                 continue
             for spec in st.model.pes:
@@ -328,7 +374,10 @@ class Master(Node):
                         records_in=r.records_in if r else 0,
                         records_out=r.records_out if r else 0,
                         errors=r.errors if r else 0,
+                        failed=bool(r and r.failed), error=r.failed if r else "",
+                        dead_letters=r.dead_letters if r else 0,
                     )
+                p.failed = any(i.failed for i in p.instances)
         return reply
 
     def history(self, app: str) -> pb.HistoryReply:
@@ -428,6 +477,7 @@ class WorkerService(pb_grpc.WorkerControlServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 "a worker must register with a name and a data address")
         w = self.m.membership.register(request)
+        self.m.recovery.on_register(w.name)
         log.info("worker %s registered (data %s, %d slots, %d instances running)",
                  w.name, w.data_address, w.slots, len(w.running))
         return pb.RegisterReply(session=w.session,
@@ -442,3 +492,11 @@ class WorkerService(pb_grpc.WorkerControlServicer):
 
     async def Control(self, request_iterator: Any, context: Any) -> None:
         await self.m.membership.serve_control(context)
+
+    async def Drain(self, request: Any, context: Any) -> pb.DrainReply:
+        w = self.m.membership.workers.get(request.name)
+        if w is None or w.session != request.session:
+            await context.abort(grpc.StatusCode.NOT_FOUND,
+                                f"worker {request.name!r} has no session {request.session!r}")
+        moved = await _guard(context, self.m.recovery.drain(request.name))
+        return pb.DrainReply(moved=moved)

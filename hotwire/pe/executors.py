@@ -5,16 +5,24 @@ An executor turns one input batch into one output batch; the instance around it
 Sync callables run on a fast path over the whole batch; when a record raises,
 the batch is finished record by record so that exactly the failing records are
 reported and skipped, and side effects (sinks, state) are never applied twice.
+
+A slow user function must not starve the worker's event loop (heartbeats,
+control stream, data-plane reads): executors give the loop a turn whenever
+:data:`YIELD_S` of user code has run within a batch.
 """
 
 from __future__ import annotations
 
 import asyncio
 import inspect
+import time
 from collections.abc import Callable
 from typing import Any
 
 ErrorHook = Callable[[Any, BaseException], None]
+
+YIELD_S = 0.01  # longest run of user code within a batch before the loop gets a turn
+SLICE = 64  # records per fast-path slice of a sync map, filter or flat_map
 
 
 def _is_async(fn: Any) -> bool:
@@ -53,46 +61,66 @@ class Executor:
     async def _each(self, records: list[Any], step: Callable[[Any], Any]) -> None:
         """Apply ``step`` to each record once, reporting and skipping failures."""
         i, n = 0, len(records)
+        clock = time.monotonic
+        deadline = clock() + YIELD_S
         while i < n:
             try:
                 if self.is_async:
                     while i < n:
                         await step(records[i])
                         i += 1
+                        if clock() > deadline:
+                            break
                 else:
                     while i < n:
                         step(records[i])
                         i += 1
+                        if clock() > deadline:
+                            break
             except Exception as e:
                 self.on_error(records[i], e)
                 i += 1
+            if clock() > deadline:
+                await asyncio.sleep(0)
+                deadline = clock() + YIELD_S
+
+    async def _slices(self, records: list[Any], fast: Callable[[list[Any]], None],
+                      step: Callable[[Any], Any]) -> None:
+        """Sync fast path: ``fast`` over whole slices; a slice that raises is redone
+        record by record with ``step``, so exactly its failing records are reported."""
+        n = len(records)
+        clock = time.monotonic
+        deadline = clock() + YIELD_S
+        for i in range(0, n, SLICE):
+            part = records if n <= SLICE else records[i:i + SLICE]
+            try:
+                fast(part)
+            except Exception:
+                await self._each(part, step)
+            if clock() > deadline:
+                await asyncio.sleep(0)
+                deadline = clock() + YIELD_S
 
 
 class MapExecutor(Executor):
     async def process(self, records: list[Any]) -> list[Any]:
         fn = self.fn
-        if not self.is_async:
-            try:
-                return [fn(r) for r in records]
-            except Exception:
-                pass
         out: list[Any] = []
+        if not self.is_async:
+            await self._slices(records, lambda part: out.extend([fn(r) for r in part]),
+                               lambda r: out.append(fn(r)))
+            return out
 
         async def astep(r: Any) -> None:
             out.append(await fn(r))
 
-        await self._each(records, astep if self.is_async else (lambda r: out.append(fn(r))))
+        await self._each(records, astep)
         return out
 
 
 class FilterExecutor(Executor):
     async def process(self, records: list[Any]) -> list[Any]:
         fn = self.fn
-        if not self.is_async:
-            try:
-                return [r for r in records if fn(r)]
-            except Exception:
-                pass
         out: list[Any] = []
 
         async def astep(r: Any) -> None:
@@ -103,24 +131,26 @@ class FilterExecutor(Executor):
             if fn(r):
                 out.append(r)
 
-        await self._each(records, astep if self.is_async else step)
+        if not self.is_async:
+            await self._slices(records, lambda part: out.extend([r for r in part if fn(r)]), step)
+            return out
+        await self._each(records, astep)
         return out
 
 
 class FlatMapExecutor(Executor):
     async def process(self, records: list[Any]) -> list[Any]:
         fn = self.fn
-        if not self.is_async:
-            try:
-                return [o for r in records for o in fn(r)]
-            except Exception:
-                pass
         out: list[Any] = []
+        if not self.is_async:
+            await self._slices(records, lambda part: out.extend([o for r in part for o in fn(r)]),
+                               lambda r: out.extend(fn(r)))
+            return out
 
         async def astep(r: Any) -> None:
             out.extend(await fn(r))
 
-        await self._each(records, astep if self.is_async else (lambda r: out.extend(fn(r))))
+        await self._each(records, astep)
         return out
 
 
@@ -260,9 +290,10 @@ class ProcessExecutor(Executor):
         td = getattr(self.obj, "teardown", None)
         if td is None:
             return
-        res = td()
-        if inspect.isawaitable(res):
-            await res
+        if _is_async(td):
+            await td()
+        else:
+            await asyncio.to_thread(td)  # stopping a job may take a while
 
 
 EXECUTORS: dict[str, type[Executor]] = {

@@ -390,6 +390,11 @@ class WorkerControlStub:
                 request_serializer=hotwire__pb2.HeartbeatRequest.SerializeToString,
                 response_deserializer=hotwire__pb2.HeartbeatReply.FromString,
                 _registered_method=True)
+        self.Drain = channel.unary_unary(
+                '/hotwire.v1.WorkerControl/Drain',
+                request_serializer=hotwire__pb2.DrainRequest.SerializeToString,
+                response_deserializer=hotwire__pb2.DrainReply.FromString,
+                _registered_method=True)
         self.Control = channel.stream_stream(
                 '/hotwire.v1.WorkerControl/Control',
                 request_serializer=hotwire__pb2.WorkerMessage.SerializeToString,
@@ -416,6 +421,13 @@ class WorkerControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Drain(self, request, context):
+        """A worker asked to stop (SIGTERM) has its instances moved elsewhere first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Control(self, request_iterator, context):
         """The master pushes instruction batches; the worker acknowledges each one.
         """
@@ -435,6 +447,11 @@ def add_WorkerControlServicer_to_server(servicer, server):
                     servicer.Heartbeat,
                     request_deserializer=hotwire__pb2.HeartbeatRequest.FromString,
                     response_serializer=hotwire__pb2.HeartbeatReply.SerializeToString,
+            ),
+            'Drain': grpc.unary_unary_rpc_method_handler(
+                    servicer.Drain,
+                    request_deserializer=hotwire__pb2.DrainRequest.FromString,
+                    response_serializer=hotwire__pb2.DrainReply.SerializeToString,
             ),
             'Control': grpc.stream_stream_rpc_method_handler(
                     servicer.Control,
@@ -500,6 +517,33 @@ class WorkerControl:
             '/hotwire.v1.WorkerControl/Heartbeat',
             hotwire__pb2.HeartbeatRequest.SerializeToString,
             hotwire__pb2.HeartbeatReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Drain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hotwire.v1.WorkerControl/Drain',
+            hotwire__pb2.DrainRequest.SerializeToString,
+            hotwire__pb2.DrainReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -290,6 +290,12 @@ class Topology:
             )
         config = {} if node.config is None else node.config
         config_ok = _check_config(config, where, problems)
+        policy = config.get("on_error", "skip") if isinstance(config, dict) else "skip"
+        if policy not in ("skip", "fail", "dead_letter"):
+            problems.append(
+                f"{where}: config on_error={policy!r} is not a policy; "
+                "use 'skip' (the default), 'fail' or 'dead_letter'"
+            )
         target: Any = None
         callable_name = ""
         if node.kind in _FN_KINDS:

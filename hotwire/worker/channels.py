@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 CREDITS = 16
 
 # Inbox item kinds.
-BATCH, END, STATE, CONTROL, EPOCH = 0, 1, 2, 3, 4
+BATCH, END, STATE, CONTROL, EPOCH, BARRIER = 0, 1, 2, 3, 4, 5
 
 
 class OutChannel:
@@ -63,6 +63,10 @@ class OutChannel:
         """Send the epoch marker of ``version`` (in order with the batches)."""
         raise NotImplementedError
 
+    async def barrier(self, checkpoint: int) -> None:
+        """Send a checkpoint barrier (in order with the batches)."""
+        raise NotImplementedError
+
 
 class LocalChannel(OutChannel):
     __slots__ = ("dst",)
@@ -85,6 +89,10 @@ class LocalChannel(OutChannel):
 
     async def epoch(self, version: int) -> None:
         self.dst.inbox.put_nowait((EPOCH, self.channel, version, None))
+
+    async def barrier(self, checkpoint: int) -> None:
+        if not self.ended:
+            self.dst.inbox.put_nowait((BARRIER, self.channel, checkpoint, None))
 
 
 class RemoteChannel(OutChannel):
@@ -122,6 +130,11 @@ class RemoteChannel(OutChannel):
     async def epoch(self, version: int) -> None:
         link = await self._link()
         link.write(encode(Frame.EPOCH, self.app, self.channel, version))
+
+    async def barrier(self, checkpoint: int) -> None:
+        if not self.ended:
+            link = await self._link()
+            link.write(encode(Frame.BARRIER, self.app, self.channel, checkpoint))
 
 
 class RouteState:

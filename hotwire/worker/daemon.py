@@ -79,13 +79,22 @@ class Worker(Node):
         if self._tmp is not None:
             self._tmp.cleanup()
 
+    async def drain(self, timeout: float = 120) -> int:
+        """Ask the master to move this worker's instances elsewhere (before a stop)."""
+        async with grpc.aio.insecure_channel(self.master) as channel:
+            stub = pb_grpc.WorkerControlStub(channel)
+            reply = await stub.Drain(pb.DrainRequest(name=self.name, session=self.session),
+                                     timeout=timeout)
+            return int(reply.moved)
+
     # ------------------------------------------------------------------
     # Session with the master
     # ------------------------------------------------------------------
     def _running(self) -> list[pb.RunningInstance]:
         return [
-            pb.RunningInstance(app=a, instance=i, records_in=ri, records_out=ro, errors=e)
-            for a, i, ri, ro, e in self.runtime.running()
+            pb.RunningInstance(app=a, instance=i, records_in=ri, records_out=ro, errors=e,
+                               failed=f, dead_letters=d)
+            for a, i, ri, ro, e, f, d in self.runtime.running()
         ]
 
     async def _session_loop(self) -> None:
@@ -124,6 +133,17 @@ class Worker(Node):
             while True:
                 yield await outbox.get()
 
+        def report(app: str, cid: int, iid: str, state: Any) -> None:
+            try:
+                data = msgpack.packb(state, use_bin_type=True)
+            except Exception as e:
+                log.error("app %r instance %s: checkpoint state is not msgpack-able: %s",
+                          app, iid, e)
+                return
+            outbox.put_nowait(pb.WorkerMessage(report=pb.CheckpointReport(
+                app=app, checkpoint=cid, instance=iid, state=data)))
+
+        self.runtime.on_checkpoint = report
         call = stub.Control(outgoing())
         hb = asyncio.get_running_loop().create_task(self._heartbeats(stub, call))
         handlers: set[asyncio.Task[None]] = set()
@@ -172,6 +192,8 @@ class Worker(Node):
                 await rt.abort(batch.app, batch.version)
             elif batch.phase == pb.STOP:
                 await rt.stop(batch.app)
+            elif batch.phase == pb.CHECKPOINT:
+                rt.checkpoint(batch.app, batch.version)
             else:
                 raise ValueError(f"unknown phase {batch.phase}")
         except Exception as e:

@@ -15,15 +15,26 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from hotwire.pe.executors import EXECUTORS, Executor, _keyed_items
 from hotwire.plan import Gate, Retire, StartInstance, Switch, key_partition
-from hotwire.worker.channels import BATCH, CONTROL, END, EPOCH, STATE, OutChannel, RouteState
+from hotwire.worker.channels import (
+    BARRIER,
+    BATCH,
+    CONTROL,
+    END,
+    EPOCH,
+    STATE,
+    OutChannel,
+    RouteState,
+)
 
 if TYPE_CHECKING:
     from hotwire.worker.runtime import Runtime
@@ -33,6 +44,18 @@ log = logging.getLogger(__name__)
 SOURCE_BATCH = 256
 SOURCE_LINGER_S = 0.002
 MAX_LOGGED_ERRORS = 20
+ON_ERROR = ("skip", "fail", "dead_letter")  # a PE's config["on_error"] policies
+
+
+class InstanceFailed(Exception):
+    """Raised through the executor when a PE with ``on_error="fail"`` meets an error."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """Control item: a source snapshots its position and sends barrier ``id`` downstream."""
+
+    id: int
 
 
 class Instance:
@@ -62,6 +85,10 @@ class Instance:
         self.epoch_held: set[str] = set()
         self.pending_switch: dict[int, tuple[Switch, set[str]]] = {}
         self._switched: dict[int, asyncio.Future[None]] = {}
+        # checkpoint alignment: barrier id -> input channels still to deliver it
+        self.barrier_need: dict[int, set[str]] = {}
+        self.barrier_held: set[str] = set()
+        self.last_checkpoint = 0
         self.pending_preds: set[str] = set(spec.predecessors)
         self.pred_states: list[Any] = []
         # lifecycle
@@ -77,6 +104,15 @@ class Instance:
         self.records_out = 0
         self.errors = 0
         self.position = 0  # records a source has emitted, over all its generations
+        # user errors: the PE's policy, why the instance stopped ("" while it runs)
+        config = getattr(ctx, "config", None)
+        policy = config.get("on_error") if isinstance(config, dict) else None
+        self.on_error_policy = policy or "skip"
+        if self.on_error_policy not in ON_ERROR:
+            raise ValueError(f"config on_error={self.on_error_policy!r} is not one of "
+                             f"{', '.join(map(repr, ON_ERROR))}; fix the PE's config")
+        self.failed = ""
+        self.dead_letters = 0
 
     # -- set-up (prepare phase) ------------------------------------------
     def start_task(self) -> None:
@@ -111,7 +147,9 @@ class Instance:
                 await self._run()
         except asyncio.CancelledError:
             raise
-        except Exception:
+        except Exception as e:
+            self.errors += 1
+            self.failed = self.failed or f"{type(e).__name__}: {e}"
             log.exception("instance %s/%s failed", self.app, self.iid)
             if not self.finished.done():
                 self.finished.set_result(None)
@@ -123,10 +161,13 @@ class Instance:
         while not self.finished.done():
             kind, ch, payload, ret = await get()
             if kind == BATCH:
-                if self.pending_preds or ch in self.holding or ch in self.epoch_held:
+                if (self.pending_preds or ch in self.holding or ch in self.epoch_held
+                        or ch in self.barrier_held):
                     self.held.setdefault(ch, []).append((payload, ret))
                 else:
                     await self._process(ch, payload, ret)
+            elif kind == BARRIER:
+                await self._on_barrier(ch, payload)
             elif kind == END:
                 await self._on_end(ch)
             elif kind == EPOCH:
@@ -140,18 +181,30 @@ class Instance:
 
     async def _process(self, ch: str, records: list[Any], ret: Any) -> None:
         assert self.executor is not None
+        if self.failed:
+            # Stopped by on_error="fail": hold input and return no credit, so the
+            # senders stop at their credit limit.
+            self.held.setdefault(ch, []).append((records, ret))
+            return
         self.records_in += len(records)
-        out = await self.executor.process(records)
+        try:
+            out = await self.executor.process(records)
+        except InstanceFailed:
+            return
         if ret is not None:
             ret.grant(self.app, ch, 1)
         if out:
             self.records_out += len(out)
             for route in self.routes.values():
                 await route.emit(out)
+        # A full inbox never suspends ``inbox.get()``, and a sender with credit never
+        # suspends either: without this an overloaded instance (a slow sink, say)
+        # would starve the worker's heartbeats, control stream and data-plane reads.
+        await asyncio.sleep(0)
 
     async def _release_held(self, channels: set[str] | None = None) -> None:
         for ch in list(self.held):
-            if ch in self.holding or ch in self.epoch_held:
+            if ch in self.holding or ch in self.epoch_held or ch in self.barrier_held:
                 continue
             if channels is None or ch in channels:
                 batches = self.held.pop(ch)
@@ -161,6 +214,10 @@ class Instance:
     async def _on_end(self, ch: str) -> None:
         self.inputs.discard(ch)
         self.runtime.forget_in(self.app, ch)
+        for cid, need in list(self.barrier_need.items()):
+            need.discard(ch)  # an ended channel owes no barrier
+            if not need:
+                await self._complete_checkpoint(cid)
         for version, (appearing, remaining) in list(self.gates.items()):
             remaining.discard(ch)
             if not remaining:
@@ -171,6 +228,49 @@ class Instance:
                 fut = self.gate_released.get(version)
                 if fut is not None and not fut.done():
                     fut.set_result(None)
+
+    # -- checkpoints -------------------------------------------------------
+    async def _on_barrier(self, ch: str, cid: int) -> None:
+        if cid <= self.last_checkpoint:
+            return
+        need = self.barrier_need.get(cid)
+        if need is None:
+            # Align on the inputs open now; channels that appear later owe nothing.
+            need = self.barrier_need[cid] = set(self.inputs)
+        need.discard(ch)
+        self.barrier_held.add(ch)
+        if not need:
+            await self._complete_checkpoint(cid)
+
+    async def _complete_checkpoint(self, cid: int) -> None:
+        del self.barrier_need[cid]
+        self.last_checkpoint = max(self.last_checkpoint, cid)
+        self.runtime.on_checkpoint(self.app, cid, self.iid, self._snapshot())
+        for out in list(self.out.values()):
+            await out.barrier(cid)
+        released = set(self.barrier_held)
+        self.barrier_held.clear()
+        if not self.pending_preds:
+            await self._release_held(released)
+
+    def _snapshot(self) -> Any:
+        if self.kind == "source":
+            return {"position": self.position}
+        assert self.executor is not None
+        state = self.executor.snapshot()
+        if self.executor.keyed and isinstance(state, dict):
+            return [[k, v] for k, v in state.items()]
+        return state
+
+    def restore_checkpoint(self, state: Any) -> None:
+        """Start from a checkpoint's state (recovery after a worker failure)."""
+        self._restore([state])
+
+    async def _source_checkpoint(self, cid: int) -> None:
+        self.last_checkpoint = max(self.last_checkpoint, cid)
+        self.runtime.on_checkpoint(self.app, cid, self.iid, self._snapshot())
+        for out in list(self.out.values()):
+            await out.barrier(cid)
 
     async def _on_state(self, src: str, state: Any) -> None:
         if src not in self.pending_preds:
@@ -214,6 +314,8 @@ class Instance:
                 await self._apply_switch(item)
         elif isinstance(item, Retire):
             self.retire = item
+        elif isinstance(item, Checkpoint) and self.kind == "source":
+            await self._source_checkpoint(item.id)
 
     async def _on_epoch(self, ch: str, version: int) -> None:
         # Records behind the marker belong after the cut: hold them until we switch.
@@ -261,12 +363,16 @@ class Instance:
         self._set_released()
         if await self._source_controls():
             return
-        it = self.source_fn(self.ctx)
-        if inspect.isasyncgen(it) or hasattr(it, "__anext__"):
-            chunks = _async_chunks(it)
-        else:
-            chunks = _thread_chunks(iter(it))
         exhausted = False
+        try:
+            it = self.source_fn(self.ctx)
+            if inspect.isasyncgen(it) or hasattr(it, "__anext__"):
+                chunks = _async_chunks(it)
+            else:
+                chunks = _thread_chunks(iter(it))
+        except Exception as e:
+            self._source_failed(e)
+            it, chunks, exhausted = None, None, True
         try:
             while True:
                 if await self._source_controls():
@@ -276,7 +382,15 @@ class Instance:
                     if kind == CONTROL:
                         await self._on_control(payload)
                     continue
-                chunk = await chunks.__anext__()
+                assert chunks is not None
+                try:
+                    chunk = await chunks.__anext__()
+                except Exception as e:
+                    # The user's iterator raised: it cannot go on. The source stays
+                    # (for controls: an upgrade restarts it from its position).
+                    self._source_failed(e)
+                    exhausted = True
+                    continue
                 if not chunk:
                     exhausted = True
                     continue
@@ -347,12 +461,58 @@ class Instance:
 
     # -- errors ----------------------------------------------------------
     def on_error(self, record: Any, exc: BaseException) -> None:
+        """User code raised on ``record``: apply the PE's ``on_error`` policy."""
         self.errors += 1
+        policy = self.on_error_policy
+        if policy == "fail":
+            self.failed = f"{type(exc).__name__}: {exc}"
+            log.error("app %r PE %r instance %d: %s (record %.200r); the instance stops "
+                      "(on_error='fail')", self.app, self.pe, self.spec.index, self.failed, record)
+            raise InstanceFailed(self.failed) from exc
+        if policy == "dead_letter":
+            self._dead_letter(record, exc)
         if self.errors <= MAX_LOGGED_ERRORS:
             log.error(
-                "app %r PE %r instance %d: %s: %s (record %.200r); record skipped",
+                "app %r PE %r instance %d: %s: %s (record %.200r); record %s",
                 self.app, self.pe, self.spec.index, type(exc).__name__, exc, record,
+                "dead-lettered" if policy == "dead_letter" else "skipped",
             )
+
+    def _source_failed(self, exc: BaseException) -> None:
+        self.errors += 1
+        self.failed = f"{type(exc).__name__}: {exc}"
+        log.error("app %r PE %r instance %d: the source raised %s at position %d; it stops "
+                  "(an upgrade or rollback restarts it from this position)",
+                  self.app, self.pe, self.spec.index, self.failed, self.position)
+        if self.on_error_policy == "dead_letter":
+            self._dead_letter(None, exc, position=self.position)
+
+    def _dead_letter(self, record: Any, exc: BaseException, **extra: Any) -> None:
+        """Append the failing record and the error as a JSON line to
+        ``<data dir>/dead-letter/<app>.<pe>.jsonl``."""
+        doc = {"app": self.app, "pe": self.pe, "instance": self.spec.index,
+               "error": f"{type(exc).__name__}: {exc}", "unix": time.time(), **extra,
+               "record": record}
+        try:
+            line = json.dumps(doc, default=_json_safe)
+        except (TypeError, ValueError):
+            line = json.dumps({**doc, "record": None, "record_repr": repr(record)}, default=repr)
+        path = self.runtime.dead_letter_dir / f"{self.app}.{self.pe}.jsonl"
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(line + "\n")
+        except OSError as e:
+            log.error("app %r PE %r instance %d: cannot write the dead letter to %s: %s",
+                      self.app, self.pe, self.spec.index, path, e)
+            return
+        self.dead_letters += 1
+
+
+def _json_safe(v: Any) -> Any:
+    if isinstance(v, bytes):
+        return v.decode("latin-1")
+    return repr(v)
 
 
 async def _aclose(obj: Any) -> None:
@@ -380,6 +540,10 @@ async def _async_chunks(it: AsyncIterator[Any]) -> AsyncIterator[list[Any]]:
                 yield chunk
             yield []
             return
+        except Exception:
+            if chunk:
+                yield chunk  # what the source yielded before it raised still goes out
+            raise
         yield chunk
 
 
@@ -388,20 +552,25 @@ async def _thread_chunks(it: Iterator[Any]) -> AsyncIterator[list[Any]]:
     loop = asyncio.get_running_loop()
     lock = threading.Lock()
 
-    def take() -> tuple[list[Any], bool]:
+    def take() -> tuple[list[Any], bool, Exception | None]:
         with lock:
             chunk: list[Any] = []
             deadline = time.monotonic() + SOURCE_LINGER_S
-            for r in it:
-                chunk.append(r)
-                if len(chunk) >= SOURCE_BATCH or time.monotonic() > deadline:
-                    return chunk, False
-            return chunk, True
+            try:
+                for r in it:
+                    chunk.append(r)
+                    if len(chunk) >= SOURCE_BATCH or time.monotonic() > deadline:
+                        return chunk, False, None
+            except Exception as e:
+                return chunk, True, e  # what came before the error still goes out
+            return chunk, True, None
 
     while True:
-        chunk, done = await loop.run_in_executor(None, take)
+        chunk, done, error = await loop.run_in_executor(None, take)
         if chunk:
             yield chunk
+        if error is not None:
+            raise error
         if done:
             yield []
             return

@@ -15,12 +15,15 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from hotwire.pe.executors import EXECUTORS, Executor, ProcessExecutor
 from hotwire.plan import Gate, Instruction, KeyRef, Retire, Route, StartInstance, Switch
 from hotwire.worker.channels import (
+    BARRIER,
     CONTROL,
+    CREDITS,
     END,
     EPOCH,
     STATE,
@@ -30,7 +33,7 @@ from hotwire.worker.channels import (
     RouteState,
 )
 from hotwire.worker.channels import BATCH as _BATCH
-from hotwire.worker.instance import Instance
+from hotwire.worker.instance import Checkpoint, Instance
 from hotwire.worker.transport import DataPlane, Frame, Link, encode
 
 log = logging.getLogger(__name__)
@@ -52,13 +55,17 @@ class Runtime:
     def __init__(self, name: str, bundle_dir: Path):
         self.name = name
         self.bundle_dir = bundle_dir
+        self.dead_letter_dir = bundle_dir.parent / "dead-letter"  # PEs with on_error="dead_letter"
         self.dataplane = DataPlane(name, self)
         self.instances: dict[tuple[str, str], Instance] = {}
         self.in_channels: dict[tuple[str, str], Instance] = {}
         self.out_channels: dict[tuple[str, str], OutChannel] = {}
         self.bundles: dict[str, bytes] = {}
         self.prepared: dict[tuple[str, int], Prepared] = {}
+        self.switches: dict[tuple[str, int], asyncio.Task[None]] = {}
         self.drops: Counter[str] = self.dataplane.drops
+        # Called with (app, checkpoint id, instance id, state) when an instance snapshots.
+        self.on_checkpoint: Callable[[str, int, str, Any], None] = lambda *a: None
 
     # ------------------------------------------------------------------
     # Data plane receiver
@@ -78,6 +85,8 @@ class Runtime:
         return True
 
     def on_credit(self, app: str, channel: str, n: int) -> bool:
+        if not 0 < n <= CREDITS:
+            return False  # a receiver returns one credit per batch; anything else is garbage
         out = self.out_channels.get((app, channel))
         if out is None:
             return True  # the channel ended meanwhile; its late credit is harmless
@@ -97,6 +106,20 @@ class Runtime:
             return False
         inst.inbox.put_nowait((EPOCH, channel, version, None))
         return True
+
+    def on_barrier(self, app: str, channel: str, checkpoint: int) -> bool:
+        inst = self.in_channels.get((app, channel))
+        if inst is None:
+            return False
+        inst.inbox.put_nowait((BARRIER, channel, checkpoint, None))
+        return True
+
+    def checkpoint(self, app: str, checkpoint: int) -> int:
+        """Start checkpoint ``checkpoint`` at this worker's source instances of ``app``."""
+        sources = [i for (a, _), i in self.instances.items() if a == app and i.kind == "source"]
+        for inst in sources:
+            inst.inbox.put_nowait((CONTROL, None, Checkpoint(checkpoint), None))
+        return len(sources)
 
     async def send_state(self, app: str, dst: str, worker: str, src: str, state: Any) -> None:
         if worker == self.name:
@@ -195,6 +218,8 @@ class Runtime:
                 await executor.setup()
             for route in ins.routes:
                 inst.routes[route.dst_pe] = self.make_route(inst, route)
+            if ins.initial_state is not None:
+                inst.restore_checkpoint(ins.initial_state)
         except BaseException:
             self.remove_instance(inst)
             raise
@@ -266,6 +291,16 @@ class Runtime:
 
     async def switch(self, app: str, version: int, instructions: list[Instruction],
                      timeout: float = SWITCH_TIMEOUT_S) -> None:
+        """Idempotent: a switch sent again (by a restarted master) joins the first one."""
+        task = self.switches.get((app, version))
+        if task is None:
+            task = asyncio.get_running_loop().create_task(
+                self._switch(app, version, instructions, timeout))
+            self.switches[(app, version)] = task
+        await asyncio.shield(task)
+
+    async def _switch(self, app: str, version: int, instructions: list[Instruction],
+                      timeout: float) -> None:
         st = self.prepared.pop((app, version), Prepared())
         waits: list[asyncio.Future[Any]] = []
         for inst in st.instances:
@@ -305,9 +340,10 @@ class Runtime:
             raise PrepareError(f"app {app!r}: instance {iid} is not running on worker {self.name!r}")
         return inst
 
-    def running(self) -> list[tuple[str, str, int, int, int]]:
+    def running(self) -> list[tuple[str, str, int, int, int, str, int]]:
+        """(app, instance, records in, records out, errors, why it failed or "", dead letters)."""
         return [
-            (a, iid, i.records_in, i.records_out, i.errors)
+            (a, iid, i.records_in, i.records_out, i.errors, i.failed, i.dead_letters)
             for (a, iid), i in self.instances.items()
         ]
 

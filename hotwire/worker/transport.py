@@ -34,6 +34,7 @@ class Frame(enum.IntEnum):
     CREDIT = 3  # [CREDIT, app, channel, n]
     STATE = 4  # [STATE, app, dst_instance, src_instance, state]
     EPOCH = 5  # [EPOCH, app, channel, version]: the upgrade cut on a kept channel
+    BARRIER = 6  # [BARRIER, app, channel, checkpoint_id]: a checkpoint's cut
 
 
 class Receiver(Protocol):
@@ -44,6 +45,7 @@ class Receiver(Protocol):
     def on_credit(self, app: str, channel: str, n: int) -> bool: ...
     def on_state(self, app: str, dst: str, src: str, state: Any) -> bool: ...
     def on_epoch(self, app: str, channel: str, version: int) -> bool: ...
+    def on_barrier(self, app: str, channel: str, checkpoint: int) -> bool: ...
 
 
 _pack = msgpack.Packer(use_bin_type=True).pack
@@ -214,6 +216,8 @@ class DataPlane:
             ok = self.receiver.on_state(msg[1], msg[2], msg[3], msg[4])
         elif kind == Frame.EPOCH:
             ok = self.receiver.on_epoch(msg[1], msg[2], int(msg[3]))
+        elif kind == Frame.BARRIER:
+            ok = self.receiver.on_barrier(msg[1], msg[2], int(msg[3]))
         else:
             raise ValueError(f"unknown frame kind {kind!r}")
         if not ok:

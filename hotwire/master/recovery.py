@@ -1,0 +1,302 @@
+"""Failures and checkpoints: what the master does when things go wrong.
+
+* **Checkpoints.** Every ``checkpoint_interval`` seconds the master asks the
+  source instances of each running app to snapshot their position and send a
+  barrier down every channel; each instance aligns the barriers of its inputs,
+  snapshots its state and reports it. When every instance of the app reported,
+  the checkpoint is stored durably in the master's SQLite store.
+* **Worker failure.** A worker that misses heartbeats for ``heartbeat_timeout`` is
+  dead. Every app with instances on it restarts from its last checkpoint on the
+  live workers: the surviving instances stop, all instances are placed anew and
+  start with their checkpointed state, and sources resume from their
+  checkpointed position, replaying what came after it (at-least-once; a sink
+  that deduplicates by sequence number makes the result exactly-once).
+* **Drain.** A worker asked to stop (SIGTERM) first has its instances moved to
+  the other workers with the upgrade protocol itself: state handed over, no
+  record lost or duplicated.
+* **An interrupted transition.** A master that crashed during an upgrade undoes
+  it on start (crash in prepare: abort everywhere) or finishes it (crash in
+  switch: the switch is sent again; workers join the first one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+import msgpack
+
+from hotwire.master.diff import ChangeSet, diff
+from hotwire.master.planner import plan_upgrade
+from hotwire.master.scheduler import SchedulingError, schedule
+from hotwire.model import LogicalModel
+from hotwire.plan import Plan, StartInstance, parse_instance_id, placement_to_dict
+from hotwire.proto import hotwire_pb2 as pb
+
+if TYPE_CHECKING:
+    from hotwire.master.service import Master
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_TIMEOUT_S = 10.0
+
+
+@dataclass
+class PendingCheckpoint:
+    id: int
+    epoch: int
+    expected: set[str]
+    started: float
+    states: dict[str, bytes] = field(default_factory=dict)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class Recovery:
+    def __init__(self, master: Master, checkpoint_interval: float = 2.0):
+        self.m = master
+        self.checkpoint_interval = checkpoint_interval
+        self.pending: dict[str, PendingCheckpoint] = {}
+        self.last_checkpoint: dict[str, int] = {}
+        self.handled: set[str] = set()  # dead workers already dealt with
+        self.draining: set[str] = set()
+        self.started = time.monotonic()
+        self.events: list[dict[str, Any]] = []  # recoveries and drains, for status and tests
+
+    def start(self) -> None:
+        self.m.spawn(self._checkpoint_loop(), name="checkpoints")
+        self.m.spawn(self._monitor(), name="liveness")
+        self.m.spawn(self._finish_inflight(), name="inflight")
+
+    # ------------------------------------------------------------------
+    # Checkpoints
+    # ------------------------------------------------------------------
+    async def _checkpoint_loop(self) -> None:
+        if self.checkpoint_interval <= 0:
+            return
+        while True:
+            await asyncio.sleep(self.checkpoint_interval)
+            for name, st in list(self.m.apps.items()):
+                if st.state == "running" and name not in self.m.locks:
+                    await self.checkpoint(name)
+
+    async def checkpoint(self, app: str, wait: bool = False) -> bool:
+        """Start a checkpoint of ``app``; with ``wait``, return whether it completed."""
+        assert self.m.store is not None
+        p = self.pending.get(app)
+        if p is not None and time.monotonic() - p.started < CHECKPOINT_TIMEOUT_S:
+            return False  # one at a time
+        st = self.m.apps[app]
+        stored = self.m.store.checkpoint(app)
+        cid = max(self.last_checkpoint.get(app, 0), stored[0] if stored else 0) + 1
+        self.last_checkpoint[app] = cid
+        expected = {pl.instance(pe, i) for pe, pl in st.placement.items()
+                    for i in range(pl.parallelism)}
+        p = self.pending[app] = PendingCheckpoint(cid, st.epoch, expected, time.monotonic())
+        sources = {w for pe, pl in st.placement.items() if st.model.pe(pe).kind == "source"
+                   for w in pl.workers}
+        await asyncio.gather(
+            *(self.m.membership.send(w, pb.CHECKPOINT, app, cid, [], timeout=5)
+              for w in sorted(sources) if self.m.membership.alive(w)),
+            return_exceptions=True,
+        )
+        if not wait:
+            return True
+        try:
+            await asyncio.wait_for(p.done.wait(), CHECKPOINT_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+    def on_report(self, rep: pb.CheckpointReport) -> None:
+        p = self.pending.get(rep.app)
+        if p is None or p.id != rep.checkpoint or rep.instance not in p.expected:
+            return
+        p.states[rep.instance] = bytes(rep.state)
+        if len(p.states) < len(p.expected):
+            return
+        del self.pending[rep.app]
+        st = self.m.apps.get(rep.app)
+        if st is not None and st.epoch == p.epoch and self.m.store is not None:
+            self.m.store.put_checkpoint(rep.app, p.id, p.epoch,
+                                        msgpack.packb(p.states, use_bin_type=True))
+            log.debug("app %r: checkpoint %d complete in %.1f ms", rep.app, p.id,
+                      (time.monotonic() - p.started) * 1000)
+        p.done.set()
+
+    # ------------------------------------------------------------------
+    # Liveness
+    # ------------------------------------------------------------------
+    def on_register(self, name: str) -> None:
+        self.handled.discard(name)
+        self.draining.discard(name)
+
+    async def _monitor(self) -> None:
+        ms = self.m.membership
+        while True:
+            await asyncio.sleep(min(0.25, ms.heartbeat_timeout / 4))
+            dead = {n for n in ms.workers if not ms.alive(n)}
+            if time.monotonic() - self.started > ms.heartbeat_timeout + 1:
+                # Workers in a placement that never came back after a master restart.
+                for st in self.m.apps.values():
+                    if st.state == "running":
+                        dead |= {w for pl in st.placement.values() for w in pl.workers
+                                 if w not in ms.workers}
+            for name in sorted(dead - self.handled):
+                self.handled.add(name)
+                apps = [a for a, st in self.m.apps.items() if st.state == "running" and any(
+                    name in pl.workers for pl in st.placement.values())]
+                if apps:
+                    log.warning("worker %s is dead; restarting %s from checkpoints",
+                                name, ", ".join(repr(a) for a in apps))
+                for app in apps:
+                    self.m.spawn(self.recover(app, name), name=f"recover-{app}")
+
+    async def _wait_unlocked(self, app: str, what: str) -> None:
+        while app in self.m.locks:
+            await asyncio.sleep(0.05)
+        self.m.locks[app] = what
+
+    async def recover(self, app: str, dead: str) -> None:
+        """Restart ``app`` from its last checkpoint on the live workers."""
+        assert self.m.store is not None
+        await self._wait_unlocked(app, f"a recovery from the loss of worker {dead!r}")
+        t0 = time.perf_counter()
+        try:
+            st = self.m.apps[app]
+            if st.state != "running" or not any(dead in pl.workers
+                                                for pl in st.placement.values()):
+                return
+            ms = self.m.membership
+            hosts = {w for pl in st.placement.values() for w in pl.workers}
+            await asyncio.gather(*(ms.send(w, pb.STOP, app, st.epoch, [], timeout=10)
+                                   for w in sorted(hosts) if ms.alive(w)),
+                                 return_exceptions=True)
+            states = self._checkpoint_states(app)
+            epoch = st.epoch + 1
+            empty = LogicalModel.build(app, [], [])
+            change = diff(empty, st.model)
+            try:
+                new_pl = schedule(st.model, {}, change, self.free_slots(app), epoch, st.bundle)
+            except SchedulingError as e:
+                log.error("app %r cannot be recovered now: %s", app, e)
+                self.handled.discard(dead)  # try again on the next round
+                return
+            plan = plan_upgrade(app, epoch, empty, {}, st.model, new_pl, change)
+
+            def with_state(ins: Any) -> Any:
+                if isinstance(ins, StartInstance):
+                    old = st.placement[ins.pe].instance(ins.pe, ins.index)
+                    if old in states and st.placement[ins.pe].parallelism == ins.parallelism:
+                        return replace(ins, initial_state=states[old])
+                return ins
+
+            plan = Plan(app, epoch,
+                        {w: tuple(with_state(i) for i in ins) for w, ins in plan.prepare.items()},
+                        plan.switch)
+            bundle = self.m.store.bundle(st.bundle) or b""
+            intent = {"kind": "placement", "version": st.version, "model": st.model.to_json(),
+                      "bundle": st.bundle, "placement": placement_to_dict(new_pl)}
+            await self.m._apply(plan, st.bundle, bundle, intent)
+            self.m._commit(intent, epoch, 0.0)
+            ms_taken = (time.perf_counter() - t0) * 1000
+            self.events.append({"app": app, "event": "recovery", "worker": dead,
+                                "restored": len(states), "ms": ms_taken})
+            log.warning("app %r restarted from checkpoint on the live workers in %.0f ms "
+                        "(%d instance states restored)", app, ms_taken, len(states))
+        except Exception:
+            log.exception("app %r: recovery from the loss of %s failed", app, dead)
+            self.handled.discard(dead)
+        finally:
+            self.m.locks.pop(app, None)
+        self.m.spawn(self.checkpoint(app), name=f"checkpoint-{app}")
+
+    def _checkpoint_states(self, app: str) -> dict[str, Any]:
+        assert self.m.store is not None
+        ck = self.m.store.checkpoint(app)
+        if ck is None:
+            return {}
+        _cid, _epoch, blob = ck
+        raw: dict[str, bytes] = msgpack.unpackb(blob, raw=False)
+        st = self.m.apps[app]
+        out: dict[str, Any] = {}
+        for iid, data in raw.items():
+            pe, gen, _ = parse_instance_id(iid)
+            if pe in st.placement and st.placement[pe].gen == gen:
+                out[iid] = msgpack.unpackb(data, raw=False)
+        return out
+
+    def free_slots(self, app: str) -> dict[str, int]:
+        return {w: n for w, n in self.m._free_slots(app).items() if w not in self.draining}
+
+    # ------------------------------------------------------------------
+    # Drain
+    # ------------------------------------------------------------------
+    async def drain(self, worker: str) -> int:
+        """Move every instance off ``worker`` with the upgrade protocol; return how many."""
+        self.draining.add(worker)
+        moved = 0
+        for app, st in list(self.m.apps.items()):
+            if st.state != "running":
+                continue
+            pes = tuple(sorted(pe for pe, pl in st.placement.items() if worker in pl.workers))
+            if not pes:
+                continue
+            await self._wait_unlocked(app, f"moving instances off worker {worker!r}")
+            try:
+                st = self.m.apps[app]
+                epoch = st.epoch + 1
+                change = ChangeSet(regenerated=pes)
+                new_pl = schedule(st.model, st.placement, change, self.free_slots(app), epoch,
+                                  st.bundle)
+                plan = plan_upgrade(app, epoch, st.model, st.placement, st.model, new_pl, change)
+                bundle = self.m.store.bundle(st.bundle) if self.m.store else None
+                intent = {"kind": "placement", "version": st.version,
+                          "model": st.model.to_json(), "bundle": st.bundle,
+                          "placement": placement_to_dict(new_pl)}
+                t0 = time.perf_counter()
+                await self.m._apply(plan, st.bundle, bundle or b"", intent)
+                self.m._commit(intent, epoch, 0.0)
+                n = sum(st.placement[pe].workers.count(worker) for pe in pes)
+                moved += n
+                self.events.append({"app": app, "event": "drain", "worker": worker,
+                                    "moved": n, "ms": (time.perf_counter() - t0) * 1000})
+            finally:
+                self.m.locks.pop(app, None)
+        return moved
+
+    # ------------------------------------------------------------------
+    # Transitions a crashed master left half done
+    # ------------------------------------------------------------------
+    async def _finish_inflight(self) -> None:
+        assert self.m.store is not None
+        inflight = self.m.store.inflight()
+        if not inflight:
+            return
+        ms = self.m.membership
+        for app, epoch, phase, blob in inflight:
+            rec = msgpack.unpackb(blob, raw=False)
+            workers = list(rec["prepare_workers"])
+            self.m.locks[app] = "finishing an interrupted upgrade"
+            try:
+                deadline = time.monotonic() + ms.heartbeat_timeout * 2
+                while time.monotonic() < deadline and not all(ms.alive(w) for w in workers):
+                    await asyncio.sleep(0.1)
+                if phase == "prepare":
+                    await asyncio.gather(*(ms.send(w, pb.ABORT, app, epoch, [], timeout=10)
+                                           for w in workers if ms.alive(w)),
+                                         return_exceptions=True)
+                    self.m.store.end_transition(app)
+                    log.warning("app %r: undid an upgrade interrupted in prepare", app)
+                else:
+                    batches = {w: [msgpack.packb(i, use_bin_type=True) for i in ins]
+                               for w, ins in rec["switch"].items()}
+                    await self.m.switch_all(app, epoch, workers, batches)
+                    self.m._commit(rec, epoch, 0.0)
+                    log.warning("app %r: finished an upgrade interrupted in switch", app)
+            except Exception:
+                log.exception("app %r: could not finish the interrupted upgrade", app)
+            finally:
+                self.m.locks.pop(app, None)
