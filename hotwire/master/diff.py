@@ -7,7 +7,6 @@ of endpoints, named ``"src->dst"``.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -109,7 +108,7 @@ def _pe_changes(old: PESpec, new: PESpec) -> list[str]:
         what.append("config")
     if old.keyed != new.keyed:
         what.append("keyed" if new.keyed else "unkeyed")
-    if not what and dataclasses.replace(old, parallelism=new.parallelism) != new:
+    if not what and old.name != new.name:
         what.append("spec")
     return what
 
@@ -129,8 +128,11 @@ def diff(old: LogicalModel, new: LogicalModel) -> ChangeSet:
     old_pes, new_pes = set(og.nodes), set(ng.nodes)
     details: dict[str, str] = {}
     changed, rescaled = [], []
+    onodes, nnodes = og.nodes, ng.nodes
     for name in old_pes & new_pes:
-        o, n = old.pe(name), new.pe(name)
+        o, n = onodes[name]["spec"], nnodes[name]["spec"]
+        if o == n:
+            continue
         if what := _pe_changes(o, n):
             changed.append(name)
             details[f"pe:{name}"] = ", ".join(what)
@@ -140,8 +142,12 @@ def diff(old: LogicalModel, new: LogicalModel) -> ChangeSet:
 
     old_edges, new_edges = set(og.edges), set(ng.edges)
     s_changed = []
+    oedges, nedges = og.edges, ng.edges
     for u, v in old_edges & new_edges:
-        if what := _stream_changes(old.stream(u, v), new.stream(u, v)):
+        os_, ns_ = oedges[u, v]["spec"], nedges[u, v]["spec"]
+        if os_ == ns_:
+            continue
+        if what := _stream_changes(os_, ns_):
             s_changed.append((u, v))
             details[f"stream:{stream_name(u, v)}"] = ", ".join(what)
     s_added, s_removed = new_edges - old_edges, old_edges - new_edges

@@ -260,7 +260,9 @@ def plan_upgrade(
 
     # -- order: new instances downstream first, then gates ------------------------
     if starts:
-        rank = {pe: r for r, pe in enumerate(nx.lexicographical_topological_sort(new.graph))}
+        # Only edges among new PEs order their start (a local target must exist first).
+        sub = new.graph.subgraph({pe for pe, _, _ in (t for v in starts.values() for t in v)})
+        rank = {pe: r for r, pe in enumerate(nx.lexicographical_topological_sort(sub))}
         for w, items in starts.items():
             items.sort(key=lambda t: (-rank[t[0]], t[0], t[1]))
             prepare[w][:0] = [ins for _, _, ins in items]
