@@ -184,7 +184,9 @@ class Worker(Node):
             instructions = [from_wire(msgpack.unpackb(b, raw=False)) for b in batch.instructions]
             if batch.phase == pb.PREPARE:
                 for h in batch.bundles:
-                    rt.load(h)  # import errors surface here, before anything switches
+                    # Import errors surface here, before anything switches. The import
+                    # runs in a thread so the instances on this worker keep running.
+                    await asyncio.to_thread(rt.load, h)
                 await rt.prepare(batch.app, batch.version, instructions)
             elif batch.phase == pb.SWITCH:
                 await rt.switch(batch.app, batch.version, instructions)
