@@ -40,8 +40,8 @@ class OutChannel:
         self._waiter: asyncio.Future[None] | None = None
 
     def grant(self, app: str, channel: str, n: int) -> None:
-        """Return ``n`` credits (called by the receiver's side)."""
-        self.credit += n
+        """Return ``n`` credits (called by the receiver's side); never above :data:`CREDITS`."""
+        self.credit = min(self.credit + n, CREDITS)
         w = self._waiter
         if w is not None and not w.done():
             w.set_result(None)

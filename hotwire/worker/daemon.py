@@ -153,6 +153,12 @@ class Worker(Node):
                     t = asyncio.get_running_loop().create_task(self._handle(msg.batch, outbox))
                     handlers.add(t)
                     t.add_done_callback(handlers.discard)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # the worker is stopping
+            # Only the call was cancelled (the master forgot this session, e.g. another
+            # registration under this name won): return, and the session loop registers again.
         finally:
             hb.cancel()
             call.cancel()
