@@ -148,10 +148,11 @@ class LocalCluster:
         return p
 
     def stop(self) -> None:
-        for w in self.workers:
-            w.stop()
+        # The master first: a worker stopping then does not try to drain to the others.
         if self.master is not None:
             self.master.stop()
+        for w in self.workers:
+            w.stop()
         if self._client is not None:
             self._client.close()
             self._client = None

@@ -20,6 +20,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
+from itertools import islice
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 
 SOURCE_BATCH = 256
 SOURCE_LINGER_S = 0.002
+PUMP_CHUNKS = 4  # chunks a source thread may pull ahead of the instance
 MAX_LOGGED_ERRORS = 20
 ON_ERROR = ("skip", "fail", "dead_letter")  # a PE's config["on_error"] policies
 
@@ -363,55 +365,67 @@ class Instance:
         self._set_released()
         if await self._source_controls():
             return
-        exhausted = False
         try:
-            it = self.source_fn(self.ctx)
-            if inspect.isasyncgen(it) or hasattr(it, "__anext__"):
-                chunks = _async_chunks(it)
-            else:
-                chunks = _thread_chunks(iter(it))
+            pump = _Pump(self.source_fn(self.ctx))
         except Exception as e:
             self._source_failed(e)
-            it, chunks, exhausted = None, None, True
+            pump = None
+        ctl: asyncio.Future[Any] | None = None
         try:
             while True:
-                if await self._source_controls():
+                if await self._source_controls(pump):
+                    pump = None
                     return
-                if exhausted:
-                    kind, _ch, payload, _ret = await self.inbox.get()
+                if pump is not None and pump.buf:
+                    await self._emit_source(pump.take())
+                    continue
+                if pump is not None and pump.finished:
+                    if pump.error is not None:
+                        # The user's iterator raised: it cannot go on. The source stays
+                        # (for controls: an upgrade restarts it from its position).
+                        self._source_failed(pump.error)
+                    pump = None
+                    continue
+                # Wait for records or a control item, whichever comes first: an idle
+                # source still switches, retires and checkpoints at once.
+                if ctl is None:
+                    ctl = asyncio.ensure_future(self.inbox.get())
+                waits: set[asyncio.Future[Any]] = {ctl}
+                if pump is not None:
+                    waits.add(pump.ready_future())
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                if ctl.done():
+                    kind, _ch, payload, _ret = ctl.result()
+                    ctl = None
                     if kind == CONTROL:
                         await self._on_control(payload)
-                    continue
-                assert chunks is not None
-                try:
-                    chunk = await chunks.__anext__()
-                except Exception as e:
-                    # The user's iterator raised: it cannot go on. The source stays
-                    # (for controls: an upgrade restarts it from its position).
-                    self._source_failed(e)
-                    exhausted = True
-                    continue
-                if not chunk:
-                    exhausted = True
-                    continue
-                self.position += len(chunk)
-                self.records_out += len(chunk)
-                for route in self.routes.values():
-                    await route.emit(chunk)
         finally:
-            await _aclose(chunks)
-            await _aclose(it)
+            if ctl is not None:
+                ctl.cancel()
+            if pump is not None:
+                await pump.stop()
 
-    async def _source_controls(self) -> bool:
+    async def _source_controls(self, pump: _Pump | None = None) -> bool:
         """Apply queued control items; True when the source has retired."""
         while not self.inbox.empty():
             kind, _ch, payload, _ = self.inbox.get_nowait()
             if kind == CONTROL:
                 await self._on_control(payload)
         if self.retire is not None:
+            if pump is not None:
+                # What the pump already pulled from the iterator goes out first.
+                await pump.stop()
+                if pump.buf:
+                    await self._emit_source(pump.take())
             await self._finish()
             return True
         return False
+
+    async def _emit_source(self, chunk: list[Any]) -> None:
+        self.position += len(chunk)
+        self.records_out += len(chunk)
+        for route in self.routes.values():
+            await route.emit(chunk)
 
     # -- retirement ------------------------------------------------------
     async def _finish(self) -> None:
@@ -524,56 +538,135 @@ async def _aclose(obj: Any) -> None:
             pass
 
 
-async def _async_chunks(it: AsyncIterator[Any]) -> AsyncIterator[list[Any]]:
-    anext_ = it.__anext__
-    clock = time.monotonic
-    while True:
-        chunk: list[Any] = []
-        deadline = clock() + SOURCE_LINGER_S
-        try:
-            while len(chunk) < SOURCE_BATCH:
-                chunk.append(await anext_())
-                if clock() > deadline:
-                    break
-        except StopAsyncIteration:
-            if chunk:
-                yield chunk
-            yield []
-            return
-        except Exception:
-            if chunk:
-                yield chunk  # what the source yielded before it raised still goes out
-            raise
-        yield chunk
+class _Pump:
+    """Pulls a source's iterator into a buffer, apart from the instance's loop.
 
+    An async iterator is pulled by a task on the event loop. A sync one is pulled
+    by a thread of its own, so a blocking source never stalls other PEs; the
+    thread hands chunks over without waiting for the loop, and stops after
+    :data:`PUMP_CHUNKS` chunks that were not taken yet. Records count toward the
+    source's position only when the instance emits them.
+    """
 
-async def _thread_chunks(it: Iterator[Any]) -> AsyncIterator[list[Any]]:
-    """Pull a sync iterator in a thread, so a blocking source never stalls other PEs."""
-    loop = asyncio.get_running_loop()
-    lock = threading.Lock()
+    def __init__(self, it: Any):
+        self.buf: list[Any] = []
+        self.finished = False
+        self.error: Exception | None = None
+        self._loop = asyncio.get_running_loop()
+        self._waiter: asyncio.Future[None] | None = None
+        self._space = asyncio.Event()
+        self._space.set()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._slots = threading.Semaphore(PUMP_CHUNKS)
+        self._taken_slots = 0
+        self.task: asyncio.Task[None] | None = None
+        if inspect.isasyncgen(it) or hasattr(it, "__anext__"):
+            self.it: Any = it
+            self.task = self._loop.create_task(self._pull_async(it))
+        else:
+            self.it = iter(it)
+            self._thread = threading.Thread(target=self._pull_sync, name="hotwire-source",
+                                            daemon=True)
+            self._thread.start()
 
-    def take() -> tuple[list[Any], bool, Exception | None]:
-        with lock:
-            chunk: list[Any] = []
-            deadline = time.monotonic() + SOURCE_LINGER_S
-            try:
-                for r in it:
-                    chunk.append(r)
-                    if len(chunk) >= SOURCE_BATCH or time.monotonic() > deadline:
-                        return chunk, False, None
-            except Exception as e:
-                return chunk, True, e  # what came before the error still goes out
-            return chunk, True, None
+    def ready_future(self) -> asyncio.Future[None]:
+        if self._waiter is None or self._waiter.done():
+            self._waiter = self._loop.create_future()
+            if self.buf or self.finished:
+                self._waiter.set_result(None)
+        return self._waiter
 
-    while True:
-        chunk, done, error = await loop.run_in_executor(None, take)
-        if chunk:
-            yield chunk
-        if error is not None:
-            raise error
+    def _wake(self) -> None:
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def take(self) -> list[Any]:
+        chunk, self.buf = self.buf, []
+        self._space.set()
+        for _ in range(self._taken_slots):
+            self._slots.release()
+        self._taken_slots = 0
+        return chunk
+
+    def _deliver(self, chunk: list[Any], done: bool, error: Exception | None) -> None:
+        self.buf.extend(chunk)
+        self._taken_slots += 1
         if done:
-            yield []
-            return
+            self.finished = True
+            self.error = error
+        self._wake()
+
+    async def _pull_async(self, it: AsyncIterator[Any]) -> None:
+        anext_ = it.__anext__
+        n = 0
+        try:
+            while True:
+                if not self._space.is_set():
+                    await self._space.wait()
+                record = await anext_()  # not buf.append(await ...): take() swaps buf meanwhile
+                self.buf.append(record)
+                self._wake()
+                n += 1
+                if len(self.buf) >= SOURCE_BATCH:
+                    self._space.clear()
+                elif n % SOURCE_BATCH == 0:
+                    await asyncio.sleep(0)  # a source that never awaits still yields
+        except StopAsyncIteration:
+            self.finished = True
+        except Exception as e:
+            self.finished, self.error = True, e
+        self._wake()
+
+    def _pull_sync(self) -> None:
+        while True:
+            self._slots.acquire()
+            if self._stopping:
+                return
+            chunk, done, error = _take(self.it)
+            try:
+                self._loop.call_soon_threadsafe(self._deliver, chunk, done, error)
+            except RuntimeError:  # the loop closed
+                return
+            if done:
+                return
+
+    async def stop(self) -> None:
+        """Stop pulling; what was already pulled stays in ``buf``."""
+        if self.task is not None:
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
+        if self._thread is not None:
+            self._stopping = True
+            self._slots.release()
+            await asyncio.to_thread(self._thread.join, 2.0)
+            await asyncio.sleep(0)  # chunks the thread handed over land in buf
+        await _aclose(self.it)
+        close = getattr(self.it, "close", None)
+        if close is not None and self._thread is not None and not self._thread.is_alive():
+            try:
+                close()
+            except Exception:
+                pass
+
+
+def _take(it: Iterator[Any]) -> tuple[list[Any], bool, Exception | None]:
+    """Up to SOURCE_BATCH records or SOURCE_LINGER_S, pulled in growing C-speed slices."""
+    chunk: list[Any] = []
+    deadline = time.monotonic() + SOURCE_LINGER_S
+    step = 1
+    try:
+        while True:
+            before = len(chunk)
+            chunk.extend(islice(it, step))  # keeps what was pulled if the iterator raises
+            if len(chunk) - before < step:
+                return chunk, True, None
+            if len(chunk) >= SOURCE_BATCH or time.monotonic() > deadline:
+                return chunk, False, None
+            step = min(step * 2, SOURCE_BATCH - len(chunk))
+    except Exception as e:
+        return chunk, True, e  # what came before the error still goes out
 
 
 __all__ = ["EXECUTORS", "Instance"]
