@@ -26,9 +26,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from hotwire.testing.cluster import LocalCluster, poll_for, write_app  # noqa: E402
+from hotwire.testing.cluster import LocalCluster, poll_for, write_app
 
-APP = '''
+APP = """
 import os, time
 from hotwire import Topology
 
@@ -70,15 +70,21 @@ class Done:
 
 app = Topology("tp")
 src = app.source("src", numbers)
-'''
+"""
 
-PIPELINE = APP + '''
+PIPELINE = (
+    APP
+    + """
 src.map("scale", scale).filter("keep", keep).sink("out", Done(N - N // 10))
-'''
+"""
+)
 
-KEYED = APP + '''
+KEYED = (
+    APP
+    + """
 src.key_by(lambda r: r["k"]).reduce("sum", add, parallelism=2).sink("out", Done(N))
-'''
+"""
+)
 
 
 def plain_pipeline(n: int) -> float:
@@ -134,8 +140,11 @@ def main() -> None:
     args = ap.parse_args()
     n = args.records
     result: dict[str, object] = {
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                    "platform": platform.platform()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
         "config": {"records": n, "runs": args.runs},
     }
     with tempfile.TemporaryDirectory(prefix="hotwire-tp-") as d:

@@ -63,8 +63,10 @@ def _stub(master: str) -> Any:
 
     channel = grpc.insecure_channel(
         master,
-        options=[("grpc.max_send_message_length", 64 * 1024 * 1024),
-                 ("grpc.max_receive_message_length", 64 * 1024 * 1024)],
+        options=[
+            ("grpc.max_send_message_length", 64 * 1024 * 1024),
+            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+        ],
     )
     return pb_grpc.MasterStub(channel)
 
@@ -86,13 +88,20 @@ def _load(app_path: str, include: str | None) -> tuple[Any, Any]:
 
 
 def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--master", "master", default=lambda: os.environ.get("HOTWIRE_MASTER", DEFAULT_MASTER),
-              show_default="$HOTWIRE_MASTER or 127.0.0.1:7600", help="master address HOST:PORT")
+@click.option(
+    "--master",
+    "master",
+    default=lambda: os.environ.get("HOTWIRE_MASTER", DEFAULT_MASTER),
+    show_default="$HOTWIRE_MASTER or 127.0.0.1:7600",
+    help="master address HOST:PORT",
+)
 @click.option("--debug", is_flag=True, help="show tracebacks")
 @click.pass_context
 def main(ctx: click.Context, master: str, debug: bool) -> None:
@@ -107,15 +116,29 @@ def main(ctx: click.Context, master: str, debug: bool) -> None:
 
 @main.command()
 @click.option("--listen", default=DEFAULT_MASTER, show_default=True, help="gRPC address HOST:PORT")
-@click.option("--data-dir", default="hotwire-data", show_default=True, type=click.Path(),
-              help="where the master keeps its state")
-@click.option("--heartbeat-timeout", default=5.0, show_default=True,
-              help="seconds without a heartbeat before a worker counts as dead")
-@click.option("--checkpoint-interval", default=2.0, show_default=True,
-              help="seconds between checkpoints of each app (0: none)")
+@click.option(
+    "--data-dir",
+    default="hotwire-data",
+    show_default=True,
+    type=click.Path(),
+    help="where the master keeps its state",
+)
+@click.option(
+    "--heartbeat-timeout",
+    default=5.0,
+    show_default=True,
+    help="seconds without a heartbeat before a worker counts as dead",
+)
+@click.option(
+    "--checkpoint-interval",
+    default=2.0,
+    show_default=True,
+    help="seconds between checkpoints of each app (0: none)",
+)
 @click.option("--log-level", default="info", show_default=True)
-def master(listen: str, data_dir: str, heartbeat_timeout: float, checkpoint_interval: float,
-           log_level: str) -> None:
+def master(
+    listen: str, data_dir: str, heartbeat_timeout: float, checkpoint_interval: float, log_level: str
+) -> None:
     """Run the master."""
     from hotwire.master.service import Master
     from hotwire.node import install_uvloop
@@ -124,8 +147,12 @@ def master(listen: str, data_dir: str, heartbeat_timeout: float, checkpoint_inte
     install_uvloop()
 
     async def serve() -> None:
-        m = Master(listen=listen, data_dir=data_dir, heartbeat_timeout=heartbeat_timeout,
-                   checkpoint_interval=checkpoint_interval)
+        m = Master(
+            listen=listen,
+            data_dir=data_dir,
+            heartbeat_timeout=heartbeat_timeout,
+            checkpoint_interval=checkpoint_interval,
+        )
         await m.start()
         click.echo(f"master listening on {m.address}", err=True)
         await _until_signalled()
@@ -135,15 +162,30 @@ def master(listen: str, data_dir: str, heartbeat_timeout: float, checkpoint_inte
 
 
 @main.command()
-@click.option("--listen", default="127.0.0.1:0", show_default=True, help="data-plane address HOST:PORT")
+@click.option(
+    "--listen", default="127.0.0.1:0", show_default=True, help="data-plane address HOST:PORT"
+)
 @click.option("--name", default=None, help="worker name (default host-pid)")
-@click.option("--slots", default=16, show_default=True, type=click.IntRange(min=1),
-              help="how many PE instances this worker runs at most")
-@click.option("--data-dir", default=None, type=click.Path(), help="bundle cache (default: a temp dir)")
+@click.option(
+    "--slots",
+    default=16,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="how many PE instances this worker runs at most",
+)
+@click.option(
+    "--data-dir", default=None, type=click.Path(), help="bundle cache (default: a temp dir)"
+)
 @click.option("--log-level", default="info", show_default=True)
 @click.pass_context
-def worker(ctx: click.Context, listen: str, name: str | None, slots: int, data_dir: str | None,
-           log_level: str) -> None:
+def worker(
+    ctx: click.Context,
+    listen: str,
+    name: str | None,
+    slots: int,
+    data_dir: str | None,
+    log_level: str,
+) -> None:
     """Run a worker daemon."""
     from hotwire.node import install_uvloop
     from hotwire.worker.daemon import Worker
@@ -152,8 +194,9 @@ def worker(ctx: click.Context, listen: str, name: str | None, slots: int, data_d
     install_uvloop()
 
     async def serve() -> None:
-        w = Worker(master=ctx.obj["master"], listen=listen, name=name, slots=slots,
-                   data_dir=data_dir)
+        w = Worker(
+            master=ctx.obj["master"], listen=listen, name=name, slots=slots, data_dir=data_dir
+        )
         await w.start(timeout=3600)
         click.echo(f"worker {w.name} data plane on {w.data_address}", err=True)
         await _until_signalled()
@@ -180,7 +223,9 @@ async def _until_signalled() -> None:
 @click.argument("app", required=False, type=click.Path(exists=True, dir_okay=False))
 @click.option("--workers", "n_workers", default=2, show_default=True, type=click.IntRange(min=1))
 @click.option("--listen", default=DEFAULT_MASTER, show_default=True, help="master address")
-@click.option("--data-dir", default=None, type=click.Path(), help="master state (default: a temp dir)")
+@click.option(
+    "--data-dir", default=None, type=click.Path(), help="master state (default: a temp dir)"
+)
 @click.option("--slots", default=16, show_default=True, type=click.IntRange(min=1))
 def up(app: str | None, n_workers: int, listen: str, data_dir: str | None, slots: int) -> None:
     """Run a local cluster (master + N workers), submitting APP if given; Ctrl-C stops it."""
@@ -195,8 +240,9 @@ def up(app: str | None, n_workers: int, listen: str, data_dir: str | None, slots
     def spawn(label: str, args: list[str]) -> None:
         import threading
 
-        p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             start_new_session=True)
+        p = subprocess.Popen(
+            args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+        )
         procs.append(p)
 
         def pump() -> None:
@@ -223,22 +269,42 @@ def up(app: str | None, n_workers: int, listen: str, data_dir: str | None, slots
             tmp.cleanup()
 
     def body() -> None:
-        spawn("master", [*exe, "master", "--listen", listen, "--data-dir", data,
-                         "--log-level", "warning"])
+        spawn(
+            "master",
+            [*exe, "master", "--listen", listen, "--data-dir", data, "--log-level", "warning"],
+        )
         _wait_for_master(listen, 20)
         for i in range(n_workers):
-            spawn(f"w{i + 1}", [*exe, "--master", listen, "worker", "--name", f"w{i + 1}",
-                                "--slots", str(slots), "--log-level", "warning"])
+            spawn(
+                f"w{i + 1}",
+                [
+                    *exe,
+                    "--master",
+                    listen,
+                    "worker",
+                    "--name",
+                    f"w{i + 1}",
+                    "--slots",
+                    str(slots),
+                    "--log-level",
+                    "warning",
+                ],
+            )
         _wait_for_workers(listen, n_workers, 20)
-        click.echo(f"local cluster up: master {listen}, {n_workers} workers "
-                   f"(export HOTWIRE_MASTER={listen})")
+        click.echo(
+            f"local cluster up: master {listen}, {n_workers} workers "
+            f"(export HOTWIRE_MASTER={listen})"
+        )
         if app:
             from hotwire.proto import hotwire_pb2 as pb
 
             model, bundle = _load(app, None)
-            r = _stub(listen).Submit(pb.SubmitRequest(model_json=model.to_json(),
-                                                      bundle=bundle.data,
-                                                      bundle_hash=bundle.hash), timeout=60)
+            r = _stub(listen).Submit(
+                pb.SubmitRequest(
+                    model_json=model.to_json(), bundle=bundle.data, bundle_hash=bundle.hash
+                ),
+                timeout=60,
+            )
             click.echo(f"submitted app {r.app!r} version {r.version} ({r.instances} instances)")
         click.echo("Ctrl-C stops the cluster")
         while all(p.poll() is None for p in procs):
@@ -296,8 +362,12 @@ def _wait_for_workers(addr: str, n: int, timeout: float) -> None:
 @main.command()
 @click.argument("app", type=click.Path(exists=True, dir_okay=False))
 @click.option("--name", default="", help="deploy under this name")
-@click.option("--include", default=None, type=click.Path(exists=True, file_okay=False),
-              help="a directory shipped with the app")
+@click.option(
+    "--include",
+    default=None,
+    type=click.Path(exists=True, file_okay=False),
+    help="a directory shipped with the app",
+)
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def submit(ctx: click.Context, app: str, name: str, include: str | None, as_json: bool) -> None:
@@ -307,26 +377,49 @@ def submit(ctx: click.Context, app: str, name: str, include: str | None, as_json
     def body() -> None:
         model, bundle = _load(app, include)
         r = _stub(ctx.obj["master"]).Submit(
-            pb.SubmitRequest(model_json=model.to_json(), bundle=bundle.data,
-                             bundle_hash=bundle.hash, name=name), timeout=120)
-        doc = {"app": r.app, "version": r.version, "instances": r.instances,
-               "latency_ms": round(r.latency_ms, 3)}
-        _emit(as_json, doc, lambda: click.echo(
-            f"app {r.app!r} version {r.version} running ({r.instances} instances, "
-            f"{r.latency_ms:.1f} ms)"))
+            pb.SubmitRequest(
+                model_json=model.to_json(), bundle=bundle.data, bundle_hash=bundle.hash, name=name
+            ),
+            timeout=120,
+        )
+        doc = {
+            "app": r.app,
+            "version": r.version,
+            "instances": r.instances,
+            "latency_ms": round(r.latency_ms, 3),
+        }
+        _emit(
+            as_json,
+            doc,
+            lambda: click.echo(
+                f"app {r.app!r} version {r.version} running ({r.instances} instances, "
+                f"{r.latency_ms:.1f} ms)"
+            ),
+        )
 
     _run(body)
 
 
 def _print_upgrade(r: Any, as_json: bool, dry_run: bool) -> None:
     changes = json.loads(r.changes_json) if r.changes_json else {}
-    keys = ("pes_added", "pes_removed", "pes_changed", "pes_rescaled",
-            "streams_added", "streams_removed", "streams_changed")
+    keys = (
+        "pes_added",
+        "pes_removed",
+        "pes_changed",
+        "pes_rescaled",
+        "streams_added",
+        "streams_removed",
+        "streams_changed",
+    )
     doc = {
-        "app": r.app, "from_version": r.from_version, "to_version": r.to_version,
+        "app": r.app,
+        "from_version": r.from_version,
+        "to_version": r.to_version,
         "changes": {k: changes.get(k, []) for k in keys},
-        "instructions": r.instructions, "applied": r.applied,
-        "latency_ms": round(r.latency_ms, 3), "plan": list(r.plan_lines),
+        "instructions": r.instructions,
+        "applied": r.applied,
+        "latency_ms": round(r.latency_ms, 3),
+        "plan": list(r.plan_lines),
         "dry_run": dry_run,
     }
 
@@ -355,16 +448,24 @@ def _print_upgrade(r: Any, as_json: bool, dry_run: bool) -> None:
 @click.option("--dry-run", is_flag=True, help="print the change set and plan; apply nothing")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def upgrade(ctx: click.Context, app: str, name: str, include: str | None, dry_run: bool,
-            as_json: bool) -> None:
+def upgrade(
+    ctx: click.Context, app: str, name: str, include: str | None, dry_run: bool, as_json: bool
+) -> None:
     """Diff APP against the running version and apply the change online."""
     from hotwire.proto import hotwire_pb2 as pb
 
     def body() -> None:
         model, bundle = _load(app, include)
         r = _stub(ctx.obj["master"]).Upgrade(
-            pb.UpgradeRequest(model_json=model.to_json(), bundle=bundle.data,
-                              bundle_hash=bundle.hash, name=name, dry_run=dry_run), timeout=180)
+            pb.UpgradeRequest(
+                model_json=model.to_json(),
+                bundle=bundle.data,
+                bundle_hash=bundle.hash,
+                name=name,
+                dry_run=dry_run,
+            ),
+            timeout=180,
+        )
         _print_upgrade(r, as_json, dry_run)
 
     _run(body)
@@ -372,8 +473,13 @@ def upgrade(ctx: click.Context, app: str, name: str, include: str | None, dry_ru
 
 @main.command()
 @click.argument("name")
-@click.option("--to", "to_version", default=0, type=click.IntRange(min=0),
-              help="version to go back to (default: the one before the current)")
+@click.option(
+    "--to",
+    "to_version",
+    default=0,
+    type=click.IntRange(min=0),
+    help="version to go back to (default: the one before the current)",
+)
 @click.option("--dry-run", is_flag=True)
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
@@ -383,7 +489,8 @@ def rollback(ctx: click.Context, name: str, to_version: int, dry_run: bool, as_j
 
     def body() -> None:
         r = _stub(ctx.obj["master"]).Rollback(
-            pb.RollbackRequest(app=name, to_version=to_version, dry_run=dry_run), timeout=180)
+            pb.RollbackRequest(app=name, to_version=to_version, dry_run=dry_run), timeout=180
+        )
         _print_upgrade(r, as_json, dry_run)
 
     _run(body)
@@ -399,18 +506,41 @@ def status(ctx: click.Context, name: str, as_json: bool) -> None:
 
     def body() -> None:
         r = _stub(ctx.obj["master"]).Status(pb.StatusRequest(app=name), timeout=10)
-        apps = [{
-            "app": a.app, "version": a.version, "state": a.state,
-            "last_checkpoint": a.last_checkpoint, "recoveries": a.recoveries,
-            "pes": [{
-                "name": p.name, "kind": p.kind, "parallelism": p.parallelism, "gen": p.gen,
-                "rate": round(sum(i.rate_in for i in p.instances), 1), "failed": p.failed,
-                "instances": [{"index": i.index, "worker": i.worker, "records_in": i.records_in,
-                               "records_out": i.records_out, "rate": round(i.rate_in, 1),
-                               "errors": i.errors, "failed": i.failed, "error": i.error,
-                               "dead_letters": i.dead_letters} for i in p.instances],
-            } for p in a.pes],
-        } for a in r.apps]
+        apps = [
+            {
+                "app": a.app,
+                "version": a.version,
+                "state": a.state,
+                "last_checkpoint": a.last_checkpoint,
+                "recoveries": a.recoveries,
+                "pes": [
+                    {
+                        "name": p.name,
+                        "kind": p.kind,
+                        "parallelism": p.parallelism,
+                        "gen": p.gen,
+                        "rate": round(sum(i.rate_in for i in p.instances), 1),
+                        "failed": p.failed,
+                        "instances": [
+                            {
+                                "index": i.index,
+                                "worker": i.worker,
+                                "records_in": i.records_in,
+                                "records_out": i.records_out,
+                                "rate": round(i.rate_in, 1),
+                                "errors": i.errors,
+                                "failed": i.failed,
+                                "error": i.error,
+                                "dead_letters": i.dead_letters,
+                            }
+                            for i in p.instances
+                        ],
+                    }
+                    for p in a.pes
+                ],
+            }
+            for a in r.apps
+        ]
 
         def human() -> None:
             if not apps:
@@ -419,12 +549,15 @@ def status(ctx: click.Context, name: str, as_json: bool) -> None:
                 click.echo(f"app {a['app']!r} version {a['version']} {a['state']}")
                 for p in a["pes"]:
                     where = ", ".join(f"{i['index']}@{i['worker']}" for i in p["instances"])
-                    click.echo(f"  {p['name']:<16} {p['kind']:<8} x{p['parallelism']:<3} "
-                               f"{p['rate']:>10.1f} rec/s  [{where}]")
+                    click.echo(
+                        f"  {p['name']:<16} {p['kind']:<8} x{p['parallelism']:<3} "
+                        f"{p['rate']:>10.1f} rec/s  [{where}]"
+                    )
                     for i in p["instances"]:
                         if i["failed"]:
-                            click.echo(f"    FAILED instance {i['index']}@{i['worker']}: "
-                                       f"{i['error']}")
+                            click.echo(
+                                f"    FAILED instance {i['index']}@{i['worker']}: {i['error']}"
+                            )
 
         _emit(as_json, apps[0] if name and apps else {"apps": apps}, human)
 
@@ -441,11 +574,17 @@ def history(ctx: click.Context, name: str, as_json: bool) -> None:
 
     def body() -> None:
         r = _stub(ctx.obj["master"]).History(pb.HistoryRequest(app=name), timeout=10)
-        versions = [{
-            "version": v.version, "created": v.created_unix, "action": v.action,
-            "changes": json.loads(v.changes_json or "{}"), "latency_ms": round(v.latency_ms, 3),
-            **({"rolled_back_to": v.rolled_back_to} if v.rolled_back_to else {}),
-        } for v in r.versions]
+        versions = [
+            {
+                "version": v.version,
+                "created": v.created_unix,
+                "action": v.action,
+                "changes": json.loads(v.changes_json or "{}"),
+                "latency_ms": round(v.latency_ms, 3),
+                **({"rolled_back_to": v.rolled_back_to} if v.rolled_back_to else {}),
+            }
+            for v in r.versions
+        ]
 
         def human() -> None:
             from hotwire.master.diff import ChangeSet
@@ -454,8 +593,10 @@ def history(ctx: click.Context, name: str, as_json: bool) -> None:
                 when = datetime.fromtimestamp(v["created"]).strftime("%Y-%m-%d %H:%M:%S")
                 mark = "*" if v["version"] == r.current else " "
                 extra = f" to {v['rolled_back_to']}" if v.get("rolled_back_to") else ""
-                click.echo(f"{mark} v{v['version']:<4} {when}  {v['action']}{extra} "
-                           f"({v['latency_ms']:.1f} ms)")
+                click.echo(
+                    f"{mark} v{v['version']:<4} {when}  {v['action']}{extra} "
+                    f"({v['latency_ms']:.1f} ms)"
+                )
                 if v["action"] != "submit":
                     for line in ChangeSet.from_dict(v["changes"]).describe():
                         click.echo(f"        {line}")
@@ -475,8 +616,11 @@ def kill(ctx: click.Context, name: str, as_json: bool) -> None:
 
     def body() -> None:
         r = _stub(ctx.obj["master"]).Kill(pb.KillRequest(app=name), timeout=60)
-        _emit(as_json, {"app": r.app, "version": r.version, "killed": True},
-              lambda: click.echo(f"app {r.app!r} (version {r.version}) stopped"))
+        _emit(
+            as_json,
+            {"app": r.app, "version": r.version, "killed": True},
+            lambda: click.echo(f"app {r.app!r} (version {r.version}) stopped"),
+        )
 
     _run(body)
 
@@ -490,17 +634,27 @@ def workers(ctx: click.Context, as_json: bool) -> None:
 
     def body() -> None:
         r = _stub(ctx.obj["master"]).ListWorkers(pb.ListWorkersRequest(), timeout=10)
-        ws = [{"name": w.name, "address": w.data_address, "alive": w.alive, "slots": w.slots,
-               "last_heartbeat_s": round(w.last_heartbeat_age_s, 2),
-               "instances": list(w.instances)} for w in r.workers]
+        ws = [
+            {
+                "name": w.name,
+                "address": w.data_address,
+                "alive": w.alive,
+                "slots": w.slots,
+                "last_heartbeat_s": round(w.last_heartbeat_age_s, 2),
+                "instances": list(w.instances),
+            }
+            for w in r.workers
+        ]
 
         def human() -> None:
             if not ws:
                 click.echo("no workers")
             for w in ws:
                 state = "alive" if w["alive"] else "dead"
-                click.echo(f"{w['name']:<12} {w['address']:<22} {state:<5} "
-                           f"{len(w['instances'])}/{w['slots']} slots")
+                click.echo(
+                    f"{w['name']:<12} {w['address']:<22} {state:<5} "
+                    f"{len(w['instances'])}/{w['slots']} slots"
+                )
 
         _emit(as_json, {"workers": ws}, human)
 

@@ -25,8 +25,10 @@ class Client:
         self.master = master
         self.channel = grpc.insecure_channel(
             master,
-            options=[("grpc.max_send_message_length", MAX_MESSAGE),
-                     ("grpc.max_receive_message_length", MAX_MESSAGE)],
+            options=[
+                ("grpc.max_send_message_length", MAX_MESSAGE),
+                ("grpc.max_receive_message_length", MAX_MESSAGE),
+            ],
         )
         self.stub = pb_grpc.MasterStub(self.channel)
 
@@ -39,24 +41,43 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def submit(self, app_path: str, name: str = "", include: str | None = None,
-               timeout: float = 120) -> pb.SubmitReply:
+    def submit(
+        self, app_path: str, name: str = "", include: str | None = None, timeout: float = 120
+    ) -> pb.SubmitReply:
         model, bundle = load(app_path, include)
-        return self.stub.Submit(pb.SubmitRequest(model_json=model.to_json(), bundle=bundle.data,
-                                                 bundle_hash=bundle.hash, name=name),
-                                timeout=timeout)
+        return self.stub.Submit(
+            pb.SubmitRequest(
+                model_json=model.to_json(), bundle=bundle.data, bundle_hash=bundle.hash, name=name
+            ),
+            timeout=timeout,
+        )
 
-    def upgrade(self, app_path: str, name: str = "", include: str | None = None,
-                dry_run: bool = False, timeout: float = 180) -> pb.UpgradeReply:
+    def upgrade(
+        self,
+        app_path: str,
+        name: str = "",
+        include: str | None = None,
+        dry_run: bool = False,
+        timeout: float = 180,
+    ) -> pb.UpgradeReply:
         model, bundle = load(app_path, include)
-        return self.stub.Upgrade(pb.UpgradeRequest(model_json=model.to_json(), bundle=bundle.data,
-                                                   bundle_hash=bundle.hash, name=name,
-                                                   dry_run=dry_run), timeout=timeout)
+        return self.stub.Upgrade(
+            pb.UpgradeRequest(
+                model_json=model.to_json(),
+                bundle=bundle.data,
+                bundle_hash=bundle.hash,
+                name=name,
+                dry_run=dry_run,
+            ),
+            timeout=timeout,
+        )
 
-    def rollback(self, app: str, to_version: int = 0, dry_run: bool = False,
-                 timeout: float = 180) -> pb.UpgradeReply:
-        return self.stub.Rollback(pb.RollbackRequest(app=app, to_version=to_version,
-                                                     dry_run=dry_run), timeout=timeout)
+    def rollback(
+        self, app: str, to_version: int = 0, dry_run: bool = False, timeout: float = 180
+    ) -> pb.UpgradeReply:
+        return self.stub.Rollback(
+            pb.RollbackRequest(app=app, to_version=to_version, dry_run=dry_run), timeout=timeout
+        )
 
     def status(self, app: str = "", timeout: float = 10) -> pb.StatusReply:
         return self.stub.Status(pb.StatusRequest(app=app), timeout=timeout)

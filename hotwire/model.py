@@ -175,7 +175,9 @@ def check_structure(model: LogicalModel) -> list[str]:
             )
     for st in model.streams:
         if st.partition not in PARTITIONS:
-            problems.append(f"stream {st.src!r} -> {st.dst!r}: unknown partitioning {st.partition!r}")
+            problems.append(
+                f"stream {st.src!r} -> {st.dst!r}: unknown partitioning {st.partition!r}"
+            )
         if st.partition == "forward":
             ps, pd = model.pe(st.src).parallelism, model.pe(st.dst).parallelism
             if ps != pd:

@@ -271,15 +271,21 @@ class Plan:
 def _describe(ins: Instruction) -> str:
     if isinstance(ins, StartInstance):
         extra = f", after state of {len(ins.predecessors)}" if ins.predecessors else ""
-        return (f"start {ins.instance} ({ins.kind}, {len(ins.inputs)} inputs, "
-                f"{len(ins.routes)} outputs{extra})")
+        return (
+            f"start {ins.instance} ({ins.kind}, {len(ins.inputs)} inputs, "
+            f"{len(ins.routes)} outputs{extra})"
+        )
     if isinstance(ins, Gate):
-        return (f"gate {ins.instance}: hold {len(ins.appearing)} new input(s) until "
-                f"{len(ins.disappearing)} old one(s) end")
+        return (
+            f"gate {ins.instance}: hold {len(ins.appearing)} new input(s) until "
+            f"{len(ins.disappearing)} old one(s) end"
+        )
     if isinstance(ins, Switch):
-        return (f"switch {ins.instance}: end {len(ins.ended)} channel(s), reroute "
-                f"{', '.join(r.dst_pe for r in ins.routes) or '-'}"
-                + (f", drop {', '.join(ins.unrouted)}" if ins.unrouted else ""))
+        return (
+            f"switch {ins.instance}: end {len(ins.ended)} channel(s), reroute "
+            f"{', '.join(r.dst_pe for r in ins.routes) or '-'}"
+            + (f", drop {', '.join(ins.unrouted)}" if ins.unrouted else "")
+        )
     if isinstance(ins, Retire):
         to = f" -> state to {len(ins.successors)}" if ins.successors else ""
         return f"retire {ins.instance}{to}"

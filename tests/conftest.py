@@ -18,6 +18,10 @@ def cluster(tmp_path: Path) -> Iterator[LocalCluster]:
     try:
         yield c
     finally:
-        failed = [p.label for p in [c.master, *c.workers] if p is not None and p.proc.poll() not in (None, 0, -15)]
+        failed = [
+            p.label
+            for p in [c.master, *c.workers]
+            if p is not None and p.proc.poll() not in (None, 0, -15)
+        ]
         c.stop()
         assert not failed, f"processes died during the test: {failed}\n{c.logs()}"

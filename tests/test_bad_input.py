@@ -29,14 +29,16 @@ from hotwire.testing.cluster import LocalCluster, poll_for, write_app
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    c = LocalCluster(workers=2, data_dir=tmp_path_factory.mktemp("bad-input"),
-                     heartbeat_timeout=3.0)
+    c = LocalCluster(
+        workers=2, data_dir=tmp_path_factory.mktemp("bad-input"), heartbeat_timeout=3.0
+    )
     c.start()
     try:
         yield c
     finally:
-        died = [p.label for p in [c.master, *c.workers]
-                if p is not None and p.proc.poll() is not None]
+        died = [
+            p.label for p in [c.master, *c.workers] if p is not None and p.proc.poll() is not None
+        ]
         c.stop()
         assert not died, f"processes died during the tests: {died}"
 
@@ -52,16 +54,19 @@ def _apps(cluster: LocalCluster) -> list[Any]:
 BAD_FILES = {
     "syntax error": ("from hotwire import Topology\napp = Topology('x'\n", "SyntaxError"),
     "no Topology": ("import os\nx = 1\n", "defines no Topology"),
-    "two Topologies": ("from hotwire import Topology\na = Topology('a')\nb = Topology('b')\n",
-                       "defines 2 Topologies (a, b)"),
+    "two Topologies": (
+        "from hotwire import Topology\na = Topology('a')\nb = Topology('b')\n",
+        "defines 2 Topologies (a, b)",
+    ),
     "import error": ("import no_such_module_for_hotwire\n", "no_such_module_for_hotwire"),
     "raises at import": ("raise RuntimeError('half-written app')\n", "half-written app"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(BAD_FILES))
-def test_malformed_app_file_is_refused_in_one_line(cluster: LocalCluster, tmp_path: Path,
-                                                   case: str) -> None:
+def test_malformed_app_file_is_refused_in_one_line(
+    cluster: LocalCluster, tmp_path: Path, case: str
+) -> None:
     body, needle = BAD_FILES[case]
     path = tmp_path / "app.py"
     path.write_text(body)
@@ -77,33 +82,70 @@ def test_malformed_app_file_is_refused_in_one_line(cluster: LocalCluster, tmp_pa
 # Requests to the master
 # ---------------------------------------------------------------------------
 
+
 def _model(**pe_changes: Any) -> dict[str, Any]:
     pe = {"callable_name": "f", "config": {}, "fingerprint": "0" * 64, "keyed": False}
     sink = {**pe, "kind": "sink", "name": "o", "parallelism": 1, **pe_changes}
-    return {"app": "x", "pes": [{**pe, "kind": "source", "name": "s", "parallelism": 1}, sink],
-            "streams": [{"src": "s", "dst": "o", "partition": "shuffle", "key_fingerprint": ""}]}
+    return {
+        "app": "x",
+        "pes": [{**pe, "kind": "source", "name": "s", "parallelism": 1}, sink],
+        "streams": [{"src": "s", "dst": "o", "partition": "shuffle", "key_fingerprint": ""}],
+    }
 
 
 BUNDLE = b"PK\x05\x06" + b"\x00" * 18  # an empty zip: never loaded, the master refuses first
 HASH = hashlib.sha256(BUNDLE).hexdigest()
 
 BAD_REQUESTS: dict[str, tuple[str, bytes, str, grpc.StatusCode, str]] = {
-    "not JSON": ("{not json", BUNDLE, HASH, grpc.StatusCode.INVALID_ARGUMENT,
-                 "malformed logical model"),
-    "JSON, not a model": ('["x"]', BUNDLE, HASH, grpc.StatusCode.INVALID_ARGUMENT,
-                          "malformed logical model"),
-    "unknown PE field": (json.dumps(_model(colour="red")), BUNDLE, HASH,
-                         grpc.StatusCode.INVALID_ARGUMENT, "malformed logical model"),
-    "parallelism 0": (json.dumps(_model(parallelism=0)), BUNDLE, HASH,
-                      grpc.StatusCode.INVALID_ARGUMENT,
-                      "PE 'o' of app 'x': parallelism must be an integer >= 1, got 0"),
-    "unknown kind": (json.dumps(_model(kind="teleport")), BUNDLE, HASH,
-                     grpc.StatusCode.INVALID_ARGUMENT,
-                     "PE 'o' of app 'x': unknown kind 'teleport'"),
-    "hash mismatch": (json.dumps(_model()), BUNDLE, "0" * 64, grpc.StatusCode.INVALID_ARGUMENT,
-                      "the app bundle does not match its hash; resend it"),
-    "empty bundle": (json.dumps(_model()), b"", HASH, grpc.StatusCode.INVALID_ARGUMENT,
-                     "the request carries no app bundle"),
+    "not JSON": (
+        "{not json",
+        BUNDLE,
+        HASH,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "malformed logical model",
+    ),
+    "JSON, not a model": (
+        '["x"]',
+        BUNDLE,
+        HASH,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "malformed logical model",
+    ),
+    "unknown PE field": (
+        json.dumps(_model(colour="red")),
+        BUNDLE,
+        HASH,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "malformed logical model",
+    ),
+    "parallelism 0": (
+        json.dumps(_model(parallelism=0)),
+        BUNDLE,
+        HASH,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "PE 'o' of app 'x': parallelism must be an integer >= 1, got 0",
+    ),
+    "unknown kind": (
+        json.dumps(_model(kind="teleport")),
+        BUNDLE,
+        HASH,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "PE 'o' of app 'x': unknown kind 'teleport'",
+    ),
+    "hash mismatch": (
+        json.dumps(_model()),
+        BUNDLE,
+        "0" * 64,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "the app bundle does not match its hash; resend it",
+    ),
+    "empty bundle": (
+        json.dumps(_model()),
+        b"",
+        HASH,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "the request carries no app bundle",
+    ),
 }
 
 
@@ -112,25 +154,32 @@ def test_malformed_submit_and_upgrade_get_a_status(cluster: LocalCluster, case: 
     model_json, bundle, h, code, text = BAD_REQUESTS[case]
     stub = cluster.client.stub
     with pytest.raises(grpc.RpcError) as e:
-        stub.Submit(pb.SubmitRequest(model_json=model_json, bundle=bundle, bundle_hash=h),
-                    timeout=10)
+        stub.Submit(
+            pb.SubmitRequest(model_json=model_json, bundle=bundle, bundle_hash=h), timeout=10
+        )
     assert e.value.code() == code and text in e.value.details(), e.value.details()
     with pytest.raises(grpc.RpcError) as e:
-        stub.Upgrade(pb.UpgradeRequest(model_json=model_json, bundle=bundle, bundle_hash=h),
-                     timeout=10)
+        stub.Upgrade(
+            pb.UpgradeRequest(model_json=model_json, bundle=bundle, bundle_hash=h), timeout=10
+        )
     assert e.value.code() == code and text in e.value.details(), e.value.details()
     assert _apps(cluster) == []
 
 
 def test_oversized_request_is_resource_exhausted(cluster: LocalCluster) -> None:
     big = 65 * 1024 * 1024
-    channel = grpc.insecure_channel(cluster.address,
-                                    options=[("grpc.max_send_message_length", 2 * big)])
+    channel = grpc.insecure_channel(
+        cluster.address, options=[("grpc.max_send_message_length", 2 * big)]
+    )
     try:
         stub = pb_grpc.MasterStub(channel)
         with pytest.raises(grpc.RpcError) as e:
-            stub.Submit(pb.SubmitRequest(model_json=json.dumps(_model()), bundle=b"x" * big,
-                                         bundle_hash="0" * 64), timeout=30)
+            stub.Submit(
+                pb.SubmitRequest(
+                    model_json=json.dumps(_model()), bundle=b"x" * big, bundle_hash="0" * 64
+                ),
+                timeout=30,
+            )
         assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e.value
     finally:
         channel.close()
@@ -142,6 +191,7 @@ def test_oversized_request_is_resource_exhausted(cluster: LocalCluster) -> None:
 # Worker sessions
 # ---------------------------------------------------------------------------
 
+
 def _worker_stub(cluster: LocalCluster) -> tuple[grpc.Channel, Any]:
     channel = grpc.insecure_channel(cluster.address)
     return channel, pb_grpc.WorkerControlStub(channel)
@@ -151,8 +201,7 @@ def _listed(cluster: LocalCluster, name: str) -> list[Any]:
     return [w for w in cluster.client.workers().workers if w.name == name]
 
 
-def test_a_second_registration_wins_and_the_old_session_is_not_found(
-        cluster: LocalCluster) -> None:
+def test_a_second_registration_wins_and_the_old_session_is_not_found(cluster: LocalCluster) -> None:
     channel, stub = _worker_stub(cluster)
     try:
         with pytest.raises(grpc.RpcError) as e:
@@ -160,12 +209,16 @@ def test_a_second_registration_wins_and_the_old_session_is_not_found(
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         real = _listed(cluster, "w1")[0]
         # Register under a running worker's name: the newer session wins.
-        mine = stub.Register(pb.RegisterRequest(name="w1", data_address="127.0.0.1:1", slots=0),
-                             timeout=5).session
+        mine = stub.Register(
+            pb.RegisterRequest(name="w1", data_address="127.0.0.1:1", slots=0), timeout=5
+        ).session
         assert [w.data_address for w in _listed(cluster, "w1")] == ["127.0.0.1:1"]
         # The real w1's old session is refused, so it registers again and wins back.
-        poll_for(lambda: [w.data_address for w in _listed(cluster, "w1")] == [real.data_address],
-                 10, what="w1 to register again")
+        poll_for(
+            lambda: [w.data_address for w in _listed(cluster, "w1")] == [real.data_address],
+            10,
+            what="w1 to register again",
+        )
         with pytest.raises(grpc.RpcError) as e:
             stub.Heartbeat(pb.HeartbeatRequest(name="w1", session=mine), timeout=5)
         assert e.value.code() == grpc.StatusCode.NOT_FOUND
@@ -191,19 +244,29 @@ def test_heartbeat_clock_jumps_do_not_change_liveness(cluster: LocalCluster) -> 
     """The master judges liveness on its own monotonic clock, never on ``sent_unix``."""
     channel, stub = _worker_stub(cluster)
     try:
-        session = stub.Register(pb.RegisterRequest(name="ghost", data_address="127.0.0.1:1",
-                                                   slots=0), timeout=5).session
+        session = stub.Register(
+            pb.RegisterRequest(name="ghost", data_address="127.0.0.1:1", slots=0), timeout=5
+        ).session
 
         def beat(sent_unix: float) -> None:
-            stub.Heartbeat(pb.HeartbeatRequest(name="ghost", session=session,
-                                               sent_unix=sent_unix), timeout=5)
+            stub.Heartbeat(
+                pb.HeartbeatRequest(name="ghost", session=session, sent_unix=sent_unix), timeout=5
+            )
 
         def ghost() -> Any:
             return _listed(cluster, "ghost")[0]
 
         now = time.time()
-        for sent in (now - 10 * 365 * 86400, 0.0, -1e18, now + 10 * 365 * 86400, 1e18,
-                     math.inf, -math.inf, math.nan):
+        for sent in (
+            now - 10 * 365 * 86400,
+            0.0,
+            -1e18,
+            now + 10 * 365 * 86400,
+            1e18,
+            math.inf,
+            -math.inf,
+            math.nan,
+        ):
             beat(sent)
             g = ghost()
             assert g.alive and 0 <= g.last_heartbeat_age_s < 1.0, (sent, g)
@@ -226,32 +289,38 @@ def test_heartbeat_clock_jumps_do_not_change_liveness(cluster: LocalCluster) -> 
 # The data port: well-formed frames that lie
 # ---------------------------------------------------------------------------
 
+
 def _frame(obj: object) -> bytes:
     body = msgpack.packb(obj)
     return struct.pack(">I", len(body)) + body
 
 
-def test_lying_frames_on_a_real_channel_change_nothing(cluster: LocalCluster,
-                                                       tmp_path: Path) -> None:
+def test_lying_frames_on_a_real_channel_change_nothing(
+    cluster: LocalCluster, tmp_path: Path
+) -> None:
     n = 4000
     out = tmp_path / "out.jsonl"
-    app = write_app(tmp_path, "app.py", f"""
+    app = write_app(
+        tmp_path,
+        "app.py",
+        f"""
         from hotwire import Topology
         from hotwire.testing import counter, file_sink
 
         app = Topology("lied_to")
         app.source("src", counter(n={n}, rate=2000)).sink("out", file_sink({str(out)!r}))
-    """)
+    """,
+    )
     cluster.client.submit(app)
     try:
         poll_for(lambda: len(read_jsonl(out)) > 200, 10, what="records flowing")
         channel = "src@1.0>out@1.0"
         lies = [
-            [3, "lied_to", channel, -10**9],      # credit that would stall the sender
+            [3, "lied_to", channel, -(10**9)],  # credit that would stall the sender
             [3, "lied_to", channel, "many"],
-            [3, "lied_to", channel],              # too short
-            [1, "lied_to", channel, 5],           # records that are not a list
-            [1, ["lied_to"], channel, []],        # unhashable app
+            [3, "lied_to", channel],  # too short
+            [1, "lied_to", channel, 5],  # records that are not a list
+            [1, ["lied_to"], channel, []],  # unhashable app
             [4, "lied_to", "nobody", "src@1.0", {"position": 0}],  # state for no instance
             "not even a list",
         ]

@@ -22,9 +22,14 @@ def _lines(path: Path) -> int:
     return sum(1 for _ in open(path)) if path.exists() else 0
 
 
-def test_parallel_app_delivers_every_record_exactly_once(cluster: LocalCluster, tmp_path: Path) -> None:
+def test_parallel_app_delivers_every_record_exactly_once(
+    cluster: LocalCluster, tmp_path: Path
+) -> None:
     out = tmp_path / "out.jsonl"
-    app = write_app(tmp_path, "app.py", f"""
+    app = write_app(
+        tmp_path,
+        "app.py",
+        f"""
         from hotwire import Topology
         from hotwire.testing import counter, file_sink
 
@@ -33,7 +38,8 @@ def test_parallel_app_delivers_every_record_exactly_once(cluster: LocalCluster, 
         m = src.map("tag", lambda r: {{**r, "tag": 1}}, parallelism=3)
         f = m.filter("all", lambda r: r["tag"] == 1, parallelism=2)
         f.sink("out", file_sink({str(out)!r}), parallelism=1)
-    """)
+    """,
+    )
     r = cluster.client.submit(app)
     assert (r.app, r.version) == ("once", 1)
     st = cluster.client.status("once").apps[0]
@@ -45,9 +51,14 @@ def test_parallel_app_delivers_every_record_exactly_once(cluster: LocalCluster, 
     assert max(seqs.values()) == 1, "a record was delivered twice"
 
 
-def test_key_partitioning_sends_each_key_to_one_instance(cluster: LocalCluster, tmp_path: Path) -> None:
+def test_key_partitioning_sends_each_key_to_one_instance(
+    cluster: LocalCluster, tmp_path: Path
+) -> None:
     out = tmp_path / "out.jsonl"
-    app = write_app(tmp_path, "app.py", f"""
+    app = write_app(
+        tmp_path,
+        "app.py",
+        f"""
         from hotwire import Topology
         from hotwire.sdk import ProcessPE
         from hotwire.testing import counter, file_sink
@@ -72,7 +83,8 @@ def test_key_partitioning_sends_each_key_to_one_instance(cluster: LocalCluster, 
         src = app.source("src", counter(n={N}, keys=97))
         w = src.key_by(lambda r: r["key"]).process("where", Where, parallelism=3)
         w.sink("out", file_sink({str(out)!r}))
-    """)
+    """,
+    )
     cluster.client.submit(app)
     poll_for(lambda: _lines(out) >= N, 30, what="all records at the sink")
     rows = read_jsonl(out)
@@ -84,48 +96,72 @@ def test_key_partitioning_sends_each_key_to_one_instance(cluster: LocalCluster, 
         last[row["key"]] = row["n"]
     assert len(owners) == 97
     assert all(len(v) == 1 for v in owners.values()), "a key reached two instances"
-    assert len({i for v in owners.values() for i in v}) == 3, "keys should spread over all instances"
+    assert len({i for v in owners.values() for i in v}) == 3, (
+        "keys should spread over all instances"
+    )
     assert sum(last.values()) == N
 
 
 BAD_APPS = {
-    "duplicate name": ("""
+    "duplicate name": (
+        """
         app = Topology("bad")
         s = app.source("a", src)
         s.map("a", lambda r: r).sink("out", print)
-    """, "'a'"),
-    "stream to nowhere": ("""
+    """,
+        "'a'",
+    ),
+    "stream to nowhere": (
+        """
         app = Topology("bad")
         app.source("src", src).map("dangling", lambda r: r)
-    """, "'dangling'"),
-    "cycle": ("""
+    """,
+        "'dangling'",
+    ),
+    "cycle": (
+        """
         app = Topology("bad")
         s = app.source("src", src)
         a = s.map("a", lambda r: r)
         b = a.map("b", lambda r: r)
         b.sink("out", print)
         app.connect(b, "a")
-    """, "cycle"),
-    "non-callable": ("""
+    """,
+        "cycle",
+    ),
+    "non-callable": (
+        """
         app = Topology("bad")
         app.source("src", src).map("m", 42).sink("out", print)
-    """, "'m'"),
-    "parallelism < 1": ("""
+    """,
+        "'m'",
+    ),
+    "parallelism < 1": (
+        """
         app = Topology("bad")
         app.source("src", src).map("m", lambda r: r, parallelism=0).sink("out", print)
-    """, "'m'"),
-    "non-serialisable config": ("""
+    """,
+        "'m'",
+    ),
+    "non-serialisable config": (
+        """
         app = Topology("bad")
         app.source("src", src).map("m", lambda r: r, config={"f": object()}).sink("out", print)
-    """, "'m'"),
+    """,
+        "'m'",
+    ),
 }
 
 
 @pytest.mark.parametrize("case", sorted(BAD_APPS))
 def test_submit_reports_validation_errors(cluster: LocalCluster, tmp_path: Path, case: str) -> None:
     body, needle = BAD_APPS[case]
-    app = write_app(tmp_path, "bad.py", "from hotwire import Topology\n"
-                    "def src(ctx):\n    yield 1\n" + __import__("textwrap").dedent(body))
+    app = write_app(
+        tmp_path,
+        "bad.py",
+        "from hotwire import Topology\n"
+        "def src(ctx):\n    yield 1\n" + __import__("textwrap").dedent(body),
+    )
     res = cluster.streamctl("submit", app)
     assert res.returncode == 1, res
     assert res.stdout == ""
@@ -138,13 +174,17 @@ def test_submit_reports_validation_errors(cluster: LocalCluster, tmp_path: Path,
 
 
 def test_cli_submit_status_workers_kill(cluster: LocalCluster, tmp_path: Path) -> None:
-    app = write_app(tmp_path, "app.py", """
+    app = write_app(
+        tmp_path,
+        "app.py",
+        """
         from hotwire import Topology
         from hotwire.testing import counter
 
         app = Topology("cli")
         app.source("src", counter(rate=500)).map("m", lambda r: r, parallelism=2).sink("out", lambda r: None)
-    """)
+    """,
+    )
     res = cluster.streamctl("submit", app, "--json")
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["app"] == "cli" and json.loads(res.stdout)["version"] == 1
@@ -157,34 +197,46 @@ def test_cli_submit_status_workers_kill(cluster: LocalCluster, tmp_path: Path) -
     ws = json.loads(cluster.streamctl("workers", "--json").stdout)["workers"]
     assert sorted(w["name"] for w in ws) == ["w1", "w2"] and all(w["alive"] for w in ws)
     assert cluster.streamctl("kill", "cli").returncode == 0
-    poll_for(lambda: all(not w.instances for w in cluster.client.workers().workers), 10,
-             what="instances to stop")
+    poll_for(
+        lambda: all(not w.instances for w in cluster.client.workers().workers),
+        10,
+        what="instances to stop",
+    )
     missing = cluster.streamctl("kill", "nope")
     assert missing.returncode == 1 and "not running" in missing.stderr
     usage = cluster.streamctl("submit")
     assert usage.returncode == 2
 
 
-def test_master_state_survives_restart_and_data_keeps_flowing(cluster: LocalCluster, tmp_path: Path) -> None:
+def test_master_state_survives_restart_and_data_keeps_flowing(
+    cluster: LocalCluster, tmp_path: Path
+) -> None:
     out = tmp_path / "out.jsonl"
-    app = write_app(tmp_path, "app.py", f"""
+    app = write_app(
+        tmp_path,
+        "app.py",
+        f"""
         from hotwire import Topology
         from hotwire.testing import counter, file_sink
 
         app = Topology("durable")
         app.source("src", counter(n=6000, rate=2000)).map("m", lambda r: r, parallelism=2).sink("out", file_sink({str(out)!r}))
-    """)
+    """,
+    )
     cluster.client.submit(app)
     before = cluster.client.status("durable").apps[0]
     poll_for(lambda: _lines(out) > 200, 10, what="records flowing")
     cluster.stop_master()
     n_down = _lines(out)
-    poll_for(lambda: _lines(out) > n_down + 500, 10, what="records flowing while the master is down")
+    poll_for(
+        lambda: _lines(out) > n_down + 500, 10, what="records flowing while the master is down"
+    )
     cluster.restart_master()
     after = cluster.client.status("durable").apps[0]
     assert after.version == before.version == 1
-    assert [(p.name, p.parallelism, [i.worker for i in p.instances]) for p in after.pes] == \
-        [(p.name, p.parallelism, [i.worker for i in p.instances]) for p in before.pes]
+    assert [(p.name, p.parallelism, [i.worker for i in p.instances]) for p in after.pes] == [
+        (p.name, p.parallelism, [i.worker for i in p.instances]) for p in before.pes
+    ]
     poll_for(lambda: cluster.live_workers() == 2, 15, what="workers to re-attach")
     poll_for(lambda: _lines(out) >= 6000, 20, what="all records")
     seqs = Counter(r["seq"] for r in read_jsonl(out))
@@ -193,13 +245,17 @@ def test_master_state_survives_restart_and_data_keeps_flowing(cluster: LocalClus
 
 def test_garbage_on_the_data_port_is_dropped(cluster: LocalCluster, tmp_path: Path) -> None:
     out = tmp_path / "out.jsonl"
-    app = write_app(tmp_path, "app.py", f"""
+    app = write_app(
+        tmp_path,
+        "app.py",
+        f"""
         from hotwire import Topology
         from hotwire.testing import counter, file_sink
 
         app = Topology("robust")
         app.source("src", counter(n=4000, rate=2000)).map("m", lambda r: r, parallelism=2).sink("out", file_sink({str(out)!r}))
-    """)
+    """,
+    )
     cluster.client.submit(app)
     host, port = cluster.workers[0].address.rsplit(":", 1)
     import msgpack
@@ -209,11 +265,11 @@ def test_garbage_on_the_data_port_is_dropped(cluster: LocalCluster, tmp_path: Pa
         return struct.pack(">I", len(body)) + body
 
     payloads = [
-        b"\x00\x00\x00\x05hello-not-msgpack",                       # no HELLO first
-        frame([0, "intruder"]) + b"\x00\x00\x00\x03\xc1\xc1\xc1",   # HELLO, then undecodable
+        b"\x00\x00\x00\x05hello-not-msgpack",  # no HELLO first
+        frame([0, "intruder"]) + b"\x00\x00\x00\x03\xc1\xc1\xc1",  # HELLO, then undecodable
         frame([0, "intruder"]) + frame([1, "robust", "no>such", [1, 2]]) + frame([9, 1]),
         frame([0, "intruder"]) + b"\xff\xff\xff\xff" + b"x" * 100,  # absurd length
-        frame([0, "intruder"]) + b"\x00\x00\x10\x00abc",            # truncated frame
+        frame([0, "intruder"]) + b"\x00\x00\x10\x00abc",  # truncated frame
         bytes(range(256)) * 4,
     ]
     for p in payloads:

@@ -29,11 +29,17 @@ def _seqs(path: Path) -> set[int]:
 def test_killed_worker_recovers_from_checkpoint_at_least_once(tmp_path: Path) -> None:
     out = tmp_path / "out.jsonl"
     with LocalCluster(workers=2, data_dir=tmp_path / "c", heartbeat_timeout=2.0) as c:
-        app = write_app(tmp_path, "v1.py", render(SCENARIOS["change_code"][0], out=str(out),
-                                                  audit=str(tmp_path / "a"), n=N, rate=RATE))
+        app = write_app(
+            tmp_path,
+            "v1.py",
+            render(
+                SCENARIOS["change_code"][0], out=str(out), audit=str(tmp_path / "a"), n=N, rate=RATE
+            ),
+        )
         c.client.submit(app)
-        poll_for(lambda: c.client.status("upg").apps[0].last_checkpoint >= 1, 15,
-                 what="a checkpoint")
+        poll_for(
+            lambda: c.client.status("upg").apps[0].last_checkpoint >= 1, 15, what="a checkpoint"
+        )
         st = c.client.status("upg").apps[0]
         src_worker = next(i.worker for p in st.pes if p.name == "src" for i in p.instances)
         victim = "w1" if src_worker != "w1" else "w2"
@@ -63,8 +69,13 @@ def test_killed_worker_recovers_from_checkpoint_at_least_once(tmp_path: Path) ->
 def test_sigterm_drains_a_worker_without_loss(tmp_path: Path) -> None:
     out = tmp_path / "out.jsonl"
     with LocalCluster(workers=3, data_dir=tmp_path / "c", heartbeat_timeout=3.0) as c:
-        app = write_app(tmp_path, "v1.py", render(SCENARIOS["change_code"][0], out=str(out),
-                                                  audit=str(tmp_path / "a"), n=N, rate=RATE))
+        app = write_app(
+            tmp_path,
+            "v1.py",
+            render(
+                SCENARIOS["change_code"][0], out=str(out), audit=str(tmp_path / "a"), n=N, rate=RATE
+            ),
+        )
         c.client.submit(app)
         poll_for(lambda: _count(out) > N // 4, 20, what="records flowing")
         st = c.client.status("upg").apps[0]
@@ -83,12 +94,16 @@ def test_sigterm_drains_a_worker_without_loss(tmp_path: Path) -> None:
 
 def _slow(base: str, where: str) -> str:
     if where == "setup":
-        return base.replace("    def setup(self, ctx):\n        self.n = {}",
-                            "    def setup(self, ctx):\n        import time\n"
-                            "        time.sleep(4)\n        self.n = {}")
-    return base.replace("    def snapshot(self):",
-                        "    def teardown(self):\n        import time\n        time.sleep(4)\n\n"
-                        "    def snapshot(self):")
+        return base.replace(
+            "    def setup(self, ctx):\n        self.n = {}",
+            "    def setup(self, ctx):\n        import time\n"
+            "        time.sleep(4)\n        self.n = {}",
+        )
+    return base.replace(
+        "    def snapshot(self):",
+        "    def teardown(self):\n        import time\n        time.sleep(4)\n\n"
+        "    def snapshot(self):",
+    )
 
 
 def test_master_killed_in_prepare_undoes_the_upgrade(tmp_path: Path) -> None:
@@ -122,20 +137,29 @@ def test_master_killed_in_switch_finishes_the_upgrade(tmp_path: Path) -> None:
     with LocalCluster(workers=2, data_dir=tmp_path / "c", heartbeat_timeout=2.0) as c:
         kw = {"out": str(out), "audit": str(tmp_path / "a"), "n": N, "rate": RATE}
         # The old count's teardown is slow, so the switch phase lasts ~4 s.
-        c.client.submit(write_app(tmp_path, "v1.py", _slow(render(SCENARIOS["change_code"][0],
-                                                                  **kw), "teardown")))
+        c.client.submit(
+            write_app(
+                tmp_path, "v1.py", _slow(render(SCENARIOS["change_code"][0], **kw), "teardown")
+            )
+        )
         poll_for(lambda: _count(out) > 500, 20)
         v2 = write_app(tmp_path, "v2.py", render(SCENARIOS["change_code"][1], **kw))
         t = threading.Thread(target=lambda: _quiet(lambda: c.client.upgrade(v2)))
         t.start()
-        poll_for(lambda: any(r.get("code") == 2 for r in read_jsonl(out)[-50:]), 10,
-                 what="the switch to happen")
+        poll_for(
+            lambda: any(r.get("code") == 2 for r in read_jsonl(out)[-50:]),
+            10,
+            what="the switch to happen",
+        )
         assert c.master is not None
         c.master.stop(signal.SIGKILL)
         t.join(30)
         c.restart_master()
-        poll_for(lambda: c.client.status("upg").apps[0].version == 2, 30,
-                 what="the interrupted upgrade to be finished")
+        poll_for(
+            lambda: c.client.status("upg").apps[0].version == 2,
+            30,
+            what="the interrupted upgrade to be finished",
+        )
         poll_for(lambda: _count(out) >= N, 30)
         v = check_output(read_jsonl(out), N)
         assert (v.lost, v.duplicated, v.out_of_order, v.state_resets) == (0, 0, 0, 0), v

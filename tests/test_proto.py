@@ -26,8 +26,11 @@ def test_generated_code_is_not_stale(tmp_path: Path) -> None:
 
 def _check(addr: str, service: str = "") -> int:
     with grpc.insecure_channel(addr) as ch:
-        return health_pb2_grpc.HealthStub(ch).Check(
-            health_pb2.HealthCheckRequest(service=service), timeout=5).status
+        return (
+            health_pb2_grpc.HealthStub(ch)
+            .Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            .status
+        )
 
 
 def test_master_and_workers_serve_health(cluster: LocalCluster) -> None:

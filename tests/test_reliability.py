@@ -41,12 +41,17 @@ def _pe(cluster: LocalCluster, app: str, pe: str) -> dict[str, Any]:
 # Overload: credits give backpressure
 # ---------------------------------------------------------------------------
 
-def test_slow_sink_slows_the_source_with_bounded_memory(cluster: LocalCluster,
-                                                        tmp_path: Path) -> None:
+
+def test_slow_sink_slows_the_source_with_bounded_memory(
+    cluster: LocalCluster, tmp_path: Path
+) -> None:
     n = 40_000
     slow, out, pulled = tmp_path / "slow", tmp_path / "out.txt", tmp_path / "pulled"
     slow.touch()  # while it exists the sink sleeps 1 ms per record (10x+ slower than the source)
-    app = write_app(tmp_path, "app.py", f"""
+    app = write_app(
+        tmp_path,
+        "app.py",
+        f"""
         import os, time
         from hotwire import Topology
         from hotwire.testing import counter
@@ -73,7 +78,8 @@ def test_slow_sink_slows_the_source_with_bounded_memory(cluster: LocalCluster,
 
         app = Topology("overload")
         app.source("src", src).map("m", lambda r: r, parallelism=2).sink("out", sink)
-    """)
+    """,
+    )
     pids = [w.proc.pid for w in cluster.workers]
     cluster.client.submit(app)
     # src -> m: 2 channels, m -> out: 2 channels; each holds at most CREDITS batches.
@@ -101,8 +107,9 @@ def test_slow_sink_slows_the_source_with_bounded_memory(cluster: LocalCluster,
     assert max(gaps) <= bound, f"in flight {max(gaps)} > credit bound {bound}"
     assert sunk > 1000, f"the slow sink should still move (~1000 rec/s), got {sunk}"
     assert max(ages) < 2.0, f"a busy worker missed heartbeats: ages up to {max(ages):.2f}s"
-    assert all(end - start < 16 for start, end in zip(rss_start, rss_end, strict=True)), \
+    assert all(end - start < 16 for start, end in zip(rss_start, rss_end, strict=True)), (
         f"worker RSS grew: {rss_start} -> {rss_end} MiB"
+    )
     assert all(r < 200 for r in rss_end), f"worker RSS {rss_end} MiB"
     slow.unlink()
     poll_for(lambda: _lines(out) >= n, 30, what="every record at the sink")
@@ -131,12 +138,14 @@ POLICY_APP = """
 
 def _policy_app(tmp_path: Path, name: str, n: int, config: dict[str, Any]) -> tuple[str, Path]:
     out = tmp_path / f"{name}.jsonl"
-    return write_app(tmp_path, f"{name}.py", POLICY_APP.format(name=name, n=n, config=config,
-                                                             out=str(out))), out
+    return write_app(
+        tmp_path, f"{name}.py", POLICY_APP.format(name=name, n=n, config=config, out=str(out))
+    ), out
 
 
-def test_on_error_skip_and_dead_letter_keep_every_good_record(cluster: LocalCluster,
-                                                              tmp_path: Path) -> None:
+def test_on_error_skip_and_dead_letter_keep_every_good_record(
+    cluster: LocalCluster, tmp_path: Path
+) -> None:
     n = 3000
     bad = {s for s in range(n) if s % 100 == 99}
     skip_app, skip_out = _policy_app(tmp_path, "skipper", n, {})  # skip is the default
@@ -146,8 +155,13 @@ def test_on_error_skip_and_dead_letter_keep_every_good_record(cluster: LocalClus
     for out in (skip_out, dl_out):
         poll_for(lambda out=out: _lines(out) >= n - len(bad), 20, what="every good record")
     for app in ("skipper", "lettered"):
-        poll_for(lambda app=app: sum(i["errors"] for i in _pe(cluster, app, "m")["instances"])
-                 == len(bad), 10, what=f"{app}: errors counted")
+        poll_for(
+            lambda app=app: (
+                sum(i["errors"] for i in _pe(cluster, app, "m")["instances"]) == len(bad)
+            ),
+            10,
+            what=f"{app}: errors counted",
+        )
     for out in (skip_out, dl_out):
         seqs = Counter(r["seq"] for r in read_jsonl(out))
         assert set(seqs) == set(range(n)) - bad and max(seqs.values()) == 1
@@ -156,8 +170,11 @@ def test_on_error_skip_and_dead_letter_keep_every_good_record(cluster: LocalClus
     assert sum(i["dead_letters"] for i in m["instances"]) == len(bad)
     assert sum(i["dead_letters"] for i in _pe(cluster, "skipper", "m")["instances"]) == 0
     # Dead letters land in each worker's data dir: the record and the error, one JSON line each.
-    letters = [row for w in cluster.workers
-               for row in read_jsonl(cluster.dir / w.label / "dead-letter" / "lettered.m.jsonl")]
+    letters = [
+        row
+        for w in cluster.workers
+        for row in read_jsonl(cluster.dir / w.label / "dead-letter" / "lettered.m.jsonl")
+    ]
     assert sorted(row["record"]["seq"] for row in letters) == sorted(bad)
     row = letters[0]
     assert row["app"] == "lettered" and row["pe"] == "m" and row["instance"] in (0, 1)
@@ -168,12 +185,16 @@ def test_on_error_skip_and_dead_letter_keep_every_good_record(cluster: LocalClus
     assert all(w.proc.poll() is None for w in cluster.workers)
 
 
-def test_on_error_fail_stops_the_instance_and_reports_it(cluster: LocalCluster,
-                                                         tmp_path: Path) -> None:
+def test_on_error_fail_stops_the_instance_and_reports_it(
+    cluster: LocalCluster, tmp_path: Path
+) -> None:
     app, out = _policy_app(tmp_path, "strict", 100_000, {"on_error": "fail"})
     cluster.client.submit(app)
-    m = poll_for(lambda: (p := _pe(cluster, "strict", "m"))["failed"] and p, 15,
-                 what="the PE reported failed")
+    m = poll_for(
+        lambda: (p := _pe(cluster, "strict", "m"))["failed"] and p,
+        15,
+        what="the PE reported failed",
+    )
     failed = [i for i in m["instances"] if i["failed"]]
     assert failed and all(i["error"].startswith("ValueError: bad record ") for i in failed)
     assert all(i["errors"] == 1 for i in failed), "a failed instance processes nothing more"
@@ -192,10 +213,14 @@ def test_on_error_fail_stops_the_instance_and_reports_it(cluster: LocalCluster,
     assert cluster.streamctl("kill", "strict").returncode == 0
 
 
-def test_a_source_that_raises_is_reported_and_the_worker_stays_up(cluster: LocalCluster,
-                                                                  tmp_path: Path) -> None:
+def test_a_source_that_raises_is_reported_and_the_worker_stays_up(
+    cluster: LocalCluster, tmp_path: Path
+) -> None:
     out = tmp_path / "out.jsonl"
-    app = write_app(tmp_path, "app.py", f"""
+    app = write_app(
+        tmp_path,
+        "app.py",
+        f"""
         from hotwire import Topology
         from hotwire.testing import counter, file_sink
 
@@ -203,10 +228,14 @@ def test_a_source_that_raises_is_reported_and_the_worker_stays_up(cluster: Local
         src = app.source("src", counter(n=5000, crash_at=1234),
                          config={{"on_error": "dead_letter"}})
         src.map("m", lambda r: r).sink("out", file_sink({str(out)!r}))
-    """)
+    """,
+    )
     cluster.client.submit(app)
-    src = poll_for(lambda: (p := _pe(cluster, "crashy", "src"))["failed"] and p, 15,
-                   what="the source reported failed")
+    src = poll_for(
+        lambda: (p := _pe(cluster, "crashy", "src"))["failed"] and p,
+        15,
+        what="the source reported failed",
+    )
     inst = src["instances"][0]
     assert inst["errors"] == 1 and inst["dead_letters"] == 1
     assert inst["error"] == "RuntimeError: counter source crashed at seq 1234 as told (crash_at)"
@@ -217,13 +246,17 @@ def test_a_source_that_raises_is_reported_and_the_worker_stays_up(cluster: Local
     assert len(letters) == 1 and letters[0]["position"] == 1234 and letters[0]["record"] is None
     assert all(w.proc.poll() is None for w in cluster.workers)
     # Still responsive: other apps run on the same workers.
-    ok = write_app(tmp_path, "ok.py", f"""
+    ok = write_app(
+        tmp_path,
+        "ok.py",
+        f"""
         from hotwire import Topology
         from hotwire.testing import counter, file_sink
 
         app = Topology("fine")
         app.source("src", counter(n=500)).sink("out", file_sink({str(tmp_path / "ok.jsonl")!r}))
-    """)
+    """,
+    )
     cluster.client.submit(ok)
     poll_for(lambda: _lines(tmp_path / "ok.jsonl") >= 500, 10, what="another app's records")
 
@@ -232,6 +265,7 @@ def test_an_unknown_on_error_policy_is_refused_by_the_sdk() -> None:
     app = Topology("policies")
     src = app.source("src", lambda ctx: iter(()))
     src.map("m", lambda r: r, config={"on_error": "explode"}).sink("out", print)
-    with pytest.raises(ValidationError, match="PE 'm' of app 'policies': config "
-                       "on_error='explode' is not a policy"):
+    with pytest.raises(
+        ValidationError, match="PE 'm' of app 'policies': config on_error='explode' is not a policy"
+    ):
         app.model()

@@ -76,11 +76,14 @@ def test_online_upgrade_under_load(cluster: LocalCluster, tmp_path: Path, scenar
 
 def test_failed_setup_leaves_old_version_running(cluster: LocalCluster, tmp_path: Path) -> None:
     out = tmp_path / "out.jsonl"
-    base = render(SCENARIOS["change_code"][0], out=str(out), audit=str(tmp_path / "a"), n=N,
-                  rate=RATE)
+    base = render(
+        SCENARIOS["change_code"][0], out=str(out), audit=str(tmp_path / "a"), n=N, rate=RATE
+    )
     app1 = write_app(tmp_path, "v1.py", base)
-    bad = base.replace("    def setup(self, ctx):\n        self.n = {}",
-                       "    def setup(self, ctx):\n        raise ValueError('model file missing')")
+    bad = base.replace(
+        "    def setup(self, ctx):\n        self.n = {}",
+        "    def setup(self, ctx):\n        raise ValueError('model file missing')",
+    )
     assert bad != base
     app2 = write_app(tmp_path, "v2.py", bad)
     cluster.client.submit(app1)
@@ -95,15 +98,21 @@ def test_failed_setup_leaves_old_version_running(cluster: LocalCluster, tmp_path
     v = check_output(read_jsonl(out), N)
     assert (v.lost, v.duplicated, v.out_of_order, v.state_resets) == (0, 0, 0, 0)
     # The app upgrades fine afterwards.
-    good = write_app(tmp_path, "v3.py", render(SCENARIOS["change_code"][1], out=str(out),
-                                               audit=str(tmp_path / "a"), n=N, rate=RATE))
+    good = write_app(
+        tmp_path,
+        "v3.py",
+        render(
+            SCENARIOS["change_code"][1], out=str(out), audit=str(tmp_path / "a"), n=N, rate=RATE
+        ),
+    )
     assert cluster.client.upgrade(good).to_version == 2
 
 
 def test_bundle_that_fails_to_import_changes_nothing(cluster: LocalCluster, tmp_path: Path) -> None:
     out = tmp_path / "out.jsonl"
-    base = render(SCENARIOS["change_code"][0], out=str(out), audit=str(tmp_path / "a"), n=N,
-                  rate=RATE)
+    base = render(
+        SCENARIOS["change_code"][0], out=str(out), audit=str(tmp_path / "a"), n=N, rate=RATE
+    )
     cluster.client.submit(write_app(tmp_path, "v1.py", base))
     broken = write_app(tmp_path, "v2.py", base + "\nundefined_name_here\n")
     res = cluster.streamctl("upgrade", broken)
@@ -116,13 +125,19 @@ def test_bundle_that_fails_to_import_changes_nothing(cluster: LocalCluster, tmp_
 def test_worker_killed_during_prepare_aborts(tmp_path: Path) -> None:
     out = tmp_path / "out.jsonl"
     with LocalCluster(workers=3, data_dir=tmp_path / "c", heartbeat_timeout=2.0) as c:
-        base = render(SCENARIOS["change_code"][0], out=str(out), audit=str(tmp_path / "a"),
-                      n=None, rate=1000.0)
+        base = render(
+            SCENARIOS["change_code"][0],
+            out=str(out),
+            audit=str(tmp_path / "a"),
+            n=None,
+            rate=1000.0,
+        )
         c.client.submit(write_app(tmp_path, "v1.py", base))
         poll_for(lambda: _count(out) > 200, 20, what="records flowing")
         slow = base.replace(
             "    def setup(self, ctx):\n        self.n = {}",
-            "    def setup(self, ctx):\n        import time\n        time.sleep(3)\n        self.n = {}")
+            "    def setup(self, ctx):\n        import time\n        time.sleep(3)\n        self.n = {}",
+        )
         app2 = write_app(tmp_path, "v2.py", slow)
         import threading
 
@@ -150,14 +165,26 @@ def test_worker_killed_during_prepare_aborts(tmp_path: Path) -> None:
 
 def test_second_upgrade_in_flight_is_refused(cluster: LocalCluster, tmp_path: Path) -> None:
     out = tmp_path / "out.jsonl"
-    base = render(SCENARIOS["change_code"][0], out=str(out), audit=str(tmp_path / "a"),
-                  n=None, rate=500.0)
+    base = render(
+        SCENARIOS["change_code"][0], out=str(out), audit=str(tmp_path / "a"), n=None, rate=500.0
+    )
     cluster.client.submit(write_app(tmp_path, "v1.py", base))
-    slow = base.replace("    def setup(self, ctx):\n        self.n = {}",
-                        "    def setup(self, ctx):\n        import time\n        time.sleep(2)\n        self.n = {}")
+    slow = base.replace(
+        "    def setup(self, ctx):\n        self.n = {}",
+        "    def setup(self, ctx):\n        import time\n        time.sleep(2)\n        self.n = {}",
+    )
     app2 = write_app(tmp_path, "v2.py", slow)
-    app3 = write_app(tmp_path, "v3.py", render(SCENARIOS["rescale_stateless"][1], out=str(out),
-                                               audit=str(tmp_path / "a"), n=None, rate=500.0))
+    app3 = write_app(
+        tmp_path,
+        "v3.py",
+        render(
+            SCENARIOS["rescale_stateless"][1],
+            out=str(out),
+            audit=str(tmp_path / "a"),
+            n=None,
+            rate=500.0,
+        ),
+    )
     import threading
 
     t = threading.Thread(target=lambda: cluster.client.upgrade(app2))

@@ -76,8 +76,10 @@ class Membership:
             w.rates = {}
             for r in req.running:
                 b_in, b_out = before.get((r.app, r.instance), (0, 0))
-                w.rates[(r.app, r.instance)] = (max(0.0, (r.records_in - b_in) / dt),
-                                                max(0.0, (r.records_out - b_out) / dt))
+                w.rates[(r.app, r.instance)] = (
+                    max(0.0, (r.records_in - b_in) / dt),
+                    max(0.0, (r.records_out - b_out) / dt),
+                )
         w.stats_at = now
         w.running = list(req.running)
         # Liveness uses the master's own monotonic clock; the worker's wall clock
@@ -96,27 +98,43 @@ class Membership:
         return {n: w.data_address for n, w in self.workers.items()}
 
     # -- instruction stream ----------------------------------------------
-    async def send(self, worker: str, phase: int, app: str, version: int,
-                   instructions: list[bytes], bundles: dict[str, bytes] | None = None,
-                   timeout: float = 60.0) -> pb.Ack:
+    async def send(
+        self,
+        worker: str,
+        phase: int,
+        app: str,
+        version: int,
+        instructions: list[bytes],
+        bundles: dict[str, bytes] | None = None,
+        timeout: float = 60.0,
+    ) -> pb.Ack:
         w = self.workers.get(worker)
         if w is None:
             raise WorkerGone(f"worker {worker!r} is not registered")
         try:
             await asyncio.wait_for(w.connected.wait(), min(timeout, 10.0))
-        except asyncio.TimeoutError as e:
+        except TimeoutError as e:
             raise WorkerGone(f"worker {worker!r} has no open instruction stream") from e
         assert w.outbox is not None
         batch_id = next(self._batch_ids)
         fut: asyncio.Future[pb.Ack] = asyncio.get_running_loop().create_future()
         w.pending[batch_id] = fut
-        w.outbox.put_nowait(pb.MasterMessage(batch=pb.InstructionBatch(
-            batch_id=batch_id, app=app, version=version, phase=phase,  # type: ignore[arg-type]
-            instructions=instructions, peers=self.peers(), bundles=bundles or {},
-        )))
+        w.outbox.put_nowait(
+            pb.MasterMessage(
+                batch=pb.InstructionBatch(
+                    batch_id=batch_id,
+                    app=app,
+                    version=version,
+                    phase=phase,  # type: ignore[arg-type]
+                    instructions=instructions,
+                    peers=self.peers(),
+                    bundles=bundles or {},
+                )
+            )
+        )
         try:
             return await asyncio.wait_for(fut, timeout)
-        except asyncio.TimeoutError as e:
+        except TimeoutError as e:
             raise WorkerGone(f"worker {worker!r} did not answer within {timeout:.0f}s") from e
         finally:
             w.pending.pop(batch_id, None)
@@ -130,9 +148,11 @@ class Membership:
         if w is None or w.session != first.hello.session:
             import grpc
 
-            await context.abort(grpc.StatusCode.NOT_FOUND,
-                                f"worker {first.hello.name!r} has no session {first.hello.session!r}; "
-                                "register first")
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"worker {first.hello.name!r} has no session {first.hello.session!r}; "
+                "register first",
+            )
             return
         outbox: asyncio.Queue[pb.MasterMessage] = asyncio.Queue()
         w.outbox = outbox
@@ -155,8 +175,9 @@ class Membership:
         try:
             while not read_task.done():
                 write_task = asyncio.get_running_loop().create_task(outbox.get())
-                done, _ = await asyncio.wait({read_task, write_task},
-                                             return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait(
+                    {read_task, write_task}, return_when=asyncio.FIRST_COMPLETED
+                )
                 if write_task in done:
                     await context.write(write_task.result())
                     write_task = None

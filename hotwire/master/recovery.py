@@ -92,21 +92,29 @@ class Recovery:
         stored = self.m.store.checkpoint(app)
         cid = max(self.last_checkpoint.get(app, 0), stored[0] if stored else 0) + 1
         self.last_checkpoint[app] = cid
-        expected = {pl.instance(pe, i) for pe, pl in st.placement.items()
-                    for i in range(pl.parallelism)}
+        expected = {
+            pl.instance(pe, i) for pe, pl in st.placement.items() for i in range(pl.parallelism)
+        }
         p = self.pending[app] = PendingCheckpoint(cid, st.epoch, expected, time.monotonic())
-        sources = {w for pe, pl in st.placement.items() if st.model.pe(pe).kind == "source"
-                   for w in pl.workers}
+        sources = {
+            w
+            for pe, pl in st.placement.items()
+            if st.model.pe(pe).kind == "source"
+            for w in pl.workers
+        }
         await asyncio.gather(
-            *(self.m.membership.send(w, pb.CHECKPOINT, app, cid, [], timeout=5)
-              for w in sorted(sources) if self.m.membership.alive(w)),
+            *(
+                self.m.membership.send(w, pb.CHECKPOINT, app, cid, [], timeout=5)
+                for w in sorted(sources)
+                if self.m.membership.alive(w)
+            ),
             return_exceptions=True,
         )
         if not wait:
             return True
         try:
             await asyncio.wait_for(p.done.wait(), CHECKPOINT_TIMEOUT_S)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
         return True
 
@@ -120,10 +128,15 @@ class Recovery:
         del self.pending[rep.app]
         st = self.m.apps.get(rep.app)
         if st is not None and st.epoch == p.epoch and self.m.store is not None:
-            self.m.store.put_checkpoint(rep.app, p.id, p.epoch,
-                                        msgpack.packb(p.states, use_bin_type=True))
-            log.debug("app %r: checkpoint %d complete in %.1f ms", rep.app, p.id,
-                      (time.monotonic() - p.started) * 1000)
+            self.m.store.put_checkpoint(
+                rep.app, p.id, p.epoch, msgpack.packb(p.states, use_bin_type=True)
+            )
+            log.debug(
+                "app %r: checkpoint %d complete in %.1f ms",
+                rep.app,
+                p.id,
+                (time.monotonic() - p.started) * 1000,
+            )
         p.done.set()
 
     # ------------------------------------------------------------------
@@ -142,15 +155,26 @@ class Recovery:
                 # Workers in a placement that never came back after a master restart.
                 for st in self.m.apps.values():
                     if st.state == "running":
-                        dead |= {w for pl in st.placement.values() for w in pl.workers
-                                 if w not in ms.workers}
+                        dead |= {
+                            w
+                            for pl in st.placement.values()
+                            for w in pl.workers
+                            if w not in ms.workers
+                        }
             for name in sorted(dead - self.handled):
                 self.handled.add(name)
-                apps = [a for a, st in self.m.apps.items() if st.state == "running" and any(
-                    name in pl.workers for pl in st.placement.values())]
+                apps = [
+                    a
+                    for a, st in self.m.apps.items()
+                    if st.state == "running"
+                    and any(name in pl.workers for pl in st.placement.values())
+                ]
                 if apps:
-                    log.warning("worker %s is dead; restarting %s from checkpoints",
-                                name, ", ".join(repr(a) for a in apps))
+                    log.warning(
+                        "worker %s is dead; restarting %s from checkpoints",
+                        name,
+                        ", ".join(repr(a) for a in apps),
+                    )
                 for app in apps:
                     self.m.spawn(self.recover(app, name), name=f"recover-{app}")
 
@@ -166,14 +190,18 @@ class Recovery:
         t0 = time.perf_counter()
         try:
             st = self.m.apps[app]
-            if st.state != "running" or not any(dead in pl.workers
-                                                for pl in st.placement.values()):
+            if st.state != "running" or not any(dead in pl.workers for pl in st.placement.values()):
                 return
             ms = self.m.membership
             hosts = {w for pl in st.placement.values() for w in pl.workers}
-            await asyncio.gather(*(ms.send(w, pb.STOP, app, st.epoch, [], timeout=10)
-                                   for w in sorted(hosts) if ms.alive(w)),
-                                 return_exceptions=True)
+            await asyncio.gather(
+                *(
+                    ms.send(w, pb.STOP, app, st.epoch, [], timeout=10)
+                    for w in sorted(hosts)
+                    if ms.alive(w)
+                ),
+                return_exceptions=True,
+            )
             states = self._checkpoint_states(app)
             epoch = st.epoch + 1
             empty = LogicalModel.build(app, [], [])
@@ -193,19 +221,39 @@ class Recovery:
                         return replace(ins, initial_state=states[old])
                 return ins
 
-            plan = Plan(app, epoch,
-                        {w: tuple(with_state(i) for i in ins) for w, ins in plan.prepare.items()},
-                        plan.switch)
+            plan = Plan(
+                app,
+                epoch,
+                {w: tuple(with_state(i) for i in ins) for w, ins in plan.prepare.items()},
+                plan.switch,
+            )
             bundle = self.m.store.bundle(st.bundle) or b""
-            intent = {"kind": "placement", "version": st.version, "model": st.model.to_json(),
-                      "bundle": st.bundle, "placement": placement_to_dict(new_pl)}
+            intent = {
+                "kind": "placement",
+                "version": st.version,
+                "model": st.model.to_json(),
+                "bundle": st.bundle,
+                "placement": placement_to_dict(new_pl),
+            }
             await self.m._apply(plan, st.bundle, bundle, intent)
             self.m._commit(intent, epoch, 0.0)
             ms_taken = (time.perf_counter() - t0) * 1000
-            self.events.append({"app": app, "event": "recovery", "worker": dead,
-                                "restored": len(states), "ms": ms_taken})
-            log.warning("app %r restarted from checkpoint on the live workers in %.0f ms "
-                        "(%d instance states restored)", app, ms_taken, len(states))
+            self.events.append(
+                {
+                    "app": app,
+                    "event": "recovery",
+                    "worker": dead,
+                    "restored": len(states),
+                    "ms": ms_taken,
+                }
+            )
+            log.warning(
+                "app %r restarted from checkpoint on the live workers in %.0f ms "
+                "(%d instance states restored)",
+                app,
+                ms_taken,
+                len(states),
+            )
         except Exception:
             log.exception("app %r: recovery from the loss of %s failed", app, dead)
             self.handled.discard(dead)
@@ -249,20 +297,32 @@ class Recovery:
                 st = self.m.apps[app]
                 epoch = st.epoch + 1
                 change = ChangeSet(regenerated=pes)
-                new_pl = schedule(st.model, st.placement, change, self.free_slots(app), epoch,
-                                  st.bundle)
+                new_pl = schedule(
+                    st.model, st.placement, change, self.free_slots(app), epoch, st.bundle
+                )
                 plan = plan_upgrade(app, epoch, st.model, st.placement, st.model, new_pl, change)
                 bundle = self.m.store.bundle(st.bundle) if self.m.store else None
-                intent = {"kind": "placement", "version": st.version,
-                          "model": st.model.to_json(), "bundle": st.bundle,
-                          "placement": placement_to_dict(new_pl)}
+                intent = {
+                    "kind": "placement",
+                    "version": st.version,
+                    "model": st.model.to_json(),
+                    "bundle": st.bundle,
+                    "placement": placement_to_dict(new_pl),
+                }
                 t0 = time.perf_counter()
                 await self.m._apply(plan, st.bundle, bundle or b"", intent)
                 self.m._commit(intent, epoch, 0.0)
                 n = sum(st.placement[pe].workers.count(worker) for pe in pes)
                 moved += n
-                self.events.append({"app": app, "event": "drain", "worker": worker,
-                                    "moved": n, "ms": (time.perf_counter() - t0) * 1000})
+                self.events.append(
+                    {
+                        "app": app,
+                        "event": "drain",
+                        "worker": worker,
+                        "moved": n,
+                        "ms": (time.perf_counter() - t0) * 1000,
+                    }
+                )
             finally:
                 self.m.locks.pop(app, None)
         return moved
@@ -285,14 +345,21 @@ class Recovery:
                 while time.monotonic() < deadline and not all(ms.alive(w) for w in workers):
                     await asyncio.sleep(0.1)
                 if phase == "prepare":
-                    await asyncio.gather(*(ms.send(w, pb.ABORT, app, epoch, [], timeout=10)
-                                           for w in workers if ms.alive(w)),
-                                         return_exceptions=True)
+                    await asyncio.gather(
+                        *(
+                            ms.send(w, pb.ABORT, app, epoch, [], timeout=10)
+                            for w in workers
+                            if ms.alive(w)
+                        ),
+                        return_exceptions=True,
+                    )
                     self.m.store.end_transition(app)
                     log.warning("app %r: undid an upgrade interrupted in prepare", app)
                 else:
-                    batches = {w: [msgpack.packb(i, use_bin_type=True) for i in ins]
-                               for w, ins in rec["switch"].items()}
+                    batches = {
+                        w: [msgpack.packb(i, use_bin_type=True) for i in ins]
+                        for w, ins in rec["switch"].items()
+                    }
                     await self.m.switch_all(app, epoch, workers, batches)
                     self.m._commit(rec, epoch, 0.0)
                     log.warning("app %r: finished an upgrade interrupted in switch", app)

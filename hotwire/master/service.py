@@ -23,13 +23,13 @@ import msgpack
 
 from hotwire.master.diff import ChangeSet, diff
 from hotwire.master.membership import Membership, WorkerGone
-from hotwire.master.recovery import Recovery
 from hotwire.master.planner import plan_stop, plan_upgrade
+from hotwire.master.recovery import Recovery
 from hotwire.master.scheduler import SchedulingError, schedule
 from hotwire.master.store import Store
 from hotwire.model import LogicalModel, check_structure
 from hotwire.node import Node, add_health
-from hotwire.plan import Plan, Placement, placement_from_dict, placement_to_dict, to_wire
+from hotwire.plan import Placement, Plan, placement_from_dict, placement_to_dict, to_wire
 from hotwire.proto import hotwire_pb2 as pb
 from hotwire.proto import hotwire_pb2_grpc as pb_grpc
 
@@ -71,9 +71,14 @@ class Outcome:
 class Master(Node):
     service_name = "hotwire.Master"
 
-    def __init__(self, listen: str = "127.0.0.1:7600", data_dir: str | Path = "hotwire-data",
-                 heartbeat_interval: float = 1.0, heartbeat_timeout: float = 5.0,
-                 checkpoint_interval: float = 2.0):
+    def __init__(
+        self,
+        listen: str = "127.0.0.1:7600",
+        data_dir: str | Path = "hotwire-data",
+        heartbeat_interval: float = 1.0,
+        heartbeat_timeout: float = 5.0,
+        checkpoint_interval: float = 2.0,
+    ):
         super().__init__()
         self.listen = listen
         self.data_dir = Path(data_dir)
@@ -96,11 +101,14 @@ class Master(Node):
         for name, version, state, epoch in self.store.apps():
             rec = self.store.version(name, version)
             if rec is not None:
-                self.apps[name] = AppState(name, version, state, rec.model, rec.bundle_hash,
-                                           rec.placement, epoch)
-        opts = [("grpc.max_receive_message_length", MAX_MESSAGE),
-                ("grpc.max_send_message_length", MAX_MESSAGE),
-                ("grpc.so_reuseport", 0)]  # a second master on a taken port must fail
+                self.apps[name] = AppState(
+                    name, version, state, rec.model, rec.bundle_hash, rec.placement, epoch
+                )
+        opts = [
+            ("grpc.max_receive_message_length", MAX_MESSAGE),
+            ("grpc.max_send_message_length", MAX_MESSAGE),
+            ("grpc.so_reuseport", 0),
+        ]  # a second master on a taken port must fail
         self.server = grpc.aio.server(options=opts)
         pb_grpc.add_MasterServicer_to_server(ClientService(self), self.server)
         pb_grpc.add_WorkerControlServicer_to_server(WorkerService(self), self.server)
@@ -137,14 +145,18 @@ class Master(Node):
         if not data:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "the request carries no app bundle")
         if hashlib.sha256(data).hexdigest() != h:
-            raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
-                          "the app bundle does not match its hash; resend it")
+            raise Refused(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "the app bundle does not match its hash; resend it",
+            )
 
     def _lock(self, app: str, what: str) -> None:
         if app in self.locks:
-            raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
-                          f"app {app!r}: {self.locks[app]} is in progress; "
-                          "wait for it to finish and try again")
+            raise Refused(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"app {app!r}: {self.locks[app]} is in progress; "
+                "wait for it to finish and try again",
+            )
         self.locks[app] = what
 
     def _free_slots(self, app: str) -> dict[str, int]:
@@ -155,8 +167,11 @@ class Master(Node):
             for pl in other.placement.values():
                 for w in pl.workers:
                     load[w] = load.get(w, 0) + 1
-        return {n: max(w.slots - load.get(n, 0), 0) for n, w in self.membership.live().items()
-                if n not in self.recovery.draining}
+        return {
+            n: max(w.slots - load.get(n, 0), 0)
+            for n, w in self.membership.live().items()
+            if n not in self.recovery.draining
+        }
 
     async def submit(self, model_json: str, bundle: bytes, bundle_hash: str, name: str) -> Outcome:
         model = self._check_model(model_json, name)
@@ -164,31 +179,54 @@ class Master(Node):
         app = model.app
         cur = self.apps.get(app)
         if cur is not None and cur.state == "running":
-            raise Refused(grpc.StatusCode.ALREADY_EXISTS,
-                          f"app {app!r} is already running at version {cur.version}; "
-                          "use 'streamctl upgrade' to change it")
+            raise Refused(
+                grpc.StatusCode.ALREADY_EXISTS,
+                f"app {app!r} is already running at version {cur.version}; "
+                "use 'streamctl upgrade' to change it",
+            )
         self._lock(app, "a submit")
         try:
             version = (cur.version + 1) if cur is not None else 1
             empty = LogicalModel.build(app, [], [])
-            return await self._transition(app, version, "submit", empty, {}, model, bundle,
-                                          bundle_hash, dry_run=False)
+            return await self._transition(
+                app, version, "submit", empty, {}, model, bundle, bundle_hash, dry_run=False
+            )
         finally:
             self.locks.pop(app, None)
 
-    async def upgrade(self, model_json: str, bundle: bytes, bundle_hash: str, name: str,
-                      dry_run: bool, action: str = "upgrade", rolled_back_to: int = 0) -> Outcome:
+    async def upgrade(
+        self,
+        model_json: str,
+        bundle: bytes,
+        bundle_hash: str,
+        name: str,
+        dry_run: bool,
+        action: str = "upgrade",
+        rolled_back_to: int = 0,
+    ) -> Outcome:
         model = self._check_model(model_json, name)
         self._check_bundle(bundle, bundle_hash)
         app = model.app
         cur = self.apps.get(app)
         if cur is None or cur.state != "running":
-            raise Refused(grpc.StatusCode.NOT_FOUND,
-                          f"app {app!r} is not running; deploy it with 'streamctl submit'")
+            raise Refused(
+                grpc.StatusCode.NOT_FOUND,
+                f"app {app!r} is not running; deploy it with 'streamctl submit'",
+            )
         self._lock(app, f"an upgrade to version {cur.version + 1}")
         try:
-            return await self._transition(app, cur.version + 1, action, cur.model, cur.placement,
-                                          model, bundle, bundle_hash, dry_run, rolled_back_to)
+            return await self._transition(
+                app,
+                cur.version + 1,
+                action,
+                cur.model,
+                cur.placement,
+                model,
+                bundle,
+                bundle_hash,
+                dry_run,
+                rolled_back_to,
+            )
         finally:
             self.locks.pop(app, None)
 
@@ -199,23 +237,42 @@ class Master(Node):
             raise Refused(grpc.StatusCode.NOT_FOUND, f"app {app!r} is not running")
         target = to_version or cur.version - 1
         if target < 1 or target >= cur.version:
-            raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"app {app!r} is at version {cur.version}; roll back to a version "
-                          f"between 1 and {cur.version - 1}")
+            raise Refused(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"app {app!r} is at version {cur.version}; roll back to a version "
+                f"between 1 and {cur.version - 1}",
+            )
         rec = self.store.version(app, target)
         data = self.store.bundle(rec.bundle_hash) if rec is not None else None
         if rec is None or data is None:
             raise Refused(grpc.StatusCode.NOT_FOUND, f"app {app!r} has no version {target}")
-        return await self.upgrade(rec.model.to_json(), data, rec.bundle_hash, app, dry_run,
-                                  action="rollback", rolled_back_to=target)
+        return await self.upgrade(
+            rec.model.to_json(),
+            data,
+            rec.bundle_hash,
+            app,
+            dry_run,
+            action="rollback",
+            rolled_back_to=target,
+        )
 
     def _next_epoch(self, app: str) -> int:
         cur = self.apps.get(app)
         return (cur.epoch if cur is not None else 0) + 1
 
-    async def _transition(self, app: str, version: int, action: str, old: LogicalModel,
-                          old_pl: Placement, new: LogicalModel, bundle: bytes, bundle_hash: str,
-                          dry_run: bool, rolled_back_to: int = 0) -> Outcome:
+    async def _transition(
+        self,
+        app: str,
+        version: int,
+        action: str,
+        old: LogicalModel,
+        old_pl: Placement,
+        new: LogicalModel,
+        bundle: bytes,
+        bundle_hash: str,
+        dry_run: bool,
+        rolled_back_to: int = 0,
+    ) -> Outcome:
         assert self.store is not None
         t0 = time.perf_counter()
         change = diff(old, new)
@@ -232,17 +289,29 @@ class Master(Node):
         if dry_run:
             return outcome
         self.store.put_bundle(bundle_hash, bundle)
-        intent = {"kind": "version", "version": version, "action": action,
-                  "model": new.to_json(), "bundle": bundle_hash,
-                  "placement": placement_to_dict(new_pl), "changes": change.to_dict(),
-                  "rolled_back_to": rolled_back_to}
+        intent = {
+            "kind": "version",
+            "version": version,
+            "action": action,
+            "model": new.to_json(),
+            "bundle": bundle_hash,
+            "placement": placement_to_dict(new_pl),
+            "changes": change.to_dict(),
+            "rolled_back_to": rolled_back_to,
+        }
         await self._apply(plan, bundle_hash, bundle, intent)
         latency = (time.perf_counter() - t0) * 1000
         self._commit(intent, epoch, latency)
         outcome.applied = True
         outcome.latency_ms = latency
-        log.info("app %r: %s to version %d in %.1f ms (%d instructions)",
-                 app, action, version, latency, plan.count())
+        log.info(
+            "app %r: %s to version %d in %.1f ms (%d instructions)",
+            app,
+            action,
+            version,
+            latency,
+            plan.count(),
+        )
         return outcome
 
     def _commit(self, intent: dict[str, Any], epoch: int, latency_ms: float) -> None:
@@ -251,16 +320,27 @@ class Master(Node):
         app = LogicalModel.from_json(intent["model"])
         placement = placement_from_dict(intent["placement"])
         if intent["kind"] == "version":
-            self.store.commit_version(app.app, intent["version"], intent["action"], app,
-                                      intent["bundle"], placement, intent["changes"], latency_ms,
-                                      epoch, rolled_back_to=intent["rolled_back_to"])
+            self.store.commit_version(
+                app.app,
+                intent["version"],
+                intent["action"],
+                app,
+                intent["bundle"],
+                placement,
+                intent["changes"],
+                latency_ms,
+                epoch,
+                rolled_back_to=intent["rolled_back_to"],
+            )
         else:
             self.store.update_placement(app.app, intent["version"], placement, epoch)
-        self.apps[app.app] = AppState(app.app, intent["version"], "running", app,
-                                      intent["bundle"], placement, epoch)
+        self.apps[app.app] = AppState(
+            app.app, intent["version"], "running", app, intent["bundle"], placement, epoch
+        )
 
-    async def _apply(self, plan: Plan, bundle_hash: str, bundle: bytes,
-                     intent: dict[str, Any]) -> None:
+    async def _apply(
+        self, plan: Plan, bundle_hash: str, bundle: bytes, intent: dict[str, Any]
+    ) -> None:
         """Prepare everywhere, then switch; a failed prepare is aborted everywhere.
 
         The intent and the phase are stored first, so a master that crashes midway
@@ -269,10 +349,14 @@ class Master(Node):
         """
         assert self.store is not None
         m = self.membership
-        record = {**intent, "prepare_workers": sorted(plan.workers),
-                  "switch": {w: [to_wire(i) for i in ins] for w, ins in plan.switch.items()}}
-        self.store.begin_transition(plan.app, plan.version, "prepare",
-                                    msgpack.packb(record, use_bin_type=True))
+        record = {
+            **intent,
+            "prepare_workers": sorted(plan.workers),
+            "switch": {w: [to_wire(i) for i in ins] for w, ins in plan.switch.items()},
+        }
+        self.store.begin_transition(
+            plan.app, plan.version, "prepare", msgpack.packb(record, use_bin_type=True)
+        )
         # Every worker in the plan prepares, even with no instruction of its own: it
         # loads the new bundle there (a kept sender may route by a new key function).
         prep_workers = sorted(plan.workers)
@@ -282,8 +366,14 @@ class Master(Node):
 
         async def prepare(w: str) -> None:
             items = plan.prepare.get(w, ())
-            ack = await m.send(w, pb.PREPARE, plan.app, plan.version, [wire(i) for i in items],
-                               {bundle_hash: bundle})
+            ack = await m.send(
+                w,
+                pb.PREPARE,
+                plan.app,
+                plan.version,
+                [wire(i) for i in items],
+                {bundle_hash: bundle},
+            )
             if not ack.ok:
                 raise RuntimeError(ack.error)
 
@@ -291,22 +381,33 @@ class Master(Node):
         errors = [f"{r}" for r in results if isinstance(r, BaseException)]
         if errors:
             await asyncio.gather(
-                *(m.send(w, pb.ABORT, plan.app, plan.version, [], timeout=10)
-                  for w in prep_workers if m.alive(w)),
+                *(
+                    m.send(w, pb.ABORT, plan.app, plan.version, [], timeout=10)
+                    for w in prep_workers
+                    if m.alive(w)
+                ),
                 return_exceptions=True,
             )
             self.store.end_transition(plan.app)
-            raise Refused(grpc.StatusCode.ABORTED,
-                          f"app {plan.app!r}: the change failed in prepare and was undone; "
-                          f"the running version is unchanged: {errors[0]}")
+            raise Refused(
+                grpc.StatusCode.ABORTED,
+                f"app {plan.app!r}: the change failed in prepare and was undone; "
+                f"the running version is unchanged: {errors[0]}",
+            )
 
-        self.store.begin_transition(plan.app, plan.version, "switch",
-                                    msgpack.packb(record, use_bin_type=True))
-        await self.switch_all(plan.app, plan.version, sorted(plan.workers),
-                              {w: [wire(i) for i in ins] for w, ins in plan.switch.items()})
+        self.store.begin_transition(
+            plan.app, plan.version, "switch", msgpack.packb(record, use_bin_type=True)
+        )
+        await self.switch_all(
+            plan.app,
+            plan.version,
+            sorted(plan.workers),
+            {w: [wire(i) for i in ins] for w, ins in plan.switch.items()},
+        )
 
-    async def switch_all(self, app: str, epoch: int, workers: list[str],
-                         batches: dict[str, list[bytes]]) -> None:
+    async def switch_all(
+        self, app: str, epoch: int, workers: list[str], batches: dict[str, list[bytes]]
+    ) -> None:
         """Send the switch phase to every worker of a plan and wait for all of them."""
 
         async def switch(w: str) -> None:
@@ -328,9 +429,18 @@ class Master(Node):
         try:
             stops = plan_stop(app, cur.epoch, cur.placement)
             await asyncio.gather(
-                *(self.membership.send(w, pb.STOP, app, cur.epoch,
-                                       [msgpack.packb(to_wire(i)) for i in ins], timeout=30)
-                  for w, ins in stops.items() if self.membership.alive(w)),
+                *(
+                    self.membership.send(
+                        w,
+                        pb.STOP,
+                        app,
+                        cur.epoch,
+                        [msgpack.packb(to_wire(i)) for i in ins],
+                        timeout=30,
+                    )
+                    for w, ins in stops.items()
+                    if self.membership.alive(w)
+                ),
                 return_exceptions=True,
             )
             cur.state = "killed"
@@ -356,25 +466,35 @@ class Master(Node):
             state = "upgrading" if st.name in self.locks else st.state
             ck = self.store.checkpoint(st.name) if self.store is not None else None
             a = reply.apps.add(
-                app=st.name, version=st.version, state=state,
+                app=st.name,
+                version=st.version,
+                state=state,
                 last_checkpoint=ck[0] if ck is not None and ck[1] == st.epoch else 0,
-                recoveries=sum(1 for e in self.recovery.events
-                               if e["app"] == st.name and e["event"] == "recovery"),
+                recoveries=sum(
+                    1
+                    for e in self.recovery.events
+                    if e["app"] == st.name and e["event"] == "recovery"
+                ),
             )
             if st.state != "running":
                 continue
             for spec in st.model.pes:
                 pl = st.placement[spec.name]
-                p = a.pes.add(name=spec.name, kind=spec.kind, parallelism=pl.parallelism, gen=pl.gen)
+                p = a.pes.add(
+                    name=spec.name, kind=spec.kind, parallelism=pl.parallelism, gen=pl.gen
+                )
                 for i, w in enumerate(pl.workers):
                     r, rates = stats.get((st.name, pl.instance(spec.name, i)), (None, (0.0, 0.0)))
                     rate = rates[1] if spec.kind == "source" else rates[0]
                     p.instances.add(
-                        index=i, worker=w, rate_in=rate,
+                        index=i,
+                        worker=w,
+                        rate_in=rate,
                         records_in=r.records_in if r else 0,
                         records_out=r.records_out if r else 0,
                         errors=r.errors if r else 0,
-                        failed=bool(r and r.failed), error=r.failed if r else "",
+                        failed=bool(r and r.failed),
+                        error=r.failed if r else "",
                         dead_letters=r.dead_letters if r else 0,
                     )
                 p.failed = any(i.failed for i in p.instances)
@@ -386,9 +506,14 @@ class Master(Node):
             raise Refused(grpc.StatusCode.NOT_FOUND, f"no app named {app!r}")
         reply = pb.HistoryReply(app=app, current=self.apps[app].version)
         for rec in self.store.versions(app):
-            reply.versions.add(version=rec.version, created_unix=rec.created, action=rec.action,
-                               changes_json=json.dumps(rec.changes), latency_ms=rec.latency_ms,
-                               rolled_back_to=rec.rolled_back_to)
+            reply.versions.add(
+                version=rec.version,
+                created_unix=rec.created,
+                action=rec.action,
+                changes_json=json.dumps(rec.changes),
+                latency_ms=rec.latency_ms,
+                rolled_back_to=rec.rolled_back_to,
+            )
         return reply
 
     def workers(self) -> pb.ListWorkersReply:
@@ -397,8 +522,11 @@ class Master(Node):
         for name in sorted(self.membership.workers):
             w = self.membership.workers[name]
             reply.workers.add(
-                name=name, data_address=w.data_address, health_address=w.health_address,
-                slots=w.slots, alive=self.membership.alive(name),
+                name=name,
+                data_address=w.data_address,
+                health_address=w.health_address,
+                slots=w.slots,
+                alive=self.membership.alive(name),
                 last_heartbeat_age_s=now - w.last_seen,
                 instances=[f"{r.app}/{r.instance}" for r in w.running],
             )
@@ -407,9 +535,14 @@ class Master(Node):
 
 def _upgrade_reply(o: Outcome) -> pb.UpgradeReply:
     return pb.UpgradeReply(
-        app=o.app, from_version=o.from_version, to_version=o.to_version,
-        changes_json=json.dumps(o.change.to_dict()), change_lines=o.change.describe(),
-        plan_lines=o.plan.describe(), instructions=o.plan.count(), applied=o.applied,
+        app=o.app,
+        from_version=o.from_version,
+        to_version=o.to_version,
+        changes_json=json.dumps(o.change.to_dict()),
+        change_lines=o.change.describe(),
+        plan_lines=o.plan.describe(),
+        instructions=o.plan.count(),
+        applied=o.applied,
         latency_ms=o.latency_ms,
     )
 
@@ -438,20 +571,28 @@ class ClientService(pb_grpc.MasterServicer):
         self.m = master
 
     async def Submit(self, request: Any, context: Any) -> pb.SubmitReply:
-        o = await _guard(context, self.m.submit(request.model_json, request.bundle,
-                                                request.bundle_hash, request.name))
+        o = await _guard(
+            context,
+            self.m.submit(request.model_json, request.bundle, request.bundle_hash, request.name),
+        )
         n = sum(pl.parallelism for pl in self.m.apps[o.app].placement.values())
         return pb.SubmitReply(app=o.app, version=o.to_version, instances=n, latency_ms=o.latency_ms)
 
     async def Upgrade(self, request: Any, context: Any) -> pb.UpgradeReply:
-        o = await _guard(context, self.m.upgrade(request.model_json, request.bundle,
-                                                 request.bundle_hash, request.name,
-                                                 request.dry_run))
+        o = await _guard(
+            context,
+            self.m.upgrade(
+                request.model_json,
+                request.bundle,
+                request.bundle_hash,
+                request.name,
+                request.dry_run,
+            ),
+        )
         return _upgrade_reply(o)
 
     async def Rollback(self, request: Any, context: Any) -> pb.UpgradeReply:
-        o = await _guard(context, self.m.rollback(request.app, request.to_version,
-                                                  request.dry_run))
+        o = await _guard(context, self.m.rollback(request.app, request.to_version, request.dry_run))
         return _upgrade_reply(o)
 
     async def Status(self, request: Any, context: Any) -> pb.StatusReply:
@@ -474,20 +615,29 @@ class WorkerService(pb_grpc.WorkerControlServicer):
 
     async def Register(self, request: Any, context: Any) -> pb.RegisterReply:
         if not request.name or not request.data_address:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                "a worker must register with a name and a data address")
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "a worker must register with a name and a data address",
+            )
         w = self.m.membership.register(request)
         self.m.recovery.on_register(w.name)
-        log.info("worker %s registered (data %s, %d slots, %d instances running)",
-                 w.name, w.data_address, w.slots, len(w.running))
-        return pb.RegisterReply(session=w.session,
-                                heartbeat_interval_s=self.m.membership.heartbeat_interval)
+        log.info(
+            "worker %s registered (data %s, %d slots, %d instances running)",
+            w.name,
+            w.data_address,
+            w.slots,
+            len(w.running),
+        )
+        return pb.RegisterReply(
+            session=w.session, heartbeat_interval_s=self.m.membership.heartbeat_interval
+        )
 
     async def Heartbeat(self, request: Any, context: Any) -> pb.HeartbeatReply:
         if self.m.membership.heartbeat(request) is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND,
-                                f"worker {request.name!r} has no session {request.session!r}; "
-                                "register again")
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"worker {request.name!r} has no session {request.session!r}; register again",
+            )
         return pb.HeartbeatReply()
 
     async def Control(self, request_iterator: Any, context: Any) -> None:
@@ -496,7 +646,9 @@ class WorkerService(pb_grpc.WorkerControlServicer):
     async def Drain(self, request: Any, context: Any) -> pb.DrainReply:
         w = self.m.membership.workers.get(request.name)
         if w is None or w.session != request.session:
-            await context.abort(grpc.StatusCode.NOT_FOUND,
-                                f"worker {request.name!r} has no session {request.session!r}")
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"worker {request.name!r} has no session {request.session!r}",
+            )
         moved = await _guard(context, self.m.recovery.drain(request.name))
         return pb.DrainReply(moved=moved)

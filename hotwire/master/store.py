@@ -110,9 +110,16 @@ class Store:
             self.db.execute(
                 "INSERT OR REPLACE INTO versions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
-                    app, version, time.time(), action, model.to_json(), bundle_hash,
-                    json.dumps(placement_to_dict(placement)), json.dumps(changes),
-                    latency_ms, rolled_back_to,
+                    app,
+                    version,
+                    time.time(),
+                    action,
+                    model.to_json(),
+                    bundle_hash,
+                    json.dumps(placement_to_dict(placement)),
+                    json.dumps(changes),
+                    latency_ms,
+                    rolled_back_to,
                 ),
             )
             self.db.execute(
@@ -134,24 +141,30 @@ class Store:
 
     # -- transitions in flight (finished or undone by a restarted master) ----
     def begin_transition(self, app: str, epoch: int, phase: str, plan: bytes) -> None:
-        self.db.execute("INSERT OR REPLACE INTO inflight VALUES (?, ?, ?, ?)",
-                        (app, epoch, phase, plan))
+        self.db.execute(
+            "INSERT OR REPLACE INTO inflight VALUES (?, ?, ?, ?)", (app, epoch, phase, plan)
+        )
 
     def end_transition(self, app: str) -> None:
         self.db.execute("DELETE FROM inflight WHERE app = ?", (app,))
 
     def inflight(self) -> list[tuple[str, int, str, bytes]]:
-        return [(a, int(e), p, bytes(b)) for a, e, p, b in
-                self.db.execute("SELECT app, epoch, phase, plan FROM inflight")]
+        return [
+            (a, int(e), p, bytes(b))
+            for a, e, p, b in self.db.execute("SELECT app, epoch, phase, plan FROM inflight")
+        ]
 
     # -- checkpoints -----------------------------------------------------
     def put_checkpoint(self, app: str, cid: int, epoch: int, states: bytes) -> None:
-        self.db.execute("INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?, ?, ?)",
-                        (app, cid, epoch, time.time(), states))
+        self.db.execute(
+            "INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?, ?, ?)",
+            (app, cid, epoch, time.time(), states),
+        )
 
     def checkpoint(self, app: str) -> tuple[int, int, bytes] | None:
-        row = self.db.execute("SELECT id, epoch, states FROM checkpoints WHERE app = ?",
-                              (app,)).fetchone()
+        row = self.db.execute(
+            "SELECT id, epoch, states FROM checkpoints WHERE app = ?", (app,)
+        ).fetchone()
         return None if row is None else (int(row[0]), int(row[1]), bytes(row[2]))
 
     def set_state(self, app: str, state: str) -> None:

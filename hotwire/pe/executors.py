@@ -84,15 +84,16 @@ class Executor:
                 await asyncio.sleep(0)
                 deadline = clock() + YIELD_S
 
-    async def _slices(self, records: list[Any], fast: Callable[[list[Any]], None],
-                      step: Callable[[Any], Any]) -> None:
+    async def _slices(
+        self, records: list[Any], fast: Callable[[list[Any]], None], step: Callable[[Any], Any]
+    ) -> None:
         """Sync fast path: ``fast`` over whole slices; a slice that raises is redone
         record by record with ``step``, so exactly its failing records are reported."""
         n = len(records)
         clock = time.monotonic
         deadline = clock() + YIELD_S
         for i in range(0, n, SLICE):
-            part = records if n <= SLICE else records[i:i + SLICE]
+            part = records if n <= SLICE else records[i : i + SLICE]
             try:
                 fast(part)
             except Exception:
@@ -107,8 +108,9 @@ class MapExecutor(Executor):
         fn = self.fn
         out: list[Any] = []
         if not self.is_async:
-            await self._slices(records, lambda part: out.extend([fn(r) for r in part]),
-                               lambda r: out.append(fn(r)))
+            await self._slices(
+                records, lambda part: out.extend([fn(r) for r in part]), lambda r: out.append(fn(r))
+            )
             return out
 
         async def astep(r: Any) -> None:
@@ -143,8 +145,11 @@ class FlatMapExecutor(Executor):
         fn = self.fn
         out: list[Any] = []
         if not self.is_async:
-            await self._slices(records, lambda part: out.extend([o for r in part for o in fn(r)]),
-                               lambda r: out.extend(fn(r)))
+            await self._slices(
+                records,
+                lambda part: out.extend([o for r in part for o in fn(r)]),
+                lambda r: out.extend(fn(r)),
+            )
             return out
 
         async def astep(r: Any) -> None:

@@ -29,7 +29,9 @@ def build(out_dir: Path = HERE) -> list[Path]:
         raise SystemExit(f"protoc failed on {HERE / PROTO}")
     grpc_file = out_dir / "hotwire_pb2_grpc.py"
     text = grpc_file.read_text()
-    grpc_file.write_text(re.sub(r"^import hotwire_pb2", "from . import hotwire_pb2", text, flags=re.M))
+    grpc_file.write_text(
+        re.sub(r"^import hotwire_pb2", "from . import hotwire_pb2", text, flags=re.M)
+    )
     return [out_dir / "hotwire_pb2.py", grpc_file]
 
 

@@ -24,8 +24,12 @@ from hotwire.client import Client
 __all__ = ["LocalCluster", "poll_for", "streamctl", "write_app"]
 
 
-def poll_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02,
-             what: str = "condition") -> Any:
+def poll_for(
+    predicate: Callable[[], Any],
+    timeout: float = 10.0,
+    interval: float = 0.02,
+    what: str = "condition",
+) -> Any:
     """Wait until ``predicate()`` is truthy and return it; raise TimeoutError after ``timeout``."""
     deadline = time.monotonic() + timeout
     while True:
@@ -46,14 +50,20 @@ def write_app(directory: str | Path, name: str, body: str) -> str:
     return str(path)
 
 
-def streamctl(*args: str, master: str | None = None, timeout: float = 120,
-              env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def streamctl(
+    *args: str, master: str | None = None, timeout: float = 120, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run the real ``streamctl`` command line (``python -m hotwire.cli``)."""
     cmd = [sys.executable, "-m", "hotwire.cli"]
     if master:
         cmd += ["--master", master]
-    return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [*cmd, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
 
 
 class _Proc:
@@ -62,16 +72,19 @@ class _Proc:
         self.args = args
         self.log_path = log_path
         self.pattern = re.compile(pattern)
-        self.log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        self.log = open(log_path, "ab")
+        self.proc = subprocess.Popen(
+            args, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         self.address = ""
 
     def wait_address(self, timeout: float = 30) -> str:
         def found() -> str | None:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.label} exited with {self.proc.returncode}:\n"
-                                   f"{self.log_path.read_text()[-3000:]}")
+                raise RuntimeError(
+                    f"{self.label} exited with {self.proc.returncode}:\n"
+                    f"{self.log_path.read_text()[-3000:]}"
+                )
             m = self.pattern.search(self.log_path.read_text(errors="replace"))
             return m.group(1) if m else None
 
@@ -93,9 +106,17 @@ class _Proc:
 class LocalCluster:
     """Master + N workers as real processes on loopback ports."""
 
-    def __init__(self, workers: int = 2, slots: int = 16, data_dir: str | Path | None = None,
-                 heartbeat_timeout: float = 5.0, log_level: str = "info"):
-        self._tmp = tempfile.TemporaryDirectory(prefix="hotwire-cluster-") if data_dir is None else None
+    def __init__(
+        self,
+        workers: int = 2,
+        slots: int = 16,
+        data_dir: str | Path | None = None,
+        heartbeat_timeout: float = 5.0,
+        log_level: str = "info",
+    ):
+        self._tmp = (
+            tempfile.TemporaryDirectory(prefix="hotwire-cluster-") if data_dir is None else None
+        )
         self.dir = Path(data_dir or (self._tmp.name if self._tmp else "."))
         self.dir.mkdir(parents=True, exist_ok=True)
         self.n_workers = workers
@@ -123,9 +144,20 @@ class LocalCluster:
         self._restarts += 1
         self.master = _Proc(
             "master",
-            [sys.executable, "-m", "hotwire.cli", "master", "--listen", listen,
-             "--data-dir", str(self.dir / "master"), "--log-level", self.log_level,
-             "--heartbeat-timeout", str(self.heartbeat_timeout)],
+            [
+                sys.executable,
+                "-m",
+                "hotwire.cli",
+                "master",
+                "--listen",
+                listen,
+                "--data-dir",
+                str(self.dir / "master"),
+                "--log-level",
+                self.log_level,
+                "--heartbeat-timeout",
+                str(self.heartbeat_timeout),
+            ],
             self.dir / f"master.{self._restarts}.log",
             r"master listening on (\S+)",
         )
@@ -137,9 +169,22 @@ class LocalCluster:
     def add_worker(self, name: str) -> _Proc:
         p = _Proc(
             name,
-            [sys.executable, "-m", "hotwire.cli", "--master", self.address, "worker",
-             "--name", name, "--slots", str(self.slots), "--log-level", self.log_level,
-             "--data-dir", str(self.dir / name)],
+            [
+                sys.executable,
+                "-m",
+                "hotwire.cli",
+                "--master",
+                self.address,
+                "worker",
+                "--name",
+                name,
+                "--slots",
+                str(self.slots),
+                "--log-level",
+                self.log_level,
+                "--data-dir",
+                str(self.dir / name),
+            ],
             self.dir / f"{name}.log",
             r"data plane on (\S+)",
         )

@@ -50,8 +50,17 @@ SCENARIOS: dict[str, tuple[Shape, Shape]] = {
 }
 
 
-def render(shape: Shape, *, out: str, audit: str, n: int | None, rate: float | None,
-           keys: int = 64, name: str = "upg", shadow_out: str = "") -> str:
+def render(
+    shape: Shape,
+    *,
+    out: str,
+    audit: str,
+    n: int | None,
+    rate: float | None,
+    keys: int = 64,
+    name: str = "upg",
+    shadow_out: str = "",
+) -> str:
     """The app file for one version."""
     pad = ", payload=8" if shape.src_variant == 2 else ""
     keyfn = 'lambda r: r["key"]' if shape.key_variant == 1 else 'lambda r: "p" + r["key"]'
@@ -99,8 +108,10 @@ def render(shape: Shape, *, out: str, audit: str, n: int | None, rate: float | N
     ]
     feed = "enrich"
     if shape.extra:
-        lines.append('extra = enrich.key_by(lambda r: r["key"]).map("extra", '
-                     'lambda r: {**r, "extra": 1}, parallelism=2)')
+        lines.append(
+            'extra = enrich.key_by(lambda r: r["key"]).map("extra", '
+            'lambda r: {**r, "extra": 1}, parallelism=2)'
+        )
         feed = "extra"
     lines += [
         f'count = {feed}.key_by(lambda r: r["key"]).process("count", Count, '
@@ -111,7 +122,7 @@ def render(shape: Shape, *, out: str, audit: str, n: int | None, rate: float | N
         lines.append(f'{shape.audit_from}.sink("audit", audit)')
     if shape.shadow and shadow_out:
         lines += [
-            f'SHADOW = file_sink({shadow_out!r})',
+            f"SHADOW = file_sink({shadow_out!r})",
             f'app.source("shadow", counter(n={n!r}, rate={rate!r}, keys=4))'
             '.sink("shadow_out", SHADOW)',
         ]

@@ -142,7 +142,9 @@ class RouteState:
 
     __slots__ = ("channels", "dst_pe", "key_fn", "n", "next", "partition", "route")
 
-    def __init__(self, route: Route, channels: list[OutChannel], key_fn: Callable[[Any], Any] | None):
+    def __init__(
+        self, route: Route, channels: list[OutChannel], key_fn: Callable[[Any], Any] | None
+    ):
         self.route = route
         self.dst_pe = route.dst_pe
         self.partition = route.partition

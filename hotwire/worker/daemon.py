@@ -83,8 +83,9 @@ class Worker(Node):
         """Ask the master to move this worker's instances elsewhere (before a stop)."""
         async with grpc.aio.insecure_channel(self.master) as channel:
             stub = pb_grpc.WorkerControlStub(channel)
-            reply = await stub.Drain(pb.DrainRequest(name=self.name, session=self.session),
-                                     timeout=timeout)
+            reply = await stub.Drain(
+                pb.DrainRequest(name=self.name, session=self.session), timeout=timeout
+            )
             return int(reply.moved)
 
     # ------------------------------------------------------------------
@@ -92,8 +93,9 @@ class Worker(Node):
     # ------------------------------------------------------------------
     def _running(self) -> list[pb.RunningInstance]:
         return [
-            pb.RunningInstance(app=a, instance=i, records_in=ri, records_out=ro, errors=e,
-                               failed=f, dead_letters=d)
+            pb.RunningInstance(
+                app=a, instance=i, records_in=ri, records_out=ro, errors=e, failed=f, dead_letters=d
+            )
             for a, i, ri, ro, e, f, d in self.runtime.running()
         ]
 
@@ -120,8 +122,12 @@ class Worker(Node):
                     log.info("worker %s registered with master %s", self.name, self.master)
                     await self._serve_session(stub)
                 except grpc.aio.AioRpcError as e:
-                    log.info("worker %s: master %s unavailable (%s); retrying",
-                             self.name, self.master, e.code().name)
+                    log.info(
+                        "worker %s: master %s unavailable (%s); retrying",
+                        self.name,
+                        self.master,
+                        e.code().name,
+                    )
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 2.0)
 
@@ -137,11 +143,15 @@ class Worker(Node):
             try:
                 data = msgpack.packb(state, use_bin_type=True)
             except Exception as e:
-                log.error("app %r instance %s: checkpoint state is not msgpack-able: %s",
-                          app, iid, e)
+                log.error(
+                    "app %r instance %s: checkpoint state is not msgpack-able: %s", app, iid, e
+                )
                 return
-            outbox.put_nowait(pb.WorkerMessage(report=pb.CheckpointReport(
-                app=app, checkpoint=cid, instance=iid, state=data)))
+            outbox.put_nowait(
+                pb.WorkerMessage(
+                    report=pb.CheckpointReport(app=app, checkpoint=cid, instance=iid, state=data)
+                )
+            )
 
         self.runtime.on_checkpoint = report
         call = stub.Control(outgoing())
@@ -169,8 +179,12 @@ class Worker(Node):
             await asyncio.sleep(self.heartbeat_interval)
             try:
                 await stub.Heartbeat(
-                    pb.HeartbeatRequest(name=self.name, session=self.session,
-                                        running=self._running(), sent_unix=time.time()),
+                    pb.HeartbeatRequest(
+                        name=self.name,
+                        session=self.session,
+                        running=self._running(),
+                        sent_unix=time.time(),
+                    ),
                     timeout=max(self.heartbeat_interval * 3, 2),
                 )
             except grpc.aio.AioRpcError as e:
@@ -205,8 +219,14 @@ class Worker(Node):
             else:
                 raise ValueError(f"unknown phase {batch.phase}")
         except Exception as e:
-            log.warning("worker %s: batch %d (%s v%d) failed: %s", self.name, batch.batch_id,
-                        batch.app, batch.version, e)
+            log.warning(
+                "worker %s: batch %d (%s v%d) failed: %s",
+                self.name,
+                batch.batch_id,
+                batch.app,
+                batch.version,
+                e,
+            )
             ack.ok = False
             ack.error = str(e) or type(e).__name__
         ack.elapsed_ms = (time.perf_counter() - t0) * 1000

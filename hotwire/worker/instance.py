@@ -20,8 +20,8 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
-from itertools import islice
 from dataclasses import dataclass
+from itertools import islice
 from typing import TYPE_CHECKING, Any
 
 from hotwire.pe.executors import EXECUTORS, Executor, _keyed_items
@@ -63,8 +63,14 @@ class Checkpoint:
 class Instance:
     """One instance of one PE of one app on this worker."""
 
-    def __init__(self, runtime: Runtime, spec: StartInstance, ctx: Any, executor: Executor | None,
-                 source_fn: Any = None):
+    def __init__(
+        self,
+        runtime: Runtime,
+        spec: StartInstance,
+        ctx: Any,
+        executor: Executor | None,
+        source_fn: Any = None,
+    ):
         self.runtime = runtime
         self.spec = spec
         self.app = spec.app
@@ -111,14 +117,18 @@ class Instance:
         policy = config.get("on_error") if isinstance(config, dict) else None
         self.on_error_policy = policy or "skip"
         if self.on_error_policy not in ON_ERROR:
-            raise ValueError(f"config on_error={self.on_error_policy!r} is not one of "
-                             f"{', '.join(map(repr, ON_ERROR))}; fix the PE's config")
+            raise ValueError(
+                f"config on_error={self.on_error_policy!r} is not one of "
+                f"{', '.join(map(repr, ON_ERROR))}; fix the PE's config"
+            )
         self.failed = ""
         self.dead_letters = 0
 
     # -- set-up (prepare phase) ------------------------------------------
     def start_task(self) -> None:
-        self.task = asyncio.get_running_loop().create_task(self._main(), name=f"{self.app}/{self.iid}")
+        self.task = asyncio.get_running_loop().create_task(
+            self._main(), name=f"{self.app}/{self.iid}"
+        )
 
     def apply_gate(self, gate: Gate) -> None:
         appearing, remaining = set(gate.appearing), set(gate.disappearing) & self.inputs
@@ -163,8 +173,12 @@ class Instance:
         while not self.finished.done():
             kind, ch, payload, ret = await get()
             if kind == BATCH:
-                if (self.pending_preds or ch in self.holding or ch in self.epoch_held
-                        or ch in self.barrier_held):
+                if (
+                    self.pending_preds
+                    or ch in self.holding
+                    or ch in self.epoch_held
+                    or ch in self.barrier_held
+                ):
                     self.held.setdefault(ch, []).append((payload, ret))
                 else:
                     await self._process(ch, payload, ret)
@@ -480,33 +494,57 @@ class Instance:
         policy = self.on_error_policy
         if policy == "fail":
             self.failed = f"{type(exc).__name__}: {exc}"
-            log.error("app %r PE %r instance %d: %s (record %.200r); the instance stops "
-                      "(on_error='fail')", self.app, self.pe, self.spec.index, self.failed, record)
+            log.error(
+                "app %r PE %r instance %d: %s (record %.200r); the instance stops "
+                "(on_error='fail')",
+                self.app,
+                self.pe,
+                self.spec.index,
+                self.failed,
+                record,
+            )
             raise InstanceFailed(self.failed) from exc
         if policy == "dead_letter":
             self._dead_letter(record, exc)
         if self.errors <= MAX_LOGGED_ERRORS:
             log.error(
                 "app %r PE %r instance %d: %s: %s (record %.200r); record %s",
-                self.app, self.pe, self.spec.index, type(exc).__name__, exc, record,
+                self.app,
+                self.pe,
+                self.spec.index,
+                type(exc).__name__,
+                exc,
+                record,
                 "dead-lettered" if policy == "dead_letter" else "skipped",
             )
 
     def _source_failed(self, exc: BaseException) -> None:
         self.errors += 1
         self.failed = f"{type(exc).__name__}: {exc}"
-        log.error("app %r PE %r instance %d: the source raised %s at position %d; it stops "
-                  "(an upgrade or rollback restarts it from this position)",
-                  self.app, self.pe, self.spec.index, self.failed, self.position)
+        log.error(
+            "app %r PE %r instance %d: the source raised %s at position %d; it stops "
+            "(an upgrade or rollback restarts it from this position)",
+            self.app,
+            self.pe,
+            self.spec.index,
+            self.failed,
+            self.position,
+        )
         if self.on_error_policy == "dead_letter":
             self._dead_letter(None, exc, position=self.position)
 
     def _dead_letter(self, record: Any, exc: BaseException, **extra: Any) -> None:
         """Append the failing record and the error as a JSON line to
         ``<data dir>/dead-letter/<app>.<pe>.jsonl``."""
-        doc = {"app": self.app, "pe": self.pe, "instance": self.spec.index,
-               "error": f"{type(exc).__name__}: {exc}", "unix": time.time(), **extra,
-               "record": record}
+        doc = {
+            "app": self.app,
+            "pe": self.pe,
+            "instance": self.spec.index,
+            "error": f"{type(exc).__name__}: {exc}",
+            "unix": time.time(),
+            **extra,
+            "record": record,
+        }
         try:
             line = json.dumps(doc, default=_json_safe)
         except (TypeError, ValueError):
@@ -517,8 +555,14 @@ class Instance:
             with open(path, "a", encoding="utf-8") as f:
                 f.write(line + "\n")
         except OSError as e:
-            log.error("app %r PE %r instance %d: cannot write the dead letter to %s: %s",
-                      self.app, self.pe, self.spec.index, path, e)
+            log.error(
+                "app %r PE %r instance %d: cannot write the dead letter to %s: %s",
+                self.app,
+                self.pe,
+                self.spec.index,
+                path,
+                e,
+            )
             return
         self.dead_letters += 1
 
@@ -566,8 +610,9 @@ class _Pump:
             self.task = self._loop.create_task(self._pull_async(it))
         else:
             self.it = iter(it)
-            self._thread = threading.Thread(target=self._pull_sync, name="hotwire-source",
-                                            daemon=True)
+            self._thread = threading.Thread(
+                target=self._pull_sync, name="hotwire-source", daemon=True
+            )
             self._thread.start()
 
     def ready_future(self) -> asyncio.Future[None]:

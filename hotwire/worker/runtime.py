@@ -13,9 +13,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 from hotwire.pe.executors import EXECUTORS, Executor, ProcessExecutor
@@ -289,18 +289,25 @@ class Runtime:
                 if self.in_channels.get((app, ch)) is inst:
                     del self.in_channels[(app, ch)]
 
-    async def switch(self, app: str, version: int, instructions: list[Instruction],
-                     timeout: float = SWITCH_TIMEOUT_S) -> None:
+    async def switch(
+        self,
+        app: str,
+        version: int,
+        instructions: list[Instruction],
+        timeout: float = SWITCH_TIMEOUT_S,
+    ) -> None:
         """Idempotent: a switch sent again (by a restarted master) joins the first one."""
         task = self.switches.get((app, version))
         if task is None:
             task = asyncio.get_running_loop().create_task(
-                self._switch(app, version, instructions, timeout))
+                self._switch(app, version, instructions, timeout)
+            )
             self.switches[(app, version)] = task
         await asyncio.shield(task)
 
-    async def _switch(self, app: str, version: int, instructions: list[Instruction],
-                      timeout: float) -> None:
+    async def _switch(
+        self, app: str, version: int, instructions: list[Instruction], timeout: float
+    ) -> None:
         st = self.prepared.pop((app, version), Prepared())
         waits: list[asyncio.Future[Any]] = []
         for inst in st.instances:
@@ -337,7 +344,9 @@ class Runtime:
     def _get(self, app: str, iid: str) -> Instance:
         inst = self.instances.get((app, iid))
         if inst is None:
-            raise PrepareError(f"app {app!r}: instance {iid} is not running on worker {self.name!r}")
+            raise PrepareError(
+                f"app {app!r}: instance {iid} is not running on worker {self.name!r}"
+            )
         return inst
 
     def running(self) -> list[tuple[str, str, int, int, int, str, int]]:

@@ -162,10 +162,14 @@ class DataPlane:
         try:
             body = await asyncio.wait_for(_read_frame(reader), HELLO_TIMEOUT)
             msg = msgpack.unpackb(body, raw=False) if body is not None else None
-            if not (isinstance(msg, list) and len(msg) == 2 and msg[0] == Frame.HELLO
-                    and isinstance(msg[1], str)):
+            if not (
+                isinstance(msg, list)
+                and len(msg) == 2
+                and msg[0] == Frame.HELLO
+                and isinstance(msg[1], str)
+            ):
                 raise ValueError("first frame is not HELLO")
-        except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
             writer.close()
             return
         except Exception as e:
@@ -241,5 +245,3 @@ def _nodelay(writer: asyncio.StreamWriter) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass
-
-
