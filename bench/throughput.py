@@ -8,8 +8,12 @@ processes) and as a plain loop in this process, alternating, K times:
 * ``pipeline``: source -> map -> filter -> sink on one worker;
 * ``keyed_count``: source -> key_by -> reduce (parallelism 2) -> sink across two workers.
 
-Prints one JSON document: records/s per run, medians, and the ratio of medians
-(hotwire / plain loop). The machine is shared and noisy: compare ratios.
+When bytewax is importable, the same functions also run as a Bytewax dataflow in this
+process (``bytewax.testing.run_main``, one worker, input batches of 1024; see
+``peer_bytewax.py``), in the same alternation.
+
+Prints one JSON document: records/s per run, medians, and the ratios of medians
+(hotwire / plain loop, hotwire / bytewax). The machine is shared and noisy: compare ratios.
 """
 
 from __future__ import annotations
@@ -25,6 +29,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import peer_bytewax
 
 from hotwire.testing.cluster import LocalCluster, poll_for, write_app
 
@@ -117,6 +124,19 @@ def plain_keyed(n: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
+def bytewax_pipeline(n: int) -> float:
+    """The same functions as a Bytewax dataflow (one worker, in-process): records/s."""
+    ns: dict[str, object] = {}
+    exec(APP.format(n=n, done=os.devnull), ns)
+    return peer_bytewax.pipeline_rps(n, ns["numbers"], ns["scale"], ns["keep"])  # type: ignore[arg-type]
+
+
+def bytewax_keyed(n: int) -> float:
+    ns: dict[str, object] = {}
+    exec(APP.format(n=n, done=os.devnull), ns)
+    return peer_bytewax.keyed_rps(n, ns["numbers"], ns["add"])  # type: ignore[arg-type]
+
+
 def hotwire_run(cluster: LocalCluster, body: str, n: int, tmp: Path, tag: str) -> float:
     done = tmp / f"done-{tag}"
     path = write_app(tmp, f"app-{tag}.py", body.format(n=n, done=str(done)))
@@ -147,18 +167,34 @@ def main() -> None:
         },
         "config": {"records": n, "runs": args.runs},
     }
+    bw_version = peer_bytewax.version()
+    result["bytewax"] = (
+        {
+            "available": True,
+            "version": bw_version,
+            "how": "bytewax.testing.run_main (1 worker, in-process), FixedPartitionedSource "
+            "of 1 partition with batches of 1024; keys are str(k)",
+        }
+        if bw_version
+        else {
+            "available": False,
+            "reason": f"bytewax is not importable: {peer_bytewax.BYTEWAX_ERROR}",
+        }
+    )
     with tempfile.TemporaryDirectory(prefix="hotwire-tp-") as d:
         tmp = Path(d)
-        for name, body, plain, workers in (
-            ("pipeline", PIPELINE, plain_pipeline, 1),
-            ("keyed_count", KEYED, plain_keyed, 2),
+        for name, body, plain, peer, workers in (
+            ("pipeline", PIPELINE, plain_pipeline, bytewax_pipeline, 1),
+            ("keyed_count", KEYED, plain_keyed, bytewax_keyed, 2),
         ):
-            hw, base = [], []
+            hw, base, bw = [], [], []
             with LocalCluster(workers=workers, data_dir=tmp / name, log_level="warning") as c:
                 for run in range(args.runs):
                     base.append(plain(n))
                     hw.append(hotwire_run(c, body, n, tmp, f"{name}-{run}"))
-            result[name] = {
+                    if bw_version:
+                        bw.append(peer(n))
+            entry: dict[str, object] = {
                 "workers": workers,
                 "hotwire_rps": [round(x, 1) for x in hw],
                 "plain_loop_rps": [round(x, 1) for x in base],
@@ -166,12 +202,12 @@ def main() -> None:
                 "plain_loop_rps_median": _med(base),
                 "ratio": round(statistics.median(hw) / statistics.median(base), 3),
             }
-    try:
-        import bytewax  # noqa: F401
-
-        result["bytewax"] = {"available": True, "note": "not measured by this script yet"}
-    except ImportError:
-        result["bytewax"] = {"available": False, "reason": "bytewax is not installed"}
+            if bw:
+                entry["bytewax_workers"] = 1
+                entry["bytewax_rps"] = [round(x, 1) for x in bw]
+                entry["bytewax_rps_median"] = _med(bw)
+                entry["ratio_vs_bytewax"] = round(statistics.median(hw) / statistics.median(bw), 3)
+            result[name] = entry
     doc = json.dumps(result, indent=2)
     print(doc)
     if args.out:
