@@ -33,15 +33,16 @@ def load_timelines(path: Path) -> list[dict[str, Any]]:
 
 def pair_up(
     timelines: list[dict[str, Any]],
-) -> list[tuple[str, dict[str, Any] | None, dict[str, Any] | None]]:
-    """``(scenario, online timeline, restart timeline)`` in the order of the run."""
+) -> list[tuple[str, dict[str, Any] | None, dict[str, Any] | None, dict[str, Any] | None]]:
+    """``(scenario, online, restart, bytewax timeline)`` in the order of the run."""
     rows: dict[str, list[dict[str, Any] | None]] = {}
+    slots = {"restart": 1, "bytewax": 2}
     for t in timelines:
         name = t["name"]
-        key = name.split(":", 1)[1] if name.startswith("restart:") else name
-        slot = rows.setdefault(key, [None, None])
-        slot[1 if name.startswith("restart:") else 0] = t
-    return [(k, v[0], v[1]) for k, v in rows.items()]
+        kind, _, rest = name.partition(":")
+        key, i = (rest, slots[kind]) if kind in slots and rest else (name, 0)
+        rows.setdefault(key, [None, None, None])[i] = t
+    return [(k, v[0], v[1], v[2]) for k, v in rows.items()]
 
 
 def draw(ax: Any, t: dict[str, Any] | None, title: str, ymax: float, latmax: float) -> Any:
@@ -121,25 +122,20 @@ def main(argv: list[str] | None = None) -> int:
     if not rows:
         print("plot: no timelines to draw", file=sys.stderr)
         return 1
-    ymax = max(
-        (b[1] for _, on, off in rows for t in (on, off) if t for b in t["bins"]), default=1.0
-    )
+    ymax = max((b[1] for r in rows for t in r[1:] if t for b in t["bins"]), default=1.0)
     latmax = max(
-        (
-            b[3]
-            for _, on, off in rows
-            for t in (on, off)
-            if t
-            for b in t["bins"]
-            if b[3] is not None
-        ),
+        (b[3] for r in rows for t in r[1:] if t for b in t["bins"] if b[3] is not None),
         default=10.0,
     )
-    fig, axes = plt.subplots(len(rows), 2, figsize=(12, 2.4 * len(rows)), squeeze=False)
+    cols = 3 if any(r[3] for r in rows) else 2
+    fig, axes = plt.subplots(len(rows), cols, figsize=(6 * cols, 2.4 * len(rows)), squeeze=False)
     twins = []
-    for i, (name, online, restart) in enumerate(rows):
+    for i, (name, online, restart, peer) in enumerate(rows):
         twins.append(draw(axes[i][0], online, f"{name}: hotwire online upgrade", ymax, latmax))
         twins.append(draw(axes[i][1], restart, f"{name}: stop and resubmit", ymax, latmax))
+        if cols == 3:
+            title = f"{name}: bytewax kill + resume from recovery"
+            twins.append(draw(axes[i][2], peer, title, ymax, latmax))
     handles: list[Any] = []
     labels: list[str] = []
     for ax in (axes[0][1], twins[1]):

@@ -6,7 +6,9 @@ Starts a master and two workers (real processes on loopback), measures the
 saturated throughput of the scenario app and its latency at half of it, then
 for each scenario performs the upgrade ``runs`` times while records flow at
 ``rate`` per second (reverting in between), and does the same change by
-killing the app and submitting the new version (``restart``). Finally it
+killing the app and submitting the new version (``restart``), and, when bytewax is
+installed, the same change the Bytewax way: kill the dataflow and start the new version
+resuming from its recovery store (``peer``, see ``peer_bytewax.py``). Finally it
 measures how an upgrade's cost grows with the topology (``scaling``). Prints
 one JSON document on stdout and writes it to ``--out``; the sink timelines
 go beside it (``FILE.timeline.json``) for ``bench/plot.py``. See bench/README.md.
@@ -31,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import itertools
 
+import peer_bytewax
 from workload import render_app, render_wide, wide_model
 
 from hotwire.master.diff import diff
@@ -43,6 +46,7 @@ from hotwire.testing.scenarios import SCENARIOS, check_output
 
 BENCH_SCENARIOS = ("insert_pe", "remove_pe", "change_code", "rescale_keyed", "reroute", "rollback")
 STATELESS = ("insert_pe", "remove_pe", "reroute")  # changes that move no keyed state
+PEER_QUICK = ("change_code", "rescale_keyed")  # measured with --quick; the others reuse change_code
 
 
 def log(msg: str) -> None:
@@ -264,6 +268,48 @@ class Bench:
         run.rows = read_jsonl(out)
         return run
 
+    # -- the peer: Bytewax, stopped and resumed from its recovery store ----------------
+    def peer(self, scenario: str, i: int, warm: float, epoch_s: float) -> tuple[Run, float | None]:
+        """The scenario's change done to a Bytewax dataflow: kill, start v2 from recovery.
+
+        The versions mirror the scenario's shapes: ``count_code`` is the code the counting
+        ``stateful_map`` outputs, ``count_p`` the number of Bytewax workers, ``extra`` a map
+        before it, ``audit_from`` a second sink (always fed from the source). Returns the
+        run and the time (ms) from the kill to the first record output by the new process.
+        """
+        base = "change_code" if scenario == "rollback" else scenario
+        v1, v2 = SCENARIOS[base]
+        if scenario == "rollback":
+            v1, v2 = v2, v1
+        n = int(self.rate * (warm + 1.5))
+
+        def version(s: Any) -> dict[str, Any]:
+            return {
+                "code": s.count_code,
+                "workers": s.count_p,
+                "extra": s.extra,
+                "audit": bool(s.audit_from),
+                "epoch_s": epoch_s,
+            }
+
+        r = peer_bytewax.stop_and_resume(
+            self.work / "peer",
+            f"peer-{scenario}-{i}",
+            version(v1),
+            version(v2),
+            n=n,
+            rate=self.rate,
+            keys=self.keys,
+            warm=warm,
+        )
+        if r["exit_code"] != 0:
+            log(f"  bytewax v2 exited with {r['exit_code']}: {r['stderr_tail']}")
+        run = Run(f"bytewax:{scenario}", rows=r["rows"], n=n)
+        ms = r["kill_start_ms"]
+        run.events.append(Event("restart", r["t_req"], r["t_done"], ms, ms))
+        first = r["first_output_s"]
+        return run, None if first is None else first * 1000
+
     # -- scaling --------------------------------------------------------------
     def scaling_cluster(self, pes: int, upgrades: int) -> dict[str, Any]:
         name = f"wide{pes}"
@@ -469,6 +515,8 @@ def scenario_entry(
     warm: float,
     spacing: float,
     timelines: list[dict[str, Any]],
+    peer_cfg: dict[str, Any] | None = None,
+    peer_done: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     log(f"{scenario}: {runs} online upgrade(s) at {bench.rate:g} records/s")
     run = bench.online(scenario, runs, warm, spacing)
@@ -531,6 +579,11 @@ def scenario_entry(
         else None,
         "peer": PEER,
     }
+    if peer_cfg is not None and peer_done is not None:
+        peer = peer_entry(bench, scenario, warm, length, timelines, peer_cfg, peer_done)
+        entry["peer"] = peer
+        peer_p50 = (peer.get("gap_ms") or {}).get("p50")
+        entry["gap_ratio_vs_peer"] = r3(peer_p50 / gap_p50) if peer_p50 and gap_p50 else None
     log(
         f"{scenario}: apply p50 {entry['apply_ms']['p50']} ms, gap p50/max "
         f"{entry['gap_ms']['p50']}/{entry['gap_ms']['max']} ms (steady p99 "
@@ -540,19 +593,97 @@ def scenario_entry(
     return entry
 
 
+def peer_entry(
+    bench: Bench,
+    scenario: str,
+    warm: float,
+    length: float,
+    timelines: list[dict[str, Any]],
+    cfg: dict[str, Any],
+    done: dict[str, dict[str, Any]],
+) -> dict[str, Any]:
+    """The ``peer`` field of a scenario: Bytewax stopped and resumed from recovery.
+
+    With ``cfg["only"]`` set (``--quick``), scenarios not in it reuse the measurement of
+    ``change_code`` (measured first if needed): for Bytewax every change is the same
+    kill and resume.
+    """
+    only = cfg.get("only")
+    measured = scenario if not only or scenario in only else "change_code"
+    if measured in done:
+        out = dict(done[measured])
+        if measured != scenario:
+            out["reused_from"] = measured
+        return out
+    log(f"{measured}: {cfg['runs']} Bytewax stop-and-resume run(s)")
+    gaps: list[float] = []
+    new_gaps: list[float] = []
+    first: list[float] = []
+    kill: list[float] = []
+    steady: list[float] = []
+    lost = dup = ooo = resets = resets_first = 0
+    received = 0
+    for i in range(cfg["runs"]):
+        run, first_ms = bench.peer(measured, i, warm, cfg["epoch_s"])
+        m = measure(run)
+        v = m["verdict"]
+        gaps += m["gaps"]
+        kill += m["apply"]
+        steady += steady_gap(run, length)
+        new_gaps += [new_output_gap(run, e) for e in run.events]
+        if first_ms is not None:
+            first.append(first_ms)
+        received += v.received
+        lost, dup, ooo = lost + v.lost, dup + v.duplicated, ooo + v.out_of_order
+        resets += v.state_resets
+        resets_first += check_output(run.rows, run.n).state_resets
+        if i == 0:
+            timelines.append(timeline(run))
+    s = SCENARIOS["change_code" if measured == "rollback" else measured]
+    out = {
+        "available": True,
+        "system": f"bytewax {peer_bytewax.version()}",
+        "how": "kill -9 the dataflow process, start the new version with the same "
+        "RecoveryConfig (SQLite recovery directory); it resumes from the last committed "
+        "epoch; at-least-once file sink",
+        "measured": measured,
+        "runs": len(gaps),
+        "epoch_interval_s": cfg["epoch_s"],
+        "workers": [s[0].count_p, s[1].count_p]
+        if measured != "rollback"
+        else [s[1].count_p, s[0].count_p],
+        "gap_ms": summary(gaps, "p50", "max"),
+        "gap_ms_all": [r3(g) for g in gaps],
+        "steady_gap_ms_p99": r3(pct(steady, 0.99)),
+        "steady_windows": len(steady),
+        "new_output_gap_ms": summary(new_gaps, "p50", "max"),
+        "first_output_ms": summary(first, "p50", "max"),
+        "kill_start_ms": summary(kill, "p50", "max"),
+        "received": received,
+        "lost": lost,
+        "duplicated": dup,
+        "out_of_order": ooo,
+        "state_resets": resets,
+        "state_resets_first_delivery": resets_first,
+    }
+    done[measured] = out
+    log(
+        f"{measured}: bytewax gap p50/max {out['gap_ms']['p50']}/{out['gap_ms']['max']} ms, "
+        f"lost/dup/resets {lost}/{dup}/{resets} (first-delivery resets {resets_first})"
+    )
+    if measured != scenario:
+        out = {**out, "reused_from": measured}
+    return out
+
+
 def peer_status() -> dict[str, Any]:
-    try:
-        import bytewax  # type: ignore[import-not-found]  # noqa: F401
-    except ImportError:
+    if peer_bytewax.version() is None:
         return {
             "available": False,
-            "reason": "bytewax is not installed; the stop-and-resume-from-recovery-store "
-            "comparison is not implemented in this harness",
+            "reason": f"bytewax is not importable ({peer_bytewax.BYTEWAX_ERROR}); "
+            "pip install 'hotwire[bench]'",
         }
-    return {
-        "available": False,
-        "reason": "bytewax is installed but the comparison is not implemented yet",
-    }
+    return {"available": False, "reason": "skipped (--no-peer)"}
 
 
 PEER = peer_status()
@@ -629,6 +760,13 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="PE counts on the cluster, comma-separated (default 10,100,1000); '' for none",
     )
+    ap.add_argument(
+        "--peer-epoch-s",
+        type=float,
+        default=0.5,
+        help="Bytewax epoch (= snapshot) interval of the peer runs, s (default 0.5)",
+    )
+    ap.add_argument("--no-peer", action="store_true", help="skip the Bytewax peer runs")
     ap.add_argument("--out", default="bench/results/upgrade.json", help="where to write the JSON")
     a = ap.parse_args(argv)
     runs = a.runs or (3 if a.quick else 10)
@@ -653,6 +791,20 @@ def main(argv: list[str] | None = None) -> int:
         "scenarios": scenarios,
         "scaling_pes": scaling,
     }
+    peer_cfg: dict[str, Any] | None = None
+    if not a.no_peer and peer_bytewax.version() is not None:
+        peer_cfg = {
+            "runs": restarts or 1,
+            "epoch_s": a.peer_epoch_s,
+            "only": PEER_QUICK if a.quick else None,
+        }
+        config["peer"] = {
+            "system": f"bytewax {peer_bytewax.version()}",
+            "runs": peer_cfg["runs"],
+            "epoch_interval_s": a.peer_epoch_s,
+            "measured": list(PEER_QUICK) if a.quick else "every scenario",
+        }
+    peer_done: dict[str, dict[str, Any]] = {}
     t_start = time.perf_counter()
     timelines: list[dict[str, Any]] = []
     doc: dict[str, Any] = {"machine": machine(), "config": config}
@@ -671,7 +823,9 @@ def main(argv: list[str] | None = None) -> int:
             if sat and a.rate > 0.8 * sat:
                 log(f"warning: --rate {a.rate:g} is above 80% of the saturated throughput")
             doc["scenarios"] = [
-                scenario_entry(bench, s, runs, restarts, warm, spacing, timelines)
+                scenario_entry(
+                    bench, s, runs, restarts, warm, spacing, timelines, peer_cfg, peer_done
+                )
                 for s in scenarios
             ]
             doc["scaling"] = []
