@@ -337,8 +337,8 @@ def stop_and_resume(
     out, db = work / f"{tag}.out.jsonl", work / f"{tag}.db"
     out.unlink(missing_ok=True)
     db.mkdir(parents=True, exist_ok=True)
-    for f in db.iterdir():
-        f.unlink()
+    for old in db.iterdir():
+        old.unlink()
     init_db_dir(db, 1)
     p1 = _spawn(out, db, n, rate, keys, v1)
     deadline = time.monotonic() + timeout
