@@ -58,17 +58,10 @@ def _run(fn: Callable[[], Any]) -> Any:
     sys.exit(1)
 
 
-def _stub(master: str) -> Any:
-    from hotwire.proto import hotwire_pb2_grpc as pb_grpc
+def _client(master: str) -> Any:
+    from hotwire.client import Client
 
-    channel = grpc.insecure_channel(
-        master,
-        options=[
-            ("grpc.max_send_message_length", 64 * 1024 * 1024),
-            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-        ],
-    )
-    return pb_grpc.MasterStub(channel)
+    return Client(master)
 
 
 def _emit(as_json: bool, doc: Any, human: Callable[[], None]) -> None:
@@ -76,15 +69,6 @@ def _emit(as_json: bool, doc: Any, human: Callable[[], None]) -> None:
         click.echo(json.dumps(doc, indent=2, sort_keys=True))
     else:
         human()
-
-
-def _load(app_path: str, include: str | None) -> tuple[Any, Any]:
-    from hotwire.sdk.bundle import load_app, make_bundle
-
-    topo = load_app(app_path)
-    model = topo.model()
-    bundle = make_bundle(app_path, include=include)
-    return model, bundle
 
 
 def _setup_logging(level: str) -> None:
@@ -296,15 +280,7 @@ def up(app: str | None, n_workers: int, listen: str, data_dir: str | None, slots
             f"(export HOTWIRE_MASTER={listen})"
         )
         if app:
-            from hotwire.proto import hotwire_pb2 as pb
-
-            model, bundle = _load(app, None)
-            r = _stub(listen).Submit(
-                pb.SubmitRequest(
-                    model_json=model.to_json(), bundle=bundle.data, bundle_hash=bundle.hash
-                ),
-                timeout=60,
-            )
+            r = _client(listen).submit(app, timeout=60)
             click.echo(f"submitted app {r.app!r} version {r.version} ({r.instances} instances)")
         click.echo("Ctrl-C stops the cluster")
         while all(p.poll() is None for p in procs):
@@ -340,12 +316,10 @@ def _wait_for_master(addr: str, timeout: float) -> None:
 
 
 def _wait_for_workers(addr: str, n: int, timeout: float) -> None:
-    from hotwire.proto import hotwire_pb2 as pb
-
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            r = _stub(addr).ListWorkers(pb.ListWorkersRequest(), timeout=2)
+            r = _client(addr).workers(timeout=2)
             if sum(w.alive for w in r.workers) >= n:
                 return
         except grpc.RpcError:
@@ -372,16 +346,9 @@ def _wait_for_workers(addr: str, n: int, timeout: float) -> None:
 @click.pass_context
 def submit(ctx: click.Context, app: str, name: str, include: str | None, as_json: bool) -> None:
     """Deploy an app; prints its name and version."""
-    from hotwire.proto import hotwire_pb2 as pb
 
     def body() -> None:
-        model, bundle = _load(app, include)
-        r = _stub(ctx.obj["master"]).Submit(
-            pb.SubmitRequest(
-                model_json=model.to_json(), bundle=bundle.data, bundle_hash=bundle.hash, name=name
-            ),
-            timeout=120,
-        )
+        r = _client(ctx.obj["master"]).submit(app, name=name, include=include)
         doc = {
             "app": r.app,
             "version": r.version,
@@ -402,15 +369,8 @@ def submit(ctx: click.Context, app: str, name: str, include: str | None, as_json
 
 def _print_upgrade(r: Any, as_json: bool, dry_run: bool) -> None:
     changes = json.loads(r.changes_json) if r.changes_json else {}
-    keys = (
-        "pes_added",
-        "pes_removed",
-        "pes_changed",
-        "pes_rescaled",
-        "streams_added",
-        "streams_removed",
-        "streams_changed",
-    )
+    from hotwire.master.diff import CHANGE_KEYS as keys
+
     doc = {
         "app": r.app,
         "from_version": r.from_version,
@@ -452,20 +412,9 @@ def upgrade(
     ctx: click.Context, app: str, name: str, include: str | None, dry_run: bool, as_json: bool
 ) -> None:
     """Diff APP against the running version and apply the change online."""
-    from hotwire.proto import hotwire_pb2 as pb
 
     def body() -> None:
-        model, bundle = _load(app, include)
-        r = _stub(ctx.obj["master"]).Upgrade(
-            pb.UpgradeRequest(
-                model_json=model.to_json(),
-                bundle=bundle.data,
-                bundle_hash=bundle.hash,
-                name=name,
-                dry_run=dry_run,
-            ),
-            timeout=180,
-        )
+        r = _client(ctx.obj["master"]).upgrade(app, name=name, include=include, dry_run=dry_run)
         _print_upgrade(r, as_json, dry_run)
 
     _run(body)
@@ -485,12 +434,9 @@ def upgrade(
 @click.pass_context
 def rollback(ctx: click.Context, name: str, to_version: int, dry_run: bool, as_json: bool) -> None:
     """Upgrade back to an earlier version, online."""
-    from hotwire.proto import hotwire_pb2 as pb
 
     def body() -> None:
-        r = _stub(ctx.obj["master"]).Rollback(
-            pb.RollbackRequest(app=name, to_version=to_version, dry_run=dry_run), timeout=180
-        )
+        r = _client(ctx.obj["master"]).rollback(name, to_version=to_version, dry_run=dry_run)
         _print_upgrade(r, as_json, dry_run)
 
     _run(body)
@@ -502,10 +448,9 @@ def rollback(ctx: click.Context, name: str, to_version: int, dry_run: bool, as_j
 @click.pass_context
 def status(ctx: click.Context, name: str, as_json: bool) -> None:
     """Versions, PEs, instances and their workers, per-PE rates."""
-    from hotwire.proto import hotwire_pb2 as pb
 
     def body() -> None:
-        r = _stub(ctx.obj["master"]).Status(pb.StatusRequest(app=name), timeout=10)
+        r = _client(ctx.obj["master"]).status(name)
         apps = [
             {
                 "app": a.app,
@@ -570,10 +515,9 @@ def status(ctx: click.Context, name: str, as_json: bool) -> None:
 @click.pass_context
 def history(ctx: click.Context, name: str, as_json: bool) -> None:
     """Every version of an app, when, and what changed."""
-    from hotwire.proto import hotwire_pb2 as pb
 
     def body() -> None:
-        r = _stub(ctx.obj["master"]).History(pb.HistoryRequest(app=name), timeout=10)
+        r = _client(ctx.obj["master"]).history(name)
         versions = [
             {
                 "version": v.version,
@@ -612,10 +556,9 @@ def history(ctx: click.Context, name: str, as_json: bool) -> None:
 @click.pass_context
 def kill(ctx: click.Context, name: str, as_json: bool) -> None:
     """Stop an app."""
-    from hotwire.proto import hotwire_pb2 as pb
 
     def body() -> None:
-        r = _stub(ctx.obj["master"]).Kill(pb.KillRequest(app=name), timeout=60)
+        r = _client(ctx.obj["master"]).kill(name)
         _emit(
             as_json,
             {"app": r.app, "version": r.version, "killed": True},
@@ -630,10 +573,9 @@ def kill(ctx: click.Context, name: str, as_json: bool) -> None:
 @click.pass_context
 def workers(ctx: click.Context, as_json: bool) -> None:
     """Registered workers, liveness, slots, PE instances."""
-    from hotwire.proto import hotwire_pb2 as pb
 
     def body() -> None:
-        r = _stub(ctx.obj["master"]).ListWorkers(pb.ListWorkersRequest(), timeout=10)
+        r = _client(ctx.obj["master"]).workers()
         ws = [
             {
                 "name": w.name,

@@ -234,7 +234,16 @@ def test_change_set_is_the_difference(old: LogicalModel, new: LogicalModel) -> N
     }
     repartitioned = {split_stream_name(s, old, new)[1] for s in c.streams_changed}
     expected_regen = set(c.pes_changed) | set(c.pes_rescaled)
-    expected_regen |= {v for v in touched if v in on and v in nn and new.pe(v).keyed}
+
+    def key_fns(m: LogicalModel, pe: str) -> set[tuple[str, str]]:
+        return {(st.partition, st.key_fingerprint) for st in m.inputs(pe)}
+
+    # a keyed PE whose inputs changed keeps its state unless their key functions changed
+    expected_regen |= {
+        v
+        for v in touched
+        if v in on and v in nn and new.pe(v).keyed and key_fns(old, v) != key_fns(new, v)
+    }
     # a changed stream regenerates its receiver, keyed or not (it is in both models)
     assert repartitioned <= on & nn
     expected_regen |= repartitioned

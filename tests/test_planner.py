@@ -69,7 +69,7 @@ def upgrade(
     old_pl, _ = submit(old, workers)
     c = diff(old, new)
     new_pl = schedule(new, old_pl, c, workers, 2, "b2")
-    return c, old_pl, new_pl, plan_upgrade(APP, 2, old, old_pl, new, new_pl, c)
+    return c, old_pl, new_pl, plan_upgrade(APP, 2, old, old_pl, new, new_pl, c, "b2")
 
 
 def instructions(plan: Plan) -> set[Instruction]:
@@ -1169,3 +1169,24 @@ def test_key_function_change_into_an_unkeyed_pe_regenerates_it() -> None:
         Retire(APP, 2, "M@1.0", succ, False),
         Retire(APP, 2, "M@1.1", succ, False),
     }
+
+
+def test_new_key_stream_between_kept_pes_uses_the_new_bundle() -> None:
+    # Removing M from D -key-> M -key-> R leaves R's state where it is (same key
+    # function) and adds the stream D -> R, whose key function only the new bundle has.
+    old = model(
+        [pe("D", "source"), pe("M", par=2), pe("R", par=2, keyed=True), pe("S", "sink")],
+        [
+            StreamSpec("D", "M", "key", "k1"),
+            StreamSpec("M", "R", "key", "k1"),
+            StreamSpec("R", "S"),
+        ],
+    )
+    new = model(
+        [pe("D", "source"), pe("R", par=2, keyed=True), pe("S", "sink")],
+        [StreamSpec("D", "R", "key", "k1"), StreamSpec("R", "S")],
+    )
+    c, _, _, plan = upgrade(old, new)
+    assert c.regenerated == ()
+    switches = [i for i in instructions(plan) if isinstance(i, Switch)]
+    assert switches and all(r.key == KeyRef("b2", "D", "R") for s in switches for r in s.routes)

@@ -113,6 +113,11 @@ def _pe_changes(old: PESpec, new: PESpec) -> list[str]:
     return what
 
 
+def _key_fns(model: LogicalModel, pe: str) -> set[tuple[str, str]]:
+    """How a PE's inputs are partitioned: (partitioning, key function) of each."""
+    return {(st.partition, st.key_fingerprint) for st in model.inputs(pe)}
+
+
 def _stream_changes(old: StreamSpec, new: StreamSpec) -> list[str]:
     what = []
     if old.partition != new.partition:
@@ -156,8 +161,15 @@ def diff(old: LogicalModel, new: LogicalModel) -> ChangeSet:
     # stream changes partitioning moves records between its instances, so new
     # instances take over after the old ones drained (per-key order is kept).
     regenerated = set(changed) | set(rescaled)
-    for _u, v in (*s_added, *s_removed, *s_changed):
-        if v in old_pes and v in new_pes and new.pe(v).keyed:
+    for _u, v in (*s_added, *s_removed):
+        # A keyed PE fed through other PEs keeps its state where it is, as long as
+        # its inputs are still partitioned by the same key functions.
+        if (
+            v in old_pes
+            and v in new_pes
+            and new.pe(v).keyed
+            and _key_fns(old, v) != _key_fns(new, v)
+        ):
             regenerated.add(v)
     for _u, v in s_changed:
         if v in old_pes and v in new_pes:

@@ -101,8 +101,13 @@ def plan_upgrade(
     new: LogicalModel,
     new_pl: Placement,
     change: ChangeSet,
+    bundle: str | None = None,
 ) -> Plan:
-    """The instructions that turn ``old`` on ``old_pl`` into ``new`` on ``new_pl``."""
+    """The instructions that turn ``old`` on ``old_pl`` into ``new`` on ``new_pl``.
+
+    ``bundle`` is the new version's bundle: the key functions of streams the
+    upgrade adds or changes live there (even when no PE gets new instances).
+    """
     added, removed, regen = set(change.pes_added), set(change.pes_removed), set(change.regenerated)
     new_pes = added | regen
     gone = removed | regen
@@ -119,7 +124,7 @@ def plan_upgrade(
     stream_level = {split_stream_name(s, old, new) for s in change.streams_changed}
     new_bundles = {pe: new_pl[pe].bundle for pe in new_pes}
 
-    version_bundle = next(iter(new_bundles.values()), None)
+    version_bundle = bundle or next(iter(new_bundles.values()), None)
 
     def key_bundle(u: str, v: str) -> str:
         # A route into a new or regenerated receiver uses the new version's bundle,

@@ -212,7 +212,7 @@ class Recovery:
                 log.error("app %r cannot be recovered now: %s", app, e)
                 self.handled.discard(dead)  # try again on the next round
                 return
-            plan = plan_upgrade(app, epoch, empty, {}, st.model, new_pl, change)
+            plan = plan_upgrade(app, epoch, empty, {}, st.model, new_pl, change, st.bundle)
 
             def with_state(ins: Any) -> Any:
                 if isinstance(ins, StartInstance):
@@ -228,13 +228,7 @@ class Recovery:
                 plan.switch,
             )
             bundle = self.m.store.bundle(st.bundle) or b""
-            intent = {
-                "kind": "placement",
-                "version": st.version,
-                "model": st.model.to_json(),
-                "bundle": st.bundle,
-                "placement": placement_to_dict(new_pl),
-            }
+            intent = _placement_intent(st, new_pl)
             await self.m._apply(plan, st.bundle, bundle, intent)
             self.m._commit(intent, epoch, 0.0)
             ms_taken = (time.perf_counter() - t0) * 1000
@@ -300,15 +294,11 @@ class Recovery:
                 new_pl = schedule(
                     st.model, st.placement, change, self.free_slots(app), epoch, st.bundle
                 )
-                plan = plan_upgrade(app, epoch, st.model, st.placement, st.model, new_pl, change)
+                plan = plan_upgrade(
+                    app, epoch, st.model, st.placement, st.model, new_pl, change, st.bundle
+                )
                 bundle = self.m.store.bundle(st.bundle) if self.m.store else None
-                intent = {
-                    "kind": "placement",
-                    "version": st.version,
-                    "model": st.model.to_json(),
-                    "bundle": st.bundle,
-                    "placement": placement_to_dict(new_pl),
-                }
+                intent = _placement_intent(st, new_pl)
                 t0 = time.perf_counter()
                 await self.m._apply(plan, st.bundle, bundle or b"", intent)
                 self.m._commit(intent, epoch, 0.0)
@@ -367,3 +357,14 @@ class Recovery:
                 log.exception("app %r: could not finish the interrupted upgrade", app)
             finally:
                 self.m.locks.pop(app, None)
+
+
+def _placement_intent(st: Any, placement: Any) -> dict[str, Any]:
+    """What to commit when instances move: the same version, a new placement."""
+    return {
+        "kind": "placement",
+        "version": st.version,
+        "model": st.model.to_json(),
+        "bundle": st.bundle,
+        "placement": placement_to_dict(placement),
+    }

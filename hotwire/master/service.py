@@ -282,7 +282,7 @@ class Master(Node):
             new_pl = schedule(new, old_pl, change, self._free_slots(app), epoch, bundle_hash)
         except SchedulingError as e:
             raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from e
-        plan = plan_upgrade(app, epoch, old, old_pl, new, new_pl, change)
+        plan = plan_upgrade(app, epoch, old, old_pl, new, new_pl, change, bundle_hash)
         if change.is_empty and action != "submit":
             return Outcome(app, cur_version, cur_version, change, plan, False, 0.0)
         outcome = Outcome(app, cur_version, version, change, plan, False, 0.0)
@@ -374,6 +374,7 @@ class Master(Node):
                 [wire(i) for i in items],
                 {bundle_hash: bundle},
             )
+            log.debug("app %r: %s prepared in %.1f ms", plan.app, w, ack.elapsed_ms)
             if not ack.ok:
                 raise RuntimeError(ack.error)
 
@@ -412,6 +413,7 @@ class Master(Node):
 
         async def switch(w: str) -> None:
             ack = await self.membership.send(w, pb.SWITCH, app, epoch, batches.get(w, []))
+            log.debug("app %r: %s switched in %.1f ms", app, w, ack.elapsed_ms)
             if not ack.ok:
                 raise RuntimeError(ack.error)
 

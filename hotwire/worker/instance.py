@@ -467,6 +467,11 @@ class Instance:
         else:
             assert self.executor is not None
             state = self.executor.snapshot()
+        if retire.keyed and state and n == self.spec.parallelism:
+            # Same parallelism: every key of instance i belongs to new instance i.
+            whole: list[Any] = [[] for _ in range(n)]
+            whole[self.spec.index] = [[k, v] for k, v in _keyed_items(state)]
+            return whole
         if retire.keyed and state:
             parts: list[list[Any]] = [[] for _ in range(n)]
             for k, v in _keyed_items(state):

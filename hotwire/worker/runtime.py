@@ -324,6 +324,17 @@ class Runtime:
             waits.append(inst.finished if isinstance(ins, Retire) else inst.switched(version))
             inst.inbox.put_nowait((CONTROL, None, ins, None))
         if waits:
+            if log.isEnabledFor(logging.DEBUG):
+                t0 = asyncio.get_running_loop().time()
+                for w, what in zip(waits, _labels(st, instructions), strict=False):
+                    w.add_done_callback(
+                        lambda _f, what=what: log.debug(
+                            "%s: %s settled after %.1f ms",
+                            app,
+                            what,
+                            (asyncio.get_running_loop().time() - t0) * 1000,
+                        )
+                    )
             await asyncio.wait_for(asyncio.gather(*waits), timeout)
         for inst in st.gated:
             inst.gate_released.pop(version, None)
@@ -362,3 +373,11 @@ def _dialer(dataplane: DataPlane, worker: str) -> Any:
         return await dataplane.link(worker)
 
     return dial
+
+
+def _labels(st: Prepared, instructions: list[Instruction]) -> list[str]:
+    return (
+        [f"new {i.iid}" for i in st.instances]
+        + [f"gate {i.iid}" for i in st.gated]
+        + [f"{type(i).__name__} {getattr(i, 'instance', '')}" for i in instructions]
+    )
