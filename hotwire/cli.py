@@ -17,7 +17,6 @@ import time
 import traceback
 from collections.abc import Callable
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 import click
@@ -618,4 +617,3 @@ if __name__ == "__main__":
 
 
 __all__ = ["main"]
-_ = Path
