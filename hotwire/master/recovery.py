@@ -151,6 +151,8 @@ class Recovery:
         while True:
             await asyncio.sleep(min(0.25, ms.heartbeat_timeout / 4))
             dead = {n for n in ms.workers if not ms.alive(n)}
+            # A worker whose heartbeats came back can die again later.
+            self.handled -= {n for n in ms.workers if ms.alive(n)}
             if time.monotonic() - self.started > ms.heartbeat_timeout + 1:
                 # Workers in a placement that never came back after a master restart.
                 for st in self.m.apps.values():
@@ -194,12 +196,14 @@ class Recovery:
                 return
             ms = self.m.membership
             hosts = {w for pl in st.placement.values() for w in pl.workers}
+            # Stop the survivors, and a worker merely late with its heartbeats too.
+            reachable = [
+                w
+                for w in sorted(hosts)
+                if ms.alive(w) or (w in ms.workers and ms.workers[w].connected.is_set())
+            ]
             await asyncio.gather(
-                *(
-                    ms.send(w, pb.STOP, app, st.epoch, [], timeout=10)
-                    for w in sorted(hosts)
-                    if ms.alive(w)
-                ),
+                *(ms.send(w, pb.STOP, app, st.epoch, [], timeout=10) for w in reachable),
                 return_exceptions=True,
             )
             states = self._checkpoint_states(app)

@@ -75,14 +75,16 @@ class Master(Node):
         self,
         listen: str = "127.0.0.1:7600",
         data_dir: str | Path = "hotwire-data",
-        heartbeat_interval: float = 1.0,
+        heartbeat_interval: float | None = None,
         heartbeat_timeout: float = 5.0,
         checkpoint_interval: float = 2.0,
     ):
         super().__init__()
         self.listen = listen
         self.data_dir = Path(data_dir)
-        self.membership = Membership(heartbeat_interval, heartbeat_timeout)
+        # Several heartbeats fit in the timeout, so one late heartbeat is not a death.
+        interval = heartbeat_interval or min(1.0, heartbeat_timeout / 4)
+        self.membership = Membership(interval, heartbeat_timeout)
         self.recovery = Recovery(self, checkpoint_interval)
         self.membership.on_report = self.recovery.on_report
         self.apps: dict[str, AppState] = {}
