@@ -23,6 +23,7 @@ ErrorHook = Callable[[Any, BaseException], None]
 
 YIELD_S = 0.01  # longest run of user code within a batch before the loop gets a turn
 SLICE = 256  # records per fast-path slice of a sync map, filter or flat_map
+EACH_SLICE = 32  # records between clock checks for sinks, reduce and class PEs
 
 
 def _is_async(fn: Any) -> bool:
@@ -61,28 +62,33 @@ class Executor:
     async def _each(self, records: list[Any], step: Callable[[Any], Any]) -> None:
         """Apply ``step`` to each record once, reporting and skipping failures.
 
-        Slow user code yields to the event loop every :data:`YIELD_S` (checked every
-        32 records), so one long batch does not stall the worker's other PEs.
+        Sync steps run in C-level iteration over slices of :data:`EACH_SLICE` records;
+        slow user code yields to the event loop every :data:`YIELD_S` (checked
+        between slices, and every 32 records for async steps), so one long batch
+        does not stall the worker's other PEs.
         """
         n, start = len(records), 0
         clock = time.monotonic
         deadline = clock() + YIELD_S
         while start < n:
-            i = start
+            i = ok = start - 1
             try:
                 if self.is_async:
                     for i in range(start, n):
                         await step(records[i])
                         if not (i & 31) and clock() > deadline:
                             break
+                    start = i + 1
                 else:
-                    for i in range(start, n):
-                        step(records[i])
-                        if not (i & 31) and clock() > deadline:
-                            break
+                    end = min(n, start + EACH_SLICE)
+                    # enumerate(map(...)) counts in C; ``ok`` is the last record done.
+                    for ok, _ in enumerate(map(step, records[start:end]), start):  # noqa: B007
+                        pass
+                    start = end
             except Exception as e:
-                self.on_error(records[i], e)
-            start = i + 1
+                bad = i if self.is_async else ok + 1
+                self.on_error(records[bad], e)
+                start = bad + 1
             if start < n and clock() > deadline:
                 await asyncio.sleep(0)
                 deadline = clock() + YIELD_S

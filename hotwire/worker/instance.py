@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 SOURCE_BATCH = 256
 SOURCE_LINGER_S = 0.002
 PUMP_CHUNKS = 4  # chunks a source thread may pull ahead of the instance
+YIELD_EVERY_S = 0.002  # longest an instance with a full inbox keeps the loop
 MAX_LOGGED_ERRORS = 20
 ON_ERROR = ("skip", "fail", "dead_letter")  # a PE's config["on_error"] policies
 
@@ -108,6 +109,7 @@ class Instance:
         self.gate_released: dict[int, asyncio.Future[None]] = {}
         self.task: asyncio.Task[None] | None = None
         # counters
+        self._yielded = 0.0
         self.records_in = 0
         self.records_out = 0
         self.errors = 0
@@ -216,7 +218,10 @@ class Instance:
         # A full inbox never suspends ``inbox.get()``, and a sender with credit never
         # suspends either: without this an overloaded instance (a slow sink, say)
         # would starve the worker's heartbeats, control stream and data-plane reads.
-        await asyncio.sleep(0)
+        now = time.monotonic()
+        if now - self._yielded > YIELD_EVERY_S:
+            self._yielded = now
+            await asyncio.sleep(0)
 
     async def _release_held(self, channels: set[str] | None = None) -> None:
         for ch in list(self.held):

@@ -1,0 +1,50 @@
+"""What each executor does with a batch: every record once, failures reported and skipped."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from hotwire.pe.executors import MapExecutor, ReduceExecutor, SinkExecutor
+
+
+def _run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+@pytest.mark.parametrize("is_async", [False, True])
+@pytest.mark.parametrize("n", [1, 7, 300, 1000])
+def test_sink_applies_every_record_once_and_reports_failures(is_async: bool, n: int) -> None:
+    seen: list[int] = []
+    errors: list[tuple[int, str]] = []
+
+    def write(r: int) -> None:
+        if r % 97 == 5 or r == n - 1:
+            raise ValueError(f"bad {r}")
+        seen.append(r)
+
+    async def awrite(r: int) -> None:
+        write(r)
+
+    ex = SinkExecutor(awrite if is_async else write, None, lambda r, e: errors.append((r, str(e))))
+    _run(ex.process(list(range(n))))
+    bad = [r for r in range(n) if r % 97 == 5 or r == n - 1]
+    assert seen == [r for r in range(n) if r not in bad]
+    assert errors == [(r, f"bad {r}") for r in bad]
+
+
+def test_map_and_reduce_skip_only_failing_records() -> None:
+    errors: list[Any] = []
+    m = MapExecutor(lambda r: 10 // r, None, lambda r, e: errors.append(r))
+    assert _run(m.process([1, 0, 2, 0, 5])) == [10, 5, 2]
+    assert errors == [0, 0]
+    red = ReduceExecutor(
+        lambda acc, r: (acc or 0) + 1 // r,
+        None,
+        lambda r, e: errors.append(r),
+        key_fn=lambda r: r % 2,
+    )
+    assert _run(red.process([1, 0, 1, 3])) == [(1, 1), (1, 2), (1, 2)]  # 1 // 3 == 0
+    assert errors == [0, 0, 0] and red.snapshot() == {1: 2}
