@@ -281,11 +281,18 @@ def _describe(ins: Instruction) -> str:
             f"{len(ins.disappearing)} old one(s) end"
         )
     if isinstance(ins, Switch):
-        return (
-            f"switch {ins.instance}: end {len(ins.ended)} channel(s), reroute "
-            f"{', '.join(r.dst_pe for r in ins.routes) or '-'}"
-            + (f", drop {', '.join(ins.unrouted)}" if ins.unrouted else "")
-        )
+        parts = []
+        if ins.after_epoch:
+            parts.append(f"wait for the epoch marker on {len(ins.after_epoch)} input(s)")
+        if ins.ended:
+            parts.append(f"end {len(ins.ended)} channel(s)")
+        if ins.routes:
+            parts.append(f"route to {', '.join(r.dst_pe for r in ins.routes)}")
+        if ins.unrouted:
+            parts.append(f"stop routing to {', '.join(ins.unrouted)}")
+        if ins.epoch_out:
+            parts.append(f"send the epoch marker on {len(ins.epoch_out)} channel(s)")
+        return f"switch {ins.instance}: {'; '.join(parts) or 'nothing'}"
     if isinstance(ins, Retire):
         to = f" -> state to {len(ins.successors)}" if ins.successors else ""
         return f"retire {ins.instance}{to}"
