@@ -475,7 +475,11 @@ class Instance:
         if retire.keyed and state and n == self.spec.parallelism:
             # Same parallelism: every key of instance i belongs to new instance i.
             whole: list[Any] = [[] for _ in range(n)]
-            whole[self.spec.index] = [[k, v] for k, v in _keyed_items(state)]
+            succ = retire.successors[self.spec.index]
+            # A local successor takes the state object itself; over the wire keyed
+            # state travels as [key, value] pairs (msgpack map keys must be strings).
+            local = succ.worker == self.runtime.name and isinstance(state, dict)
+            whole[self.spec.index] = state if local else [[k, v] for k, v in _keyed_items(state)]
             return whole
         if retire.keyed and state:
             parts: list[list[Any]] = [[] for _ in range(n)]
