@@ -39,11 +39,17 @@ def channel_id(src_iid: str, dst_iid: str) -> str:
     return f"{src_iid}>{dst_iid}"
 
 
+pack_key = msgpack.Packer(use_bin_type=True).pack  # 5x faster than msgpack.packb per call
+
+
 def key_partition(key: Any, n: int) -> int:
-    """The index (0..n-1) of the instance that owns ``key``: stable across processes."""
+    """The index (0..n-1) of the instance that owns ``key``: stable across processes.
+
+    Called on the event loop's thread only (the shared packer is not thread-safe).
+    """
     if n == 1:
         return 0
-    return zlib.crc32(msgpack.packb(key, use_bin_type=True)) % n
+    return zlib.crc32(pack_key(key)) % n
 
 
 # ---------------------------------------------------------------------------
