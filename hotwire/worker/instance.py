@@ -371,6 +371,8 @@ class Instance:
         fut = self.switched(sw.version)
         if not fut.done():
             fut.set_result(None)
+        for v in [v for v in self._switched if v < sw.version]:
+            del self._switched[v]  # only the newest switch can still be waited for
 
     # -- sources ---------------------------------------------------------
     async def _run_source(self) -> None:

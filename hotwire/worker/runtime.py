@@ -39,6 +39,7 @@ from hotwire.worker.transport import DataPlane, Frame, Link, encode
 log = logging.getLogger(__name__)
 
 SWITCH_TIMEOUT_S = 60.0
+KEEP_SWITCHES = 4
 
 
 class PrepareError(Exception):
@@ -303,6 +304,10 @@ class Runtime:
                 self._switch(app, version, instructions, timeout)
             )
             self.switches[(app, version)] = task
+            # Remember the last few switches per app (a master resends only its last one).
+            mine = sorted(v for a, v in self.switches if a == app)
+            for old in mine[:-KEEP_SWITCHES]:
+                self.switches.pop((app, old), None)
         await asyncio.shield(task)
 
     async def _switch(
