@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 from hotwire.model import LogicalModel, PESpec, StreamSpec
-from hotwire.testing.scenarios import Shape
+from hotwire.testing.scenarios import Shape, render
 
 _APP_HEAD = '''\
 import asyncio
@@ -104,46 +104,19 @@ def render_app(
     """The app file of one version of a scenario, with emit and sink timestamps."""
     if shape.key_variant != 1 or shape.src_variant != 1 or shape.sink_variant != 1:
         raise ValueError("bench apps support changes of enrich, extra, count and audit only")
-    lines = [
-        _APP_HEAD.format(n=n, rate=rate, keys=keys, out=out, audit=audit),
-        "class Count(ProcessPE):",
-        "    def setup(self, ctx):",
-        "        self.n = {}",
-        "",
-        "    def process(self, r):",
-        '        k = r["key"]',
-        "        n = self.n.get(k, 0) + 1",
-        "        self.n[k] = n",
-        f'        yield {{"seq": r["seq"], "key": k, "n": n, "t": r["t"], '
-        f'"code": {shape.count_code}}}',
-        "",
-        "    def snapshot(self):",
-        "        return self.n",
-        "",
-        "    def restore(self, state):",
-        "        self.n.update(state)",
-        "",
-        "",
-        f"app = Topology({name!r})",
-        'src = app.source("src", stamped)',
-        'enrich = src.key_by(lambda r: r["key"]).map("enrich", lambda r: r, '
-        f"parallelism={shape.enrich_p}, config={dict(shape.enrich_cfg)!r})",
-    ]
-    feed = "enrich"
-    if shape.extra:
-        lines.append(
-            'extra = enrich.key_by(lambda r: r["key"]).map("extra", '
-            'lambda r: {**r, "extra": 1}, parallelism=2)'
-        )
-        feed = "extra"
-    lines += [
-        f'count = {feed}.key_by(lambda r: r["key"]).process("count", Count, '
-        f"parallelism={shape.count_p})",
-        'count.sink("out", write)',
-    ]
-    if shape.audit_from:
-        lines.append(f'{shape.audit_from}.sink("audit", audit)')
-    return "\n".join(lines) + "\n"
+    prelude = _APP_HEAD.format(n=n, rate=rate, keys=keys, out=out, audit=audit)
+    return render(
+        shape,
+        out=out,
+        audit=audit,
+        n=n,
+        rate=rate,
+        keys=keys,
+        name=name,
+        prelude=prelude,
+        source="stamped",
+        carry=("t",),
+    )
 
 
 def chain_lengths(pes: int) -> list[int]:

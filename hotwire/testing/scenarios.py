@@ -60,18 +60,45 @@ def render(
     keys: int = 64,
     name: str = "upg",
     shadow_out: str = "",
+    prelude: str | None = None,
+    source: str | None = None,
+    carry: tuple[str, ...] = (),
 ) -> str:
-    """The app file for one version."""
+    """The app file for one version.
+
+    By default the app uses :func:`hotwire.testing.counter` and JSON-lines sinks.
+    A benchmark passes its own ``prelude`` (imports, a source, and ``write`` and
+    ``audit`` sink functions), the ``source`` expression, and record fields the
+    counting PE must ``carry`` through (e.g. an emit timestamp).
+    """
     pad = ", payload=8" if shape.src_variant == 2 else ""
     keyfn = 'lambda r: r["key"]' if shape.key_variant == 1 else 'lambda r: "p" + r["key"]'
+    if prelude is None:
+        written = "OUT(r)" if shape.sink_variant == 1 else 'OUT({**r, "sink": 2})'
+        prelude = "\n".join(
+            [
+                "from hotwire import Topology",
+                "from hotwire.sdk import ProcessPE",
+                "from hotwire.testing import counter, file_sink",
+                "",
+                f"OUT = file_sink({out!r})",
+                f"AUDIT = file_sink({audit!r})",
+                "",
+                "",
+                "def write(r):",
+                f"    {written}",
+                "",
+                "",
+                "def audit(r):",
+                '    AUDIT({"seq": r["seq"], "key": r["key"]})',
+                "",
+            ]
+        )
+    if source is None:
+        source = f"counter(n={n!r}, rate={rate!r}, keys={keys}{pad})"
+    extra_fields = "".join(f", {f!r}: r[{f!r}]" for f in carry)
     lines = [
-        "from hotwire import Topology",
-        "from hotwire.sdk import ProcessPE",
-        "from hotwire.testing import counter, file_sink",
-        "",
-        f"OUT = file_sink({out!r})",
-        f"AUDIT = file_sink({audit!r})",
-        "",
+        prelude,
         "",
         "class Count(ProcessPE):",
         "    def setup(self, ctx):",
@@ -81,7 +108,8 @@ def render(
         '        k = r["key"]',
         "        n = self.n.get(k, 0) + 1",
         "        self.n[k] = n",
-        f'        yield {{"seq": r["seq"], "key": k, "n": n, "code": {shape.count_code}}}',
+        f'        yield {{"seq": r["seq"], "key": k, "n": n, "code": {shape.count_code}'
+        f"{extra_fields}}}",
         "",
         "    def snapshot(self):",
         "        return self.n",
@@ -90,19 +118,8 @@ def render(
         "        self.n.update(state)",
         "",
         "",
-    ]
-    if shape.sink_variant == 1:
-        lines += ["def write(r):", "    OUT(r)", ""]
-    else:
-        lines += ["def write(r):", '    OUT({**r, "sink": 2})', ""]
-    lines += [
-        "",
-        "def audit(r):",
-        '    AUDIT({"seq": r["seq"], "key": r["key"]})',
-        "",
-        "",
         f"app = Topology({name!r})",
-        f'src = app.source("src", counter(n={n!r}, rate={rate!r}, keys={keys}{pad}))',
+        f'src = app.source("src", {source})',
         f'enrich = src.key_by({keyfn}).map("enrich", lambda r: r, '
         f"parallelism={shape.enrich_p}, config={dict(shape.enrich_cfg)!r})",
     ]
