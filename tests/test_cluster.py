@@ -12,14 +12,26 @@ from pathlib import Path
 import grpc
 import pytest
 
-from hotwire.testing import read_jsonl
+from hotwire.testing import count_lines, read_jsonl
 from hotwire.testing.cluster import LocalCluster, poll_for, write_app
 
 N = 20_000
 
 
-def _lines(path: Path) -> int:
-    return sum(1 for _ in open(path)) if path.exists() else 0
+def _pipeline_app(tmp_path: Path, name: str, n: int, out: Path) -> str:
+    """source (n records at 2,000/s) -> map x2 -> JSON-lines sink."""
+    return write_app(
+        tmp_path,
+        "app.py",
+        f"""
+        from hotwire import Topology
+        from hotwire.testing import counter, file_sink
+
+        app = Topology({name!r})
+        src = app.source("src", counter(n={n}, rate=2000))
+        src.map("m", lambda r: r, parallelism=2).sink("out", file_sink({str(out)!r}))
+        """,
+    )
 
 
 def test_parallel_app_delivers_every_record_exactly_once(
@@ -45,7 +57,7 @@ def test_parallel_app_delivers_every_record_exactly_once(
     st = cluster.client.status("once").apps[0]
     workers_used = {i.worker for p in st.pes for i in p.instances}
     assert workers_used == {"w1", "w2"}, "instances should spread over both workers"
-    poll_for(lambda: _lines(out) >= N, 30, what="all records at the sink")
+    poll_for(lambda: count_lines(out) >= N, 30, what="all records at the sink")
     seqs = Counter(r["seq"] for r in read_jsonl(out))
     assert len(seqs) == N and set(seqs) == set(range(N))
     assert max(seqs.values()) == 1, "a record was delivered twice"
@@ -86,7 +98,7 @@ def test_key_partitioning_sends_each_key_to_one_instance(
     """,
     )
     cluster.client.submit(app)
-    poll_for(lambda: _lines(out) >= N, 30, what="all records at the sink")
+    poll_for(lambda: count_lines(out) >= N, 30, what="all records at the sink")
     rows = read_jsonl(out)
     owners: dict[str, set[int]] = defaultdict(set)
     last: dict[str, int] = {}
@@ -212,24 +224,14 @@ def test_master_state_survives_restart_and_data_keeps_flowing(
     cluster: LocalCluster, tmp_path: Path
 ) -> None:
     out = tmp_path / "out.jsonl"
-    app = write_app(
-        tmp_path,
-        "app.py",
-        f"""
-        from hotwire import Topology
-        from hotwire.testing import counter, file_sink
-
-        app = Topology("durable")
-        app.source("src", counter(n=6000, rate=2000)).map("m", lambda r: r, parallelism=2).sink("out", file_sink({str(out)!r}))
-    """,
-    )
+    app = _pipeline_app(tmp_path, "durable", 6000, out)
     cluster.client.submit(app)
     before = cluster.client.status("durable").apps[0]
-    poll_for(lambda: _lines(out) > 200, 10, what="records flowing")
+    poll_for(lambda: count_lines(out) > 200, 10, what="records flowing")
     cluster.stop_master()
-    n_down = _lines(out)
+    n_down = count_lines(out)
     poll_for(
-        lambda: _lines(out) > n_down + 500, 10, what="records flowing while the master is down"
+        lambda: count_lines(out) > n_down + 500, 10, what="records flowing while the master is down"
     )
     cluster.restart_master()
     after = cluster.client.status("durable").apps[0]
@@ -238,24 +240,14 @@ def test_master_state_survives_restart_and_data_keeps_flowing(
         (p.name, p.parallelism, [i.worker for i in p.instances]) for p in before.pes
     ]
     poll_for(lambda: cluster.live_workers() == 2, 15, what="workers to re-attach")
-    poll_for(lambda: _lines(out) >= 6000, 20, what="all records")
+    poll_for(lambda: count_lines(out) >= 6000, 20, what="all records")
     seqs = Counter(r["seq"] for r in read_jsonl(out))
     assert set(seqs) == set(range(6000)) and max(seqs.values()) == 1
 
 
 def test_garbage_on_the_data_port_is_dropped(cluster: LocalCluster, tmp_path: Path) -> None:
     out = tmp_path / "out.jsonl"
-    app = write_app(
-        tmp_path,
-        "app.py",
-        f"""
-        from hotwire import Topology
-        from hotwire.testing import counter, file_sink
-
-        app = Topology("robust")
-        app.source("src", counter(n=4000, rate=2000)).map("m", lambda r: r, parallelism=2).sink("out", file_sink({str(out)!r}))
-    """,
-    )
+    app = _pipeline_app(tmp_path, "robust", 4000, out)
     cluster.client.submit(app)
     host, port = cluster.workers[0].address.rsplit(":", 1)
     import msgpack
@@ -275,7 +267,7 @@ def test_garbage_on_the_data_port_is_dropped(cluster: LocalCluster, tmp_path: Pa
     for p in payloads:
         with socket.create_connection((host, int(port)), timeout=5) as s:
             s.sendall(p)
-    poll_for(lambda: _lines(out) >= 4000, 20, what="all records despite garbage")
+    poll_for(lambda: count_lines(out) >= 4000, 20, what="all records despite garbage")
     seqs = Counter(r["seq"] for r in read_jsonl(out))
     assert set(seqs) == set(range(4000)) and max(seqs.values()) == 1
     assert cluster.workers[0].proc.poll() is None, "the worker died"

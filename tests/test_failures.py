@@ -10,7 +10,7 @@ from pathlib import Path
 
 import grpc
 
-from hotwire.testing import read_jsonl
+from hotwire.testing import count_lines, read_jsonl
 from hotwire.testing.cluster import LocalCluster, poll_for, write_app
 from hotwire.testing.scenarios import SCENARIOS, check_output, render
 
@@ -18,24 +18,20 @@ N = 9000
 RATE = 3000.0
 
 
-def _count(path: Path) -> int:
-    return sum(1 for _ in open(path)) if path.exists() else 0
-
-
 def _seqs(path: Path) -> set[int]:
     return {r["seq"] for r in read_jsonl(path)}
+
+
+def _v1(tmp_path: Path, out: Path) -> str:
+    """Version 1 of the counting scenario app, N records at RATE, writing to ``out``."""
+    kw = {"out": str(out), "audit": str(tmp_path / "a"), "n": N, "rate": RATE}
+    return write_app(tmp_path, "v1.py", render(SCENARIOS["change_code"][0], **kw))
 
 
 def test_killed_worker_recovers_from_checkpoint_at_least_once(tmp_path: Path) -> None:
     out = tmp_path / "out.jsonl"
     with LocalCluster(workers=2, data_dir=tmp_path / "c", heartbeat_timeout=2.0) as c:
-        app = write_app(
-            tmp_path,
-            "v1.py",
-            render(
-                SCENARIOS["change_code"][0], out=str(out), audit=str(tmp_path / "a"), n=N, rate=RATE
-            ),
-        )
+        app = _v1(tmp_path, out)
         c.client.submit(app)
         poll_for(
             lambda: c.client.status("upg").apps[0].last_checkpoint >= 1, 15, what="a checkpoint"
@@ -43,7 +39,7 @@ def test_killed_worker_recovers_from_checkpoint_at_least_once(tmp_path: Path) ->
         st = c.client.status("upg").apps[0]
         src_worker = next(i.worker for p in st.pes if p.name == "src" for i in p.instances)
         victim = "w1" if src_worker != "w1" else "w2"
-        before = _count(out)
+        before = count_lines(out)
         assert before < N
         c.kill_worker(victim)
         poll_for(lambda: c.client.status("upg").apps[0].recoveries >= 1, 20, what="a recovery")
@@ -69,15 +65,9 @@ def test_killed_worker_recovers_from_checkpoint_at_least_once(tmp_path: Path) ->
 def test_sigterm_drains_a_worker_without_loss(tmp_path: Path) -> None:
     out = tmp_path / "out.jsonl"
     with LocalCluster(workers=3, data_dir=tmp_path / "c", heartbeat_timeout=3.0) as c:
-        app = write_app(
-            tmp_path,
-            "v1.py",
-            render(
-                SCENARIOS["change_code"][0], out=str(out), audit=str(tmp_path / "a"), n=N, rate=RATE
-            ),
-        )
+        app = _v1(tmp_path, out)
         c.client.submit(app)
-        poll_for(lambda: _count(out) > N // 4, 20, what="records flowing")
+        poll_for(lambda: count_lines(out) > N // 4, 20, what="records flowing")
         st = c.client.status("upg").apps[0]
         victim = next(i.worker for p in st.pes if p.name == "count" for i in p.instances)
         proc = next(w for w in c.workers if w.label == victim)
@@ -86,7 +76,7 @@ def test_sigterm_drains_a_worker_without_loss(tmp_path: Path) -> None:
         st = c.client.status("upg").apps[0]
         assert all(i.worker != victim for p in st.pes for i in p.instances)
         assert st.version == 1
-        poll_for(lambda: _count(out) >= N, 30, what="every record")
+        poll_for(lambda: count_lines(out) >= N, 30, what="every record")
         v = check_output(read_jsonl(out), N)
         assert (v.lost, v.duplicated, v.out_of_order, v.state_resets) == (0, 0, 0, 0), v
         assert "instances moved" in proc.log_path.read_text()
@@ -111,7 +101,7 @@ def test_master_killed_in_prepare_undoes_the_upgrade(tmp_path: Path) -> None:
     with LocalCluster(workers=2, data_dir=tmp_path / "c", heartbeat_timeout=2.0) as c:
         kw = {"out": str(out), "audit": str(tmp_path / "a"), "n": N, "rate": RATE}
         c.client.submit(write_app(tmp_path, "v1.py", render(SCENARIOS["change_code"][0], **kw)))
-        poll_for(lambda: _count(out) > 500, 20)
+        poll_for(lambda: count_lines(out) > 500, 20)
         v2 = write_app(tmp_path, "v2.py", _slow(render(SCENARIOS["change_code"][1], **kw), "setup"))
         t = threading.Thread(target=lambda: _quiet(lambda: c.client.upgrade(v2)))
         t.start()
@@ -124,7 +114,7 @@ def test_master_killed_in_prepare_undoes_the_upgrade(tmp_path: Path) -> None:
         poll_for(lambda: c.client.status("upg").apps[0].state == "running", 20)
         st = c.client.status("upg").apps[0]
         assert st.version == 1
-        poll_for(lambda: _count(out) >= N, 30)
+        poll_for(lambda: count_lines(out) >= N, 30)
         v = check_output(read_jsonl(out), N)
         assert (v.lost, v.duplicated, v.out_of_order, v.state_resets) == (0, 0, 0, 0), v
         assert read_jsonl(out)[-1]["code"] == 1
@@ -142,7 +132,7 @@ def test_master_killed_in_switch_finishes_the_upgrade(tmp_path: Path) -> None:
                 tmp_path, "v1.py", _slow(render(SCENARIOS["change_code"][0], **kw), "teardown")
             )
         )
-        poll_for(lambda: _count(out) > 500, 20)
+        poll_for(lambda: count_lines(out) > 500, 20)
         v2 = write_app(tmp_path, "v2.py", render(SCENARIOS["change_code"][1], **kw))
         t = threading.Thread(target=lambda: _quiet(lambda: c.client.upgrade(v2)))
         t.start()
@@ -160,7 +150,7 @@ def test_master_killed_in_switch_finishes_the_upgrade(tmp_path: Path) -> None:
             30,
             what="the interrupted upgrade to be finished",
         )
-        poll_for(lambda: _count(out) >= N, 30)
+        poll_for(lambda: count_lines(out) >= N, 30)
         v = check_output(read_jsonl(out), N)
         assert (v.lost, v.duplicated, v.out_of_order, v.state_resets) == (0, 0, 0, 0), v
 

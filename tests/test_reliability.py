@@ -14,14 +14,10 @@ import pytest
 
 from hotwire import Topology
 from hotwire.sdk import ValidationError
-from hotwire.testing import read_jsonl
+from hotwire.testing import count_lines, read_jsonl
 from hotwire.testing.cluster import LocalCluster, poll_for, write_app
 from hotwire.worker.channels import CREDITS
 from hotwire.worker.instance import SOURCE_BATCH
-
-
-def _lines(path: Path) -> int:
-    return sum(1 for _ in open(path)) if path.exists() else 0
 
 
 def _rss_mib(pid: int) -> float:
@@ -92,17 +88,17 @@ def test_slow_sink_slows_the_source_with_bounded_memory(
         except FileNotFoundError:
             return 0
 
-    poll_for(lambda: _lines(out) > 200, 10, what="records at the slow sink")
+    poll_for(lambda: count_lines(out) > 200, 10, what="records at the slow sink")
     rss_start = [_rss_mib(p) for p in pids]
     gaps, ages = [], []
     t_end = time.monotonic() + 3.0
     while time.monotonic() < t_end:
         s = src_count()
-        gaps.append(s - _lines(out))
+        gaps.append(s - count_lines(out))
         ages += [w.last_heartbeat_age_s for w in cluster.client.workers().workers]
         time.sleep(0.25)
     rss_end = [_rss_mib(p) for p in pids]
-    sunk = _lines(out)
+    sunk = count_lines(out)
     assert src_count() < n // 2, "the source ran ahead of the slow sink"
     assert max(gaps) <= bound, f"in flight {max(gaps)} > credit bound {bound}"
     assert sunk > 1000, f"the slow sink should still move (~1000 rec/s), got {sunk}"
@@ -112,7 +108,7 @@ def test_slow_sink_slows_the_source_with_bounded_memory(
     )
     assert all(r < 200 for r in rss_end), f"worker RSS {rss_end} MiB"
     slow.unlink()
-    poll_for(lambda: _lines(out) >= n, 30, what="every record at the sink")
+    poll_for(lambda: count_lines(out) >= n, 30, what="every record at the sink")
     seqs = Counter(int(x) for x in out.read_text().split())
     assert set(seqs) == set(range(n)) and max(seqs.values()) == 1
 
@@ -153,7 +149,7 @@ def test_on_error_skip_and_dead_letter_keep_every_good_record(
     cluster.client.submit(skip_app)
     cluster.client.submit(dl_app)
     for out in (skip_out, dl_out):
-        poll_for(lambda out=out: _lines(out) >= n - len(bad), 20, what="every good record")
+        poll_for(lambda out=out: count_lines(out) >= n - len(bad), 20, what="every good record")
     for app in ("skipper", "lettered"):
         poll_for(
             lambda app=app: (
@@ -239,7 +235,7 @@ def test_a_source_that_raises_is_reported_and_the_worker_stays_up(
     inst = src["instances"][0]
     assert inst["errors"] == 1 and inst["dead_letters"] == 1
     assert inst["error"] == "RuntimeError: counter source crashed at seq 1234 as told (crash_at)"
-    poll_for(lambda: _lines(out) >= 1234, 10, what="what the source yielded before it raised")
+    poll_for(lambda: count_lines(out) >= 1234, 10, what="what the source yielded before it raised")
     seqs = Counter(r["seq"] for r in read_jsonl(out))
     assert set(seqs) == set(range(1234)) and max(seqs.values()) == 1
     letters = read_jsonl(cluster.dir / inst["worker"] / "dead-letter" / "crashy.src.jsonl")
@@ -258,7 +254,7 @@ def test_a_source_that_raises_is_reported_and_the_worker_stays_up(
     """,
     )
     cluster.client.submit(ok)
-    poll_for(lambda: _lines(tmp_path / "ok.jsonl") >= 500, 10, what="another app's records")
+    poll_for(lambda: count_lines(tmp_path / "ok.jsonl") >= 500, 10, what="another app's records")
 
 
 def test_an_unknown_on_error_policy_is_refused_by_the_sdk() -> None:

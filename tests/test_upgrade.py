@@ -14,16 +14,12 @@ from pathlib import Path
 import grpc
 import pytest
 
-from hotwire.testing import read_jsonl
+from hotwire.testing import count_lines, read_jsonl
 from hotwire.testing.cluster import LocalCluster, poll_for, write_app
 from hotwire.testing.scenarios import SCENARIOS, check_output, render
 
 N = 9000
 RATE = 3000.0
-
-
-def _count(path: Path) -> int:
-    return sum(1 for _ in open(path)) if path.exists() else 0
 
 
 def _gens(cluster: LocalCluster, app: str) -> dict[str, int]:
@@ -39,12 +35,12 @@ def test_online_upgrade_under_load(cluster: LocalCluster, tmp_path: Path, scenar
     app2 = write_app(tmp_path, "v2.py", render(v2, **kw))
     cluster.client.submit(app1)
     gens_before = _gens(cluster, "upg")
-    poll_for(lambda: _count(out) > N // 4, 20, what="records flowing before the upgrade")
+    poll_for(lambda: count_lines(out) > N // 4, 20, what="records flowing before the upgrade")
     r = cluster.client.upgrade(app2)
     assert r.applied and (r.from_version, r.to_version) == (1, 2)
-    assert _count(out) < N, "the upgrade must happen while records flow"
+    assert count_lines(out) < N, "the upgrade must happen while records flow"
     changes = json.loads(r.changes_json)
-    poll_for(lambda: _count(out) >= N, 30, what="every record at the sink")
+    poll_for(lambda: count_lines(out) >= N, 30, what="every record at the sink")
     rows = read_jsonl(out)
     v = check_output(rows, N)
     assert (v.lost, v.duplicated, v.out_of_order, v.state_resets) == (0, 0, 0, 0), (v, changes)
@@ -65,7 +61,7 @@ def test_online_upgrade_under_load(cluster: LocalCluster, tmp_path: Path, scenar
         seqs = [a["seq"] for a in arows]
         assert len(seqs) == len(set(seqs)), "audit got a record twice"
         if v1.audit_from and v2.audit_from:  # re-routed: every record exactly once
-            poll_for(lambda: _count(audit) >= N, 30, what="every record at the audit sink")
+            poll_for(lambda: count_lines(audit) >= N, 30, what="every record at the audit sink")
             arows = read_jsonl(audit)
             assert sorted(a["seq"] for a in arows) == list(range(N))
         by_key: dict[str, list[int]] = defaultdict(list)
@@ -87,14 +83,14 @@ def test_failed_setup_leaves_old_version_running(cluster: LocalCluster, tmp_path
     assert bad != base
     app2 = write_app(tmp_path, "v2.py", bad)
     cluster.client.submit(app1)
-    poll_for(lambda: _count(out) > N // 4, 20, what="records flowing")
+    poll_for(lambda: count_lines(out) > N // 4, 20, what="records flowing")
     res = cluster.streamctl("upgrade", app2)
     assert res.returncode == 1
     assert "model file missing" in res.stderr and "'count'" in res.stderr, res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
     st = cluster.client.status("upg").apps[0]
     assert st.version == 1 and {p.name: p.gen for p in st.pes}["count"] == 1
-    poll_for(lambda: _count(out) >= N, 30, what="every record")
+    poll_for(lambda: count_lines(out) >= N, 30, what="every record")
     v = check_output(read_jsonl(out), N)
     assert (v.lost, v.duplicated, v.out_of_order, v.state_resets) == (0, 0, 0, 0)
     # The app upgrades fine afterwards.
@@ -118,7 +114,7 @@ def test_bundle_that_fails_to_import_changes_nothing(cluster: LocalCluster, tmp_
     res = cluster.streamctl("upgrade", broken)
     assert res.returncode == 1 and "undefined_name_here" in res.stderr, res.stderr
     assert cluster.client.status("upg").apps[0].version == 1
-    poll_for(lambda: _count(out) >= N, 30, what="every record")
+    poll_for(lambda: count_lines(out) >= N, 30, what="every record")
     assert check_output(read_jsonl(out), N).ok
 
 
@@ -133,7 +129,7 @@ def test_worker_killed_during_prepare_aborts(tmp_path: Path) -> None:
             rate=1000.0,
         )
         c.client.submit(write_app(tmp_path, "v1.py", base))
-        poll_for(lambda: _count(out) > 200, 20, what="records flowing")
+        poll_for(lambda: count_lines(out) > 200, 20, what="records flowing")
         slow = base.replace(
             "    def setup(self, ctx):\n        self.n = {}",
             "    def setup(self, ctx):\n        import time\n        time.sleep(3)\n        self.n = {}",
@@ -212,11 +208,11 @@ def test_dry_run_history_and_rollback(cluster: LocalCluster, tmp_path: Path) -> 
     assert doc["changes"]["streams_removed"] == ["enrich->count"]
     assert doc["instructions"] > 0
     assert cluster.client.status("upg").apps[0].version == 1
-    poll_for(lambda: _count(out) > N // 5, 20)
+    poll_for(lambda: count_lines(out) > N // 5, 20)
     up = cluster.streamctl("upgrade", app2, "--json")
     assert up.returncode == 0, up.stderr
     assert json.loads(up.stdout)["applied"] is True
-    poll_for(lambda: _count(out) > N // 2, 20)
+    poll_for(lambda: count_lines(out) > N // 2, 20)
     rb = cluster.streamctl("rollback", "upg", "--json")
     assert rb.returncode == 0, rb.stderr
     rdoc = json.loads(rb.stdout)
@@ -226,6 +222,6 @@ def test_dry_run_history_and_rollback(cluster: LocalCluster, tmp_path: Path) -> 
     assert hist["versions"][2]["rolled_back_to"] == 1 and hist["current"] == 3
     human = cluster.streamctl("history", "upg")
     assert "+ pe 'extra'" in human.stdout and "- pe 'extra'" in human.stdout
-    poll_for(lambda: _count(out) >= N, 30)
+    poll_for(lambda: count_lines(out) >= N, 30)
     v = check_output(read_jsonl(out), N)
     assert (v.lost, v.duplicated, v.out_of_order, v.state_resets) == (0, 0, 0, 0), v

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, TextIO
 
-__all__ = ["counter", "file_sink", "read_jsonl"]
+__all__ = ["count_lines", "counter", "file_sink", "read_jsonl"]
 
 _YIELD_EVERY = 256  # unpaced sources let other tasks run this often
 _PAUSE_POLL = 0.01
@@ -109,6 +109,15 @@ def _json_default(v: Any) -> Any:
     if isinstance(v, (set, frozenset)):
         return sorted(v, key=repr)
     raise TypeError(f"file_sink cannot write a {type(v).__name__} as JSON")
+
+
+def count_lines(path: str | os.PathLike[str]) -> int:
+    """How many lines a sink has written so far; 0 if the file does not exist yet."""
+    try:
+        with open(path, "rb") as f:
+            return sum(1 for _ in f)
+    except FileNotFoundError:
+        return 0
 
 
 def read_jsonl(path: str | os.PathLike[str]) -> list[Any]:
