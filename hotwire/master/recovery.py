@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 
+from hotwire.codec import unpackb
 from hotwire.master.diff import ChangeSet, diff
 from hotwire.master.planner import plan_upgrade
 from hotwire.master.scheduler import SchedulingError, schedule
@@ -265,13 +266,13 @@ class Recovery:
         if ck is None:
             return {}
         _cid, _epoch, blob = ck
-        raw: dict[str, bytes] = msgpack.unpackb(blob, raw=False)
+        raw: dict[str, bytes] = unpackb(blob)
         st = self.m.apps[app]
         out: dict[str, Any] = {}
         for iid, data in raw.items():
             pe, gen, _ = parse_instance_id(iid)
             if pe in st.placement and st.placement[pe].gen == gen:
-                out[iid] = msgpack.unpackb(data, raw=False)
+                out[iid] = unpackb(data)
         return out
 
     def free_slots(self, app: str) -> dict[str, int]:
@@ -331,7 +332,7 @@ class Recovery:
             return
         ms = self.m.membership
         for app, epoch, phase, blob in inflight:
-            rec = msgpack.unpackb(blob, raw=False)
+            rec = unpackb(blob)
             workers = list(rec["prepare_workers"])
             self.m.locks[app] = "finishing an interrupted upgrade"
             try:

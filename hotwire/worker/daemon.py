@@ -19,6 +19,7 @@ from typing import Any
 import grpc
 import msgpack
 
+from hotwire.codec import unpackb
 from hotwire.node import Node, add_health, split_addr
 from hotwire.plan import from_wire
 from hotwire.proto import hotwire_pb2 as pb
@@ -201,7 +202,7 @@ class Worker(Node):
             rt.dataplane.peers.update(dict(batch.peers))
             for h, data in batch.bundles.items():
                 rt.add_bundle(h, data)
-            instructions = [from_wire(msgpack.unpackb(b, raw=False)) for b in batch.instructions]
+            instructions = [from_wire(unpackb(b)) for b in batch.instructions]
             if batch.phase == pb.PREPARE:
                 for h in batch.bundles:
                     # Import errors surface here, before anything switches. The import

@@ -20,6 +20,8 @@ from typing import Any, Protocol
 
 import msgpack
 
+from hotwire.codec import unpackb
+
 log = logging.getLogger(__name__)
 
 MAX_FRAME = 64 * 1024 * 1024
@@ -161,7 +163,7 @@ class DataPlane:
         peer_addr = writer.get_extra_info("peername")
         try:
             body = await asyncio.wait_for(_read_frame(reader), HELLO_TIMEOUT)
-            msg = msgpack.unpackb(body, raw=False) if body is not None else None
+            msg = unpackb(body) if body is not None else None
             if not (
                 isinstance(msg, list)
                 and len(msg) == 2
@@ -194,7 +196,7 @@ class DataPlane:
                     log.warning("data plane: oversized frame from %s; closing", link.peer)
                     break
                 try:
-                    msg = unpack(body, raw=False)
+                    msg = unpack(body, raw=False, strict_map_key=False)
                     self._dispatch(msg, link)
                 except Exception as e:
                     self.drops["bad_frame"] += 1
