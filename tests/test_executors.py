@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from typing import Any
 
 import pytest
 
-from hotwire.pe.executors import MapExecutor, ReduceExecutor, SinkExecutor
+from hotwire.pe.executors import (
+    FilterExecutor,
+    FlatMapExecutor,
+    MapExecutor,
+    ReduceExecutor,
+    SinkExecutor,
+)
 
 
 def _run(coro: Any) -> Any:
@@ -48,3 +55,36 @@ def test_map_and_reduce_skip_only_failing_records() -> None:
     )
     assert _run(red.process([1, 0, 1, 3])) == [(1, 1), (1, 2), (1, 2)]  # 1 // 3 == 0
     assert errors == [0, 0, 0] and red.snapshot() == {1: 2}
+
+
+@pytest.mark.parametrize("kind", ["map", "filter", "flat_map"])
+@pytest.mark.parametrize("n", [1, 31, 300, 1000])
+def test_user_function_runs_once_per_record_when_one_raises(kind: str, n: int) -> None:
+    """A side-effecting function must not run twice on the records before a failure."""
+    calls: Counter[int] = Counter()
+    errors: list[int] = []
+    bad = {r for r in range(n) if r % 113 == 7} | {n - 1}
+
+    def fn(r: int) -> Any:
+        calls[r] += 1
+        if r in bad:
+            raise ValueError(r)
+        if kind == "map":
+            return r * 2
+        if kind == "filter":
+            return r % 2 == 0
+        return [r, r]
+
+    ex = {"map": MapExecutor, "filter": FilterExecutor, "flat_map": FlatMapExecutor}[kind](
+        fn, None, lambda r, e: errors.append(r)
+    )
+    out = _run(ex.process(list(range(n))))
+    good = [r for r in range(n) if r not in bad]
+    expected = {
+        "map": [r * 2 for r in good],
+        "filter": [r for r in good if r % 2 == 0],
+        "flat_map": [x for r in good for x in (r, r)],
+    }[kind]
+    assert out == expected
+    assert errors == sorted(bad)
+    assert set(calls) == set(range(n)) and max(calls.values()) == 1, "a record ran twice"

@@ -19,9 +19,7 @@ def _seqs(path: Path) -> Counter[int]:
     return Counter(r["seq"] for r in read_jsonl(path))
 
 
-def test_records_with_integer_map_keys_cross_workers(
-    cluster: LocalCluster, tmp_path: Path
-) -> None:
+def test_records_with_integer_map_keys_cross_workers(cluster: LocalCluster, tmp_path: Path) -> None:
     """msgpack refuses non-string map keys unless told: such a frame used to be dropped."""
     out = tmp_path / "out.jsonl"
     app = write_app(
@@ -103,3 +101,46 @@ def test_integer_keyed_state_survives_a_rescale_across_workers(
     for row in rows:
         assert row["n"] == last[row["k"]] + 1, f"key {row['k']}: count reset or skipped"
         last[row["k"]] = row["n"]
+
+
+def test_branches_and_broadcast_do_not_share_record_objects(tmp_path: Path) -> None:
+    """On one worker every channel is local: a PE that mutates its input must not
+    change what a sibling branch or another broadcast receiver sees."""
+    outs = {k: tmp_path / f"{k}.jsonl" for k in ("mut", "see", "b")}
+    app = write_app(
+        tmp_path,
+        "app.py",
+        f"""
+        from hotwire import Topology
+        from hotwire.testing import counter, file_sink
+
+        def mutate(r):
+            r["touched"] = True
+            r["seq"] = r["seq"]
+            return r
+
+        def look(r):
+            return {{"seq": r["seq"], "touched": "touched" in r}}
+
+        def bump(r):
+            r["n"] = r.get("n", 0) + 1
+            return dict(r)
+
+        app = Topology("fanout")
+        src = app.source("src", counter(n={N}, rate=5000))
+        src.map("mut", mutate).sink("mut_out", file_sink({str(outs["mut"])!r}))
+        src.map("see", look).sink("see_out", file_sink({str(outs["see"])!r}))
+        b = src.broadcast().map("bump", bump, parallelism=2)
+        b.sink("b_out", file_sink({str(outs["b"])!r}))
+        """,
+    )
+    with LocalCluster(workers=1, data_dir=tmp_path / "cluster") as c:
+        c.client.submit(app)
+        poll_for(lambda: count_lines(outs["see"]) >= N, 30, what="every record on the branch")
+        poll_for(lambda: count_lines(outs["b"]) >= 2 * N, 30, what="both broadcast copies")
+    see = read_jsonl(outs["see"])
+    assert sorted(r["seq"] for r in see) == list(range(N))
+    assert not any(r["touched"] for r in see), "a sibling branch's mutation leaked"
+    b = read_jsonl(outs["b"])
+    assert Counter(r["seq"] for r in b) == Counter({s: 2 for s in range(N)})
+    assert {r["n"] for r in b} == {1}, "a broadcast receiver saw another's mutation"

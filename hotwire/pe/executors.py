@@ -3,8 +3,8 @@
 An executor turns one input batch into one output batch; the instance around it
 (``hotwire.worker.instance``) handles channels, gating, markers and handover.
 Sync callables run on a fast path over the whole batch; when a record raises,
-the batch is finished record by record so that exactly the failing records are
-reported and skipped, and side effects (sinks, state) are never applied twice.
+exactly that record is reported and skipped and the batch goes on from the next
+one: user code runs once per record, so side effects are never applied twice.
 
 A slow user function must not starve the worker's event loop (heartbeats,
 control stream, data-plane reads): executors give the loop a turn whenever
@@ -16,7 +16,9 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from itertools import chain
+from operator import length_hint
 from typing import Any
 
 ErrorHook = Callable[[Any, BaseException], None]
@@ -93,20 +95,26 @@ class Executor:
                 await asyncio.sleep(0)
                 deadline = clock() + YIELD_S
 
-    async def _slices(
-        self, records: list[Any], fast: Callable[[list[Any]], None], step: Callable[[Any], Any]
-    ) -> None:
-        """Sync fast path: ``fast`` over whole slices; a slice that raises is redone
-        record by record with ``step``, so exactly its failing records are reported."""
+    async def _slices(self, records: list[Any], fast: Callable[[Iterator[Any]], None]) -> None:
+        """Sync fast path: ``fast`` consumes an iterator over a slice at C speed.
+
+        When user code raises, the iterator has been consumed up to and including
+        the failing record: that record is reported and ``fast`` goes on with the
+        rest of the slice. No record is processed twice, so side effects in a map
+        or filter happen once per record.
+        """
         n = len(records)
         clock = time.monotonic
         deadline = clock() + YIELD_S
         for i in range(0, n, SLICE):
             part = records if n <= SLICE else records[i : i + SLICE]
-            try:
-                fast(part)
-            except Exception:
-                await self._each(part, step)
+            it = iter(part)
+            while True:
+                try:
+                    fast(it)
+                    break
+                except Exception as e:
+                    self.on_error(part[len(part) - length_hint(it) - 1], e)
             if clock() > deadline:
                 await asyncio.sleep(0)
                 deadline = clock() + YIELD_S
@@ -117,9 +125,7 @@ class MapExecutor(Executor):
         fn = self.fn
         out: list[Any] = []
         if not self.is_async:
-            await self._slices(
-                records, lambda part: out.extend([fn(r) for r in part]), lambda r: out.append(fn(r))
-            )
+            await self._slices(records, lambda it: out.extend(map(fn, it)))
             return out
 
         async def astep(r: Any) -> None:
@@ -133,18 +139,14 @@ class FilterExecutor(Executor):
     async def process(self, records: list[Any]) -> list[Any]:
         fn = self.fn
         out: list[Any] = []
+        if not self.is_async:
+            await self._slices(records, lambda it: out.extend(filter(fn, it)))
+            return out
 
         async def astep(r: Any) -> None:
             if await fn(r):
                 out.append(r)
 
-        def step(r: Any) -> None:
-            if fn(r):
-                out.append(r)
-
-        if not self.is_async:
-            await self._slices(records, lambda part: out.extend([r for r in part if fn(r)]), step)
-            return out
         await self._each(records, astep)
         return out
 
@@ -154,11 +156,7 @@ class FlatMapExecutor(Executor):
         fn = self.fn
         out: list[Any] = []
         if not self.is_async:
-            await self._slices(
-                records,
-                lambda part: out.extend([o for r in part for o in fn(r)]),
-                lambda r: out.extend(fn(r)),
-            )
+            await self._slices(records, lambda it: out.extend(chain.from_iterable(map(fn, it))))
             return out
 
         async def astep(r: Any) -> None:

@@ -12,6 +12,7 @@ stops instead of growing memory.
 from __future__ import annotations
 
 import asyncio
+import copy
 import zlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -141,7 +142,7 @@ class RemoteChannel(OutChannel):
 class RouteState:
     """One output stream of an instance: partitioning over its target channels."""
 
-    __slots__ = ("channels", "dst_pe", "key_fn", "n", "next", "partition", "route")
+    __slots__ = ("channels", "dst_pe", "key_fn", "local", "n", "next", "partition", "route")
 
     def __init__(
         self, route: Route, channels: list[OutChannel], key_fn: Callable[[Any], Any] | None
@@ -153,6 +154,8 @@ class RouteState:
         self.n = len(channels)
         self.key_fn = key_fn
         self.next = 0
+        # Whether records reach a same-worker instance as objects (not serialised).
+        self.local = any(isinstance(c, LocalChannel) for c in channels)
 
     async def emit(self, records: list[Any]) -> None:
         """Send one batch of output records along this stream."""
@@ -177,7 +180,38 @@ class RouteState:
                 if part:
                     await ch.send(part)
         elif p == "broadcast":
+            # Same-worker receivers get objects: each after the first gets its own copy.
+            shared = False
             for ch in self.channels:
-                await ch.send(records)
+                if isinstance(ch, LocalChannel):
+                    await ch.send(fan_out_copy(records) if shared else records)
+                    shared = True
+                else:
+                    await ch.send(records)
         else:  # forward
             await self.channels[0].send(records)
+
+
+async def emit_all(routes: dict[str, RouteState], records: list[Any]) -> None:
+    """Send one output batch along every output stream of an instance.
+
+    Records reach same-worker PEs as objects; when several streams (branches)
+    would receive the same objects, every local one after the first gets a deep
+    copy, so a PE that mutates its input cannot change what a sibling branch sees,
+    just as when the branches run on other workers.
+    """
+    if len(routes) == 1:
+        for route in routes.values():
+            await route.emit(records)
+        return
+    shared = False
+    for route in list(routes.values()):
+        if route.local:
+            await route.emit(fan_out_copy(records) if shared else records)
+            shared = True
+        else:
+            await route.emit(records)
+
+
+def fan_out_copy(records: list[Any]) -> list[Any]:
+    return copy.deepcopy(records)

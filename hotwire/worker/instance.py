@@ -35,6 +35,7 @@ from hotwire.worker.channels import (
     STATE,
     OutChannel,
     RouteState,
+    emit_all,
 )
 
 if TYPE_CHECKING:
@@ -213,8 +214,7 @@ class Instance:
             ret.grant(self.app, ch, 1)
         if out:
             self.records_out += len(out)
-            for route in self.routes.values():
-                await route.emit(out)
+            await emit_all(self.routes, out)
         # A full inbox never suspends ``inbox.get()``, and a sender with credit never
         # suspends either: without this an overloaded instance (a slow sink, say)
         # would starve the worker's heartbeats, control stream and data-plane reads.
@@ -445,8 +445,7 @@ class Instance:
     async def _emit_source(self, chunk: list[Any]) -> None:
         self.position += len(chunk)
         self.records_out += len(chunk)
-        for route in self.routes.values():
-            await route.emit(chunk)
+        await emit_all(self.routes, chunk)
 
     # -- retirement ------------------------------------------------------
     async def _finish(self) -> None:
