@@ -188,77 +188,83 @@ class Recovery:
 
     async def recover(self, app: str, dead: str) -> None:
         """Restart ``app`` from its last checkpoint on the live workers."""
-        assert self.m.store is not None
         await self._wait_unlocked(app, f"a recovery from the loss of worker {dead!r}")
-        t0 = time.perf_counter()
         try:
             st = self.m.apps[app]
             if st.state != "running" or not any(dead in pl.workers for pl in st.placement.values()):
                 return
-            ms = self.m.membership
-            hosts = {w for pl in st.placement.values() for w in pl.workers}
-            # Stop the survivors, and a worker merely late with its heartbeats too.
-            reachable = [
-                w
-                for w in sorted(hosts)
-                if ms.alive(w) or (w in ms.workers and ms.workers[w].connected.is_set())
-            ]
-            await asyncio.gather(
-                *(ms.send(w, pb.STOP, app, st.epoch, [], timeout=10) for w in reachable),
-                return_exceptions=True,
-            )
-            states = self._checkpoint_states(app)
-            epoch = st.epoch + 1
-            empty = LogicalModel.build(app, [], [])
-            change = diff(empty, st.model)
-            try:
-                new_pl = schedule(st.model, {}, change, self.free_slots(app), epoch, st.bundle)
-            except SchedulingError as e:
-                log.error("app %r cannot be recovered now: %s", app, e)
-                self.handled.discard(dead)  # try again on the next round
-                return
-            plan = plan_upgrade(app, epoch, empty, {}, st.model, new_pl, change, st.bundle)
-
-            def with_state(ins: Any) -> Any:
-                if isinstance(ins, StartInstance):
-                    old = st.placement[ins.pe].instance(ins.pe, ins.index)
-                    if old in states and st.placement[ins.pe].parallelism == ins.parallelism:
-                        return replace(ins, initial_state=states[old])
-                return ins
-
-            plan = Plan(
-                app,
-                epoch,
-                {w: tuple(with_state(i) for i in ins) for w, ins in plan.prepare.items()},
-                plan.switch,
-            )
-            bundle = self.m.store.bundle(st.bundle) or b""
-            intent = _placement_intent(st, new_pl)
-            await self.m._apply(plan, st.bundle, bundle, intent)
-            self.m._commit(intent, epoch, 0.0)
-            ms_taken = (time.perf_counter() - t0) * 1000
-            self.events.append(
-                {
-                    "app": app,
-                    "event": "recovery",
-                    "worker": dead,
-                    "restored": len(states),
-                    "ms": ms_taken,
-                }
-            )
-            log.warning(
-                "app %r restarted from checkpoint on the live workers in %.0f ms "
-                "(%d instance states restored)",
-                app,
-                ms_taken,
-                len(states),
-            )
+            await self.restart(app, f"worker {dead!r} is dead", dead)
         except Exception:
             log.exception("app %r: recovery from the loss of %s failed", app, dead)
             self.handled.discard(dead)
         finally:
             self.m.locks.pop(app, None)
         self.m.spawn(self.checkpoint(app), name=f"checkpoint-{app}")
+
+    async def restart(self, app: str, why: str, dead: str = "") -> None:
+        """Stop ``app`` everywhere and start its running version from its last
+        checkpoint on the live workers. The caller holds the app's lock."""
+        assert self.m.store is not None
+        t0 = time.perf_counter()
+        st = self.m.apps[app]
+        ms = self.m.membership
+        hosts = {w for pl in st.placement.values() for w in pl.workers}
+        # Stop the survivors, and a worker merely late with its heartbeats too.
+        reachable = [
+            w
+            for w in sorted(hosts)
+            if ms.alive(w) or (w in ms.workers and ms.workers[w].connected.is_set())
+        ]
+        await asyncio.gather(
+            *(ms.send(w, pb.STOP, app, st.epoch, [], timeout=10) for w in reachable),
+            return_exceptions=True,
+        )
+        states = self._checkpoint_states(app)
+        epoch = st.epoch + 1
+        empty = LogicalModel.build(app, [], [])
+        change = diff(empty, st.model)
+        try:
+            new_pl = schedule(st.model, {}, change, self.free_slots(app), epoch, st.bundle)
+        except SchedulingError as e:
+            raise RuntimeError(f"app {app!r} cannot be restarted now: {e}") from e
+        plan = plan_upgrade(app, epoch, empty, {}, st.model, new_pl, change, st.bundle)
+
+        def with_state(ins: Any) -> Any:
+            if isinstance(ins, StartInstance):
+                old = st.placement[ins.pe].instance(ins.pe, ins.index)
+                if old in states and st.placement[ins.pe].parallelism == ins.parallelism:
+                    return replace(ins, initial_state=states[old])
+            return ins
+
+        plan = Plan(
+            app,
+            epoch,
+            {w: tuple(with_state(i) for i in ins) for w, ins in plan.prepare.items()},
+            plan.switch,
+        )
+        bundle = self.m.store.bundle(st.bundle) or b""
+        intent = _placement_intent(st, new_pl)
+        await self.m._apply(plan, st.bundle, bundle, intent)
+        self.m._commit(intent, epoch, 0.0)
+        ms_taken = (time.perf_counter() - t0) * 1000
+        self.events.append(
+            {
+                "app": app,
+                "event": "recovery",
+                "worker": dead,
+                "why": why,
+                "restored": len(states),
+                "ms": ms_taken,
+            }
+        )
+        log.warning(
+            "app %r restarted from checkpoint on the live workers in %.0f ms "
+            "(%s; %d instance states restored)",
+            app,
+            ms_taken,
+            why,
+            len(states),
+        )
 
     def _checkpoint_states(self, app: str) -> dict[str, Any]:
         assert self.m.store is not None

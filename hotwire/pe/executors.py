@@ -21,7 +21,10 @@ from itertools import chain
 from operator import length_hint
 from typing import Any
 
-ErrorHook = Callable[[Any, BaseException], None]
+# Called with a failing record and the error; returns False when the PE stops
+# (on_error="fail"): the executor then stops at that record and keeps it, and
+# every record after it, in ``rest`` for the instance to hold.
+ErrorHook = Callable[[Any, BaseException], "bool | None"]
 
 YIELD_S = 0.01  # longest run of user code within a batch before the loop gets a turn
 SLICE = 256  # records per fast-path slice of a sync map, filter or flat_map
@@ -45,6 +48,11 @@ class Executor:
         self.on_error = on_error
         self.key_fn = key_fn
         self.is_async = _is_async(fn)
+        self.rest: list[Any] = []  # input left unprocessed when the PE stopped on an error
+
+    def take_rest(self) -> list[Any]:
+        rest, self.rest = self.rest, []
+        return rest
 
     async def setup(self) -> None:
         return None
@@ -89,7 +97,9 @@ class Executor:
                     start = end
             except Exception as e:
                 bad = i if self.is_async else ok + 1
-                self.on_error(records[bad], e)
+                if self.on_error(records[bad], e) is False:
+                    self.rest = records[bad:]
+                    return
                 start = bad + 1
             if start < n and clock() > deadline:
                 await asyncio.sleep(0)
@@ -114,7 +124,10 @@ class Executor:
                     fast(it)
                     break
                 except Exception as e:
-                    self.on_error(part[len(part) - length_hint(it) - 1], e)
+                    bad = len(part) - length_hint(it) - 1
+                    if self.on_error(part[bad], e) is False:
+                        self.rest = part[bad:] + records[i + SLICE :] if n > SLICE else part[bad:]
+                        return
             if clock() > deadline:
                 await asyncio.sleep(0)
                 deadline = clock() + YIELD_S
@@ -256,8 +269,10 @@ class ProcessExecutor(Executor):
                     res = await res
                 return list(res)
             except Exception as e:
-                for r in records:
-                    self.on_error(r, e)
+                for j, r in enumerate(records):
+                    if self.on_error(r, e) is False:
+                        self.rest = records[j:]
+                        break
                 return []
         fn, ctx, key_fn = self.fn, self.ctx, self.key_fn
         out: list[Any] = []

@@ -113,6 +113,7 @@ class LocalCluster:
         data_dir: str | Path | None = None,
         heartbeat_timeout: float = 5.0,
         log_level: str = "info",
+        switch_timeout: float = 30.0,
     ):
         self._tmp = (
             tempfile.TemporaryDirectory(prefix="hotwire-cluster-") if data_dir is None else None
@@ -122,6 +123,7 @@ class LocalCluster:
         self.n_workers = workers
         self.slots = slots
         self.heartbeat_timeout = heartbeat_timeout
+        self.switch_timeout = switch_timeout
         self.log_level = log_level
         self.master: _Proc | None = None
         self.workers: list[_Proc] = []
@@ -157,6 +159,8 @@ class LocalCluster:
                 self.log_level,
                 "--heartbeat-timeout",
                 str(self.heartbeat_timeout),
+                "--switch-timeout",
+                str(self.switch_timeout),
             ],
             self.dir / f"master.{self._restarts}.log",
             r"master listening on (\S+)",

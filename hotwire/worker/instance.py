@@ -51,10 +51,6 @@ MAX_LOGGED_ERRORS = 20
 ON_ERROR = ("skip", "fail", "dead_letter")  # a PE's config["on_error"] policies
 
 
-class InstanceFailed(Exception):
-    """Raised through the executor when a PE with ``on_error="fail"`` meets an error."""
-
-
 @dataclass(frozen=True)
 class Checkpoint:
     """Control item: a source snapshots its position and sends barrier ``id`` downstream."""
@@ -101,6 +97,7 @@ class Instance:
         self.last_checkpoint = 0
         self.pending_preds: set[str] = set(spec.predecessors)
         self.pred_states: list[Any] = []
+        self.pred_pending: list[tuple[str, list[Any]]] = []
         # lifecycle
         self.retire: Retire | None = None
         self.activated = asyncio.Event()
@@ -205,12 +202,15 @@ class Instance:
             # senders stop at their credit limit.
             self.held.setdefault(ch, []).append((records, ret))
             return
-        self.records_in += len(records)
-        try:
-            out = await self.executor.process(records)
-        except InstanceFailed:
-            return
-        if ret is not None:
+        out = await self.executor.process(records)
+        rest = self.executor.take_rest()
+        self.records_in += len(records) - len(rest)
+        if rest:
+            # on_error="fail" stopped the PE at a record: it and the records after
+            # it stay unprocessed, held (with no credit returned) for the upgrade
+            # that fixes the PE, which hands them to the new instance.
+            self.held.setdefault(ch, []).append((rest, ret))
+        elif ret is not None:
             ret.grant(self.app, ch, 1)
         if out:
             self.records_out += len(out)
@@ -237,7 +237,7 @@ class Instance:
         self.runtime.forget_in(self.app, ch)
         for cid, need in list(self.barrier_need.items()):
             need.discard(ch)  # an ended channel owes no barrier
-            if not need:
+            if not need and not self.failed:
                 await self._complete_checkpoint(cid)
         for version, (appearing, remaining) in list(self.gates.items()):
             remaining.discard(ch)
@@ -252,7 +252,10 @@ class Instance:
 
     # -- checkpoints -------------------------------------------------------
     async def _on_barrier(self, ch: str, cid: int) -> None:
-        if cid <= self.last_checkpoint:
+        if cid <= self.last_checkpoint or self.failed:
+            # A failed instance holds input it never processed: no checkpoint may
+            # cut past it, so its barriers stop here (the last complete checkpoint
+            # stays the one recovery restores).
             return
         need = self.barrier_need.get(cid)
         if need is None:
@@ -293,17 +296,25 @@ class Instance:
         for out in list(self.out.values()):
             await out.barrier(cid)
 
-    async def _on_state(self, src: str, state: Any) -> None:
+    async def _on_state(self, src: str, payload: Any) -> None:
+        state, pending = payload
         if src not in self.pending_preds:
             log.warning("%s/%s: unexpected state from %s dropped", self.app, self.iid, src)
             return
         self.pending_preds.discard(src)
         self.pred_states.append(state)
+        if pending:
+            self.pred_pending.append((src, pending))
         if not self.pending_preds:
             self._restore(self.pred_states)
             self.pred_states = []
             self._set_released()
             if self.kind != "source":
+                # Input a predecessor held unprocessed (it stopped on an error)
+                # comes before anything that reached this instance directly.
+                pred_pending, self.pred_pending = self.pred_pending, []
+                for pred, records in pred_pending:
+                    await self._process(f"handover:{pred}", records, None)
                 # Held channels that no gate still holds flow now, in arrival order.
                 await self._release_held({c for c in self.held if c not in self.holding})
 
@@ -458,13 +469,44 @@ class Instance:
             self.runtime.forget_out(self.app, ch)
         self.out.clear()
         succ = retire.successors
+        pending = self._unprocessed()
         if succ:
             parts = self._split_state(retire)
-            for s, part in zip(succ, parts, strict=True):
-                await self.runtime.send_state(self.app, s.instance, s.worker, self.iid, part)
+            held = self._split_pending(retire, pending)
+            for s, part, recs in zip(succ, parts, held, strict=True):
+                await self.runtime.send_state(self.app, s.instance, s.worker, self.iid, part, recs)
+        elif pending:
+            log.warning(
+                "app %r PE %r instance %d: removed with %d unprocessed records, which are "
+                "dropped with it",
+                self.app,
+                self.pe,
+                self.spec.index,
+                len(pending),
+            )
         await self.teardown()
         self.runtime.remove_instance(self)
         self.finished.set_result(None)
+
+    def _unprocessed(self) -> list[Any]:
+        """Held input this instance never processed, in order per channel."""
+        pending = [r for batches in self.held.values() for records, _ in batches for r in records]
+        self.held.clear()
+        return pending
+
+    def _split_pending(self, retire: Retire, pending: list[Any]) -> list[list[Any]]:
+        """Unprocessed input for each successor: by key when keyed, else to one."""
+        n = len(retire.successors)
+        parts: list[list[Any]] = [[] for _ in range(n)]
+        if not pending:
+            return parts
+        key_fn = self.executor.key_fn if self.executor is not None else None
+        if retire.keyed and key_fn is not None and n > 1:
+            for r in pending:
+                parts[key_partition(key_fn(r), n)].append(r)
+        else:
+            parts[self.spec.index % n] = pending
+        return parts
 
     def _split_state(self, retire: Retire) -> list[Any]:
         n = len(retire.successors)
@@ -503,8 +545,10 @@ class Instance:
             self.task.cancel()
 
     # -- errors ----------------------------------------------------------
-    def on_error(self, record: Any, exc: BaseException) -> None:
-        """User code raised on ``record``: apply the PE's ``on_error`` policy."""
+    def on_error(self, record: Any, exc: BaseException) -> bool:
+        """User code raised on ``record``: apply the PE's ``on_error`` policy.
+
+        Returns False when the instance stops (``on_error="fail"``)."""
         self.errors += 1
         policy = self.on_error_policy
         if policy == "fail":
@@ -518,7 +562,7 @@ class Instance:
                 self.failed,
                 record,
             )
-            raise InstanceFailed(self.failed) from exc
+            return False
         if policy == "dead_letter":
             self._dead_letter(record, exc)
         if self.errors <= MAX_LOGGED_ERRORS:
@@ -532,6 +576,7 @@ class Instance:
                 record,
                 "dead-lettered" if policy == "dead_letter" else "skipped",
             )
+        return True
 
     def _source_failed(self, exc: BaseException) -> None:
         self.errors += 1

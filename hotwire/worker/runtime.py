@@ -46,6 +46,23 @@ class PrepareError(Exception):
     """A prepare failed; the message says which PE, instance and why."""
 
 
+class SwitchTimeout(Exception):
+    """A switch did not settle in time; the message says what it still waits for."""
+
+
+@dataclass
+class _Switching:
+    """A delivered switch: what it waits for, with a label for each."""
+
+    gated: list[Instance] = field(default_factory=list)
+    waits: list[asyncio.Future[Any]] = field(default_factory=list)
+    labels: list[str] = field(default_factory=list)
+
+    def add(self, fut: asyncio.Future[Any], label: str) -> None:
+        self.waits.append(fut)
+        self.labels.append(label)
+
+
 @dataclass
 class Prepared:
     instances: list[Instance] = field(default_factory=list)
@@ -63,7 +80,7 @@ class Runtime:
         self.out_channels: dict[tuple[str, str], OutChannel] = {}
         self.bundles: dict[str, bytes] = {}
         self.prepared: dict[tuple[str, int], Prepared] = {}
-        self.switches: dict[tuple[str, int], asyncio.Task[None]] = {}
+        self.switches: dict[tuple[str, int], _Switching] = {}
         self.drops: Counter[str] = self.dataplane.drops
         # Called with (app, checkpoint id, instance id, state) when an instance snapshots.
         self.on_checkpoint: Callable[[str, int, str, Any], None] = lambda *a: None
@@ -94,11 +111,13 @@ class Runtime:
         out.grant(app, channel, n)
         return True
 
-    def on_state(self, app: str, dst: str, src: str, state: Any) -> bool:
+    def on_state(
+        self, app: str, dst: str, src: str, state: Any, pending: list[Any] | None = None
+    ) -> bool:
         inst = self.instances.get((app, dst))
-        if inst is None:
+        if inst is None or not isinstance(pending, list | None):
             return False
-        inst.inbox.put_nowait((STATE, src, state, None))
+        inst.inbox.put_nowait((STATE, src, (state, pending or []), None))
         return True
 
     def on_epoch(self, app: str, channel: str, version: int) -> bool:
@@ -122,13 +141,16 @@ class Runtime:
             inst.inbox.put_nowait((CONTROL, None, Checkpoint(checkpoint), None))
         return len(sources)
 
-    async def send_state(self, app: str, dst: str, worker: str, src: str, state: Any) -> None:
+    async def send_state(
+        self, app: str, dst: str, worker: str, src: str, state: Any, pending: list[Any]
+    ) -> None:
+        """Hand ``src``'s state, and input it held unprocessed, to successor ``dst``."""
         if worker == self.name:
-            if not self.on_state(app, dst, src, state):
+            if not self.on_state(app, dst, src, state, pending):
                 log.error("state handover %s -> %s: no such instance here", src, dst)
             return
         link = await self.dataplane.link(worker)
-        link.write(encode(Frame.STATE, app, dst, src, state))
+        link.write(encode(Frame.STATE, app, dst, src, state, pending))
 
     # ------------------------------------------------------------------
     # Bundles and code
@@ -297,52 +319,67 @@ class Runtime:
         instructions: list[Instruction],
         timeout: float = SWITCH_TIMEOUT_S,
     ) -> None:
-        """Idempotent: a switch sent again (by a restarted master) joins the first one."""
-        task = self.switches.get((app, version))
-        if task is None:
-            task = asyncio.get_running_loop().create_task(
-                self._switch(app, version, instructions, timeout)
-            )
-            self.switches[(app, version)] = task
+        """Deliver a switch once and wait up to ``timeout`` for it to settle.
+
+        Idempotent: a switch sent again (a master retrying, or restarted) waits for
+        the same instances again. Waiting never cancels what it waits for: a switch
+        that did not finish in time keeps going, and the master decides what next.
+        """
+        sw = self.switches.get((app, version))
+        if sw is None:
+            sw = self.switches[(app, version)] = self._deliver_switch(app, version, instructions)
             # Remember the last few switches per app (a master resends only its last one).
             mine = sorted(v for a, v in self.switches if a == app)
             for old in mine[:-KEEP_SWITCHES]:
                 self.switches.pop((app, old), None)
-        await asyncio.shield(task)
+        if sw.waits:
+            _, pending = await asyncio.wait(sw.waits, timeout=timeout)
+            if pending:
+                what = ", ".join(
+                    label for w, label in zip(sw.waits, sw.labels, strict=True) if w in pending
+                )
+                raise SwitchTimeout(
+                    f"app {app!r}: the switch to epoch {version} did not finish within "
+                    f"{timeout:g} s on worker {self.name!r}; still waiting for {what}"
+                )
+        for inst in sw.gated:
+            inst.gate_released.pop(version, None)
 
-    async def _switch(
-        self, app: str, version: int, instructions: list[Instruction], timeout: float
-    ) -> None:
-        st = self.prepared.pop((app, version), Prepared())
-        waits: list[asyncio.Future[Any]] = []
-        for inst in st.instances:
-            inst.activated.set()
-            waits.append(inst.released)
-        for inst in st.gated:
-            fut = inst.gate_released.get(version)
-            if fut is not None:
-                waits.append(fut)
+    def _deliver_switch(
+        self, app: str, version: int, instructions: list[Instruction]
+    ) -> _Switching:
+        targets = []
         for ins in instructions:
             if not isinstance(ins, (Switch, Retire)):
                 raise PrepareError(f"{type(ins).__name__} is not a switch instruction")
-            inst = self._get(app, ins.instance)
-            waits.append(inst.finished if isinstance(ins, Retire) else inst.switched(version))
-            inst.inbox.put_nowait((CONTROL, None, ins, None))
-        if waits:
-            if log.isEnabledFor(logging.DEBUG):
-                t0 = asyncio.get_running_loop().time()
-                for w, what in zip(waits, _labels(st, instructions), strict=False):
-                    w.add_done_callback(
-                        lambda _f, what=what: log.debug(
-                            "%s: %s settled after %.1f ms",
-                            app,
-                            what,
-                            (asyncio.get_running_loop().time() - t0) * 1000,
-                        )
-                    )
-            await asyncio.wait_for(asyncio.gather(*waits), timeout)
+            targets.append((ins, self._get(app, ins.instance)))
+        st = self.prepared.pop((app, version), Prepared())
+        sw = _Switching(gated=list(st.gated))
+        for inst in st.instances:
+            inst.activated.set()
+            sw.add(inst.released, f"new instance {inst.iid} to receive its state")
         for inst in st.gated:
-            inst.gate_released.pop(version, None)
+            fut = inst.gate_released.get(version)
+            if fut is not None:
+                sw.add(fut, f"gate of {inst.iid} to open")
+        for ins, inst in targets:
+            if isinstance(ins, Retire):
+                sw.add(inst.finished, f"instance {inst.iid} to retire")
+            else:
+                sw.add(inst.switched(version), f"instance {inst.iid} to switch")
+            inst.inbox.put_nowait((CONTROL, None, ins, None))
+        if log.isEnabledFor(logging.DEBUG):
+            t0 = asyncio.get_running_loop().time()
+            for w, what in zip(sw.waits, sw.labels, strict=True):
+                w.add_done_callback(
+                    lambda _f, what=what: log.debug(
+                        "%s: %s settled after %.1f ms",
+                        app,
+                        what,
+                        (asyncio.get_running_loop().time() - t0) * 1000,
+                    )
+                )
+        return sw
 
     async def stop(self, app: str) -> int:
         victims = [i for (a, _), i in self.instances.items() if a == app]
@@ -350,6 +387,8 @@ class Runtime:
             await self._drop(inst)
         for key in [k for k in self.prepared if k[0] == app]:
             await self.abort(*key)
+        for key in [k for k in self.switches if k[0] == app]:
+            del self.switches[key]
         return len(victims)
 
     async def close(self) -> None:
@@ -378,11 +417,3 @@ def _dialer(dataplane: DataPlane, worker: str) -> Any:
         return await dataplane.link(worker)
 
     return dial
-
-
-def _labels(st: Prepared, instructions: list[Instruction]) -> list[str]:
-    return (
-        [f"new {i.iid}" for i in st.instances]
-        + [f"gate {i.iid}" for i in st.gated]
-        + [f"{type(i).__name__} {getattr(i, 'instance', '')}" for i in instructions]
-    )

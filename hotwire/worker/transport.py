@@ -34,7 +34,7 @@ class Frame(enum.IntEnum):
     BATCH = 1  # [BATCH, app, channel, records]
     END = 2  # [END, app, channel]
     CREDIT = 3  # [CREDIT, app, channel, n]
-    STATE = 4  # [STATE, app, dst_instance, src_instance, state]
+    STATE = 4  # [STATE, app, dst_instance, src_instance, state, unprocessed records]
     EPOCH = 5  # [EPOCH, app, channel, version]: the upgrade cut on a kept channel
     BARRIER = 6  # [BARRIER, app, channel, checkpoint_id]: a checkpoint's cut
 
@@ -45,7 +45,9 @@ class Receiver(Protocol):
     def on_batch(self, app: str, channel: str, records: list[Any], link: Link) -> bool: ...
     def on_end(self, app: str, channel: str) -> bool: ...
     def on_credit(self, app: str, channel: str, n: int) -> bool: ...
-    def on_state(self, app: str, dst: str, src: str, state: Any) -> bool: ...
+    def on_state(
+        self, app: str, dst: str, src: str, state: Any, pending: list[Any] | None = None
+    ) -> bool: ...
     def on_epoch(self, app: str, channel: str, version: int) -> bool: ...
     def on_barrier(self, app: str, channel: str, checkpoint: int) -> bool: ...
 
@@ -219,7 +221,7 @@ class DataPlane:
         elif kind == Frame.END:
             ok = self.receiver.on_end(msg[1], msg[2])
         elif kind == Frame.STATE:
-            ok = self.receiver.on_state(msg[1], msg[2], msg[3], msg[4])
+            ok = self.receiver.on_state(msg[1], msg[2], msg[3], msg[4], msg[5])
         elif kind == Frame.EPOCH:
             ok = self.receiver.on_epoch(msg[1], msg[2], int(msg[3]))
         elif kind == Frame.BARRIER:
