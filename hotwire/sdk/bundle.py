@@ -125,6 +125,14 @@ def load_bundle(hash: str, data: bytes, cache_dir: str | os.PathLike[str]) -> To
         return topology
 
 
+def unload_bundle(hash: str, cache_dir: str | os.PathLike[str]) -> None:
+    """Forget a loaded bundle: its Topology, its module and its unpacked files."""
+    with _lock:
+        _loaded.pop(hash, None)
+        sys.modules.pop(f"hotwire_app_{hash[:16]}", None)
+        shutil.rmtree(Path(cache_dir) / hash, ignore_errors=True)
+
+
 def _unpack(hash: str, data: bytes, cache_dir: Path) -> Path:
     target = (cache_dir / hash).resolve()
     if (target / "app.py").is_file():

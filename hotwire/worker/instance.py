@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from itertools import islice
 from typing import TYPE_CHECKING, Any
 
+from hotwire.codec import packb
 from hotwire.pe.executors import EXECUTORS, Executor, _keyed_items
 from hotwire.plan import Gate, Retire, StartInstance, Switch, key_partition
 from hotwire.worker.channels import (
@@ -56,6 +57,10 @@ class Checkpoint:
     """Control item: a source snapshots its position and sends barrier ``id`` downstream."""
 
     id: int
+
+
+class StateError(Exception):
+    """A PE's snapshot cannot be serialised; the message names the PE."""
 
 
 class Instance:
@@ -269,13 +274,42 @@ class Instance:
     async def _complete_checkpoint(self, cid: int) -> None:
         del self.barrier_need[cid]
         self.last_checkpoint = max(self.last_checkpoint, cid)
-        self.runtime.on_checkpoint(self.app, cid, self.iid, self._snapshot())
+        try:
+            state = self._checked(self._snapshot())
+        except StateError as e:
+            self._state_failed(e)
+            return
+        self.runtime.on_checkpoint(self.app, cid, self.iid, state)
         for out in list(self.out.values()):
             await out.barrier(cid)
         released = set(self.barrier_held)
         self.barrier_held.clear()
         if not self.pending_preds:
             await self._release_held(released)
+
+    def _checked(self, state: Any) -> Any:
+        """``state`` if it serialises; a :class:`StateError` naming the PE if not.
+
+        State crosses workers and goes into checkpoints as msgpack, while a
+        same-worker handover could pass the object itself: checking every snapshot
+        makes state that cannot be serialised fail the same way wherever the
+        successor runs, with an error that says what to fix."""
+        if state is None:
+            return state
+        try:
+            packb(state)
+        except (TypeError, ValueError, OverflowError) as e:
+            raise StateError(
+                f"app {self.app!r} PE {self.pe!r} instance {self.spec.index}: the state "
+                f"from snapshot() cannot be serialised ({e}); return msgpack values "
+                "(dict, list, str, bytes, int, float, bool, None)"
+            ) from e
+        return state
+
+    def _state_failed(self, e: StateError) -> None:
+        self.errors += 1
+        self.failed = str(e)
+        log.error("%s; the instance stops", e)
 
     def _snapshot(self) -> Any:
         if self.kind == "source":
@@ -292,7 +326,7 @@ class Instance:
 
     async def _source_checkpoint(self, cid: int) -> None:
         self.last_checkpoint = max(self.last_checkpoint, cid)
-        self.runtime.on_checkpoint(self.app, cid, self.iid, self._snapshot())
+        self.runtime.on_checkpoint(self.app, cid, self.iid, self._checked(self._snapshot()))
         for out in list(self.out.values()):
             await out.barrier(cid)
 
@@ -521,6 +555,7 @@ class Instance:
             succ = retire.successors[self.spec.index]
             # A local successor takes the state object itself; over the wire keyed
             # state travels as [key, value] pairs (msgpack map keys must be strings).
+            self._checked(state)
             local = succ.worker == self.runtime.name and isinstance(state, dict)
             whole[self.spec.index] = state if local else [[k, v] for k, v in _keyed_items(state)]
             return whole

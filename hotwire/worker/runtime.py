@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 SWITCH_TIMEOUT_S = 60.0
 KEEP_SWITCHES = 4
+KEEP_BUNDLES = 2  # newest bundles kept even when nothing uses them
 
 
 class PrepareError(Exception):
@@ -156,8 +157,30 @@ class Runtime:
     # Bundles and code
     # ------------------------------------------------------------------
     def add_bundle(self, h: str, data: bytes) -> None:
-        if h not in self.bundles:
+        if h in self.bundles:
+            self.bundles[h] = self.bundles.pop(h)  # the newest stays last
+        else:
             self.bundles[h] = data
+
+    def evict_bundles(self) -> list[str]:
+        """Drop bundles no instance, prepare or route uses, except the newest
+        :data:`KEEP_BUNDLES` (a master sends a bundle again with any prepare that
+        needs it, so nothing here has to be kept for later)."""
+        from hotwire.sdk.bundle import unload_bundle
+
+        used = set(list(self.bundles)[-KEEP_BUNDLES:])
+        for inst in self.instances.values():
+            used.add(inst.spec.bundle)
+            if inst.spec.input_key is not None:
+                used.add(inst.spec.input_key.bundle)
+            used.update(r.route.key.bundle for r in inst.routes.values() if r.route.key)
+        for st in self.prepared.values():
+            used.update(i.spec.bundle for i in st.instances)
+        evicted = [h for h in self.bundles if h not in used]
+        for h in evicted:
+            del self.bundles[h]
+            unload_bundle(h, self.bundle_dir)
+        return evicted
 
     def topology(self, h: str) -> Any:
         from hotwire.sdk.bundle import load_bundle
@@ -344,6 +367,7 @@ class Runtime:
                 )
         for inst in sw.gated:
             inst.gate_released.pop(version, None)
+        self.evict_bundles()
 
     def _deliver_switch(
         self, app: str, version: int, instructions: list[Instruction]
@@ -389,6 +413,7 @@ class Runtime:
             await self.abort(*key)
         for key in [k for k in self.switches if k[0] == app]:
             del self.switches[key]
+        self.evict_bundles()
         return len(victims)
 
     async def close(self) -> None:
