@@ -18,12 +18,12 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from hotwire.plan import Route, pack_key
-from hotwire.worker.transport import Frame, Link, encode
+from hotwire.worker.transport import CREDITS, Frame, Link, encode
 
 if TYPE_CHECKING:
     from hotwire.worker.instance import Instance
 
-CREDITS = 16
+__all__ = ["CREDITS", "LocalChannel", "OutChannel", "RemoteChannel", "RouteState", "emit_all"]
 
 # Inbox item kinds.
 BATCH, END, STATE, CONTROL, EPOCH, BARRIER = 0, 1, 2, 3, 4, 5

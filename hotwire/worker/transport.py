@@ -25,6 +25,7 @@ from hotwire.codec import unpackb
 log = logging.getLogger(__name__)
 
 MAX_FRAME = 64 * 1024 * 1024
+CREDITS = 16  # unacknowledged batches a sender may have per channel
 HELLO_TIMEOUT = 10.0
 _LEN = struct.Struct(">I")
 
@@ -63,13 +64,16 @@ def encode(*items: Any) -> bytes:
 class Link:
     """One TCP connection to a peer worker, used in both directions."""
 
-    __slots__ = ("_closed", "peer", "reader", "writer")
+    __slots__ = ("_closed", "peer", "reader", "unacked", "writer")
 
     def __init__(self, peer: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         self.peer = peer
         self.reader = reader
         self.writer = writer
         self._closed = False
+        # Batches received on this link and not yet credited back, per (app, channel):
+        # a peer that ignores credits cannot grow a receiver's inbox past CREDITS.
+        self.unacked: dict[tuple[str, str], int] = {}
 
     @property
     def closed(self) -> bool:
@@ -85,6 +89,12 @@ class Link:
             await self.writer.drain()
 
     def send_credit(self, app: str, channel: str, n: int) -> None:
+        key = (app, channel)
+        left = self.unacked.get(key, 0) - n
+        if left > 0:
+            self.unacked[key] = left
+        else:
+            self.unacked.pop(key, None)
         if not self.closed:
             self.writer.write(encode(Frame.CREDIT, app, channel, n))
 
@@ -215,7 +225,22 @@ class DataPlane:
         kind = msg[0]
         ok: bool
         if kind == Frame.BATCH:
+            key = (msg[1], msg[2])
+            n = link.unacked.get(key, 0)
+            if n >= CREDITS:
+                self.drops["over_credit"] += 1
+                if self.drops["over_credit"] % 1000 == 1:
+                    log.warning(
+                        "data plane: dropped a batch from %s on channel %s: the sender "
+                        "ignores its credits (%d such drops)",
+                        link.peer,
+                        msg[2],
+                        self.drops["over_credit"],
+                    )
+                return
             ok = self.receiver.on_batch(msg[1], msg[2], msg[3], link)
+            if ok:
+                link.unacked[key] = n + 1
         elif kind == Frame.CREDIT:
             ok = self.receiver.on_credit(msg[1], msg[2], int(msg[3]))
         elif kind == Frame.END:
