@@ -6,10 +6,9 @@ from typing import Any
 
 import grpc
 
+from hotwire.node import grpc_options
 from hotwire.proto import hotwire_pb2 as pb
 from hotwire.proto import hotwire_pb2_grpc as pb_grpc
-
-MAX_MESSAGE = 64 * 1024 * 1024
 
 
 def load(app_path: str, include: str | None = None) -> tuple[Any, Any]:
@@ -23,13 +22,7 @@ def load(app_path: str, include: str | None = None) -> tuple[Any, Any]:
 class Client:
     def __init__(self, master: str):
         self.master = master
-        self.channel = grpc.insecure_channel(
-            master,
-            options=[
-                ("grpc.max_send_message_length", MAX_MESSAGE),
-                ("grpc.max_receive_message_length", MAX_MESSAGE),
-            ],
-        )
+        self.channel = grpc.insecure_channel(master, options=grpc_options())
         self.stub = pb_grpc.MasterStub(self.channel)
 
     def close(self) -> None:

@@ -18,6 +18,22 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 log = logging.getLogger(__name__)
 
+MAX_MESSAGE = 64 * 1024 * 1024
+"""The largest gRPC message any hotwire channel or server sends or receives.
+
+App bundles travel inside gRPC messages (client -> master -> workers), so every
+hop must accept the same size: see :func:`grpc_options`.
+"""
+
+
+def grpc_options(*extra: tuple[str, Any]) -> list[tuple[str, Any]]:
+    """Options for every gRPC channel and server of hotwire: the :data:`MAX_MESSAGE` limits."""
+    return [
+        ("grpc.max_receive_message_length", MAX_MESSAGE),
+        ("grpc.max_send_message_length", MAX_MESSAGE),
+        *extra,
+    ]
+
 
 class Status(enum.Enum):
     init = "init"

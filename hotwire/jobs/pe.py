@@ -6,6 +6,10 @@ program (which calls :func:`hotwire.jobs.serve`) to connect to a socket the
 instance listens on. :meth:`DLJobPE.process_batch` sends a batch and returns
 one result per record, in order; :meth:`DLJobPE.teardown` stops the job.
 
+In the worker, a batch's exchange with the job (socket I/O, and backend status
+calls while it waits) runs on a thread, so a slow job never blocks the worker's
+event loop; ``setup`` and ``teardown`` already run on threads.
+
 An upgrade to another request (image, template, ...) is an ordinary PE change:
 the new generation's instances start their own jobs during prepare, the
 switch moves the stream to them, and retiring the old instances stops the old
@@ -14,6 +18,7 @@ jobs. Job names carry a per-instance suffix, so old and new jobs coexist.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import logging
@@ -23,7 +28,7 @@ import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Iterable, Sequence
 from typing import Any
 
 from hotwire.jobs.backends import Backend, default_backend, get_backend
@@ -204,8 +209,24 @@ class DLJobPE(ProcessPE):
                     f"the job's program did not call hotwire.jobs.serve() within {timeout:g}s"
                 )
 
-    def process_batch(self, records: Sequence[Any]) -> list[Any]:
-        if self._chan is None:
+    def process_batch(self, records: Sequence[Any]) -> list[Any] | Awaitable[list[Any]]:
+        """Score a batch: one result per record, in order.
+
+        Called with an event loop running in this thread (the worker's runtime), it
+        returns an awaitable that does the exchange on a thread, so the loop goes on
+        while the job works; called without one (a script, a test), it returns the
+        results.
+        """
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return self._exchange(records)
+        return asyncio.to_thread(self._exchange, list(records))
+
+    def _exchange(self, records: Sequence[Any]) -> list[Any]:
+        """Send a batch to the job and wait for its results (blocking)."""
+        chan = self._chan
+        if chan is None:
             raise JobError(f"{self._who()}: not set up (or already torn down)")
         records = list(records)
         if not records:
@@ -213,7 +234,7 @@ class DLJobPE(ProcessPE):
         self._seq += 1
         seq = self._seq
         try:
-            self._chan.send({"t": "batch", "seq": seq, "records": records})
+            chan.send({"t": "batch", "seq": seq, "records": records})
         except (OSError, TypeError, ValueError) as e:
             if isinstance(e, OSError):
                 raise self._failure(f"cannot send a batch ({e})") from None
@@ -225,10 +246,12 @@ class DLJobPE(ProcessPE):
         end = None if limit is None else time.monotonic() + float(limit)
         while True:
             try:
-                msg = self._chan.recv(timeout=1.0)
+                msg = chan.recv(timeout=1.0)
             except (ConnectionClosed, OSError):
+                self._check_not_torn_down(chan)
                 raise self._failure("the job closed the connection mid-batch") from None
             if msg is None:
+                self._check_not_torn_down(chan)
                 self._check_alive()
                 if end is not None and time.monotonic() > end:
                     raise self._failure(f"a batch took longer than batch_timeout={limit}s")
@@ -249,8 +272,13 @@ class DLJobPE(ProcessPE):
                 )
             return results
 
+    def _check_not_torn_down(self, chan: Channel) -> None:
+        if self._chan is not chan:  # teardown ran while this batch was in flight
+            raise JobError(f"{self._who()}: torn down while a batch was in flight")
+
     def process(self, record: Any) -> Iterable[Any]:
-        return self.process_batch([record])
+        # Per-record calls (a keyed dl_job) are synchronous in the runtime.
+        return self._exchange([record])
 
     def snapshot(self) -> Any:
         return None  # the PE keeps no state; the job's model is the job's business

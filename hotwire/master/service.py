@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,14 +29,12 @@ from hotwire.master.recovery import Recovery
 from hotwire.master.scheduler import SchedulingError, schedule
 from hotwire.master.store import Store
 from hotwire.model import LogicalModel, check_structure
-from hotwire.node import Node, add_health
+from hotwire.node import Node, add_health, grpc_options
 from hotwire.plan import Placement, Plan, placement_from_dict, placement_to_dict, to_wire
 from hotwire.proto import hotwire_pb2 as pb
 from hotwire.proto import hotwire_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
-
-MAX_MESSAGE = 64 * 1024 * 1024
 
 
 class Refused(Exception):
@@ -99,19 +98,15 @@ class Master(Node):
         return f"{host}:{self.port}"
 
     async def _start(self) -> None:
-        self.store = Store(self.data_dir / "hotwire.db")
-        for name, version, state, epoch in self.store.apps():
-            rec = self.store.version(name, version)
+        store = self.store = await asyncio.to_thread(Store, self.data_dir / "hotwire.db")
+        for name, version, state, epoch in await store.read(store.apps):
+            rec = await store.read(store.version, name, version)
             if rec is not None:
                 self.apps[name] = AppState(
                     name, version, state, rec.model, rec.bundle_hash, rec.placement, epoch
                 )
-        opts = [
-            ("grpc.max_receive_message_length", MAX_MESSAGE),
-            ("grpc.max_send_message_length", MAX_MESSAGE),
-            ("grpc.so_reuseport", 0),
-        ]  # a second master on a taken port must fail
-        self.server = grpc.aio.server(options=opts)
+        # so_reuseport off: a second master on a taken port must fail
+        self.server = grpc.aio.server(options=grpc_options(("grpc.so_reuseport", 0)))
         pb_grpc.add_MasterServicer_to_server(ClientService(self), self.server)
         pb_grpc.add_WorkerControlServicer_to_server(WorkerService(self), self.server)
         add_health(self.server, self.health)
@@ -126,7 +121,7 @@ class Master(Node):
         if self.server is not None:
             await self.server.stop(grace=1.0)
         if self.store is not None:
-            self.store.close()
+            await asyncio.to_thread(self.store.close)
 
     # ------------------------------------------------------------------
     # Deploy, upgrade, rollback, kill
@@ -244,8 +239,9 @@ class Master(Node):
                 f"app {app!r} is at version {cur.version}; roll back to a version "
                 f"between 1 and {cur.version - 1}",
             )
-        rec = self.store.version(app, target)
-        data = self.store.bundle(rec.bundle_hash) if rec is not None else None
+        store = self.store
+        rec = await store.read(store.version, app, target)
+        data = await store.read(store.bundle, rec.bundle_hash) if rec is not None else None
         if rec is None or data is None:
             raise Refused(grpc.StatusCode.NOT_FOUND, f"app {app!r} has no version {target}")
         return await self.upgrade(
@@ -290,7 +286,7 @@ class Master(Node):
         outcome = Outcome(app, cur_version, version, change, plan, False, 0.0)
         if dry_run:
             return outcome
-        self.store.put_bundle(bundle_hash, bundle)
+        await asyncio.wrap_future(self.store.put_bundle(bundle_hash, bundle))
         intent = {
             "kind": "version",
             "version": version,
@@ -303,7 +299,7 @@ class Master(Node):
         }
         await self._apply(plan, bundle_hash, bundle, intent)
         latency = (time.perf_counter() - t0) * 1000
-        self._commit(intent, epoch, latency)
+        await asyncio.wrap_future(self._commit(intent, epoch, latency))  # before the reply
         outcome.applied = True
         outcome.latency_ms = latency
         log.info(
@@ -316,13 +312,17 @@ class Master(Node):
         )
         return outcome
 
-    def _commit(self, intent: dict[str, Any], epoch: int, latency_ms: float) -> None:
-        """Record a finished transition: a new version, or new placement of the same one."""
+    def _commit(self, intent: dict[str, Any], epoch: int, latency_ms: float) -> Future[None]:
+        """Record a finished transition: a new version, or new placement of the same one.
+
+        The app's state changes at once; the store's write is queued, and the
+        returned future says when it is durable (await it before replying).
+        """
         assert self.store is not None
         app = LogicalModel.from_json(intent["model"])
         placement = placement_from_dict(intent["placement"])
         if intent["kind"] == "version":
-            self.store.commit_version(
+            written = self.store.commit_version(
                 app.app,
                 intent["version"],
                 intent["action"],
@@ -335,10 +335,11 @@ class Master(Node):
                 rolled_back_to=intent["rolled_back_to"],
             )
         else:
-            self.store.update_placement(app.app, intent["version"], placement, epoch)
+            written = self.store.update_placement(app.app, intent["version"], placement, epoch)
         self.apps[app.app] = AppState(
             app.app, intent["version"], "running", app, intent["bundle"], placement, epoch
         )
+        return written
 
     async def _apply(
         self, plan: Plan, bundle_hash: str, bundle: bytes, intent: dict[str, Any]
@@ -356,8 +357,11 @@ class Master(Node):
             "prepare_workers": sorted(plan.workers),
             "switch": {w: [to_wire(i) for i in ins] for w, ins in plan.switch.items()},
         }
-        self.store.begin_transition(
-            plan.app, plan.version, "prepare", msgpack.packb(record, use_bin_type=True)
+        # Durable before any worker acts on it.
+        await asyncio.wrap_future(
+            self.store.begin_transition(
+                plan.app, plan.version, "prepare", msgpack.packb(record, use_bin_type=True)
+            )
         )
         # Every worker in the plan prepares, even with no instruction of its own: it
         # loads the new bundle there (a kept sender may route by a new key function).
@@ -391,15 +395,17 @@ class Master(Node):
                 ),
                 return_exceptions=True,
             )
-            self.store.end_transition(plan.app)
+            await asyncio.wrap_future(self.store.end_transition(plan.app))
             raise Refused(
                 grpc.StatusCode.ABORTED,
                 f"app {plan.app!r}: the change failed in prepare and was undone; "
                 f"the running version is unchanged: {errors[0]}",
             )
 
-        self.store.begin_transition(
-            plan.app, plan.version, "switch", msgpack.packb(record, use_bin_type=True)
+        await asyncio.wrap_future(
+            self.store.begin_transition(
+                plan.app, plan.version, "switch", msgpack.packb(record, use_bin_type=True)
+            )
         )
         await self.switch_all(
             plan.app,
@@ -448,7 +454,7 @@ class Master(Node):
                 return_exceptions=True,
             )
             cur.state = "killed"
-            self.store.set_state(app, "killed")
+            await asyncio.wrap_future(self.store.set_state(app, "killed"))
             return cur.version
         finally:
             self.locks.pop(app, None)
@@ -504,12 +510,13 @@ class Master(Node):
                 p.failed = any(i.failed for i in p.instances)
         return reply
 
-    def history(self, app: str) -> pb.HistoryReply:
-        assert self.store is not None
+    async def history(self, app: str) -> pb.HistoryReply:
+        store = self.store
+        assert store is not None
         if app not in self.apps:
             raise Refused(grpc.StatusCode.NOT_FOUND, f"no app named {app!r}")
         reply = pb.HistoryReply(app=app, current=self.apps[app].version)
-        for rec in self.store.versions(app):
+        for rec in await store.read(store.versions, app):
             reply.versions.add(
                 version=rec.version,
                 created_unix=rec.created,
@@ -603,7 +610,7 @@ class ClientService(pb_grpc.MasterServicer):
         return await _guard(context, _sync(self.m.app_status, request.app))
 
     async def History(self, request: Any, context: Any) -> pb.HistoryReply:
-        return await _guard(context, _sync(self.m.history, request.app))
+        return await _guard(context, self.m.history(request.app))
 
     async def Kill(self, request: Any, context: Any) -> pb.KillReply:
         v = await _guard(context, self.m.kill(request.app))
@@ -655,4 +662,6 @@ class WorkerService(pb_grpc.WorkerControlServicer):
                 f"worker {request.name!r} has no session {request.session!r}",
             )
         moved = await _guard(context, self.m.recovery.drain(request.name))
+        if self.m.store is not None:
+            await self.m.store.flush()  # the new placements are recorded before the reply
         return pb.DrainReply(moved=moved)

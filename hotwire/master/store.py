@@ -2,19 +2,36 @@
 
 SQLite under ``--data-dir``; every write is one transaction, so a restarted
 master reads back exactly what it had committed.
+
+SQLite never runs on the master's event loop: one dedicated thread owns the
+connection and runs every statement, in the order they were asked for. A write
+returns at once with a future of its completion; the master awaits it where it
+must be durable before going on (before it acts on a transition, before it
+replies), and since the thread runs everything in order, a completed write means
+every earlier one completed too. Reads are awaited with :meth:`Store.read`; the
+latest checkpoint of each app is kept in memory and read without SQLite.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import sqlite3
+import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from hotwire.model import LogicalModel
 from hotwire.plan import Placement, placement_from_dict, placement_to_dict
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS bundles (
@@ -71,22 +88,63 @@ class VersionRecord:
 
 
 class Store:
+    """The master's SQLite database, used from one thread of its own (see the module doc)."""
+
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(str(self.path), isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.executescript(SCHEMA)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hotwire-store")
+        self._thread_id = self._pool.submit(threading.get_ident).result()
+        self.db: sqlite3.Connection = self._pool.submit(self._open).result()
+        # app -> (id, epoch, states) of its latest checkpoint; the table holds one per app.
+        self._checkpoints: dict[str, tuple[int, int, bytes]] = self._wait(self._load_checkpoints)
+
+    def _open(self) -> sqlite3.Connection:
+        db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.executescript(SCHEMA)
+        return db
 
     def close(self) -> None:
-        self.db.close()
+        """Run every write asked for so far, then close the database and stop the thread."""
+        try:
+            self._wait(self.db.close)
+        finally:
+            self._pool.shutdown(wait=True)
+
+    # -- the store's thread ----------------------------------------------
+    def _wait(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(*args)`` on the store's thread and block until it is done."""
+        if threading.get_ident() == self._thread_id:
+            return fn(*args)
+        return self._pool.submit(fn, *args).result()
+
+    async def read(self, fn: Callable[..., T], *args: Any) -> T:
+        """Await ``fn(*args)`` (a reading method of this store) run on the store's thread."""
+        return await asyncio.wrap_future(self._pool.submit(fn, *args))
+
+    def _write(self, fn: Callable[..., None], *args: Any) -> Future[None]:
+        """Queue a write on the store's thread; a failure nobody awaits is logged."""
+        fut = self._pool.submit(fn, *args)
+        fut.add_done_callback(_log_failure)
+        return fut
+
+    async def flush(self) -> None:
+        """Wait until every write asked for so far is done (whether it failed or not)."""
+        await asyncio.wrap_future(self._pool.submit(_nothing))
 
     # -- bundles ---------------------------------------------------------
-    def put_bundle(self, h: str, data: bytes) -> None:
-        self.db.execute("INSERT OR IGNORE INTO bundles (hash, data) VALUES (?, ?)", (h, data))
+    def put_bundle(self, h: str, data: bytes) -> Future[None]:
+        return self._write(
+            self._execute, "INSERT OR IGNORE INTO bundles (hash, data) VALUES (?, ?)", (h, data)
+        )
 
     def bundle(self, h: str) -> bytes | None:
+        """Blocks until the store's thread read it: ``await store.read(store.bundle, h)``."""
+        return self._wait(self._bundle, h)
+
+    def _bundle(self, h: str) -> bytes | None:
         row = self.db.execute("SELECT data FROM bundles WHERE hash = ?", (h,)).fetchone()
         return None if row is None else bytes(row[0])
 
@@ -104,87 +162,129 @@ class Store:
         epoch: int,
         state: str = "running",
         rolled_back_to: int = 0,
-    ) -> None:
+    ) -> Future[None]:
+        row = (
+            app,
+            version,
+            time.time(),
+            action,
+            model.to_json(),
+            bundle_hash,
+            json.dumps(placement_to_dict(placement)),
+            json.dumps(changes),
+            latency_ms,
+            rolled_back_to,
+        )
+        return self._write(self._commit_version, row, (app, version, state, epoch))
+
+    def _commit_version(self, row: tuple[Any, ...], app_row: tuple[Any, ...]) -> None:
         with self.db:
             self.db.execute("BEGIN")
             self.db.execute(
-                "INSERT OR REPLACE INTO versions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    app,
-                    version,
-                    time.time(),
-                    action,
-                    model.to_json(),
-                    bundle_hash,
-                    json.dumps(placement_to_dict(placement)),
-                    json.dumps(changes),
-                    latency_ms,
-                    rolled_back_to,
-                ),
+                "INSERT OR REPLACE INTO versions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row
             )
             self.db.execute(
                 "INSERT OR REPLACE INTO apps (app, version, state, epoch) VALUES (?, ?, ?, ?)",
-                (app, version, state, epoch),
+                app_row,
             )
-            self.db.execute("DELETE FROM inflight WHERE app = ?", (app,))
+            self.db.execute("DELETE FROM inflight WHERE app = ?", (app_row[0],))
 
-    def update_placement(self, app: str, version: int, placement: Placement, epoch: int) -> None:
+    def update_placement(
+        self, app: str, version: int, placement: Placement, epoch: int
+    ) -> Future[None]:
         """A migration or recovery moved instances: same version, new placement."""
+        return self._write(
+            self._update_placement, app, version, json.dumps(placement_to_dict(placement)), epoch
+        )
+
+    def _update_placement(self, app: str, version: int, placement_json: str, epoch: int) -> None:
         with self.db:
             self.db.execute("BEGIN")
             self.db.execute(
                 "UPDATE versions SET placement_json = ? WHERE app = ? AND version = ?",
-                (json.dumps(placement_to_dict(placement)), app, version),
+                (placement_json, app, version),
             )
             self.db.execute("UPDATE apps SET epoch = ? WHERE app = ?", (epoch, app))
             self.db.execute("DELETE FROM inflight WHERE app = ?", (app,))
 
     # -- transitions in flight (finished or undone by a restarted master) ----
-    def begin_transition(self, app: str, epoch: int, phase: str, plan: bytes) -> None:
-        self.db.execute(
-            "INSERT OR REPLACE INTO inflight VALUES (?, ?, ?, ?)", (app, epoch, phase, plan)
+    def begin_transition(self, app: str, epoch: int, phase: str, plan: bytes) -> Future[None]:
+        return self._write(
+            self._execute,
+            "INSERT OR REPLACE INTO inflight VALUES (?, ?, ?, ?)",
+            (app, epoch, phase, plan),
         )
 
-    def end_transition(self, app: str) -> None:
-        self.db.execute("DELETE FROM inflight WHERE app = ?", (app,))
+    def end_transition(self, app: str) -> Future[None]:
+        return self._write(self._execute, "DELETE FROM inflight WHERE app = ?", (app,))
 
     def inflight(self) -> list[tuple[str, int, str, bytes]]:
+        """Blocks until the store's thread read it: ``await store.read(store.inflight)``."""
+        return self._wait(self._inflight)
+
+    def _inflight(self) -> list[tuple[str, int, str, bytes]]:
         return [
             (a, int(e), p, bytes(b))
             for a, e, p, b in self.db.execute("SELECT app, epoch, phase, plan FROM inflight")
         ]
 
     # -- checkpoints -----------------------------------------------------
-    def put_checkpoint(self, app: str, cid: int, epoch: int, states: bytes) -> None:
-        self.db.execute(
+    def put_checkpoint(self, app: str, cid: int, epoch: int, states: bytes) -> Future[None]:
+        self._checkpoints[app] = (cid, epoch, states)
+        return self._write(
+            self._execute,
             "INSERT OR REPLACE INTO checkpoints VALUES (?, ?, ?, ?, ?)",
             (app, cid, epoch, time.time(), states),
         )
 
     def checkpoint(self, app: str) -> tuple[int, int, bytes] | None:
-        row = self.db.execute(
-            "SELECT id, epoch, states FROM checkpoints WHERE app = ?", (app,)
-        ).fetchone()
-        return None if row is None else (int(row[0]), int(row[1]), bytes(row[2]))
+        """The app's latest checkpoint, from memory (no SQLite)."""
+        return self._checkpoints.get(app)
 
-    def set_state(self, app: str, state: str) -> None:
-        self.db.execute("UPDATE apps SET state = ? WHERE app = ?", (state, app))
+    def _load_checkpoints(self) -> dict[str, tuple[int, int, bytes]]:
+        rows = self.db.execute("SELECT app, id, epoch, states FROM checkpoints")
+        return {str(a): (int(i), int(e), bytes(s)) for a, i, e, s in rows}
 
+    def set_state(self, app: str, state: str) -> Future[None]:
+        return self._write(self._execute, "UPDATE apps SET state = ? WHERE app = ?", (state, app))
+
+    # -- reads for ``await store.read(...)`` (they block when called directly) ----
     def apps(self) -> list[tuple[str, int, str, int]]:
+        return self._wait(self._apps)
+
+    def _apps(self) -> list[tuple[str, int, str, int]]:
         rows = self.db.execute("SELECT app, version, state, epoch FROM apps ORDER BY app")
         return [(str(a), int(v), str(s), int(e)) for a, v, s, e in rows]
 
     def version(self, app: str, version: int) -> VersionRecord | None:
+        return self._wait(self._version, app, version)
+
+    def _version(self, app: str, version: int) -> VersionRecord | None:
         row = self.db.execute(
             "SELECT * FROM versions WHERE app = ? AND version = ?", (app, version)
         ).fetchone()
         return None if row is None else _record(row)
 
     def versions(self, app: str) -> list[VersionRecord]:
+        return self._wait(self._versions, app)
+
+    def _versions(self, app: str) -> list[VersionRecord]:
         rows = self.db.execute(
             "SELECT * FROM versions WHERE app = ? ORDER BY version", (app,)
         ).fetchall()
         return [_record(r) for r in rows]
+
+    def _execute(self, sql: str, params: tuple[Any, ...]) -> None:
+        self.db.execute(sql, params)
+
+
+def _nothing() -> None:
+    return None
+
+
+def _log_failure(fut: Future[None]) -> None:
+    if not fut.cancelled() and fut.exception() is not None:
+        log.error("a write to the master's store failed", exc_info=fut.exception())
 
 
 def _record(row: Any) -> VersionRecord:
