@@ -83,13 +83,47 @@ def _setup_logging(level: str) -> None:
     "master",
     default=lambda: os.environ.get("HOTWIRE_MASTER", DEFAULT_MASTER),
     show_default="$HOTWIRE_MASTER or 127.0.0.1:7600",
-    help="master address HOST:PORT",
+    help="master address HOST:PORT (also accepted after the command)",
 )
 @click.option("--debug", is_flag=True, help="show tracebacks")
 @click.pass_context
 def main(ctx: click.Context, master: str, debug: bool) -> None:
     """hotwire: stream processing with online upgrades."""
-    ctx.obj = {"master": master, "debug": debug}
+    ctx.ensure_object(dict).update(master=master, debug=debug)
+
+
+# Commands that run the master themselves take --listen instead of --master.
+_NO_MASTER_OPTION = frozenset({"master", "up"})
+
+
+def _store_master(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    """``--master`` given after a command: it wins over the one before the command."""
+    if value is not None:
+        ctx.ensure_object(dict)["master"] = value
+
+
+def _accept_master_after(group: click.Group) -> None:
+    """Give every subcommand of ``group`` (recursively) the group's ``--master`` option.
+
+    ``streamctl worker --master H:P`` and ``streamctl --master H:P worker`` are the
+    same; given in both places, the one after the command wins. The value goes into
+    ``ctx.obj["master"]``, which every command reads.
+    """
+    for name, cmd in group.commands.items():
+        if name in _NO_MASTER_OPTION or any(p.name == "master" for p in cmd.params):
+            continue
+        cmd.params.append(
+            click.Option(
+                ["--master"],
+                default=None,
+                metavar="HOST:PORT",
+                expose_value=False,
+                callback=_store_master,
+                help="master address (overrides a --master given before the command)",
+            )
+        )
+        if isinstance(cmd, click.Group):
+            _accept_master_after(cmd)
 
 
 # ---------------------------------------------------------------------------
@@ -159,6 +193,13 @@ def master(
 @click.option(
     "--data-dir", default=None, type=click.Path(), help="bundle cache (default: a temp dir)"
 )
+@click.option(
+    "--drain/--no-drain",
+    default=True,
+    show_default=True,
+    help="on SIGINT/SIGTERM, ask the master to move this worker's instances to the other "
+    "workers before stopping (--no-drain: stop at once, as when the whole cluster stops)",
+)
 @click.option("--log-level", default="info", show_default=True)
 @click.pass_context
 def worker(
@@ -167,6 +208,7 @@ def worker(
     name: str | None,
     slots: int,
     data_dir: str | None,
+    drain: bool,
     log_level: str,
 ) -> None:
     """Run a worker daemon."""
@@ -183,12 +225,13 @@ def worker(
         await w.start(timeout=3600)
         click.echo(f"worker {w.name} data plane on {w.data_address}", err=True)
         await _until_signalled()
-        # Graceful stop: the master moves this worker's instances away first.
-        try:
-            moved = await w.drain()
-            click.echo(f"worker {w.name}: {moved} instances moved to other workers", err=True)
-        except grpc.RpcError as e:
-            click.echo(f"worker {w.name}: could not drain ({e.details()}); stopping", err=True)
+        if drain:
+            # Graceful stop: the master moves this worker's instances away first.
+            try:
+                moved = await w.drain()
+                click.echo(f"worker {w.name}: {moved} instances moved to other workers", err=True)
+            except grpc.RpcError as e:
+                click.echo(f"worker {w.name}: could not drain ({e.details()}); stopping", err=True)
         await w.close()
 
     _run(lambda: asyncio.run(serve()))
@@ -211,7 +254,13 @@ async def _until_signalled() -> None:
 )
 @click.option("--slots", default=16, show_default=True, type=click.IntRange(min=1))
 def up(app: str | None, n_workers: int, listen: str, data_dir: str | None, slots: int) -> None:
-    """Run a local cluster (master + N workers), submitting APP if given; Ctrl-C stops it."""
+    """Run a local cluster (master + N workers), submitting APP if given; Ctrl-C stops it.
+
+    Ctrl-C (SIGINT) or SIGTERM is the ordinary way to stop the cluster: the workers and
+    the master stop (the workers without draining, since nothing is left to move their
+    instances to) and the exit status is 0. It is 1 if the cluster could not start or
+    one of its processes died.
+    """
     import tempfile
 
     tmp = tempfile.TemporaryDirectory(prefix="hotwire-up-") if data_dir is None else None
@@ -239,6 +288,9 @@ def up(app: str | None, n_workers: int, listen: str, data_dir: str | None, slots
         pumps.append(t)
 
     def stop_all() -> None:
+        # A second Ctrl-C must not interrupt the stop half-way (and print a traceback).
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         for p in reversed(procs):
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
@@ -248,6 +300,9 @@ def up(app: str | None, n_workers: int, listen: str, data_dir: str | None, slots
                 p.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 p.kill()
+                p.wait()
+        for t in pumps:  # print the processes' last lines before exiting
+            t.join(2)
         if tmp is not None:
             tmp.cleanup()
 
@@ -265,6 +320,7 @@ def up(app: str | None, n_workers: int, listen: str, data_dir: str | None, slots
                     "--master",
                     listen,
                     "worker",
+                    "--no-drain",
                     "--name",
                     f"w{i + 1}",
                     "--slots",
@@ -286,16 +342,20 @@ def up(app: str | None, n_workers: int, listen: str, data_dir: str | None, slots
             time.sleep(0.2)
         raise Failure("a cluster process exited; stopping the cluster")
 
-    def on_term(signum: int, frame: Any) -> None:
+    def on_signal(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, on_term)  # a script's `kill` stops the cluster cleanly too
+    # Ctrl-C stops the cluster even when started with SIGINT ignored (a background job of a
+    # script); a script's `kill` (SIGTERM) stops it the same way.
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
     try:
         _run(body)
     except KeyboardInterrupt:
         click.echo("stopping the local cluster")
     finally:
         stop_all()
+    click.echo("local cluster stopped")
 
 
 def _wait_for_master(addr: str, timeout: float) -> None:
@@ -611,6 +671,7 @@ def _add_jobs() -> None:
 
 
 _add_jobs()
+_accept_master_after(main)
 
 if __name__ == "__main__":
     main()

@@ -20,7 +20,7 @@ from hotwire.jobs.backends import BACKEND_ENV, Backend, get_backend
 from hotwire.jobs.catalog import Catalog
 from hotwire.jobs.errors import JobError
 from hotwire.jobs.render import render
-from hotwire.jobs.request import BACKENDS, load_request
+from hotwire.jobs.request import BACKENDS, CatalogNames, JobRequest, load_request
 
 _catalog_opt = click.option(
     "--catalog",
@@ -85,6 +85,12 @@ def _backend(
         if namespace:
             opts["namespace"] = namespace
     return get_backend(name, **opts)
+
+
+def _load(request: str, cat: Catalog) -> JobRequest:
+    """The request file, validated in one pass with its names checked against ``cat``."""
+    names = CatalogNames.of(cat.templates.values(), cat.images.values())
+    return load_request(request, names=names)
 
 
 def _print_json(doc: Any) -> None:
@@ -162,9 +168,10 @@ def render_cmd(
     """Print the job-description file REQUEST (YAML or JSON) renders to."""
     from hotwire.jobs.backends import default_backend
 
-    req = load_request(request)
+    cat = Catalog.load(catalogs)
+    req = _load(request, cat)
     b = backend or req.backend or default_backend()
-    job = render(req, Catalog.load(catalogs), b)
+    job = render(req, cat, b)
     if validate:
         from hotwire.jobs.k8s import KUBERNETES_VERSION, validate_schema
 
@@ -205,10 +212,11 @@ def submit_cmd(
     """Render REQUEST and start the job on a backend."""
     from hotwire.jobs.backends import default_backend
 
-    req = load_request(request)
+    cat = Catalog.load(catalogs)
+    req = _load(request, cat)
     bname = backend or req.backend or default_backend()
     b = _backend(bname, state_dir, kubeconfig, req.namespace)
-    job = render(req, Catalog.load(catalogs), bname)
+    job = render(req, cat, bname)
     st = b.submit(job)
     if wait_s is not None:
         st = b.wait(job.name, wait_s)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -144,6 +144,41 @@ class JobRequest:
         return parse_request(d)
 
 
+@dataclass(frozen=True)
+class CatalogNames:
+    """The names the catalogs offer, so that :func:`parse_request` checks them too.
+
+    ``modes`` maps every framework of a template or an image to the modes of its
+    templates; ``templates`` and ``images`` are the catalog ids. With these, an unknown
+    framework, mode, template or image is named together with every other bad field
+    instead of failing later, alone, at selection.
+    """
+
+    modes: Mapping[str, frozenset[str]]
+    templates: frozenset[str] = frozenset()
+    images: frozenset[str] = frozenset()
+
+    @classmethod
+    def of(cls, templates: Iterable[Any], images: Iterable[Any]) -> CatalogNames:
+        """From catalog entries: templates with ``id``, ``framework``, ``mode``; images with
+        ``id`` and ``framework`` (``Catalog.templates.values()``, ``Catalog.images.values()``).
+        """
+        modes: dict[str, set[str]] = {}
+        template_ids: set[str] = set()
+        image_ids: set[str] = set()
+        for t in templates:
+            modes.setdefault(t.framework, set()).add(t.mode)
+            template_ids.add(t.id)
+        for im in images:
+            modes.setdefault(im.framework, set())
+            image_ids.add(im.id)
+        return cls(
+            modes={f: frozenset(m) for f, m in modes.items()},
+            templates=frozenset(template_ids),
+            images=frozenset(image_ids),
+        )
+
+
 _FIELDS = {
     "name",
     "framework",
@@ -168,11 +203,14 @@ _FIELDS = {
 }
 
 
-def parse_request(data: Any, *, source: str = "job request") -> JobRequest:
+def parse_request(
+    data: Any, *, source: str = "job request", names: CatalogNames | None = None
+) -> JobRequest:
     """Validate ``data`` and return a :class:`JobRequest`.
 
     Raises :class:`RequestError` listing every bad field (unknown fields included,
-    so a typo such as ``replica:`` is not silently ignored).
+    so a typo such as ``replica:`` is not silently ignored). With ``names``, the
+    framework, mode, template and image are also checked against the catalogs.
     """
     if isinstance(data, JobRequest):
         return data
@@ -251,8 +289,13 @@ def parse_request(data: Any, *, source: str = "job request") -> JobRequest:
 
     timeout = data.get("timeout")
     if timeout is not None:
-        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
-            problems.append(("timeout", f"must be a number of seconds > 0, got {timeout!r}"))
+        if (
+            isinstance(timeout, bool)
+            or not isinstance(timeout, int | float)
+            or not math.isfinite(timeout)
+            or timeout <= 0
+        ):
+            problems.append(("timeout", f"must be a finite number of seconds > 0, got {timeout!r}"))
         else:
             out["timeout"] = float(timeout)
 
@@ -307,6 +350,8 @@ def parse_request(data: Any, *, source: str = "job request") -> JobRequest:
             out[key] = tuple(str(x) for x in v)
     if "command" in out and not out["command"]:
         problems.append(("command", "must not be empty"))
+    elif "command" in out and not out["command"][0].strip():
+        problems.append(("command", "must start with the program to run, got an empty string"))
 
     env = data.get("env")
     if env is not None:
@@ -317,8 +362,10 @@ def parse_request(data: Any, *, source: str = "job request") -> JobRequest:
             for k, v in env.items():
                 if not isinstance(k, str) or not _ENV_RE.match(k):
                     problems.append((f"env.{k}", "is not a valid environment variable name"))
-                elif v is None or isinstance(v, dict | list):
-                    problems.append((f"env.{k}", f"must be a string or number, got {v!r}"))
+                elif not isinstance(v, str | int | float):  # bool is an int
+                    problems.append(
+                        (f"env.{k}", f"must be a string or number (quote it), got {v!r}")
+                    )
                 else:
                     pairs.append((k, v if isinstance(v, str) else json.dumps(v)))
             out["env"] = tuple(sorted(pairs))
@@ -326,13 +373,55 @@ def parse_request(data: Any, *, source: str = "job request") -> JobRequest:
     if not out.get("program") and not out.get("command") and not has_explicit:
         problems.append(("program", "give program (a file to run) or command"))
 
+    if names is not None:
+        problems += _catalog_problems(out, names)
+
     if problems:
         raise RequestError(problems, source)
     return JobRequest(**out)
 
 
-def load_request(path: str | Path) -> JobRequest:
-    """Read a YAML or JSON request file and validate it.
+def _catalog_problems(out: Mapping[str, Any], names: CatalogNames) -> list[tuple[str, str]]:
+    """The fields of a parsed request whose values the catalogs do not have."""
+    problems: list[tuple[str, str]] = []
+    hint = "(or add one with --catalog DIR)"
+    framework = out.get("framework")
+    if out.get("template") and out.get("image"):
+        framework = None  # both explicit: selection does not use the framework
+    if framework and framework not in names.modes:
+        problems.append(
+            (
+                "framework",
+                f"unknown framework {framework!r}; the catalogs have "
+                f"{', '.join(sorted(names.modes)) or 'none'} {hint}",
+            )
+        )
+    elif framework and not out.get("template") and names.modes[framework]:
+        mode = out.get("mode", "single")
+        if mode not in names.modes[framework]:
+            default = "" if "mode" in out else " (the default)"
+            problems.append(
+                (
+                    "mode",
+                    f"framework {framework!r} has no mode {mode!r}{default}; its modes: "
+                    f"{', '.join(sorted(names.modes[framework]))}",
+                )
+            )
+    for key, known in (("template", names.templates), ("image", names.images)):
+        value = out.get(key)
+        if value is not None and value not in known:
+            problems.append(
+                (
+                    key,
+                    f"unknown {key} {value!r}; the catalogs have "
+                    f"{', '.join(sorted(known)) or 'none'} {hint}",
+                )
+            )
+    return problems
+
+
+def load_request(path: str | Path, *, names: CatalogNames | None = None) -> JobRequest:
+    """Read a YAML or JSON request file and validate it (against ``names``, if given).
 
     Relative ``program``, ``data`` and ``working_dir`` are taken relative to the file.
     """
@@ -352,4 +441,4 @@ def load_request(path: str | Path) -> JobRequest:
             v = data.get(key)
             if isinstance(v, str) and v and not Path(v).is_absolute() and "://" not in v:
                 data[key] = str((p.parent / v).resolve())
-    return parse_request(data, source=str(p))
+    return parse_request(data, source=str(p), names=names)

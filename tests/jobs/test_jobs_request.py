@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import datetime
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
+from hotwire.cli import main
 from hotwire.jobs import JobRequest, RequestError, load_request, parse_request
-from hotwire.jobs.request import cpu_quantity, memory_quantity, parse_cpu, parse_memory
+from hotwire.jobs.catalog import Catalog
+from hotwire.jobs.request import (
+    CatalogNames,
+    cpu_quantity,
+    memory_quantity,
+    parse_cpu,
+    parse_memory,
+)
 
 GOOD = {
     "name": "scorer",
@@ -118,3 +130,121 @@ def test_cpu_quantities(text: object, cores: float) -> None:
 def test_memory_quantities(text: object, n: int) -> None:
     assert parse_memory(text) == n
     assert parse_memory(memory_quantity(n)) == n
+
+
+# -- every bad field at once, catalog names included ---------------------------------------
+
+
+def _names() -> CatalogNames:
+    cat = Catalog.load(use_env=False)
+    return CatalogNames.of(cat.templates.values(), cat.images.values())
+
+
+OK = {"name": "train", "framework": "pytorch", "command": ["python", "train.py"]}
+
+
+@pytest.mark.parametrize(
+    ("changes", "fields"),
+    [
+        # the case that used to report only replicas: the framework came later, alone
+        ({"framework": "pytorchh", "replicas": -2}, {"framework", "replicas"}),
+        ({"framework": "tensorflow", "mode": "ddp", "replicas": "2"}, {"mode", "replicas"}),
+        # tensorflow has only mode ps, so the default mode (single) is named too
+        ({"framework": "tensorflow", "timeout": float("nan")}, {"mode", "timeout"}),
+        (
+            {"template": "nope", "image": "gone", "procs_per_replica": 0, "replica": 2},
+            {"template", "image", "procs_per_replica", "replica"},
+        ),
+        (
+            {"name": 7, "framework": 3, "env": {"WHEN": datetime.date(2024, 1, 1)}},
+            {"name", "framework", "env.WHEN"},
+        ),
+        (
+            {"resources": {"cpu": "lots", "gpu": 1.5}, "command": [""], "accelerator": "tpu"},
+            {"resources.cpu", "resources.gpu", "command", "accelerator"},
+        ),
+    ],
+)
+def test_catalog_names_and_field_errors_are_named_together(
+    changes: dict[str, object], fields: set[str]
+) -> None:
+    with pytest.raises(RequestError) as ei:
+        parse_request({**OK, **changes}, names=_names())
+    assert {f for f, _ in ei.value.problems} == fields
+    msg = str(ei.value)
+    assert "\n" not in msg
+    assert msg.startswith(f"job request has {len(fields)} bad fields: ")
+    for f in fields:
+        assert f"{f}: " in msg
+
+
+def test_catalog_names_messages_say_what_there_is() -> None:
+    with pytest.raises(RequestError) as ei:
+        parse_request({**OK, "framework": "pytorchh", "image": "gone"}, names=_names())
+    problems = dict(ei.value.problems)
+    assert problems["framework"].startswith(
+        "unknown framework 'pytorchh'; the catalogs have generic, pytorch, tensorflow"
+    )
+    assert "pytorch-2.13-cpu" in problems["image"]
+    with pytest.raises(RequestError, match=re.escape("mode: framework 'tensorflow' has no mode")):
+        parse_request({**OK, "framework": "tensorflow"}, names=_names())
+
+
+def test_good_requests_pass_the_catalog_check() -> None:
+    names = _names()
+    assert parse_request(GOOD, names=names).mode == "ddp"
+    assert parse_request({**OK, "framework": "tensorflow", "mode": "ps"}, names=names)
+    # explicit template and image: the framework is not used for selection
+    explicit = {**OK, "framework": "mine", "template": "generic", "image": "python-3.11"}
+    assert parse_request(explicit, names=names).template == "generic"
+    # without names, only the fields themselves are checked (as the DL PE does)
+    assert parse_request({**OK, "framework": "pytorchh"}).framework == "pytorchh"
+
+
+BAD_FILES = [
+    ("name: x\nframework: pytorchh\nreplicas: -2\ncommand: [ls]\n", ["framework", "replicas"]),
+    (
+        "name: Bad_Name\nframework: tensorflow\nmode: ddp\nreplicas: two\ntimeout: -1\n"
+        "resources: {memory: lots}\nenv: {D: 2024-01-01}\nreplica: 2\n",
+        ["name", "mode", "replicas", "timeout", "resources.memory", "env.D", "replica", "program"],
+    ),
+    (
+        "name: x\nframework: pytorch\nimage: gone\ntemplate: nope\nargs: {a: 1}\nprogram: t.py\n",
+        ["image", "template", "args"],
+    ),
+]
+
+
+@pytest.mark.parametrize(("text", "fields"), BAD_FILES)
+@pytest.mark.parametrize("command", ["render", "submit"])
+def test_streamctl_jobs_names_every_bad_field_in_one_line(
+    state_dir: Path, tmp_path: Path, command: str, text: str, fields: list[str]
+) -> None:
+    req = tmp_path / "job.yaml"
+    req.write_text(text)
+    r = CliRunner().invoke(main, ["jobs", command, str(req)])
+    assert r.exit_code == 1, (r.stdout, r.stderr)
+    assert r.stdout == ""
+    assert r.stderr.count("\n") == 1, r.stderr
+    n = len(fields)
+    assert r.stderr.startswith(f"error: {req} has {n} bad field{'s' if n > 1 else ''}: ")
+    for f in fields:
+        assert f" {f}: " in r.stderr, (f, r.stderr)
+    assert not state_dir.exists() or not any(state_dir.iterdir())  # nothing was started
+
+
+def test_the_real_streamctl_names_every_bad_field(state_dir: Path, tmp_path: Path) -> None:
+    req = tmp_path / "job.yaml"
+    req.write_text(BAD_FILES[0][0])
+    r = subprocess.run(
+        [sys.executable, "-m", "hotwire.cli", "jobs", "submit", str(req)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 1
+    assert r.stderr.splitlines() == [
+        f"error: {req} has 2 bad fields: replicas: must be an integer >= 1, got -2; "
+        "framework: unknown framework 'pytorchh'; the catalogs have generic, pytorch, "
+        "tensorflow (or add one with --catalog DIR)"
+    ]
