@@ -152,9 +152,20 @@ def _accept_master_after(group: click.Group) -> None:
     show_default=True,
     help="seconds between checkpoints of each app (0: none)",
 )
+@click.option(
+    "--switch-timeout",
+    default=30.0,
+    show_default=True,
+    help="seconds a switch may take before the app restarts from its last checkpoint",
+)
 @click.option("--log-level", default="info", show_default=True)
 def master(
-    listen: str, data_dir: str, heartbeat_timeout: float, checkpoint_interval: float, log_level: str
+    listen: str,
+    data_dir: str,
+    heartbeat_timeout: float,
+    checkpoint_interval: float,
+    switch_timeout: float,
+    log_level: str,
 ) -> None:
     """Run the master."""
     from hotwire.master.service import Master
@@ -169,6 +180,7 @@ def master(
             data_dir=data_dir,
             heartbeat_timeout=heartbeat_timeout,
             checkpoint_interval=checkpoint_interval,
+            switch_timeout=switch_timeout,
         )
         await m.start()
         click.echo(f"master listening on {m.address}", err=True)

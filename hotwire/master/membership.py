@@ -107,7 +107,10 @@ class Membership:
         instructions: list[bytes],
         bundles: dict[str, bytes] | None = None,
         timeout: float = 60.0,
+        phase_timeout: float = 0.0,
     ) -> pb.Ack:
+        """Send one instruction batch and wait up to ``timeout`` for its ack;
+        ``phase_timeout`` tells the worker how long to wait for the phase to settle."""
         w = self.workers.get(worker)
         if w is None:
             raise WorkerGone(f"worker {worker!r} is not registered")
@@ -129,6 +132,7 @@ class Membership:
                     instructions=instructions,
                     peers=self.peers(),
                     bundles=bundles or {},
+                    timeout_s=phase_timeout,
                 )
             )
         )

@@ -242,10 +242,11 @@ class Recovery:
             {w: tuple(with_state(i) for i in ins) for w, ins in plan.prepare.items()},
             plan.switch,
         )
-        bundle = self.m.store.bundle(st.bundle) or b""
+        store = self.m.store
+        bundle = await store.read(store.bundle, st.bundle) or b""
         intent = _placement_intent(st, new_pl)
         await self.m._apply(plan, st.bundle, bundle, intent)
-        self.m._commit(intent, epoch, 0.0)
+        await asyncio.wrap_future(self.m._commit(intent, epoch, 0.0))
         ms_taken = (time.perf_counter() - t0) * 1000
         self.events.append(
             {
@@ -308,7 +309,8 @@ class Recovery:
                 plan = plan_upgrade(
                     app, epoch, st.model, st.placement, st.model, new_pl, change, st.bundle
                 )
-                bundle = self.m.store.bundle(st.bundle) if self.m.store else None
+                store = self.m.store
+                bundle = await store.read(store.bundle, st.bundle) if store else None
                 intent = _placement_intent(st, new_pl)
                 t0 = time.perf_counter()
                 await self.m._apply(plan, st.bundle, bundle or b"", intent)
@@ -333,7 +335,7 @@ class Recovery:
     # ------------------------------------------------------------------
     async def _finish_inflight(self) -> None:
         assert self.m.store is not None
-        inflight = self.m.store.inflight()
+        inflight = await self.m.store.read(self.m.store.inflight)
         if not inflight:
             return
         ms = self.m.membership

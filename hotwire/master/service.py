@@ -45,6 +45,10 @@ class Refused(Exception):
         self.code = code
 
 
+class SwitchFailed(Refused):
+    """A switch did not finish on every worker: the app is half switched."""
+
+
 @dataclass
 class AppState:
     name: str
@@ -77,8 +81,10 @@ class Master(Node):
         heartbeat_interval: float | None = None,
         heartbeat_timeout: float = 5.0,
         checkpoint_interval: float = 2.0,
+        switch_timeout: float = 30.0,
     ):
         super().__init__()
+        self.switch_timeout = switch_timeout  # longest a worker waits for a switch to settle
         self.listen = listen
         self.data_dir = Path(data_dir)
         # Several heartbeats fit in the timeout, so one late heartbeat is not a death.
@@ -297,7 +303,10 @@ class Master(Node):
             "changes": change.to_dict(),
             "rolled_back_to": rolled_back_to,
         }
-        await self._apply(plan, bundle_hash, bundle, intent)
+        try:
+            await self._apply(plan, bundle_hash, bundle, intent)
+        except SwitchFailed as e:
+            raise await self._after_failed_switch(app, e) from e
         latency = (time.perf_counter() - t0) * 1000
         await asyncio.wrap_future(self._commit(intent, epoch, latency))  # before the reply
         outcome.applied = True
@@ -311,6 +320,35 @@ class Master(Node):
             plan.count(),
         )
         return outcome
+
+    async def _after_failed_switch(self, app: str, e: SwitchFailed) -> Refused:
+        """A half-done switch must not stay: restart the running version from its last
+        checkpoint at once (a new app is stopped instead). Returns the error to report."""
+        assert self.store is not None
+        await asyncio.wrap_future(self.store.end_transition(app))
+        cur = self.apps.get(app)
+        if cur is None or cur.state != "running":
+            await asyncio.gather(
+                *(
+                    self.membership.send(w, pb.STOP, app, 0, [], timeout=10)
+                    for w in self.membership.workers
+                    if self.membership.alive(w)
+                ),
+                return_exceptions=True,
+            )
+            return Refused(e.code, f"{e}; the new app was stopped")
+        try:
+            await self.recovery.restart(app, "a switch did not finish")
+        except Exception as re:
+            log.exception("app %r: restart after a failed switch failed", app)
+            return Refused(
+                e.code,
+                f"{e}; restarting version {cur.version} from its last checkpoint failed too: {re}",
+            )
+        return Refused(
+            grpc.StatusCode.ABORTED,
+            f"{e}; version {cur.version} was restarted from its last checkpoint",
+        )
 
     def _commit(self, intent: dict[str, Any], epoch: int, latency_ms: float) -> Future[None]:
         """Record a finished transition: a new version, or new placement of the same one.
@@ -420,7 +458,15 @@ class Master(Node):
         """Send the switch phase to every worker of a plan and wait for all of them."""
 
         async def switch(w: str) -> None:
-            ack = await self.membership.send(w, pb.SWITCH, app, epoch, batches.get(w, []))
+            ack = await self.membership.send(
+                w,
+                pb.SWITCH,
+                app,
+                epoch,
+                batches.get(w, []),
+                timeout=self.switch_timeout + 10,
+                phase_timeout=self.switch_timeout,
+            )
             log.debug("app %r: %s switched in %.1f ms", app, w, ack.elapsed_ms)
             if not ack.ok:
                 raise RuntimeError(ack.error)
@@ -428,7 +474,7 @@ class Master(Node):
         results = await asyncio.gather(*(switch(w) for w in workers), return_exceptions=True)
         errors = [f"{r}" for r in results if isinstance(r, BaseException)]
         if errors:
-            raise Refused(grpc.StatusCode.INTERNAL, f"app {app!r}: switch failed: {errors[0]}")
+            raise SwitchFailed(grpc.StatusCode.INTERNAL, f"app {app!r}: switch failed: {errors[0]}")
 
     async def kill(self, app: str) -> int:
         assert self.store is not None

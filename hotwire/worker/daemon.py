@@ -30,7 +30,7 @@ from hotwire.node import Node, add_health, grpc_options, split_addr
 from hotwire.plan import from_wire
 from hotwire.proto import hotwire_pb2 as pb
 from hotwire.proto import hotwire_pb2_grpc as pb_grpc
-from hotwire.worker.runtime import Runtime
+from hotwire.worker.runtime import SWITCH_TIMEOUT_S, Runtime
 
 log = logging.getLogger(__name__)
 
@@ -285,7 +285,9 @@ class Worker(Node):
                     await asyncio.to_thread(rt.load, h)
                 await rt.prepare(batch.app, batch.version, instructions)
             elif batch.phase == pb.SWITCH:
-                await rt.switch(batch.app, batch.version, instructions)
+                await rt.switch(
+                    batch.app, batch.version, instructions, batch.timeout_s or SWITCH_TIMEOUT_S
+                )
             elif batch.phase == pb.ABORT:
                 await rt.abort(batch.app, batch.version)
             elif batch.phase == pb.STOP:
