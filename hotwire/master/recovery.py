@@ -30,11 +30,12 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 
 from hotwire.codec import unpackb
+from hotwire.master.cut import states_for_restart
 from hotwire.master.diff import ChangeSet, diff
 from hotwire.master.planner import plan_upgrade
 from hotwire.master.scheduler import SchedulingError, schedule
 from hotwire.model import LogicalModel
-from hotwire.plan import Plan, StartInstance, parse_instance_id, placement_to_dict
+from hotwire.plan import Plan, StartInstance, placement_to_dict
 from hotwire.proto import hotwire_pb2 as pb
 
 if TYPE_CHECKING:
@@ -83,9 +84,33 @@ class Recovery:
                 if st.state == "running" and name not in self.m.locks:
                     await self.checkpoint(name)
 
+    def abandon_checkpoint(self, app: str) -> None:
+        """A transition begins: no checkpoint may cut across it, so the one in
+        flight (if any) can no longer complete; its late reports are ignored."""
+        p = self.pending.pop(app, None)
+        if p is not None:
+            log.debug("app %r: checkpoint %d abandoned: a transition begins", app, p.id)
+
+    def checkpoint_soon(self, app: str) -> None:
+        """Checkpoint ``app`` as soon as the transition that holds its lock ends
+        (every commit is followed by a checkpoint of the new epoch at once)."""
+
+        async def run() -> None:
+            while app in self.m.locks:
+                await asyncio.sleep(0.005)
+            st = self.m.apps.get(app)
+            if st is not None and st.state == "running":
+                await self.checkpoint(app)
+
+        self.m.spawn(run(), name=f"checkpoint-{app}")
+
     async def checkpoint(self, app: str, wait: bool = False) -> bool:
-        """Start a checkpoint of ``app``; with ``wait``, return whether it completed."""
+        """Start a checkpoint of ``app``; with ``wait``, return whether it completed.
+
+        Not while a transition of the app is in flight (it would cut across it)."""
         assert self.m.store is not None
+        if app in self.m.locks:
+            return False
         p = self.pending.get(app)
         if p is not None and time.monotonic() - p.started < CHECKPOINT_TIMEOUT_S:
             return False  # one at a time
@@ -199,7 +224,6 @@ class Recovery:
             self.handled.discard(dead)
         finally:
             self.m.locks.pop(app, None)
-        self.m.spawn(self.checkpoint(app), name=f"checkpoint-{app}")
 
     async def restart(self, app: str, why: str, dead: str = "") -> None:
         """Stop ``app`` everywhere and start its running version from its last
@@ -229,11 +253,15 @@ class Recovery:
             raise RuntimeError(f"app {app!r} cannot be restarted now: {e}") from e
         plan = plan_upgrade(app, epoch, empty, {}, st.model, new_pl, change, st.bundle)
 
+        restored = states_for_restart(
+            states,
+            {pe: pl.parallelism for pe, pl in new_pl.items()},
+            {pe: st.model.pe(pe).keyed for pe in new_pl},
+        )
+
         def with_state(ins: Any) -> Any:
-            if isinstance(ins, StartInstance):
-                old = st.placement[ins.pe].instance(ins.pe, ins.index)
-                if old in states and st.placement[ins.pe].parallelism == ins.parallelism:
-                    return replace(ins, initial_state=states[old])
+            if isinstance(ins, StartInstance) and (ins.pe, ins.index) in restored:
+                return replace(ins, initial_state=restored[(ins.pe, ins.index)])
             return ins
 
         plan = Plan(
@@ -268,19 +296,14 @@ class Recovery:
         )
 
     def _checkpoint_states(self, app: str) -> dict[str, Any]:
+        """The last complete checkpoint of ``app``: every instance's state in one cut."""
         assert self.m.store is not None
         ck = self.m.store.checkpoint(app)
         if ck is None:
             return {}
         _cid, _epoch, blob = ck
         raw: dict[str, bytes] = unpackb(blob)
-        st = self.m.apps[app]
-        out: dict[str, Any] = {}
-        for iid, data in raw.items():
-            pe, gen, _ = parse_instance_id(iid)
-            if pe in st.placement and st.placement[pe].gen == gen:
-                out[iid] = unpackb(data)
-        return out
+        return {iid: unpackb(data) for iid, data in raw.items()}
 
     def free_slots(self, app: str) -> dict[str, int]:
         return {w: n for w, n in self.m._free_slots(app).items() if w not in self.draining}

@@ -377,6 +377,7 @@ class Master(Node):
         self.apps[app.app] = AppState(
             app.app, intent["version"], "running", app, intent["bundle"], placement, epoch
         )
+        self.recovery.checkpoint_soon(app.app)
         return written
 
     async def _apply(
@@ -389,6 +390,7 @@ class Master(Node):
         when it starts again.
         """
         assert self.store is not None
+        self.recovery.abandon_checkpoint(plan.app)
         m = self.membership
         record = {
             **intent,

@@ -114,6 +114,7 @@ class LocalCluster:
         heartbeat_timeout: float = 5.0,
         log_level: str = "info",
         switch_timeout: float = 30.0,
+        checkpoint_interval: float = 2.0,
     ):
         self._tmp = (
             tempfile.TemporaryDirectory(prefix="hotwire-cluster-") if data_dir is None else None
@@ -124,6 +125,7 @@ class LocalCluster:
         self.slots = slots
         self.heartbeat_timeout = heartbeat_timeout
         self.switch_timeout = switch_timeout
+        self.checkpoint_interval = checkpoint_interval
         self.log_level = log_level
         self.master: _Proc | None = None
         self.workers: list[_Proc] = []
@@ -161,6 +163,8 @@ class LocalCluster:
                 str(self.heartbeat_timeout),
                 "--switch-timeout",
                 str(self.switch_timeout),
+                "--checkpoint-interval",
+                str(self.checkpoint_interval),
             ],
             self.dir / f"master.{self._restarts}.log",
             r"master listening on (\S+)",

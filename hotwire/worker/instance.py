@@ -188,7 +188,17 @@ class Instance:
                 else:
                     await self._process(ch, payload, ret)
             elif kind == BARRIER:
-                await self._on_barrier(ch, payload)
+                if (
+                    self.pending_preds
+                    or ch in self.holding
+                    or ch in self.epoch_held
+                    or ch in self.barrier_held
+                ):
+                    # A barrier stays behind the batches held before it on its
+                    # channel: the cut must include them.
+                    self.held.setdefault(ch, []).append((None, payload))
+                else:
+                    await self._on_barrier(ch, payload)
             elif kind == END:
                 await self._on_end(ch)
             elif kind == EPOCH:
@@ -234,8 +244,15 @@ class Instance:
                 continue
             if channels is None or ch in channels:
                 batches = self.held.pop(ch)
-                for records, ret in batches:
-                    await self._process(ch, records, ret)
+                for i, (records, ret) in enumerate(batches):
+                    if records is not None:
+                        await self._process(ch, records, ret)
+                        continue
+                    await self._on_barrier(ch, ret)  # a queued barrier: ``ret`` is its id
+                    if ch in self.barrier_held:
+                        # Held again until the checkpoint aligns; the rest waits.
+                        self.held[ch] = self.held.get(ch, []) + batches[i + 1 :]
+                        break
 
     async def _on_end(self, ch: str) -> None:
         self.inputs.discard(ch)
@@ -320,9 +337,9 @@ class Instance:
             return [[k, v] for k, v in state.items()]
         return state
 
-    def restore_checkpoint(self, state: Any) -> None:
-        """Start from a checkpoint's state (recovery after a worker failure)."""
-        self._restore([state])
+    def restore_checkpoint(self, states: list[Any]) -> None:
+        """Start from a checkpoint's states (recovery: one or, after a rescale, several)."""
+        self._restore(states)
 
     async def _source_checkpoint(self, cid: int) -> None:
         self.last_checkpoint = max(self.last_checkpoint, cid)
@@ -524,7 +541,13 @@ class Instance:
 
     def _unprocessed(self) -> list[Any]:
         """Held input this instance never processed, in order per channel."""
-        pending = [r for batches in self.held.values() for records, _ in batches for r in records]
+        pending = [
+            r
+            for batches in self.held.values()
+            for records, _ in batches
+            if records is not None  # not a queued barrier
+            for r in records
+        ]
         self.held.clear()
         return pending
 
