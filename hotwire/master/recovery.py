@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -154,9 +155,11 @@ class Recovery:
         del self.pending[rep.app]
         st = self.m.apps.get(rep.app)
         if st is not None and st.epoch == p.epoch and self.m.store is not None:
-            self.m.store.put_checkpoint(
+            stored = self.m.store.put_checkpoint(
                 rep.app, p.id, p.epoch, msgpack.packb(p.states, use_bin_type=True)
             )
+            workers = sorted({w for pl in st.placement.values() for w in pl.workers})
+            self.m.spawn(self._committed(rep.app, p.id, stored, workers), name="committed")
             log.debug(
                 "app %r: checkpoint %d complete in %.1f ms",
                 rep.app,
@@ -164,6 +167,20 @@ class Recovery:
                 (time.monotonic() - p.started) * 1000,
             )
         p.done.set()
+
+    async def _committed(
+        self, app: str, cid: int, stored: Future[None], workers: list[str]
+    ) -> None:
+        """Once checkpoint ``cid`` is durable, let the app's transactional sinks commit."""
+        try:
+            await asyncio.wrap_future(stored)
+        except Exception:
+            return  # not stored (logged by the store): nothing may commit
+        ms = self.m.membership
+        await asyncio.gather(
+            *(ms.send(w, pb.COMMITTED, app, cid, [], timeout=5) for w in workers if ms.alive(w)),
+            return_exceptions=True,
+        )
 
     # ------------------------------------------------------------------
     # Liveness

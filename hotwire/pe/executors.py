@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from itertools import chain
 from operator import length_hint
@@ -333,3 +334,67 @@ EXECUTORS: dict[str, type[Executor]] = {
     "process": ProcessExecutor,
     "dl_job": ProcessExecutor,
 }
+
+
+class TransactionalSinkExecutor(Executor):
+    """A :class:`hotwire.sinks.TransactionalSink` class: one object per instance.
+
+    Its state is the list of pre-committed, not yet committed transactions as
+    ``[checkpoint id, handle]`` pairs; a handle commits when that checkpoint is
+    complete, or at once when a recovery restores it (its checkpoint completed).
+    """
+
+    def __init__(self, cls: Any, ctx: Any, on_error: ErrorHook, key_fn: Any = None):
+        self.obj = cls()
+        super().__init__(self.obj.write, ctx, on_error, key_fn)
+        self.pending: list[list[Any]] = []
+        self._token = uuid.uuid4().hex[:12]
+        self._txns = 0
+
+    def _begin(self) -> None:
+        self._txns += 1
+        self.obj.begin(
+            f"{self.ctx.app}.{self.ctx.pe}.{self.ctx.instance}.{self._token}.{self._txns}"
+        )
+
+    async def setup(self) -> None:
+        self.obj.setup(self.ctx)
+        self._begin()
+
+    async def process(self, records: list[Any]) -> list[Any]:
+        await self._each(records, self.fn)
+        return []
+
+    def pre_commit(self, checkpoint: int) -> None:
+        """At a barrier (or retirement): the open transaction joins the pending ones."""
+        handle = self.obj.pre_commit()
+        if handle is not None:
+            self.pending.append([checkpoint, handle])
+        self._begin()
+
+    def checkpoint_complete(self, checkpoint: int) -> None:
+        """Checkpoint ``checkpoint`` is stored: commit what it covers, in order."""
+        done = [p for p in self.pending if p[0] <= checkpoint]
+        for _cid, handle in done:
+            self.obj.commit(handle)
+        self.pending = [p for p in self.pending if p[0] > checkpoint]
+
+    def commit_all(self) -> None:
+        """Commit every pending transaction (a recovery restored them, or the sink
+        is removed by an upgrade and nothing can replay into it)."""
+        for _cid, handle in self.pending:
+            self.obj.commit(handle)
+        self.pending = []
+
+    def snapshot(self) -> Any:
+        return {"pending": [list(p) for p in self.pending]}
+
+    def restore(self, states: list[Any]) -> None:
+        for s in states:
+            if isinstance(s, dict):
+                self.pending.extend(list(p) for p in s.get("pending", ()))
+        self.pending.sort(key=lambda p: p[0])
+
+    async def teardown(self) -> None:
+        self.obj.abort()
+        self.obj.teardown()

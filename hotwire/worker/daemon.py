@@ -294,6 +294,8 @@ class Worker(Node):
                 await rt.stop(batch.app)
             elif batch.phase == pb.CHECKPOINT:
                 rt.checkpoint(batch.app, batch.version)
+            elif batch.phase == pb.COMMITTED:
+                rt.checkpoint_done(batch.app, batch.version)
             else:
                 raise ValueError(f"unknown phase {batch.phase}")
         except Exception as e:

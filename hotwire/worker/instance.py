@@ -59,6 +59,13 @@ class Checkpoint:
     id: int
 
 
+@dataclass(frozen=True)
+class CheckpointDone:
+    """Control item: checkpoint ``id`` is stored; transactional sinks commit up to it."""
+
+    id: int
+
+
 class StateError(Exception):
     """A PE's snapshot cannot be serialised; the message names the PE."""
 
@@ -291,6 +298,9 @@ class Instance:
     async def _complete_checkpoint(self, cid: int) -> None:
         del self.barrier_need[cid]
         self.last_checkpoint = max(self.last_checkpoint, cid)
+        pre_commit = getattr(self.executor, "pre_commit", None)
+        if pre_commit is not None:
+            pre_commit(cid)  # the open transaction becomes part of this checkpoint
         try:
             state = self._checked(self._snapshot())
         except StateError as e:
@@ -338,8 +348,14 @@ class Instance:
         return state
 
     def restore_checkpoint(self, states: list[Any]) -> None:
-        """Start from a checkpoint's states (recovery: one or, after a rescale, several)."""
+        """Start from a checkpoint's states (recovery: one or, after a rescale, several).
+
+        A transactional sink commits the transactions the checkpoint holds: the
+        checkpoint is complete, so they are part of the output."""
         self._restore(states)
+        commit_all = getattr(self.executor, "commit_all", None)
+        if commit_all is not None:
+            commit_all()
 
     async def _source_checkpoint(self, cid: int) -> None:
         self.last_checkpoint = max(self.last_checkpoint, cid)
@@ -399,6 +415,10 @@ class Instance:
             self.retire = item
         elif isinstance(item, Checkpoint) and self.kind == "source":
             await self._source_checkpoint(item.id)
+        elif isinstance(item, CheckpointDone):
+            done = getattr(self.executor, "checkpoint_complete", None)
+            if done is not None:
+                done(item.id)
 
     async def _on_epoch(self, ch: str, version: int) -> None:
         # Records behind the marker belong after the cut: hold them until we switch.
@@ -520,6 +540,14 @@ class Instance:
             self.runtime.forget_out(self.app, ch)
         self.out.clear()
         succ = retire.successors
+        pre_commit = getattr(self.executor, "pre_commit", None)
+        if pre_commit is not None:
+            # A transactional sink's open transaction is pre-committed and handed
+            # over; it commits with the successor's next complete checkpoint. With
+            # no successor (the sink is removed) nothing can replay into it: commit.
+            pre_commit(self.last_checkpoint + 1)
+            if not succ:
+                self.executor.commit_all()  # type: ignore[union-attr]
         pending = self._unprocessed()
         if succ:
             parts = self._split_state(retire)

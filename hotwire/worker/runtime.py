@@ -18,7 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hotwire.pe.executors import EXECUTORS, Executor, ProcessExecutor
+from hotwire.pe.executors import (
+    EXECUTORS,
+    Executor,
+    ProcessExecutor,
+    TransactionalSinkExecutor,
+)
 from hotwire.plan import Gate, Instruction, KeyRef, Retire, Route, StartInstance, Switch
 from hotwire.worker.channels import (
     BARRIER,
@@ -33,7 +38,7 @@ from hotwire.worker.channels import (
     RouteState,
 )
 from hotwire.worker.channels import BATCH as _BATCH
-from hotwire.worker.instance import Checkpoint, Instance
+from hotwire.worker.instance import Checkpoint, CheckpointDone, Instance
 from hotwire.worker.transport import DataPlane, Frame, Link, encode
 
 log = logging.getLogger(__name__)
@@ -134,6 +139,17 @@ class Runtime:
             return False
         inst.inbox.put_nowait((BARRIER, channel, checkpoint, None))
         return True
+
+    def checkpoint_done(self, app: str, checkpoint: int) -> int:
+        """Checkpoint ``checkpoint`` of ``app`` is stored: tell its transactional sinks."""
+        sinks = [
+            i
+            for (a, _), i in self.instances.items()
+            if a == app and isinstance(i.executor, TransactionalSinkExecutor)
+        ]
+        for inst in sinks:
+            inst.inbox.put_nowait((CONTROL, None, CheckpointDone(checkpoint), None))
+        return len(sinks)
 
     def checkpoint(self, app: str, checkpoint: int) -> int:
         """Start checkpoint ``checkpoint`` at this worker's source instances of ``app``."""
@@ -258,6 +274,8 @@ class Runtime:
                 executor: Executor
                 if ins.kind in ("process", "dl_job"):
                     executor = ProcessExecutor(impl.cls, ctx, inst.on_error, key_fn)
+                elif ins.kind == "sink" and _is_transactional(impl.fn):
+                    executor = TransactionalSinkExecutor(impl.fn, ctx, inst.on_error, key_fn)
                 else:
                     executor = EXECUTORS[ins.kind](impl.fn, ctx, inst.on_error, key_fn)
                 inst.executor = executor
@@ -442,3 +460,9 @@ def _dialer(dataplane: DataPlane, worker: str) -> Any:
         return await dataplane.link(worker)
 
     return dial
+
+
+def _is_transactional(fn: Any) -> bool:
+    from hotwire.sinks import TransactionalSink
+
+    return isinstance(fn, type) and issubclass(fn, TransactionalSink)
