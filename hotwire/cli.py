@@ -655,6 +655,8 @@ def workers(ctx: click.Context, as_json: bool) -> None:
                 "slots": w.slots,
                 "last_heartbeat_s": round(w.last_heartbeat_age_s, 2),
                 "instances": list(w.instances),
+                "session": w.epoch,
+                "fenced": w.fenced,
             }
             for w in r.workers
         ]
@@ -663,10 +665,10 @@ def workers(ctx: click.Context, as_json: bool) -> None:
             if not ws:
                 click.echo("no workers")
             for w in ws:
-                state = "alive" if w["alive"] else "dead"
+                state = "fenced" if w["fenced"] else "alive" if w["alive"] else "dead"
                 click.echo(
-                    f"{w['name']:<12} {w['address']:<22} {state:<5} "
-                    f"{len(w['instances'])}/{w['slots']} slots"
+                    f"{w['name']:<12} {w['address']:<22} {state:<6} "
+                    f"{len(w['instances'])}/{w['slots']} slots, session {w['session']}"
                 )
 
         _emit(as_json, {"workers": ws}, human)

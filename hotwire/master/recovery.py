@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
@@ -64,6 +65,8 @@ class Recovery:
         self.pending: dict[str, PendingCheckpoint] = {}
         self.last_checkpoint: dict[str, int] = {}
         self.handled: set[str] = set()  # dead workers already dealt with
+        # (app, dead worker) of recoveries spawned and not finished yet
+        self.recovering: Counter[tuple[str, str]] = Counter()
         self.draining: set[str] = set()
         self.started = time.monotonic()
         self.events: list[dict[str, Any]] = []  # recoveries and drains, for status and tests
@@ -189,10 +192,34 @@ class Recovery:
         self.handled.discard(name)
         self.draining.discard(name)
 
+    def doomed(self) -> set[str]:
+        """Apps that a pending recovery will restart whole: it waits for, or runs, the
+        restart of an app that still places instances on the dead worker."""
+        out: set[str] = set()
+        for app, dead in self.recovering:
+            st = self.m.apps.get(app)
+            if st is not None and st.state == "running":
+                if any(dead in pl.workers for pl in st.placement.values()):
+                    out.add(app)
+        return out
+
     async def _monitor(self) -> None:
         ms = self.m.membership
+        tick = min(0.25, ms.heartbeat_timeout / 4)
+        last = time.monotonic()
         while True:
-            await asyncio.sleep(min(0.25, ms.heartbeat_timeout / 4))
+            await asyncio.sleep(tick)
+            now = time.monotonic()
+            late, last = now - last - tick, now
+            if late > ms.heartbeat_timeout / 2:
+                # The master itself did not run for a while (paused or starved): the
+                # heartbeats that arrived meanwhile are not read yet. Read them first.
+                log.warning(
+                    "the master did not run for %.1f s; liveness is judged again after "
+                    "the heartbeats that arrived meanwhile",
+                    late,
+                )
+                continue
             dead = {n for n in ms.workers if not ms.alive(n)}
             # A worker whose heartbeats came back can die again later.
             self.handled -= {n for n in ms.workers if ms.alive(n)}
@@ -208,6 +235,15 @@ class Recovery:
                         }
             for name in sorted(dead - self.handled):
                 self.handled.add(name)
+                w = ms.workers.get(name)
+                if w is not None:
+                    # Declared dead: its session is over. Whatever it sends under it is
+                    # refused, and it stops what it runs before it may register again.
+                    ms.fence(
+                        name,
+                        f"declared dead: no heartbeat for {now - w.last_seen:.1f} s, more "
+                        f"than the heartbeat timeout of {ms.heartbeat_timeout:g} s",
+                    )
                 apps = [
                     a
                     for a, st in self.m.apps.items()
@@ -221,6 +257,7 @@ class Recovery:
                         ", ".join(repr(a) for a in apps),
                     )
                 for app in apps:
+                    self.recovering[(app, name)] += 1
                     self.m.spawn(self.recover(app, name), name=f"recover-{app}")
 
     async def _wait_unlocked(self, app: str, what: str) -> None:
@@ -241,6 +278,9 @@ class Recovery:
             self.handled.discard(dead)
         finally:
             self.m.locks.pop(app, None)
+            self.recovering[(app, dead)] -= 1
+            if self.recovering[(app, dead)] <= 0:
+                del self.recovering[(app, dead)]
 
     async def restart(self, app: str, why: str, dead: str = "") -> None:
         """Stop ``app`` everywhere and start its running version from its last

@@ -23,7 +23,7 @@ import grpc
 import msgpack
 
 from hotwire.master.diff import ChangeSet, diff
-from hotwire.master.membership import Membership, WorkerGone
+from hotwire.master.membership import Membership, SessionRefused, WorkerGone, stale_instances
 from hotwire.master.planner import plan_stop, plan_upgrade
 from hotwire.master.recovery import Recovery
 from hotwire.master.scheduler import SchedulingError, schedule
@@ -105,6 +105,8 @@ class Master(Node):
 
     async def _start(self) -> None:
         store = self.store = await asyncio.to_thread(Store, self.data_dir / "hotwire.db")
+        # Session epochs keep growing across restarts: a fencing token is never reused.
+        self.membership.epochs.update(await store.read(store.worker_epochs))
         for name, version, state, epoch in await store.read(store.apps):
             rec = await store.read(store.version, name, version)
             if rec is not None:
@@ -588,8 +590,21 @@ class Master(Node):
                 alive=self.membership.alive(name),
                 last_heartbeat_age_s=now - w.last_seen,
                 instances=[f"{r.app}/{r.instance}" for r in w.running],
+                epoch=w.epoch,
+                fenced=w.fenced,
             )
         return reply
+
+    def reconcile(
+        self, worker: str, running: list[pb.RunningInstance], registering: bool
+    ) -> list[pb.InstanceRef]:
+        """What ``worker`` reports running that must stop (``membership.stale_instances``).
+
+        At registration, the instances of an app whose recovery is pending from a
+        worker it still places instances on are stale too: that recovery restarts
+        all of the app from its checkpoint, so they would only run beside it."""
+        doomed = self.recovery.doomed() if registering else set()
+        return stale_instances(worker, running, self.apps, doomed)
 
 
 def _upgrade_reply(o: Outcome) -> pb.UpgradeReply:
@@ -678,38 +693,74 @@ class WorkerService(pb_grpc.WorkerControlServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 "a worker must register with a name and a data address",
             )
-        w = self.m.membership.register(request)
+        ms = self.m.membership
+        epoch = ms.next_epoch(request.name)
+        if self.m.store is not None:
+            # Durable before the worker uses it: epochs never repeat, even after a crash.
+            await asyncio.wrap_future(self.m.store.put_worker_epoch(request.name, epoch))
+        w, fenced = ms.register(request, epoch)
+        # Reconcile what it runs with the placements: what they no longer put on this
+        # worker (its apps restarted elsewhere while it was away) stops before it rejoins.
+        stale = self.m.reconcile(w.name, list(request.running), registering=True)
+        gone = {(r.app, r.instance) for r in stale}
+        w.running = [r for r in request.running if (r.app, r.instance) not in gone]
         self.m.recovery.on_register(w.name)
         log.info(
-            "worker %s registered (data %s, %d slots, %d instances running)",
+            "worker %s registered, session %d (data %s, %d slots, %d instances running%s)",
             w.name,
+            w.epoch,
             w.data_address,
             w.slots,
             len(w.running),
+            f"; its previous session was fenced: {fenced}" if fenced else "",
         )
+        if stale:
+            log.warning(
+                "worker %s runs %d instance(s) the master no longer places on it (%s); "
+                "it stops them before it rejoins",
+                w.name,
+                len(stale),
+                _names(stale),
+            )
         return pb.RegisterReply(
-            session=w.session, heartbeat_interval_s=self.m.membership.heartbeat_interval
+            session=w.session,
+            heartbeat_interval_s=ms.heartbeat_interval,
+            heartbeat_timeout_s=ms.heartbeat_timeout,
+            epoch=w.epoch,
+            stale=stale,
+            fenced=fenced,
         )
 
     async def Heartbeat(self, request: Any, context: Any) -> pb.HeartbeatReply:
-        if self.m.membership.heartbeat(request) is None:
-            await context.abort(
-                grpc.StatusCode.NOT_FOUND,
-                f"worker {request.name!r} has no session {request.session!r}; register again",
+        try:
+            w = self.m.membership.heartbeat(request)
+        except SessionRefused as e:
+            await context.abort(e.code, str(e))
+        stale = self.m.reconcile(w.name, list(request.running), registering=False)
+        if stale:
+            log.warning(
+                "worker %s runs %d instance(s) the master does not place on it (%s); "
+                "told to stop them",
+                w.name,
+                len(stale),
+                _names(stale),
             )
-        return pb.HeartbeatReply()
+        return pb.HeartbeatReply(stale=stale)
 
     async def Control(self, request_iterator: Any, context: Any) -> None:
         await self.m.membership.serve_control(context)
 
     async def Drain(self, request: Any, context: Any) -> pb.DrainReply:
-        w = self.m.membership.workers.get(request.name)
-        if w is None or w.session != request.session:
-            await context.abort(
-                grpc.StatusCode.NOT_FOUND,
-                f"worker {request.name!r} has no session {request.session!r}",
-            )
+        try:
+            self.m.membership.check(request.name, request.session)
+        except SessionRefused as e:
+            await context.abort(e.code, str(e))
         moved = await _guard(context, self.m.recovery.drain(request.name))
         if self.m.store is not None:
             await self.m.store.flush()  # the new placements are recorded before the reply
         return pb.DrainReply(moved=moved)
+
+
+def _names(refs: list[pb.InstanceRef], most: int = 5) -> str:
+    names = [f"{r.app}/{r.instance}" for r in refs[:most]]
+    return ", ".join(names) + (f" and {len(refs) - most} more" if len(refs) > most else "")

@@ -64,6 +64,10 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     created REAL NOT NULL,
     states BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS workers (
+    name TEXT PRIMARY KEY,
+    epoch INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS inflight (
     app TEXT PRIMARY KEY,
     epoch INTEGER NOT NULL,
@@ -244,6 +248,23 @@ class Store:
     def _load_checkpoints(self) -> dict[str, tuple[int, int, bytes]]:
         rows = self.db.execute("SELECT app, id, epoch, states FROM checkpoints")
         return {str(a): (int(i), int(e), bytes(s)) for a, i, e, s in rows}
+
+    # -- worker sessions (fencing epochs) --------------------------------
+    def put_worker_epoch(self, name: str, epoch: int) -> Future[None]:
+        """The epoch of worker ``name``'s latest session (it only grows)."""
+        return self._write(
+            self._execute,
+            "INSERT INTO workers (name, epoch) VALUES (?, ?) "
+            "ON CONFLICT(name) DO UPDATE SET epoch = MAX(epoch, excluded.epoch)",
+            (name, epoch),
+        )
+
+    def worker_epochs(self) -> dict[str, int]:
+        """Blocks until the store's thread read it: ``await store.read(store.worker_epochs)``."""
+        return self._wait(self._worker_epochs)
+
+    def _worker_epochs(self) -> dict[str, int]:
+        return {str(n): int(e) for n, e in self.db.execute("SELECT name, epoch FROM workers")}
 
     def set_state(self, app: str, state: str) -> Future[None]:
         return self._write(self._execute, "UPDATE apps SET state = ? WHERE app = ?", (state, app))

@@ -2,18 +2,27 @@
 
 Every process binds port 0 on loopback and reports its address; the cluster
 stops every process it started. Faults are real: :meth:`LocalCluster.kill_worker`
-sends SIGKILL, :meth:`LocalCluster.restart_master` stops and starts the master
-on the same data directory and port.
+sends SIGKILL, :meth:`LocalCluster.pause_worker` and :meth:`LocalCluster.resume_worker`
+send SIGSTOP and SIGCONT (a worker frozen for a while, as by a long pause of its
+host), :meth:`LocalCluster.partition_worker` and :meth:`LocalCluster.heal_worker`
+cut and restore a worker's connections to the master (with ``control_proxy=True``
+each worker reaches the master through a TCP proxy of its own; the data plane
+between workers is not cut), :meth:`LocalCluster.restart_master` stops and starts
+the master on the same data directory and port.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import select
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -77,6 +86,7 @@ class _Proc:
             args, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
         )
         self.address = ""
+        self.paused = False
 
     def wait_address(self, timeout: float = 30) -> str:
         def found() -> str | None:
@@ -91,9 +101,20 @@ class _Proc:
         self.address = poll_for(found, timeout, what=f"{self.label} to start")
         return self.address
 
+    def pause(self) -> None:
+        """SIGSTOP: every thread of the process stands still until :meth:`resume`."""
+        self.proc.send_signal(signal.SIGSTOP)
+        self.paused = True
+
+    def resume(self) -> None:
+        self.proc.send_signal(signal.SIGCONT)
+        self.paused = False
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10) -> int | None:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
+            if self.paused and sig != signal.SIGKILL:
+                self.resume()  # a stopped process acts on the signal once it runs again
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -101,6 +122,87 @@ class _Proc:
                 self.proc.wait(5)
         self.log.close()
         return self.proc.returncode
+
+
+class _Proxy:
+    """A TCP proxy from one worker to the master that a test can partition and heal.
+
+    Partitioned, it resets every connection it carries and holds new ones open
+    without forwarding a byte (as a network that drops packets), so the worker's
+    RPCs time out and the master sees the worker go silent; healed, it forwards again.
+    """
+
+    def __init__(self, target: str):
+        host, _, port = target.rpartition(":")
+        self.target = (host, int(port))
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self.sock.getsockname()[1]}"
+        self.partitioned = False
+        self._conns: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._closed = False
+        threading.Thread(target=self._accept, name="hotwire-test-proxy", daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            with self._lock:
+                self._conns.append(client)
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        while self.partitioned and not self._closed:
+            time.sleep(0.05)  # a blackhole: accepted, nothing goes through
+        try:
+            upstream = socket.create_connection(self.target, timeout=5)
+        except OSError:
+            _reset(client)
+            return
+        with self._lock:
+            self._conns.append(upstream)
+        pair = {client: upstream, upstream: client}
+        try:
+            while not self.partitioned and not self._closed:
+                ready, _, _ = select.select(list(pair), [], [], 0.05)
+                for s in ready:
+                    data = s.recv(65536)
+                    if not data:
+                        return
+                    pair[s].sendall(data)
+        except (OSError, ValueError):  # ValueError: partition() closed a socket meanwhile
+            return
+        finally:
+            with self._lock:
+                self._conns = [c for c in self._conns if c not in pair]
+            _reset(client)
+            _reset(upstream)
+
+    def partition(self) -> None:
+        self.partitioned = True
+        with self._lock:
+            conns, self._conns = self._conns, []
+        for c in conns:
+            _reset(c)
+
+    def heal(self) -> None:
+        self.partitioned = False
+
+    def close(self) -> None:
+        self._closed = True
+        self.partition()
+        self.sock.close()
+
+
+def _reset(sock: socket.socket) -> None:
+    """Close with a TCP reset, as a connection lost in a partition."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
+    sock.close()
 
 
 class LocalCluster:
@@ -115,6 +217,7 @@ class LocalCluster:
         log_level: str = "info",
         switch_timeout: float = 30.0,
         checkpoint_interval: float = 2.0,
+        control_proxy: bool = False,
     ):
         self._tmp = (
             tempfile.TemporaryDirectory(prefix="hotwire-cluster-") if data_dir is None else None
@@ -131,6 +234,8 @@ class LocalCluster:
         self.workers: list[_Proc] = []
         self._client: Client | None = None
         self._restarts = 0
+        self.control_proxy = control_proxy  # each worker reaches the master through a _Proxy
+        self.proxies: dict[str, _Proxy] = {}
 
     # -- lifecycle ---------------------------------------------------------
     def start(self) -> LocalCluster:
@@ -175,6 +280,10 @@ class LocalCluster:
         self._client = Client(self.address)
 
     def add_worker(self, name: str) -> _Proc:
+        master = self.address
+        if self.control_proxy:
+            control = self.proxies[name] = _Proxy(self.address)
+            master = control.address
         p = _Proc(
             name,
             [
@@ -182,7 +291,7 @@ class LocalCluster:
                 "-m",
                 "hotwire.cli",
                 "--master",
-                self.address,
+                master,
                 "worker",
                 "--name",
                 name,
@@ -206,6 +315,8 @@ class LocalCluster:
             self.master.stop()
         for w in self.workers:
             w.stop()
+        for proxy in self.proxies.values():
+            proxy.close()
         if self._client is not None:
             self._client.close()
             self._client = None
@@ -223,6 +334,29 @@ class LocalCluster:
         for w in self.workers:
             if w.label == name:
                 w.stop(signal.SIGKILL)
+
+    def worker(self, name: str) -> _Proc:
+        """The process of the worker called ``name``."""
+        for w in self.workers:
+            if w.label == name:
+                return w
+        raise KeyError(f"no worker named {name!r} in this cluster")
+
+    def pause_worker(self, name: str) -> None:
+        """Freeze a worker with SIGSTOP: no heartbeat, no record, no answer until resumed."""
+        self.worker(name).pause()
+
+    def resume_worker(self, name: str) -> None:
+        """SIGCONT a worker frozen by :meth:`pause_worker`."""
+        self.worker(name).resume()
+
+    def partition_worker(self, name: str) -> None:
+        """Cut ``name`` off the master (needs ``control_proxy=True``); its data plane stays."""
+        self.proxies[name].partition()
+
+    def heal_worker(self, name: str) -> None:
+        """End a :meth:`partition_worker`: the worker reaches the master again."""
+        self.proxies[name].heal()
 
     def restart_master(self, down_s: float = 0.0) -> None:
         assert self.master is not None

@@ -7,7 +7,16 @@ master is back.
 Heartbeats do not depend on the event loop: user code runs on the loop and a
 long synchronous call blocks it, so a dedicated thread sends them over its own
 synchronous channel, reporting the last snapshot of the running instances the
-loop made.
+loop made. The same thread keeps the worker's clock: it notices when the whole
+process stood still (SIGSTOP, a paused host) and holds the output of sources
+and sinks until the master answers (``hotwire.worker.fence``).
+
+Fencing. A session the master refuses as fenced (it declared the worker dead,
+or a later registration replaced it) ends: sources and sinks hold their output,
+the worker registers again, stops every instance the registration names as
+stale (the master no longer places it here), and only then opens its new
+session and lets output flow. A master that cannot be reached fences nothing:
+the instances keep running and output flows.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ from hotwire.node import Node, add_health, grpc_options, split_addr
 from hotwire.plan import from_wire
 from hotwire.proto import hotwire_pb2 as pb
 from hotwire.proto import hotwire_pb2_grpc as pb_grpc
+from hotwire.worker.fence import TICK_S
 from hotwire.worker.runtime import SWITCH_TIMEOUT_S, Runtime
 
 log = logging.getLogger(__name__)
@@ -58,6 +68,8 @@ class Worker(Node):
         self.data_dir = Path(data_dir)
         self.runtime = Runtime(self.name, self.data_dir / "bundles")
         self.session = ""
+        self.epoch = 0  # the number of the current session (fencing epoch)
+        self._rejoin_now = False  # the master refused the session: register again at once
         self.registered = asyncio.Event()
         self.heartbeat_interval = 1.0
         self._grpc: grpc.aio.Server | None = None
@@ -68,6 +80,8 @@ class Worker(Node):
         self._hb_session = ""  # the session heartbeats report; "" outside a session
         self._running_snapshot: tuple[pb.RunningInstance, ...] = ()
         self._hb_stop = threading.Event()
+        self._hb_wake = threading.Event()  # wakes the heartbeat thread before its next tick
+        self._hb_now = False  # send a heartbeat at once (output is on hold)
         self._hb_channel: grpc.Channel | None = None
         self._hb_thread: threading.Thread | None = None
 
@@ -85,7 +99,8 @@ class Worker(Node):
         await self._grpc.start()
         self.health_address = f"{host}:{hport}"
         self._loop = asyncio.get_running_loop()
-        self._hb_channel = grpc.insecure_channel(self.master, options=grpc_options())
+        self.runtime.hold.on_hold = self._heartbeat_now
+        self._hb_channel = grpc.insecure_channel(self.master, options=_reconnect_fast())
         self._hb_thread = threading.Thread(
             target=self._heartbeat_thread, name=f"hotwire-heartbeat-{self.name}", daemon=True
         )
@@ -95,6 +110,7 @@ class Worker(Node):
 
     async def _close(self) -> None:
         self._hb_stop.set()
+        self._hb_wake.set()
         if self._hb_channel is not None:
             self._hb_channel.close()  # ends a heartbeat in flight at once
         if self._hb_thread is not None:
@@ -129,35 +145,91 @@ class Worker(Node):
 
     async def _session_loop(self) -> None:
         backoff = 0.1
+        hold = self.runtime.hold
         while True:
-            async with grpc.aio.insecure_channel(self.master, options=grpc_options()) as channel:
+            async with grpc.aio.insecure_channel(self.master, options=_reconnect_fast()) as channel:
                 stub = pb_grpc.WorkerControlStub(channel)
+                registered = False
                 try:
-                    reply = await stub.Register(
-                        pb.RegisterRequest(
-                            name=self.name,
-                            data_address=self.data_address,
-                            health_address=self.health_address,
-                            slots=self.slots,
-                            running=self._running(),
-                        ),
-                        timeout=5,
-                    )
-                    self.session = reply.session
-                    self.heartbeat_interval = reply.heartbeat_interval_s or 1.0
-                    self.registered.set()
+                    await self._register(stub)
+                    registered = True
                     backoff = 0.1
-                    log.info("worker %s registered with master %s", self.name, self.master)
                     await self._serve_session(stub)
                 except grpc.aio.AioRpcError as e:
-                    log.info(
-                        "worker %s: master %s unavailable (%s); retrying",
-                        self.name,
-                        self.master,
-                        e.code().name,
-                    )
+                    code = e.code()
+                    if registered and code in _REFUSED:
+                        # The master ended the control stream: it refuses the session.
+                        self._session_refused(
+                            self.session,
+                            e.details() or "",
+                            code == grpc.StatusCode.FAILED_PRECONDITION,
+                        )
+                    else:
+                        log.info(
+                            "worker %s: master %s unavailable (%s); retrying",
+                            self.name,
+                            self.master,
+                            code.name,
+                        )
+                        if hold.reason and not hold.fenced:
+                            hold.release(f"the master cannot be reached ({code.name}); {_DOWN}")
+            if self._rejoin_now:
+                self._rejoin_now = False
+                continue
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 2.0)
+
+    async def _register(self, stub: pb_grpc.WorkerControlStub) -> None:
+        """Open a new session: report what runs here, stop what the master names stale."""
+        reply = await stub.Register(
+            pb.RegisterRequest(
+                name=self.name,
+                data_address=self.data_address,
+                health_address=self.health_address,
+                slots=self.slots,
+                running=self._running(),
+            ),
+            timeout=5,
+        )
+        hold = self.runtime.hold
+        if reply.heartbeat_timeout_s > 0:
+            hold.limit = reply.heartbeat_timeout_s / 2
+        if reply.fenced:
+            log.warning(
+                "worker %s: the master had fenced its previous session: %s",
+                self.name,
+                reply.fenced,
+            )
+        if reply.stale:
+            # Before the new session opens: its old instances never run beside the
+            # ones that replaced them.
+            await self._drop_stale(list(reply.stale), "its previous session was fenced")
+        self.session = reply.session
+        self.epoch = reply.epoch
+        self.heartbeat_interval = reply.heartbeat_interval_s or 1.0
+        hold.release(f"registered again (session {reply.epoch})")
+        self.registered.set()
+        log.info(
+            "worker %s registered with master %s (session %d)", self.name, self.master, self.epoch
+        )
+
+    async def _drop_stale(self, refs: list[pb.InstanceRef], why: str) -> None:
+        """Stop instances the master no longer places on this worker."""
+        by_app: dict[str, list[str]] = {}
+        for r in refs:
+            by_app.setdefault(r.app, []).append(r.instance)
+        for app, iids in sorted(by_app.items()):
+            n = await self.runtime.drop(app, iids)
+            if n:
+                log.warning(
+                    "worker %s: stopped %d instance(s) of app %r that the master no longer "
+                    "places here (%s): %s",
+                    self.name,
+                    n,
+                    app,
+                    why,
+                    ", ".join(sorted(iids)),
+                )
 
     async def _serve_session(self, stub: pb_grpc.WorkerControlStub) -> None:
         outbox: asyncio.Queue[pb.WorkerMessage] = asyncio.Queue()
@@ -197,8 +269,8 @@ class Worker(Node):
             task = asyncio.current_task()
             if task is not None and task.cancelling():
                 raise  # the worker is stopping
-            # Only the call was cancelled (the master forgot this session, e.g. another
-            # registration under this name won): return, and the session loop registers again.
+            # Only the call was cancelled (the master refused this session: it fenced it
+            # or forgot it): return, and the session loop registers again.
         finally:
             if self._call is call:
                 self._call = None
@@ -214,13 +286,60 @@ class Worker(Node):
         if done is not None:
             done.set()
 
-    def _session_lost(self, session: str) -> None:
-        """On the loop: the master does not know ``session``; end it to register again."""
-        if session != self.session or self._call is None:
+    def _session_refused(self, session: str, why: str, fenced: bool) -> None:
+        """On the loop: the master refused ``session``; end it to register again.
+
+        ``fenced``: the master fenced it (declared this worker dead, or another
+        registration replaced it): output holds until the worker registered again
+        and stopped what the master no longer places here. Otherwise the master
+        does not know the session (it restarted): a hold in place lasts until then too.
+        """
+        if session != self.session or not session:
             return  # an answer about an older session
-        log.info("worker %s: master forgot this session; registering again", self.name)
+        hold = self.runtime.hold
+        if fenced:
+            if not hold.fenced:
+                log.warning(
+                    "worker %s: the master fenced session %d (%s); sources and sinks hold "
+                    "their output, and it stops what the master no longer places on it "
+                    "before it registers again",
+                    self.name,
+                    self.epoch,
+                    why,
+                )
+            hold.fence(why)
+        else:
+            if hold.reason:
+                hold.fence(why)
+            log.info("worker %s: master forgot this session; registering again", self.name)
         self._hb_session = ""
-        self._call.cancel()
+        self._rejoin_now = True
+        if self._call is not None:
+            self._call.cancel()
+
+    def _heartbeat_answered(
+        self, session: str, sent_at: float, stale: list[pb.InstanceRef]
+    ) -> None:
+        """On the loop: the master took a heartbeat of ``session`` sent at ``sent_at``."""
+        if session != self.session:
+            return
+        self.runtime.hold.release(f"the master answered: session {self.epoch} is current", sent_at)
+        if stale:
+            self.spawn(
+                self._drop_stale(stale, "the master reconciled this worker's report"),
+                name=f"worker-{self.name}-stale",
+            )
+
+    def _master_unreachable(self, session: str, sent_at: float, code: str) -> None:
+        """On the loop: a heartbeat sent at ``sent_at`` found no master."""
+        hold = self.runtime.hold
+        if session == self.session and hold.reason and not hold.fenced:
+            hold.release(f"the master cannot be reached ({code}); {_DOWN}", sent_at)
+
+    def _heartbeat_now(self) -> None:
+        """Any thread: output is on hold; ask the master now, not at the next interval."""
+        self._hb_now = True
+        self._hb_wake.set()
 
     def _to_loop(self, fn: Any, *args: Any) -> bool:
         """From the heartbeat thread: run ``fn(*args)`` on the loop; False once it is closed."""
@@ -234,22 +353,45 @@ class Worker(Node):
         return True
 
     def _heartbeat_thread(self) -> None:
-        """Send a heartbeat every interval while a session is open, whatever the loop does.
+        """Keep the worker's clock, and send a heartbeat every interval while a session
+        is open, whatever the loop does.
 
-        The running counters come from a snapshot the loop refreshes when asked; a
-        loop blocked by user code leaves the last one, which still goes out.
+        The thread wakes every ``TICK_S``: a tick long after the previous one means the
+        whole process stood still, and output holds (``OutputHold.tick``) while a
+        heartbeat goes out at once. One heartbeat is in flight at a time, as a future,
+        so a master that does not answer never stops the clock. The running counters
+        come from a snapshot the loop refreshes when asked; a loop blocked by user code
+        leaves the last one, which still goes out.
         """
         assert self._hb_channel is not None
         stub = pb_grpc.WorkerControlStub(self._hb_channel)
-        while not self._hb_stop.wait(self.heartbeat_interval):
+        hold = self.runtime.hold
+        call: Any = None  # the heartbeat in flight
+        sent: tuple[str, float] = ("", 0.0)  # its session, and when it was sent
+        next_at = 0.0
+        while True:
+            self._hb_wake.wait(TICK_S)
+            self._hb_wake.clear()
+            if self._hb_stop.is_set():
+                return
+            hold.tick()
+            if call is not None:
+                if not call.done():
+                    continue
+                self._heartbeat_result(call, *sent)
+                call = None
             session = self._hb_session
-            if not session:
+            now = time.monotonic()
+            if not session or (now < next_at and not self._hb_now):
                 continue
+            self._hb_now = False
+            next_at = now + self.heartbeat_interval
             fresh = threading.Event()
             if self._to_loop(self._refresh_running, fresh):
                 fresh.wait(min(0.1, self.heartbeat_interval / 4))
+            sent = (session, time.monotonic())
             try:
-                stub.Heartbeat(
+                call = stub.Heartbeat.future(
                     pb.HeartbeatRequest(
                         name=self.name,
                         session=session,
@@ -258,16 +400,32 @@ class Worker(Node):
                     ),
                     timeout=max(self.heartbeat_interval * 3, 2),
                 )
-            except Exception as e:  # an RPC error, or the channel closed by _close
+            except Exception:  # the channel closed by _close
                 if self._hb_stop.is_set():
                     return
-                code = e.code() if isinstance(e, grpc.Call) else None
-                if code == grpc.StatusCode.NOT_FOUND:
-                    self._to_loop(self._session_lost, session)
-                elif code is not None:
-                    log.debug("worker %s: heartbeat failed: %s", self.name, code.name)
-                else:
-                    log.exception("worker %s: heartbeat failed", self.name)
+                log.exception("worker %s: heartbeat failed", self.name)
+                continue
+            call.add_done_callback(lambda _f: self._hb_wake.set())
+
+    def _heartbeat_result(self, call: Any, session: str, sent_at: float) -> None:
+        """On the heartbeat thread: hand a finished heartbeat's answer to the loop."""
+        try:
+            reply = call.result()
+        except Exception as e:  # an RPC error, or the channel closed by _close
+            if self._hb_stop.is_set():
+                return
+            code = e.code() if isinstance(e, grpc.Call) else None
+            if code in _REFUSED:
+                fenced = code == grpc.StatusCode.FAILED_PRECONDITION
+                details = e.details() or ""  # type: ignore[union-attr]
+                self._to_loop(self._session_refused, session, details, fenced)
+            elif code is not None:
+                log.debug("worker %s: heartbeat failed: %s", self.name, code.name)
+                self._to_loop(self._master_unreachable, session, sent_at, code.name)
+            else:
+                log.exception("worker %s: heartbeat failed", self.name)
+            return
+        self._to_loop(self._heartbeat_answered, session, sent_at, list(reply.stale))
 
     async def _handle(self, batch: pb.InstructionBatch, outbox: asyncio.Queue[Any]) -> None:
         t0 = time.perf_counter()
@@ -311,3 +469,18 @@ class Worker(Node):
             ack.error = str(e) or type(e).__name__
         ack.elapsed_ms = (time.perf_counter() - t0) * 1000
         outbox.put_nowait(pb.WorkerMessage(ack=ack))
+
+
+_REFUSED = (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND)
+_DOWN = "a master that is down does not stop the flow"
+
+
+def _reconnect_fast() -> list[tuple[str, Any]]:
+    """gRPC options for the worker's channels to the master: after an outage the
+    channel tries again within a second (gRPC's default backoff grows to minutes),
+    so a worker that was cut off learns soon whether it was fenced."""
+    return grpc_options(
+        ("grpc.initial_reconnect_backoff_ms", 200),
+        ("grpc.min_reconnect_backoff_ms", 200),
+        ("grpc.max_reconnect_backoff_ms", 1000),
+    )

@@ -224,6 +224,8 @@ class Instance:
             # senders stop at their credit limit.
             self.held.setdefault(ch, []).append((records, ret))
             return
+        if self.kind == "sink" and self.runtime.hold.held():
+            await self.runtime.hold.wait()  # the master may have fenced this worker
         out = await self.executor.process(records)
         rest = self.executor.take_rest()
         self.records_in += len(records) - len(rest)
@@ -525,6 +527,8 @@ class Instance:
         return False
 
     async def _emit_source(self, chunk: list[Any]) -> None:
+        if self.runtime.hold.held():
+            await self.runtime.hold.wait()  # the master may have fenced this worker
         self.position += len(chunk)
         self.records_out += len(chunk)
         await emit_all(self.routes, chunk)

@@ -38,6 +38,7 @@ from hotwire.worker.channels import (
     RouteState,
 )
 from hotwire.worker.channels import BATCH as _BATCH
+from hotwire.worker.fence import OutputHold
 from hotwire.worker.instance import Checkpoint, CheckpointDone, Instance
 from hotwire.worker.transport import DataPlane, Frame, Link, encode
 
@@ -88,6 +89,7 @@ class Runtime:
         self.prepared: dict[tuple[str, int], Prepared] = {}
         self.switches: dict[tuple[str, int], _Switching] = {}
         self.drops: Counter[str] = self.dataplane.drops
+        self.hold = OutputHold(name)  # sources and sinks wait while the master may have fenced us
         # Called with (app, checkpoint id, instance id, state) when an instance snapshots.
         self.on_checkpoint: Callable[[str, int, str, Any], None] = lambda *a: None
 
@@ -433,6 +435,19 @@ class Runtime:
             del self.switches[key]
         self.evict_bundles()
         return len(victims)
+
+    async def drop(self, app: str, iids: list[str]) -> int:
+        """Stop the named instances of ``app`` (the master no longer places them here);
+        an app left with no instance is stopped entirely. Returns how many ran."""
+        n = 0
+        for iid in iids:
+            inst = self.instances.get((app, iid))
+            if inst is not None:
+                await self._drop(inst)
+                n += 1
+        if not any(a == app for a, _ in self.instances):
+            await self.stop(app)
+        return n
 
     async def close(self) -> None:
         for inst in list(self.instances.values()):
