@@ -70,6 +70,7 @@ class Worker(Node):
         self.session = ""
         self.epoch = 0  # the number of the current session (fencing epoch)
         self._rejoin_now = False  # the master refused the session: register again at once
+        self._dropping: set[tuple[str, str]] = set()  # stale instances being stopped
         self.registered = asyncio.Event()
         self.heartbeat_interval = 1.0
         self._grpc: grpc.aio.Server | None = None
@@ -214,12 +215,27 @@ class Worker(Node):
         )
 
     async def _drop_stale(self, refs: list[pb.InstanceRef], why: str) -> None:
-        """Stop instances the master no longer places on this worker."""
+        """Stop instances the master no longer places on this worker (each once, even
+        when heartbeats name it again while it is still stopping)."""
         by_app: dict[str, list[str]] = {}
         for r in refs:
-            by_app.setdefault(r.app, []).append(r.instance)
+            if (r.app, r.instance) not in self._dropping:
+                by_app.setdefault(r.app, []).append(r.instance)
         for app, iids in sorted(by_app.items()):
-            n = await self.runtime.drop(app, iids)
+            keys = {(app, i) for i in iids}
+            self._dropping |= keys
+            try:
+                n = await self.runtime.drop(app, iids)
+            except Exception:
+                log.exception(
+                    "worker %s: stopping stale instances of app %r failed; the master names "
+                    "them again with the next heartbeat",
+                    self.name,
+                    app,
+                )
+                continue
+            finally:
+                self._dropping -= keys
             if n:
                 log.warning(
                     "worker %s: stopped %d instance(s) of app %r that the master no longer "

@@ -437,16 +437,19 @@ class Runtime:
         return len(victims)
 
     async def drop(self, app: str, iids: list[str]) -> int:
-        """Stop the named instances of ``app`` (the master no longer places them here);
-        an app left with no instance is stopped entirely. Returns how many ran."""
+        """Stop the named instances of ``app``: the master no longer places them here.
+        Returns how many were running."""
         n = 0
         for iid in iids:
             inst = self.instances.get((app, iid))
-            if inst is not None:
-                await self._drop(inst)
-                n += 1
-        if not any(a == app for a, _ in self.instances):
-            await self.stop(app)
+            if inst is None:
+                continue
+            for st in self.prepared.values():  # a later abort must not drop it again
+                if inst in st.instances:
+                    st.instances.remove(inst)
+            await self._drop(inst)
+            n += 1
+        self.evict_bundles()
         return n
 
     async def close(self) -> None:
