@@ -369,6 +369,35 @@ class LocalCluster:
         assert self.master is not None
         self.master.stop()
 
+    def kill_master(self) -> None:
+        """SIGKILL the master (no clean shutdown); :meth:`restart_master` starts it again."""
+        assert self.master is not None
+        self.master.stop(signal.SIGKILL)
+
+    def restart_worker(self, name: str) -> _Proc:
+        """Start worker ``name`` again after it was killed (or died): a new process with
+        the same name and data directory, behind new proxies if the cluster has them.
+        The log of its earlier run is kept as ``{name}.{k}.log``."""
+        old = [w for w in self.workers if w.label == name]
+        if not old:
+            raise KeyError(f"no worker named {name!r} in this cluster")
+        running = [w.proc.pid for w in old if w.proc.poll() is None]
+        if running:
+            raise RuntimeError(f"worker {name!r} still runs (pid {running[0]}); kill it first")
+        for w in old:
+            w.stop()  # closes its log
+        self.workers = [w for w in self.workers if w.label != name]
+        data_proxy = getattr(self, "data_proxies", {}).pop(name, None)  # with proxy_data
+        if data_proxy is not None:
+            data_proxy.stop()
+        control = self.proxies.pop(name, None)
+        if control is not None:
+            control.close()
+        log = self.dir / f"{name}.log"
+        if log.exists():  # the new process must not find the old one's address in it
+            log.rename(self.dir / f"{name}.{len(list(self.dir.glob(f'{name}.*.log'))) + 1}.log")
+        return self.add_worker(name)
+
     # -- access ------------------------------------------------------------
     @property
     def address(self) -> str:
