@@ -194,6 +194,22 @@ def master(
 @click.option(
     "--listen", default="127.0.0.1:0", show_default=True, help="data-plane address HOST:PORT"
 )
+@click.option(
+    "--advertise",
+    default=None,
+    metavar="HOST:PORT",
+    help="data-plane address the other workers dial (default: the --listen address), "
+    "for NAT or a proxy in front of this worker",
+)
+@click.option(
+    "--link-timeout",
+    default=15.0,  # hotwire.worker.transport.LINK_TIMEOUT_S
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="seconds a data link to another worker may stay down before this worker reports "
+    "it and the master restarts the apps using it from their last checkpoint (keep it "
+    "above the master's --heartbeat-timeout, so a dead worker is handled as such first)",
+)
 @click.option("--name", default=None, help="worker name (default host-pid)")
 @click.option(
     "--slots",
@@ -217,6 +233,8 @@ def master(
 def worker(
     ctx: click.Context,
     listen: str,
+    advertise: str | None,
+    link_timeout: float,
     name: str | None,
     slots: int,
     data_dir: str | None,
@@ -232,10 +250,18 @@ def worker(
 
     async def serve() -> None:
         w = Worker(
-            master=ctx.obj["master"], listen=listen, name=name, slots=slots, data_dir=data_dir
+            master=ctx.obj["master"],
+            listen=listen,
+            name=name,
+            slots=slots,
+            data_dir=data_dir,
+            advertise=advertise,
+            link_timeout=link_timeout,
         )
         await w.start(timeout=3600)
-        click.echo(f"worker {w.name} data plane on {w.data_address}", err=True)
+        listening = w.runtime.dataplane.address
+        shown = f" (advertised as {w.data_address})" if w.data_address != listening else ""
+        click.echo(f"worker {w.name} data plane on {listening}{shown}", err=True)
         await _until_signalled()
         if drain:
             # Graceful stop: the master moves this worker's instances away first.

@@ -339,7 +339,10 @@ def test_a_sender_that_ignores_credits_cannot_grow_an_inbox(
     batch = [{"seq": 10**6 + i, "key": "x", "src": 99} for i in range(10)]
     with socket.create_connection((host, int(port)), timeout=5) as s:
         s.sendall(frame([0, "intruder"]))
-        s.sendall(b"".join(frame([1, "credits", "src@1.0>out@1.0", batch]) for _ in range(200)))
+        # BATCH frames numbered 1..200 on the channel, as a sender would number them.
+        s.sendall(
+            b"".join(frame([1, "credits", "src@1.0>out@1.0", i, batch]) for i in range(1, 201))
+        )
         poll_for(lambda: "ignores its credits" in proc.log_path.read_text(), 10, what="drops")
     pause.unlink()
     poll_for(lambda: count_lines(out) >= 2000 + 160, 20, what="records after the pause")

@@ -25,6 +25,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
+from collections.abc import Collection
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
@@ -65,6 +66,7 @@ class Recovery:
         self.pending: dict[str, PendingCheckpoint] = {}
         self.last_checkpoint: dict[str, int] = {}
         self.handled: set[str] = set()  # dead workers already dealt with
+        self.relinking: set[str] = set()  # apps restarting after a lost data link
         # (app, dead worker) of recoveries spawned and not finished yet
         self.recovering: Counter[tuple[str, str]] = Counter()
         self.draining: set[str] = set()
@@ -282,9 +284,65 @@ class Recovery:
             if self.recovering[(app, dead)] <= 0:
                 del self.recovering[(app, dead)]
 
-    async def restart(self, app: str, why: str, dead: str = "") -> None:
+    # ------------------------------------------------------------------
+    # Lost data links: two live workers that cannot reach each other
+    # ------------------------------------------------------------------
+    def on_lost_links(self, worker: str, links: list[pb.LostLink]) -> None:
+        """``worker``'s heartbeat reports data links down past its --link-timeout:
+        restart each app that places instances on both ends from its last checkpoint,
+        without the unreachable worker where the others have room. A peer that is
+        dead is left to the dead-worker path."""
+        ms = self.m.membership
+        for link in links:
+            if not ms.alive(link.peer):
+                continue
+            for app in link.apps:
+                st = self.m.apps.get(app)
+                if st is None or st.state != "running" or app in self.relinking:
+                    continue
+                hosts = {w for pl in st.placement.values() for w in pl.workers}
+                if worker in hosts and link.peer in hosts:
+                    self.relinking.add(app)
+                    self.m.spawn(self.relink(app, worker, link), name=f"relink-{app}")
+
+    async def relink(self, app: str, worker: str, link: pb.LostLink) -> None:
+        peer = link.peer
+        why = (
+            f"workers {worker!r} and {peer!r} could not reach each other for "
+            f"{link.down_s:.1f} s ({link.error or 'no answer'})"
+        )
+        log.warning("app %r: %s; restarting it from its last checkpoint", app, why)
+        await self._wait_unlocked(app, f"a restart: {why}")
+        try:
+            st = self.m.apps.get(app)
+            hosts = {w for pl in st.placement.values() for w in pl.workers} if st else set()
+            if st is None or st.state != "running" or not {worker, peer} <= hosts:
+                return  # restarted or moved meanwhile
+            needed = sum(spec.parallelism for spec in st.model.pes)
+            room = sum(n for w, n in self.free_slots(app).items() if w != peer)
+            avoid = {peer} if room >= needed else set()
+            if not avoid:
+                log.warning(
+                    "app %r: the workers other than %r have %d free slots of the %d it "
+                    "needs; it restarts on all live workers",
+                    app,
+                    peer,
+                    room,
+                    needed,
+                )
+            await self.restart(app, why, peer, avoid=avoid)
+        except Exception:
+            log.exception("app %r: restart after the lost link to %s failed", app, peer)
+        finally:
+            self.m.locks.pop(app, None)
+            self.relinking.discard(app)
+
+    async def restart(
+        self, app: str, why: str, dead: str = "", avoid: Collection[str] = ()
+    ) -> None:
         """Stop ``app`` everywhere and start its running version from its last
-        checkpoint on the live workers. The caller holds the app's lock."""
+        checkpoint on the live workers (but not on those in ``avoid``). The caller
+        holds the app's lock."""
         assert self.m.store is not None
         t0 = time.perf_counter()
         st = self.m.apps[app]
@@ -305,7 +363,8 @@ class Recovery:
         empty = LogicalModel.build(app, [], [])
         change = diff(empty, st.model)
         try:
-            new_pl = schedule(st.model, {}, change, self.free_slots(app), epoch, st.bundle)
+            slots = {w: n for w, n in self.free_slots(app).items() if w not in avoid}
+            new_pl = schedule(st.model, {}, change, slots, epoch, st.bundle)
         except SchedulingError as e:
             raise RuntimeError(f"app {app!r} cannot be restarted now: {e}") from e
         plan = plan_upgrade(app, epoch, empty, {}, st.model, new_pl, change, st.bundle)

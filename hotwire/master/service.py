@@ -535,6 +535,14 @@ class Master(Node):
                     for e in self.recovery.events
                     if e["app"] == st.name and e["event"] == "recovery"
                 ),
+                last_recovery=next(
+                    (
+                        e["why"]
+                        for e in reversed(self.recovery.events)
+                        if e["app"] == st.name and e["event"] == "recovery"
+                    ),
+                    "",
+                ),
             )
             if st.state != "running":
                 continue
@@ -745,6 +753,8 @@ class WorkerService(pb_grpc.WorkerControlServicer):
                 len(stale),
                 _names(stale),
             )
+        if request.lost_links:
+            self.m.recovery.on_lost_links(w.name, list(request.lost_links))
         return pb.HeartbeatReply(stale=stale)
 
     async def Control(self, request_iterator: Any, context: Any) -> None:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from hotwire.client import Client
+from hotwire.testing.proxy import TcpProxy
 
 __all__ = ["LocalCluster", "poll_for", "streamctl", "write_app"]
 
@@ -216,6 +217,9 @@ class LocalCluster:
         heartbeat_timeout: float = 5.0,
         log_level: str = "info",
         switch_timeout: float = 30.0,
+        proxy_data: bool = False,
+        data_delay: float = 0.0,
+        link_timeout: float | None = None,
         checkpoint_interval: float = 2.0,
         control_proxy: bool = False,
     ):
@@ -234,6 +238,12 @@ class LocalCluster:
         self.workers: list[_Proc] = []
         self._client: Client | None = None
         self._restarts = 0
+        # proxy_data: each worker's data port sits behind a TcpProxy the test controls
+        # (the worker advertises the proxy), so links between workers can be cut.
+        self.proxy_data = proxy_data
+        self.data_delay = data_delay
+        self.link_timeout = link_timeout
+        self.data_proxies: dict[str, TcpProxy] = {}
         self.control_proxy = control_proxy  # each worker reaches the master through a _Proxy
         self.proxies: dict[str, _Proxy] = {}
 
@@ -280,6 +290,13 @@ class LocalCluster:
         self._client = Client(self.address)
 
     def add_worker(self, name: str) -> _Proc:
+        extra: list[str] = []
+        proxy = None
+        if self.proxy_data:
+            proxy = self.data_proxies[name] = TcpProxy(delay=self.data_delay).start()
+            extra += ["--advertise", proxy.address]
+        if self.link_timeout is not None:
+            extra += ["--link-timeout", str(self.link_timeout)]
         master = self.address
         if self.control_proxy:
             control = self.proxies[name] = _Proxy(self.address)
@@ -301,12 +318,15 @@ class LocalCluster:
                 self.log_level,
                 "--data-dir",
                 str(self.dir / name),
+                *extra,
             ],
             self.dir / f"{name}.log",
             r"data plane on (\S+)",
         )
         self.workers.append(p)
         p.wait_address()
+        if proxy is not None:
+            proxy.target = p.address
         return p
 
     def stop(self) -> None:
@@ -315,6 +335,8 @@ class LocalCluster:
             self.master.stop()
         for w in self.workers:
             w.stop()
+        for dp in self.data_proxies.values():
+            dp.stop()
         for proxy in self.proxies.values():
             proxy.close()
         if self._client is not None:
@@ -357,6 +379,20 @@ class LocalCluster:
     def heal_worker(self, name: str) -> None:
         """End a :meth:`partition_worker`: the worker reaches the master again."""
         self.proxies[name].heal()
+
+    def cut_links(self) -> int:
+        """Reset every data-plane connection between workers (needs ``proxy_data``);
+        return how many were open."""
+        return sum(dp.cut() for dp in self.data_proxies.values())
+
+    def block_links(self) -> int:
+        """Cut the links and keep the workers from reaching each other until
+        :meth:`unblock_links`; their heartbeats to the master go on."""
+        return sum(dp.block() for dp in self.data_proxies.values())
+
+    def unblock_links(self) -> None:
+        for dp in self.data_proxies.values():
+            dp.unblock()
 
     def restart_master(self, down_s: float = 0.0) -> None:
         assert self.master is not None

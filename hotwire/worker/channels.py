@@ -2,9 +2,10 @@
 
 Two channel implementations share one interface: :class:`LocalChannel` hands the
 batch object to a same-worker instance's inbox without serialising it, and
-:class:`RemoteChannel` writes a BATCH frame on the link to the peer worker. Both
-are credit-based: a sender holds at most :data:`CREDITS` unacknowledged batches
-per channel, and the receiver returns a credit when it has processed a batch. A
+:class:`RemoteChannel` sends a BATCH frame on the data plane's link to the peer
+worker, numbered and kept until acknowledged. Both are credit-based: a sender
+holds at most :data:`CREDITS` batches per channel that the receiver has not
+processed, and the receiver returns a credit when it has processed a batch. A
 receiver that holds a channel (the gating rule) returns no credit, so its sender
 stops instead of growing memory.
 """
@@ -18,10 +19,11 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from hotwire.plan import Route, pack_key
-from hotwire.worker.transport import CREDITS, Frame, Link, encode
+from hotwire.worker.transport import CREDITS, Frame
 
 if TYPE_CHECKING:
     from hotwire.worker.instance import Instance
+    from hotwire.worker.transport import DataPlane
 
 __all__ = ["CREDITS", "LocalChannel", "OutChannel", "RemoteChannel", "RouteState", "emit_all"]
 
@@ -98,45 +100,59 @@ class LocalChannel(OutChannel):
 
 
 class RemoteChannel(OutChannel):
-    __slots__ = ("link", "link_factory")
+    """A channel to an instance on another worker, over the data plane's link to it.
 
-    def __init__(self, app: str, channel: str, link_factory: Callable[[], Any]):
+    Its frames go on a sequenced stream (:class:`hotwire.worker.transport.OutStream`)
+    that keeps them until the receiver acknowledges them and resends them after a
+    lost connection; sending never fails while the link is down, it waits for
+    credit like any other. The receiver's acknowledgements carry how many batches it
+    has processed: the credit is :data:`CREDITS` minus the batches not processed.
+    """
+
+    __slots__ = ("stream",)
+
+    def __init__(self, app: str, channel: str, dataplane: DataPlane, worker: str):
         super().__init__(app, channel)
-        self.link: Link | None = None
-        self.link_factory = link_factory
+        self.stream = dataplane.open_stream(worker, app, channel, owner=self)
+        # A channel routed again after it ended goes on with the stream's accounting.
+        self.credit = CREDITS - (self.stream.batches - self.stream.processed)
 
-    async def _link(self) -> Link:
-        link = self.link
-        if link is None or link.closed:
-            link = self.link = await self.link_factory()
-        return link
+    def window(self, credit: int) -> None:
+        """The receiver's acknowledgement: ``credit`` batches may be sent now."""
+        self.credit = credit
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
 
     async def connect(self) -> None:
-        await self._link()
+        """Wait until the link is up (a prepare checks that the peer can be reached)."""
+        await self.stream.link.wait_up()
+
+    def release(self) -> None:
+        """The sending instance is gone without ending the channel."""
+        self.stream.release()
 
     async def send(self, records: list[Any]) -> None:
         if self.credit <= 0:
             await self._take_credit()
         else:
             self.credit -= 1
-        link = await self._link()
-        link.write(encode(Frame.BATCH, self.app, self.channel, records))
-        await link.drain_if_needed()
+        stream = self.stream
+        stream.batch(records)
+        await stream.link.drain()
 
     async def end(self) -> None:
         if not self.ended:
             self.ended = True
-            link = await self._link()
-            link.write(encode(Frame.END, self.app, self.channel))
+            self.stream.push(Frame.END)
+            self.stream.owner = None
 
     async def epoch(self, version: int) -> None:
-        link = await self._link()
-        link.write(encode(Frame.EPOCH, self.app, self.channel, version))
+        self.stream.push(Frame.EPOCH, version)
 
     async def barrier(self, checkpoint: int) -> None:
         if not self.ended:
-            link = await self._link()
-            link.write(encode(Frame.BARRIER, self.app, self.channel, checkpoint))
+            self.stream.push(Frame.BARRIER, checkpoint)
 
 
 class RouteState:

@@ -41,6 +41,7 @@ from hotwire.proto import hotwire_pb2 as pb
 from hotwire.proto import hotwire_pb2_grpc as pb_grpc
 from hotwire.worker.fence import TICK_S
 from hotwire.worker.runtime import SWITCH_TIMEOUT_S, Runtime
+from hotwire.worker.transport import LINK_TIMEOUT_S
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +56,13 @@ class Worker(Node):
         name: str | None = None,
         slots: int = 16,
         data_dir: str | Path | None = None,
+        advertise: str | None = None,
+        link_timeout: float = LINK_TIMEOUT_S,
     ):
         super().__init__()
         self.master = master
         self.listen = listen
+        self.advertise = advertise  # the data address other workers dial, if not the listen one
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
         self.slots = slots
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
@@ -66,7 +70,8 @@ class Worker(Node):
             self._tmp = tempfile.TemporaryDirectory(prefix=f"hotwire-worker-{self.name}-")
             data_dir = self._tmp.name
         self.data_dir = Path(data_dir)
-        self.runtime = Runtime(self.name, self.data_dir / "bundles")
+        # link_timeout: a data link to a peer down this long is reported to the master.
+        self.runtime = Runtime(self.name, self.data_dir / "bundles", link_timeout)
         self.session = ""
         self.epoch = 0  # the number of the current session (fencing epoch)
         self._rejoin_now = False  # the master refused the session: register again at once
@@ -80,6 +85,7 @@ class Worker(Node):
         # Shared with the heartbeat thread; each is replaced whole, never mutated.
         self._hb_session = ""  # the session heartbeats report; "" outside a session
         self._running_snapshot: tuple[pb.RunningInstance, ...] = ()
+        self._lost_snapshot: tuple[pb.LostLink, ...] = ()  # data links down past the bound
         self._hb_stop = threading.Event()
         self._hb_wake = threading.Event()  # wakes the heartbeat thread before its next tick
         self._hb_now = False  # send a heartbeat at once (output is on hold)
@@ -88,7 +94,8 @@ class Worker(Node):
 
     @property
     def data_address(self) -> str:
-        return self.runtime.dataplane.address
+        """The data-plane address given to the other workers (``advertise`` if set)."""
+        return self.advertise or self.runtime.dataplane.address
 
     async def _start(self) -> None:
         host, port = split_addr(self.listen)
@@ -299,6 +306,10 @@ class Worker(Node):
     def _refresh_running(self, done: threading.Event | None = None) -> None:
         """On the loop: snapshot what runs here for the heartbeat thread."""
         self._running_snapshot = tuple(self._running())
+        self._lost_snapshot = tuple(
+            pb.LostLink(peer=x.peer, apps=x.apps, down_s=x.down_s, error=x.error)
+            for x in self.runtime.dataplane.lost_links()
+        )
         if done is not None:
             done.set()
 
@@ -412,6 +423,7 @@ class Worker(Node):
                         name=self.name,
                         session=session,
                         running=self._running_snapshot,
+                        lost_links=self._lost_snapshot,
                         sent_unix=time.time(),
                     ),
                     timeout=max(self.heartbeat_interval * 3, 2),

@@ -28,7 +28,6 @@ from hotwire.plan import Gate, Instruction, KeyRef, Retire, Route, StartInstance
 from hotwire.worker.channels import (
     BARRIER,
     CONTROL,
-    CREDITS,
     END,
     EPOCH,
     STATE,
@@ -40,7 +39,7 @@ from hotwire.worker.channels import (
 from hotwire.worker.channels import BATCH as _BATCH
 from hotwire.worker.fence import OutputHold
 from hotwire.worker.instance import Checkpoint, CheckpointDone, Instance
-from hotwire.worker.transport import DataPlane, Frame, Link, encode
+from hotwire.worker.transport import LINK_TIMEOUT_S, DataPlane, InStream
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +76,11 @@ class Prepared:
 
 
 class Runtime:
-    def __init__(self, name: str, bundle_dir: Path):
+    def __init__(self, name: str, bundle_dir: Path, link_timeout: float = LINK_TIMEOUT_S):
         self.name = name
         self.bundle_dir = bundle_dir
         self.dead_letter_dir = bundle_dir.parent / "dead-letter"  # PEs with on_error="dead_letter"
-        self.dataplane = DataPlane(name, self)
+        self.dataplane = DataPlane(name, self, link_timeout)
         self.instances: dict[tuple[str, str], Instance] = {}
         self.in_channels: dict[tuple[str, str], Instance] = {}
         self.out_channels: dict[tuple[str, str], OutChannel] = {}
@@ -96,11 +95,11 @@ class Runtime:
     # ------------------------------------------------------------------
     # Data plane receiver
     # ------------------------------------------------------------------
-    def on_batch(self, app: str, channel: str, records: list[Any], link: Link) -> bool:
+    def on_batch(self, app: str, channel: str, records: list[Any], ret: InStream) -> bool:
         inst = self.in_channels.get((app, channel))
         if inst is None or not isinstance(records, list):
             return False
-        inst.inbox.put_nowait((_BATCH, channel, records, link))
+        inst.inbox.put_nowait((_BATCH, channel, records, ret))
         return True
 
     def on_end(self, app: str, channel: str) -> bool:
@@ -108,15 +107,6 @@ class Runtime:
         if inst is None:
             return False
         inst.inbox.put_nowait((END, channel, None, None))
-        return True
-
-    def on_credit(self, app: str, channel: str, n: int) -> bool:
-        if not 0 < n <= CREDITS:
-            return False  # a receiver returns one credit per batch; anything else is garbage
-        out = self.out_channels.get((app, channel))
-        if out is None:
-            return True  # the channel ended meanwhile; its late credit is harmless
-        out.grant(app, channel, n)
         return True
 
     def on_state(
@@ -163,13 +153,13 @@ class Runtime:
     async def send_state(
         self, app: str, dst: str, worker: str, src: str, state: Any, pending: list[Any]
     ) -> None:
-        """Hand ``src``'s state, and input it held unprocessed, to successor ``dst``."""
+        """Hand ``src``'s state, and input it held unprocessed, to successor ``dst``
+        (to another worker: kept and resent until that worker acknowledges it)."""
         if worker == self.name:
             if not self.on_state(app, dst, src, state, pending):
                 log.error("state handover %s -> %s: no such instance here", src, dst)
             return
-        link = await self.dataplane.link(worker)
-        link.write(encode(Frame.STATE, app, dst, src, state, pending))
+        self.dataplane.send_state(worker, app, dst, src, state, pending)
 
     # ------------------------------------------------------------------
     # Bundles and code
@@ -239,7 +229,7 @@ class Runtime:
                         )
                     out = LocalChannel(inst.app, t.channel, dst)
                 else:
-                    out = RemoteChannel(inst.app, t.channel, _dialer(self.dataplane, t.worker))
+                    out = RemoteChannel(inst.app, t.channel, self.dataplane, t.worker)
                 inst.out[t.channel] = out
                 self.out_channels[(inst.app, t.channel)] = out
             channels.append(out)
@@ -298,8 +288,11 @@ class Runtime:
             del self.instances[key]
         for ch in [c for (a, c), i in self.in_channels.items() if i is inst and a == inst.app]:
             del self.in_channels[(inst.app, ch)]
-        for ch in list(inst.out):
+            self.dataplane.close_in(inst.app, ch)
+        for ch, out in list(inst.out.items()):
             self.out_channels.pop((inst.app, ch), None)
+            if isinstance(out, RemoteChannel):
+                out.release()
 
     async def _drop(self, inst: Instance) -> None:
         inst.stop()
@@ -433,6 +426,7 @@ class Runtime:
             await self.abort(*key)
         for key in [k for k in self.switches if k[0] == app]:
             del self.switches[key]
+        self.dataplane.forget_app(app)
         self.evict_bundles()
         return len(victims)
 
@@ -471,13 +465,6 @@ class Runtime:
             (a, iid, i.records_in, i.records_out, i.errors, i.failed, i.dead_letters)
             for (a, iid), i in self.instances.items()
         ]
-
-
-def _dialer(dataplane: DataPlane, worker: str) -> Any:
-    async def dial() -> Link:
-        return await dataplane.link(worker)
-
-    return dial
 
 
 def _is_transactional(fn: Any) -> bool:
