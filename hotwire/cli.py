@@ -555,6 +555,7 @@ def status(ctx: click.Context, name: str, as_json: bool) -> None:
                 "state": a.state,
                 "last_checkpoint": a.last_checkpoint,
                 "recoveries": a.recoveries,
+                "last_recovery": a.last_recovery,
                 "pes": [
                     {
                         "name": p.name,
@@ -589,6 +590,11 @@ def status(ctx: click.Context, name: str, as_json: bool) -> None:
                 click.echo("no apps")
             for a in apps:
                 click.echo(f"app {a['app']!r} version {a['version']} {a['state']}")
+                if a["last_recovery"]:
+                    click.echo(
+                        f"  restarted from a checkpoint {a['recoveries']} time(s); "
+                        f"last: {a['last_recovery']}"
+                    )
                 for p in a["pes"]:
                     where = ", ".join(f"{i['index']}@{i['worker']}" for i in p["instances"])
                     click.echo(

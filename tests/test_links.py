@@ -8,6 +8,7 @@ lost) or blocks. Heartbeats to the master go around the proxies and stay healthy
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 from collections import Counter
@@ -191,6 +192,8 @@ def test_a_peer_unreachable_past_the_bound_restarts_the_app(tmp_path: Path) -> N
         assert v.state_resets == 0 and not v.problems, v  # state came from the checkpoint
         _assert_healthy(c, "upg")
         assert c.live_workers() == 2, "no worker may be declared dead: only the link broke"
+        shown = json.loads(c.streamctl("status", "upg", "--json").stdout)
+        assert "could not reach each other" in shown["last_recovery"], shown
         master_log = c.master.log_path.read_text() if c.master else ""
         assert "could not reach each other" in master_log, master_log[-3000:]
         worker_logs = "".join(w.log_path.read_text() for w in c.workers)
