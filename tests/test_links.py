@@ -8,8 +8,10 @@ lost) or blocks. Heartbeats to the master go around the proxies and stay healthy
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
+import socket
 import threading
 from collections import Counter
 from pathlib import Path
@@ -198,3 +200,123 @@ def test_a_peer_unreachable_past_the_bound_restarts_the_app(tmp_path: Path) -> N
         assert "could not reach each other" in master_log, master_log[-3000:]
         worker_logs = "".join(w.log_path.read_text() for w in c.workers)
         assert "reporting it to the master" in worker_logs, worker_logs[-3000:]
+
+
+# -- the protocol in one process: two data planes, connections aborted under load --
+
+
+class _Receiver:
+    """Takes every frame and processes each batch at once (returns its credit)."""
+
+    def __init__(self) -> None:
+        self.records: list[Any] = []
+        self.events: list[tuple[Any, ...]] = []
+
+    def on_batch(self, app: str, channel: str, records: list[Any], ret: Any) -> bool:
+        self.records += records
+        ret.grant(app, channel, 1)
+        return True
+
+    def on_end(self, app: str, channel: str) -> bool:
+        self.events.append(("end", channel))
+        return True
+
+    def on_state(self, app: str, dst: str, src: str, state: Any, pending: Any = None) -> bool:
+        self.events.append(("state", dst, src, state))
+        return True
+
+    def on_epoch(self, app: str, channel: str, version: int) -> bool:
+        self.events.append(("epoch", channel, version))
+        return True
+
+    def on_barrier(self, app: str, channel: str, checkpoint: int) -> bool:
+        self.events.append(("barrier", channel, checkpoint))
+        return True
+
+
+def _abort_all(*planes: Any) -> int:
+    n = 0
+    for dp in planes:
+        for link in dp.links.values():
+            for conn in list(link.conns):
+                conn.writer.transport.abort()
+                n += 1
+    return n
+
+
+def test_streams_resend_and_dedupe_across_aborted_connections() -> None:
+    from hotwire.worker.channels import RemoteChannel
+    from hotwire.worker.transport import DataPlane
+
+    async def scenario() -> tuple[_Receiver, _Receiver, Any, Any, int]:
+        ra, rb = _Receiver(), _Receiver()
+        a, b = DataPlane("a", ra), DataPlane("b", rb)
+        for dp in (a, b):
+            await dp.start("127.0.0.1", 0)
+        a.peers["b"], b.peers["a"] = b.address, a.address
+        ab = RemoteChannel("app", "x@1.0>y@1.0", a, "b")
+        ba = RemoteChannel("app", "y@1.0>z@1.0", b, "a")
+        await ab.connect()
+        aborted = 0
+        for i in range(3000):
+            await ab.send([i, i])
+            await ba.send([i])
+            if i == 1500:
+                a.send_state("b", "app", "y@2.0", "y@1.0", {"k": i}, [])
+                await ab.epoch(2)
+            if i % 250 == 125:
+                await ab.barrier(i)
+                aborted += _abort_all(a, b)
+            if i % 8 == 0:
+                await asyncio.sleep(0)
+        await ab.end()
+        await ba.end()
+
+        async def ended() -> None:
+            while ("end", "x@1.0>y@1.0") not in rb.events or (
+                "end",
+                "y@1.0>z@1.0",
+            ) not in ra.events:
+                await asyncio.sleep(0.01)
+
+        await asyncio.wait_for(ended(), 20)
+        await a.close()
+        await b.close()
+        return ra, rb, a, b, aborted
+
+    ra, rb, a, b, aborted = asyncio.run(scenario())
+    assert aborted >= 10
+    assert rb.records == [i for i in range(3000) for _ in (0, 1)], "a->b: once each, in order"
+    assert ra.records == list(range(3000)), "b->a: once each, in order"
+    assert rb.events.count(("state", "y@2.0", "y@1.0", {"k": 1500})) == 1
+    barriers = [e[2] for e in rb.events if e[0] == "barrier"]
+    assert barriers == sorted(set(barriers)) and len(barriers) == 12
+    assert rb.events.count(("epoch", "x@1.0>y@1.0", 2)) == 1
+    assert a.stats["reconnects"] + b.stats["reconnects"] >= 10
+    assert not a.drops and not b.drops, (a.drops, b.drops)
+
+
+def test_a_link_down_past_the_timeout_is_reported_and_an_early_one_is_not() -> None:
+    from hotwire.worker.channels import RemoteChannel
+    from hotwire.worker.transport import DataPlane
+
+    async def scenario() -> tuple[list[Any], list[Any], float]:
+        a = DataPlane("a", _Receiver(), link_timeout=0.5)
+        await a.start("127.0.0.1", 0)
+        with socket.socket() as s:  # a port nobody listens on
+            s.bind(("127.0.0.1", 0))
+            a.peers["b"] = f"127.0.0.1:{s.getsockname()[1]}"
+        ch = RemoteChannel("app", "x@1.0>y@1.0", a, "b")
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        await ch.send([1])  # kept for the resend; the send does not fail
+        early = a.lost_links()
+        while not (late := a.lost_links()) and loop.time() - t0 < 5:
+            await asyncio.sleep(0.02)
+        await a.close()
+        return early, late, loop.time() - t0
+
+    early, late, after = asyncio.run(scenario())
+    assert early == []
+    assert [(x.peer, x.apps) for x in late] == [("b", ["app"])], late
+    assert after >= 0.5 and late[0].down_s >= 0.5 and "dialling" in late[0].error, late

@@ -525,6 +525,9 @@ class DataPlane:
             first = min(self.name, conn.peer)
             if cur.dialer == first and conn.dialer != first:
                 conn.close()  # both dialled at once: keep the one the first name dialled
+                # An empty ACK probes the kept one: if the peer dialled because it lost
+                # it without this side noticing, its reset ends it here at once.
+                cur.write(encode(Frame.ACK))
                 return False
             cur.close()  # the peer dialled again: it has lost the current one
         link.conns.add(conn)
