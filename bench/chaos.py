@@ -53,10 +53,10 @@ from hotwire.testing.cluster import LocalCluster, write_app
 
 APP = "chaos"
 WORKERS = ("w1", "w2", "w3")
-FAULT_KINDS = ("worker_kill", "master_kill", "link_cut", "worker_pause")
-# Opt-in (--kinds): SIGKILL a worker and start it again at once, before the master can
+# worker_restart: SIGKILL a worker and start it again at once, before the master can
 # declare it dead.
-EXTRA_KINDS = ("worker_restart",)
+FAULT_KINDS = ("worker_kill", "master_kill", "link_cut", "worker_pause", "worker_restart")
+EXTRA_KINDS: tuple[str, ...] = ()
 TRANSITION_KINDS = ("upgrade", "rescale", "rollback")
 
 APP_TEMPLATE = '''\

@@ -25,7 +25,7 @@ def test_a_short_seeded_chaos_run_loses_duplicates_and_miscounts_nothing(tmp_pat
         sys.executable,
         str(ROOT / "bench" / "chaos.py"),
         "--faults",
-        "4",
+        "5",
         "--seed",
         "1",
         "--rate",
@@ -48,7 +48,7 @@ def test_a_short_seeded_chaos_run_loses_duplicates_and_miscounts_nothing(tmp_pat
     assert doc["duplicated"] == 0, why
     assert doc["state_errors"] == 0, why
     assert doc["stuck"] == 0, why
-    assert sum(doc["faults"].values()) == 4, why
-    assert len(doc["faults"]) >= 3, f"faults of fewer than 3 kinds: {doc['faults']}"
+    assert sum(doc["faults"].values()) == 5, why
+    assert len(doc["faults"]) == 5, f"not every kind of fault: {doc['faults']}"
     assert doc["records"] > 0 and doc["committed_rows"] == doc["records"], why
     assert res.returncode == 0, why

@@ -100,3 +100,29 @@ def test_a_cut_maps_onto_new_instances_by_pe_and_key() -> None:
     assert not any(pe in ("gone", "new") for pe, _ in out)
     same = states_for_restart({"count@1.0": [[1, 1]], "count@1.1": [[2, 2]]}, {"count": 2}, {})
     assert same == {("count", 0): [[[1, 1]]], ("count", 1): [[[2, 2]]]}
+
+
+def test_checkpoints_in_flight_across_back_to_back_upgrades(tmp_path: Path) -> None:
+    """Checkpoints every 0.1 s and upgrades one after another: a checkpoint the master
+    abandons at a switch must neither hold a channel forever nor let a replacing
+    channel overtake records held on the channel it replaces."""
+    from hotwire.testing.scenarios import check_output
+
+    out, audit = tmp_path / "out.jsonl", tmp_path / "audit.jsonl"
+    kw = {"out": str(out), "audit": str(audit), "n": N, "rate": RATE, "keys": KEYS}
+    base, wide = SCENARIOS["rescale_keyed"]
+    code2 = SCENARIOS["change_code"][1]
+    apps = [
+        write_app(tmp_path, f"v{i}.py", render(shape, **kw))
+        for i, shape in enumerate([base, wide, base, code2, wide], 1)
+    ]
+    with LocalCluster(data_dir=tmp_path / "cluster", checkpoint_interval=0.1) as c:
+        c.client.submit(apps[0])
+        poll_for(lambda: count_lines(out) > N // 5, 20, what="records before the upgrades")
+        for app in apps[1:]:
+            assert c.client.upgrade(app).applied
+        assert count_lines(out) < N, "the upgrades must happen while records flow"
+        poll_for(lambda: count_lines(out) >= N, 40, what="every record after the upgrades")
+    v = check_output(read_jsonl(out), N)
+    assert (v.lost, v.duplicated, v.out_of_order, v.state_resets) == (0, 0, 0, 0), v
+    assert not v.problems, v.problems

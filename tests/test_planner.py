@@ -36,6 +36,8 @@ from hotwire.plan import (
     parse_instance_id,
     to_wire,
 )
+from hotwire.plan_wire import WireError, from_pb, to_pb
+from hotwire.proto import hotwire_pb2 as pb
 
 APP = "orders"
 ONE = {"w1": 100}
@@ -720,6 +722,33 @@ def test_instructions_round_trip_the_wire() -> None:
     _, _, _, plan = upgrade(old, new)
     for ins in instructions(plan):
         assert from_wire(to_wire(ins)) == ins
+        assert from_pb(pb.Instruction.FromString(to_pb(ins).SerializeToString())) == ins
+
+
+def test_typed_instructions_carry_config_and_restart_state() -> None:
+    ins = StartInstance(
+        APP,
+        2,
+        "R",
+        "reduce",
+        2,
+        1,
+        3,
+        "h",
+        ("a>b",),
+        (),
+        ("R@1.0",),
+        config={"on_error": "fail", "n": [1, 2]},
+        initial_state=[[[1078, {"x": 1}], [(1, "a"), 2]]],
+    )
+    back = from_pb(pb.Instruction.FromString(to_pb(ins).SerializeToString()))
+    assert back == ins and back.config == {"on_error": "fail", "n": [1, 2]}
+    assert back.initial_state == [[[1078, {"x": 1}], [[1, "a"], 2]]]
+
+
+def test_an_instruction_of_an_unknown_kind_is_a_clear_error() -> None:
+    with pytest.raises(WireError, match="the master may run a newer hotwire"):
+        from_pb(pb.Instruction())
 
 
 # ---------------------------------------------------------------------------
@@ -1105,6 +1134,7 @@ def test_plan_turns_old_physical_state_into_new(data: st.DataObject) -> None:
     check_plan(old, old_pl, new, new_pl, c, plan)
     for ins in instructions(plan):
         assert from_wire(to_wire(ins)) == ins
+        assert from_pb(to_pb(ins)) == ins
 
 
 def chain(n: int, changed: str | None = None) -> LogicalModel:

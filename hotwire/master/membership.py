@@ -179,6 +179,11 @@ class Membership:
             and time.monotonic() - w.last_seen <= self.heartbeat_timeout
         )
 
+    def connected(self, name: str) -> bool:
+        """Whether ``name`` has an instruction stream open now."""
+        w = self.workers.get(name)
+        return w is not None and w.connected.is_set()
+
     def live(self) -> dict[str, WorkerConn]:
         return {n: w for n, w in self.workers.items() if self.alive(n)}
 

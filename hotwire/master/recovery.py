@@ -38,7 +38,8 @@ from hotwire.master.diff import ChangeSet, diff
 from hotwire.master.planner import plan_upgrade
 from hotwire.master.scheduler import SchedulingError, schedule
 from hotwire.model import LogicalModel
-from hotwire.plan import Plan, StartInstance, placement_to_dict
+from hotwire.plan import Plan, StartInstance, from_wire, placement_to_dict
+from hotwire.plan_wire import to_pb
 from hotwire.proto import hotwire_pb2 as pb
 
 if TYPE_CHECKING:
@@ -118,9 +119,20 @@ class Recovery:
         if app in self.m.locks:
             return False
         p = self.pending.get(app)
-        if p is not None and time.monotonic() - p.started < CHECKPOINT_TIMEOUT_S:
-            return False  # one at a time
+        # One at a time; one that cannot complete (a barrier lost with a worker) is
+        # superseded after a few intervals, and instances drop its alignment.
+        supersede = min(CHECKPOINT_TIMEOUT_S, max(1.0, 3 * self.checkpoint_interval))
+        if p is not None and time.monotonic() - p.started < supersede:
+            return False
         st = self.m.apps[app]
+        ms = self.m.membership
+        hosts = {w for pl in st.placement.values() for w in pl.workers}
+        absent = [w for w in sorted(hosts) if not (ms.alive(w) and ms.connected(w))]
+        if absent:
+            # Its barriers or reports could not all arrive (a master that just
+            # restarted, a worker being declared dead): it would only block the next.
+            log.debug("app %r: no checkpoint while %s is not connected", app, absent)
+            return False
         stored = self.m.store.checkpoint(app)
         cid = max(self.last_checkpoint.get(app, 0), stored[0] if stored else 0) + 1
         self.last_checkpoint[app] = cid
@@ -267,14 +279,48 @@ class Recovery:
             await asyncio.sleep(0.05)
         self.m.locks[app] = what
 
-    async def recover(self, app: str, dead: str) -> None:
+    def lost_apps(self, worker: str, running: list[pb.RunningInstance]) -> list[str]:
+        """Running apps the placement puts on ``worker`` that it does not report
+        running: it came back as a new process (a quick restart, before its old one
+        was declared dead), so what it ran is gone."""
+        have = {(r.app, r.instance) for r in running}
+        lost = []
+        for app, st in self.m.apps.items():
+            if st.state != "running":
+                continue
+            placed = {
+                (app, pl.instance(pe, i))
+                for pe, pl in st.placement.items()
+                for i, w in enumerate(pl.workers)
+                if w == worker
+            }
+            if placed - have:
+                lost.append(app)
+        return lost
+
+    def recover_lost(self, worker: str, apps: list[str]) -> None:
+        """Restart ``apps`` from their checkpoints: ``worker`` lost their instances."""
+        for app in apps:
+            log.warning(
+                "worker %s came back without its instances of %r (the process restarted); "
+                "restarting the app from its last checkpoint",
+                worker,
+                app,
+            )
+            self.recovering[(app, worker)] += 1
+            self.m.spawn(
+                self.recover(app, worker, f"worker {worker!r} restarted and lost its instances"),
+                name=f"recover-{app}",
+            )
+
+    async def recover(self, app: str, dead: str, why: str = "") -> None:
         """Restart ``app`` from its last checkpoint on the live workers."""
         await self._wait_unlocked(app, f"a recovery from the loss of worker {dead!r}")
         try:
             st = self.m.apps[app]
             if st.state != "running" or not any(dead in pl.workers for pl in st.placement.values()):
                 return
-            await self.restart(app, f"worker {dead!r} is dead", dead)
+            await self.restart(app, why or f"worker {dead!r} is dead", dead)
         except Exception:
             log.exception("app %r: recovery from the loss of %s failed", app, dead)
             self.handled.discard(dead)
@@ -499,8 +545,7 @@ class Recovery:
                     log.warning("app %r: undid an upgrade interrupted in prepare", app)
                 else:
                     batches = {
-                        w: [msgpack.packb(i, use_bin_type=True) for i in ins]
-                        for w, ins in rec["switch"].items()
+                        w: [to_pb(from_wire(i)) for i in ins] for w, ins in rec["switch"].items()
                     }
                     await self.m.switch_all(app, epoch, workers, batches)
                     self.m._commit(rec, epoch, 0.0)

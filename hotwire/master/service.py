@@ -31,6 +31,7 @@ from hotwire.master.store import Store
 from hotwire.model import LogicalModel, check_structure
 from hotwire.node import Node, add_health, grpc_options
 from hotwire.plan import Placement, Plan, placement_from_dict, placement_to_dict, to_wire
+from hotwire.plan_wire import to_pb
 from hotwire.proto import hotwire_pb2 as pb
 from hotwire.proto import hotwire_pb2_grpc as pb_grpc
 
@@ -409,8 +410,7 @@ class Master(Node):
         # loads the new bundle there (a kept sender may route by a new key function).
         prep_workers = sorted(plan.workers)
 
-        def wire(ins: Any) -> bytes:
-            return msgpack.packb(to_wire(ins), use_bin_type=True)
+        wire = to_pb
 
         async def prepare(w: str) -> None:
             items = plan.prepare.get(w, ())
@@ -457,7 +457,11 @@ class Master(Node):
         )
 
     async def switch_all(
-        self, app: str, epoch: int, workers: list[str], batches: dict[str, list[bytes]]
+        self,
+        app: str,
+        epoch: int,
+        workers: list[str],
+        batches: dict[str, list[pb.Instruction]],
     ) -> None:
         """Send the switch phase to every worker of a plan and wait for all of them."""
 
@@ -495,7 +499,7 @@ class Master(Node):
                         pb.STOP,
                         app,
                         cur.epoch,
-                        [msgpack.packb(to_wire(i)) for i in ins],
+                        [to_pb(i) for i in ins],
                         timeout=30,
                     )
                     for w, ins in stops.items()
@@ -707,6 +711,8 @@ class WorkerService(pb_grpc.WorkerControlServicer):
             # Durable before the worker uses it: epochs never repeat, even after a crash.
             await asyncio.wrap_future(self.m.store.put_worker_epoch(request.name, epoch))
         w, fenced = ms.register(request, epoch)
+        # A worker that restarted before it was declared dead lost what it ran.
+        self.m.recovery.recover_lost(w.name, self.m.recovery.lost_apps(w.name, request.running))
         # Reconcile what it runs with the placements: what they no longer put on this
         # worker (its apps restarted elsewhere while it was away) stops before it rejoins.
         stale = self.m.reconcile(w.name, list(request.running), registering=True)

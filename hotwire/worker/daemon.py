@@ -34,9 +34,8 @@ from typing import Any
 import grpc
 import msgpack
 
-from hotwire.codec import unpackb
 from hotwire.node import Node, add_health, grpc_options, split_addr
-from hotwire.plan import from_wire
+from hotwire.plan_wire import from_pb
 from hotwire.proto import hotwire_pb2 as pb
 from hotwire.proto import hotwire_pb2_grpc as pb_grpc
 from hotwire.worker.fence import TICK_S
@@ -463,7 +462,7 @@ class Worker(Node):
             rt.dataplane.peers.update(dict(batch.peers))
             for h, data in batch.bundles.items():
                 rt.add_bundle(h, data)
-            instructions = [from_wire(unpackb(b)) for b in batch.instructions]
+            instructions = [from_pb(i) for i in batch.instructions]
             if batch.phase == pb.PREPARE:
                 for h in batch.bundles:
                     # Import errors surface here, before anything switches. The import

@@ -107,6 +107,7 @@ class Instance:
         self.barrier_need: dict[int, set[str]] = {}
         self.barrier_held: set[str] = set()
         self.last_checkpoint = 0
+        self.abandoned = 0  # checkpoints up to this one were given up: their barriers are ignored
         self.pending_preds: set[str] = set(spec.predecessors)
         self.pred_states: list[Any] = []
         self.pred_pending: list[tuple[str, list[Any]]] = []
@@ -264,12 +265,15 @@ class Instance:
                         break
 
     async def _on_end(self, ch: str) -> None:
+        if self.barrier_need:
+            # End markers come only with a transition, and the master abandons the
+            # checkpoint in flight when a transition begins: this alignment can
+            # never complete (a sender may have forwarded its barrier on a channel
+            # it has since ended). Drop it, and let what it held go first, before
+            # a gate below lets a replacing channel through: order per key holds.
+            await self._abandon_checkpoints(max(self.barrier_need))
         self.inputs.discard(ch)
         self.runtime.forget_in(self.app, ch)
-        for cid, need in list(self.barrier_need.items()):
-            need.discard(ch)  # an ended channel owes no barrier
-            if not need and not self.failed:
-                await self._complete_checkpoint(cid)
         for version, (appearing, remaining) in list(self.gates.items()):
             remaining.discard(ch)
             if not remaining:
@@ -288,6 +292,15 @@ class Instance:
             # cut past it, so its barriers stop here (the last complete checkpoint
             # stays the one recovery restores).
             return
+        if cid <= self.abandoned:
+            return  # a checkpoint this instance gave up (see _abandon_checkpoints)
+        stale = [c for c in self.barrier_need if c < cid]
+        if stale:
+            # A newer checkpoint began: the older one cannot complete any more (its
+            # barrier was lost on some input, or the master superseded it).
+            await self._abandon_checkpoints(max(stale))
+            if cid <= self.last_checkpoint:
+                return  # the released input completed this checkpoint meanwhile
         need = self.barrier_need.get(cid)
         if need is None:
             # Align on the inputs open now; channels that appear later owe nothing.
@@ -296,6 +309,20 @@ class Instance:
         self.barrier_held.add(ch)
         if not need:
             await self._complete_checkpoint(cid)
+
+    async def _abandon_checkpoints(self, upto: int) -> None:
+        """Give up aligning checkpoints up to ``upto`` (they cannot complete): later
+        barriers of theirs are ignored, and the channels they held flow again, in
+        their order (their reports would be ignored by the master anyway)."""
+        self.abandoned = max(self.abandoned, upto)
+        for c in [c for c in self.barrier_need if c <= upto]:
+            del self.barrier_need[c]
+        if self.barrier_need:
+            return  # a newer alignment still holds its channels
+        released = set(self.barrier_held)
+        self.barrier_held.clear()
+        if not self.pending_preds:
+            await self._release_held(released)
 
     async def _complete_checkpoint(self, cid: int) -> None:
         del self.barrier_need[cid]
