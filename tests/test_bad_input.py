@@ -201,7 +201,7 @@ def _listed(cluster: LocalCluster, name: str) -> list[Any]:
     return [w for w in cluster.client.workers().workers if w.name == name]
 
 
-def test_a_second_registration_wins_and_the_old_session_is_not_found(cluster: LocalCluster) -> None:
+def test_a_second_registration_wins_and_the_old_session_is_refused(cluster: LocalCluster) -> None:
     channel, stub = _worker_stub(cluster)
     try:
         with pytest.raises(grpc.RpcError) as e:
@@ -219,19 +219,27 @@ def test_a_second_registration_wins_and_the_old_session_is_not_found(cluster: Lo
             10,
             what="w1 to register again",
         )
+        # A replaced session is fenced: refused as such, not as unknown.
         with pytest.raises(grpc.RpcError) as e:
             stub.Heartbeat(pb.HeartbeatRequest(name="w1", session=mine), timeout=5)
-        assert e.value.code() == grpc.StatusCode.NOT_FOUND
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert "register again" in e.value.details()
-        for name, session in [("w1", ""), ("w1", "stale"), ("nobody", mine)]:
+        # Any other session of a known worker is refused as not its current one; a
+        # worker the master does not know is not found. Both say: register again.
+        for name, session, code in [
+            ("w1", "", grpc.StatusCode.FAILED_PRECONDITION),
+            ("w1", "stale", grpc.StatusCode.FAILED_PRECONDITION),
+            ("nobody", mine, grpc.StatusCode.NOT_FOUND),
+        ]:
             with pytest.raises(grpc.RpcError) as e:
                 stub.Heartbeat(pb.HeartbeatRequest(name=name, session=session), timeout=5)
-            assert e.value.code() == grpc.StatusCode.NOT_FOUND, (name, session)
+            assert e.value.code() == code, (name, session)
+            assert "register again" in e.value.details()
         # A control stream opened with a stale session is refused too.
         call = stub.Control(iter([pb.WorkerMessage(hello=pb.Hello(name="w1", session=mine))]))
         with pytest.raises(grpc.RpcError) as e:
             list(call)
-        assert e.value.code() == grpc.StatusCode.NOT_FOUND
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     finally:
         channel.close()
     names = [w.name for w in cluster.client.workers().workers]
