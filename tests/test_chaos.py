@@ -1,6 +1,6 @@
 """The chaos harness, short and seeded: faults of every kind against an exactly-once app.
 
-``bench/chaos.py --faults 4 --seed 1`` kills a worker, kills the master, cuts the
+``bench/chaos.py --faults 5 --seed 1`` kills a worker, kills the master, cuts the
 links between workers and freezes a worker past the heartbeat timeout (in a
 seeded order), with online upgrades, rescales or rollbacks between them, and
 checks every committed record. See bench/README.md.
