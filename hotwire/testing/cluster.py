@@ -15,14 +15,10 @@ from __future__ import annotations
 
 import os
 import re
-import select
 import signal
-import socket
-import struct
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -125,87 +121,6 @@ class _Proc:
         return self.proc.returncode
 
 
-class _Proxy:
-    """A TCP proxy from one worker to the master that a test can partition and heal.
-
-    Partitioned, it resets every connection it carries and holds new ones open
-    without forwarding a byte (as a network that drops packets), so the worker's
-    RPCs time out and the master sees the worker go silent; healed, it forwards again.
-    """
-
-    def __init__(self, target: str):
-        host, _, port = target.rpartition(":")
-        self.target = (host, int(port))
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.address = f"127.0.0.1:{self.sock.getsockname()[1]}"
-        self.partitioned = False
-        self._conns: list[socket.socket] = []
-        self._lock = threading.Lock()
-        self._closed = False
-        threading.Thread(target=self._accept, name="hotwire-test-proxy", daemon=True).start()
-
-    def _accept(self) -> None:
-        while not self._closed:
-            try:
-                client, _ = self.sock.accept()
-            except OSError:
-                return
-            with self._lock:
-                self._conns.append(client)
-            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
-
-    def _serve(self, client: socket.socket) -> None:
-        while self.partitioned and not self._closed:
-            time.sleep(0.05)  # a blackhole: accepted, nothing goes through
-        try:
-            upstream = socket.create_connection(self.target, timeout=5)
-        except OSError:
-            _reset(client)
-            return
-        with self._lock:
-            self._conns.append(upstream)
-        pair = {client: upstream, upstream: client}
-        try:
-            while not self.partitioned and not self._closed:
-                ready, _, _ = select.select(list(pair), [], [], 0.05)
-                for s in ready:
-                    data = s.recv(65536)
-                    if not data:
-                        return
-                    pair[s].sendall(data)
-        except (OSError, ValueError):  # ValueError: partition() closed a socket meanwhile
-            return
-        finally:
-            with self._lock:
-                self._conns = [c for c in self._conns if c not in pair]
-            _reset(client)
-            _reset(upstream)
-
-    def partition(self) -> None:
-        self.partitioned = True
-        with self._lock:
-            conns, self._conns = self._conns, []
-        for c in conns:
-            _reset(c)
-
-    def heal(self) -> None:
-        self.partitioned = False
-
-    def close(self) -> None:
-        self._closed = True
-        self.partition()
-        self.sock.close()
-
-
-def _reset(sock: socket.socket) -> None:
-    """Close with a TCP reset, as a connection lost in a partition."""
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    except OSError:
-        pass
-    sock.close()
-
-
 class LocalCluster:
     """Master + N workers as real processes on loopback ports."""
 
@@ -244,8 +159,9 @@ class LocalCluster:
         self.data_delay = data_delay
         self.link_timeout = link_timeout
         self.data_proxies: dict[str, TcpProxy] = {}
-        self.control_proxy = control_proxy  # each worker reaches the master through a _Proxy
-        self.proxies: dict[str, _Proxy] = {}
+        # each worker reaches the master through a TcpProxy the test can block
+        self.control_proxy = control_proxy
+        self.proxies: dict[str, TcpProxy] = {}
 
     # -- lifecycle ---------------------------------------------------------
     def start(self) -> LocalCluster:
@@ -299,7 +215,7 @@ class LocalCluster:
             extra += ["--link-timeout", str(self.link_timeout)]
         master = self.address
         if self.control_proxy:
-            control = self.proxies[name] = _Proxy(self.address)
+            control = self.proxies[name] = TcpProxy(self.address).start()
             master = control.address
         p = _Proc(
             name,
@@ -338,7 +254,7 @@ class LocalCluster:
         for dp in self.data_proxies.values():
             dp.stop()
         for proxy in self.proxies.values():
-            proxy.close()
+            proxy.stop()
         if self._client is not None:
             self._client.close()
             self._client = None
@@ -374,11 +290,11 @@ class LocalCluster:
 
     def partition_worker(self, name: str) -> None:
         """Cut ``name`` off the master (needs ``control_proxy=True``); its data plane stays."""
-        self.proxies[name].partition()
+        self.proxies[name].block()
 
     def heal_worker(self, name: str) -> None:
         """End a :meth:`partition_worker`: the worker reaches the master again."""
-        self.proxies[name].heal()
+        self.proxies[name].unblock()
 
     def cut_links(self) -> int:
         """Reset every data-plane connection between workers (needs ``proxy_data``);
@@ -428,7 +344,7 @@ class LocalCluster:
             data_proxy.stop()
         control = self.proxies.pop(name, None)
         if control is not None:
-            control.close()
+            control.stop()
         log = self.dir / f"{name}.log"
         if log.exists():  # the new process must not find the old one's address in it
             log.rename(self.dir / f"{name}.{len(list(self.dir.glob(f'{name}.*.log'))) + 1}.log")
