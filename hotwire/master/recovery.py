@@ -103,8 +103,7 @@ class Recovery:
         (every commit is followed by a checkpoint of the new epoch at once)."""
 
         async def run() -> None:
-            while app in self.m.locks:
-                await asyncio.sleep(0.005)
+            await self.m.locks.wait_free(app)
             st = self.m.apps.get(app)
             if st is not None and st.state == "running":
                 await self.checkpoint(app)
@@ -275,9 +274,7 @@ class Recovery:
                     self.m.spawn(self.recover(app, name), name=f"recover-{app}")
 
     async def _wait_unlocked(self, app: str, what: str) -> None:
-        while app in self.m.locks:
-            await asyncio.sleep(0.05)
-        self.m.locks[app] = what
+        await self.m.locks.acquire(app, what)
 
     def lost_apps(self, worker: str, running: list[pb.RunningInstance]) -> list[str]:
         """Running apps the placement puts on ``worker`` that it does not report
@@ -325,7 +322,7 @@ class Recovery:
             log.exception("app %r: recovery from the loss of %s failed", app, dead)
             self.handled.discard(dead)
         finally:
-            self.m.locks.pop(app, None)
+            self.m.locks.release(app)
             self.recovering[(app, dead)] -= 1
             if self.recovering[(app, dead)] <= 0:
                 del self.recovering[(app, dead)]
@@ -380,7 +377,7 @@ class Recovery:
         except Exception:
             log.exception("app %r: restart after the lost link to %s failed", app, peer)
         finally:
-            self.m.locks.pop(app, None)
+            self.m.locks.release(app)
             self.relinking.discard(app)
 
     async def restart(
@@ -512,7 +509,7 @@ class Recovery:
                     }
                 )
             finally:
-                self.m.locks.pop(app, None)
+                self.m.locks.release(app)
         return moved
 
     # ------------------------------------------------------------------
@@ -527,7 +524,7 @@ class Recovery:
         for app, epoch, phase, blob in inflight:
             rec = unpackb(blob)
             workers = list(rec["prepare_workers"])
-            self.m.locks[app] = "finishing an interrupted upgrade"
+            await self.m.locks.acquire(app, "finishing an interrupted upgrade")
             try:
                 deadline = time.monotonic() + ms.heartbeat_timeout * 2
                 while time.monotonic() < deadline and not all(ms.alive(w) for w in workers):
@@ -553,7 +550,7 @@ class Recovery:
             except Exception:
                 log.exception("app %r: could not finish the interrupted upgrade", app)
             finally:
-                self.m.locks.pop(app, None)
+                self.m.locks.release(app)
 
 
 def _placement_intent(st: Any, placement: Any) -> dict[str, Any]:

@@ -23,6 +23,7 @@ import grpc
 import msgpack
 
 from hotwire.master.diff import ChangeSet, diff
+from hotwire.master.locks import AppLocks
 from hotwire.master.membership import Membership, SessionRefused, WorkerGone, stale_instances
 from hotwire.master.planner import plan_stop, plan_upgrade
 from hotwire.master.recovery import Recovery
@@ -94,7 +95,7 @@ class Master(Node):
         self.recovery = Recovery(self, checkpoint_interval)
         self.membership.on_report = self.recovery.on_report
         self.apps: dict[str, AppState] = {}
-        self.locks: dict[str, str] = {}  # app -> what is in flight
+        self.locks = AppLocks()  # one transition at a time per app
         self.store: Store | None = None
         self.server: grpc.aio.Server | None = None
         self.port = 0
@@ -157,13 +158,12 @@ class Master(Node):
             )
 
     def _lock(self, app: str, what: str) -> None:
-        if app in self.locks:
+        if not self.locks.take(app, what):
             raise Refused(
                 grpc.StatusCode.FAILED_PRECONDITION,
-                f"app {app!r}: {self.locks[app]} is in progress; "
+                f"app {app!r}: {self.locks.holder(app)} is in progress; "
                 "wait for it to finish and try again",
             )
-        self.locks[app] = what
 
     def _free_slots(self, app: str) -> dict[str, int]:
         load: dict[str, int] = {}
@@ -198,7 +198,7 @@ class Master(Node):
                 app, version, "submit", empty, {}, model, bundle, bundle_hash, dry_run=False
             )
         finally:
-            self.locks.pop(app, None)
+            self.locks.release(app)
 
     async def upgrade(
         self,
@@ -234,7 +234,7 @@ class Master(Node):
                 rolled_back_to,
             )
         finally:
-            self.locks.pop(app, None)
+            self.locks.release(app)
 
     async def rollback(self, app: str, to_version: int, dry_run: bool) -> Outcome:
         assert self.store is not None
@@ -511,7 +511,7 @@ class Master(Node):
             await asyncio.wrap_future(self.store.set_state(app, "killed"))
             return cur.version
         finally:
-            self.locks.pop(app, None)
+            self.locks.release(app)
 
     # ------------------------------------------------------------------
     # Reading
