@@ -21,6 +21,14 @@ def packb(obj: Any) -> bytes:
     return _packer.pack(obj)
 
 
+def hashable_key(k: Any) -> Any:
+    """A key as it was before a msgpack trip: sequences come back as lists, which
+    cannot be dict keys, so they become tuples again (partitioning packs both alike)."""
+    if isinstance(k, list):
+        return tuple(hashable_key(x) for x in k)
+    return k
+
+
 def unpackb(data: bytes) -> Any:
     """Deserialise what :func:`packb` made, map keys of any msgpack type included."""
     return msgpack.unpackb(data, raw=False, strict_map_key=False)

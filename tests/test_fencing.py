@@ -22,7 +22,7 @@ import grpc
 import pytest
 
 from hotwire.testing import read_jsonl
-from hotwire.testing.cluster import LocalCluster, poll_for, write_app
+from hotwire.testing.cluster import LocalCluster, poll_for, wait_until, write_app
 
 SINK_APP = """
 import json, os, threading, time
@@ -320,14 +320,6 @@ def test_a_short_freeze_holds_output_until_the_master_answers_and_loses_nothing(
 # ---------------------------------------------------------------------------
 
 
-async def _until(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} not met within {timeout}s")
-        await asyncio.sleep(0.02)
-
-
 async def test_a_fenced_session_is_refused_everything(tmp_path: Path) -> None:
     from hotwire.master.recovery import PendingCheckpoint
     from hotwire.master.service import Master
@@ -353,10 +345,10 @@ async def test_a_fenced_session_is_refused_everything(tmp_path: Path) -> None:
 
             control = stub.Control(messages())
             ms = master.membership
-            await _until(lambda: ms.workers["w9"].connected.is_set(), 5, "the control stream")
+            await wait_until(lambda: ms.workers["w9"].connected.is_set(), 5, "the control stream")
             old = ms.workers["w9"]
             # No heartbeat: the master declares w9 dead and fences its session.
-            await _until(lambda: "w9" in master.recovery.handled, 5, "w9 to be declared dead")
+            await wait_until(lambda: "w9" in master.recovery.handled, 5, "w9 to be declared dead")
 
             with pytest.raises(grpc.aio.AioRpcError) as hb:
                 await stub.Heartbeat(

@@ -15,10 +15,6 @@ from hotwire.testing.cluster import LocalCluster, poll_for, write_app
 N = 3000
 
 
-def _seqs(path: Path) -> Counter[int]:
-    return Counter(r["seq"] for r in read_jsonl(path))
-
-
 def test_records_with_integer_map_keys_cross_workers(cluster: LocalCluster, tmp_path: Path) -> None:
     """msgpack refuses non-string map keys unless told: such a frame used to be dropped."""
     out = tmp_path / "out.jsonl"

@@ -52,6 +52,17 @@ def _wait_all(out: Path, n: int, timeout: float) -> str:
     return ""
 
 
+def _assert_exactly_once(out: Path, timeout: float, detail: str) -> None:
+    """Every record 0..N-1 at the sink once, in order per key, no state reset."""
+    stalled = _wait_all(out, N, timeout)
+    v = check_output(read_jsonl(out), N)
+    counts = (v.lost, v.duplicated, v.out_of_order, v.state_resets)
+    assert not stalled and counts == (0, 0, 0, 0) and not v.problems, (
+        f"{stalled or 'all arrived'}; lost/dup/out-of-order/state resets {counts}; "
+        f"{v.problems}; {detail}"
+    )
+
+
 def test_links_cut_under_load_lose_and_duplicate_nothing(tmp_path: Path) -> None:
     out = tmp_path / "out.jsonl"
     v1, _ = SCENARIOS["change_code"]
@@ -69,13 +80,7 @@ def test_links_cut_under_load_lose_and_duplicate_nothing(tmp_path: Path) -> None
             at = k * N // 7
             poll_for(lambda at=at: count_lines(out) >= at, 30, what=f"records before cut {k}")
             cuts.append(c.cut_links())
-        stalled = _wait_all(out, N, 30)
-        v = check_output(read_jsonl(out), N)
-        counts = (v.lost, v.duplicated, v.out_of_order, v.state_resets)
-        assert not stalled and counts == (0, 0, 0, 0) and not v.problems, (
-            f"{stalled or 'all arrived'}; lost/dup/out-of-order/state resets {counts}; "
-            f"{v.problems}; connections reset per cut {cuts}\n{c.logs()}"
-        )
+        _assert_exactly_once(out, 30, f"connections reset per cut {cuts}\n{c.logs()}")
         assert all(cuts), f"a cut found no connection to reset: {cuts}"
         _assert_healthy(c, "upg")
         logs = "".join(w.log_path.read_text() for w in c.workers)
@@ -135,13 +140,8 @@ def test_links_cut_during_an_upgrade_with_state_handover(tmp_path: Path) -> None
                 proxy.cut_on(b"")
             state_cuts.append(sum(p.pattern_cuts for p in c.data_proxies.values()) - before)
         assert count_lines(out) < N, "the upgrades must happen while records flow"
-        stalled = _wait_all(out, N, 40)
-        rows = read_jsonl(out)
-        v = check_output(rows, N)
-        counts = (v.lost, v.duplicated, v.out_of_order, v.state_resets)
-        assert not stalled and counts == (0, 0, 0, 0) and not v.problems, (
-            f"{stalled or 'all arrived'}; lost/dup/out-of-order/state resets {counts}; "
-            f"{v.problems}; {cuts} connections reset, {state_cuts} on a handover\n{c.logs()}"
+        _assert_exactly_once(
+            out, 40, f"{cuts} connections reset, {state_cuts} on a handover\n{c.logs()}"
         )
         assert all(state_cuts), f"links cut on a handover, per upgrade: {state_cuts}"
         _assert_healthy(c, "upg")

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import sqlite3
 import threading
@@ -22,7 +21,7 @@ from typing import Any
 import grpc
 
 from hotwire.testing import read_jsonl
-from hotwire.testing.cluster import LocalCluster, poll_for, write_app
+from hotwire.testing.cluster import LocalCluster, poll_for, wait_until, write_app
 
 
 def _seqs(path: Path) -> Counter[int]:
@@ -183,14 +182,6 @@ def _heartbeat_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith("hotwire-heartbeat-")]
 
 
-async def _until(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} not met within {timeout}s")
-        await asyncio.sleep(0.02)
-
-
 async def test_a_forgotten_session_registers_again_and_the_heartbeat_thread_stops(
     tmp_path: Path,
 ) -> None:
@@ -213,7 +204,7 @@ async def test_a_forgotten_session_registers_again_and_the_heartbeat_thread_stop
             other = await pb_grpc.WorkerControlStub(channel).Register(
                 pb.RegisterRequest(name="w1", data_address="127.0.0.1:1", slots=1), timeout=5
             )
-        await _until(
+        await wait_until(
             lambda: (
                 worker.session not in ("", first, other.session)
                 and master.membership.workers["w1"].session == worker.session
@@ -223,7 +214,7 @@ async def test_a_forgotten_session_registers_again_and_the_heartbeat_thread_stop
             "the worker to register again",
         )
         seen = master.membership.workers["w1"].last_seen
-        await _until(lambda: master.membership.workers["w1"].last_seen > seen, 5, "a heartbeat")
+        await wait_until(lambda: master.membership.workers["w1"].last_seen > seen, 5, "a heartbeat")
         assert master.membership.alive("w1")
     finally:
         await worker.close()

@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
+from hotwire.codec import hashable_key
 from hotwire.plan import key_partition, parse_instance_id
 
 
@@ -51,7 +52,7 @@ def states_for_restart(
             parts: list[list[Any]] = [[] for _ in range(n)]
             for i in sorted(old):
                 for pair in old[i] or ():
-                    parts[key_partition(_hashable(pair[0]), n)].append(pair)
+                    parts[key_partition(hashable_key(pair[0]), n)].append(pair)
             for i, part in enumerate(parts):
                 if part:
                     out[(pe, i)] = [part]
@@ -66,9 +67,3 @@ def _pairs(state: Any) -> bool:
     return state is None or (
         isinstance(state, list) and all(isinstance(p, list) and len(p) == 2 for p in state)
     )
-
-
-def _hashable(k: Any) -> Any:
-    if isinstance(k, list):
-        return tuple(_hashable(x) for x in k)
-    return k

@@ -22,6 +22,8 @@ from itertools import chain
 from operator import length_hint
 from typing import Any
 
+from hotwire.codec import hashable_key
+
 # Called with a failing record and the error; returns False when the PE stops
 # (on_error="fail"): the executor then stops at that record and keeps it, and
 # every record after it, in ``rest`` for the instance to hold.
@@ -233,13 +235,7 @@ def _keyed_items(s: Any) -> list[tuple[Any, Any]]:
     # map keys must be hashable once decoded (a list key is not).
     if isinstance(s, dict):
         return list(s.items())
-    return [(_hashable(k), v) for k, v in s]
-
-
-def _hashable(k: Any) -> Any:
-    if isinstance(k, list):
-        return tuple(_hashable(x) for x in k)
-    return k
+    return [(hashable_key(k), v) for k, v in s]
 
 
 class ProcessExecutor(Executor):

@@ -13,6 +13,7 @@ the master on the same data directory and port.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
@@ -45,6 +46,20 @@ def poll_for(
         if time.monotonic() > deadline:
             raise TimeoutError(f"{what} not met within {timeout}s")
         time.sleep(interval)
+
+
+async def wait_until(
+    predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition"
+) -> Any:
+    """:func:`poll_for` for code on an event loop: the loop runs while it waits."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not met within {timeout}s")
+        await asyncio.sleep(0.02)
 
 
 def write_app(directory: str | Path, name: str, body: str) -> str:
