@@ -1,18 +1,33 @@
-"""The steps of one master transition (hotwire.master.transition), a pure state
-machine: these tests feed it events and check the actions it answers with, exactly
-for each path and over random interleavings of worker replies, failures, timeouts,
-late and duplicated answers and store failures (hypothesis).
+"""The master's transition engine.
+
+The steps of one transition (hotwire.master.transition) are a pure state machine:
+these tests feed it events and check the actions it answers with, exactly for each
+path and over random interleavings of worker replies, failures, timeouts, late and
+duplicated answers and store failures (hypothesis). The engine that carries the
+actions out (hotwire.master.engine) is driven with an in-process instruction
+stream whose workers answer, refuse, fail or never answer, and a real store; the
+tests with a real master and workers are test_upgrade, test_locks, test_liveness,
+test_integrity and test_fencing.
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
+import grpc
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from hotwire.master.engine import Refused, TransitionEngine
+from hotwire.master.membership import WorkerGone
+from hotwire.master.store import Store
 from hotwire.master.transition import (
     AbortDone,
     Action,
@@ -40,6 +55,8 @@ from hotwire.master.transition import (
     TimedOut,
     Transition,
 )
+from hotwire.model import LogicalModel, PESpec, StreamSpec
+from hotwire.proto import hotwire_pb2 as pb
 
 W = ("w1", "w2", "w3")
 
@@ -318,3 +335,189 @@ def test_every_transition_commits_everywhere_or_leaves_nothing_half_applied(
     else:
         assert "nothing changed" in r.error
         assert not any(isinstance(a, SendPrepare | SendSwitch) for a in w.sent)
+
+
+# ---------------------------------------------------------------------------
+# The engine, over an in-process instruction stream and a real store
+# ---------------------------------------------------------------------------
+@dataclass
+class FakeWorker:
+    slots: int = 8
+    connected: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class Stream:
+    """The membership as the engine sees it: workers that answer each batch as
+    ``behave(worker, phase, n)`` says ("ok", "refuse", "gone" or "silent"), where
+    ``n`` counts the batches of that phase the worker got before: in these tests
+    0 is the submit's, 1 the upgrade's and 2 a restart's."""
+
+    def __init__(self, names: list[str], behave: Callable[[str, int, int], str]):
+        self.workers = {n: FakeWorker() for n in names}
+        self.behave = behave
+        self.batches: list[tuple[str, int, str, int]] = []  # (worker, phase, app, epoch)
+
+    def alive(self, name: str) -> bool:
+        return name in self.workers
+
+    def connected(self, name: str) -> bool:
+        return name in self.workers
+
+    def live(self) -> dict[str, FakeWorker]:
+        return dict(self.workers)
+
+    async def send(
+        self, worker: str, phase: int, app: str, version: int, ins: Any, *a: Any, **kw: Any
+    ) -> pb.Ack:
+        n = sum(1 for w, p, _, _ in self.batches if (w, p) == (worker, phase))
+        self.batches.append((worker, phase, app, version))
+        how = self.behave(worker, phase, n)
+        if how == "silent":
+            await asyncio.sleep(3600)
+        if how == "gone":
+            raise WorkerGone(f"worker {worker!r} disconnected")
+        return pb.Ack(ok=how == "ok", error="" if how == "ok" else f"{worker} refused")
+
+
+def app_model(par: int = 2) -> LogicalModel:
+    pes = [PESpec("src", "source", par, "f1", "src"), PESpec("out", "sink", 1, "f2", "out")]
+    return LogicalModel.build("app", pes, [StreamSpec("src", "out")])
+
+
+def quick(engine: TransitionEngine) -> TransitionEngine:
+    engine.prepare_timeout = engine.switch_timeout = engine.abort_timeout = 0.05
+    engine.switch_grace = 0.0
+    engine.timer_margin = 0.01
+    return engine
+
+
+async def submit(engine: TransitionEngine, model: LogicalModel, version: int = 1) -> Any:
+    cur = engine.apps.get("app")
+    old = cur.model if cur is not None else LogicalModel.build("app", [], [])
+    async with engine.claim("app", "a test"):
+        return await engine.change(
+            "app",
+            version,
+            "submit" if cur is None else "upgrade",
+            old,
+            cur.placement if cur is not None else {},
+            model,
+            b"bundle",
+            "hash",
+        )
+
+
+def run_engine(behave: Callable[[str, int, int], str], body: Any) -> Any:
+    async def main() -> Any:
+        with tempfile.TemporaryDirectory() as d:
+            store = await asyncio.to_thread(Store, Path(d) / "hotwire.db")
+            try:
+                stream = Stream(["w1", "w2"], behave)
+                engine = quick(TransitionEngine(stream))  # type: ignore[arg-type]
+                await engine.load(store)
+                return await body(engine, stream)
+            finally:
+                await asyncio.to_thread(store.close)
+
+    return asyncio.run(main())
+
+
+def test_the_engine_commits_a_submit_and_refuses_a_second_while_it_holds_the_lock() -> None:
+    async def body(engine: TransitionEngine, stream: Stream) -> None:
+        o = await submit(engine, app_model())
+        assert o.applied and engine.apps["app"].version == 1
+        assert {(w, p) for w, p, _, _ in stream.batches} == {
+            (w, p) for w in ("w1", "w2") for p in (pb.PREPARE, pb.SWITCH)
+        }
+        async with engine.hold("app", "a recovery"):
+            with pytest.raises(Refused, match=re.escape("app 'app': a recovery is in progress")):
+                await submit(engine, app_model(3), 2)
+        assert not engine.busy("app")
+        interrupted = await engine.interrupted()
+        assert interrupted == [], "a committed transition leaves no intent"
+
+    run_engine(lambda w, p, e: "ok", body)
+
+
+def test_the_engine_restarts_the_running_version_when_a_switch_fails() -> None:
+    def behave(worker: str, phase: int, n: int) -> str:
+        return "refuse" if (worker, phase, n) == ("w2", pb.SWITCH, 1) else "ok"
+
+    async def body(engine: TransitionEngine, stream: Stream) -> None:
+        restarts: list[dict[str, Any]] = []
+        engine.on_restart = restarts.append
+        await submit(engine, app_model())
+        with pytest.raises(Refused) as e:
+            await submit(engine, app_model(3), 2)
+        assert e.value.code == grpc.StatusCode.ABORTED
+        assert str(e.value) == (
+            "app 'app': switch failed: w2 refused; version 1 was restarted from its last checkpoint"
+        )
+        st = engine.apps["app"]
+        assert (st.version, st.epoch) == (1, 2), "the restart is the next transition"
+        assert {pl.parallelism for pl in st.placement.values()} == {1, 2}
+        assert [r["why"] for r in restarts] == ["a switch did not finish"]
+        assert not engine.busy("app")
+
+    run_engine(behave, body)
+
+
+def test_a_transition_needs_the_apps_lock() -> None:
+    async def body(engine: TransitionEngine, stream: Stream) -> None:
+        with pytest.raises(RuntimeError, match="needs the app's lock"):
+            await engine.change("app", 1, "submit", app_model(), {}, app_model(), b"", "h")
+
+    run_engine(lambda w, p, e: "ok", body)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    replies=st.dictionaries(
+        st.tuples(st.sampled_from(["w1", "w2"]), st.sampled_from([pb.PREPARE, pb.SWITCH])),
+        st.sampled_from(["refuse", "gone", "silent"]),
+        max_size=3,
+    ),
+    restart_fails=st.booleans(),
+)
+def test_the_engine_always_releases_the_lock_and_commits_all_or_nothing(
+    replies: dict[tuple[str, int], str], restart_fails: bool
+) -> None:
+    def behave(worker: str, phase: int, n: int) -> str:
+        if n == 1:  # the upgrade under test
+            return replies.get((worker, phase), "ok")
+        if n == 2 and restart_fails and phase == pb.SWITCH:
+            return "refuse"
+        return "ok"
+
+    async def body(engine: TransitionEngine, stream: Stream) -> None:
+        await submit(engine, app_model())
+        mark = len(stream.batches)
+        try:
+            await submit(engine, app_model(3), 2)
+            error = ""
+        except Refused as e:
+            error = str(e)
+        assert not engine.busy("app"), "the lock is released"
+        st = engine.apps["app"]
+        sent = {(w, p) for w, p, _, _ in stream.batches[mark:]}
+        switched = {w for w, p in sent if p == pb.SWITCH}
+        if not error:
+            assert not replies and (st.version, st.epoch) == (2, 2)
+            assert switched == {"w1", "w2"}
+            assert {pl.parallelism for pl in st.placement.values()} == {1, 3}
+        elif any(p == pb.PREPARE for _, p in replies):
+            assert "undone" in error and not switched, "undone in prepare: nothing switched"
+            assert {w for w, p in sent if p == pb.ABORT} == {"w1", "w2"}
+            assert (st.version, st.epoch) == (1, 1)
+        else:
+            assert switched == {"w1", "w2"} and {w for w, p in sent if p == pb.STOP}
+            assert st.version == 1, "the running version stays"
+            if restart_fails:
+                assert "failed too" in error and st.epoch == 1
+            else:
+                assert "was restarted from its last checkpoint" in error and st.epoch == 2
+                assert {pl.parallelism for pl in st.placement.values()} == {1, 2}
+        if not (error and restart_fails):
+            assert await engine.interrupted() == [], "no intent left behind"
+
+    run_engine(behave, body)

@@ -17,6 +17,10 @@
 * **An interrupted transition.** A master that crashed during an upgrade undoes
   it on start (crash in prepare: abort everywhere) or finishes it (crash in
   switch: the switch is sent again; workers join the first one).
+
+Recovery decides when and what; every change to an app it makes (a restart, a
+move, finishing an interrupted transition) goes through the master's
+:class:`~hotwire.master.engine.TransitionEngine`, under the app's lock.
 """
 
 from __future__ import annotations
@@ -25,25 +29,16 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Collection
+from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import Any
 
 import msgpack
 
-from hotwire.codec import unpackb
-from hotwire.master.cut import states_for_restart
-from hotwire.master.diff import ChangeSet, diff
-from hotwire.master.planner import plan_upgrade
-from hotwire.master.scheduler import SchedulingError, schedule
-from hotwire.model import LogicalModel
-from hotwire.plan import Plan, StartInstance, from_wire, placement_to_dict
-from hotwire.plan_wire import to_pb
+from hotwire.master.engine import TransitionEngine
+from hotwire.master.membership import Membership
 from hotwire.proto import hotwire_pb2 as pb
-
-if TYPE_CHECKING:
-    from hotwire.master.service import Master
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +56,16 @@ class PendingCheckpoint:
 
 
 class Recovery:
-    def __init__(self, master: Master, checkpoint_interval: float = 2.0):
-        self.m = master
+    def __init__(
+        self,
+        engine: TransitionEngine,
+        membership: Membership,
+        spawn: Callable[..., Any],
+        checkpoint_interval: float = 2.0,
+    ):
+        self.engine = engine
+        self.ms = membership
+        self.spawn = spawn  # runs a task the master owns (cancelled when it closes)
         self.checkpoint_interval = checkpoint_interval
         self.pending: dict[str, PendingCheckpoint] = {}
         self.last_checkpoint: dict[str, int] = {}
@@ -70,14 +73,16 @@ class Recovery:
         self.relinking: set[str] = set()  # apps restarting after a lost data link
         # (app, dead worker) of recoveries spawned and not finished yet
         self.recovering: Counter[tuple[str, str]] = Counter()
-        self.draining: set[str] = set()
         self.started = time.monotonic()
         self.events: list[dict[str, Any]] = []  # recoveries and drains, for status and tests
+        engine.on_begin = self.abandon_checkpoint
+        engine.on_commit = self.checkpoint_soon
+        engine.on_restart = self.events.append
 
     def start(self) -> None:
-        self.m.spawn(self._checkpoint_loop(), name="checkpoints")
-        self.m.spawn(self._monitor(), name="liveness")
-        self.m.spawn(self._finish_inflight(), name="inflight")
+        self.spawn(self._checkpoint_loop(), name="checkpoints")
+        self.spawn(self._monitor(), name="liveness")
+        self.spawn(self._finish_inflight(), name="inflight")
 
     # ------------------------------------------------------------------
     # Checkpoints
@@ -87,8 +92,8 @@ class Recovery:
             return
         while True:
             await asyncio.sleep(self.checkpoint_interval)
-            for name, st in list(self.m.apps.items()):
-                if st.state == "running" and name not in self.m.locks:
+            for name, st in list(self.engine.apps.items()):
+                if st.state == "running" and not self.engine.busy(name):
                     await self.checkpoint(name)
 
     def abandon_checkpoint(self, app: str) -> None:
@@ -103,19 +108,19 @@ class Recovery:
         (every commit is followed by a checkpoint of the new epoch at once)."""
 
         async def run() -> None:
-            await self.m.locks.wait_free(app)
-            st = self.m.apps.get(app)
-            if st is not None and st.state == "running":
+            await self.engine.wait_idle(app)
+            if self.engine.running(app) is not None:
                 await self.checkpoint(app)
 
-        self.m.spawn(run(), name=f"checkpoint-{app}")
+        self.spawn(run(), name=f"checkpoint-{app}")
 
     async def checkpoint(self, app: str, wait: bool = False) -> bool:
         """Start a checkpoint of ``app``; with ``wait``, return whether it completed.
 
         Not while a transition of the app is in flight (it would cut across it)."""
-        assert self.m.store is not None
-        if app in self.m.locks:
+        store = self.engine.store
+        assert store is not None
+        if self.engine.busy(app):
             return False
         p = self.pending.get(app)
         # One at a time; one that cannot complete (a barrier lost with a worker) is
@@ -123,8 +128,8 @@ class Recovery:
         supersede = min(CHECKPOINT_TIMEOUT_S, max(1.0, 3 * self.checkpoint_interval))
         if p is not None and time.monotonic() - p.started < supersede:
             return False
-        st = self.m.apps[app]
-        ms = self.m.membership
+        st = self.engine.apps[app]
+        ms = self.ms
         hosts = {w for pl in st.placement.values() for w in pl.workers}
         absent = [w for w in sorted(hosts) if not (ms.alive(w) and ms.connected(w))]
         if absent:
@@ -132,7 +137,7 @@ class Recovery:
             # restarted, a worker being declared dead): it would only block the next.
             log.debug("app %r: no checkpoint while %s is not connected", app, absent)
             return False
-        stored = self.m.store.checkpoint(app)
+        stored = store.checkpoint(app)
         cid = max(self.last_checkpoint.get(app, 0), stored[0] if stored else 0) + 1
         self.last_checkpoint[app] = cid
         expected = {
@@ -147,9 +152,9 @@ class Recovery:
         }
         await asyncio.gather(
             *(
-                self.m.membership.send(w, pb.CHECKPOINT, app, cid, [], timeout=5)
+                ms.send(w, pb.CHECKPOINT, app, cid, [], timeout=5)
                 for w in sorted(sources)
-                if self.m.membership.alive(w)
+                if ms.alive(w)
             ),
             return_exceptions=True,
         )
@@ -169,13 +174,14 @@ class Recovery:
         if len(p.states) < len(p.expected):
             return
         del self.pending[rep.app]
-        st = self.m.apps.get(rep.app)
-        if st is not None and st.epoch == p.epoch and self.m.store is not None:
-            stored = self.m.store.put_checkpoint(
+        st = self.engine.apps.get(rep.app)
+        store = self.engine.store
+        if st is not None and st.epoch == p.epoch and store is not None:
+            stored = store.put_checkpoint(
                 rep.app, p.id, p.epoch, msgpack.packb(p.states, use_bin_type=True)
             )
             workers = sorted({w for pl in st.placement.values() for w in pl.workers})
-            self.m.spawn(self._committed(rep.app, p.id, stored, workers), name="committed")
+            self.spawn(self._committed(rep.app, p.id, stored, workers), name="committed")
             log.debug(
                 "app %r: checkpoint %d complete in %.1f ms",
                 rep.app,
@@ -192,7 +198,7 @@ class Recovery:
             await asyncio.wrap_future(stored)
         except Exception:
             return  # not stored (logged by the store): nothing may commit
-        ms = self.m.membership
+        ms = self.ms
         await asyncio.gather(
             *(ms.send(w, pb.COMMITTED, app, cid, [], timeout=5) for w in workers if ms.alive(w)),
             return_exceptions=True,
@@ -203,21 +209,21 @@ class Recovery:
     # ------------------------------------------------------------------
     def on_register(self, name: str) -> None:
         self.handled.discard(name)
-        self.draining.discard(name)
+        self.engine.draining.discard(name)
 
     def doomed(self) -> set[str]:
         """Apps that a pending recovery will restart whole: it waits for, or runs, the
         restart of an app that still places instances on the dead worker."""
         out: set[str] = set()
         for app, dead in self.recovering:
-            st = self.m.apps.get(app)
-            if st is not None and st.state == "running":
+            st = self.engine.running(app)
+            if st is not None:
                 if any(dead in pl.workers for pl in st.placement.values()):
                     out.add(app)
         return out
 
     async def _monitor(self) -> None:
-        ms = self.m.membership
+        ms = self.ms
         tick = min(0.25, ms.heartbeat_timeout / 4)
         last = time.monotonic()
         while True:
@@ -238,7 +244,7 @@ class Recovery:
             self.handled -= {n for n in ms.workers if ms.alive(n)}
             if time.monotonic() - self.started > ms.heartbeat_timeout + 1:
                 # Workers in a placement that never came back after a master restart.
-                for st in self.m.apps.values():
+                for st in self.engine.apps.values():
                     if st.state == "running":
                         dead |= {
                             w
@@ -259,7 +265,7 @@ class Recovery:
                     )
                 apps = [
                     a
-                    for a, st in self.m.apps.items()
+                    for a, st in self.engine.apps.items()
                     if st.state == "running"
                     and any(name in pl.workers for pl in st.placement.values())
                 ]
@@ -271,10 +277,7 @@ class Recovery:
                     )
                 for app in apps:
                     self.recovering[(app, name)] += 1
-                    self.m.spawn(self.recover(app, name), name=f"recover-{app}")
-
-    async def _wait_unlocked(self, app: str, what: str) -> None:
-        await self.m.locks.acquire(app, what)
+                    self.spawn(self.recover(app, name), name=f"recover-{app}")
 
     def lost_apps(self, worker: str, running: list[pb.RunningInstance]) -> list[str]:
         """Running apps the placement puts on ``worker`` that it does not report
@@ -282,7 +285,7 @@ class Recovery:
         was declared dead), so what it ran is gone."""
         have = {(r.app, r.instance) for r in running}
         lost = []
-        for app, st in self.m.apps.items():
+        for app, st in self.engine.apps.items():
             if st.state != "running":
                 continue
             placed = {
@@ -305,24 +308,23 @@ class Recovery:
                 app,
             )
             self.recovering[(app, worker)] += 1
-            self.m.spawn(
+            self.spawn(
                 self.recover(app, worker, f"worker {worker!r} restarted and lost its instances"),
                 name=f"recover-{app}",
             )
 
     async def recover(self, app: str, dead: str, why: str = "") -> None:
         """Restart ``app`` from its last checkpoint on the live workers."""
-        await self._wait_unlocked(app, f"a recovery from the loss of worker {dead!r}")
         try:
-            st = self.m.apps[app]
-            if st.state != "running" or not any(dead in pl.workers for pl in st.placement.values()):
-                return
-            await self.restart(app, why or f"worker {dead!r} is dead", dead)
+            async with self.engine.hold(app, f"a recovery from the loss of worker {dead!r}"):
+                st = self.engine.running(app)
+                if st is None or not any(dead in pl.workers for pl in st.placement.values()):
+                    return
+                await self.engine.restart(app, why or f"worker {dead!r} is dead", dead)
         except Exception:
             log.exception("app %r: recovery from the loss of %s failed", app, dead)
             self.handled.discard(dead)
         finally:
-            self.m.locks.release(app)
             self.recovering[(app, dead)] -= 1
             if self.recovering[(app, dead)] <= 0:
                 del self.recovering[(app, dead)]
@@ -335,18 +337,17 @@ class Recovery:
         restart each app that places instances on both ends from its last checkpoint,
         without the unreachable worker where the others have room. A peer that is
         dead is left to the dead-worker path."""
-        ms = self.m.membership
         for link in links:
-            if not ms.alive(link.peer):
+            if not self.ms.alive(link.peer):
                 continue
             for app in link.apps:
-                st = self.m.apps.get(app)
-                if st is None or st.state != "running" or app in self.relinking:
+                st = self.engine.running(app)
+                if st is None or app in self.relinking:
                     continue
                 hosts = {w for pl in st.placement.values() for w in pl.workers}
                 if worker in hosts and link.peer in hosts:
                     self.relinking.add(app)
-                    self.m.spawn(self.relink(app, worker, link), name=f"relink-{app}")
+                    self.spawn(self.relink(app, worker, link), name=f"relink-{app}")
 
     async def relink(self, app: str, worker: str, link: pb.LostLink) -> None:
         peer = link.peer
@@ -355,148 +356,48 @@ class Recovery:
             f"{link.down_s:.1f} s ({link.error or 'no answer'})"
         )
         log.warning("app %r: %s; restarting it from its last checkpoint", app, why)
-        await self._wait_unlocked(app, f"a restart: {why}")
         try:
-            st = self.m.apps.get(app)
-            hosts = {w for pl in st.placement.values() for w in pl.workers} if st else set()
-            if st is None or st.state != "running" or not {worker, peer} <= hosts:
-                return  # restarted or moved meanwhile
-            needed = sum(spec.parallelism for spec in st.model.pes)
-            room = sum(n for w, n in self.free_slots(app).items() if w != peer)
-            avoid = {peer} if room >= needed else set()
-            if not avoid:
-                log.warning(
-                    "app %r: the workers other than %r have %d free slots of the %d it "
-                    "needs; it restarts on all live workers",
-                    app,
-                    peer,
-                    room,
-                    needed,
-                )
-            await self.restart(app, why, peer, avoid=avoid)
+            async with self.engine.hold(app, f"a restart: {why}"):
+                st = self.engine.running(app)
+                hosts = {w for pl in st.placement.values() for w in pl.workers} if st else set()
+                if st is None or not {worker, peer} <= hosts:
+                    return  # restarted or moved meanwhile
+                needed = sum(spec.parallelism for spec in st.model.pes)
+                room = sum(n for w, n in self.engine.free_slots(app).items() if w != peer)
+                avoid = {peer} if room >= needed else set()
+                if not avoid:
+                    log.warning(
+                        "app %r: the workers other than %r have %d free slots of the %d it "
+                        "needs; it restarts on all live workers",
+                        app,
+                        peer,
+                        room,
+                        needed,
+                    )
+                await self.engine.restart(app, why, peer, avoid=avoid)
         except Exception:
             log.exception("app %r: restart after the lost link to %s failed", app, peer)
         finally:
-            self.m.locks.release(app)
             self.relinking.discard(app)
-
-    async def restart(
-        self, app: str, why: str, dead: str = "", avoid: Collection[str] = ()
-    ) -> None:
-        """Stop ``app`` everywhere and start its running version from its last
-        checkpoint on the live workers (but not on those in ``avoid``). The caller
-        holds the app's lock."""
-        assert self.m.store is not None
-        t0 = time.perf_counter()
-        st = self.m.apps[app]
-        ms = self.m.membership
-        hosts = {w for pl in st.placement.values() for w in pl.workers}
-        # Stop the survivors, and a worker merely late with its heartbeats too.
-        reachable = [
-            w
-            for w in sorted(hosts)
-            if ms.alive(w) or (w in ms.workers and ms.workers[w].connected.is_set())
-        ]
-        await asyncio.gather(
-            *(ms.send(w, pb.STOP, app, st.epoch, [], timeout=10) for w in reachable),
-            return_exceptions=True,
-        )
-        states = self._checkpoint_states(app)
-        epoch = st.epoch + 1
-        empty = LogicalModel.build(app, [], [])
-        change = diff(empty, st.model)
-        try:
-            slots = {w: n for w, n in self.free_slots(app).items() if w not in avoid}
-            new_pl = schedule(st.model, {}, change, slots, epoch, st.bundle)
-        except SchedulingError as e:
-            raise RuntimeError(f"app {app!r} cannot be restarted now: {e}") from e
-        plan = plan_upgrade(app, epoch, empty, {}, st.model, new_pl, change, st.bundle)
-
-        restored = states_for_restart(
-            states,
-            {pe: pl.parallelism for pe, pl in new_pl.items()},
-            {pe: st.model.pe(pe).keyed for pe in new_pl},
-        )
-
-        def with_state(ins: Any) -> Any:
-            if isinstance(ins, StartInstance) and (ins.pe, ins.index) in restored:
-                return replace(ins, initial_state=restored[(ins.pe, ins.index)])
-            return ins
-
-        plan = Plan(
-            app,
-            epoch,
-            {w: tuple(with_state(i) for i in ins) for w, ins in plan.prepare.items()},
-            plan.switch,
-        )
-        store = self.m.store
-        bundle = await store.read(store.bundle, st.bundle) or b""
-        intent = _placement_intent(st, new_pl)
-        await self.m._apply(plan, st.bundle, bundle, intent)
-        await asyncio.wrap_future(self.m._commit(intent, epoch, 0.0))
-        ms_taken = (time.perf_counter() - t0) * 1000
-        self.events.append(
-            {
-                "app": app,
-                "event": "recovery",
-                "worker": dead,
-                "why": why,
-                "restored": len(states),
-                "ms": ms_taken,
-            }
-        )
-        log.warning(
-            "app %r restarted from checkpoint on the live workers in %.0f ms "
-            "(%s; %d instance states restored)",
-            app,
-            ms_taken,
-            why,
-            len(states),
-        )
-
-    def _checkpoint_states(self, app: str) -> dict[str, Any]:
-        """The last complete checkpoint of ``app``: every instance's state in one cut."""
-        assert self.m.store is not None
-        ck = self.m.store.checkpoint(app)
-        if ck is None:
-            return {}
-        _cid, _epoch, blob = ck
-        raw: dict[str, bytes] = unpackb(blob)
-        return {iid: unpackb(data) for iid, data in raw.items()}
-
-    def free_slots(self, app: str) -> dict[str, int]:
-        return {w: n for w, n in self.m._free_slots(app).items() if w not in self.draining}
 
     # ------------------------------------------------------------------
     # Drain
     # ------------------------------------------------------------------
     async def drain(self, worker: str) -> int:
         """Move every instance off ``worker`` with the upgrade protocol; return how many."""
-        self.draining.add(worker)
+        self.engine.draining.add(worker)
         moved = 0
-        for app, st in list(self.m.apps.items()):
-            if st.state != "running":
+        for app in list(self.engine.apps):
+            st = self.engine.running(app)
+            if st is None or not _pes_on(st, worker):
                 continue
-            pes = tuple(sorted(pe for pe, pl in st.placement.items() if worker in pl.workers))
-            if not pes:
-                continue
-            await self._wait_unlocked(app, f"moving instances off worker {worker!r}")
-            try:
-                st = self.m.apps[app]
-                epoch = st.epoch + 1
-                change = ChangeSet(regenerated=pes)
-                new_pl = schedule(
-                    st.model, st.placement, change, self.free_slots(app), epoch, st.bundle
-                )
-                plan = plan_upgrade(
-                    app, epoch, st.model, st.placement, st.model, new_pl, change, st.bundle
-                )
-                store = self.m.store
-                bundle = await store.read(store.bundle, st.bundle) if store else None
-                intent = _placement_intent(st, new_pl)
+            async with self.engine.hold(app, f"moving instances off worker {worker!r}"):
+                st = self.engine.running(app)
+                pes = _pes_on(st, worker) if st is not None else ()
+                if st is None or not pes:
+                    continue  # killed or moved meanwhile
                 t0 = time.perf_counter()
-                await self.m._apply(plan, st.bundle, bundle or b"", intent)
-                self.m._commit(intent, epoch, 0.0)
+                await self.engine.move(app, pes)
                 n = sum(st.placement[pe].workers.count(worker) for pe in pes)
                 moved += n
                 self.events.append(
@@ -508,57 +409,28 @@ class Recovery:
                         "ms": (time.perf_counter() - t0) * 1000,
                     }
                 )
-            finally:
-                self.m.locks.release(app)
         return moved
 
     # ------------------------------------------------------------------
     # Transitions a crashed master left half done
     # ------------------------------------------------------------------
     async def _finish_inflight(self) -> None:
-        assert self.m.store is not None
-        inflight = await self.m.store.read(self.m.store.inflight)
-        if not inflight:
-            return
-        ms = self.m.membership
-        for app, epoch, phase, blob in inflight:
-            rec = unpackb(blob)
-            workers = list(rec["prepare_workers"])
-            await self.m.locks.acquire(app, "finishing an interrupted upgrade")
+        ms = self.ms
+        for it in await self.engine.interrupted():
             try:
-                deadline = time.monotonic() + ms.heartbeat_timeout * 2
-                while time.monotonic() < deadline and not all(ms.alive(w) for w in workers):
-                    await asyncio.sleep(0.1)
-                if phase == "prepare":
-                    await asyncio.gather(
-                        *(
-                            ms.send(w, pb.ABORT, app, epoch, [], timeout=10)
-                            for w in workers
-                            if ms.alive(w)
-                        ),
-                        return_exceptions=True,
-                    )
-                    self.m.store.end_transition(app)
-                    log.warning("app %r: undid an upgrade interrupted in prepare", app)
-                else:
-                    batches = {
-                        w: [to_pb(from_wire(i)) for i in ins] for w, ins in rec["switch"].items()
-                    }
-                    await self.m.switch_all(app, epoch, workers, batches)
-                    self.m._commit(rec, epoch, 0.0)
-                    log.warning("app %r: finished an upgrade interrupted in switch", app)
+                async with self.engine.hold(it.app, "finishing an interrupted upgrade"):
+                    deadline = time.monotonic() + ms.heartbeat_timeout * 2
+                    while time.monotonic() < deadline and not all(ms.alive(w) for w in it.workers):
+                        await asyncio.sleep(0.1)
+                    await self.engine.finish(it)
+                    if it.phase == "prepare":
+                        log.warning("app %r: undid an upgrade interrupted in prepare", it.app)
+                    else:
+                        log.warning("app %r: finished an upgrade interrupted in switch", it.app)
             except Exception:
-                log.exception("app %r: could not finish the interrupted upgrade", app)
-            finally:
-                self.m.locks.release(app)
+                log.exception("app %r: could not finish the interrupted upgrade", it.app)
 
 
-def _placement_intent(st: Any, placement: Any) -> dict[str, Any]:
-    """What to commit when instances move: the same version, a new placement."""
-    return {
-        "kind": "placement",
-        "version": st.version,
-        "model": st.model.to_json(),
-        "bundle": st.bundle,
-        "placement": placement_to_dict(placement),
-    }
+def _pes_on(st: Any, worker: str) -> tuple[str, ...]:
+    """The PEs of ``st`` with an instance on ``worker``."""
+    return tuple(sorted(pe for pe, pl in st.placement.items() if worker in pl.workers))

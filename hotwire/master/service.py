@@ -1,10 +1,11 @@
-"""The master: gRPC services for clients and workers, and upgrade coordination.
+"""The master: gRPC services for clients and workers.
 
-The master never runs user code. It checks the logical model it receives, diffs
-it against the running version, places new instances, plans the instructions
-and drives the two phases (prepare everywhere, then switch) over the workers'
-instruction streams, committing a version only when every worker acknowledged
-its switch.
+The master never runs user code. It checks the logical model and bundle it
+receives and hands the change to its transition engine
+(:mod:`hotwire.master.engine`), which diffs it against the running version,
+places new instances, plans the instructions and drives the two phases (prepare
+everywhere, then switch) over the workers' instruction streams, committing a
+version only when every worker acknowledged its switch.
 """
 
 from __future__ import annotations
@@ -14,63 +15,21 @@ import hashlib
 import json
 import logging
 import time
-from concurrent.futures import Future
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
-import msgpack
 
-from hotwire.master.diff import ChangeSet, diff
-from hotwire.master.locks import AppLocks
+from hotwire.master.engine import AppState, Outcome, Refused, TransitionEngine
 from hotwire.master.membership import Membership, SessionRefused, WorkerGone, stale_instances
-from hotwire.master.planner import plan_stop, plan_upgrade
 from hotwire.master.recovery import Recovery
-from hotwire.master.scheduler import SchedulingError, schedule
 from hotwire.master.store import Store
 from hotwire.model import LogicalModel, check_structure
 from hotwire.node import Node, add_health, grpc_options
-from hotwire.plan import Placement, Plan, placement_from_dict, placement_to_dict, to_wire
-from hotwire.plan_wire import to_pb
 from hotwire.proto import hotwire_pb2 as pb
 from hotwire.proto import hotwire_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
-
-
-class Refused(Exception):
-    """A request the master turns down: carries the gRPC status code and a reason."""
-
-    def __init__(self, code: grpc.StatusCode, reason: str):
-        super().__init__(reason)
-        self.code = code
-
-
-class SwitchFailed(Refused):
-    """A switch did not finish on every worker: the app is half switched."""
-
-
-@dataclass
-class AppState:
-    name: str
-    version: int
-    state: str  # running | killed
-    model: LogicalModel
-    bundle: str
-    placement: Placement
-    epoch: int  # the last transition id; new instances get generation epoch + 1
-
-
-@dataclass
-class Outcome:
-    app: str
-    from_version: int
-    to_version: int
-    change: ChangeSet
-    plan: Plan
-    applied: bool
-    latency_ms: float
 
 
 class Master(Node):
@@ -86,19 +45,26 @@ class Master(Node):
         switch_timeout: float = 30.0,
     ):
         super().__init__()
-        self.switch_timeout = switch_timeout  # longest a worker waits for a switch to settle
         self.listen = listen
         self.data_dir = Path(data_dir)
         # Several heartbeats fit in the timeout, so one late heartbeat is not a death.
         interval = heartbeat_interval or min(1.0, heartbeat_timeout / 4)
         self.membership = Membership(interval, heartbeat_timeout)
-        self.recovery = Recovery(self, checkpoint_interval)
+        # The apps, their locks and the store; every change to an app goes through it.
+        self.engine = TransitionEngine(self.membership, switch_timeout)
+        self.recovery = Recovery(self.engine, self.membership, self.spawn, checkpoint_interval)
         self.membership.on_report = self.recovery.on_report
-        self.apps: dict[str, AppState] = {}
-        self.locks = AppLocks()  # one transition at a time per app
-        self.store: Store | None = None
         self.server: grpc.aio.Server | None = None
         self.port = 0
+
+    @property
+    def apps(self) -> dict[str, AppState]:
+        """The committed state of every app (the engine's: read it, change it through it)."""
+        return self.engine.apps
+
+    @property
+    def store(self) -> Store | None:
+        return self.engine.store
 
     @property
     def address(self) -> str:
@@ -106,15 +72,10 @@ class Master(Node):
         return f"{host}:{self.port}"
 
     async def _start(self) -> None:
-        store = self.store = await asyncio.to_thread(Store, self.data_dir / "hotwire.db")
+        store = await asyncio.to_thread(Store, self.data_dir / "hotwire.db")
         # Session epochs keep growing across restarts: a fencing token is never reused.
         self.membership.epochs.update(await store.read(store.worker_epochs))
-        for name, version, state, epoch in await store.read(store.apps):
-            rec = await store.read(store.version, name, version)
-            if rec is not None:
-                self.apps[name] = AppState(
-                    name, version, state, rec.model, rec.bundle_hash, rec.placement, epoch
-                )
+        await self.engine.load(store)  # the apps as the store recorded them
         # so_reuseport off: a second master on a taken port must fail
         self.server = grpc.aio.server(options=grpc_options(("grpc.so_reuseport", 0)))
         pb_grpc.add_MasterServicer_to_server(ClientService(self), self.server)
@@ -157,28 +118,6 @@ class Master(Node):
                 "the app bundle does not match its hash; resend it",
             )
 
-    def _lock(self, app: str, what: str) -> None:
-        if not self.locks.take(app, what):
-            raise Refused(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"app {app!r}: {self.locks.holder(app)} is in progress; "
-                "wait for it to finish and try again",
-            )
-
-    def _free_slots(self, app: str) -> dict[str, int]:
-        load: dict[str, int] = {}
-        for other in self.apps.values():
-            if other.name == app or other.state != "running":
-                continue
-            for pl in other.placement.values():
-                for w in pl.workers:
-                    load[w] = load.get(w, 0) + 1
-        return {
-            n: max(w.slots - load.get(n, 0), 0)
-            for n, w in self.membership.live().items()
-            if n not in self.recovery.draining
-        }
-
     async def submit(self, model_json: str, bundle: bytes, bundle_hash: str, name: str) -> Outcome:
         model = self._check_model(model_json, name)
         self._check_bundle(bundle, bundle_hash)
@@ -190,15 +129,12 @@ class Master(Node):
                 f"app {app!r} is already running at version {cur.version}; "
                 "use 'streamctl upgrade' to change it",
             )
-        self._lock(app, "a submit")
-        try:
+        async with self.engine.claim(app, "a submit"):
             version = (cur.version + 1) if cur is not None else 1
             empty = LogicalModel.build(app, [], [])
-            return await self._transition(
-                app, version, "submit", empty, {}, model, bundle, bundle_hash, dry_run=False
+            return await self.engine.change(
+                app, version, "submit", empty, {}, model, bundle, bundle_hash
             )
-        finally:
-            self.locks.release(app)
 
     async def upgrade(
         self,
@@ -219,9 +155,8 @@ class Master(Node):
                 grpc.StatusCode.NOT_FOUND,
                 f"app {app!r} is not running; deploy it with 'streamctl submit'",
             )
-        self._lock(app, f"an upgrade to version {cur.version + 1}")
-        try:
-            return await self._transition(
+        async with self.engine.claim(app, f"an upgrade to version {cur.version + 1}"):
+            return await self.engine.change(
                 app,
                 cur.version + 1,
                 action,
@@ -233,8 +168,6 @@ class Master(Node):
                 dry_run,
                 rolled_back_to,
             )
-        finally:
-            self.locks.release(app)
 
     async def rollback(self, app: str, to_version: int, dry_run: bool) -> Outcome:
         assert self.store is not None
@@ -263,255 +196,11 @@ class Master(Node):
             rolled_back_to=target,
         )
 
-    def _next_epoch(self, app: str) -> int:
-        cur = self.apps.get(app)
-        return (cur.epoch if cur is not None else 0) + 1
-
-    async def _transition(
-        self,
-        app: str,
-        version: int,
-        action: str,
-        old: LogicalModel,
-        old_pl: Placement,
-        new: LogicalModel,
-        bundle: bytes,
-        bundle_hash: str,
-        dry_run: bool,
-        rolled_back_to: int = 0,
-    ) -> Outcome:
-        assert self.store is not None
-        t0 = time.perf_counter()
-        change = diff(old, new)
-        cur_version = version - 1
-        epoch = self._next_epoch(app)
-        try:
-            new_pl = schedule(new, old_pl, change, self._free_slots(app), epoch, bundle_hash)
-        except SchedulingError as e:
-            raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from e
-        plan = plan_upgrade(app, epoch, old, old_pl, new, new_pl, change, bundle_hash)
-        if change.is_empty and action != "submit":
-            return Outcome(app, cur_version, cur_version, change, plan, False, 0.0)
-        outcome = Outcome(app, cur_version, version, change, plan, False, 0.0)
-        if dry_run:
-            return outcome
-        await asyncio.wrap_future(self.store.put_bundle(bundle_hash, bundle))
-        intent = {
-            "kind": "version",
-            "version": version,
-            "action": action,
-            "model": new.to_json(),
-            "bundle": bundle_hash,
-            "placement": placement_to_dict(new_pl),
-            "changes": change.to_dict(),
-            "rolled_back_to": rolled_back_to,
-        }
-        try:
-            await self._apply(plan, bundle_hash, bundle, intent)
-        except SwitchFailed as e:
-            raise await self._after_failed_switch(app, e) from e
-        latency = (time.perf_counter() - t0) * 1000
-        await asyncio.wrap_future(self._commit(intent, epoch, latency))  # before the reply
-        outcome.applied = True
-        outcome.latency_ms = latency
-        log.info(
-            "app %r: %s to version %d in %.1f ms (%d instructions)",
-            app,
-            action,
-            version,
-            latency,
-            plan.count(),
-        )
-        return outcome
-
-    async def _after_failed_switch(self, app: str, e: SwitchFailed) -> Refused:
-        """A half-done switch must not stay: restart the running version from its last
-        checkpoint at once (a new app is stopped instead). Returns the error to report."""
-        assert self.store is not None
-        await asyncio.wrap_future(self.store.end_transition(app))
-        cur = self.apps.get(app)
-        if cur is None or cur.state != "running":
-            await asyncio.gather(
-                *(
-                    self.membership.send(w, pb.STOP, app, 0, [], timeout=10)
-                    for w in self.membership.workers
-                    if self.membership.alive(w)
-                ),
-                return_exceptions=True,
-            )
-            return Refused(e.code, f"{e}; the new app was stopped")
-        try:
-            await self.recovery.restart(app, "a switch did not finish")
-        except Exception as re:
-            log.exception("app %r: restart after a failed switch failed", app)
-            return Refused(
-                e.code,
-                f"{e}; restarting version {cur.version} from its last checkpoint failed too: {re}",
-            )
-        return Refused(
-            grpc.StatusCode.ABORTED,
-            f"{e}; version {cur.version} was restarted from its last checkpoint",
-        )
-
-    def _commit(self, intent: dict[str, Any], epoch: int, latency_ms: float) -> Future[None]:
-        """Record a finished transition: a new version, or new placement of the same one.
-
-        The app's state changes at once; the store's write is queued, and the
-        returned future says when it is durable (await it before replying).
-        """
-        assert self.store is not None
-        app = LogicalModel.from_json(intent["model"])
-        placement = placement_from_dict(intent["placement"])
-        if intent["kind"] == "version":
-            written = self.store.commit_version(
-                app.app,
-                intent["version"],
-                intent["action"],
-                app,
-                intent["bundle"],
-                placement,
-                intent["changes"],
-                latency_ms,
-                epoch,
-                rolled_back_to=intent["rolled_back_to"],
-            )
-        else:
-            written = self.store.update_placement(app.app, intent["version"], placement, epoch)
-        self.apps[app.app] = AppState(
-            app.app, intent["version"], "running", app, intent["bundle"], placement, epoch
-        )
-        self.recovery.checkpoint_soon(app.app)
-        return written
-
-    async def _apply(
-        self, plan: Plan, bundle_hash: str, bundle: bytes, intent: dict[str, Any]
-    ) -> None:
-        """Prepare everywhere, then switch; a failed prepare is aborted everywhere.
-
-        The intent and the phase are stored first, so a master that crashes midway
-        undoes the transition (crash in prepare) or finishes it (crash in switch)
-        when it starts again.
-        """
-        assert self.store is not None
-        self.recovery.abandon_checkpoint(plan.app)
-        m = self.membership
-        record = {
-            **intent,
-            "prepare_workers": sorted(plan.workers),
-            "switch": {w: [to_wire(i) for i in ins] for w, ins in plan.switch.items()},
-        }
-        # Durable before any worker acts on it.
-        await asyncio.wrap_future(
-            self.store.begin_transition(
-                plan.app, plan.version, "prepare", msgpack.packb(record, use_bin_type=True)
-            )
-        )
-        # Every worker in the plan prepares, even with no instruction of its own: it
-        # loads the new bundle there (a kept sender may route by a new key function).
-        prep_workers = sorted(plan.workers)
-
-        wire = to_pb
-
-        async def prepare(w: str) -> None:
-            items = plan.prepare.get(w, ())
-            ack = await m.send(
-                w,
-                pb.PREPARE,
-                plan.app,
-                plan.version,
-                [wire(i) for i in items],
-                {bundle_hash: bundle},
-            )
-            log.debug("app %r: %s prepared in %.1f ms", plan.app, w, ack.elapsed_ms)
-            if not ack.ok:
-                raise RuntimeError(ack.error)
-
-        results = await asyncio.gather(*(prepare(w) for w in prep_workers), return_exceptions=True)
-        errors = [f"{r}" for r in results if isinstance(r, BaseException)]
-        if errors:
-            await asyncio.gather(
-                *(
-                    m.send(w, pb.ABORT, plan.app, plan.version, [], timeout=10)
-                    for w in prep_workers
-                    if m.alive(w)
-                ),
-                return_exceptions=True,
-            )
-            await asyncio.wrap_future(self.store.end_transition(plan.app))
-            raise Refused(
-                grpc.StatusCode.ABORTED,
-                f"app {plan.app!r}: the change failed in prepare and was undone; "
-                f"the running version is unchanged: {errors[0]}",
-            )
-
-        await asyncio.wrap_future(
-            self.store.begin_transition(
-                plan.app, plan.version, "switch", msgpack.packb(record, use_bin_type=True)
-            )
-        )
-        await self.switch_all(
-            plan.app,
-            plan.version,
-            sorted(plan.workers),
-            {w: [wire(i) for i in ins] for w, ins in plan.switch.items()},
-        )
-
-    async def switch_all(
-        self,
-        app: str,
-        epoch: int,
-        workers: list[str],
-        batches: dict[str, list[pb.Instruction]],
-    ) -> None:
-        """Send the switch phase to every worker of a plan and wait for all of them."""
-
-        async def switch(w: str) -> None:
-            ack = await self.membership.send(
-                w,
-                pb.SWITCH,
-                app,
-                epoch,
-                batches.get(w, []),
-                timeout=self.switch_timeout + 10,
-                phase_timeout=self.switch_timeout,
-            )
-            log.debug("app %r: %s switched in %.1f ms", app, w, ack.elapsed_ms)
-            if not ack.ok:
-                raise RuntimeError(ack.error)
-
-        results = await asyncio.gather(*(switch(w) for w in workers), return_exceptions=True)
-        errors = [f"{r}" for r in results if isinstance(r, BaseException)]
-        if errors:
-            raise SwitchFailed(grpc.StatusCode.INTERNAL, f"app {app!r}: switch failed: {errors[0]}")
-
     async def kill(self, app: str) -> int:
-        assert self.store is not None
-        cur = self.apps.get(app)
-        if cur is None or cur.state != "running":
+        if self.engine.running(app) is None:
             raise Refused(grpc.StatusCode.NOT_FOUND, f"app {app!r} is not running")
-        self._lock(app, "a kill")
-        try:
-            stops = plan_stop(app, cur.epoch, cur.placement)
-            await asyncio.gather(
-                *(
-                    self.membership.send(
-                        w,
-                        pb.STOP,
-                        app,
-                        cur.epoch,
-                        [to_pb(i) for i in ins],
-                        timeout=30,
-                    )
-                    for w, ins in stops.items()
-                    if self.membership.alive(w)
-                ),
-                return_exceptions=True,
-            )
-            cur.state = "killed"
-            await asyncio.wrap_future(self.store.set_state(app, "killed"))
-            return cur.version
-        finally:
-            self.locks.release(app)
+        async with self.engine.claim(app, "a kill"):
+            return await self.engine.kill(app)
 
     # ------------------------------------------------------------------
     # Reading
@@ -527,7 +216,7 @@ class Master(Node):
         for st in sorted(self.apps.values(), key=lambda a: a.name):
             if app and st.name != app:
                 continue
-            state = "upgrading" if st.name in self.locks else st.state
+            state = "upgrading" if self.engine.busy(st.name) else st.state
             ck = self.store.checkpoint(st.name) if self.store is not None else None
             a = reply.apps.add(
                 app=st.name,

@@ -1,0 +1,652 @@
+"""The master's transition engine: the apps, their locks, the store, and every change.
+
+:class:`TransitionEngine` owns the committed state of every app (``apps``), one
+lock per app (:class:`~hotwire.master.locks.AppLocks`: one transition at a time,
+waiters sleep until the release), and the store handle. Every change to an app
+goes through it: a client's submit, upgrade, rollback or kill (called by
+:class:`~hotwire.master.service.Master`), a restart from a checkpoint, instances
+moved off a draining worker and the finishing of a transition a crashed master
+left half done (called by :class:`~hotwire.master.recovery.Recovery`).
+
+The steps of a transition are the pure state machine of
+:mod:`hotwire.master.transition`; the engine plans (diff, schedule, planner),
+carries out the machine's actions over the workers' instruction streams and the
+store, and feeds their outcomes back as events. Each transition method expects
+its caller to hold the app's lock (:meth:`TransitionEngine.claim` for a client,
+which refuses while it is held; :meth:`TransitionEngine.hold` for the master's
+own work, which waits for it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Collection
+from concurrent.futures import Future
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import grpc
+import msgpack
+
+from hotwire.codec import unpackb
+from hotwire.master import transition as tr
+from hotwire.master.cut import states_for_restart
+from hotwire.master.diff import ChangeSet, diff
+from hotwire.master.locks import AppLocks
+from hotwire.master.membership import Membership
+from hotwire.master.planner import plan_stop, plan_upgrade
+from hotwire.master.scheduler import SchedulingError, schedule
+from hotwire.master.store import Store
+from hotwire.model import LogicalModel
+from hotwire.plan import (
+    Placement,
+    Plan,
+    StartInstance,
+    from_wire,
+    placement_from_dict,
+    placement_to_dict,
+    to_wire,
+)
+from hotwire.plan_wire import to_pb
+from hotwire.proto import hotwire_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+
+class Refused(Exception):
+    """A request the master turns down: carries the gRPC status code and a reason."""
+
+    def __init__(self, code: grpc.StatusCode, reason: str):
+        super().__init__(reason)
+        self.code = code
+
+
+class SwitchFailed(Refused):
+    """A switch did not finish on every worker: the app is half switched."""
+
+
+@dataclass
+class AppState:
+    name: str
+    version: int
+    state: str  # running | killed
+    model: LogicalModel
+    bundle: str
+    placement: Placement
+    epoch: int  # the last transition id; new instances get generation epoch + 1
+
+
+@dataclass
+class Outcome:
+    app: str
+    from_version: int
+    to_version: int
+    change: ChangeSet
+    plan: Plan
+    applied: bool
+    latency_ms: float
+
+
+@dataclass
+class Interrupted:
+    """A transition a crashed master left in its store."""
+
+    app: str
+    epoch: int
+    phase: str  # prepare | switch
+    record: dict[str, Any]
+
+    @property
+    def workers(self) -> list[str]:
+        return list(self.record["prepare_workers"])
+
+
+@dataclass
+class _Job:
+    """What the engine needs to carry out one transition's actions."""
+
+    app: str
+    epoch: int
+    workers: list[str]
+    intent: dict[str, Any]  # what StoreCommit records
+    record: bytes  # the stored intent: the intent, the workers and the switch batches
+    prepare: dict[str, list[pb.Instruction]] = field(default_factory=dict)
+    switch: dict[str, list[pb.Instruction]] = field(default_factory=dict)
+    bundles: dict[str, bytes] = field(default_factory=dict)
+    started: float = field(default_factory=time.perf_counter)
+    latency_ms: float = 0.0
+
+
+class TransitionEngine:
+    """The apps, their locks and the store, and the one way to change an app."""
+
+    def __init__(
+        self,
+        membership: Membership,
+        switch_timeout: float = 30.0,
+        prepare_timeout: float = 60.0,
+        abort_timeout: float = 10.0,
+    ):
+        self.membership = membership
+        self.switch_timeout = switch_timeout  # longest a worker waits for a switch to settle
+        self.prepare_timeout = prepare_timeout
+        self.abort_timeout = abort_timeout
+        self.switch_grace = 10.0  # how much longer than the switch itself its ack may take
+        self.timer_margin = 1.0  # a phase's timer fires after its sends' own timeouts
+        self.apps: dict[str, AppState] = {}  # committed state; change it only through here
+        self.locks = AppLocks()
+        self.store: Store | None = None
+        self.draining: set[str] = set()  # workers that get no new instances
+        # Hooks (set by Recovery): a transition of the app begins; it committed; a
+        # restart from the checkpoint finished (with what it did).
+        self.on_begin: Callable[[str], None] = lambda app: None
+        self.on_commit: Callable[[str], None] = lambda app: None
+        self.on_restart: Callable[[dict[str, Any]], None] = lambda event: None
+
+    async def load(self, store: Store) -> None:
+        """Take the store and the apps it recorded."""
+        self.store = store
+        for name, version, state, epoch in await store.read(store.apps):
+            rec = await store.read(store.version, name, version)
+            if rec is not None:
+                self.apps[name] = AppState(
+                    name, version, state, rec.model, rec.bundle_hash, rec.placement, epoch
+                )
+
+    # ------------------------------------------------------------------
+    # Locks
+    # ------------------------------------------------------------------
+    def busy(self, app: str) -> bool:
+        """Whether a transition (or the master's own work) holds ``app``'s lock."""
+        return app in self.locks
+
+    def holder(self, app: str) -> str:
+        return self.locks.holder(app)
+
+    @asynccontextmanager
+    async def claim(self, app: str, what: str) -> AsyncIterator[None]:
+        """Hold ``app``'s lock for a client's request, refused while it is held."""
+        if not self.locks.take(app, what):
+            raise Refused(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"app {app!r}: {self.locks.holder(app)} is in progress; "
+                "wait for it to finish and try again",
+            )
+        try:
+            yield
+        finally:
+            self.locks.release(app)
+
+    @asynccontextmanager
+    async def hold(self, app: str, what: str) -> AsyncIterator[None]:
+        """Hold ``app``'s lock, waiting for it to be free."""
+        await self.locks.acquire(app, what)
+        try:
+            yield
+        finally:
+            self.locks.release(app)
+
+    async def wait_idle(self, app: str) -> None:
+        """Return once ``app``'s lock is free, without taking it."""
+        await self.locks.wait_free(app)
+
+    def _held(self, app: str) -> None:
+        if app not in self.locks:
+            raise RuntimeError(f"app {app!r}: a transition needs the app's lock; hold it first")
+
+    # ------------------------------------------------------------------
+    # Reading
+    # ------------------------------------------------------------------
+    def running(self, app: str) -> AppState | None:
+        st = self.apps.get(app)
+        return st if st is not None and st.state == "running" else None
+
+    def free_slots(self, app: str) -> dict[str, int]:
+        """Slots on live, non-draining workers that apps other than ``app`` leave free."""
+        load: dict[str, int] = {}
+        for other in self.apps.values():
+            if other.name == app or other.state != "running":
+                continue
+            for pl in other.placement.values():
+                for w in pl.workers:
+                    load[w] = load.get(w, 0) + 1
+        return {
+            n: max(w.slots - load.get(n, 0), 0)
+            for n, w in self.membership.live().items()
+            if n not in self.draining
+        }
+
+    def _store(self) -> Store:
+        if self.store is None:
+            raise RuntimeError("the transition engine has no store yet")
+        return self.store
+
+    # ------------------------------------------------------------------
+    # Transitions (the caller holds the app's lock)
+    # ------------------------------------------------------------------
+    async def change(
+        self,
+        app: str,
+        version: int,
+        action: str,
+        old: LogicalModel,
+        old_pl: Placement,
+        new: LogicalModel,
+        bundle: bytes,
+        bundle_hash: str,
+        dry_run: bool = False,
+        rolled_back_to: int = 0,
+    ) -> Outcome:
+        """Take ``app`` from ``old`` to ``new`` as ``version`` (a submit, upgrade or
+        rollback); with ``dry_run``, only plan it."""
+        self._held(app)
+        store = self._store()
+        t0 = time.perf_counter()
+        change = diff(old, new)
+        cur_version = version - 1
+        cur = self.apps.get(app)
+        epoch = (cur.epoch if cur is not None else 0) + 1
+        try:
+            new_pl = schedule(new, old_pl, change, self.free_slots(app), epoch, bundle_hash)
+        except SchedulingError as e:
+            raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from e
+        plan = plan_upgrade(app, epoch, old, old_pl, new, new_pl, change, bundle_hash)
+        if change.is_empty and action != "submit":
+            return Outcome(app, cur_version, cur_version, change, plan, False, 0.0)
+        outcome = Outcome(app, cur_version, version, change, plan, False, 0.0)
+        if dry_run:
+            return outcome
+        await asyncio.wrap_future(store.put_bundle(bundle_hash, bundle))
+        intent = {
+            "kind": "version",
+            "version": version,
+            "action": action,
+            "model": new.to_json(),
+            "bundle": bundle_hash,
+            "placement": placement_to_dict(new_pl),
+            "changes": change.to_dict(),
+            "rolled_back_to": rolled_back_to,
+        }
+        fallback = tr.Fallback.RESTART if self.running(app) else tr.Fallback.STOP
+        job = await self._apply(plan, bundle_hash, bundle, intent, fallback, t0)
+        outcome.applied = True
+        outcome.latency_ms = job.latency_ms
+        log.info(
+            "app %r: %s to version %d in %.1f ms (%d instructions)",
+            app,
+            action,
+            version,
+            job.latency_ms,
+            plan.count(),
+        )
+        return outcome
+
+    async def restart(
+        self, app: str, why: str, dead: str = "", avoid: Collection[str] = ()
+    ) -> None:
+        """Stop ``app`` everywhere and start its running version from its last
+        checkpoint on the live workers (but not on those in ``avoid``)."""
+        self._held(app)
+        store = self._store()
+        t0 = time.perf_counter()
+        st = self.apps[app]
+        ms = self.membership
+        hosts = {w for pl in st.placement.values() for w in pl.workers}
+        # Stop the survivors, and a worker merely late with its heartbeats too.
+        reachable = [w for w in sorted(hosts) if ms.alive(w) or ms.connected(w)]
+        await asyncio.gather(
+            *(ms.send(w, pb.STOP, app, st.epoch, [], timeout=10) for w in reachable),
+            return_exceptions=True,
+        )
+        states = self._checkpoint_states(app)
+        epoch = st.epoch + 1
+        empty = LogicalModel.build(app, [], [])
+        change = diff(empty, st.model)
+        try:
+            slots = {w: n for w, n in self.free_slots(app).items() if w not in avoid}
+            new_pl = schedule(st.model, {}, change, slots, epoch, st.bundle)
+        except SchedulingError as e:
+            raise RuntimeError(f"app {app!r} cannot be restarted now: {e}") from e
+        plan = plan_upgrade(app, epoch, empty, {}, st.model, new_pl, change, st.bundle)
+        restored = states_for_restart(
+            states,
+            {pe: pl.parallelism for pe, pl in new_pl.items()},
+            {pe: st.model.pe(pe).keyed for pe in new_pl},
+        )
+
+        def with_state(ins: Any) -> Any:
+            if isinstance(ins, StartInstance) and (ins.pe, ins.index) in restored:
+                return replace(ins, initial_state=restored[(ins.pe, ins.index)])
+            return ins
+
+        plan = Plan(
+            app,
+            epoch,
+            {w: tuple(with_state(i) for i in ins) for w, ins in plan.prepare.items()},
+            plan.switch,
+        )
+        bundle = await store.read(store.bundle, st.bundle) or b""
+        # A restart whose own switch fails is not restarted again here: the caller
+        # (a recovery) tries again.
+        await self._apply(plan, st.bundle, bundle, _placement_intent(st, new_pl), tr.Fallback.NONE)
+        ms_taken = (time.perf_counter() - t0) * 1000
+        self.on_restart(
+            {
+                "app": app,
+                "event": "recovery",
+                "worker": dead,
+                "why": why,
+                "restored": len(states),
+                "ms": ms_taken,
+            }
+        )
+        log.warning(
+            "app %r restarted from checkpoint on the live workers in %.0f ms "
+            "(%s; %d instance states restored)",
+            app,
+            ms_taken,
+            why,
+            len(states),
+        )
+
+    async def move(self, app: str, pes: Collection[str]) -> None:
+        """Place the instances of ``pes`` anew (off draining workers) with the upgrade
+        protocol: state handed over, no record lost or duplicated."""
+        self._held(app)
+        store = self._store()
+        st = self.apps[app]
+        epoch = st.epoch + 1
+        change = ChangeSet(regenerated=tuple(sorted(pes)))
+        new_pl = schedule(st.model, st.placement, change, self.free_slots(app), epoch, st.bundle)
+        plan = plan_upgrade(app, epoch, st.model, st.placement, st.model, new_pl, change, st.bundle)
+        bundle = await store.read(store.bundle, st.bundle) or b""
+        intent = _placement_intent(st, new_pl)
+        await self._apply(plan, st.bundle, bundle, intent, tr.Fallback.RESTART)
+
+    async def kill(self, app: str) -> int:
+        """Stop every instance of ``app``; return the version it ran."""
+        self._held(app)
+        store = self._store()
+        cur = self.running(app)
+        if cur is None:
+            raise Refused(grpc.StatusCode.NOT_FOUND, f"app {app!r} is not running")
+        stops = plan_stop(app, cur.epoch, cur.placement)
+        ms = self.membership
+        await asyncio.gather(
+            *(
+                ms.send(w, pb.STOP, app, cur.epoch, [to_pb(i) for i in ins], timeout=30)
+                for w, ins in stops.items()
+                if ms.alive(w)
+            ),
+            return_exceptions=True,
+        )
+        cur.state = "killed"
+        await asyncio.wrap_future(store.set_state(app, "killed"))
+        return cur.version
+
+    async def interrupted(self) -> list[Interrupted]:
+        """The transitions a crashed master left in the store."""
+        store = self._store()
+        return [
+            Interrupted(app, epoch, phase, unpackb(blob))
+            for app, epoch, phase, blob in await store.read(store.inflight)
+        ]
+
+    async def finish(self, it: Interrupted) -> None:
+        """Undo (crash in prepare) or finish (crash in switch) an interrupted transition."""
+        self._held(it.app)
+        rec = it.record
+        job = _Job(it.app, it.epoch, it.workers, rec, b"")
+        if it.phase == "switch":
+            job.switch = {w: [to_pb(from_wire(i)) for i in ins] for w, ins in rec["switch"].items()}
+        fallback = tr.Fallback.RESTART if self.running(it.app) else tr.Fallback.STOP
+        await self._run(tr.Transition(it.app, it.workers, fallback, resume=it.phase), job)
+
+    # ------------------------------------------------------------------
+    # Carrying out a transition's actions
+    # ------------------------------------------------------------------
+    async def _apply(
+        self,
+        plan: Plan,
+        bundle_hash: str,
+        bundle: bytes,
+        intent: dict[str, Any],
+        fallback: tr.Fallback,
+        started: float | None = None,
+    ) -> _Job:
+        """Run ``plan`` through the transition's steps; raise unless it committed."""
+        record = {
+            **intent,
+            "prepare_workers": sorted(plan.workers),
+            "switch": {w: [to_wire(i) for i in ins] for w, ins in plan.switch.items()},
+        }
+        job = _Job(
+            plan.app,
+            plan.version,
+            sorted(plan.workers),
+            intent,
+            msgpack.packb(record, use_bin_type=True),
+            # Every worker in the plan prepares, even with no instruction of its own:
+            # it loads the new bundle there (a kept sender may route by a new key).
+            prepare={w: [to_pb(i) for i in plan.prepare.get(w, ())] for w in plan.workers},
+            switch={w: [to_pb(i) for i in ins] for w, ins in plan.switch.items()},
+            bundles={bundle_hash: bundle},
+        )
+        if started is not None:
+            job.started = started
+        self.on_begin(plan.app)  # no checkpoint may cut across it
+        await self._run(tr.Transition(plan.app, job.workers, fallback), job)
+        return job
+
+    async def _run(self, t: tr.Transition, job: _Job) -> None:
+        """Drive ``t`` until it replies; raise :class:`Refused` unless it committed."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[tr.Event] = asyncio.Queue()
+        tasks: set[asyncio.Task[None]] = set()
+        timer: asyncio.TimerHandle | None = None
+
+        async def perform(action: tr.Action) -> None:
+            events.put_nowait(await self._perform(action, job))
+
+        try:
+            actions = t.start()
+            while True:
+                for a in actions:
+                    if isinstance(a, tr.Reply):
+                        self._raise_unless_committed(t, a)
+                        return
+                    if isinstance(a, tr.StartTimer):
+                        if timer is not None:
+                            timer.cancel()
+                        timer = loop.call_later(
+                            self._phase_timeout(a.phase) + self.timer_margin,
+                            events.put_nowait,
+                            tr.TimedOut(a.phase),
+                        )
+                        continue
+                    task = loop.create_task(perform(a))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                actions = t.handle(await events.get())
+        finally:
+            if timer is not None:
+                timer.cancel()
+            for task in tasks:
+                task.cancel()  # answers no step waits for any more
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _phase_timeout(self, phase: tr.Phase) -> float:
+        if phase is tr.Phase.SWITCH:
+            return self.switch_timeout + self.switch_grace
+        if phase is tr.Phase.ABORT:
+            return self.abort_timeout
+        return self.prepare_timeout
+
+    async def _perform(self, a: tr.Action, job: _Job) -> tr.Event:
+        """Carry out one action; what happened, as the event the machine expects."""
+        store = self._store()
+        ms = self.membership
+        app = job.app
+        if isinstance(a, tr.SendPrepare | tr.SendSwitch):
+            prepare = isinstance(a, tr.SendPrepare)
+            try:
+                if prepare:
+                    ack = await ms.send(
+                        a.worker,
+                        pb.PREPARE,
+                        app,
+                        job.epoch,
+                        job.prepare.get(a.worker, []),
+                        job.bundles,
+                        timeout=self.prepare_timeout,
+                    )
+                else:
+                    ack = await ms.send(
+                        a.worker,
+                        pb.SWITCH,
+                        app,
+                        job.epoch,
+                        job.switch.get(a.worker, []),
+                        timeout=self.switch_timeout + self.switch_grace,
+                        phase_timeout=self.switch_timeout,
+                    )
+                log.debug(
+                    "app %r: %s %s in %.1f ms",
+                    app,
+                    a.worker,
+                    "prepared" if prepare else "switched",
+                    ack.elapsed_ms,
+                )
+                error = "" if ack.ok else ack.error or "refused without a reason"
+            except Exception as e:
+                error = str(e) or type(e).__name__
+            if prepare:
+                return tr.PrepareRefused(a.worker, error) if error else tr.Prepared(a.worker)
+            return tr.SwitchRefused(a.worker, error) if error else tr.Switched(a.worker)
+        if isinstance(a, tr.SendAbort):
+            if ms.alive(a.worker):
+                try:
+                    await ms.send(
+                        a.worker, pb.ABORT, app, job.epoch, [], timeout=self.abort_timeout
+                    )
+                except Exception as e:
+                    log.debug("app %r: %s did not take the abort: %s", app, a.worker, e)
+            return tr.AbortDone(a.worker)
+        if isinstance(a, tr.RestartFromCheckpoint | tr.StopEverywhere):
+            try:
+                if isinstance(a, tr.RestartFromCheckpoint):
+                    await self.restart(app, "a switch did not finish")
+                else:
+                    await self._stop_everywhere(app)
+            except Exception as e:
+                log.exception("app %r: the recovery from a failed switch failed", app)
+                return tr.RecoveryDone(str(e) or type(e).__name__)
+            return tr.RecoveryDone()
+        if not isinstance(a, tr.StoreIntent | tr.ClearIntent | tr.StoreCommit):
+            raise TypeError(f"the transition engine cannot carry out {a!r}")
+        try:
+            if isinstance(a, tr.StoreIntent):
+                write = store.begin_transition(app, job.epoch, a.phase, job.record)
+            elif isinstance(a, tr.ClearIntent):
+                write = store.end_transition(app)
+            else:
+                job.latency_ms = (time.perf_counter() - job.started) * 1000
+                write = self._commit(job.intent, job.epoch, job.latency_ms)
+            await asyncio.wrap_future(write)
+        except Exception as e:
+            log.error("app %r: the store did not record %s: %s", app, type(a).__name__, e)
+            return tr.StoreFailed(a.write, str(e) or type(e).__name__)
+        return tr.Stored(a.write)
+
+    async def _stop_everywhere(self, app: str) -> None:
+        ms = self.membership
+        await asyncio.gather(
+            *(
+                ms.send(w, pb.STOP, app, 0, [], timeout=10)
+                for w in sorted(ms.workers)
+                if ms.alive(w)
+            ),
+            return_exceptions=True,
+        )
+
+    def _commit(self, intent: dict[str, Any], epoch: int, latency_ms: float) -> Future[None]:
+        """Record a finished transition: a new version, or new placement of the same one.
+
+        The app's state changes at once; the store's write is queued, and the
+        returned future says when it is durable (the reply waits for it).
+        """
+        store = self._store()
+        model = LogicalModel.from_json(intent["model"])
+        placement = placement_from_dict(intent["placement"])
+        if intent["kind"] == "version":
+            written = store.commit_version(
+                model.app,
+                intent["version"],
+                intent["action"],
+                model,
+                intent["bundle"],
+                placement,
+                intent["changes"],
+                latency_ms,
+                epoch,
+                rolled_back_to=intent["rolled_back_to"],
+            )
+        else:
+            written = store.update_placement(model.app, intent["version"], placement, epoch)
+        self.apps[model.app] = AppState(
+            model.app, intent["version"], "running", model, intent["bundle"], placement, epoch
+        )
+        self.on_commit(model.app)
+        return written
+
+    def _raise_unless_committed(self, t: tr.Transition, r: tr.Reply) -> None:
+        if r.result is tr.Result.COMMITTED:
+            return
+        app = t.app
+        cur = self.running(app)
+        version = cur.version if cur is not None else 0
+        why = f"app {app!r}: {r.error}"
+        if r.result is tr.Result.ABORTED:
+            raise Refused(grpc.StatusCode.ABORTED, why)
+        if r.result is tr.Result.RESTARTED:
+            raise Refused(
+                grpc.StatusCode.ABORTED,
+                f"{why}; version {version} was restarted from its last checkpoint",
+            )
+        if r.result is tr.Result.STOPPED:
+            raise Refused(grpc.StatusCode.INTERNAL, f"{why}; the new app was stopped")
+        if r.recovery_error and t.fallback is tr.Fallback.STOP:
+            raise Refused(
+                grpc.StatusCode.INTERNAL,
+                f"{why}; stopping the new app failed too: {r.recovery_error}",
+            )
+        if r.recovery_error:
+            raise Refused(
+                grpc.StatusCode.INTERNAL,
+                f"{why}; restarting version {version} from its last checkpoint failed too: "
+                f"{r.recovery_error}",
+            )
+        raise SwitchFailed(grpc.StatusCode.INTERNAL, why)
+
+    def _checkpoint_states(self, app: str) -> dict[str, Any]:
+        """The last complete checkpoint of ``app``: every instance's state in one cut."""
+        ck = self._store().checkpoint(app)
+        if ck is None:
+            return {}
+        _cid, _epoch, blob = ck
+        raw: dict[str, bytes] = unpackb(blob)
+        return {iid: unpackb(data) for iid, data in raw.items()}
+
+
+def _placement_intent(st: AppState, placement: Placement) -> dict[str, Any]:
+    """What to commit when instances move: the same version, a new placement."""
+    return {
+        "kind": "placement",
+        "version": st.version,
+        "model": st.model.to_json(),
+        "bundle": st.bundle,
+        "placement": placement_to_dict(placement),
+    }
