@@ -58,9 +58,16 @@ def _run(fn: Callable[[], Any]) -> Any:
 
 
 def _client(master: str) -> Any:
+    """A client of ``master`` with the credentials given to streamctl (flags, the
+    ``HOTWIRE_*`` variables, else the profile of that master)."""
     from hotwire.client import Client
+    from hotwire.security.tls import client_credentials
 
-    return Client(master)
+    obj = click.get_current_context().find_root().obj or {}
+    creds = client_credentials(
+        master, obj.get("ca"), obj.get("cert"), obj.get("key"), obj.get("token")
+    )
+    return Client(master, creds)
 
 
 def _emit(as_json: bool, doc: Any, human: Callable[[], None]) -> None:
@@ -85,15 +92,37 @@ def _setup_logging(level: str) -> None:
     show_default="$HOTWIRE_MASTER or 127.0.0.1:7600",
     help="master address HOST:PORT (also accepted after the command)",
 )
+@click.option("--ca", default=None, metavar="FILE", help="cluster CA certificate ($HOTWIRE_CA)")
+@click.option(
+    "--cert", default=None, metavar="FILE", help="client certificate ($HOTWIRE_CERT)"
+)
+@click.option("--key", default=None, metavar="FILE", help="client key ($HOTWIRE_KEY)")
+@click.option("--token", default=None, help="bearer token ($HOTWIRE_TOKEN)")
 @click.option("--debug", is_flag=True, help="show tracebacks")
 @click.pass_context
-def main(ctx: click.Context, master: str, debug: bool) -> None:
-    """hotwire: stream processing with online upgrades."""
-    ctx.ensure_object(dict).update(master=master, debug=debug)
+def main(
+    ctx: click.Context,
+    master: str,
+    ca: str | None,
+    cert: str | None,
+    key: str | None,
+    token: str | None,
+    debug: bool,
+) -> None:
+    """hotwire: stream processing with online upgrades.
+
+    A client reaches a master with TLS and a token given by --ca/--cert/--key/--token,
+    else by HOTWIRE_CA/HOTWIRE_CERT/HOTWIRE_KEY/HOTWIRE_TOKEN, else from the profile
+    `streamctl up` or `streamctl init` wrote for that master address
+    (under $HOTWIRE_HOME, default ~/.config/hotwire).
+    """
+    ctx.ensure_object(dict).update(
+        master=master, ca=ca, cert=cert, key=key, token=token, debug=debug
+    )
 
 
 # Commands that run the master themselves take --listen instead of --master.
-_NO_MASTER_OPTION = frozenset({"master", "up"})
+_NO_MASTER_OPTION = frozenset({"master", "up", "init", "cert"})
 
 
 def _store_master(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
@@ -158,6 +187,12 @@ def _accept_master_after(group: click.Group) -> None:
     show_default=True,
     help="seconds a switch may take before the app restarts from its last checkpoint",
 )
+@click.option(
+    "--insecure",
+    is_flag=True,
+    help="no TLS and no tokens even on a non-loopback address (anyone who reaches the "
+    "port can run code on every worker)",
+)
 @click.option("--log-level", default="info", show_default=True)
 def master(
     listen: str,
@@ -165,9 +200,15 @@ def master(
     heartbeat_timeout: float,
     checkpoint_interval: float,
     switch_timeout: float,
+    insecure: bool,
     log_level: str,
 ) -> None:
-    """Run the master."""
+    """Run the master.
+
+    It runs mTLS with tokens when DATA_DIR/tls holds its certificate (`streamctl
+    init`), else plaintext: on a loopback address only, unless --insecure.
+    """
+    from hotwire.master.access import master_tls
     from hotwire.master.service import Master
     from hotwire.node import install_uvloop
 
@@ -175,15 +216,25 @@ def master(
     install_uvloop()
 
     async def serve() -> None:
+        tls = None if insecure else master_tls(data_dir)
+        if insecure:
+            click.echo(
+                "streamctl master: WARNING: --insecure: no TLS, no tokens; anyone who reaches "
+                f"{listen} can run code on every worker",
+                err=True,
+            )
         m = Master(
             listen=listen,
             data_dir=data_dir,
             heartbeat_timeout=heartbeat_timeout,
             checkpoint_interval=checkpoint_interval,
             switch_timeout=switch_timeout,
+            tls=tls,
+            insecure=insecure,
         )
         await m.start()
-        click.echo(f"master listening on {m.address}", err=True)
+        how = "mTLS, tokens" if tls is not None else "plaintext"
+        click.echo(f"master listening on {m.address} ({how})", err=True)
         await _until_signalled()
         await m.close()
 
@@ -228,6 +279,28 @@ def master(
     help="on SIGINT/SIGTERM, ask the master to move this worker's instances to the other "
     "workers before stopping (--no-drain: stop at once, as when the whole cluster stops)",
 )
+@click.option(
+    "--worker-cert",
+    default=None,
+    envvar="HOTWIRE_WORKER_CERT",
+    metavar="FILE",
+    help="this worker's certificate ($HOTWIRE_WORKER_CERT; `streamctl cert worker`): "
+    "mTLS to the master and on the data plane; the name in it is the worker's name. "
+    "Needs --ca (or $HOTWIRE_CA)",
+)
+@click.option(
+    "--worker-key",
+    default=None,
+    envvar="HOTWIRE_WORKER_KEY",
+    metavar="FILE",
+    help="its key ($HOTWIRE_WORKER_KEY)",
+)
+@click.option(
+    "--insecure",
+    is_flag=True,
+    help="no TLS even on a non-loopback address (anyone who reaches the data port can "
+    "inject records)",
+)
 @click.option("--log-level", default="info", show_default=True)
 @click.pass_context
 def worker(
@@ -239,11 +312,28 @@ def worker(
     slots: int,
     data_dir: str | None,
     drain: bool,
+    worker_cert: str | None,
+    worker_key: str | None,
+    insecure: bool,
     log_level: str,
 ) -> None:
     """Run a worker daemon."""
     from hotwire.node import install_uvloop
+    from hotwire.security.tls import TlsFiles
     from hotwire.worker.daemon import Worker
+
+    tls = None
+    ca = ctx.find_root().obj.get("ca") or os.environ.get("HOTWIRE_CA")
+    if worker_cert or worker_key:
+        if not (ca and worker_cert and worker_key):
+            raise click.UsageError("a worker with TLS needs --ca, --worker-cert and --worker-key")
+        tls = _run(lambda: TlsFiles.of(ca, worker_cert, worker_key))
+    if insecure:
+        click.echo(
+            "streamctl worker: WARNING: --insecure: no TLS; anyone who reaches the data port "
+            "can inject records",
+            err=True,
+        )
 
     _setup_logging(log_level)
     install_uvloop()
@@ -257,6 +347,8 @@ def worker(
             data_dir=data_dir,
             advertise=advertise,
             link_timeout=link_timeout,
+            tls=tls,
+            insecure=insecure,
         )
         await w.start(timeout=3600)
         listening = w.runtime.dataplane.address
@@ -291,8 +383,22 @@ async def _until_signalled() -> None:
     "--data-dir", default=None, type=click.Path(), help="master state (default: a temp dir)"
 )
 @click.option("--slots", default=16, show_default=True, type=click.IntRange(min=1))
-def up(app: str | None, n_workers: int, listen: str, data_dir: str | None, slots: int) -> None:
+@click.option("--insecure", is_flag=True, help="plaintext, no tokens (loopback only)")
+def up(
+    app: str | None,
+    n_workers: int,
+    listen: str,
+    data_dir: str | None,
+    slots: int,
+    insecure: bool,
+) -> None:
     """Run a local cluster (master + N workers), submitting APP if given; Ctrl-C stops it.
+
+    The cluster runs mTLS with tokens: a CA, certificates and an admin token are made in
+    its data directory (kept there for the next `up` with the same --data-dir), and a
+    profile for the master's address is written under $HOTWIRE_HOME (default
+    ~/.config/hotwire), so streamctl in other shells of this user reaches the cluster
+    with no flags; the lines to export for other users or machines are printed.
 
     Ctrl-C (SIGINT) or SIGTERM is the ordinary way to stop the cluster: the workers and
     the master stop (the workers without draining, since nothing is left to move their
@@ -301,9 +407,31 @@ def up(app: str | None, n_workers: int, listen: str, data_dir: str | None, slots
     """
     import tempfile
 
+    from hotwire.master.access import bootstrap, tls_dir
+    from hotwire.security import pki
+    from hotwire.security.tls import ClientCredentials, TlsFiles, profile_dir, write_profile
+
+    if insecure and not _loopback(listen):
+        raise click.UsageError("--insecure is for a loopback --listen address only")
     tmp = tempfile.TemporaryDirectory(prefix="hotwire-up-") if data_dir is None else None
     data = data_dir or (tmp.name if tmp else "hotwire-data")
     exe = [sys.executable, "-m", "hotwire.cli"]
+    creds = ClientCredentials()
+    worker_tls: list[str] = []
+    profile = None
+    if not insecure:
+        tdir = tls_dir(data)
+        if (tdir / "ca.pem").exists():
+            token = _run(lambda: (tdir / "admin.token").read_text().strip())
+        else:
+            token = _run(lambda: bootstrap(data)).token
+        for i in range(n_workers):
+            if not (tdir / "workers" / f"w{i + 1}.pem").exists():
+                _run(lambda i=i: pki.issue(tdir, "worker", f"w{i + 1}", tdir / "workers"))
+        files = TlsFiles.of(tdir / "ca.pem", tdir / "admin.pem", tdir / "admin.key")
+        creds = ClientCredentials(files, token)
+        profile = write_profile(listen, files.ca, files.cert, files.key, token)
+        worker_tls = ["--ca", str(files.ca)]
     procs: list[subprocess.Popen[bytes]] = []
     pumps: list[Any] = []
 
@@ -343,37 +471,69 @@ def up(app: str | None, n_workers: int, listen: str, data_dir: str | None, slots
             t.join(2)
         if tmp is not None:
             tmp.cleanup()
+            # The cluster's CA is gone with it: so is the profile that pointed at it.
+            import shutil
+
+            shutil.rmtree(profile_dir(listen), ignore_errors=True)
 
     def body() -> None:
         spawn(
             "master",
-            [*exe, "master", "--listen", listen, "--data-dir", data, "--log-level", "warning"],
+            [
+                *exe,
+                "master",
+                "--listen",
+                listen,
+                "--data-dir",
+                data,
+                "--log-level",
+                "warning",
+                *(["--insecure"] if insecure else []),
+            ],
         )
-        _wait_for_master(listen, 20)
+        _wait_for_master(listen, 20, creds)
         for i in range(n_workers):
+            name = f"w{i + 1}"
+            certs: list[str] = []
+            if worker_tls:
+                wdir = tls_dir(data) / "workers"
+                certs = ["--worker-cert", str(wdir / f"{name}.pem")]
+                certs += ["--worker-key", str(wdir / f"{name}.key")]
             spawn(
-                f"w{i + 1}",
+                name,
                 [
                     *exe,
                     "--master",
                     listen,
+                    *worker_tls,
                     "worker",
                     "--no-drain",
                     "--name",
-                    f"w{i + 1}",
+                    name,
                     "--slots",
                     str(slots),
                     "--log-level",
                     "warning",
+                    *certs,
                 ],
             )
-        _wait_for_workers(listen, n_workers, 20)
-        click.echo(
-            f"local cluster up: master {listen}, {n_workers} workers "
-            f"(export HOTWIRE_MASTER={listen})"
-        )
+        _wait_for_workers(listen, n_workers, 20, creds)
+        how = "plaintext (--insecure)" if insecure else "mTLS, tokens"
+        click.echo(f"local cluster up: master {listen} ({how}), {n_workers} workers")
+        if creds.tls is not None:
+            click.echo(
+                f"streamctl in this user's shells reaches it with no flags (profile in "
+                f"{profile}); elsewhere:\n"
+                f"  export HOTWIRE_MASTER={listen} HOTWIRE_CA={creds.tls.ca} "
+                f"HOTWIRE_CERT={creds.tls.cert} HOTWIRE_KEY={creds.tls.key} "
+                f"HOTWIRE_TOKEN=$(cat {tls_dir(data) / 'admin.token'})"
+            )
+        else:
+            click.echo(f"  export HOTWIRE_MASTER={listen}")
         if app:
-            r = _client(listen).submit(app, timeout=60)
+            from hotwire.client import Client
+
+            r = Client(listen, creds).submit(app, timeout=60)
             click.echo(f"submitted app {r.app!r} version {r.version} ({r.instances} instances)")
         click.echo("Ctrl-C stops the cluster")
         while all(p.poll() is None for p in procs):
@@ -396,13 +556,21 @@ def up(app: str | None, n_workers: int, listen: str, data_dir: str | None, slots
     click.echo("local cluster stopped")
 
 
-def _wait_for_master(addr: str, timeout: float) -> None:
+def _loopback(addr: str) -> bool:
+    from hotwire.security.tls import is_loopback
+
+    return is_loopback(addr)
+
+
+def _wait_for_master(addr: str, timeout: float, creds: Any) -> None:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from hotwire.security.tls import ClientCredentials, dial
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            with grpc.insecure_channel(addr) as ch:
+            with dial(addr, ClientCredentials(creds.tls), []) as ch:
                 r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1)
                 if r.status == health_pb2.HealthCheckResponse.SERVING:
                     return
@@ -412,11 +580,14 @@ def _wait_for_master(addr: str, timeout: float) -> None:
     raise Failure(f"the master at {addr} did not come up within {timeout:.0f}s")
 
 
-def _wait_for_workers(addr: str, n: int, timeout: float) -> None:
+def _wait_for_workers(addr: str, n: int, timeout: float, creds: Any) -> None:
+    from hotwire.client import Client
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            r = _client(addr).workers(timeout=2)
+            with Client(addr, creds) as c:
+                r = c.workers(timeout=2)
             if sum(w.alive for w in r.workers) >= n:
                 return
         except grpc.RpcError:
@@ -671,6 +842,10 @@ def kill(ctx: click.Context, name: str, as_json: bool) -> None:
     _run(body)
 
 
+# Data-plane counters that are not drops: a link reconnecting and resending is normal.
+_LINK_STATS = frozenset({"reconnects", "resent", "duplicates"})
+
+
 @main.command()
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
@@ -689,6 +864,7 @@ def workers(ctx: click.Context, as_json: bool) -> None:
                 "instances": list(w.instances),
                 "session": w.epoch,
                 "fenced": w.fenced,
+                "data_plane": dict(sorted(w.data_plane.items())),
             }
             for w in r.workers
         ]
@@ -702,8 +878,190 @@ def workers(ctx: click.Context, as_json: bool) -> None:
                     f"{w['name']:<12} {w['address']:<22} {state:<6} "
                     f"{len(w['instances'])}/{w['slots']} slots, session {w['session']}"
                 )
+                counts = {k: v for k, v in w["data_plane"].items() if k not in _LINK_STATS}
+                if counts:  # something was dropped or refused: never silent
+                    shown = ", ".join(f"{k} {v}" for k, v in counts.items())
+                    click.echo(f"{'':<12} data plane dropped/refused: {shown}")
 
         _emit(as_json, {"workers": ws}, human)
+
+    _run(body)
+
+
+# ---------------------------------------------------------------------------
+# Security: the cluster CA, certificates, tokens, the audit log
+# ---------------------------------------------------------------------------
+
+
+@main.command()
+@click.option(
+    "--data-dir",
+    default="hotwire-data",
+    show_default=True,
+    type=click.Path(),
+    help="the master's data directory: the CA and certificates go to DATA_DIR/tls",
+)
+@click.option(
+    "--host",
+    "hosts",
+    multiple=True,
+    metavar="NAME|IP",
+    help="another name or address of the master for its certificate (repeatable)",
+)
+@click.option(
+    "--profile",
+    "profile_for",
+    default=None,
+    metavar="HOST:PORT",
+    help="also write the client profile for the master at this address",
+)
+def init(data_dir: str, hosts: tuple[str, ...], profile_for: str | None) -> None:
+    """Make a cluster CA, the master's certificate and a first admin token.
+
+    Writes DATA_DIR/tls/{ca.pem,ca.key,master.pem,master.key,admin.pem,admin.key,
+    admin.token} (keys and token mode 0600). A master started with this --data-dir
+    then runs mTLS and requires tokens. Keep ca.key offline if you can: only
+    `streamctl cert` needs it.
+    """
+    from hotwire.master.access import bootstrap
+    from hotwire.security.tls import write_profile
+
+    def body() -> None:
+        b = bootstrap(data_dir, hosts)
+        click.echo(f"cluster CA and master certificate in {b.tls_dir}")
+        click.echo(f"admin token {b.token_id} (in {b.tls_dir / 'admin.token'}): {b.token}")
+        if profile_for:
+            d = write_profile(profile_for, b.ca, b.client_cert, b.client_key, b.token)
+            click.echo(f"profile for {profile_for} in {d}")
+        click.echo(
+            f"clients: export HOTWIRE_CA={b.ca} HOTWIRE_CERT={b.client_cert} "
+            f"HOTWIRE_KEY={b.client_key} HOTWIRE_TOKEN=$(cat {b.tls_dir / 'admin.token'})"
+        )
+
+    _run(body)
+
+
+@main.command()
+@click.argument("kind", type=click.Choice(["worker", "client"]))
+@click.argument("name")
+@click.option(
+    "--data-dir",
+    default="hotwire-data",
+    show_default=True,
+    type=click.Path(),
+    help="the master's data directory holding the CA (DATA_DIR/tls)",
+)
+@click.option(
+    "--out", default=None, type=click.Path(file_okay=False), help="where to write (default: .)"
+)
+@click.option("--host", "hosts", multiple=True, metavar="NAME|IP", help="extra SAN (repeatable)")
+def cert(kind: str, name: str, data_dir: str, out: str | None, hosts: tuple[str, ...]) -> None:
+    """Issue a certificate from the cluster CA: KIND worker (NAME is the worker's name,
+    the only one it can register under) or client.
+
+    Writes NAME.pem and NAME.key (0600) to --out.
+    """
+    from hotwire.master.access import tls_dir
+    from hotwire.security import pki
+
+    def body() -> None:
+        issued = pki.issue(tls_dir(data_dir), kind, name, out or ".", hosts)
+        click.echo(f"{kind} certificate for {name!r}: {issued.cert}, key {issued.key}")
+
+    _run(body)
+
+
+@main.group()
+def token() -> None:
+    """Create, list and revoke the master's client tokens (roles: admin, viewer)."""
+
+
+@token.command("create")
+@click.option("--role", type=click.Choice(["admin", "viewer"]), required=True)
+@click.option("--label", default="", help="who or what it is for")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def token_create(ctx: click.Context, role: str, label: str, as_json: bool) -> None:
+    """Make a token; it is printed once (the master keeps only its digest)."""
+
+    def body() -> None:
+        r = _client(ctx.find_root().obj["master"]).create_token(role, label)
+        doc = {"id": r.id, "role": r.role, "token": r.token}
+        _emit(as_json, doc, lambda: click.echo(f"token {r.id} ({r.role}): {r.token}"))
+
+    _run(body)
+
+
+@token.command("revoke")
+@click.argument("token_id")
+@click.pass_context
+def token_revoke(ctx: click.Context, token_id: str) -> None:
+    """Revoke a token by its id: every later call with it is refused."""
+
+    def body() -> None:
+        r = _client(ctx.find_root().obj["master"]).revoke_token(token_id)
+        click.echo(f"token {r.id} revoked")
+
+    _run(body)
+
+
+@token.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def token_list(ctx: click.Context, as_json: bool) -> None:
+    """The master's tokens (ids, roles, labels; never the tokens themselves)."""
+
+    def body() -> None:
+        r = _client(ctx.find_root().obj["master"]).tokens()
+        docs = [
+            {
+                "id": t.id,
+                "role": t.role,
+                "label": t.label,
+                "created": t.created_unix,
+                "revoked": t.revoked_unix or None,
+            }
+            for t in r.tokens
+        ]
+
+        def human() -> None:
+            for d in docs:
+                state = "revoked" if d["revoked"] else "valid"
+                click.echo(f"{d['id']:<10} {d['role']:<7} {state:<8} {d['label']}")
+
+        _emit(as_json, {"tokens": docs}, human)
+
+    _run(body)
+
+
+@main.command()
+@click.argument("app", required=False, default="")
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(min=1))
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def audit(ctx: click.Context, app: str, limit: int, as_json: bool) -> None:
+    """The master's audit log: every mutating request, allowed or refused, newest last."""
+
+    def body() -> None:
+        r = _client(ctx.obj["master"]).audit(app, limit)
+        fields = (
+            "seq", "at_unix", "token", "role", "peer", "command", "app", "from_version",
+            "to_version", "outcome", "detail",
+        )
+        docs = [{f: getattr(e, f) for f in fields} for e in r.entries]
+
+        def human() -> None:
+            for d in docs:
+                when = datetime.fromtimestamp(d["at_unix"]).strftime("%Y-%m-%d %H:%M:%S")
+                versions = (
+                    f" v{d['from_version']}->v{d['to_version']}" if d["to_version"] else ""
+                )
+                click.echo(
+                    f"{when} {d['token'] or '-':<9} {d['command']:<11} {d['app'] or '-'}"
+                    f"{versions} {d['outcome']}{': ' + d['detail'] if d['detail'] else ''}"
+                )
+
+        _emit(as_json, {"entries": docs}, human)
 
     _run(body)
 

@@ -9,6 +9,7 @@ import grpc
 from hotwire.node import grpc_options
 from hotwire.proto import hotwire_pb2 as pb
 from hotwire.proto import hotwire_pb2_grpc as pb_grpc
+from hotwire.security.tls import ClientCredentials, client_credentials, dial
 
 
 def load(app_path: str, include: str | None = None) -> tuple[Any, Any]:
@@ -20,10 +21,16 @@ def load(app_path: str, include: str | None = None) -> tuple[Any, Any]:
 
 
 class Client:
-    def __init__(self, master: str):
+    """Calls the master at ``master`` with ``creds`` (default: found by
+    :func:`hotwire.security.tls.client_credentials`: the ``HOTWIRE_*`` variables,
+    else the profile ``streamctl up``/``init`` wrote for that address, else plaintext)."""
+
+    def __init__(self, master: str, creds: ClientCredentials | None = None):
         self.master = master
-        self.channel = grpc.insecure_channel(master, options=grpc_options())
+        self.creds = creds if creds is not None else client_credentials(master)
+        self.channel = dial(master, self.creds, grpc_options())
         self.stub = pb_grpc.MasterStub(self.channel)
+        self.access = pb_grpc.AccessStub(self.channel)
 
     def close(self) -> None:
         self.channel.close()
@@ -83,3 +90,16 @@ class Client:
 
     def workers(self, timeout: float = 10) -> pb.ListWorkersReply:
         return self.stub.ListWorkers(pb.ListWorkersRequest(), timeout=timeout)
+
+    # -- access control (a master with TLS) --------------------------------
+    def create_token(self, role: str, label: str = "", timeout: float = 10) -> pb.CreateTokenReply:
+        return self.access.CreateToken(pb.CreateTokenRequest(role=role, label=label), timeout=timeout)
+
+    def revoke_token(self, token_id: str, timeout: float = 10) -> pb.RevokeTokenReply:
+        return self.access.RevokeToken(pb.RevokeTokenRequest(id=token_id), timeout=timeout)
+
+    def tokens(self, timeout: float = 10) -> pb.ListTokensReply:
+        return self.access.ListTokens(pb.ListTokensRequest(), timeout=timeout)
+
+    def audit(self, app: str = "", limit: int = 100, timeout: float = 10) -> pb.AuditReply:
+        return self.access.Audit(pb.AuditRequest(app=app, limit=limit), timeout=timeout)

@@ -59,6 +59,7 @@ class WorkerConn:
     running: list[pb.RunningInstance] = field(default_factory=list)
     stats_at: float = 0.0
     rates: dict[tuple[str, str], tuple[float, float]] = field(default_factory=dict)  # in, out
+    data_plane: dict[str, int] = field(default_factory=dict)  # its drops and link counters
     connected: asyncio.Event = field(default_factory=asyncio.Event)
 
     def fail_pending(self, reason: str) -> None:
@@ -166,6 +167,7 @@ class Membership:
                 )
         w.stats_at = now
         w.running = list(req.running)
+        w.data_plane = dict(req.data_plane)
         # Liveness uses the master's own monotonic clock; the worker's wall clock
         # (sent_unix) may jump and is not trusted.
         w.last_seen = now

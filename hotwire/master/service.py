@@ -20,6 +20,7 @@ from typing import Any
 
 import grpc
 
+from hotwire.master.access import Access, AccessInterceptor, AccessService
 from hotwire.master.engine import AppState, Outcome, Refused, TransitionEngine
 from hotwire.master.membership import Membership, SessionRefused, WorkerGone, stale_instances
 from hotwire.master.recovery import Recovery
@@ -28,6 +29,7 @@ from hotwire.model import LogicalModel, check_structure
 from hotwire.node import Node, add_health, grpc_options
 from hotwire.proto import hotwire_pb2 as pb
 from hotwire.proto import hotwire_pb2_grpc as pb_grpc
+from hotwire.security.tls import InsecureRefused, TlsFiles, is_loopback
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +45,18 @@ class Master(Node):
         heartbeat_timeout: float = 5.0,
         checkpoint_interval: float = 2.0,
         switch_timeout: float = 30.0,
+        tls: TlsFiles | None = None,
+        insecure: bool = False,
     ):
         super().__init__()
+        if tls is None and not insecure and not is_loopback(listen):
+            raise InsecureRefused(
+                f"the master would listen on {listen} without TLS: give it a certificate "
+                "(streamctl init) or, knowing anyone who reaches the port can run code on "
+                "every worker, --insecure"
+            )
+        self.tls = tls  # None: plaintext, no tokens (loopback or --insecure)
+        self.access: Access | None = None
         self.listen = listen
         self.data_dir = Path(data_dir)
         # Several heartbeats fit in the timeout, so one late heartbeat is not a death.
@@ -76,12 +88,29 @@ class Master(Node):
         # Session epochs keep growing across restarts: a fencing token is never reused.
         self.membership.epochs.update(await store.read(store.worker_epochs))
         await self.engine.load(store)  # the apps as the store recorded them
+        interceptors = []
+        if self.tls is not None:
+            self.access = Access(store)
+            await self.access.load()
+            interceptors.append(AccessInterceptor(self.access))
         # so_reuseport off: a second master on a taken port must fail
-        self.server = grpc.aio.server(options=grpc_options(("grpc.so_reuseport", 0)))
+        self.server = grpc.aio.server(
+            options=grpc_options(("grpc.so_reuseport", 0)), interceptors=interceptors
+        )
         pb_grpc.add_MasterServicer_to_server(ClientService(self), self.server)
         pb_grpc.add_WorkerControlServicer_to_server(WorkerService(self), self.server)
         add_health(self.server, self.health)
-        self.port = self.server.add_insecure_port(self.listen)
+        if self.access is not None and self.tls is not None:
+            pb_grpc.add_AccessServicer_to_server(AccessService(self.access), self.server)
+            self.port = self.server.add_secure_port(self.listen, self.tls.server_credentials())
+        else:
+            if not is_loopback(self.listen):
+                log.warning(
+                    "INSECURE: the master listens on %s without TLS or tokens: anyone who "
+                    "reaches it can run code on every worker",
+                    self.listen,
+                )
+            self.port = self.server.add_insecure_port(self.listen)
         if self.port == 0:
             raise OSError(f"cannot listen on {self.listen}")
         await self.server.start()
@@ -293,6 +322,7 @@ class Master(Node):
                 instances=[f"{r.app}/{r.instance}" for r in w.running],
                 epoch=w.epoch,
                 fenced=w.fenced,
+                data_plane=w.data_plane,
             )
         return reply
 

@@ -68,6 +68,27 @@ CREATE TABLE IF NOT EXISTS workers (
     name TEXT PRIMARY KEY,
     epoch INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS tokens (
+    id TEXT PRIMARY KEY,
+    digest TEXT NOT NULL,
+    role TEXT NOT NULL,
+    label TEXT NOT NULL DEFAULT '',
+    created REAL NOT NULL,
+    revoked REAL NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS audit (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    at REAL NOT NULL,
+    token TEXT NOT NULL,
+    role TEXT NOT NULL,
+    peer TEXT NOT NULL,
+    command TEXT NOT NULL,
+    app TEXT NOT NULL,
+    from_version INTEGER NOT NULL,
+    to_version INTEGER NOT NULL,
+    outcome TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS inflight (
     app TEXT PRIMARY KEY,
     epoch INTEGER NOT NULL,
@@ -294,6 +315,51 @@ class Store:
             "SELECT * FROM versions WHERE app = ? ORDER BY version", (app,)
         ).fetchall()
         return [_record(r) for r in rows]
+
+    # -- tokens and the audit log (hotwire.master.access) ---------------------
+    def put_token(self, tid: str, digest: str, role: str, label: str) -> Future[None]:
+        return self._write(
+            self._execute,
+            "INSERT INTO tokens (id, digest, role, label, created) VALUES (?, ?, ?, ?, ?)",
+            (tid, digest, role, label, time.time()),
+        )
+
+    def revoke_token(self, tid: str) -> Future[None]:
+        return self._write(
+            self._execute,
+            "UPDATE tokens SET revoked = ? WHERE id = ? AND revoked = 0",
+            (time.time(), tid),
+        )
+
+    def tokens(self) -> list[tuple[str, str, str, str, float, float]]:
+        """(id, digest, role, label, created, revoked) of every token ever made."""
+        return self._wait(self._tokens)
+
+    def _tokens(self) -> list[tuple[str, str, str, str, float, float]]:
+        q = "SELECT id, digest, role, label, created, revoked FROM tokens ORDER BY created"
+        return [tuple(r) for r in self.db.execute(q)]  # type: ignore[misc]
+
+    def put_audit(self, row: tuple[Any, ...]) -> Future[None]:
+        """(at, token, role, peer, command, app, from_version, to_version, outcome, detail)"""
+        return self._write(
+            self._execute,
+            "INSERT INTO audit (at, token, role, peer, command, app, from_version, to_version,"
+            " outcome, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            row,
+        )
+
+    def audit(self, app: str, limit: int) -> list[tuple[Any, ...]]:
+        """The newest ``limit`` audit entries (of ``app`` if given), oldest first."""
+        return self._wait(self._audit, app, limit)
+
+    def _audit(self, app: str, limit: int) -> list[tuple[Any, ...]]:
+        where, params = ("WHERE app = ?", (app,)) if app else ("", ())
+        rows = self.db.execute(
+            "SELECT seq, at, token, role, peer, command, app, from_version, to_version, outcome,"
+            f" detail FROM audit {where} ORDER BY seq DESC LIMIT ?",
+            (*params, limit),
+        ).fetchall()
+        return [tuple(r) for r in reversed(rows)]
 
     def _execute(self, sql: str, params: tuple[Any, ...]) -> None:
         self.db.execute(sql, params)

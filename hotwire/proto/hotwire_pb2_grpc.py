@@ -367,6 +367,230 @@ class Master:
             _registered_method=True)
 
 
+class AccessStub:
+    """---------------------------------------------------------------------------
+    Client -> master: access control (tokens and the audit log)
+    ---------------------------------------------------------------------------
+
+    Tokens are bearer credentials in the "authorization: Bearer <token>" metadata
+    of every client call; the master keeps their SHA-256 only. Every mutating call
+    (allowed or refused) is written to the audit log.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.CreateToken = channel.unary_unary(
+                '/hotwire.v1.Access/CreateToken',
+                request_serializer=hotwire__pb2.CreateTokenRequest.SerializeToString,
+                response_deserializer=hotwire__pb2.CreateTokenReply.FromString,
+                _registered_method=True)
+        self.RevokeToken = channel.unary_unary(
+                '/hotwire.v1.Access/RevokeToken',
+                request_serializer=hotwire__pb2.RevokeTokenRequest.SerializeToString,
+                response_deserializer=hotwire__pb2.RevokeTokenReply.FromString,
+                _registered_method=True)
+        self.ListTokens = channel.unary_unary(
+                '/hotwire.v1.Access/ListTokens',
+                request_serializer=hotwire__pb2.ListTokensRequest.SerializeToString,
+                response_deserializer=hotwire__pb2.ListTokensReply.FromString,
+                _registered_method=True)
+        self.Audit = channel.unary_unary(
+                '/hotwire.v1.Access/Audit',
+                request_serializer=hotwire__pb2.AuditRequest.SerializeToString,
+                response_deserializer=hotwire__pb2.AuditReply.FromString,
+                _registered_method=True)
+
+
+class AccessServicer:
+    """---------------------------------------------------------------------------
+    Client -> master: access control (tokens and the audit log)
+    ---------------------------------------------------------------------------
+
+    Tokens are bearer credentials in the "authorization: Bearer <token>" metadata
+    of every client call; the master keeps their SHA-256 only. Every mutating call
+    (allowed or refused) is written to the audit log.
+    """
+
+    def CreateToken(self, request, context):
+        """admin
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeToken(self, request, context):
+        """admin
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTokens(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Audit(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_AccessServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'CreateToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateToken,
+                    request_deserializer=hotwire__pb2.CreateTokenRequest.FromString,
+                    response_serializer=hotwire__pb2.CreateTokenReply.SerializeToString,
+            ),
+            'RevokeToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeToken,
+                    request_deserializer=hotwire__pb2.RevokeTokenRequest.FromString,
+                    response_serializer=hotwire__pb2.RevokeTokenReply.SerializeToString,
+            ),
+            'ListTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTokens,
+                    request_deserializer=hotwire__pb2.ListTokensRequest.FromString,
+                    response_serializer=hotwire__pb2.ListTokensReply.SerializeToString,
+            ),
+            'Audit': grpc.unary_unary_rpc_method_handler(
+                    servicer.Audit,
+                    request_deserializer=hotwire__pb2.AuditRequest.FromString,
+                    response_serializer=hotwire__pb2.AuditReply.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'hotwire.v1.Access', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('hotwire.v1.Access', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Access:
+    """---------------------------------------------------------------------------
+    Client -> master: access control (tokens and the audit log)
+    ---------------------------------------------------------------------------
+
+    Tokens are bearer credentials in the "authorization: Bearer <token>" metadata
+    of every client call; the master keeps their SHA-256 only. Every mutating call
+    (allowed or refused) is written to the audit log.
+    """
+
+    @staticmethod
+    def CreateToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hotwire.v1.Access/CreateToken',
+            hotwire__pb2.CreateTokenRequest.SerializeToString,
+            hotwire__pb2.CreateTokenReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hotwire.v1.Access/RevokeToken',
+            hotwire__pb2.RevokeTokenRequest.SerializeToString,
+            hotwire__pb2.RevokeTokenReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hotwire.v1.Access/ListTokens',
+            hotwire__pb2.ListTokensRequest.SerializeToString,
+            hotwire__pb2.ListTokensReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Audit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hotwire.v1.Access/Audit',
+            hotwire__pb2.AuditRequest.SerializeToString,
+            hotwire__pb2.AuditReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
 class WorkerControlStub:
     """---------------------------------------------------------------------------
     Worker -> master

@@ -152,6 +152,7 @@ class LocalCluster:
         link_timeout: float | None = None,
         checkpoint_interval: float = 2.0,
         control_proxy: bool = False,
+        secure: bool = False,
     ):
         self._tmp = (
             tempfile.TemporaryDirectory(prefix="hotwire-cluster-") if data_dir is None else None
@@ -177,10 +178,17 @@ class LocalCluster:
         # each worker reaches the master through a TcpProxy the test can block
         self.control_proxy = control_proxy
         self.proxies: dict[str, TcpProxy] = {}
+        # secure: a cluster CA, mTLS everywhere, and the client holds an admin token
+        self.secure = secure
+        self.admin: Any = None  # hotwire.master.access.Bootstrap when secure
 
     # -- lifecycle ---------------------------------------------------------
     def start(self) -> LocalCluster:
         try:
+            if self.secure and self.admin is None:
+                from hotwire.master.access import bootstrap
+
+                self.admin = bootstrap(self.dir / "master")
             self._start_master("127.0.0.1:0")
             for i in range(self.n_workers):
                 self.add_worker(f"w{i + 1}")
@@ -218,7 +226,25 @@ class LocalCluster:
         self.master.wait_address()
         if self._client is not None:
             self._client.close()
-        self._client = Client(self.address)
+        self._client = Client(self.address, self.credentials())
+
+    def credentials(self, token: str | None = None) -> Any:
+        """Client credentials for this cluster: the admin's (or ``token``) when secure."""
+        from hotwire.security.tls import ClientCredentials, TlsFiles
+
+        if self.admin is None:
+            return ClientCredentials()
+        files = TlsFiles.of(self.admin.ca, self.admin.client_cert, self.admin.client_key)
+        return ClientCredentials(files, self.admin.token if token is None else token)
+
+    def worker_tls(self, name: str) -> list[str]:
+        """streamctl arguments giving worker ``name`` a certificate (when secure)."""
+        if self.admin is None:
+            return []
+        from hotwire.security import pki
+
+        issued = pki.issue(self.admin.tls_dir, "worker", name, self.dir / "certs")
+        return ["--worker-cert", str(issued.cert), "--worker-key", str(issued.key)]
 
     def add_worker(self, name: str) -> _Proc:
         extra: list[str] = []
@@ -240,9 +266,11 @@ class LocalCluster:
                 "hotwire.cli",
                 "--master",
                 master,
+                *(["--ca", str(self.admin.ca)] if self.admin is not None else []),
                 "worker",
                 "--name",
                 name,
+                *self.worker_tls(name),
                 "--slots",
                 str(self.slots),
                 "--log-level",

@@ -38,6 +38,15 @@ from hotwire.node import Node, add_health, grpc_options, split_addr
 from hotwire.plan_wire import from_pb
 from hotwire.proto import hotwire_pb2 as pb
 from hotwire.proto import hotwire_pb2_grpc as pb_grpc
+from hotwire.security.pki import PkiError
+from hotwire.security.tls import (
+    ClientCredentials,
+    InsecureRefused,
+    TlsFiles,
+    dial,
+    dial_aio,
+    is_loopback,
+)
 from hotwire.worker.fence import TICK_S
 from hotwire.worker.runtime import SWITCH_TIMEOUT_S, Runtime
 from hotwire.worker.transport import LINK_TIMEOUT_S
@@ -57,11 +66,28 @@ class Worker(Node):
         data_dir: str | Path | None = None,
         advertise: str | None = None,
         link_timeout: float = LINK_TIMEOUT_S,
+        tls: TlsFiles | None = None,
+        insecure: bool = False,
     ):
         super().__init__()
         self.master = master
         self.listen = listen
         self.advertise = advertise  # the data address other workers dial, if not the listen one
+        self.tls = tls  # mTLS to the master and on the data plane; None: plaintext
+        if tls is not None:
+            # A worker is who its certificate says: it registers under that name only.
+            kind, certified = tls.identity()
+            if kind != "worker":
+                raise PkiError(f"{tls.cert} is a {kind or 'non-hotwire'} certificate, not a worker's")
+            if name and name != certified:
+                raise PkiError(f"--name {name!r} is not the name in the certificate ({certified!r})")
+            name = certified
+        elif not insecure and not is_loopback(listen):
+            raise InsecureRefused(
+                f"the worker would listen on {listen} without TLS: give it a certificate "
+                "(streamctl cert worker) or, knowing anyone who reaches the port can inject "
+                "records, --insecure"
+            )
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
         self.slots = slots
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
@@ -71,6 +97,7 @@ class Worker(Node):
         self.data_dir = Path(data_dir)
         # link_timeout: a data link to a peer down this long is reported to the master.
         self.runtime = Runtime(self.name, self.data_dir / "bundles", link_timeout)
+        self.runtime.dataplane.tls = tls
         self.session = ""
         self.epoch = 0  # the number of the current session (fencing epoch)
         self._rejoin_now = False  # the master refused the session: register again at once
@@ -85,6 +112,7 @@ class Worker(Node):
         self._hb_session = ""  # the session heartbeats report; "" outside a session
         self._running_snapshot: tuple[pb.RunningInstance, ...] = ()
         self._lost_snapshot: tuple[pb.LostLink, ...] = ()  # data links down past the bound
+        self._counters_snapshot: dict[str, int] = {}  # the data plane's drops and link stats
         self._hb_stop = threading.Event()
         self._hb_wake = threading.Event()  # wakes the heartbeat thread before its next tick
         self._hb_now = False  # send a heartbeat at once (output is on hold)
@@ -102,12 +130,15 @@ class Worker(Node):
         await self.runtime.dataplane.start(host, port)
         self._grpc = grpc.aio.server(options=grpc_options(("grpc.so_reuseport", 0)))
         add_health(self._grpc, self.health)
-        hport = self._grpc.add_insecure_port(f"{host}:0")
+        if self.tls is not None:
+            hport = self._grpc.add_secure_port(f"{host}:0", self.tls.server_credentials())
+        else:
+            hport = self._grpc.add_insecure_port(f"{host}:0")
         await self._grpc.start()
         self.health_address = f"{host}:{hport}"
         self._loop = asyncio.get_running_loop()
         self.runtime.hold.on_hold = self._heartbeat_now
-        self._hb_channel = grpc.insecure_channel(self.master, options=_reconnect_fast())
+        self._hb_channel = self._dial(sync=True)
         self._hb_thread = threading.Thread(
             target=self._heartbeat_thread, name=f"hotwire-heartbeat-{self.name}", daemon=True
         )
@@ -132,12 +163,19 @@ class Worker(Node):
 
     async def drain(self, timeout: float = 120) -> int:
         """Ask the master to move this worker's instances elsewhere (before a stop)."""
-        async with grpc.aio.insecure_channel(self.master, options=grpc_options()) as channel:
+        async with self._dial(options=grpc_options()) as channel:
             stub = pb_grpc.WorkerControlStub(channel)
             reply = await stub.Drain(
                 pb.DrainRequest(name=self.name, session=self.session), timeout=timeout
             )
             return int(reply.moved)
+
+    def _dial(self, sync: bool = False, options: list[tuple[str, Any]] | None = None) -> Any:
+        """A channel to the master: mTLS with this worker's certificate, if it has one."""
+        opts = options if options is not None else _reconnect_fast()
+        if sync:
+            return dial(self.master, ClientCredentials(self.tls), opts)
+        return dial_aio(self.master, self.tls, opts)
 
     # ------------------------------------------------------------------
     # Session with the master
@@ -154,7 +192,7 @@ class Worker(Node):
         backoff = 0.1
         hold = self.runtime.hold
         while True:
-            async with grpc.aio.insecure_channel(self.master, options=_reconnect_fast()) as channel:
+            async with self._dial() as channel:
                 stub = pb_grpc.WorkerControlStub(channel)
                 registered = False
                 try:
@@ -309,6 +347,8 @@ class Worker(Node):
             pb.LostLink(peer=x.peer, apps=x.apps, down_s=x.down_s, error=x.error)
             for x in self.runtime.dataplane.lost_links()
         )
+        dp = self.runtime.dataplane
+        self._counters_snapshot = {**dp.stats, **dp.drops}
         if done is not None:
             done.set()
 
@@ -423,6 +463,7 @@ class Worker(Node):
                         session=session,
                         running=self._running_snapshot,
                         lost_links=self._lost_snapshot,
+                        data_plane=self._counters_snapshot,
                         sent_unix=time.time(),
                     ),
                     timeout=max(self.heartbeat_interval * 3, 2),

@@ -45,6 +45,14 @@ their last checkpoint).
 length that cannot be trusted (over :data:`MAX_FRAME`) closes that connection
 only; a frame out of sequence or past the sender's credits is counted and dropped.
 Nothing a peer sends can crash the worker.
+
+**Who may connect.** With TLS (a worker started with a certificate), a connection
+is accepted as plain TCP and then upgraded to TLS, which asks the peer for a
+worker certificate of the cluster CA; a failed handshake is counted
+(``tls_refused``) and closed. The HELLO must name the worker in the peer's
+certificate, and a dialled peer must show the certificate of the worker it was
+dialled as; otherwise the connection is counted (``bad_identity``) and closed
+before any frame of it is read.
 """
 
 from __future__ import annotations
@@ -54,6 +62,7 @@ import enum
 import logging
 import os
 import socket
+import ssl
 import struct
 from collections import Counter, deque
 from typing import Any, NamedTuple, Protocol
@@ -61,6 +70,7 @@ from typing import Any, NamedTuple, Protocol
 import msgpack
 
 from hotwire.codec import unpackb
+from hotwire.security.tls import TlsFiles, ssl_peer
 
 log = logging.getLogger(__name__)
 
@@ -320,6 +330,11 @@ class DataPlane:
         self._closing = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self.address = ""
+        # mTLS: every peer shows a worker certificate of the cluster CA, and its HELLO
+        # must name the worker in it. None: plaintext (loopback or --insecure).
+        self.tls: TlsFiles | None = None
+        self._server_ssl: ssl.SSLContext | None = None
+        self._client_ssl: ssl.SSLContext | None = None
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -329,7 +344,17 @@ class DataPlane:
 
     async def start(self, host: str, port: int) -> str:
         self._loop = asyncio.get_running_loop()
-        self._server = await asyncio.start_server(self._accept, host, port)
+        if self.tls is not None:
+            self._server_ssl = self.tls.server_context()
+            self._server_ssl.sslobject_class = _counting_handshakes(self._tls_refused)
+            self._client_ssl = self.tls.client_context()
+        self._server = await asyncio.start_server(
+            self._accept,
+            host,
+            port,
+            ssl=self._server_ssl,
+            ssl_handshake_timeout=HELLO_TIMEOUT if self._server_ssl else None,
+        )
         sock = self._server.sockets[0].getsockname()
         self.address = f"{host}:{sock[1]}"
         return self.address
@@ -462,11 +487,17 @@ class DataPlane:
 
     async def _dial(self, peer: str, addr: str) -> None:
         host, _, port = addr.rpartition(":")
+        tls = {"ssl": self._client_ssl, "server_hostname": peer} if self._client_ssl else {}
         reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(host, int(port)), DIAL_TIMEOUT_S
+            asyncio.open_connection(host, int(port), **tls), DIAL_TIMEOUT_S
         )
         try:
             _tune(writer)
+            if self._client_ssl is not None:
+                who = ssl_peer(writer.get_extra_info("peercert"))
+                if who != ("worker", peer):
+                    self.drops["bad_identity"] += 1
+                    raise ValueError(f"its certificate is not worker {peer!r}'s but {who}")
             writer.write(encode(Frame.HELLO, self.name, self.incarnation))
             name, incarnation = await _read_hello(reader, DIAL_TIMEOUT_S)
             if name != peer:
@@ -485,6 +516,10 @@ class DataPlane:
             self._conn_tasks.add(task)
             task.add_done_callback(self._conn_tasks.discard)
         peer_addr = writer.get_extra_info("peername")
+        certified: tuple[str, str] | None = None
+        if self._server_ssl is not None:
+            # Past the TLS handshake: the peer's certificate is one of the cluster CA.
+            certified = ssl_peer(writer.get_extra_info("peercert"))
         try:
             name, incarnation = await _read_hello(reader, HELLO_TIMEOUT)
             if name == self.name:
@@ -497,6 +532,18 @@ class DataPlane:
             log.warning("data plane: dropped connection from %s: %s", peer_addr, e)
             writer.close()
             return
+        if self._server_ssl is not None and certified != ("worker", name):
+            # Nothing of it is read past the HELLO: no frame it sent reaches an instance.
+            self.drops["bad_identity"] += 1
+            log.warning(
+                "data plane: refused a connection from %s: its HELLO names worker %r but its "
+                "certificate is %s",
+                peer_addr,
+                name,
+                certified,
+            )
+            writer.transport.abort()
+            return
         if self._closing:
             writer.close()
             return
@@ -504,6 +551,10 @@ class DataPlane:
         conn = Conn(name, reader, writer, name, incarnation)
         if self._attach(conn):
             await self._read_loop(conn)
+
+    def _tls_refused(self, e: ssl.SSLError) -> None:
+        self.drops["tls_refused"] += 1
+        log.warning("data plane: refused a connection: TLS handshake: %s", e.reason or e)
 
     def _attach(self, conn: Conn) -> bool:
         """Take a connection into use; False if it is a duplicate that was closed."""
@@ -605,7 +656,13 @@ class DataPlane:
                     self._dispatch(msg, link)
                 except Exception as e:
                     self.drops["bad_frame"] += 1
-                    log.warning("data plane: dropped a bad frame from %s: %s", conn.peer, e)
+                    if self.drops["bad_frame"] % 1000 == 1:  # the first, then every 1000th
+                        log.warning(
+                            "data plane: dropped a bad frame from %s: %s (%d such drops)",
+                            conn.peer,
+                            e,
+                            self.drops["bad_frame"],
+                        )
         except (asyncio.IncompleteReadError, ConnectionError, OSError) as e:
             why = _why(e)
         finally:
@@ -692,6 +749,27 @@ class DataPlane:
                 expected + 1,
                 self.drops["out_of_sequence"],
             )
+
+
+def _counting_handshakes(on_refused: Any) -> type[ssl.SSLObject]:
+    """An ``SSLObject`` class that reports a TLS handshake the peer failed.
+
+    The event loop runs the handshake of an accepted connection before the
+    connection reaches :meth:`DataPlane._accept` and closes a failed one quietly;
+    this is where such a refusal is seen, to be counted and logged.
+    """
+
+    class Counted(ssl.SSLObject):
+        def do_handshake(self) -> None:
+            try:
+                super().do_handshake()
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError, ssl.SSLEOFError):
+                raise  # more bytes to come, or the peer left: not a refusal
+            except ssl.SSLError as e:
+                on_refused(e)
+                raise
+
+    return Counted
 
 
 async def _read_frame(reader: asyncio.StreamReader) -> bytes | None:
