@@ -12,6 +12,11 @@ When bytewax is importable, the same functions also run as a Bytewax dataflow in
 process (``bytewax.testing.run_main``, one worker, input batches of 1024; see
 ``peer_bytewax.py``), in the same alternation.
 
+With ``--tls`` (the default), a second cluster of the same shape runs with mTLS under
+a cluster CA (``LocalCluster(secure=True)``: the data plane between workers and every
+gRPC channel encrypted) in the same alternation, and ``tls_cost`` is
+1 - (mTLS median / plaintext median).
+
 Prints one JSON document: records/s per run, medians, and the ratios of medians
 (hotwire / plain loop, hotwire / bytewax). The machine is shared and noisy: compare ratios.
 """
@@ -19,6 +24,7 @@ Prints one JSON document: records/s per run, medians, and the ratios of medians
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -141,7 +147,13 @@ def hotwire_run(cluster: LocalCluster, body: str, n: int, tmp: Path, tag: str) -
     done = tmp / f"done-{tag}"
     path = write_app(tmp, f"app-{tag}.py", body.format(n=n, done=str(done)))
     cluster.client.submit(path)
-    poll_for(done.exists, 300, interval=0.05, what="the sink to see every record")
+    # The sink writes the file then its time: wait for the time, not only the file.
+    poll_for(
+        lambda: done.exists() and done.read_text().strip() != "",
+        300,
+        interval=0.05,
+        what="the sink to see every record",
+    )
     t_end = float(done.read_text())
     t_start = float(Path(str(done) + ".start").read_text())
     cluster.client.kill("tp")
@@ -157,6 +169,10 @@ def main() -> None:
     ap.add_argument("--records", type=int, default=1_000_000)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--out", default="")
+    ap.add_argument(
+        "--tls", action=argparse.BooleanOptionalAction, default=True,
+        help="also measure a cluster with mTLS (default: on)",
+    )
     args = ap.parse_args()
     n = args.records
     result: dict[str, object] = {
@@ -165,7 +181,7 @@ def main() -> None:
             "python": platform.python_version(),
             "platform": platform.platform(),
         },
-        "config": {"records": n, "runs": args.runs},
+        "config": {"records": n, "runs": args.runs, "tls": args.tls},
     }
     bw_version = peer_bytewax.version()
     result["bytewax"] = (
@@ -187,11 +203,26 @@ def main() -> None:
             ("pipeline", PIPELINE, plain_pipeline, bytewax_pipeline, 1),
             ("keyed_count", KEYED, plain_keyed, bytewax_keyed, 2),
         ):
-            hw, base, bw = [], [], []
-            with LocalCluster(workers=workers, data_dir=tmp / name, log_level="warning") as c:
+            hw, base, bw, tls = [], [], [], []
+            with contextlib.ExitStack() as stack:
+                c = stack.enter_context(
+                    LocalCluster(workers=workers, data_dir=tmp / name, log_level="warning")
+                )
+                ct = None
+                if args.tls:
+                    ct = stack.enter_context(
+                        LocalCluster(
+                            workers=workers,
+                            data_dir=tmp / f"{name}-tls",
+                            log_level="warning",
+                            secure=True,
+                        )
+                    )
                 for run in range(args.runs):
                     base.append(plain(n))
                     hw.append(hotwire_run(c, body, n, tmp, f"{name}-{run}"))
+                    if ct is not None:
+                        tls.append(hotwire_run(ct, body, n, tmp, f"{name}-tls-{run}"))
                     if bw_version:
                         bw.append(peer(n))
             entry: dict[str, object] = {
@@ -202,6 +233,10 @@ def main() -> None:
                 "plain_loop_rps_median": _med(base),
                 "ratio": round(statistics.median(hw) / statistics.median(base), 3),
             }
+            if tls:
+                entry["hotwire_tls_rps"] = [round(x, 1) for x in tls]
+                entry["hotwire_tls_rps_median"] = _med(tls)
+                entry["tls_cost"] = round(1 - statistics.median(tls) / statistics.median(hw), 3)
             if bw:
                 entry["bytewax_workers"] = 1
                 entry["bytewax_rps"] = [round(x, 1) for x in bw]

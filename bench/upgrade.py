@@ -767,6 +767,11 @@ def main(argv: list[str] | None = None) -> int:
         help="Bytewax epoch (= snapshot) interval of the peer runs, s (default 0.5)",
     )
     ap.add_argument("--no-peer", action="store_true", help="skip the Bytewax peer runs")
+    ap.add_argument(
+        "--tls",
+        action="store_true",
+        help="run the cluster with mTLS under a cluster CA and tokens (as `streamctl up` does)",
+    )
     ap.add_argument("--out", default="bench/results/upgrade.json", help="where to write the JSON")
     a = ap.parse_args(argv)
     runs = a.runs or (3 if a.quick else 10)
@@ -790,6 +795,7 @@ def main(argv: list[str] | None = None) -> int:
         "spacing_s": spacing,
         "scenarios": scenarios,
         "scaling_pes": scaling,
+        "tls": a.tls,
     }
     peer_cfg: dict[str, Any] | None = None
     if not a.no_peer and peer_bytewax.version() is not None:
@@ -812,7 +818,11 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         slots = max(64, max(scaling, default=0) // 2 + 32)
         with LocalCluster(
-            workers=2, slots=slots, data_dir=work / "cluster", log_level="warning"
+            workers=2,
+            slots=slots,
+            data_dir=work / "cluster",
+            log_level="warning",
+            secure=a.tls,
         ) as cluster:
             bench = Bench(cluster, work, a.rate, a.keys)
             log("saturated throughput")

@@ -271,8 +271,14 @@ def test_data_plane_refuses_uncertified_peers_and_survives_garbage(tmp_path: Pat
         poll_for(lambda: count_lines(out) >= N // 10, 30, what="records flowing")
         target = next(w for w in c.client.workers().workers if w.name == "w2")
         host, _, port = target.data_address.rpartition(":")
-        forged = [_frame(1, "upg", "enrich@1.0>count@1.0", s, [{"key": 1}]) for s in (1, 2, 3)]
-        forged.append(_frame(2, "upg", "enrich@1.0>count@1.0", 4))
+        # Forged frames on the app's real channels (version 1: generation 1): records
+        # that would show as duplicates at the sink, then END markers.
+        channels = ["src@1.0>enrich@1.0", "src@1.0>enrich@1.1"]
+        channels += [f"enrich@1.{a}>count@1.{b}" for a in (0, 1) for b in (0, 1)]
+        channels += ["count@1.0>out@1.0", "count@1.1>out@1.0"]
+        dup = [{"seq": s, "key": f"k{s % 64}", "n": 1} for s in range(5)]
+        forged = [_frame(1, "upg", ch, 1, dup) for ch in channels]
+        forged += [_frame(2, "upg", ch, 2) for ch in channels]
 
         other = tmp_path / "other-ca"
         pki.make_ca(other, cluster="evil")
