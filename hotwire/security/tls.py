@@ -182,8 +182,8 @@ def client_credentials(
     key = key or os.environ.get("HOTWIRE_KEY") or None
     token = token or os.environ.get("HOTWIRE_TOKEN") or None
     prof = profile_dir(master)
-    if ca is None and (prof / "ca.pem").is_file():
-        ca = str(prof / "ca.pem")
+    if (prof / "ca.pem").is_file():  # the profile fills in what was not given
+        ca = ca or str(prof / "ca.pem")
         cert = cert or str(prof / "client.pem")
         key = key or str(prof / "client.key")
     if token is None and (prof / "token").is_file():
