@@ -6,10 +6,19 @@ from typing import Any
 
 import grpc
 
+from hotwire.names import name_problem, shown
 from hotwire.node import grpc_options
 from hotwire.proto import hotwire_pb2 as pb
 from hotwire.proto import hotwire_pb2_grpc as pb_grpc
 from hotwire.security.tls import ClientCredentials, client_credentials, dial
+
+
+def check_app_name(name: str) -> None:
+    """Refuse an app name the master would refuse (``""``: the model's own name)."""
+    from hotwire.sdk.errors import ValidationError
+
+    if name and (bad := name_problem(name, f"app {shown(name)}")):
+        raise ValidationError([bad])
 
 
 def load(app_path: str, include: str | None = None) -> tuple[Any, Any]:
@@ -44,6 +53,7 @@ class Client:
     def submit(
         self, app_path: str, name: str = "", include: str | None = None, timeout: float = 120
     ) -> pb.SubmitReply:
+        check_app_name(name)
         model, bundle = load(app_path, include)
         return self.stub.Submit(
             pb.SubmitRequest(
@@ -60,6 +70,7 @@ class Client:
         dry_run: bool = False,
         timeout: float = 180,
     ) -> pb.UpgradeReply:
+        check_app_name(name)
         model, bundle = load(app_path, include)
         return self.stub.Upgrade(
             pb.UpgradeRequest(
@@ -75,6 +86,7 @@ class Client:
     def rollback(
         self, app: str, to_version: int = 0, dry_run: bool = False, timeout: float = 180
     ) -> pb.UpgradeReply:
+        check_app_name(app)
         return self.stub.Rollback(
             pb.RollbackRequest(app=app, to_version=to_version, dry_run=dry_run), timeout=timeout
         )

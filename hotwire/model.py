@@ -16,6 +16,8 @@ from typing import Any
 
 import networkx as nx
 
+from hotwire.names import name_problem, shown
+
 PE_KINDS = (
     "source",
     "map",
@@ -146,7 +148,10 @@ class LogicalModel:
 
 
 def check_structure(model: LogicalModel) -> list[str]:
-    """Problems in a model's shape, each naming the PE; empty when it is sound.
+    """Problems in a model's shape and names, each naming the PE; empty when it is sound.
+
+    App and PE names must follow :data:`hotwire.names.NAME_RULE`: they become
+    parts of file names on the workers.
 
     The SDK reports these (and more, about callables) on the client; the master
     runs this again on what it receives, since it never trusts a client.
@@ -155,8 +160,15 @@ def check_structure(model: LogicalModel) -> list[str]:
     g = model.graph
     if not model.app or not isinstance(model.app, str):
         problems.append("the app has no name")
+    elif bad := name_problem(model.app, f"app {shown(model.app)}"):
+        problems.append(bad)
+    ghosts = [n for n in g.nodes if "spec" not in g.nodes[n]]
+    if ghosts:  # a stream names a PE the model does not declare
+        return problems + [f"a stream names PE {shown(n)}, which the model lacks" for n in ghosts]
     for pe in model.pes:
-        where = f"PE {pe.name!r} of app {model.app!r}"
+        where = f"PE {shown(pe.name)} of app {shown(model.app)}"
+        if bad := name_problem(pe.name, where):
+            problems.append(bad)
         if pe.kind not in PE_KINDS:
             problems.append(f"{where}: unknown kind {pe.kind!r}")
         if not isinstance(pe.parallelism, int) or pe.parallelism < 1:

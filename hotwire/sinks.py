@@ -33,6 +33,8 @@ import os
 from pathlib import Path
 from typing import Any, TextIO
 
+from hotwire.names import confined
+
 __all__ = ["JsonlSink", "TransactionalSink", "read_committed"]
 
 
@@ -89,7 +91,7 @@ class JsonlSink(TransactionalSink):
         self._n = 0
 
     def _tmp(self, txn: str) -> Path:
-        return self.dir / f".{txn}.jsonl.tmp"
+        return confined(self.dir, f".{txn}.jsonl.tmp")
 
     def begin(self, txn: str) -> None:
         self._txn, self._n, self._file = txn, 0, None
@@ -110,7 +112,7 @@ class JsonlSink(TransactionalSink):
         return self._txn
 
     def commit(self, handle: Any) -> None:
-        tmp, final = self._tmp(str(handle)), self.dir / f"{handle}.jsonl"
+        tmp, final = self._tmp(str(handle)), confined(self.dir, f"{handle}.jsonl")
         if tmp.exists():
             os.replace(tmp, final)
             _fsync_dir(self.dir)

@@ -26,6 +26,7 @@ from hotwire.master.membership import Membership, SessionRefused, WorkerGone, st
 from hotwire.master.recovery import Recovery
 from hotwire.master.store import Store
 from hotwire.model import LogicalModel, check_structure
+from hotwire.names import name_problem, shown
 from hotwire.node import Node, add_health, grpc_options
 from hotwire.proto import hotwire_pb2 as pb
 from hotwire.proto import hotwire_pb2_grpc as pb_grpc
@@ -132,7 +133,7 @@ class Master(Node):
         except Exception as e:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"malformed logical model: {e}") from e
         if name:
-            model.app = name
+            model.app = name  # checked with the model's PE names, by check_structure
         problems = check_structure(model)
         if problems:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "; ".join(problems))
@@ -200,6 +201,8 @@ class Master(Node):
 
     async def rollback(self, app: str, to_version: int, dry_run: bool) -> Outcome:
         assert self.store is not None
+        if bad := name_problem(app, f"app {shown(app)}"):
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, bad)
         cur = self.apps.get(app)
         if cur is None or cur.state != "running":
             raise Refused(grpc.StatusCode.NOT_FOUND, f"app {app!r} is not running")

@@ -22,6 +22,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from hotwire.names import confined
 from hotwire.sdk.errors import AppLoadError
 from hotwire.sdk.topology import Topology
 
@@ -130,11 +131,11 @@ def unload_bundle(hash: str, cache_dir: str | os.PathLike[str]) -> None:
     with _lock:
         _loaded.pop(hash, None)
         sys.modules.pop(f"hotwire_app_{hash[:16]}", None)
-        shutil.rmtree(Path(cache_dir) / hash, ignore_errors=True)
+        shutil.rmtree(confined(cache_dir, hash), ignore_errors=True)
 
 
 def _unpack(hash: str, data: bytes, cache_dir: Path) -> Path:
-    target = (cache_dir / hash).resolve()
+    target = confined(cache_dir, hash)
     if (target / "app.py").is_file():
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)

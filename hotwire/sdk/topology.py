@@ -8,7 +8,6 @@ bundle asks :meth:`Topology.impl` and :meth:`Topology.key_fn` for the user code.
 from __future__ import annotations
 
 import math
-import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,13 +16,13 @@ from typing import Any
 import msgpack
 
 from hotwire.model import LogicalModel, PESpec, StreamSpec, check_structure
+from hotwire.names import NAME_RULE, shown
 from hotwire.sdk.errors import ValidationError
 from hotwire.sdk.fingerprint import fingerprint, pe_fingerprint
 from hotwire.sdk.pe import ProcessPE
 
 __all__ = ["KeyedStream", "PEImpl", "Stream", "Topology"]
 
-_BAD_NAME = re.compile(r"[@>\s]")
 _FN_KINDS = ("source", "map", "filter", "flat_map", "reduce", "sink")
 _CLASS_KINDS = ("process", "dl_job")
 _SIGNATURES = {
@@ -246,10 +245,7 @@ class Topology:
         """
         problems: list[str] = []
         app = self.name
-        if not isinstance(app, str) or not app or _BAD_NAME.search(app):
-            problems.append(
-                f"app {app!r}: name must be a non-empty string without '@', '>' or whitespace"
-            )
+        # App and PE names are checked by check_structure, as the master does.
         if not self._nodes:
             problems.append(f"app {app!r} has no PEs; add a source with app.source(...)")
         counts = Counter(n.name for n in self._nodes if isinstance(n.name, str))
@@ -278,12 +274,9 @@ class Topology:
         app = self.name
         name = node.name
         where = f"PE {name!r} of app {app!r}"
-        if not isinstance(name, str) or not name or _BAD_NAME.search(name):
-            problems.append(
-                f"{where}: name must be a non-empty string without '@', '>' or whitespace"
-            )
-            if not isinstance(name, str):
-                return None
+        if not isinstance(name, str):
+            problems.append(f"{where}: the name must be a string; {NAME_RULE}")
+            return None
         if isinstance(node.parallelism, bool):
             problems.append(
                 f"{where}: parallelism must be an integer >= 1, got {node.parallelism!r}"
@@ -405,8 +398,8 @@ _HINTS = {
 
 def _in_app(app: str, problem: str) -> str:
     """A structural problem from check_structure, with the app named and a hint added."""
-    if f"app {app!r}" not in problem:
-        problem = f"app {app!r}: {problem}"
+    if f"app {shown(app)}" not in problem:
+        problem = f"app {shown(app)}: {problem}"
     for fragment, hint in _HINTS.items():
         if fragment in problem:
             return f"{problem}; {hint}"

@@ -16,7 +16,6 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,13 +24,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+# What a party's name may be (it ends up in certificate subjects, log lines and
+# paths): the rule of app and PE names.
+from hotwire.names import NAME_RE
+
 MASTER_SAN = "hotwire-master"
 KINDS = ("master", "worker", "client")
 VALID_DAYS = 825
 CA_VALID_DAYS = 3650
-
-# What a party's name may be: it ends up in certificate subjects, log lines and paths.
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
 
 class PkiError(Exception):

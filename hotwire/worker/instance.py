@@ -25,6 +25,7 @@ from itertools import islice
 from typing import TYPE_CHECKING, Any
 
 from hotwire.codec import packb
+from hotwire.names import confined
 from hotwire.pe.executors import EXECUTORS, Executor, _keyed_items
 from hotwire.plan import Gate, Retire, StartInstance, Switch, key_partition
 from hotwire.worker.channels import (
@@ -726,7 +727,7 @@ class Instance:
             line = json.dumps(doc, default=_json_safe)
         except (TypeError, ValueError):
             line = json.dumps({**doc, "record": None, "record_repr": repr(record)}, default=repr)
-        path = self.runtime.dead_letter_dir / f"{self.app}.{self.pe}.jsonl"
+        path = confined(self.runtime.dead_letter_dir, f"{self.app}.{self.pe}.jsonl")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(path, "a", encoding="utf-8") as f:

@@ -5,12 +5,22 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
-from hotwire.jobs.errors import JobError
+from hotwire.jobs.errors import JobError, JobNotFound
 from hotwire.jobs.render import RenderedJob
+from hotwire.names import PathEscape, confined
 
 TERMINAL = ("succeeded", "failed", "stopped")
+
+
+def state_path(state_dir: Path, name: str, suffix: str = "") -> Path:
+    """``state_dir/<name><suffix>``; a job name that would lead out of it names no job."""
+    try:
+        return confined(state_dir, f"{name}{suffix}")
+    except PathEscape as e:
+        raise JobNotFound(f"no job named {name!r}: {e}") from None
 
 
 @dataclass(frozen=True)

@@ -27,10 +27,17 @@ import sys
 import time
 from pathlib import Path
 
-from hotwire.jobs.backends.base import Backend, BackendError, JobStatus, ReplicaStatus
+from hotwire.jobs.backends.base import (
+    Backend,
+    BackendError,
+    JobStatus,
+    ReplicaStatus,
+    state_path,
+)
 from hotwire.jobs.errors import JobNotFound
 from hotwire.jobs.podspec import replicas_of
 from hotwire.jobs.render import RenderedJob
+from hotwire.names import PathEscape, confined
 
 SUPERVISOR = Path(__file__).with_name("_supervisor.py")
 STATE_ENV = "HOTWIRE_JOBS_STATE"
@@ -73,7 +80,7 @@ class LocalBackend(Backend):
         return None
 
     def _dir(self, name: str) -> Path:
-        return self.state_dir / name
+        return state_path(self.state_dir, name)
 
     def submit(self, job: RenderedJob) -> JobStatus:
         d = self._dir(job.name)
@@ -98,6 +105,11 @@ class LocalBackend(Backend):
             }
             for r in replicas_of(job.documents)
         ]
+        for r in replicas:  # the supervisor writes logs/<pod>.log
+            try:
+                confined(d / "logs", f"{r['pod']}.log")
+            except PathEscape as e:
+                raise BackendError(f"local job {job.name!r}: replica {r['pod']!r}: {e}") from None
         (d / "job.yaml").write_text(job.text)
         (d / "replicas.json").write_text(
             json.dumps(

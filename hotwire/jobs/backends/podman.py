@@ -28,7 +28,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hotwire.jobs.backends.base import Backend, BackendError, JobStatus, ReplicaStatus
+from hotwire.jobs.backends.base import (
+    Backend,
+    BackendError,
+    JobStatus,
+    ReplicaStatus,
+    state_path,
+)
 from hotwire.jobs.backends.local import default_state_dir
 from hotwire.jobs.errors import JobNotFound
 from hotwire.jobs.podspec import replicas_of
@@ -107,7 +113,7 @@ class PodmanBackend(Backend):
         return p
 
     def _record_path(self, name: str) -> Path:
-        return self.state_dir / f"{name}.json"
+        return state_path(self.state_dir, name, ".json")
 
     def _record(self, name: str) -> dict[str, Any]:
         try:
