@@ -3,7 +3,11 @@
 Each instance runs its own job: in :meth:`DLJobPE.setup` it validates the
 request, renders it for its backend, starts the job and waits for the job's
 program (which calls :func:`hotwire.jobs.serve`) to connect to a socket the
-instance listens on. :meth:`DLJobPE.process_batch` sends a batch and returns
+instance listens on (a Unix socket for the local and podman backends, TCP for
+Kubernetes). Each start of a job gets a random secret, given to the job in its
+environment (``HOTWIRE_JOBS_SECRET``); a connection whose hello does not carry
+it is closed, logged and counted in ``refused``, and never gets or answers a
+batch. :meth:`DLJobPE.process_batch` sends a batch and returns
 one result per record, in order; :meth:`DLJobPE.teardown` stops the job.
 
 In the worker, a batch's exchange with the job (socket I/O, and backend status
@@ -26,6 +30,7 @@ import os
 import re
 import shutil
 import socket
+import struct
 import tempfile
 import time
 from collections.abc import Awaitable, Iterable, Sequence
@@ -34,13 +39,23 @@ from typing import Any
 from hotwire.jobs.backends import Backend, default_backend, get_backend
 from hotwire.jobs.catalog import Catalog
 from hotwire.jobs.errors import JobError
-from hotwire.jobs.protocol import ADDRESS_ENV, Channel, ConnectionClosed, listen
+from hotwire.jobs.protocol import (
+    ADDRESS_ENV,
+    SECRET_ENV,
+    Channel,
+    ConnectionClosed,
+    listen,
+    new_secret,
+    secret_matches,
+)
 from hotwire.jobs.render import RenderedJob, Volume, render
 from hotwire.jobs.request import MAX_NAME_LEN, JobRequest, parse_request
 from hotwire.sdk.pe import ProcessPE
 
 CONTAINER_SOCKET_DIR = "/run/hotwire"
 ADVERTISE_ENV = "HOTWIRE_JOBS_ADVERTISE_HOST"
+HELLO_TIMEOUT = 10.0  # seconds a new connection has to say hello
+_PEERCRED = getattr(socket, "SO_PEERCRED", 17)  # Linux
 _log = logging.getLogger(__name__)
 
 
@@ -55,6 +70,19 @@ def instance_job_name(base: str, app: str, pe: str, instance: str) -> str:
     suffix = digest.hexdigest()[:8]
     head = _dns_label(base)[: MAX_NAME_LEN - len(suffix) - 1].rstrip("-")
     return f"{head}-{suffix}"
+
+
+def _peer(sock: socket.socket) -> str:
+    """Who is at the other end of ``sock``, for a log line."""
+    try:
+        if sock.family == socket.AF_UNIX:
+            size = struct.calcsize("3i")
+            pid, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, _PEERCRED, size))
+            return f"process {pid} (uid {uid})"
+        host, port = sock.getpeername()[:2]
+        return f"{host}:{port}"
+    except (OSError, struct.error, TypeError):
+        return "a peer that already left"
 
 
 class DLJobPE(ProcessPE):
@@ -77,6 +105,8 @@ class DLJobPE(ProcessPE):
         self._others: list[Channel] = []
         self._sock_dir: str | None = None
         self._seq = 0
+        self._secret = ""
+        self.refused = 0  # connections closed for a missing or wrong secret
 
     # -- naming for errors ------------------------------------------------------------
 
@@ -116,11 +146,12 @@ class DLJobPE(ProcessPE):
             extra_volumes: list[Volume] = []
             if backend_name == "podman" and self._sock_dir:
                 extra_volumes.append(Volume("hotwire-socket", self._sock_dir, CONTAINER_SOCKET_DIR))
+            self._secret = new_secret()
             self.job = render(
                 request,
                 catalog,
                 backend_name,
-                extra_env={ADDRESS_ENV: self._job_address(backend_name)},
+                extra_env={ADDRESS_ENV: self._job_address(backend_name), SECRET_ENV: self._secret},
                 extra_volumes=extra_volumes,
             )
             self.request = request
@@ -192,10 +223,13 @@ class DLJobPE(ProcessPE):
             if conn is not None:
                 conn.setblocking(True)
                 ch = Channel(conn)
-                hello = ch.recv(timeout=30)
-                if not hello or hello.get("t") != "hello":
-                    ch.close()
-                elif int(hello.get("rank", 0)) == 0:
+                try:
+                    hello = ch.recv(timeout=HELLO_TIMEOUT)
+                except (ConnectionClosed, OSError, ValueError):
+                    hello = None  # closed, reset, or not msgpack
+                if not secret_matches(hello, self._secret):
+                    self._refuse(ch, hello)
+                elif int(hello.get("rank", 0)) == 0:  # type: ignore[union-attr]
                     self._chan = ch
                 else:
                     self._others.append(ch)  # kept open; replica 0 gets the batches
@@ -208,6 +242,25 @@ class DLJobPE(ProcessPE):
                 raise self._failure(
                     f"the job's program did not call hotwire.jobs.serve() within {timeout:g}s"
                 )
+
+    def _refuse(self, ch: Channel, hello: Any) -> None:
+        """Close a connection that did not prove it is this instance's job."""
+        peer = _peer(ch.sock)
+        ch.close()
+        self.refused += 1
+        if not isinstance(hello, dict) or hello.get("t") != "hello":
+            said = "it sent no hello"
+        elif not hello.get("secret"):
+            said = "its hello carries no secret"
+        else:
+            said = "its hello carries a wrong secret"
+        _log.warning(
+            "%s: refused a connection from %s to the job's socket: %s (%d refused so far)",
+            self._who(),
+            peer,
+            said,
+            self.refused,
+        )
 
     def process_batch(self, records: Sequence[Any]) -> list[Any] | Awaitable[list[Any]]:
         """Score a batch: one result per record, in order.
@@ -292,7 +345,7 @@ class DLJobPE(ProcessPE):
                 with contextlib.suppress(OSError):
                     ch.send({"t": "stop"})
                 ch.close()
-        self._chan, self._others = None, []
+        self._chan, self._others, self._secret = None, [], ""
         if self.backend is not None and self.request is not None:
             name = self.request.name
             with contextlib.suppress(JobError):

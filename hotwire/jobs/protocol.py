@@ -1,9 +1,12 @@
 """The wire between a DL PE and its job's program: msgpack maps on a stream socket.
 
 Addresses are ``unix:/path/to/socket`` or ``tcp://host:port``; the PE listens,
-the program (:func:`hotwire.jobs.serve`) connects. Messages, in order:
+the program (:func:`hotwire.jobs.serve`) connects. Each job has a random secret
+of its own, given to its program in ``HOTWIRE_JOBS_SECRET``; the PE closes a
+connection whose hello does not carry it (see :func:`secret_matches`), so only
+the job's own processes can take its batches or answer them. Messages, in order:
 
-* program -> PE ``{"t": "hello", "rank": int, "pid": int}``
+* program -> PE ``{"t": "hello", "rank": int, "pid": int, "secret": str}``
 * PE -> program ``{"t": "batch", "seq": int, "records": [...]}``
 * program -> PE ``{"t": "result", "seq": int, "results": [...]}`` (one per record, same order)
   or ``{"t": "error", "seq": int, "error": str, "type": str, "traceback": str}``
@@ -12,12 +15,30 @@ the program (:func:`hotwire.jobs.serve`) connects. Messages, in order:
 
 from __future__ import annotations
 
+import hmac
+import secrets
 import socket
 from typing import Any
 
 import msgpack
 
 ADDRESS_ENV = "HOTWIRE_JOBS_ADDRESS"
+SECRET_ENV = "HOTWIRE_JOBS_SECRET"
+
+
+def new_secret() -> str:
+    """A fresh secret for one job (256 random bits, URL-safe text)."""
+    return secrets.token_urlsafe(32)
+
+
+def secret_matches(hello: Any, secret: str) -> bool:
+    """Whether ``hello`` is a hello message carrying ``secret`` (compared in constant time)."""
+    if not isinstance(hello, dict) or hello.get("t") != "hello":
+        return False
+    given = hello.get("secret")
+    if not isinstance(given, str) or not secret:
+        return False
+    return hmac.compare_digest(given.encode(), secret.encode())
 
 
 class ConnectionClosed(ConnectionError):

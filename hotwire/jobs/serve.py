@@ -1,7 +1,8 @@
 """The program side of a DL PE: ``hotwire.jobs.serve(handler)``.
 
 A job started by a ``dl_job`` PE finds the PE's address in the environment
-variable ``HOTWIRE_JOBS_ADDRESS``; :func:`serve` connects there, receives
+variable ``HOTWIRE_JOBS_ADDRESS`` and the job's secret in ``HOTWIRE_JOBS_SECRET``;
+:func:`serve` connects there, proves it is the job with the secret, receives
 batches of records, calls the handler and sends the results back, in order,
 until the PE says stop (then it returns) or the connection closes.
 """
@@ -14,7 +15,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from hotwire.jobs.protocol import ADDRESS_ENV, Channel, ConnectionClosed, connect
+from hotwire.jobs.protocol import ADDRESS_ENV, SECRET_ENV, Channel, ConnectionClosed, connect
 
 
 def _rank() -> int:
@@ -30,6 +31,7 @@ def serve(
     batch: bool = False,
     *,
     address: str | None = None,
+    secret: str | None = None,
     connect_timeout: float = 60.0,
 ) -> int:
     """Serve ``handler`` to the DL PE that started this job; return the batches served.
@@ -40,8 +42,11 @@ def serve(
     cannot be sent) comes back to the PE as an error for that batch, and serving
     goes on. Records and results are msgpack data: None, bool, int, float, str,
     bytes, lists and dicts of those (tuples arrive as lists).
+
+    ``address`` and ``secret`` default to the environment the PE gave the job.
     """
     address = address or os.environ.get(ADDRESS_ENV)
+    secret = secret if secret is not None else os.environ.get(SECRET_ENV, "")
     if not address:
         raise RuntimeError(
             f"hotwire.jobs.serve() needs {ADDRESS_ENV}: run this program as a dl_job of a "
@@ -59,7 +64,7 @@ def serve(
     ch = Channel(sock)
     served = 0
     try:
-        ch.send({"t": "hello", "rank": _rank(), "pid": os.getpid()})
+        ch.send({"t": "hello", "rank": _rank(), "pid": os.getpid(), "secret": secret})
         while True:
             try:
                 msg = ch.recv()

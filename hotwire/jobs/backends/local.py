@@ -92,7 +92,7 @@ class LocalBackend(Backend):
                         f"(streamctl jobs stop {job.name})"
                     )
             shutil.rmtree(d)
-        d.mkdir(parents=True)
+        d.mkdir(parents=True, mode=0o700)  # job.yaml holds the job's secret
         replicas = [
             {
                 "pod": r.pod_name,
