@@ -1,12 +1,13 @@
-"""A running PE instance: an asyncio task reading its inbox.
+"""A running PE instance: an asyncio task that drives its state machine.
 
 The inbox carries, in arrival order, batches from input channels, end markers,
-state handovers from predecessors, and control items (switch, retire). The
-instance applies the gating rule:
-
-* while it waits for predecessors' state it holds every input batch;
-* a channel that appears by an upgrade is held until every channel it replaces
-  has delivered its end marker.
+epoch markers, checkpoint barriers, state handovers from predecessors, and
+control items (switch, retire, checkpoint). Each becomes an event of the
+instance's :class:`hotwire.worker.machine.InstanceMachine`, which decides what is
+held, aligned, released and handed over (the gating rule, epochs, barriers,
+handover, the error policy); this module carries out the actions it returns: it
+runs the user function on records, emits, forwards markers, snapshots and
+restores state, and hands it over.
 
 Held batches return no credit, so their senders stop at the credit limit.
 """
@@ -20,7 +21,6 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
 from itertools import islice
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +28,7 @@ from hotwire.codec import packb
 from hotwire.names import confined
 from hotwire.pe.executors import EXECUTORS, Executor, _keyed_items
 from hotwire.plan import Gate, Retire, StartInstance, Switch, key_partition
+from hotwire.worker import machine as sm
 from hotwire.worker.channels import (
     BARRIER,
     BATCH,
@@ -39,6 +40,7 @@ from hotwire.worker.channels import (
     RouteState,
     emit_all,
 )
+from hotwire.worker.machine import Checkpoint, CheckpointDone
 
 if TYPE_CHECKING:
     from hotwire.worker.runtime import Runtime
@@ -49,22 +51,6 @@ SOURCE_BATCH = 256
 SOURCE_LINGER_S = 0.002
 PUMP_CHUNKS = 4  # chunks a source thread may pull ahead of the instance
 YIELD_EVERY_S = 0.002  # longest an instance with a full inbox keeps the loop
-MAX_LOGGED_ERRORS = 20
-ON_ERROR = ("skip", "fail", "dead_letter")  # a PE's config["on_error"] policies
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    """Control item: a source snapshots its position and sends barrier ``id`` downstream."""
-
-    id: int
-
-
-@dataclass(frozen=True)
-class CheckpointDone:
-    """Control item: checkpoint ``id`` is stored; transactional sinks commit up to it."""
-
-    id: int
 
 
 class StateError(Exception):
@@ -92,51 +78,55 @@ class Instance:
         self.executor = executor
         self.source_fn = source_fn
         self.inbox: asyncio.Queue[tuple[int, Any, Any, Any]] = asyncio.Queue()
-        self.inputs: set[str] = set(spec.inputs)
         self.routes: dict[str, RouteState] = {}
         self.out: dict[str, OutChannel] = {}
-        # gating
-        self.holding: set[str] = set()
-        self.held: dict[str, list[tuple[list[Any], Any]]] = {}
-        self.gates: dict[int, tuple[set[str], set[str]]] = {}  # version -> (appearing, remaining)
-        # epoch alignment: channels past this version's cut are held until the switch
-        self.epochs: dict[int, set[str]] = {}
-        self.epoch_held: set[str] = set()
-        self.pending_switch: dict[int, tuple[Switch, set[str]]] = {}
-        self._switched: dict[int, asyncio.Future[None]] = {}
-        # checkpoint alignment: barrier id -> input channels still to deliver it
-        self.barrier_need: dict[int, set[str]] = {}
-        self.barrier_held: set[str] = set()
-        self.last_checkpoint = 0
-        self.abandoned = 0  # checkpoints up to this one were given up: their barriers are ignored
-        self.pending_preds: set[str] = set(spec.predecessors)
-        self.pred_states: list[Any] = []
-        self.pred_pending: list[tuple[str, list[Any]]] = []
+        config = getattr(ctx, "config", None)
+        policy = config.get("on_error") if isinstance(config, dict) else None
+        self.machine = sm.InstanceMachine(
+            spec.inputs, spec.predecessors, source=spec.kind == "source", on_error=policy or "skip"
+        )
         # lifecycle
-        self.retire: Retire | None = None
         self.activated = asyncio.Event()
         loop = asyncio.get_running_loop()
         self.released: asyncio.Future[None] = loop.create_future()
         self.finished: asyncio.Future[None] = loop.create_future()
         self.gate_released: dict[int, asyncio.Future[None]] = {}
+        self._switched: dict[int, asyncio.Future[None]] = {}
         self.task: asyncio.Task[None] | None = None
+        self._pump: _Pump | None = None  # a source's running iterator
         # counters
         self._yielded = 0.0
         self.records_in = 0
         self.records_out = 0
-        self.errors = 0
-        self.position = 0  # records a source has emitted, over all its generations
-        # user errors: the PE's policy, why the instance stopped ("" while it runs)
-        config = getattr(ctx, "config", None)
-        policy = config.get("on_error") if isinstance(config, dict) else None
-        self.on_error_policy = policy or "skip"
-        if self.on_error_policy not in ON_ERROR:
-            raise ValueError(
-                f"config on_error={self.on_error_policy!r} is not one of "
-                f"{', '.join(map(repr, ON_ERROR))}; fix the PE's config"
-            )
-        self.failed = ""
         self.dead_letters = 0
+        self.position = 0  # records a source has emitted, over all its generations
+
+    # -- what the machine knows -----------------------------------------------
+    @property
+    def failed(self) -> str:
+        """Why the instance stopped; "" while it runs."""
+        return self.machine.failed
+
+    @property
+    def errors(self) -> int:
+        return self.machine.errors
+
+    @property
+    def on_error_policy(self) -> str:
+        return self.machine.on_error
+
+    @property
+    def inputs(self) -> set[str]:
+        return self.machine.inputs
+
+    @property
+    def gates(self) -> dict[int, tuple[set[str], set[str]]]:
+        """Gates not open yet: version -> (appearing, disappearing channels still open)."""
+        return self.machine.gates
+
+    @property
+    def last_checkpoint(self) -> int:
+        return self.machine.last_checkpoint
 
     # -- set-up (prepare phase) ------------------------------------------
     def start_task(self) -> None:
@@ -145,23 +135,25 @@ class Instance:
         )
 
     def apply_gate(self, gate: Gate) -> None:
-        appearing, remaining = set(gate.appearing), set(gate.disappearing) & self.inputs
-        self.inputs |= appearing
-        fut = asyncio.get_running_loop().create_future()
-        self.gate_released[gate.version] = fut
-        if remaining and appearing:
-            self.holding |= appearing
-            self.gates[gate.version] = (appearing, remaining)
-        else:
-            fut.set_result(None)
+        self.gate_released[gate.version] = asyncio.get_running_loop().create_future()
+        acts = self.machine.handle(sm.Gate(gate.version, gate.appearing, gate.disappearing))
+        for a in acts:
+            assert type(a) is sm.GateOpened, a
+            self._gate_opened(a.version)
 
     def undo_gate(self, version: int) -> None:
-        appearing, _ = self.gates.pop(version, (set(), set()))
-        self.holding -= appearing
-        self.inputs -= appearing
+        self.machine.handle(sm.Abort(version))
         fut = self.gate_released.pop(version, None)
         if fut is not None and not fut.done():
             fut.cancel()
+        if self.machine.flow:
+            # Input held on an aborted channel flows, in the instance's own task.
+            self.inbox.put_nowait((CONTROL, None, sm.RESUME, None))
+
+    def _gate_opened(self, version: int) -> None:
+        fut = self.gate_released.get(version)
+        if fut is not None and not fut.done():
+            fut.set_result(None)
 
     # -- main loop -------------------------------------------------------
     async def _main(self) -> None:
@@ -174,70 +166,88 @@ class Instance:
         except asyncio.CancelledError:
             raise
         except Exception as e:
-            self.errors += 1
-            self.failed = self.failed or f"{type(e).__name__}: {e}"
+            self.machine.handle(sm.Fail(f"{type(e).__name__}: {e}"))
             log.exception("instance %s/%s failed", self.app, self.iid)
             if not self.finished.done():
                 self.finished.set_result(None)
 
     async def _run(self) -> None:
-        if not self.pending_preds:
-            self._set_released()
+        handle = self.machine.handle
+        await self._perform(handle(sm.START))
         get = self.inbox.get
         while not self.finished.done():
             kind, ch, payload, ret = await get()
             if kind == BATCH:
-                if (
-                    self.pending_preds
-                    or ch in self.holding
-                    or ch in self.epoch_held
-                    or ch in self.barrier_held
-                ):
-                    self.held.setdefault(ch, []).append((payload, ret))
-                else:
-                    await self._process(ch, payload, ret)
+                acts = handle(sm.Batch(ch, payload, ret))
             elif kind == BARRIER:
-                if (
-                    self.pending_preds
-                    or ch in self.holding
-                    or ch in self.epoch_held
-                    or ch in self.barrier_held
-                ):
-                    # A barrier stays behind the batches held before it on its
-                    # channel: the cut must include them.
-                    self.held.setdefault(ch, []).append((None, payload))
-                else:
-                    await self._on_barrier(ch, payload)
+                acts = handle(sm.Barrier(ch, payload))
             elif kind == END:
-                await self._on_end(ch)
+                acts = handle(sm.End(ch))
             elif kind == EPOCH:
-                await self._on_epoch(ch, payload)
+                acts = handle(sm.Epoch(ch, payload))
             elif kind == STATE:
-                await self._on_state(ch, payload)
+                state, pending = payload
+                acts = handle(sm.Handover(ch, state, pending))
             elif kind == CONTROL:
-                await self._on_control(payload)
-            if self.retire is not None and not self.inputs and not self.pending_preds:
-                await self._finish()
+                acts = handle(_event(payload))
+            else:
+                continue
+            if acts:
+                await self._perform(acts)
 
-    async def _process(self, ch: str, records: list[Any], ret: Any) -> None:
+    async def _perform(self, acts: list[sm.Action]) -> None:
+        """Carry out ``acts`` in order; report each blocking action's outcome to the
+        machine and carry out what it returns next."""
+        while acts:
+            report: Any = None
+            for a in acts:
+                t = type(a)
+                if t is sm.Process:
+                    report = await self._process(a)  # type: ignore[arg-type]
+                elif t is sm.Snapshot:
+                    report = self._snapshot_for(a.checkpoint)  # type: ignore[union-attr]
+                elif t is sm.ForwardBarrier:
+                    for out in list(self.out.values()):
+                        await out.barrier(a.checkpoint)  # type: ignore[union-attr]
+                elif t is sm.ApplySwitch:
+                    await self._apply_switch(a.switch)  # type: ignore[union-attr]
+                elif t is sm.GateOpened:
+                    self._gate_opened(a.version)  # type: ignore[union-attr]
+                elif t is sm.ForgetInput:
+                    self.runtime.forget_in(self.app, a.channel)  # type: ignore[union-attr]
+                elif t is sm.Restore:
+                    self._restore(list(a.states))  # type: ignore[union-attr]
+                elif t is sm.Released:
+                    self._set_released()
+                elif t is sm.Finish:
+                    await self._finish(a)  # type: ignore[arg-type]
+                elif t is sm.Commit:
+                    done = getattr(self.executor, "checkpoint_complete", None)
+                    if done is not None:
+                        done(a.checkpoint)  # type: ignore[union-attr]
+                elif t is sm.DropState:
+                    log.warning(
+                        "%s/%s: unexpected state from %s dropped",
+                        self.app,
+                        self.iid,
+                        a.src,  # type: ignore[union-attr]
+                    )
+                elif t is sm.DeadLetter:
+                    self._dead_letter(a)  # type: ignore[arg-type]
+                else:
+                    raise TypeError(f"instance {self.iid}: no way to carry out {a!r}")
+            acts = self.machine.handle(report) if report is not None else []
+
+    async def _process(self, a: sm.Process) -> sm.Processed:
         assert self.executor is not None
-        if self.failed:
-            # Stopped by on_error="fail": hold input and return no credit, so the
-            # senders stop at their credit limit.
-            self.held.setdefault(ch, []).append((records, ret))
-            return
+        records, ret = a.records, a.ret
         if self.kind == "sink" and self.runtime.hold.held():
             await self.runtime.hold.wait()  # the master may have fenced this worker
         out = await self.executor.process(records)
         rest = self.executor.take_rest()
         self.records_in += len(records) - len(rest)
-        if rest:
-            # on_error="fail" stopped the PE at a record: it and the records after
-            # it stay unprocessed, held (with no credit returned) for the upgrade
-            # that fixes the PE, which hands them to the new instance.
-            self.held.setdefault(ch, []).append((rest, ret))
-        elif ret is not None:
-            ret.grant(self.app, ch, 1)
+        if not rest and ret is not None:
+            ret.grant(self.app, a.channel, 1)
         if out:
             self.records_out += len(out)
             await emit_all(self.routes, out)
@@ -248,101 +258,23 @@ class Instance:
         if now - self._yielded > YIELD_EVERY_S:
             self._yielded = now
             await asyncio.sleep(0)
-
-    async def _release_held(self, channels: set[str] | None = None) -> None:
-        for ch in list(self.held):
-            if ch in self.holding or ch in self.epoch_held or ch in self.barrier_held:
-                continue
-            if channels is None or ch in channels:
-                batches = self.held.pop(ch)
-                for i, (records, ret) in enumerate(batches):
-                    if records is not None:
-                        await self._process(ch, records, ret)
-                        continue
-                    await self._on_barrier(ch, ret)  # a queued barrier: ``ret`` is its id
-                    if ch in self.barrier_held:
-                        # Held again until the checkpoint aligns; the rest waits.
-                        self.held[ch] = self.held.get(ch, []) + batches[i + 1 :]
-                        break
-
-    async def _on_end(self, ch: str) -> None:
-        if self.barrier_need:
-            # End markers come only with a transition, and the master abandons the
-            # checkpoint in flight when a transition begins: this alignment can
-            # never complete (a sender may have forwarded its barrier on a channel
-            # it has since ended). Drop it, and let what it held go first, before
-            # a gate below lets a replacing channel through: order per key holds.
-            await self._abandon_checkpoints(max(self.barrier_need))
-        self.inputs.discard(ch)
-        self.runtime.forget_in(self.app, ch)
-        for version, (appearing, remaining) in list(self.gates.items()):
-            remaining.discard(ch)
-            if not remaining:
-                del self.gates[version]
-                self.holding -= appearing
-                if not self.pending_preds:
-                    await self._release_held(appearing)
-                fut = self.gate_released.get(version)
-                if fut is not None and not fut.done():
-                    fut.set_result(None)
+        # The records the PE did not process (it stopped on an error) stay held,
+        # with no credit returned, for the upgrade that fixes the PE.
+        return sm.Processed(rest) if rest else sm.PROCESSED
 
     # -- checkpoints -------------------------------------------------------
-    async def _on_barrier(self, ch: str, cid: int) -> None:
-        if cid <= self.last_checkpoint or self.failed:
-            # A failed instance holds input it never processed: no checkpoint may
-            # cut past it, so its barriers stop here (the last complete checkpoint
-            # stays the one recovery restores).
-            return
-        if cid <= self.abandoned:
-            return  # a checkpoint this instance gave up (see _abandon_checkpoints)
-        stale = [c for c in self.barrier_need if c < cid]
-        if stale:
-            # A newer checkpoint began: the older one cannot complete any more (its
-            # barrier was lost on some input, or the master superseded it).
-            await self._abandon_checkpoints(max(stale))
-            if cid <= self.last_checkpoint:
-                return  # the released input completed this checkpoint meanwhile
-        need = self.barrier_need.get(cid)
-        if need is None:
-            # Align on the inputs open now; channels that appear later owe nothing.
-            need = self.barrier_need[cid] = set(self.inputs)
-        need.discard(ch)
-        self.barrier_held.add(ch)
-        if not need:
-            await self._complete_checkpoint(cid)
-
-    async def _abandon_checkpoints(self, upto: int) -> None:
-        """Give up aligning checkpoints up to ``upto`` (they cannot complete): later
-        barriers of theirs are ignored, and the channels they held flow again, in
-        their order (their reports would be ignored by the master anyway)."""
-        self.abandoned = max(self.abandoned, upto)
-        for c in [c for c in self.barrier_need if c <= upto]:
-            del self.barrier_need[c]
-        if self.barrier_need:
-            return  # a newer alignment still holds its channels
-        released = set(self.barrier_held)
-        self.barrier_held.clear()
-        if not self.pending_preds:
-            await self._release_held(released)
-
-    async def _complete_checkpoint(self, cid: int) -> None:
-        del self.barrier_need[cid]
-        self.last_checkpoint = max(self.last_checkpoint, cid)
+    def _snapshot_for(self, cid: int) -> sm.Snapshotted | sm.Fail:
+        """Snapshot for checkpoint ``cid`` and report it to the runtime."""
         pre_commit = getattr(self.executor, "pre_commit", None)
         if pre_commit is not None:
             pre_commit(cid)  # the open transaction becomes part of this checkpoint
         try:
             state = self._checked(self._snapshot())
         except StateError as e:
-            self._state_failed(e)
-            return
+            log.error("%s; the instance stops", e)
+            return sm.Fail(str(e))
         self.runtime.on_checkpoint(self.app, cid, self.iid, state)
-        for out in list(self.out.values()):
-            await out.barrier(cid)
-        released = set(self.barrier_held)
-        self.barrier_held.clear()
-        if not self.pending_preds:
-            await self._release_held(released)
+        return sm.SNAPSHOTTED
 
     def _checked(self, state: Any) -> Any:
         """``state`` if it serialises; a :class:`StateError` naming the PE if not.
@@ -363,11 +295,6 @@ class Instance:
             ) from e
         return state
 
-    def _state_failed(self, e: StateError) -> None:
-        self.errors += 1
-        self.failed = str(e)
-        log.error("%s; the instance stops", e)
-
     def _snapshot(self) -> Any:
         if self.kind == "source":
             return {"position": self.position}
@@ -387,34 +314,6 @@ class Instance:
         if commit_all is not None:
             commit_all()
 
-    async def _source_checkpoint(self, cid: int) -> None:
-        self.last_checkpoint = max(self.last_checkpoint, cid)
-        self.runtime.on_checkpoint(self.app, cid, self.iid, self._checked(self._snapshot()))
-        for out in list(self.out.values()):
-            await out.barrier(cid)
-
-    async def _on_state(self, src: str, payload: Any) -> None:
-        state, pending = payload
-        if src not in self.pending_preds:
-            log.warning("%s/%s: unexpected state from %s dropped", self.app, self.iid, src)
-            return
-        self.pending_preds.discard(src)
-        self.pred_states.append(state)
-        if pending:
-            self.pred_pending.append((src, pending))
-        if not self.pending_preds:
-            self._restore(self.pred_states)
-            self.pred_states = []
-            self._set_released()
-            if self.kind != "source":
-                # Input a predecessor held unprocessed (it stopped on an error)
-                # comes before anything that reached this instance directly.
-                pred_pending, self.pred_pending = self.pred_pending, []
-                for pred, records in pred_pending:
-                    await self._process(f"handover:{pred}", records, None)
-                # Held channels that no gate still holds flow now, in arrival order.
-                await self._release_held({c for c in self.held if c not in self.holding})
-
     def _restore(self, states: list[Any]) -> None:
         if self.kind == "source":
             positions = [s["position"] for s in states if isinstance(s, dict) and "position" in s]
@@ -427,39 +326,13 @@ class Instance:
         if not self.released.done():
             self.released.set_result(None)
 
+    # -- switches ----------------------------------------------------------
     def switched(self, version: int) -> asyncio.Future[None]:
         """Resolved once this instance applied its switch of ``version``."""
         fut = self._switched.get(version)
         if fut is None:
             fut = self._switched[version] = asyncio.get_running_loop().create_future()
         return fut
-
-    async def _on_control(self, item: Any) -> None:
-        if isinstance(item, Switch):
-            remaining = set(item.after_epoch) - self.epochs.get(item.version, set())
-            if remaining:
-                self.pending_switch[item.version] = (item, remaining)
-            else:
-                await self._apply_switch(item)
-        elif isinstance(item, Retire):
-            self.retire = item
-        elif isinstance(item, Checkpoint) and self.kind == "source":
-            await self._source_checkpoint(item.id)
-        elif isinstance(item, CheckpointDone):
-            done = getattr(self.executor, "checkpoint_complete", None)
-            if done is not None:
-                done(item.id)
-
-    async def _on_epoch(self, ch: str, version: int) -> None:
-        # Records behind the marker belong after the cut: hold them until we switch.
-        self.epochs.setdefault(version, set()).add(ch)
-        self.epoch_held.add(ch)
-        pending = self.pending_switch.get(version)
-        if pending is not None:
-            pending[1].discard(ch)
-            if not pending[1]:
-                del self.pending_switch[version]
-                await self._apply_switch(pending[0])
 
     async def _apply_switch(self, sw: Switch) -> None:
         for ch in sw.ended:
@@ -475,11 +348,6 @@ class Instance:
             out = self.out.get(ch)
             if out is not None:
                 await out.epoch(sw.version)
-        self.epochs.pop(sw.version, None)
-        if sw.after_epoch:
-            self.epoch_held -= set(sw.after_epoch)
-            if not self.pending_preds:
-                await self._release_held(set(sw.after_epoch))
         fut = self.switched(sw.version)
         if not fut.done():
             fut.set_result(None)
@@ -488,36 +356,37 @@ class Instance:
 
     # -- sources ---------------------------------------------------------
     async def _run_source(self) -> None:
+        machine = self.machine
+        await self._perform(machine.handle(sm.START))
         # Wait for predecessors' state (a replaced source resumes from its position).
-        while self.pending_preds:
+        while machine.pending_preds and not self.finished.done():
             kind, ch, payload, _ = await self.inbox.get()
             if kind == STATE:
-                await self._on_state(ch, payload)
+                state, pending = payload
+                await self._perform(machine.handle(sm.Handover(ch, state, pending)))
             elif kind == CONTROL:
-                await self._on_control(payload)
-        self._set_released()
+                await self._perform(machine.handle(_event(payload)))
         if await self._source_controls():
             return
         try:
-            pump = _Pump(self.source_fn(self.ctx))
+            self._pump = _Pump(self.source_fn(self.ctx))
         except Exception as e:
-            self._source_failed(e)
-            pump = None
+            await self._source_failed(e)
         ctl: asyncio.Future[Any] | None = None
         try:
             while True:
-                if await self._source_controls(pump):
-                    pump = None
+                if await self._source_controls():
                     return
+                pump = self._pump
                 if pump is not None and pump.buf:
                     await self._emit_source(pump.take())
                     continue
                 if pump is not None and pump.finished:
+                    self._pump = None
                     if pump.error is not None:
                         # The user's iterator raised: it cannot go on. The source stays
                         # (for controls: an upgrade restarts it from its position).
-                        self._source_failed(pump.error)
-                    pump = None
+                        await self._source_failed(pump.error)
                     continue
                 # Wait for records or a control item, whichever comes first: an idle
                 # source still switches, retires and checkpoints at once.
@@ -531,28 +400,20 @@ class Instance:
                     kind, _ch, payload, _ret = ctl.result()
                     ctl = None
                     if kind == CONTROL:
-                        await self._on_control(payload)
+                        await self._perform(machine.handle(_event(payload)))
         finally:
             if ctl is not None:
                 ctl.cancel()
-            if pump is not None:
-                await pump.stop()
+            if self._pump is not None:
+                await self._pump.stop()
 
-    async def _source_controls(self, pump: _Pump | None = None) -> bool:
+    async def _source_controls(self) -> bool:
         """Apply queued control items; True when the source has retired."""
-        while not self.inbox.empty():
+        while not self.inbox.empty() and not self.finished.done():
             kind, _ch, payload, _ = self.inbox.get_nowait()
             if kind == CONTROL:
-                await self._on_control(payload)
-        if self.retire is not None:
-            if pump is not None:
-                # What the pump already pulled from the iterator goes out first.
-                await pump.stop()
-                if pump.buf:
-                    await self._emit_source(pump.take())
-            await self._finish()
-            return True
-        return False
+                await self._perform(self.machine.handle(_event(payload)))
+        return self.finished.done()
 
     async def _emit_source(self, chunk: list[Any]) -> None:
         if self.runtime.hold.held():
@@ -562,11 +423,16 @@ class Instance:
         await emit_all(self.routes, chunk)
 
     # -- retirement ------------------------------------------------------
-    async def _finish(self) -> None:
+    async def _finish(self, fin: sm.Finish) -> None:
         if self.finished.done():
             return
-        retire = self.retire
-        assert retire is not None
+        pump, self._pump = self._pump, None
+        if pump is not None:
+            # What a source's pump already pulled from the iterator goes out first.
+            await pump.stop()
+            if pump.buf:
+                await self._emit_source(pump.take())
+        retire = fin.retire
         for ch, out in list(self.out.items()):
             await out.end()
             self.runtime.forget_out(self.app, ch)
@@ -580,7 +446,7 @@ class Instance:
             pre_commit(self.last_checkpoint + 1)
             if not succ:
                 self.executor.commit_all()  # type: ignore[union-attr]
-        pending = self._unprocessed()
+        pending = fin.unprocessed
         if succ:
             parts = self._split_state(retire)
             held = self._split_pending(retire, pending)
@@ -598,18 +464,6 @@ class Instance:
         await self.teardown()
         self.runtime.remove_instance(self)
         self.finished.set_result(None)
-
-    def _unprocessed(self) -> list[Any]:
-        """Held input this instance never processed, in order per channel."""
-        pending = [
-            r
-            for batches in self.held.values()
-            for records, _ in batches
-            if records is not None  # not a queued barrier
-            for r in records
-        ]
-        self.held.clear()
-        return pending
 
     def _split_pending(self, retire: Retire, pending: list[Any]) -> list[list[Any]]:
         """Unprocessed input for each successor: by key when keyed, else to one."""
@@ -667,60 +521,57 @@ class Instance:
         """User code raised on ``record``: apply the PE's ``on_error`` policy.
 
         Returns False when the instance stops (``on_error="fail"``)."""
-        self.errors += 1
-        policy = self.on_error_policy
-        if policy == "fail":
-            self.failed = f"{type(exc).__name__}: {exc}"
-            log.error(
-                "app %r PE %r instance %d: %s (record %.200r); the instance stops "
-                "(on_error='fail')",
-                self.app,
-                self.pe,
-                self.spec.index,
-                self.failed,
-                record,
-            )
-            return False
-        if policy == "dead_letter":
-            self._dead_letter(record, exc)
-        if self.errors <= MAX_LOGGED_ERRORS:
-            log.error(
-                "app %r PE %r instance %d: %s: %s (record %.200r); record %s",
-                self.app,
-                self.pe,
-                self.spec.index,
-                type(exc).__name__,
-                exc,
-                record,
-                "dead-lettered" if policy == "dead_letter" else "skipped",
-            )
-        return True
+        go_on = True
+        for a in self.machine.handle(sm.RecordError(record, f"{type(exc).__name__}: {exc}")):
+            if type(a) is sm.Stop:
+                go_on = False
+                log.error(
+                    "app %r PE %r instance %d: %s (record %.200r); the instance stops "
+                    "(on_error='fail')",
+                    self.app,
+                    self.pe,
+                    self.spec.index,
+                    a.error,
+                    a.record,
+                )
+            elif type(a) is sm.DeadLetter:
+                self._dead_letter(a)
+            elif type(a) is sm.Skip and a.log:
+                log.error(
+                    "app %r PE %r instance %d: %s (record %.200r); record %s",
+                    self.app,
+                    self.pe,
+                    self.spec.index,
+                    a.error,
+                    a.record,
+                    a.outcome,
+                )
+        return go_on
 
-    def _source_failed(self, exc: BaseException) -> None:
-        self.errors += 1
-        self.failed = f"{type(exc).__name__}: {exc}"
+    async def _source_failed(self, exc: BaseException) -> None:
+        reason = f"{type(exc).__name__}: {exc}"
         log.error(
             "app %r PE %r instance %d: the source raised %s at position %d; it stops "
             "(an upgrade or rollback restarts it from this position)",
             self.app,
             self.pe,
             self.spec.index,
-            self.failed,
+            reason,
             self.position,
         )
-        if self.on_error_policy == "dead_letter":
-            self._dead_letter(None, exc, position=self.position)
+        await self._perform(self.machine.handle(sm.Fail(reason, position=self.position)))
 
-    def _dead_letter(self, record: Any, exc: BaseException, **extra: Any) -> None:
+    def _dead_letter(self, dl: sm.DeadLetter) -> None:
         """Append the failing record and the error as a JSON line to
         ``<data dir>/dead-letter/<app>.<pe>.jsonl``."""
+        record = dl.record
         doc = {
             "app": self.app,
             "pe": self.pe,
             "instance": self.spec.index,
-            "error": f"{type(exc).__name__}: {exc}",
+            "error": dl.error,
             "unix": time.time(),
-            **extra,
+            **({} if dl.position is None else {"position": dl.position}),
             "record": record,
         }
         try:
@@ -743,6 +594,15 @@ class Instance:
             )
             return
         self.dead_letters += 1
+
+
+def _event(item: Any) -> sm.Event:
+    """The machine event for a control item from the inbox."""
+    if isinstance(item, Switch):
+        return sm.Switch(item)
+    if isinstance(item, Retire):
+        return sm.Retire(item)
+    return item  # type: ignore[no-any-return]  # Checkpoint, CheckpointDone, Resume
 
 
 def _json_safe(v: Any) -> Any:
@@ -892,4 +752,4 @@ def _take(it: Iterator[Any]) -> tuple[list[Any], bool, Exception | None]:
         return chunk, True, e  # what came before the error still goes out
 
 
-__all__ = ["EXECUTORS", "Instance"]
+__all__ = ["EXECUTORS", "Checkpoint", "CheckpointDone", "Instance", "StateError"]
