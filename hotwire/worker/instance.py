@@ -199,41 +199,37 @@ class Instance:
         """Carry out ``acts`` in order; report each blocking action's outcome to the
         machine and carry out what it returns next."""
         while acts:
-            report: Any = None
+            report: sm.Event | None = None
             for a in acts:
-                t = type(a)
-                if t is sm.Process:
-                    report = await self._process(a)  # type: ignore[arg-type]
-                elif t is sm.Snapshot:
-                    report = self._snapshot_for(a.checkpoint)  # type: ignore[union-attr]
-                elif t is sm.ForwardBarrier:
+                if isinstance(a, sm.Process):
+                    report = await self._process(a)
+                elif isinstance(a, sm.Snapshot):
+                    report = self._snapshot_for(a.checkpoint)
+                elif isinstance(a, sm.ForwardBarrier):
                     for out in list(self.out.values()):
-                        await out.barrier(a.checkpoint)  # type: ignore[union-attr]
-                elif t is sm.ApplySwitch:
-                    await self._apply_switch(a.switch)  # type: ignore[union-attr]
-                elif t is sm.GateOpened:
-                    self._gate_opened(a.version)  # type: ignore[union-attr]
-                elif t is sm.ForgetInput:
-                    self.runtime.forget_in(self.app, a.channel)  # type: ignore[union-attr]
-                elif t is sm.Restore:
-                    self._restore(list(a.states))  # type: ignore[union-attr]
-                elif t is sm.Released:
+                        await out.barrier(a.checkpoint)
+                elif isinstance(a, sm.ApplySwitch):
+                    await self._apply_switch(a.switch)
+                elif isinstance(a, sm.GateOpened):
+                    self._gate_opened(a.version)
+                elif isinstance(a, sm.ForgetInput):
+                    self.runtime.forget_in(self.app, a.channel)
+                elif isinstance(a, sm.Restore):
+                    self._restore(list(a.states))
+                elif isinstance(a, sm.Released):
                     self._set_released()
-                elif t is sm.Finish:
-                    await self._finish(a)  # type: ignore[arg-type]
-                elif t is sm.Commit:
+                elif isinstance(a, sm.Finish):
+                    await self._finish(a)
+                elif isinstance(a, sm.Commit):
                     done = getattr(self.executor, "checkpoint_complete", None)
                     if done is not None:
-                        done(a.checkpoint)  # type: ignore[union-attr]
-                elif t is sm.DropState:
+                        done(a.checkpoint)
+                elif isinstance(a, sm.DropState):
                     log.warning(
-                        "%s/%s: unexpected state from %s dropped",
-                        self.app,
-                        self.iid,
-                        a.src,  # type: ignore[union-attr]
+                        "%s/%s: unexpected state from %s dropped", self.app, self.iid, a.src
                     )
-                elif t is sm.DeadLetter:
-                    self._dead_letter(a)  # type: ignore[arg-type]
+                elif isinstance(a, sm.DeadLetter):
+                    self._dead_letter(a)
                 else:
                     raise TypeError(f"instance {self.iid}: no way to carry out {a!r}")
             acts = self.machine.handle(report) if report is not None else []

@@ -13,9 +13,9 @@ Two actions block: after :class:`Process` the driver reports :class:`Processed`
 :class:`Snapshot` it reports :class:`Snapshotted` or :class:`Fail`. A blocking
 action is always the last of the list it comes in, and the machine decides
 nothing past it until the report arrives: a record that stops the PE, or state
-that cannot be serialised, changes what comes next. Between the two, only
-:class:`Gate`, :class:`Abort` and :class:`RecordError` may be handled (they come
-from outside the instance's task or from inside the user function).
+that cannot be serialised, changes what comes next. Meanwhile only :class:`Gate`,
+:class:`Abort`, :class:`RecordError`, :class:`Fail` and :class:`Resume` may come
+(from outside the instance's task or from inside the user function).
 
 The rules:
 
@@ -374,13 +374,13 @@ class InstanceMachine:
     # -- the one entry point -------------------------------------------------
     def handle(self, ev: Event) -> list[Action]:
         """Apply one event; return the actions to carry out, in order."""
-        t = type(ev)
-        if t is Batch:
+        if type(ev) is Batch:
             if self.busy is not None:
                 raise RuntimeError(f"InstanceMachine: a batch while {self.busy!r} is carried out")
-            return self._batch(ev)  # type: ignore[arg-type]
-        if t is Processed:
-            return self._processed(ev)  # type: ignore[arg-type]
+            return self._batch(ev)
+        if type(ev) is Processed:
+            return self._processed(ev)
+        t = type(ev)
         handler = _HANDLERS.get(t)
         if handler is None:
             raise TypeError(f"InstanceMachine: {t.__name__} is not an event")
