@@ -148,12 +148,16 @@ def hotwire_run(cluster: LocalCluster, body: str, n: int, tmp: Path, tag: str) -
     path = write_app(tmp, f"app-{tag}.py", body.format(n=n, done=str(done)))
     cluster.client.submit(path)
     # The sink writes the file then its time: wait for the time, not only the file.
-    poll_for(
-        lambda: done.exists() and done.read_text().strip() != "",
-        300,
-        interval=0.05,
-        what="the sink to see every record",
-    )
+    try:
+        poll_for(
+            lambda: done.exists() and done.read_text().strip() != "",
+            300,
+            interval=0.05,
+            what="the sink to see every record",
+        )
+    except TimeoutError:
+        print(cluster.logs()[-6000:], file=sys.stderr)
+        raise
     t_end = float(done.read_text())
     t_start = float(Path(str(done) + ".start").read_text())
     cluster.client.kill("tp")
