@@ -5,7 +5,8 @@ through random interleavings of batches, barriers, epochs, gates, switches,
 aborts, ends, handovers and failures on several input channels, carrying out its
 actions as the worker does, and checks after every step that no record is lost
 or duplicated and order per channel holds, that every snapshot is a consistent
-cut, and that nothing stays held without a reason.
+cut (but for checkpoints that span a transition: the master ignores those), and
+that nothing stays held without a reason.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given, note, settings
 from hypothesis import strategies as st
 
 from hotwire import plan
@@ -266,18 +267,21 @@ class World:
     dead: list[Any] = field(default_factory=list)
     finished: list[sm.Finish] = field(default_factory=list)
     next_barrier: dict[str, int] = field(default_factory=dict)
-    barrier_at: dict[tuple[str, int], int] = field(
-        default_factory=dict
-    )  # (ch, cid) -> records before
+    # (channel, checkpoint) -> records sent on the channel before its barrier
+    barrier_at: dict[tuple[str, int], int] = field(default_factory=dict)
     open_at_barrier: dict[int, set[str]] = field(default_factory=dict)
     snapshots: list[int] = field(default_factory=list)
     fail_snapshot: bool = False
+    # Checkpoints up to this one span a transition: the master ignores their reports
+    # (a transition abandons the checkpoint in flight), so their cut is not checked.
+    spanning: int = 0
     version: int = 1
     epoch: dict[str, Any] | None = None  # the epoch transition in progress
     gate: dict[str, Any] | None = None  # the gate transition in progress
     switches: list[int] = field(default_factory=list)
     gates_opened: list[int] = field(default_factory=list)
     n_channels: int = 3
+    epoch_transitions: int = 0
     epochs: dict[int, set[str]] = field(default_factory=dict)  # version -> channels delivered
     credits: list[Credit] = field(default_factory=list)
 
@@ -314,7 +318,8 @@ class World:
         if isinstance(a, sm.Snapshot):
             if self.fail_snapshot:
                 return sm.Fail("StateError: cannot serialise")
-            self.check_cut(a.checkpoint)
+            if a.checkpoint > self.spanning:
+                self.check_cut(a.checkpoint)
             self.snapshots.append(a.checkpoint)
             return sm.SNAPSHOTTED
         if isinstance(a, sm.ApplySwitch):
@@ -339,6 +344,8 @@ class World:
     def barrier(self, ch: str, lose: bool) -> None:
         cid = self.next_barrier.get(ch, 0) + 1
         self.next_barrier[ch] = cid
+        if self.epoch is not None or self.gate is not None:
+            self.spanning = max(self.spanning, cid)
         if lose:
             return
         self.barrier_at[(ch, cid)] = len(self.sent.get(ch, []))
@@ -407,6 +414,7 @@ class World:
         assert not m.barrier_held or m.aligning or m.failed, "barrier-held with no alignment"
         waiting = {c for v, chs in self.epochs.items() if v not in self.switches for c in chs}
         assert m.epoch_held <= waiting, "held behind an epoch marker whose switch applied"
+        assert self.snapshots == sorted(set(self.snapshots)), "a checkpoint snapshotted twice"
         # A batch returns its credit once, and only when processed.
         assert all(c.granted <= 1 for c in self.credits)
 
@@ -476,7 +484,10 @@ def step(w: World, data: st.DataObject, faults: bool = True) -> str:
     if what == "stray_handover":
         w.run(sm.Handover("stray", None, []))  # dropped: not a predecessor
         return what
+    if what in ("epoch_transition", "gate_transition"):
+        w.spanning = max(w.next_barrier.values(), default=0)
     if what == "epoch_transition":
+        w.epoch_transitions += 1
         w.version += 1
         after = data.draw(st.sets(st.sampled_from(w.open)))
         w.epoch = {"version": w.version, "after": tuple(sorted(after)), "owed": set(after),
@@ -557,9 +568,8 @@ def finale(w: World) -> None:
 def test_random_interleavings_keep_every_record_once_in_order(
     w: World, data: st.DataObject
 ) -> None:
-    trace = []
     for _ in range(data.draw(st.integers(0, 60))):
-        trace.append(step(w, data))
+        note(step(w, data))
         w.check()
     finale(w)
 
@@ -569,12 +579,13 @@ def test_random_interleavings_keep_every_record_once_in_order(
 def test_random_interleavings_without_faults_release_all_held_input(
     w: World, data: st.DataObject
 ) -> None:
-    """No poison record, lost barrier or failed snapshot: every checkpoint whose
-    barriers all arrive completes, every switch applies and the finale processes
-    everything (checked in ``finale``)."""
+    """No poison record, lost barrier or failed snapshot: the instance never
+    fails, every switch applies once, every gate opens once unless aborted, and
+    the finale processes everything (checked in ``finale``)."""
     for _ in range(data.draw(st.integers(0, 60))):
-        step(w, data, faults=False)
+        note(step(w, data, faults=False))
         w.check()
         assert not w.m.failed
     finale(w)
-    assert w.switches == sorted(set(w.switches))
+    assert w.switches == sorted(set(w.switches)) and len(w.switches) == w.epoch_transitions
+    assert not w.m.gates and len(w.gates_opened) == len(set(w.gates_opened))
