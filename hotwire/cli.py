@@ -93,9 +93,7 @@ def _setup_logging(level: str) -> None:
     help="master address HOST:PORT (also accepted after the command)",
 )
 @click.option("--ca", default=None, metavar="FILE", help="cluster CA certificate ($HOTWIRE_CA)")
-@click.option(
-    "--cert", default=None, metavar="FILE", help="client certificate ($HOTWIRE_CERT)"
-)
+@click.option("--cert", default=None, metavar="FILE", help="client certificate ($HOTWIRE_CERT)")
 @click.option("--key", default=None, metavar="FILE", help="client key ($HOTWIRE_KEY)")
 @click.option("--token", default=None, help="bearer token ($HOTWIRE_TOKEN)")
 @click.option("--debug", is_flag=True, help="show tracebacks")
@@ -1045,17 +1043,24 @@ def audit(ctx: click.Context, app: str, limit: int, as_json: bool) -> None:
     def body() -> None:
         r = _client(ctx.obj["master"]).audit(app, limit)
         fields = (
-            "seq", "at_unix", "token", "role", "peer", "command", "app", "from_version",
-            "to_version", "outcome", "detail",
+            "seq",
+            "at_unix",
+            "token",
+            "role",
+            "peer",
+            "command",
+            "app",
+            "from_version",
+            "to_version",
+            "outcome",
+            "detail",
         )
         docs = [{f: getattr(e, f) for f in fields} for e in r.entries]
 
         def human() -> None:
             for d in docs:
                 when = datetime.fromtimestamp(d["at_unix"]).strftime("%Y-%m-%d %H:%M:%S")
-                versions = (
-                    f" v{d['from_version']}->v{d['to_version']}" if d["to_version"] else ""
-                )
+                versions = f" v{d['from_version']}->v{d['to_version']}" if d["to_version"] else ""
                 click.echo(
                     f"{when} {d['token'] or '-':<9} {d['command']:<11} {d['app'] or '-'}"
                     f"{versions} {d['outcome']}{': ' + d['detail'] if d['detail'] else ''}"

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import grpc
-
 from hotwire.names import name_problem, shown
 from hotwire.node import grpc_options
 from hotwire.proto import hotwire_pb2 as pb
@@ -105,7 +103,9 @@ class Client:
 
     # -- access control (a master with TLS) --------------------------------
     def create_token(self, role: str, label: str = "", timeout: float = 10) -> pb.CreateTokenReply:
-        return self.access.CreateToken(pb.CreateTokenRequest(role=role, label=label), timeout=timeout)
+        return self.access.CreateToken(
+            pb.CreateTokenRequest(role=role, label=label), timeout=timeout
+        )
 
     def revoke_token(self, token_id: str, timeout: float = 10) -> pb.RevokeTokenReply:
         return self.access.RevokeToken(pb.RevokeTokenRequest(id=token_id), timeout=timeout)

@@ -24,23 +24,17 @@ import pytest
 from hotwire.proto import hotwire_pb2 as pb
 from hotwire.proto import hotwire_pb2_grpc as pb_grpc
 from hotwire.testing import read_jsonl
-from hotwire.testing.cluster import LocalCluster, poll_for, write_app
+from hotwire.testing.cluster import LocalCluster, poll_for, watched, write_app
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    c = LocalCluster(
-        workers=2, data_dir=tmp_path_factory.mktemp("bad-input"), heartbeat_timeout=3.0
-    )
-    c.start()
-    try:
+    with watched(
+        LocalCluster(
+            workers=2, data_dir=tmp_path_factory.mktemp("bad-input"), heartbeat_timeout=3.0
+        )
+    ) as c:
         yield c
-    finally:
-        died = [
-            p.label for p in [c.master, *c.workers] if p is not None and p.proc.poll() is not None
-        ]
-        c.stop()
-        assert not died, f"processes died during the tests: {died}"
 
 
 def _apps(cluster: LocalCluster) -> list[Any]:

@@ -25,23 +25,17 @@ from hotwire.proto import hotwire_pb2 as pb
 from hotwire.sdk.bundle import unload_bundle
 from hotwire.sdk.errors import ValidationError
 from hotwire.sinks import JsonlSink
-from hotwire.testing.cluster import LocalCluster, write_app
+from hotwire.testing.cluster import LocalCluster, watched, write_app
 
 BAD_NAMES = ["../../etc", "a/b", "..", " ", "x" * 200, "a\nb", "/abs", ".hidden", "a b"]
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    c = LocalCluster(workers=2, data_dir=tmp_path_factory.mktemp("names"), heartbeat_timeout=3.0)
-    c.start()
-    try:
+    with watched(
+        LocalCluster(workers=2, data_dir=tmp_path_factory.mktemp("names"), heartbeat_timeout=3.0)
+    ) as c:
         yield c
-    finally:
-        died = [
-            p.label for p in [c.master, *c.workers] if p is not None and p.proc.poll() is not None
-        ]
-        c.stop()
-        assert not died, f"processes died during the tests: {died}"
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,9 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import ssl
 import struct
 import subprocess
-import ssl
 import sys
 import time
 from pathlib import Path
@@ -27,13 +27,13 @@ import msgpack
 import pytest
 
 from hotwire.client import Client
+from hotwire.proto import hotwire_pb2 as pb
+from hotwire.proto import hotwire_pb2_grpc as pb_grpc
 from hotwire.security import pki
 from hotwire.security.tls import ClientCredentials, TlsFiles, channel_options
 from hotwire.testing import count_lines, read_jsonl
 from hotwire.testing.cluster import LocalCluster, poll_for, write_app
 from hotwire.testing.scenarios import SCENARIOS, check_output, render
-from hotwire.proto import hotwire_pb2 as pb
-from hotwire.proto import hotwire_pb2_grpc as pb_grpc
 
 N = 6000
 RATE = 1500.0
@@ -170,9 +170,18 @@ def test_workers_must_hold_their_own_certificate(tmp_path: Path) -> None:
         with open(log, "w") as f:
             p = subprocess.Popen(
                 [
-                    sys.executable, "-m", "hotwire.cli", "--master", c.address,
-                    "--ca", str(other / "ca.pem"), "worker",
-                    "--worker-cert", str(forged.cert), "--worker-key", str(forged.key),
+                    sys.executable,
+                    "-m",
+                    "hotwire.cli",
+                    "--master",
+                    c.address,
+                    "--ca",
+                    str(other / "ca.pem"),
+                    "worker",
+                    "--worker-cert",
+                    str(forged.cert),
+                    "--worker-key",
+                    str(forged.key),
                 ],
                 stdout=f,
                 stderr=subprocess.STDOUT,
@@ -226,7 +235,7 @@ async def _attack(host: str, port: int, ssl_ctx: Any, hello: str, frames: list[b
             ),
             10,
         )
-    except (OSError, asyncio.TimeoutError) as e:
+    except (TimeoutError, OSError) as e:
         return f"refused at connect: {type(e).__name__}"
     try:
         writer.write(_frame(0, hello, "attacker"))
@@ -235,7 +244,7 @@ async def _attack(host: str, port: int, ssl_ctx: Any, hello: str, frames: list[b
             await writer.drain()
         data = await asyncio.wait_for(reader.read(1 << 16), 10)
         return "closed" if not data else f"answered {len(data)} bytes"
-    except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError) as e:
+    except (TimeoutError, OSError, asyncio.IncompleteReadError) as e:
         return f"closed: {type(e).__name__}"
     finally:
         writer.close()
@@ -324,10 +333,16 @@ def test_data_plane_refuses_uncertified_peers_and_survives_garbage(tmp_path: Pat
         assert dropped(got) == 10_000 and got["out_of_sequence"] >= 2000, got
         dead = [p.label for p in [c.master, *c.workers] if p.proc.poll() is not None]
         assert not dead, dead
-        r = _streamctl(c, "workers", env={"HOTWIRE_CA": str(c.admin.ca),
-                                          "HOTWIRE_CERT": str(c.admin.client_cert),
-                                          "HOTWIRE_KEY": str(c.admin.client_key),
-                                          "HOTWIRE_TOKEN": c.admin.token})
+        r = _streamctl(
+            c,
+            "workers",
+            env={
+                "HOTWIRE_CA": str(c.admin.ca),
+                "HOTWIRE_CERT": str(c.admin.client_cert),
+                "HOTWIRE_KEY": str(c.admin.client_key),
+                "HOTWIRE_TOKEN": c.admin.token,
+            },
+        )
         assert "tls_refused 2" in r.stdout and "bad_identity 1" in r.stdout, r.stdout
 
 
@@ -338,7 +353,9 @@ def test_non_loopback_without_tls_refuses_to_start(tmp_path: Path) -> None:
     ):
         r = subprocess.run(
             [sys.executable, "-m", "hotwire.cli", *args],
-            capture_output=True, text=True, timeout=30,
+            capture_output=True,
+            text=True,
+            timeout=30,
         )
         assert r.returncode == 1, r
         assert "without TLS" in r.stderr and r.stderr.count("\n") == 1, r.stderr

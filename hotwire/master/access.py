@@ -143,8 +143,18 @@ class Access:
             to_v = int(getattr(reply, "to_version", 0) or getattr(reply, "version", 0) or 0)
         if getattr(request, "dry_run", False):
             detail = f"dry run; {detail}" if detail else "dry run"
-        row = (time.time(), caller.token, caller.role, caller.peer, command, str(app)[:200],
-               from_v, to_v, outcome, detail[:500])
+        row = (
+            time.time(),
+            caller.token,
+            caller.role,
+            caller.peer,
+            command,
+            str(app)[:200],
+            from_v,
+            to_v,
+            outcome,
+            detail[:500],
+        )
         self.store.put_audit(row)
 
 
@@ -317,7 +327,10 @@ class AccessService(pb_grpc.AccessServicer):
         return pb.ListTokensReply(
             tokens=[
                 pb.TokenInfo(
-                    id=t.id, role=t.role, label=t.label, created_unix=t.created,
+                    id=t.id,
+                    role=t.role,
+                    label=t.label,
+                    created_unix=t.created,
                     revoked_unix=t.revoked,
                 )
                 for t in self.access.tokens.values()
@@ -330,10 +343,21 @@ class AccessService(pb_grpc.AccessServicer):
         limit = request.limit if request.limit > 0 else 100
         rows = await store.read(store.audit, request.app, min(limit, 10_000))
         fields = (
-            "seq", "at_unix", "token", "role", "peer", "command", "app", "from_version",
-            "to_version", "outcome", "detail",
+            "seq",
+            "at_unix",
+            "token",
+            "role",
+            "peer",
+            "command",
+            "app",
+            "from_version",
+            "to_version",
+            "outcome",
+            "detail",
         )
-        return pb.AuditReply(entries=[pb.AuditEntry(**dict(zip(fields, r))) for r in rows])
+        return pb.AuditReply(
+            entries=[pb.AuditEntry(**dict(zip(fields, r, strict=True))) for r in rows]
+        )
 
 
 @dataclass(frozen=True)

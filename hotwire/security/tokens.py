@@ -21,9 +21,7 @@ VIEWER_METHODS = frozenset(
     {"Status", "History", "ListWorkers", "ListTokens", "Audit", "Upgrade", "Rollback"}
 )
 DRY_RUN_ONLY = frozenset({"Upgrade", "Rollback"})
-MUTATING = frozenset(
-    {"Submit", "Upgrade", "Rollback", "Kill", "CreateToken", "RevokeToken"}
-)
+MUTATING = frozenset({"Submit", "Upgrade", "Rollback", "Kill", "CreateToken", "RevokeToken"})
 
 
 class TokenError(Exception):

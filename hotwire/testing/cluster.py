@@ -14,6 +14,7 @@ the master on the same data directory and port.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -21,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -418,3 +419,18 @@ class LocalCluster:
         for p in sorted(self.dir.glob("*.log")):
             out.append(f"==== {p.name}\n{p.read_text(errors='replace')[-4000:]}")
         return "\n".join(out)
+
+
+@contextlib.contextmanager
+def watched(c: LocalCluster) -> Iterator[LocalCluster]:
+    """Start ``c``, yield it, stop it; fail if one of its processes died meanwhile
+    (for a cluster shared by the tests of a module)."""
+    c.start()
+    try:
+        yield c
+    finally:
+        died = [
+            p.label for p in [c.master, *c.workers] if p is not None and p.proc.poll() is not None
+        ]
+        c.stop()
+        assert not died, f"processes died during the tests: {died}"

@@ -78,9 +78,13 @@ class Worker(Node):
             # A worker is who its certificate says: it registers under that name only.
             kind, certified = tls.identity()
             if kind != "worker":
-                raise PkiError(f"{tls.cert} is a {kind or 'non-hotwire'} certificate, not a worker's")
+                raise PkiError(
+                    f"{tls.cert} is a {kind or 'non-hotwire'} certificate, not a worker's"
+                )
             if name and name != certified:
-                raise PkiError(f"--name {name!r} is not the name in the certificate ({certified!r})")
+                raise PkiError(
+                    f"--name {name!r} is not the name in the certificate ({certified!r})"
+                )
             name = certified
         elif not insecure and not is_loopback(listen):
             raise InsecureRefused(
