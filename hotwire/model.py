@@ -30,6 +30,9 @@ PE_KINDS = (
     "dl_job",
 )
 PARTITIONS = ("shuffle", "key", "broadcast", "forward")
+# Kinds whose instances may hold state (reduce accumulators, a class PE's snapshot):
+# an upgrade refuses to remove one unless told to drop its state.
+STATEFUL_KINDS = ("reduce", "process")
 
 
 @dataclass(frozen=True)
@@ -39,7 +42,9 @@ class PESpec:
     ``fingerprint`` identifies behaviour: it changes when the callable's code,
     constants, closure values or the config change, and not when only line
     numbers, comments or formatting do. ``parallelism`` is kept apart so a
-    rescale is not a code change.
+    rescale is not a code change. ``renamed_from`` names the PE's former name: an
+    upgrade from a version that has a PE of that name (and none of this name)
+    treats both as one PE and hands its state over.
     """
 
     name: str
@@ -49,6 +54,7 @@ class PESpec:
     callable_name: str = ""
     config: dict[str, Any] = field(default_factory=dict, compare=True, hash=False)
     keyed: bool = False  # the PE's input is key-partitioned (reduce, keyed process)
+    renamed_from: str = ""  # the PE's name in an earlier version (an upgrade keeps its state)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -165,10 +171,27 @@ def check_structure(model: LogicalModel) -> list[str]:
     ghosts = [n for n in g.nodes if "spec" not in g.nodes[n]]
     if ghosts:  # a stream names a PE the model does not declare
         return problems + [f"a stream names PE {shown(n)}, which the model lacks" for n in ghosts]
+    renamed: dict[str, str] = {}  # old name -> the PE that takes it over
     for pe in model.pes:
         where = f"PE {shown(pe.name)} of app {shown(model.app)}"
         if bad := name_problem(pe.name, where):
             problems.append(bad)
+        if pe.renamed_from:
+            if bad := name_problem(pe.renamed_from, f"{where}: renamed_from"):
+                problems.append(bad)
+            elif pe.renamed_from == pe.name:
+                problems.append(f"{where}: renamed_from names the PE itself; drop it")
+            elif pe.renamed_from in g:
+                problems.append(
+                    f"{where}: renamed_from {pe.renamed_from!r} is the name of another PE of "
+                    "the app; a renamed PE's old name must be free"
+                )
+            elif pe.renamed_from in renamed:
+                problems.append(
+                    f"{where}: renamed_from {pe.renamed_from!r} is claimed by PE "
+                    f"{renamed[pe.renamed_from]!r} too; one PE takes over another's state"
+                )
+            renamed.setdefault(pe.renamed_from, pe.name)
         if pe.kind not in PE_KINDS:
             problems.append(f"{where}: unknown kind {pe.kind!r}")
         if not isinstance(pe.parallelism, int) or pe.parallelism < 1:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hotwire.master.diff import ChangeSet, diff, split_stream_name, stream_name
+from hotwire.master.diff import ChangeSet, diff, relabel, split_stream_name, stream_name
 from hotwire.model import LogicalModel, PESpec, StreamSpec, check_structure
 
 
@@ -212,8 +213,16 @@ def random_models(draw: st.DrawFn) -> LogicalModel:
 
 @settings(deadline=None, max_examples=150)
 @given(random_models(), random_models())
-def test_change_set_is_the_difference(old: LogicalModel, new: LogicalModel) -> None:
-    c = diff(old, new)
+def test_change_set_is_the_difference(before: LogicalModel, new: LogicalModel) -> None:
+    c = diff(before, new)
+    # A rename (here only inferred: same kind, code, config, keying and neighbours)
+    # relates one PE that went to one that came; compared under the new name.
+    for o, n in c.pes_renamed:
+        assert o in before.graph and o not in new.graph
+        assert n in new.graph and n not in before.graph
+        assert before.pe(o).fingerprint == new.pe(n).fingerprint
+    assert set(c.renames_inferred) == set(c.renames.values())
+    old = relabel(before, c.renames)
     on, nn = set(old.graph.nodes), set(new.graph.nodes)
     assert (on - set(c.pes_removed)) | set(c.pes_added) == nn
     assert set(c.pes_removed) <= on and not set(c.pes_removed) & nn
@@ -250,9 +259,171 @@ def test_change_set_is_the_difference(old: LogicalModel, new: LogicalModel) -> N
     # a changed stream regenerates its receiver, keyed or not (it is in both models)
     assert repartitioned <= on & nn
     expected_regen |= repartitioned
-    assert set(c.regenerated) == expected_regen
+    assert set(c.regenerated) == expected_regen - set(c.renames.values())
     for field in dataclasses.fields(c):
         value = getattr(c, field.name)
         assert value == tuple(sorted(value))
     assert ChangeSet.from_dict(c.to_dict()) == c
-    assert c.is_empty == (old == new)
+    assert c.is_empty == (before == new)
+
+
+# -- renames -----------------------------------------------------------------------
+
+
+def renamed(
+    m: LogicalModel, old: str, new: str, declared: bool = True, **changes: object
+) -> LogicalModel:
+    """``m`` with PE ``old`` called ``new`` (declared with ``renamed_from`` or not)."""
+
+    def name(x: str) -> str:
+        return new if x == old else x
+
+    pes = [
+        dataclasses.replace(
+            p,
+            name=new,
+            renamed_from=old if declared else "",
+            **changes,  # type: ignore[arg-type]
+        )
+        if p.name == old
+        else p
+        for p in m.pes
+    ]
+    streams = [dataclasses.replace(s, src=name(s.src), dst=name(s.dst)) for s in m.streams]
+    return model(pes, streams)
+
+
+def test_declared_rename_is_one_pe_under_a_new_name() -> None:
+    c = diff(BASE, renamed(BASE, "totals", "sums"))
+    assert c.pes_renamed == (("totals", "sums"),)
+    assert c.renames_inferred == ()
+    assert c.pes_added == c.pes_removed == c.pes_changed == c.pes_rescaled == ()
+    # its streams keep their identity (under the new name): nothing added or removed
+    assert c.streams_added == c.streams_removed == c.streams_changed == ()
+    assert c.regenerated == ()
+    assert not c.is_empty
+    assert c.describe() == ["> pe 'totals' renamed to 'sums'"]
+
+
+def test_rename_with_a_code_change_and_a_rescale() -> None:
+    c = diff(BASE, renamed(BASE, "totals", "sums", fingerprint="h", parallelism=3))
+    assert c.pes_renamed == (("totals", "sums"),)
+    assert c.pes_changed == ("sums",) and c.pes_rescaled == ("sums",)
+    assert c.pes_added == c.pes_removed == c.regenerated == ()
+    assert c.describe() == [
+        "> pe 'totals' renamed to 'sums'",
+        "~ pe 'sums' (code)",
+        "↕ pe 'sums' 2 -> 3",
+    ]
+
+
+def test_rename_with_a_changed_input_stream() -> None:
+    new = renamed(BASE, "totals", "sums")
+    streams = [
+        dataclasses.replace(s, key_fingerprint="k2") if s.dst == "sums" else s for s in new.streams
+    ]
+    c = diff(BASE, model(new.pes, streams))
+    assert c.pes_renamed == (("totals", "sums"),)
+    assert c.streams_changed == ("clean->sums",)
+    assert c.regenerated == ()  # the renamed PE gets new instances anyway
+
+
+def test_rename_is_inferred_from_code_kind_and_place() -> None:
+    c = diff(BASE, renamed(BASE, "totals", "sums", declared=False))
+    assert c.pes_renamed == (("totals", "sums"),)
+    assert c.renames_inferred == ("sums",)
+    assert c.pes_added == c.pes_removed == ()
+    assert c.describe() == [
+        "> pe 'totals' renamed to 'sums' (inferred: same code, config and place in the graph)"
+    ]
+    assert ChangeSet.from_dict(c.to_dict()) == c
+
+
+@pytest.mark.parametrize(
+    "why",
+    ["code", "config", "stateless kind", "place", "two gone"],
+)
+def test_rename_is_not_inferred(why: str) -> None:
+    old = BASE
+    if why == "code":
+        new = renamed(BASE, "totals", "sums", declared=False, fingerprint="h")
+    elif why == "config":
+        new = renamed(BASE, "totals", "sums", declared=False, config={"x": 1})
+    elif why == "stateless kind":
+        new = renamed(BASE, "clean", "tidy", declared=False)
+    elif why == "place":  # fed straight from the source now, without 'clean'
+        old = model(
+            [*BASE.pes, pe("side", "sink")],
+            [*BASE.streams, StreamSpec("clean", "side")],
+        )
+        new = model(
+            [
+                pe("raw", "source"),
+                pe("clean"),
+                pe("sums", "reduce", 2, keyed=True),
+                pe("out", "sink"),
+                pe("side", "sink"),
+            ],
+            [
+                StreamSpec("raw", "clean"),
+                StreamSpec("raw", "sums", "key", "k1"),
+                StreamSpec("sums", "out"),
+                StreamSpec("clean", "side"),
+            ],
+        )
+    else:  # two PEs disappear: which one was renamed is not clear
+        old = model(
+            [*BASE.pes, pe("more", "reduce", keyed=True), pe("out2", "sink")],
+            [*BASE.streams, StreamSpec("clean", "more", "key", "k1"), StreamSpec("more", "out2")],
+        )
+        new = model(
+            [
+                pe("raw", "source"),
+                pe("clean"),
+                pe("sums", "reduce", 2, keyed=True),
+                pe("out", "sink"),
+                pe("out2", "sink"),
+            ],
+            [
+                StreamSpec("raw", "clean"),
+                StreamSpec("clean", "sums", "key", "k1"),
+                StreamSpec("sums", "out"),
+                StreamSpec("clean", "out2"),
+            ],
+        )
+    c = diff(old, new)
+    assert c.pes_renamed == ()
+    assert "sums" in c.pes_added or "tidy" in c.pes_added
+
+
+def test_declared_rename_needs_the_old_name_in_the_running_version() -> None:
+    # renamed_from naming a PE the old model lacks is a plain addition
+    new = renamed(BASE, "totals", "sums", fingerprint="h")
+    again = diff(new, new)  # the declaration stays in later versions: no change
+    assert again.is_empty
+    c = diff(renamed(BASE, "totals", "other", declared=False, fingerprint="z"), new)
+    assert c.pes_renamed == ()
+    assert c.pes_added == ("sums",) and c.pes_removed == ("other",)
+
+
+def test_check_structure_refuses_bad_renames() -> None:
+    dup = [
+        dataclasses.replace(p, renamed_from="clean") if p.name == "totals" else p for p in BASE.pes
+    ]
+    problems = check_structure(LogicalModel.build("orders", dup, BASE.streams))
+    assert problems == [
+        "PE 'totals' of app 'orders': renamed_from 'clean' is the name of another PE of the app; "
+        "a renamed PE's old name must be free"
+    ]
+    two = [
+        dataclasses.replace(p, renamed_from="old") if p.name in ("clean", "totals") else p
+        for p in BASE.pes
+    ]
+    problems = check_structure(LogicalModel.build("orders", two, BASE.streams))
+    assert len(problems) == 1 and "claimed by PE" in problems[0]
+    me = [
+        dataclasses.replace(p, renamed_from="totals") if p.name == "totals" else p for p in BASE.pes
+    ]
+    assert (
+        "names the PE itself" in check_structure(LogicalModel.build("orders", me, BASE.streams))[0]
+    )

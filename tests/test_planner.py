@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hotwire.master.diff import ChangeSet, diff
-from hotwire.master.planner import plan_stop, plan_upgrade
+from hotwire.master.planner import StateMove, plan_stop, plan_upgrade, state_moves
 from hotwire.master.scheduler import SchedulingError, schedule
 from hotwire.model import LogicalModel, PESpec, StreamSpec, check_structure
 from hotwire.plan import (
@@ -1220,3 +1220,107 @@ def test_new_key_stream_between_kept_pes_uses_the_new_bundle() -> None:
     assert c.regenerated == ()
     switches = [i for i in instructions(plan) if isinstance(i, Switch)]
     assert switches and all(r.key == KeyRef("b2", "D", "R") for s in switches for r in s.routes)
+
+
+# ---------------------------------------------------------------------------
+# Renames: the new name's instances take over the old name's state
+# ---------------------------------------------------------------------------
+
+
+def test_rename_hands_state_to_the_new_name() -> None:
+    old = model(
+        [pe("D", "source"), pe("R", "reduce", 2, keyed=True), pe("S", "sink")],
+        [StreamSpec("D", "R", "key", "k"), StreamSpec("R", "S")],
+    )
+    new = model(
+        [pe("D", "source"), pe("T", "reduce", 3, keyed=True, renamed_from="R"), pe("S", "sink")],
+        [StreamSpec("D", "T", "key", "k"), StreamSpec("T", "S")],
+    )
+    c, _, new_pl, plan = upgrade(old, new)
+    assert c.pes_renamed == (("R", "T"),) and c.pes_rescaled == ("T",)
+    assert new_pl["T"].gen == 2 and "R" not in new_pl
+    preds = ("R@1.0", "R@1.1")
+    succ = tuple(Successor(f"T@2.{j}", "w1") for j in range(3))
+    assert instructions(plan) == {
+        *(
+            start(
+                "T",
+                2,
+                j,
+                3,
+                [f"D@1.0>T@2.{j}"],
+                [route("S", ["S@1.0"], src=f"T@2.{j}")],
+                kind="reduce",
+                preds=preds,
+                input_key=KeyRef("b2", "D", "T"),
+            )
+            for j in range(3)
+        ),
+        Gate(
+            APP,
+            2,
+            "S@1.0",
+            tuple(f"T@2.{j}>S@1.0" for j in range(3)),
+            ("R@1.0>S@1.0", "R@1.1>S@1.0"),
+        ),
+        Switch(
+            APP,
+            2,
+            "D@1.0",
+            (
+                route(
+                    "T",
+                    [f"T@2.{j}" for j in range(3)],
+                    "key",
+                    KeyRef("b2", "D", "T"),
+                    src="D@1.0",
+                ),
+            ),
+            ("R",),
+            ("D@1.0>R@1.0", "D@1.0>R@1.1"),
+        ),
+        Retire(APP, 2, "R@1.0", succ, True),
+        Retire(APP, 2, "R@1.1", succ, True),
+    }
+    moves = state_moves(plan, old, {"R@1.0": 10, "R@1.1": 20})
+    assert moves == [StateMove("R", "T", 2, 3, True, 30)]
+    assert moves[0].describe() == (
+        "state of 'R' (2 instance(s), 30 bytes at the last checkpoint) -> 'T' (3 instance(s)), "
+        "split by key"
+    )
+
+
+def test_rename_keeps_instances_on_their_workers() -> None:
+    old = model(
+        [pe("D", "source"), pe("R", "reduce", 2, keyed=True), pe("S", "sink")],
+        [StreamSpec("D", "R", "key", "k"), StreamSpec("R", "S")],
+    )
+    new = model(
+        [pe("D", "source"), pe("T", "reduce", 2, keyed=True, renamed_from="R"), pe("S", "sink")],
+        [StreamSpec("D", "T", "key", "k"), StreamSpec("T", "S")],
+    )
+    _, old_pl, new_pl, _ = upgrade(old, new, {"a": 3, "b": 3})
+    assert new_pl["T"].workers == old_pl["R"].workers
+
+
+def test_state_moves_of_a_removal_and_of_stateless_pes() -> None:
+    old = model(
+        [pe("D", "source"), pe("M"), pe("R", "reduce", 2, keyed=True), pe("S", "sink")],
+        [StreamSpec("D", "M"), StreamSpec("M", "R", "key", "k"), StreamSpec("R", "S")],
+    )
+    new = model(
+        [pe("D", "source"), pe("M", fp="g"), pe("S", "sink")],
+        [StreamSpec("D", "M"), StreamSpec("M", "S")],
+    )
+    _, _, _, plan = upgrade(old, new)
+    # 'M' (a map) holds nothing: not listed; 'R' is dropped, its size unknown
+    assert state_moves(plan, old) == [StateMove("R", "", 2, 0, True, None)]
+    assert state_moves(plan, old)[0].describe() == (
+        "state of 'R' (2 instance(s), size unknown): dropped"
+    )
+    # a stateless kind that held state at the checkpoint (a transactional sink, say) is listed
+    sizes = {"M@1.0": 7, "R@1.0": 1, "R@1.1": 0}
+    assert state_moves(plan, old, sizes) == [
+        StateMove("M", "M", 1, 1, False, 7),
+        StateMove("R", "", 2, 0, True, 1),
+    ]

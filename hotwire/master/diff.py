@@ -3,14 +3,24 @@
 Pure: two :class:`~hotwire.model.LogicalModel` in, a frozen :class:`ChangeSet` out.
 A PE's name is its identity across versions, and a stream's identity is its pair
 of endpoints, named ``"src->dst"``.
+
+Renames. A PE of the new model declared ``renamed_from="old"`` is the old model's
+PE ``old`` under a new name when ``old`` is in the old model and not in the new
+one. Without a declaration, a rename is inferred when exactly one PE disappeared
+and exactly one appeared, both of the same kind with the same (non-empty) code
+fingerprint, config and keying, fed by the same PEs and feeding the same PEs. The
+old model is relabelled with the renames before it is compared, so a renamed PE
+shows as a rename plus whatever else changed (code, config, parallelism), and
+its streams keep their identity under the new names.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from hotwire.model import LogicalModel, PESpec, StreamSpec
+from hotwire.model import STATEFUL_KINDS, LogicalModel, PESpec, StreamSpec
 
 CHANGE_KEYS = (
     "pes_added",
@@ -53,6 +63,13 @@ class ChangeSet:
     endpoints and a different partitioning or key function. ``regenerated`` holds
     the PEs, present in both models, that get a new generation of instances.
     ``details`` says, per changed item, what changed (for :meth:`describe`).
+
+    ``pes_renamed`` holds ``(old name, new name)`` pairs: one PE under a new name,
+    whose state goes to its new instances (it is neither added nor removed, and
+    not in ``regenerated``, which holds PEs of the same name only; it may be in
+    ``pes_changed`` and ``pes_rescaled`` under its new name).
+    ``renames_inferred`` holds the new names of renames that were not declared
+    with ``renamed_from`` but inferred from the code and the graph.
     """
 
     pes_added: tuple[str, ...] = ()
@@ -64,22 +81,35 @@ class ChangeSet:
     streams_changed: tuple[str, ...] = ()
     regenerated: tuple[str, ...] = ()
     details: tuple[tuple[str, str], ...] = ()
+    pes_renamed: tuple[tuple[str, str], ...] = ()
+    renames_inferred: tuple[str, ...] = ()
 
     @property
     def is_empty(self) -> bool:
-        return not any(getattr(self, k) for k in CHANGE_KEYS)
+        return not self.pes_renamed and not any(getattr(self, k) for k in CHANGE_KEYS)
+
+    @property
+    def renames(self) -> dict[str, str]:
+        """Old name -> new name of every renamed PE."""
+        return dict(self.pes_renamed)
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {k: list(getattr(self, k)) for k in CHANGE_KEYS}
         d["regenerated"] = list(self.regenerated)
         d["details"] = dict(self.details)
+        d["pes_renamed"] = [list(p) for p in self.pes_renamed]
+        d["renames_inferred"] = list(self.renames_inferred)
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ChangeSet:
-        lists = {k: tuple(sorted(d.get(k, ()))) for k in (*CHANGE_KEYS, "regenerated")}
+        lists = {
+            k: tuple(sorted(d.get(k, ())))
+            for k in (*CHANGE_KEYS, "regenerated", "renames_inferred")
+        }
         details = tuple(sorted((str(k), str(v)) for k, v in dict(d.get("details", {})).items()))
-        return cls(**lists, details=details)
+        renamed = tuple(sorted((str(o), str(n)) for o, n in d.get("pes_renamed", ())))
+        return cls(**lists, details=details, pes_renamed=renamed)
 
     def describe(self) -> list[str]:
         """One human line per change, PEs first, e.g. ``"~ pe 'clean' (code)"``."""
@@ -88,7 +118,13 @@ class ChangeSet:
         def note(key: str, fmt: str) -> str:
             return fmt.format(notes[key]) if key in notes else ""
 
-        lines = [f"+ pe {n!r}" for n in self.pes_added]
+        inferred = set(self.renames_inferred)
+        lines = [
+            f"> pe {o!r} renamed to {n!r}"
+            + (" (inferred: same code, config and place in the graph)" if n in inferred else "")
+            for o, n in self.pes_renamed
+        ]
+        lines += [f"+ pe {n!r}" for n in self.pes_added]
         lines += [f"- pe {n!r}" for n in self.pes_removed]
         lines += [f"~ pe {n!r}" + note(f"pe:{n}", " ({})") for n in self.pes_changed]
         lines += [f"↕ pe {n!r}" + note(f"rescale:{n}", " {}") for n in self.pes_rescaled]
@@ -127,8 +163,73 @@ def _stream_changes(old: StreamSpec, new: StreamSpec) -> list[str]:
     return what
 
 
+def find_renames(old: LogicalModel, new: LogicalModel) -> tuple[dict[str, str], set[str]]:
+    """The renames from ``old`` to ``new`` (old name -> new name) and which of them
+    (by new name) were inferred rather than declared."""
+    og, ng = old.graph, new.graph
+    renames: dict[str, str] = {}
+    for spec in new.pes:
+        was = spec.renamed_from
+        if was and was in og and was not in ng and spec.name not in og and was not in renames:
+            renames[was] = spec.name
+    gone = [n for n in og.nodes if n not in ng and n not in renames]
+    taken = set(renames.values())
+    came = [n for n in ng.nodes if n not in og and n not in taken]
+    if len(gone) != 1 or len(came) != 1:
+        return renames, set()
+    o, n = og.nodes[gone[0]]["spec"], ng.nodes[came[0]]["spec"]
+    same_pe = (
+        o.kind == n.kind
+        and o.kind in STATEFUL_KINDS
+        and o.fingerprint != ""
+        and o.fingerprint == n.fingerprint
+        and o.config == n.config
+        and o.keyed == n.keyed
+    )
+
+    def named(x: str) -> str:
+        return n.name if x == o.name else renames.get(x, x)
+
+    same_place = {named(u) for u in og.predecessors(o.name)} == set(ng.predecessors(n.name)) and {
+        named(v) for v in og.successors(o.name)
+    } == set(ng.successors(n.name))
+    if same_pe and same_place:
+        renames[o.name] = n.name
+        return renames, {n.name}
+    return renames, set()
+
+
+def relabel(model: LogicalModel, renames: dict[str, str]) -> LogicalModel:
+    """``model`` with its PEs renamed (old name -> new name), streams following them."""
+    if not renames:
+        return model
+
+    def named(x: str) -> str:
+        return renames.get(x, x)
+
+    return LogicalModel.build(
+        model.app,
+        [dataclasses.replace(p, name=named(p.name)) for p in model.pes],
+        [dataclasses.replace(s, src=named(s.src), dst=named(s.dst)) for s in model.streams],
+    )
+
+
 def diff(old: LogicalModel, new: LogicalModel) -> ChangeSet:
     """The change set that turns ``old`` into ``new`` (``old`` may be empty)."""
+    renames, inferred = find_renames(old, new)
+    change = _diff(relabel(old, renames), new)
+    if not renames:
+        return change
+    new_names = set(renames.values())
+    return dataclasses.replace(
+        change,
+        regenerated=tuple(n for n in change.regenerated if n not in new_names),
+        pes_renamed=tuple(sorted(renames.items())),
+        renames_inferred=tuple(sorted(inferred)),
+    )
+
+
+def _diff(old: LogicalModel, new: LogicalModel) -> ChangeSet:
     og, ng = old.graph, new.graph
     old_pes, new_pes = set(og.nodes), set(ng.nodes)
     details: dict[str, str] = {}

@@ -9,6 +9,11 @@ plan's size grows with the change and not with the topology (invariant 3).
 * switch: ``Switch`` for each kept instance whose routes change, then ``Retire``
   for each instance that goes.
 
+A renamed PE (``ChangeSet.pes_renamed``) is planned like a regenerated one whose
+old and new instances carry different names: the new name's instances start with
+the old name's instances as predecessors, and those retire handing their state
+to them (split by key when the PE is keyed), exactly once.
+
 Epochs. When two or more kept PEs switch and they are related in the *kept
 subgraph* of the old model (edges between PEs that are neither removed nor
 regenerated) -- one is an ancestor of the other, or they share an ancestor --
@@ -26,11 +31,12 @@ from __future__ import annotations
 import dataclasses
 from collections import defaultdict
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import networkx as nx
 
 from hotwire.master.diff import ChangeSet, split_stream_name
-from hotwire.model import LogicalModel, StreamSpec
+from hotwire.model import STATEFUL_KINDS, LogicalModel, StreamSpec
 from hotwire.plan import (
     Gate,
     Instruction,
@@ -46,6 +52,7 @@ from hotwire.plan import (
     Switch,
     Target,
     channel_id,
+    parse_instance_id,
 )
 
 Edge = tuple[str, str]
@@ -109,8 +116,12 @@ def plan_upgrade(
     upgrade adds or changes live there (even when no PE gets new instances).
     """
     added, removed, regen = set(change.pes_added), set(change.pes_removed), set(change.regenerated)
-    new_pes = added | regen
-    gone = removed | regen
+    # A renamed PE is replaced like a regenerated one: the new name's instances
+    # start, the old name's retire and hand their state over to them.
+    renames = change.renames
+    new_pes = added | regen | set(renames.values())
+    gone = removed | regen | set(renames)
+    was = {n: o for o, n in renames.items()}  # new name -> old name
     changed_streams = {
         split_stream_name(s, old, new)
         for s in (*change.streams_added, *change.streams_removed, *change.streams_changed)
@@ -152,9 +163,10 @@ def plan_upgrade(
             (KeyRef(pl.bundle, s.src, pe) for s in in_streams if s.partition == "key"), None
         )
         preds: tuple[str, ...] = ()
-        if pe in regen:
-            opl = old_pl[pe]
-            preds = tuple(opl.instance(pe, i) for i in range(opl.parallelism))
+        if pe in regen or pe in was:
+            old_name = was.get(pe, pe)
+            opl = old_pl[old_name]
+            preds = tuple(opl.instance(old_name, i) for i in range(opl.parallelism))
         for i in range(pl.parallelism):
             ins = StartInstance(
                 app=app,
@@ -252,12 +264,14 @@ def plan_upgrade(
     for pe in sorted(gone):
         opl = old_pl[pe]
         succ: tuple[Successor, ...] = ()
-        if pe in regen:
-            npl = new_pl[pe]
+        new_name = renames.get(pe, pe)
+        if pe in regen or pe in renames:
+            npl = new_pl[new_name]
             succ = tuple(
-                Successor(npl.instance(pe, j), npl.workers[j]) for j in range(npl.parallelism)
+                Successor(npl.instance(new_name, j), npl.workers[j])
+                for j in range(npl.parallelism)
             )
-        keyed = (new if pe in new.graph else old).pe(pe).keyed
+        keyed = (new if new_name in new.graph else old).pe(new_name).keyed
         for i in range(opl.parallelism):
             switch[opl.workers[i]].append(
                 Retire(app, version, opl.instance(pe, i), successors=succ, keyed=keyed)
@@ -358,3 +372,70 @@ def plan_stop(app: str, version: int, placement: Placement) -> dict[str, tuple[S
     """One ``StopApp`` for every worker that hosts an instance of the app."""
     workers = {w for pl in placement.values() for w in pl.workers}
     return {w: (StopApp(app, version),) for w in sorted(workers)}
+
+
+@dataclass(frozen=True)
+class StateMove:
+    """The state of PE ``src`` in a plan: handed to ``dst``'s instances, or dropped
+    (``dst`` empty). ``size`` is its bytes at the last checkpoint, None when unknown.
+    """
+
+    src: str
+    dst: str
+    from_instances: int
+    to_instances: int
+    keyed: bool
+    size: int | None = None
+
+    @property
+    def dropped(self) -> bool:
+        return not self.dst
+
+    def describe(self) -> str:
+        """E.g. ``"state of 'count' (2 instance(s), 120 bytes at the last checkpoint)
+        -> 'tally' (3 instance(s)), split by key"``."""
+        held = "size unknown" if self.size is None else f"{self.size} bytes at the last checkpoint"
+        what = f"state of {self.src!r} ({self.from_instances} instance(s), {held})"
+        if self.dropped:
+            return f"{what}: dropped"
+        how = "split by key" if self.keyed else "by instance"
+        return f"{what} -> {self.dst!r} ({self.to_instances} instance(s)), {how}"
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "from": self.src,
+            "to": self.dst or None,
+            "from_instances": self.from_instances,
+            "to_instances": self.to_instances,
+            "split": "by key" if self.keyed else "by instance",
+            "bytes": self.size,
+        }
+
+
+def state_moves(
+    plan: Plan, old: LogicalModel, sizes: dict[str, int] | None = None
+) -> list[StateMove]:
+    """Where the state of every retiring instance goes, by PE, from the plan's
+    ``Retire`` instructions.
+
+    Listed: PEs of a :data:`~hotwire.model.STATEFUL_KINDS` kind, and any other PE
+    whose instances held state at the checkpoint ``sizes`` comes from (``{instance
+    id: bytes of its state}``; a stateless instance counts 0).
+    """
+    sizes = sizes or {}
+    retiring: dict[str, list[Retire]] = defaultdict(list)
+    for batch in plan.switch.values():
+        for ins in batch:
+            if isinstance(ins, Retire):
+                retiring[parse_instance_id(ins.instance)[0]].append(ins)
+    moves = []
+    for pe in sorted(retiring):
+        rets = retiring[pe]
+        known = [sizes.get(r.instance) for r in rets]
+        size = None if any(b is None for b in known) else sum(b or 0 for b in known)
+        if pe in old.graph and old.pe(pe).kind not in STATEFUL_KINDS and not size:
+            continue
+        succ = rets[0].successors
+        dst = parse_instance_id(succ[0].instance)[0] if succ else ""
+        moves.append(StateMove(pe, dst, len(rets), len(succ), rets[0].keyed, size))
+    return moves

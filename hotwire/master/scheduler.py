@@ -53,11 +53,13 @@ def schedule(
         )
 
     chosen: dict[str, list[str | None]] = {pe: [None] * new.pe(pe).parallelism for pe in placing}
-    # Pass 1: instances of regenerated PEs stay where their predecessor ran.
+    # Pass 1: instances of regenerated (and renamed) PEs stay where their predecessor ran.
+    was = {n: o for o, n in change.pes_renamed}
     for pe in placing:
-        if pe not in regenerated or pe not in old_placement:
+        before = was.get(pe, pe)
+        if (pe not in regenerated and pe not in was) or before not in old_placement:
             continue
-        for i, w in enumerate(old_placement[pe].workers[: len(chosen[pe])]):
+        for i, w in enumerate(old_placement[before].workers[: len(chosen[pe])]):
             if w in workers and load[w] < workers[w]:
                 chosen[pe][i] = w
                 load[w] += 1

@@ -62,6 +62,7 @@ class _Node:
     cls: Any = None
     keyed: bool = False
     inputs: list[_Edge] = field(default_factory=list)
+    renamed_from: Any = ""  # the PE's name in the running version, when renamed
 
 
 class Stream:
@@ -90,8 +91,9 @@ class Stream:
         fn: Any = None,
         cls: Any = None,
         keyed: bool = False,
+        renamed_from: str = "",
     ) -> Stream:
-        node = _Node(name, kind, parallelism, config, fn, cls, keyed, [self._edge()])
+        node = _Node(name, kind, parallelism, config, fn, cls, keyed, [self._edge()], renamed_from)
         return self.topology._add(node)
 
     # -- partitioning of the next stream ---------------------------------------
@@ -113,38 +115,90 @@ class Stream:
 
     # -- operators ---------------------------------------------------------------
     def map(
-        self, name: str, fn: Callable[[Any], Any], parallelism: int = 1, config: Any = None
+        self,
+        name: str,
+        fn: Callable[[Any], Any],
+        parallelism: int = 1,
+        config: Any = None,
+        *,
+        renamed_from: str = "",
     ) -> Stream:
         """``fn(record) -> record`` (sync or async)."""
-        return self._add(name, "map", parallelism, config, fn=fn)
+        return self._add(name, "map", parallelism, config, fn=fn, renamed_from=renamed_from)
 
     def filter(
-        self, name: str, fn: Callable[[Any], Any], parallelism: int = 1, config: Any = None
+        self,
+        name: str,
+        fn: Callable[[Any], Any],
+        parallelism: int = 1,
+        config: Any = None,
+        *,
+        renamed_from: str = "",
     ) -> Stream:
         """Keep records for which ``fn(record)`` is true (sync or async)."""
-        return self._add(name, "filter", parallelism, config, fn=fn)
+        return self._add(name, "filter", parallelism, config, fn=fn, renamed_from=renamed_from)
 
     def flat_map(
-        self, name: str, fn: Callable[[Any], Any], parallelism: int = 1, config: Any = None
+        self,
+        name: str,
+        fn: Callable[[Any], Any],
+        parallelism: int = 1,
+        config: Any = None,
+        *,
+        renamed_from: str = "",
     ) -> Stream:
         """``fn(record) -> iterable``: emit each element (sync or async)."""
-        return self._add(name, "flat_map", parallelism, config, fn=fn)
+        return self._add(name, "flat_map", parallelism, config, fn=fn, renamed_from=renamed_from)
 
     def reduce(
-        self, name: str, fn: Callable[[Any, Any], Any], parallelism: int = 1, config: Any = None
+        self,
+        name: str,
+        fn: Callable[[Any, Any], Any],
+        parallelism: int = 1,
+        config: Any = None,
+        *,
+        renamed_from: str = "",
     ) -> Stream:
         """Keyed state: ``fn(acc | None, record) -> acc``; emits ``(key, acc)``."""
-        return self._add(name, "reduce", parallelism, config, fn=fn, keyed=self.partition == "key")
+        return self._add(
+            name,
+            "reduce",
+            parallelism,
+            config,
+            fn=fn,
+            keyed=self.partition == "key",
+            renamed_from=renamed_from,
+        )
 
     def process(
-        self, name: str, cls: type[ProcessPE], parallelism: int = 1, config: Any = None
+        self,
+        name: str,
+        cls: type[ProcessPE],
+        parallelism: int = 1,
+        config: Any = None,
+        *,
+        renamed_from: str = "",
     ) -> Stream:
         """A class-based PE (a :class:`ProcessPE` subclass); keyed when called on a KeyedStream."""
         return self._add(
-            name, "process", parallelism, config, cls=cls, keyed=self.partition == "key"
+            name,
+            "process",
+            parallelism,
+            config,
+            cls=cls,
+            keyed=self.partition == "key",
+            renamed_from=renamed_from,
         )
 
-    def dl_job(self, name: str, request: Any, parallelism: int = 1, config: Any = None) -> Stream:
+    def dl_job(
+        self,
+        name: str,
+        request: Any,
+        parallelism: int = 1,
+        config: Any = None,
+        *,
+        renamed_from: str = "",
+    ) -> Stream:
         """A deep-learning job PE: records go to the job ``request`` describes; outputs return."""
         if config is None:
             conf: Any = {"request": request}
@@ -152,11 +206,18 @@ class Stream:
             conf = {**config, "request": request}
         else:
             conf = config  # model() reports it
-        return self._add(name, "dl_job", parallelism, conf)
+        return self._add(name, "dl_job", parallelism, conf, renamed_from=renamed_from)
 
-    def union(self, name: str, *others: Stream, parallelism: int = 1, config: Any = None) -> Stream:
+    def union(
+        self,
+        name: str,
+        *others: Stream,
+        parallelism: int = 1,
+        config: Any = None,
+        renamed_from: str = "",
+    ) -> Stream:
         """One PE reading this stream and ``others`` (identity)."""
-        node = _Node(name, "union", parallelism, config)
+        node = _Node(name, "union", parallelism, config, renamed_from=renamed_from)
         node.inputs.append(self._edge())
         for other in others:
             if isinstance(other, Stream):
@@ -166,10 +227,16 @@ class Stream:
         return self.topology._add(node)
 
     def sink(
-        self, name: str, fn: Callable[[Any], Any], parallelism: int = 1, config: Any = None
+        self,
+        name: str,
+        fn: Callable[[Any], Any],
+        parallelism: int = 1,
+        config: Any = None,
+        *,
+        renamed_from: str = "",
     ) -> None:
         """``fn(record) -> None`` (sync or async); the end of a stream."""
-        self._add(name, "sink", parallelism, config, fn=fn)
+        self._add(name, "sink", parallelism, config, fn=fn, renamed_from=renamed_from)
 
 
 class KeyedStream(Stream):
@@ -192,10 +259,22 @@ class Topology:
         return Stream(self, node.name)
 
     def source(
-        self, name: str, fn: Callable[[Any], Any], parallelism: int = 1, config: Any = None
+        self,
+        name: str,
+        fn: Callable[[Any], Any],
+        parallelism: int = 1,
+        config: Any = None,
+        *,
+        renamed_from: str = "",
     ) -> Stream:
-        """``fn(ctx)`` returns an iterator or async iterator (sync or async generator functions)."""
-        return self._add(_Node(name, "source", parallelism, config, fn=fn))
+        """``fn(ctx)`` returns an iterator or async iterator (sync or async generator functions).
+
+        Every operator takes ``renamed_from="old"``: the PE was called ``old`` in the
+        running version, and an upgrade hands its state over to this name.
+        """
+        return self._add(
+            _Node(name, "source", parallelism, config, fn=fn, renamed_from=renamed_from)
+        )
 
     def connect(self, stream: Stream, pe: str, partition: str | None = None) -> None:
         """Add an input edge from ``stream`` to the existing PE ``pe`` (may make cycles).
@@ -277,6 +356,12 @@ class Topology:
         if not isinstance(name, str):
             problems.append(f"{where}: the name must be a string; {NAME_RULE}")
             return None
+        if not isinstance(node.renamed_from, str):
+            problems.append(
+                f"{where}: renamed_from must be the PE's old name (a string), "
+                f"got {node.renamed_from!r}"
+            )
+            node.renamed_from = ""
         if isinstance(node.parallelism, bool):
             problems.append(
                 f"{where}: parallelism must be an integer >= 1, got {node.parallelism!r}"
@@ -330,6 +415,7 @@ class Topology:
             callable_name=callable_name,
             config=dict(config) if config_ok else {},
             keyed=node.keyed,
+            renamed_from=node.renamed_from,
         )
 
     def _check_edges(self, names: set[str], problems: list[str]) -> list[StreamSpec]:
