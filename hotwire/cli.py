@@ -647,6 +647,8 @@ def _print_upgrade(r: Any, as_json: bool, dry_run: bool) -> None:
         "latency_ms": round(r.latency_ms, 3),
         "plan": list(r.plan_lines),
         "dry_run": dry_run,
+        "state_check": r.state_check,
+        "state_check_failed": r.state_check_failed,
     }
 
     def human() -> None:
@@ -659,12 +661,16 @@ def _print_upgrade(r: Any, as_json: bool, dry_run: bool) -> None:
         click.echo(f"plan: {r.instructions} instructions")
         for line in r.plan_lines:
             click.echo(f"  {line}")
+        if r.state_check:
+            click.echo(f"state check: {r.state_check}")
         if r.applied:
             click.echo(f"version {r.to_version} is live ({r.latency_ms:.1f} ms)")
         else:
             click.echo("dry run: nothing applied")
 
     _emit(as_json, doc, human)
+    if r.state_check_failed:
+        raise Failure(f"dry run: the upgrade would fail: {r.state_check}")
 
 
 @main.command()

@@ -156,6 +156,10 @@ class StartInstance:
     input_key: KeyRef | None = None
     config: dict[str, Any] = field(default_factory=dict, hash=False)
     initial_state: Any = field(default=None, hash=False, compare=False)  # from a checkpoint
+    # A sample of the last checkpoint's state this instance will take over, in the
+    # form ``initial_state`` has: prepare tries the new code's migrate, validate_state
+    # and restore on it (on an object of its own) and fails the upgrade if they raise.
+    state_check: Any = field(default=None, hash=False, compare=False)
 
     @property
     def instance(self) -> str:

@@ -66,6 +66,7 @@ def to_pb(ins: Instruction) -> pb.Instruction:
                 input_key=_keyref(ins.input_key),
                 config=packb(dict(ins.config)),
                 initial_state=b"" if ins.initial_state is None else packb(ins.initial_state),
+                state_check=b"" if ins.state_check is None else packb(ins.state_check),
             )
         )
     if isinstance(ins, Gate):
@@ -141,6 +142,7 @@ def from_pb(msg: pb.Instruction) -> Instruction:
             input_key=_from_keyref(m.input_key, m.HasField("input_key")),
             config=unpackb(m.config) if m.config else {},
             initial_state=unpackb(m.initial_state) if m.initial_state else None,
+            state_check=unpackb(m.state_check) if m.state_check else None,
         )
     if kind == "gate":
         g = msg.gate

@@ -33,7 +33,7 @@ import msgpack
 
 from hotwire.codec import unpackb
 from hotwire.master import transition as tr
-from hotwire.master.cut import states_for_restart
+from hotwire.master.cut import sampled_keys, state_samples, states_for_restart
 from hotwire.master.diff import ChangeSet, diff
 from hotwire.master.locks import AppLocks
 from hotwire.master.membership import Membership
@@ -46,6 +46,7 @@ from hotwire.plan import (
     Plan,
     StartInstance,
     from_wire,
+    parse_instance_id,
     placement_from_dict,
     placement_to_dict,
     to_wire,
@@ -88,6 +89,8 @@ class Outcome:
     plan: Plan
     applied: bool
     latency_ms: float
+    state_check: str = ""  # what the state compatibility check found ("" : not run)
+    state_check_failed: bool = False
 
 
 @dataclass
@@ -256,8 +259,10 @@ class TransitionEngine:
         plan = plan_upgrade(app, epoch, old, old_pl, new, new_pl, change, bundle_hash)
         if change.is_empty and action != "submit":
             return Outcome(app, cur_version, cur_version, change, plan, False, 0.0)
-        outcome = Outcome(app, cur_version, version, change, plan, False, 0.0)
+        plan, checked = self._with_state_check(app, plan)
+        outcome = Outcome(app, cur_version, version, change, plan, False, 0.0, checked)
         if dry_run:
+            await self._dry_state_check(outcome, bundle_hash, bundle)
             return outcome
         await asyncio.wrap_future(store.put_bundle(bundle_hash, bundle))
         intent = {
@@ -283,6 +288,73 @@ class TransitionEngine:
             plan.count(),
         )
         return outcome
+
+    def _with_state_check(self, app: str, plan: Plan) -> tuple[Plan, str]:
+        """``plan`` with a sample of the last checkpoint's state on every new class-PE
+        instance that takes state over (prepare tries the new code on it), and a
+        line saying what is checked."""
+        takers: dict[str, tuple[frozenset[str], int, bool]] = {}
+        for ins in plan.prepare.values():
+            for i in ins:
+                if isinstance(i, StartInstance) and i.kind == "process" and i.predecessors:
+                    olds = frozenset(parse_instance_id(p)[0] for p in i.predecessors)
+                    takers[i.pe] = (olds, i.parallelism, i.input_key is not None)
+        if not takers:
+            return plan, "no class PE takes over state: nothing to check"
+        ck = self._store().checkpoint(app)
+        if ck is None:
+            return plan, "no checkpoint yet: the state was not checked"
+        samples = state_samples(self._checkpoint_states(app), takers)
+
+        def with_check(i: Any) -> Any:
+            if isinstance(i, StartInstance) and i.pe in takers and (i.pe, i.index) in samples:
+                return replace(i, state_check=samples[(i.pe, i.index)])
+            return i
+
+        plan = Plan(
+            plan.app,
+            plan.version,
+            {w: tuple(with_check(i) for i in ins) for w, ins in plan.prepare.items()},
+            plan.switch,
+        )
+        keys = sum(sampled_keys(s, takers[pe][2]) for (pe, _i), s in samples.items())
+        pes = ", ".join(repr(pe) for pe in sorted(takers))
+        return plan, f"PE {pes}: {keys} keys of checkpoint {ck[0]} tried"
+
+    async def _dry_state_check(self, outcome: Outcome, bundle_hash: str, bundle: bytes) -> None:
+        """Run the state check of ``outcome.plan`` on the workers it places the new
+        instances on (CHECK_STATE: nothing is built), and record what it found."""
+        ms = self.membership
+        plan = outcome.plan
+        checks = {
+            w: [to_pb(i) for i in ins if isinstance(i, StartInstance) and i.state_check]
+            for w, ins in plan.prepare.items()
+        }
+        checks = {w: ins for w, ins in checks.items() if ins}
+        if not checks:
+            return
+
+        async def check(w: str, ins: list[pb.Instruction]) -> str:
+            try:
+                ack = await ms.send(
+                    w,
+                    pb.CHECK_STATE,
+                    plan.app,
+                    plan.version,
+                    ins,
+                    {bundle_hash: bundle},
+                    timeout=self.prepare_timeout,
+                )
+            except Exception as e:
+                return f"worker {w!r} could not run the state check: {e}"
+            return "" if ack.ok else ack.error or "refused without a reason"
+
+        errors = [e for e in await asyncio.gather(*(check(w, i) for w, i in checks.items())) if e]
+        if errors:
+            outcome.state_check_failed = True
+            outcome.state_check = errors[0]
+        else:
+            outcome.state_check = f"passed: {outcome.state_check}"
 
     async def restart(
         self, app: str, why: str, dead: str = "", avoid: Collection[str] = ()

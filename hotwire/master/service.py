@@ -352,6 +352,8 @@ def _upgrade_reply(o: Outcome) -> pb.UpgradeReply:
         instructions=o.plan.count(),
         applied=o.applied,
         latency_ms=o.latency_ms,
+        state_check=o.state_check,
+        state_check_failed=o.state_check_failed,
     )
 
 

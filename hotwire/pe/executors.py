@@ -23,6 +23,7 @@ from operator import length_hint
 from typing import Any
 
 from hotwire.codec import hashable_key
+from hotwire.pe.state import DEFAULT_VERSION, unwrap, wrap
 
 # Called with a failing record and the error; returns False when the PE stops
 # (on_error="fail"): the executor then stops at that record and keeps it, and
@@ -68,6 +69,10 @@ class Executor:
 
     def restore(self, states: list[Any]) -> None:
         return None
+
+    def versioned(self, state: Any) -> Any:
+        """``state`` (a snapshot or a part of it) as it travels: with its version."""
+        return state
 
     async def teardown(self) -> None:
         return None
@@ -238,6 +243,20 @@ def _keyed_items(s: Any) -> list[tuple[Any, Any]]:
     return [(hashable_key(k), v) for k, v in s]
 
 
+class StateCheckError(Exception):
+    """A class PE's new code cannot take over a state: which key, and why."""
+
+    def __init__(self, key: Any, from_version: int, to_version: int, error: BaseException):
+        self.key = key
+        self.error = error
+        where = f"key {key!r}" if key is not None else "its state"
+        versions = (
+            f" (state_version {from_version} -> {to_version})" if from_version != to_version else ""
+        )
+        text = " ".join(str(error).split()) or "no message"
+        super().__init__(f"{where}{versions}: {type(error).__name__}: {text}")
+
+
 class ProcessExecutor(Executor):
     """A class PE: one object per instance; ``process(record) -> iterable``."""
 
@@ -295,6 +314,33 @@ class ProcessExecutor(Executor):
         snap = getattr(self.obj, "snapshot", None)
         return snap() if snap is not None else None
 
+    @property
+    def state_version(self) -> int:
+        return int(getattr(self.obj, "state_version", DEFAULT_VERSION))
+
+    def versioned(self, state: Any) -> Any:
+        if state is None or (self.keyed and not state):
+            return state
+        return wrap(state, self.state_version)
+
+    def _migrated(self, state: Any, version: int) -> Any:
+        """``state`` of ``version`` in this class's shape: ``migrate`` it if needed."""
+        if version == self.state_version:
+            return state
+        migrate = getattr(self.obj, "migrate", None)
+        if migrate is None:
+            raise ValueError(
+                f"state of version {version} cannot be restored by {type(self.obj).__name__} "
+                f"(state_version {self.state_version}): define migrate(state, from_version)"
+            )
+        return migrate(state, version)
+
+    def _validated(self, state: Any) -> Any:
+        validate = getattr(self.obj, "validate_state", None)
+        if validate is not None and validate(state) is False:
+            raise ValueError("validate_state() refused the state")
+        return state
+
     def restore(self, states: list[Any]) -> None:
         restore = getattr(self.obj, "restore", None)
         if restore is None:
@@ -302,13 +348,44 @@ class ProcessExecutor(Executor):
         if self.keyed:
             merged: dict[Any, Any] = {}
             for s in states:
-                if s:
-                    merged.update(_keyed_items(s))
-            restore(merged)
+                state, version = unwrap(s)
+                if state:
+                    merged.update(self._migrated(dict(_keyed_items(state)), version))
+            restore(self._validated(merged) if merged else merged)
         else:
             for s in states:
-                if s is not None:
-                    restore(s)
+                state, version = unwrap(s)
+                if state is not None:
+                    restore(self._validated(self._migrated(state, version)))
+
+    def check_state(self, states: list[Any]) -> int:
+        """Try ``migrate``, ``validate_state`` and ``restore`` on ``states``; the
+        number of keys (or, not keyed, states) tried.
+
+        Keyed state is tried one key at a time, so a failure names its key.
+        Raises :class:`StateCheckError`. Used on an object of its own, never on
+        the instance that will process records (restore is not undone).
+        """
+        restore = getattr(self.obj, "restore", None)
+        tried = 0
+        for s in states:
+            state, version = unwrap(s)
+            if self.keyed:
+                items = _keyed_items(state) if state else []
+            else:
+                items = [] if state is None else [(None, state)]
+            for key, value in items:
+                try:
+                    if self.keyed:
+                        part = self._validated(self._migrated({key: value}, version))
+                    else:
+                        part = self._validated(self._migrated(value, version))
+                    if restore is not None:
+                        restore(part)
+                except Exception as e:
+                    raise StateCheckError(key, version, self.state_version, e) from e
+                tried += 1
+        return tried
 
     async def teardown(self) -> None:
         td = getattr(self.obj, "teardown", None)

@@ -40,7 +40,18 @@ class ProcessPE(ABC):
     the subclass defines ``process_batch(records) -> list``, that per batch),
     ``snapshot()`` when it hands its state to successors, and ``teardown()`` once
     at the end.
+
+    State schema: ``state_version`` (a class attribute, default 1) names the
+    shape of what :meth:`snapshot` returns. The version travels with the state
+    (checkpoints and handovers), and an instance of a class with another
+    ``state_version`` calls :meth:`migrate` on it before :meth:`restore`. During
+    an upgrade's prepare phase the runtime tries ``migrate``, ``validate_state``
+    and ``restore`` of the new class on a sample of the state it will take over
+    (from the last checkpoint) on a separate object: an exception or a
+    rejection fails the upgrade and leaves the running version as it was.
     """
+
+    state_version: int = 1
 
     def setup(self, ctx: Context) -> None:  # noqa: B027 - optional hook
         """Called once, before any other method, when the instance is built.
@@ -86,6 +97,31 @@ class ProcessPE(ABC):
         (merged from all predecessors), in one call. Otherwise it is called once per
         predecessor whose snapshot was not None. Not called without predecessors.
         """
+
+    def migrate(self, state: Any, from_version: int) -> Any:
+        """Return ``state``, written by this PE's class at ``from_version``, in the
+        shape of :attr:`state_version`; called before :meth:`restore` (and
+        :meth:`validate_state`) whenever the two versions differ.
+
+        For a keyed PE ``state`` is a mapping ``{key: state}`` (of some or all
+        the keys the instance takes over; called once per predecessor's part) and
+        the result must be one too. ``from_version`` may be higher than
+        :attr:`state_version` (a rollback). The default refuses: a class that
+        changes ``state_version`` must say how to carry the old state over.
+        """
+        raise ValueError(
+            f"state of version {from_version} cannot be restored by {type(self).__name__} "
+            f"(state_version {self.state_version}): define migrate(state, from_version)"
+        )
+
+    def validate_state(self, state: Any) -> bool:
+        """Return False (or raise) to refuse ``state`` before :meth:`restore` takes it.
+
+        Called with the state in this class's shape (after :meth:`migrate`), on
+        the state sample checked in an upgrade's prepare phase and on every real
+        restore. The default accepts everything.
+        """
+        return True
 
     def teardown(self) -> None:  # noqa: B027 - optional hook
         """Called once when the instance stops: retired after an upgrade, or app killed.

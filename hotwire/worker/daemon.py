@@ -526,6 +526,10 @@ class Worker(Node):
                 rt.checkpoint(batch.app, batch.version)
             elif batch.phase == pb.COMMITTED:
                 rt.checkpoint_done(batch.app, batch.version)
+            elif batch.phase == pb.CHECK_STATE:
+                for h in batch.bundles:
+                    await asyncio.to_thread(rt.load, h)
+                await rt.check_state(batch.app, instructions)
             else:
                 raise ValueError(f"unknown phase {batch.phase}")
         except Exception as e:

@@ -297,8 +297,8 @@ class Instance:
         assert self.executor is not None
         state = self.executor.snapshot()
         if self.executor.keyed and isinstance(state, dict):
-            return [[k, v] for k, v in state.items()]
-        return state
+            state = [[k, v] for k, v in state.items()]
+        return self.executor.versioned(state)
 
     def restore_checkpoint(self, states: list[Any]) -> None:
         """Start from a checkpoint's states (recovery: one or, after a rescale, several).
@@ -476,6 +476,14 @@ class Instance:
         return parts
 
     def _split_state(self, retire: Retire) -> list[Any]:
+        """The state for each successor, split by key when keyed, each part with
+        the state version of the code that wrote it (see ``hotwire.pe.state``)."""
+        parts = self._split_bare_state(retire)
+        if self.executor is None:
+            return parts
+        return [self.executor.versioned(p) for p in parts]
+
+    def _split_bare_state(self, retire: Retire) -> list[Any]:
         n = len(retire.successors)
         if self.kind == "source":
             state: Any = {"position": self.position}

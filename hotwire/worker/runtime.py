@@ -22,6 +22,7 @@ from hotwire.pe.executors import (
     EXECUTORS,
     Executor,
     ProcessExecutor,
+    StateCheckError,
     TransactionalSinkExecutor,
 )
 from hotwire.plan import Gate, Instruction, KeyRef, Retire, Route, StartInstance, Switch
@@ -272,6 +273,8 @@ class Runtime:
                     executor = EXECUTORS[ins.kind](impl.fn, ctx, inst.on_error, key_fn)
                 inst.executor = executor
                 await executor.setup()
+                if ins.state_check is not None:
+                    await self._check_state(ins, impl.cls, key_fn)
             for route in ins.routes:
                 inst.routes[route.dst_pe] = self.make_route(inst, route)
             if ins.initial_state is not None:
@@ -281,6 +284,56 @@ class Runtime:
             raise
         inst.start_task()
         return inst
+
+    async def _check_state(self, ins: StartInstance, cls: Any, key_fn: Any) -> int:
+        """Try the new code's migrate, validate_state and restore on ``ins.state_check``
+        (a sample of the state the instance takes over) on an object of its own.
+
+        Raises :class:`PrepareError` naming the PE, the key and the error; returns
+        the number of keys (or states) tried. Only class PEs (``process``) have
+        these hooks; a ``dl_job`` is not set up twice (its setup starts a job).
+        """
+        if ins.kind != "process" or not ins.state_check:
+            return 0
+        from hotwire.sdk.pe import Context
+
+        ctx = Context(
+            app=ins.app,
+            pe=ins.pe,
+            instance=ins.index,
+            parallelism=ins.parallelism,
+            config=dict(ins.config),
+        )
+        def ignore(_record: Any, _error: BaseException) -> None:
+            return None  # the probe processes no record
+
+        probe = ProcessExecutor(cls, ctx, ignore, key_fn)
+        where = f"app {ins.app!r} PE {ins.pe!r} instance {ins.index} on worker {self.name!r}"
+        await probe.setup()  # raises as the instance's own setup would
+        try:
+            return await asyncio.to_thread(probe.check_state, list(ins.state_check))
+        except StateCheckError as e:
+            raise PrepareError(
+                f"{where}: the new code cannot take over the state of the last checkpoint: "
+                f"{e}; the running version keeps running (make restore() accept this state, "
+                "or raise state_version and add migrate(state, from_version))"
+            ) from e
+        finally:
+            try:
+                await probe.teardown()
+            except Exception:
+                log.exception("%s: teardown of the state check's object raised", where)
+
+    async def check_state(self, app: str, instructions: list[Instruction]) -> int:
+        """A dry run's state check: :meth:`_check_state` for each new instance that
+        carries a sample; builds, registers and changes nothing."""
+        tried = 0
+        for ins in instructions:
+            if not isinstance(ins, StartInstance) or ins.state_check is None:
+                continue
+            impl = self.topology(ins.bundle).impl(ins.pe)
+            tried += await self._check_state(ins, impl.cls, self.key_fn(ins.input_key))
+        return tried
 
     def remove_instance(self, inst: Instance) -> None:
         key = (inst.app, inst.iid)

@@ -1,0 +1,33 @@
+"""Versioned PE state: the envelope that carries a class PE's ``state_version``.
+
+A class PE may declare ``state_version = N`` (default 1). State it snapshots at
+a version other than 1 travels as ``{STATE_VERSION: N, "state": state}`` in
+checkpoints and handovers, so the instance that restores it knows which version
+wrote it and calls ``migrate(state, from_version)`` first when its own version
+differs. State of version 1 travels bare, exactly as before versions existed.
+
+Keyed state is split by key *inside* the envelope: :func:`unwrap`, split, and
+:func:`wrap` each part with the same version (``hotwire.master.cut`` and the
+retiring instance both do so). Pure: no I/O, no user code.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+STATE_VERSION = "__hotwire_state_version__"
+DEFAULT_VERSION = 1
+
+
+def wrap(state: Any, version: int) -> Any:
+    """``state`` as written by a PE at ``version``."""
+    if version == DEFAULT_VERSION:
+        return state
+    return {STATE_VERSION: version, "state": state}
+
+
+def unwrap(obj: Any) -> tuple[Any, int]:
+    """``(state, the version that wrote it)`` of a state as it travels."""
+    if isinstance(obj, dict) and STATE_VERSION in obj and len(obj) == 2 and "state" in obj:
+        return obj["state"], int(obj[STATE_VERSION])
+    return obj, DEFAULT_VERSION
