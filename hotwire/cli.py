@@ -641,7 +641,8 @@ def _print_upgrade(r: Any, as_json: bool, dry_run: bool) -> None:
         "app": r.app,
         "from_version": r.from_version,
         "to_version": r.to_version,
-        "changes": {k: changes.get(k, []) for k in keys},
+        "changes": {k: changes.get(k, []) for k in (*keys, "pes_renamed", "renames_inferred")},
+        "state": json.loads(r.state_json or "[]"),
         "instructions": r.instructions,
         "applied": r.applied,
         "latency_ms": round(r.latency_ms, 3),
@@ -661,6 +662,10 @@ def _print_upgrade(r: Any, as_json: bool, dry_run: bool) -> None:
         click.echo(f"plan: {r.instructions} instructions")
         for line in r.plan_lines:
             click.echo(f"  {line}")
+        if r.state_lines:
+            click.echo("state:")
+            for line in r.state_lines:
+                click.echo(f"  {line}")
         if r.state_check:
             click.echo(f"state check: {r.state_check}")
         if r.applied:
@@ -678,15 +683,30 @@ def _print_upgrade(r: Any, as_json: bool, dry_run: bool) -> None:
 @click.option("--name", default="", help="the running app's name, if not the model's")
 @click.option("--include", default=None, type=click.Path(exists=True, file_okay=False))
 @click.option("--dry-run", is_flag=True, help="print the change set and plan; apply nothing")
+@click.option(
+    "--drop-state",
+    "drop_state",
+    multiple=True,
+    metavar="PE",
+    help="let the upgrade remove this stateful PE and drop its state (repeatable)",
+)
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def upgrade(
-    ctx: click.Context, app: str, name: str, include: str | None, dry_run: bool, as_json: bool
+    ctx: click.Context,
+    app: str,
+    name: str,
+    include: str | None,
+    dry_run: bool,
+    drop_state: tuple[str, ...],
+    as_json: bool,
 ) -> None:
     """Diff APP against the running version and apply the change online."""
 
     def body() -> None:
-        r = _client(ctx.obj["master"]).upgrade(app, name=name, include=include, dry_run=dry_run)
+        r = _client(ctx.obj["master"]).upgrade(
+            app, name=name, include=include, dry_run=dry_run, drop_state=drop_state
+        )
         _print_upgrade(r, as_json, dry_run)
 
     _run(body)
@@ -822,8 +842,57 @@ def history(ctx: click.Context, name: str, as_json: bool) -> None:
                 if v["action"] != "submit":
                     for line in ChangeSet.from_dict(v["changes"]).describe():
                         click.echo(f"        {line}")
+                if plan := v["changes"].get("plan"):
+                    kinds = ", ".join(f"{n} {t}" for t, n in plan.get("by_type", {}).items())
+                    click.echo(
+                        f"        plan: {plan['instructions']} instructions on "
+                        f"{plan.get('workers', 0)} worker(s)" + (f" ({kinds})" if kinds else "")
+                    )
+                for move in v["changes"].get("state", []):
+                    click.echo(f"        state: {_describe_move(move)}")
 
         _emit(as_json, {"app": r.app, "current": r.current, "versions": versions}, human)
+
+    _run(body)
+
+
+def _describe_move(m: dict[str, Any]) -> str:
+    """A version's recorded state move (``StateMove.to_dict``) in one line."""
+    size = "size unknown" if m.get("bytes") is None else f"{m['bytes']} bytes"
+    what = f"{m['from']!r} ({m['from_instances']} instance(s), {size})"
+    if not m.get("to"):
+        return f"{what} dropped"
+    return f"{what} -> {m['to']!r} ({m['to_instances']} instance(s)), {m['split']}"
+
+
+@main.command("diff")
+@click.argument("name")
+@click.argument("v1", type=click.IntRange(min=1))
+@click.argument("v2", type=click.IntRange(min=1))
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def diff_versions(ctx: click.Context, name: str, v1: int, v2: int, as_json: bool) -> None:
+    """The change set from stored version V1 of an app to V2 (any two versions)."""
+
+    def body() -> None:
+        r = _client(ctx.obj["master"]).diff(name, v1, v2)
+        changes = json.loads(r.changes_json or "{}")
+        doc = {
+            "app": r.app,
+            "from_version": r.from_version,
+            "to_version": r.to_version,
+            "changes": changes,
+            "lines": list(r.change_lines),
+        }
+
+        def human() -> None:
+            click.echo(f"app {r.app!r}: version {r.from_version} -> {r.to_version}")
+            if not r.change_lines:
+                click.echo("  no changes")
+            for line in r.change_lines:
+                click.echo(f"  {line}")
+
+        _emit(as_json, doc, human)
 
     _run(body)
 

@@ -67,6 +67,7 @@ class Client:
         include: str | None = None,
         dry_run: bool = False,
         timeout: float = 180,
+        drop_state: tuple[str, ...] | list[str] = (),
     ) -> pb.UpgradeReply:
         check_app_name(name)
         model, bundle = load(app_path, include)
@@ -77,6 +78,7 @@ class Client:
                 bundle_hash=bundle.hash,
                 name=name,
                 dry_run=dry_run,
+                drop_state=list(drop_state),
             ),
             timeout=timeout,
         )
@@ -94,6 +96,13 @@ class Client:
 
     def history(self, app: str, timeout: float = 10) -> pb.HistoryReply:
         return self.stub.History(pb.HistoryRequest(app=app), timeout=timeout)
+
+    def diff(self, app: str, v1: int, v2: int, timeout: float = 10) -> pb.DiffReply:
+        """The change set from stored version ``v1`` of ``app`` to version ``v2``."""
+        check_app_name(app)
+        return self.stub.Diff(
+            pb.DiffRequest(app=app, from_version=v1, to_version=v2), timeout=timeout
+        )
 
     def kill(self, app: str, timeout: float = 60) -> pb.KillReply:
         return self.stub.Kill(pb.KillRequest(app=app), timeout=timeout)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hotwire.model import STATEFUL_KINDS, LogicalModel, PESpec, StreamSpec
+from hotwire.plan import instance_id, parse_instance_id
 
 CHANGE_KEYS = (
     "pes_added",
@@ -290,3 +291,21 @@ def _diff(old: LogicalModel, new: LogicalModel) -> ChangeSet:
         regenerated=tuple(sorted(regenerated)),
         details=tuple(sorted(details.items())),
     )
+
+
+def renamed_states(cut: dict[str, Any], model: LogicalModel) -> dict[str, Any]:
+    """A checkpoint's ``{instance id: state}`` with the instances of PEs that ``model``
+    renamed (``renamed_from``) under their new names: a cut taken before the rename
+    restores into the renamed PE."""
+    renames = {
+        p.renamed_from: p.name
+        for p in model.pes
+        if p.renamed_from and p.renamed_from not in model.graph
+    }
+    if not renames:
+        return cut
+    out: dict[str, Any] = {}
+    for iid, state in cut.items():
+        pe, gen, index = parse_instance_id(iid)
+        out[instance_id(renames[pe], gen, index) if pe in renames else iid] = state
+    return out

@@ -34,13 +34,13 @@ import msgpack
 from hotwire.codec import unpackb
 from hotwire.master import transition as tr
 from hotwire.master.cut import sampled_keys, state_samples, states_for_restart
-from hotwire.master.diff import ChangeSet, diff
+from hotwire.master.diff import ChangeSet, diff, renamed_states
 from hotwire.master.locks import AppLocks
 from hotwire.master.membership import Membership
-from hotwire.master.planner import plan_stop, plan_upgrade
+from hotwire.master.planner import StateMove, plan_stop, plan_upgrade, state_moves
 from hotwire.master.scheduler import SchedulingError, schedule
 from hotwire.master.store import Store
-from hotwire.model import LogicalModel
+from hotwire.model import STATEFUL_KINDS, LogicalModel
 from hotwire.plan import (
     Placement,
     Plan,
@@ -91,6 +91,7 @@ class Outcome:
     latency_ms: float
     state_check: str = ""  # what the state compatibility check found ("" : not run)
     state_check_failed: bool = False
+    moves: list[StateMove] = field(default_factory=list)  # where state goes
 
 
 @dataclass
@@ -242,13 +243,18 @@ class TransitionEngine:
         bundle_hash: str,
         dry_run: bool = False,
         rolled_back_to: int = 0,
+        drop_state: Collection[str] = (),
     ) -> Outcome:
         """Take ``app`` from ``old`` to ``new`` as ``version`` (a submit, upgrade or
-        rollback); with ``dry_run``, only plan it."""
+        rollback); with ``dry_run``, only plan it.
+
+        An upgrade that removes a PE of a stateful kind is refused before anything
+        is planned unless ``drop_state`` names it (:meth:`_check_removals`)."""
         self._held(app)
         store = self._store()
         t0 = time.perf_counter()
         change = diff(old, new)
+        self._check_removals(app, action, old, change, drop_state)
         cur_version = version - 1
         cur = self.apps.get(app)
         epoch = (cur.epoch if cur is not None else 0) + 1
@@ -257,10 +263,12 @@ class TransitionEngine:
         except SchedulingError as e:
             raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from e
         plan = plan_upgrade(app, epoch, old, old_pl, new, new_pl, change, bundle_hash)
+        moves = state_moves(plan, old, self._state_sizes(app))
         if change.is_empty and action != "submit":
             return Outcome(app, cur_version, cur_version, change, plan, False, 0.0)
         plan, checked = self._with_state_check(app, plan)
         outcome = Outcome(app, cur_version, version, change, plan, False, 0.0, checked)
+        outcome.moves = moves
         if dry_run:
             await self._dry_state_check(outcome, bundle_hash, bundle)
             return outcome
@@ -272,7 +280,7 @@ class TransitionEngine:
             "model": new.to_json(),
             "bundle": bundle_hash,
             "placement": placement_to_dict(new_pl),
-            "changes": change.to_dict(),
+            "changes": {**change.to_dict(), **_applied(plan, moves)},
             "rolled_back_to": rolled_back_to,
         }
         fallback = tr.Fallback.RESTART if self.running(app) else tr.Fallback.STOP
@@ -373,7 +381,8 @@ class TransitionEngine:
             *(ms.send(w, pb.STOP, app, st.epoch, [], timeout=10) for w in reachable),
             return_exceptions=True,
         )
-        states = self._checkpoint_states(app)
+        # A cut taken before a rename names the PE by its old name.
+        states = renamed_states(self._checkpoint_states(app), st.model)
         epoch = st.epoch + 1
         empty = LogicalModel.build(app, [], [])
         change = diff(empty, st.model)
@@ -703,6 +712,68 @@ class TransitionEngine:
             )
         raise SwitchFailed(grpc.StatusCode.INTERNAL, why)
 
+    def _state_sizes(self, app: str) -> dict[str, int]:
+        """Bytes of every instance's state (msgpack) in the last complete checkpoint
+        of ``app`` (0 for an instance without state); empty when there is none."""
+        ck = self._store().checkpoint(app)
+        if ck is None:
+            return {}
+        raw: dict[str, bytes] = unpackb(ck[2])
+        return {iid: 0 if data in (b"", b"\xc0") else len(data) for iid, data in raw.items()}
+
+    def _check_removals(
+        self,
+        app: str,
+        action: str,
+        old: LogicalModel,
+        change: ChangeSet,
+        drop_state: Collection[str],
+    ) -> None:
+        """Refuse an upgrade that removes a PE of a stateful kind (its state would be
+        lost) unless ``drop_state`` names it, and a ``drop_state`` naming a PE the
+        upgrade does not remove. A rollback returns to a version the user had and
+        is not checked."""
+        removed = set(change.pes_removed)
+        if stray := sorted(set(drop_state) - removed):
+            names = ", ".join(repr(pe) for pe in stray)
+            gone = ", ".join(repr(pe) for pe in sorted(removed)) or "no PE"
+            raise Refused(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"app {app!r}: --drop-state {names}: the upgrade does not remove "
+                f"{'that PE' if len(stray) == 1 else 'those PEs'} (it removes {gone}); "
+                "nothing was changed",
+            )
+        if action != "upgrade":
+            return
+        held = [
+            pe
+            for pe in sorted(removed)
+            if old.pe(pe).kind in STATEFUL_KINDS and pe not in drop_state
+        ]
+        if not held:
+            return
+        sizes = self._state_sizes(app)
+        cur = self.apps.get(app)
+
+        def holds(pe: str) -> str:
+            pl = cur.placement.get(pe) if cur is not None else None
+            if pl is None:
+                return f"PE {pe!r}"
+            ids = [pl.instance(pe, i) for i in range(pl.parallelism)]
+            if all(i in sizes for i in ids):
+                size = f"{sum(sizes[i] for i in ids)} bytes of state at the last checkpoint"
+            else:
+                size = "state of unknown size (no checkpoint of its instances yet)"
+            return f"PE {pe!r} ({old.pe(pe).kind}, {pl.parallelism} instance(s), {size})"
+
+        flags = " ".join(f"--drop-state {pe}" for pe in held)
+        raise Refused(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"app {app!r}: the upgrade removes {', '.join(holds(pe) for pe in held)}, and its "
+            "state would be lost; nothing was changed. If the PE was renamed, declare it "
+            f"with renamed_from=...; to drop the state, upgrade with {flags}",
+        )
+
     def _checkpoint_states(self, app: str) -> dict[str, Any]:
         """The last complete checkpoint of ``app``: every instance's state in one cut."""
         ck = self._store().checkpoint(app)
@@ -721,4 +792,23 @@ def _placement_intent(st: AppState, placement: Placement) -> dict[str, Any]:
         "model": st.model.to_json(),
         "bundle": st.bundle,
         "placement": placement_to_dict(placement),
+    }
+
+
+def _applied(plan: Plan, moves: list[StateMove]) -> dict[str, Any]:
+    """What a version's record keeps of its plan: instruction counts and state moves."""
+    by_type: dict[str, int] = {}
+    for batches in (plan.prepare, plan.switch):
+        for ins in batches.values():
+            for i in ins:
+                by_type[type(i).__name__] = by_type.get(type(i).__name__, 0) + 1
+    return {
+        "plan": {
+            "instructions": plan.count(),
+            "prepare": sum(len(v) for v in plan.prepare.values()),
+            "switch": sum(len(v) for v in plan.switch.values()),
+            "workers": len(plan.workers),
+            "by_type": dict(sorted(by_type.items())),
+        },
+        "state": [m.to_dict() for m in moves],
     }

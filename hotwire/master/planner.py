@@ -268,8 +268,7 @@ def plan_upgrade(
         if pe in regen or pe in renames:
             npl = new_pl[new_name]
             succ = tuple(
-                Successor(npl.instance(new_name, j), npl.workers[j])
-                for j in range(npl.parallelism)
+                Successor(npl.instance(new_name, j), npl.workers[j]) for j in range(npl.parallelism)
             )
         keyed = (new if new_name in new.graph else old).pe(new_name).keyed
         for i in range(opl.parallelism):

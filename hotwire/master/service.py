@@ -15,12 +15,14 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
 import grpc
 
 from hotwire.master.access import Access, AccessInterceptor, AccessService
+from hotwire.master.diff import diff
 from hotwire.master.engine import AppState, Outcome, Refused, TransitionEngine
 from hotwire.master.membership import Membership, SessionRefused, WorkerGone, stale_instances
 from hotwire.master.recovery import Recovery
@@ -175,6 +177,7 @@ class Master(Node):
         dry_run: bool,
         action: str = "upgrade",
         rolled_back_to: int = 0,
+        drop_state: Collection[str] = (),
     ) -> Outcome:
         model = self._check_model(model_json, name)
         self._check_bundle(bundle, bundle_hash)
@@ -197,6 +200,7 @@ class Master(Node):
                 bundle_hash,
                 dry_run,
                 rolled_back_to,
+                drop_state,
             )
 
     async def rollback(self, app: str, to_version: int, dry_run: bool) -> Outcome:
@@ -310,6 +314,30 @@ class Master(Node):
             )
         return reply
 
+    async def diff_versions(self, app: str, v1: int, v2: int) -> pb.DiffReply:
+        """The change set from stored version ``v1`` of ``app`` to ``v2`` (any two)."""
+        store = self.store
+        assert store is not None
+        if app not in self.apps:
+            raise Refused(grpc.StatusCode.NOT_FOUND, f"no app named {app!r}")
+        models = []
+        for v in (v1, v2):
+            rec = await store.read(store.version, app, v)
+            if rec is None:
+                raise Refused(
+                    grpc.StatusCode.NOT_FOUND,
+                    f"app {app!r} has no version {v}; 'streamctl history {app}' lists them",
+                )
+            models.append(rec.model)
+        change = diff(models[0], models[1])
+        return pb.DiffReply(
+            app=app,
+            from_version=v1,
+            to_version=v2,
+            changes_json=json.dumps(change.to_dict()),
+            change_lines=change.describe(),
+        )
+
     def workers(self) -> pb.ListWorkersReply:
         reply = pb.ListWorkersReply()
         now = time.monotonic()
@@ -349,6 +377,8 @@ def _upgrade_reply(o: Outcome) -> pb.UpgradeReply:
         changes_json=json.dumps(o.change.to_dict()),
         change_lines=o.change.describe(),
         plan_lines=o.plan.describe(),
+        state_lines=[m.describe() for m in o.moves],
+        state_json=json.dumps([m.to_dict() for m in o.moves]),
         instructions=o.plan.count(),
         applied=o.applied,
         latency_ms=o.latency_ms,
@@ -397,6 +427,7 @@ class ClientService(pb_grpc.MasterServicer):
                 request.bundle_hash,
                 request.name,
                 request.dry_run,
+                drop_state=tuple(request.drop_state),
             ),
         )
         return _upgrade_reply(o)
@@ -417,6 +448,12 @@ class ClientService(pb_grpc.MasterServicer):
 
     async def ListWorkers(self, request: Any, context: Any) -> pb.ListWorkersReply:
         return await _guard(context, _sync(self.m.workers))
+
+    async def Diff(self, request: Any, context: Any) -> pb.DiffReply:
+        return await _guard(
+            context,
+            self.m.diff_versions(request.app, request.from_version, request.to_version),
+        )
 
 
 class WorkerService(pb_grpc.WorkerControlServicer):

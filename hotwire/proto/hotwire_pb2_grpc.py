@@ -73,6 +73,11 @@ class MasterStub:
                 request_serializer=hotwire__pb2.ListWorkersRequest.SerializeToString,
                 response_deserializer=hotwire__pb2.ListWorkersReply.FromString,
                 _registered_method=True)
+        self.Diff = channel.unary_unary(
+                '/hotwire.v1.Master/Diff',
+                request_serializer=hotwire__pb2.DiffRequest.SerializeToString,
+                response_deserializer=hotwire__pb2.DiffReply.FromString,
+                _registered_method=True)
 
 
 class MasterServicer:
@@ -124,6 +129,13 @@ class MasterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Diff(self, request, context):
+        """the change set between two stored versions
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MasterServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -161,6 +173,11 @@ def add_MasterServicer_to_server(servicer, server):
                     servicer.ListWorkers,
                     request_deserializer=hotwire__pb2.ListWorkersRequest.FromString,
                     response_serializer=hotwire__pb2.ListWorkersReply.SerializeToString,
+            ),
+            'Diff': grpc.unary_unary_rpc_method_handler(
+                    servicer.Diff,
+                    request_deserializer=hotwire__pb2.DiffRequest.FromString,
+                    response_serializer=hotwire__pb2.DiffReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -356,6 +373,33 @@ class Master:
             '/hotwire.v1.Master/ListWorkers',
             hotwire__pb2.ListWorkersRequest.SerializeToString,
             hotwire__pb2.ListWorkersReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Diff(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hotwire.v1.Master/Diff',
+            hotwire__pb2.DiffRequest.SerializeToString,
+            hotwire__pb2.DiffReply.FromString,
             options,
             channel_credentials,
             insecure,

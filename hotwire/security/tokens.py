@@ -18,7 +18,7 @@ ROLES = ("admin", "viewer")
 # What each role may call on the master, by gRPC method name. A viewer's upgrade
 # or rollback must be a dry run (checked with the request, see hotwire.master.access).
 VIEWER_METHODS = frozenset(
-    {"Status", "History", "ListWorkers", "ListTokens", "Audit", "Upgrade", "Rollback"}
+    {"Status", "History", "Diff", "ListWorkers", "ListTokens", "Audit", "Upgrade", "Rollback"}
 )
 DRY_RUN_ONLY = frozenset({"Upgrade", "Rollback"})
 MUTATING = frozenset({"Submit", "Upgrade", "Rollback", "Kill", "CreateToken", "RevokeToken"})
