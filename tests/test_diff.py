@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hotwire.master.diff import ChangeSet, diff, relabel, split_stream_name, stream_name
+from hotwire.master.diff import (
+    ChangeSet,
+    diff,
+    relabel,
+    renamed_states,
+    split_stream_name,
+    stream_name,
+)
 from hotwire.model import LogicalModel, PESpec, StreamSpec, check_structure
 
 
@@ -427,3 +435,24 @@ def test_check_structure_refuses_bad_renames() -> None:
     assert (
         "names the PE itself" in check_structure(LogicalModel.build("orders", me, BASE.streams))[0]
     )
+
+
+def test_a_cut_before_a_rename_restores_into_the_renamed_pe() -> None:
+    new = renamed(BASE, "totals", "sums")
+    cut = {"totals@1.0": [["k", 3]], "totals@1.1": None, "clean@1.0": None}
+    assert renamed_states(cut, new) == {"sums@1.0": [["k", 3]], "sums@1.1": None, "clean@1.0": None}
+    assert renamed_states(cut, BASE) is cut
+
+
+def test_sdk_renamed_from_reaches_the_model() -> None:
+    from hotwire import Topology
+    from hotwire.sdk import ValidationError
+
+    app = Topology("orders")
+    src = app.source("raw", lambda ctx: iter(()))
+    src.key_by(lambda r: r).reduce("sums", lambda a, r: r, renamed_from="totals").sink("out", print)
+    assert app.model().pe("sums").renamed_from == "totals"
+    bad = Topology("orders")
+    bad.source("raw", lambda ctx: iter(())).map("m", str, renamed_from=3).sink("out", print)  # type: ignore[arg-type]
+    with pytest.raises(ValidationError, match=re.escape("renamed_from must be the PE's old name")):
+        bad.model()
