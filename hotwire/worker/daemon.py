@@ -299,9 +299,15 @@ class Worker(Node):
         outbox: asyncio.Queue[pb.WorkerMessage] = asyncio.Queue()
         outbox.put_nowait(pb.WorkerMessage(hello=pb.Hello(name=self.name, session=self.session)))
 
-        async def outgoing() -> Any:
-            while True:
-                yield await outbox.get()
+        async def send(call: Any) -> None:
+            # Written by a task of ours rather than handed to gRPC as a request iterator:
+            # an iterator's consumer task is left pending (and logged as destroyed) when
+            # the call ends under it, as when the master dies.
+            try:
+                while True:
+                    await call.write(await outbox.get())
+            except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
+                return  # the call ended: the reading side sees why
 
         def report(app: str, cid: int, iid: str, state: Any) -> None:
             try:
@@ -318,7 +324,8 @@ class Worker(Node):
             )
 
         self.runtime.on_checkpoint = report
-        call = stub.Control(outgoing())
+        call = stub.Control()
+        sender = asyncio.get_running_loop().create_task(send(call))
         self._call = call
         self._refresh_running()
         self._hb_session = self.session  # the heartbeat thread starts reporting it
@@ -340,6 +347,8 @@ class Worker(Node):
                 self._call = None
                 self._hb_session = ""
             call.cancel()
+            sender.cancel()
+            await asyncio.gather(sender, return_exceptions=True)
 
     # ------------------------------------------------------------------
     # Heartbeats: a thread of their own
