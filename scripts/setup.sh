@@ -1,13 +1,25 @@
 #!/usr/bin/env bash
 # Create .venv and install hotwire with its test dependencies (idempotent).
 # With --full it also installs what the deep-learning job tests use: PyTorch (CPU),
-# the Kubernetes client and schema validator, and (as root, with apt) podman.
+# the Kubernetes client and schema validator, and (as root, with apt) podman; and the
+# servers the connector tests start for real: redis-server, nats-server, postgresql.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 extras="test"
 if [ "${1:-}" = "--full" ]; then
-  extras="test,k8s,dl,bench"
+  extras="test,k8s,dl,bench,connectors"
+  missing=""
+  command -v redis-server >/dev/null 2>&1 || missing="$missing redis-server"
+  command -v nats-server >/dev/null 2>&1 || missing="$missing nats-server"
+  if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+    missing="$missing postgresql"
+  fi
+  if [ -n "$missing" ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    echo "installing$missing (apt)"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null) \
+      || echo "could not install$missing; the connector tests need them"
+  fi
   if ! command -v podman >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
     echo "installing podman, runc and busybox-static (apt)"
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman runc busybox-static >/dev/null) \
