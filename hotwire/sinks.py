@@ -65,6 +65,14 @@ class TransactionalSink:
     def abort(self) -> None:
         """Drop the open transaction."""
 
+    def recover(self, committed: list[Any]) -> None:
+        """Resolve in-doubt transactions after a recovery (or when an upgrade removes
+        the sink): ``committed`` are the handles the restored checkpoint held, just
+        committed; any other pre-committed transaction of this instance belongs to a
+        checkpoint that never completed and should be rolled back. Called after
+        :meth:`setup`, before new records; not called on a fresh start or on an
+        upgrade's handover (the predecessor's pending handles then commit as usual)."""
+
     def teardown(self) -> None:
         """Called when the instance stops, after :meth:`abort`."""
 

@@ -455,9 +455,11 @@ class TransactionalSinkExecutor(Executor):
     def commit_all(self) -> None:
         """Commit every pending transaction (a recovery restored them, or the sink
         is removed by an upgrade and nothing can replay into it)."""
-        for _cid, handle in self.pending:
+        handles = [handle for _cid, handle in self.pending]
+        for handle in handles:
             self.obj.commit(handle)
         self.pending = []
+        self.obj.recover(handles)
 
     def snapshot(self) -> Any:
         return {"pending": [list(p) for p in self.pending]}

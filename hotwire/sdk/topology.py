@@ -396,6 +396,8 @@ class Topology:
                 )
         elif node.kind == "dl_job":
             callable_name = "DLJobPE"
+        if config_ok and node.kind in ("source", "sink"):
+            _check_connector(node.fn, config, where, problems)
         if node.kind == "reduce" and not node.keyed:
             problems.append(
                 f"{where}: reduce needs a keyed input; call .key_by(fn) on the stream "
@@ -494,6 +496,20 @@ def _in_app(app: str, problem: str) -> str:
 
 def _unique(problems: list[str]) -> list[str]:
     return list(dict.fromkeys(problems))
+
+
+def _check_connector(target: Any, config: dict[str, Any], where: str, problems: list[str]) -> None:
+    """A connector's own config check (``check_config(config) -> list of problems``),
+    so that bad options are refused when the model is built, before anything runs."""
+    check = getattr(target, "check_config", None)
+    if not callable(check):
+        return
+    try:
+        found = check(config)
+    except Exception as e:
+        found = [f"{type(e).__name__}: {e}"]
+    name = getattr(target, "__qualname__", type(target).__name__)
+    problems.extend(f"{where}: {name} {p}" for p in found or ())
 
 
 def _check_config(config: Any, where: str, problems: list[str]) -> bool:
