@@ -100,6 +100,11 @@ class Instance:
         self.records_out = 0
         self.dead_letters = 0
         self.position = 0  # records a source has emitted, over all its generations
+        # A source's iterator object, and its position at each checkpoint cut not yet
+        # complete: a ``checkpoint_complete(position)`` method of the object hears when
+        # the checkpoint that covers ``position`` records is stored (e.g. to ack them).
+        self._source_obj: Any = None
+        self._cuts: dict[int, int] = {}
 
     # -- what the machine knows -----------------------------------------------
     @property
@@ -220,6 +225,8 @@ class Instance:
                     self._set_released()
                 elif isinstance(a, sm.Finish):
                     await self._finish(a)
+                elif isinstance(a, sm.Commit) and self.kind == "source":
+                    self._source_checkpoint_complete(a.checkpoint)
                 elif isinstance(a, sm.Commit):
                     done = getattr(self.executor, "checkpoint_complete", None)
                     if done is not None:
@@ -264,6 +271,8 @@ class Instance:
         pre_commit = getattr(self.executor, "pre_commit", None)
         if pre_commit is not None:
             pre_commit(cid)  # the open transaction becomes part of this checkpoint
+        if self.kind == "source":
+            self._cuts[cid] = self.position
         try:
             state = self._checked(self._snapshot())
         except StateError as e:
@@ -271,6 +280,21 @@ class Instance:
             return sm.Fail(str(e))
         self.runtime.on_checkpoint(self.app, cid, self.iid, state)
         return sm.SNAPSHOTTED
+
+    def _source_checkpoint_complete(self, cid: int) -> None:
+        """Checkpoint ``cid`` is stored: tell the source's iterator object the
+        position it covers (``checkpoint_complete(position)``, if it has one)."""
+        covered = [c for c in self._cuts if c <= cid]
+        if not covered:
+            return
+        position = max(self._cuts.pop(c) for c in covered)
+        done = getattr(self._source_obj, "checkpoint_complete", None)
+        if done is None:
+            return
+        try:
+            done(position)
+        except Exception:
+            log.exception("%s/%s: the source's checkpoint_complete raised", self.app, self.iid)
 
     def _checked(self, state: Any) -> Any:
         """``state`` if it serialises; a :class:`StateError` naming the PE if not.
@@ -365,7 +389,8 @@ class Instance:
         if await self._source_controls():
             return
         try:
-            self._pump = _Pump(self.source_fn(self.ctx))
+            self._source_obj = self.source_fn(self.ctx)
+            self._pump = _Pump(self._source_obj)
         except Exception as e:
             await self._source_failed(e)
         ctl: asyncio.Future[Any] | None = None

@@ -134,15 +134,17 @@ class Runtime:
         return True
 
     def checkpoint_done(self, app: str, checkpoint: int) -> int:
-        """Checkpoint ``checkpoint`` of ``app`` is stored: tell its transactional sinks."""
-        sinks = [
+        """Checkpoint ``checkpoint`` of ``app`` is stored: tell its transactional sinks
+        and its sources (a source's iterator may ack what the checkpoint covers)."""
+        told = [
             i
             for (a, _), i in self.instances.items()
-            if a == app and isinstance(i.executor, TransactionalSinkExecutor)
+            if a == app
+            and (i.kind == "source" or isinstance(i.executor, TransactionalSinkExecutor))
         ]
-        for inst in sinks:
+        for inst in told:
             inst.inbox.put_nowait((CONTROL, None, CheckpointDone(checkpoint), None))
-        return len(sinks)
+        return len(told)
 
     def checkpoint(self, app: str, checkpoint: int) -> int:
         """Start checkpoint ``checkpoint`` at this worker's source instances of ``app``."""

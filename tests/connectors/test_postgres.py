@@ -191,7 +191,19 @@ def test_a_worker_killed_under_load_leaves_every_row_exactly_once(
         assert sink_workers == {"w1", "w2"}, "a sink instance must run on the killed worker"
         count = lambda: _sql(pg_url, "SELECT count(*) FROM counts")[0][0]  # noqa: E731
         poll_for(lambda: count() > N // 3, 30, what="commits")
-        poll_for(lambda: _prepared(pg_url), 10, 0.002, what="a prepared transaction seen")
+        # Kill w2 while its sink instance holds a prepared, uncommitted transaction:
+        # freeze it (SIGSTOP) when one is seen, check it is still there, then SIGKILL.
+        (index,) = [i.index for p in st.pes if p.name == "out" for i in p.instances
+                    if i.worker == "w2"]
+        mine = lambda: [g for g in _prepared(pg_url) if g.startswith(f"hotwire/pgcount/out/{index}/")]  # noqa: E731
+        for _ in range(50):
+            poll_for(mine, 10, 0.002, what="a prepared transaction of w2's sink")
+            c.pause_worker("w2")
+            in_doubt = mine()
+            if in_doubt:
+                break
+            c.resume_worker("w2")
+        assert in_doubt, "w2 never froze with a prepared transaction"
         c.kill_worker("w2")
         poll_for(lambda: count() >= N, 60, what="every row committed")
         poll_for(lambda: not _prepared(pg_url), 10, what="no prepared transaction left")

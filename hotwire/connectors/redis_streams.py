@@ -1,0 +1,375 @@
+"""Redis Streams: an exactly-once source (consumer groups) and sink (XADD at commit).
+
+Source::
+
+    from hotwire.connectors.redis_streams import RedisStreamSink, RedisStreamSource
+
+    src = app.source("src", RedisStreamSource(url="redis://localhost:6379/0", stream="in"))
+    ...
+    out.sink("out", RedisStreamSink(url="redis://localhost:6379/0", stream="out"))
+
+The source reads with ``XREADGROUP`` in the consumer group ``hotwire.<app>.<pe>``
+(one consumer per source instance, named by its index) and emits one record per
+entry: ``{"id": "<entry id>", "fields": {field: value}}``. Every entry it is
+handed goes, in the same Lua call, at the end of a per-instance *delivery log*
+(a Redis list): the source's checkpointed position ``n`` (records emitted) is
+then the index in that log of the first entry not yet covered. The entries are
+acknowledged (``XACK``) and dropped from the log only when a checkpoint that
+covers them is complete. After a restart (recovery or an online upgrade of the
+source) the source re-emits the log from its position, in the order first
+emitted, then reads new entries: nothing is re-read that a complete checkpoint
+covers and nothing delivered is skipped.
+
+Limits: the source's parallelism must not change while entries are pending (a
+new instance index starts an empty log); entries trimmed from the stream
+(``MAXLEN``) before they were emitted are skipped with a warning.
+
+The sink is a :class:`hotwire.sinks.TransactionalSink`: a transaction's records
+are written at pre-commit to a Redis list (durable, not visible), and commit
+moves them into the output stream with ``XADD`` in one Lua call that also sets
+a marker key for the transaction. Committing again (recovery re-commits what
+the restored checkpoint holds) finds the marker and adds nothing.
+
+Options are checked when the app is loaded: a missing stream, a URL that is not
+``redis://``/``rediss://``/``unix://`` or an unknown option raises
+:class:`ValueError` naming the option, so ``streamctl submit`` fails before
+anything is deployed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any, ClassVar
+from urllib.parse import urlparse
+
+from hotwire.sinks import TransactionalSink
+
+__all__ = ["RedisStreamSink", "RedisStreamSource"]
+
+log = logging.getLogger(__name__)
+
+_SCHEMES = ("redis", "rediss", "unix")
+
+# Reads up to COUNT new entries for consumer C of group G on stream S and appends
+# their ids to the delivery log L, atomically: an entry is never delivered to the
+# consumer without being in its log.
+_READ = """
+local r = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', ARGV[3],
+                     'STREAMS', KEYS[1], '>')
+if not r then return {} end
+local entries = r[1][2]
+for i, e in ipairs(entries) do redis.call('RPUSH', KEYS[2], e[1]) end
+return entries
+"""
+
+# Acks the first N ids of the delivery log L, drops them and advances its base B.
+_ACK = """
+local n = tonumber(ARGV[2])
+if n <= 0 then return 0 end
+local ids = redis.call('LRANGE', KEYS[2], 0, n - 1)
+if #ids > 0 then
+  for i = 1, #ids, 1000 do
+    redis.call('XACK', KEYS[1], ARGV[1], unpack(ids, i, math.min(i + 999, #ids)))
+  end
+  redis.call('LTRIM', KEYS[2], #ids, -1)
+  redis.call('INCRBY', KEYS[3], #ids)
+end
+return #ids
+"""
+
+# Commits transaction T: its records (list KEYS[2]) go into stream KEYS[1] unless
+# marker KEYS[3] says they already did. ARGV[1]: the marker's time to live.
+_COMMIT = """
+if redis.call('EXISTS', KEYS[3]) == 1 then return -1 end
+local recs = redis.call('LRANGE', KEYS[2], 0, -1)
+for _, r in ipairs(recs) do
+  local f = cjson.decode(r)
+  redis.call('XADD', KEYS[1], '*', unpack(f))
+end
+redis.call('SET', KEYS[3], #recs, 'EX', tonumber(ARGV[1]))
+redis.call('DEL', KEYS[2])
+return #recs
+"""
+
+
+def _check_url(url: Any, who: str) -> str:
+    if not isinstance(url, str) or urlparse(url).scheme not in _SCHEMES:
+        msg = (
+            f"{who}: url={url!r} is not a Redis URL; "
+            "give redis://HOST:PORT/DB (or rediss://, unix://)"
+        )
+        raise ValueError(msg)
+    parsed = urlparse(url)
+    if parsed.scheme != "unix" and not parsed.hostname:
+        msg = f"{who}: url={url!r} has no host; give redis://HOST:PORT/DB"
+        raise ValueError(msg)
+    return url
+
+
+def _check_options(who: str, given: dict[str, Any], allowed: dict[str, Any]) -> None:
+    unknown = sorted(set(given) - set(allowed))
+    if unknown:
+        msg = (
+            f"{who}: unknown option {', '.join(map(repr, unknown))}; "
+            f"the options are {', '.join(sorted(allowed))}"
+        )
+        raise ValueError(msg)
+    for name, kind in allowed.items():
+        v = given.get(name)
+        if v is not None and (not isinstance(v, kind) or isinstance(v, bool)):
+            what = "number" if isinstance(kind, tuple) else kind.__name__
+            msg = f"{who}: option {name}={v!r} must be of type {what}"
+            raise ValueError(msg)
+
+
+def _check_stream(stream: Any, who: str) -> str:
+    if not isinstance(stream, str) or not stream:
+        msg = f"{who}: the stream name is missing; give stream='NAME'"
+        raise ValueError(msg)
+    return stream
+
+
+class RedisStreamSource:
+    """A source reading Redis stream ``stream`` exactly once (see the module docstring).
+
+    Options: ``url``, ``stream`` (required); ``batch`` (entries per read, default
+    500); ``start`` (where a new consumer group starts: ``"0"`` the beginning,
+    default, or ``"$"`` new entries only); ``poll_interval`` (seconds between reads
+    of an idle stream, default 0.05).
+    """
+
+    _OPTIONS: ClassVar[dict[str, Any]] = {
+        "url": str,
+        "stream": str,
+        "batch": int,
+        "start": str,
+        "poll_interval": (int, float),
+    }
+
+    def __init__(self, **options: Any) -> None:
+        who = "RedisStreamSource"
+        _check_options(who, options, self._OPTIONS)
+        self.url = _check_url(options.get("url"), who)
+        self.stream = _check_stream(options.get("stream"), who)
+        self.batch = int(options.get("batch", 500))
+        self.start = str(options.get("start", "0"))
+        self.poll_interval = float(options.get("poll_interval", 0.05))
+        if self.batch < 1:
+            msg = f"{who}: batch={self.batch} must be at least 1"
+            raise ValueError(msg)
+
+    def __call__(self, ctx: Any) -> _Reader:
+        return _Reader(self, ctx)
+
+
+def group_name(app: str, pe: str) -> str:
+    """The consumer group a :class:`RedisStreamSource` PE reads with."""
+    return f"hotwire.{app}.{pe}"
+
+
+class _Reader:
+    """One source instance's async iterator; the runtime calls
+    :meth:`checkpoint_complete` when a checkpoint covering ``position`` records is stored."""
+
+    def __init__(self, conf: RedisStreamSource, ctx: Any) -> None:
+        self.conf = conf
+        self.ctx = ctx
+        self.group = group_name(ctx.app, ctx.pe)
+        self.consumer = str(ctx.instance)
+        base = f"hotwire:src:{ctx.app}:{ctx.pe}:{ctx.instance}"
+        self.log_key, self.base_key = f"{base}:log", f"{base}:base"
+        self.position = int(getattr(ctx, "position", 0) or 0)
+        self._acked_to = 0  # position up to which a complete checkpoint covers
+        self._buf: list[Any] = []
+        self._replay: list[str] | None = None  # ids still to re-emit after a restart
+        self._redis: Any = None
+
+    def checkpoint_complete(self, position: int) -> None:
+        self._acked_to = max(self._acked_to, position)
+
+    def __aiter__(self) -> _Reader:
+        return self
+
+    async def __anext__(self) -> Any:
+        while not self._buf:
+            if self._redis is None:
+                await self._open()
+            await self._ack()
+            if self._replay:
+                await self._replay_some()
+                continue
+            entries = await self._redis.eval(
+                _READ,
+                2,
+                self.conf.stream,
+                self.log_key,
+                self.group,
+                self.consumer,
+                self.conf.batch,
+            )
+            if entries:
+                self._buf = [_record(e) for e in entries]
+                self._buf.reverse()
+            else:
+                await asyncio.sleep(self.conf.poll_interval)
+        return self._buf.pop()
+
+    async def _open(self) -> None:
+        import redis.asyncio as aioredis
+        from redis.exceptions import ResponseError
+
+        r = aioredis.from_url(self.conf.url, decode_responses=True)
+        try:
+            await r.xgroup_create(self.conf.stream, self.group, id=self.conf.start, mkstream=True)
+        except ResponseError as e:
+            if "BUSYGROUP" not in str(e):
+                raise
+        self._redis = r
+        base = int(await r.get(self.base_key) or 0)
+        if self.position < base:
+            log.warning(
+                "app %r PE %r instance %s: position %d is before the acknowledged %d; "
+                "resuming from %d",
+                self.ctx.app,
+                self.ctx.pe,
+                self.consumer,
+                self.position,
+                base,
+                base,
+            )
+        self._replay = [
+            str(i) for i in await r.lrange(self.log_key, max(0, self.position - base), -1)
+        ]
+
+    async def _replay_some(self) -> None:
+        assert self._replay is not None
+        ids, self._replay = self._replay[: self.conf.batch], self._replay[self.conf.batch :]
+        async with self._redis.pipeline(transaction=False) as p:
+            for i in ids:
+                p.xrange(self.conf.stream, i, i)
+            found = await p.execute()
+        out = []
+        for i, got in zip(ids, found, strict=True):
+            if got:
+                out.append(_record(got[0]))
+            else:
+                log.warning(
+                    "app %r PE %r: entry %s of stream %r is gone (trimmed?); skipped",
+                    self.ctx.app,
+                    self.ctx.pe,
+                    i,
+                    self.conf.stream,
+                )
+        out.reverse()
+        self._buf = out
+
+    async def _ack(self) -> None:
+        if self._acked_to <= 0:
+            return
+        base = int(await self._redis.get(self.base_key) or 0)
+        n = self._acked_to - base
+        if n > 0:
+            await self._redis.eval(
+                _ACK, 3, self.conf.stream, self.log_key, self.base_key, self.group, n
+            )
+
+    async def aclose(self) -> None:
+        r, self._redis = self._redis, None
+        if r is not None:
+            await r.aclose()
+
+
+def _record(entry: Any) -> dict[str, Any]:
+    eid, fields = entry
+    if isinstance(fields, list):  # from Lua: a flat [field, value, ...] list
+        fields = dict(zip(fields[::2], fields[1::2], strict=True))
+    return {"id": eid, "fields": fields}
+
+
+class RedisStreamSink(TransactionalSink):
+    """An exactly-once sink into Redis stream ``stream`` (see the module docstring).
+
+    ``RedisStreamSink(url=..., stream=...)`` returns a sink class bound to those
+    options (the runtime makes one object per sink instance). A record that is a
+    dict of str, int or float values becomes the entry's fields; any
+    other record goes as JSON in the field ``data``. Option ``marker_ttl``:
+    seconds a commit marker is kept (default 7 days).
+    """
+
+    _OPTIONS: ClassVar[dict[str, Any]] = {"url": str, "stream": str, "marker_ttl": int}
+    options: ClassVar[dict[str, Any]] = {}
+
+    def __new__(cls, **options: Any) -> Any:
+        if not options:
+            return super().__new__(cls)  # the runtime making a sink object
+        who = "RedisStreamSink"
+        _check_options(who, options, cls._OPTIONS)
+        _check_url(options.get("url"), who)
+        _check_stream(options.get("stream"), who)
+        bound = {"marker_ttl": 7 * 24 * 3600, **options}
+        return type(cls.__name__, (cls,), {"options": bound, "__module__": cls.__module__})
+
+    def __init__(self, **options: Any) -> None:
+        pass
+
+    def setup(self, ctx: Any) -> None:
+        import redis
+
+        if not self.options:
+            msg = (
+                f"PE {getattr(ctx, 'pe', '?')!r}: use RedisStreamSink(url=..., stream=...) "
+                "as the sink, not the bare class"
+            )
+            raise ValueError(msg)
+        self.stream = self.options["stream"]
+        self.ttl = int(self.options["marker_ttl"])
+        self.redis = redis.Redis.from_url(self.options["url"], decode_responses=True)
+        self._commit = self.redis.register_script(_COMMIT)
+        self._txn = ""
+        self._recs: list[str] = []
+
+    def begin(self, txn: str) -> None:
+        self._txn, self._recs = txn, []
+
+    def write(self, record: Any) -> None:
+        self._recs.append(json.dumps(_fields(record)))
+
+    def _keys(self, txn: str) -> list[str]:
+        return [self.stream, f"hotwire:txn:{txn}", f"hotwire:txn:{txn}:done"]
+
+    def pre_commit(self) -> Any:
+        if not self._recs:
+            return None
+        key = self._keys(self._txn)[1]
+        with self.redis.pipeline(transaction=True) as p:
+            p.delete(key)
+            for i in range(0, len(self._recs), 1000):
+                p.rpush(key, *self._recs[i : i + 1000])
+            p.execute()
+        self._recs = []
+        return self._txn
+
+    def commit(self, handle: Any) -> None:
+        self._commit(keys=self._keys(str(handle)), args=[self.ttl])
+
+    def abort(self) -> None:
+        self._recs = []
+
+    def teardown(self) -> None:
+        r = getattr(self, "redis", None)
+        if r is not None:
+            r.close()
+
+
+def _fields(record: Any) -> list[Any]:
+    """A record as a flat [field, value, ...] list for XADD."""
+    if isinstance(record, dict) and record and all(isinstance(k, str) for k in record):
+        values = record.values()
+        if all(isinstance(v, str | int | float) and not isinstance(v, bool) for v in values):
+            flat: list[str] = []
+            for k, v in record.items():
+                flat += [k, v if isinstance(v, str) else repr(v)]
+            return flat
+    return ["data", json.dumps(record, default=repr)]
