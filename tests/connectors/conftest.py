@@ -69,9 +69,23 @@ def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = _free_port()
     log = open(base / "postgres.log", "wb")
     proc = subprocess.Popen(
-        [postgres, "-D", str(data), "-p", str(port), "-k", str(base),
-         "-c", "listen_addresses=127.0.0.1", "-c", "max_prepared_transactions=10",
-         "-c", "fsync=off", "-c", "max_connections=50"],
+        [
+            postgres,
+            "-D",
+            str(data),
+            "-p",
+            str(port),
+            "-k",
+            str(base),
+            "-c",
+            "listen_addresses=127.0.0.1",
+            "-c",
+            "max_prepared_transactions=10",
+            "-c",
+            "fsync=off",
+            "-c",
+            "max_connections=50",
+        ],
         stdout=log,
         stderr=subprocess.STDOUT,
         user=user,
@@ -134,7 +148,8 @@ def pg_url(postgres_server: str, request: pytest.FixtureRequest) -> Iterator[str
             "SELECT gid FROM pg_prepared_xacts WHERE database = %s", (name,)
         ).fetchall():
             # A prepared transaction keeps its database in use; release it first.
-            with psycopg.connect(postgres_server.rsplit("/", 1)[0] + "/" + name,
-                                 autocommit=True) as c2:
+            with psycopg.connect(
+                postgres_server.rsplit("/", 1)[0] + "/" + name, autocommit=True
+            ) as c2:
                 c2.execute(f"ROLLBACK PREPARED '{gid}'")
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

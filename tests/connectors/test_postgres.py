@@ -80,9 +80,16 @@ def test_prepared_transactions_commit_with_their_checkpoint_and_recovery_resolve
 def test_upsert_mode_writes_the_last_value_per_key(pg_url: str) -> None:
     _make_table(pg_url)
     ctx = SimpleNamespace(
-        app="a", pe="latest", instance=0,
-        config={"url": pg_url, "table": "latest", "columns": ["key", "n"], "mode": "upsert",
-                "key": ["key"]},
+        app="a",
+        pe="latest",
+        instance=0,
+        config={
+            "url": pg_url,
+            "table": "latest",
+            "columns": ["key", "n"],
+            "mode": "upsert",
+            "key": ["key"],
+        },
     )
 
     async def run() -> None:
@@ -103,24 +110,34 @@ def test_upsert_mode_writes_the_last_value_per_key(pg_url: str) -> None:
     [
         ({"table": "t", "columns": ["a"]}, "config needs 'url'"),
         ({"url": "postgresql://h/db", "columns": ["a"]}, "config needs 'table'"),
-        ({"url": "postgresql://h/db", "table": "t", "columns": ["a"], "tabel": "x"},
-         "config has unknown option(s) 'tabel'; known: url, table, columns"),
-        ({"url": "http//nowhere", "table": "t", "columns": ["a"]},
-         "config 'url' is not a PostgreSQL URL or conninfo"),
-        ({"url": "postgresql://h/db", "table": "t", "columns": ["a"], "mode": "upsert"},
-         "config mode 'upsert' needs 'key'"),
+        (
+            {"url": "postgresql://h/db", "table": "t", "columns": ["a"], "tabel": "x"},
+            "config has unknown option(s) 'tabel'; known: url, table, columns",
+        ),
+        (
+            {"url": "http//nowhere", "table": "t", "columns": ["a"]},
+            "config 'url' is not a PostgreSQL URL or conninfo",
+        ),
+        (
+            {"url": "postgresql://h/db", "table": "t", "columns": ["a"], "mode": "upsert"},
+            "config mode 'upsert' needs 'key'",
+        ),
     ],
 )
 def test_bad_config_is_refused_by_the_model(config: dict[str, Any], problem: str) -> None:
     app = Topology("pg")
     app.source("src", counter(n=1)).sink("out", PostgresSink, config=config)
-    with pytest.raises(ValidationError, match=re.escape(f"PE 'out' of app 'pg': PostgresSink {problem}")):
+    with pytest.raises(
+        ValidationError, match=re.escape(f"PE 'out' of app 'pg': PostgresSink {problem}")
+    ):
         app.model()
 
 
 def test_an_unreachable_server_refuses_setup_with_the_servers_error() -> None:
     ctx = _ctx("postgresql://nobody@127.0.0.1:1/db")
-    with pytest.raises(ValueError, match=r"PE 'out' of app 'a': PostgresSink cannot connect: .*refused"):
+    with pytest.raises(
+        ValueError, match=r"PE 'out' of app 'a': PostgresSink cannot connect: .*refused"
+    ):
         PostgresSink().setup(ctx)
 
 
@@ -193,9 +210,13 @@ def test_a_worker_killed_under_load_leaves_every_row_exactly_once(
         poll_for(lambda: count() > N // 3, 30, what="commits")
         # Kill w2 while its sink instance holds a prepared, uncommitted transaction:
         # freeze it (SIGSTOP) when one is seen, check it is still there, then SIGKILL.
-        (index,) = [i.index for p in st.pes if p.name == "out" for i in p.instances
-                    if i.worker == "w2"]
-        mine = lambda: [g for g in _prepared(pg_url) if g.startswith(f"hotwire/pgcount/out/{index}/")]  # noqa: E731
+        (index,) = [
+            i.index for p in st.pes if p.name == "out" for i in p.instances if i.worker == "w2"
+        ]
+
+        def mine() -> list[str]:
+            return [g for g in _prepared(pg_url) if g.startswith(f"hotwire/pgcount/out/{index}/")]
+
         for _ in range(50):
             poll_for(mine, 10, 0.002, what="a prepared transaction of w2's sink")
             c.pause_worker("w2")
@@ -221,7 +242,7 @@ def test_an_online_upgrade_of_the_sink_keeps_exactly_once(tmp_path: Path, pg_url
         poll_for(lambda: count() > N // 4, 30, what="commits")
         res = c.client.upgrade(v2)
         assert res.applied
-        out = [p for p in c.client.status("pgcount").apps[0].pes if p.name == "out"][0]
+        out = next(p for p in c.client.status("pgcount").apps[0].pes if p.name == "out")
         assert out.gen == 2, "the sink PE was replaced"
         poll_for(lambda: count() >= N, 60, what="every row committed")
         poll_for(lambda: not _prepared(pg_url), 10, what="no prepared transaction left")

@@ -1,0 +1,176 @@
+"""The source side of the connector API: partitions, positions, replay.
+
+A :class:`PartitionedSource` reads partitions (files, stream shards, topic
+partitions), each from a position (a byte offset, an entry id, an offset).
+The runtime checkpoints one number per source instance, ``ctx.position``: how
+many records the instance emitted over all its generations. The
+:class:`PositionLog` maps that count to one position per partition: before the
+source yields a batch it appends ``[count, partition, position before, position
+after, n]`` to a log file and flushes it. A source that starts with
+``ctx.position == N`` (a recovery from a checkpoint, or an upgrade's handover)
+replays the log up to record ``N`` and resumes every partition from there, so a
+record counted in the checkpoint is never read again and none after it is
+skipped. When ``N`` falls inside a batch the source reads the first records of
+that batch again to find the position between them, so :meth:`read` must be
+deterministic: the same position and limit give the same records (true of
+append-only partitions).
+
+Subclass it with :meth:`partitions` and :meth:`read`; pass an instance as the
+source function: ``app.source("src", MySource(option=...))``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import zlib
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+__all__ = ["PartitionedSource", "PositionLog", "check_options"]
+
+
+def check_options(name: str, config: dict[str, Any], known: dict[str, str]) -> list[str]:
+    """The unknown options of ``config`` as a list of problems (empty when none)."""
+    unknown = sorted(set(config) - set(known))
+    if not unknown:
+        return []
+    return [f"{name}: unknown option(s) {', '.join(map(repr, unknown))}; known: {', '.join(known)}"]
+
+
+class PartitionedSource(ABC):
+    """A source made of partitions, each read from a checkpointed position.
+
+    The runtime calls the object with the instance's context (``source(ctx)``)
+    once per instance generation; it returns an async iterator of records.
+    Partition ``p`` belongs to instance ``crc32(p) % parallelism``. Options are
+    checked in the constructor, which runs when the app file is loaded, so
+    ``streamctl submit`` refuses a bad one before anything is deployed.
+    """
+
+    batch = 500  # records read from one partition at a time
+    poll_interval = 0.1  # seconds to wait when no partition had anything new
+
+    @abstractmethod
+    def partitions(self) -> list[str]:
+        """Every partition now (called again while tailing, to find new ones)."""
+
+    @abstractmethod
+    def read(self, partition: str, position: Any, limit: int) -> tuple[list[Any], Any]:
+        """Up to ``limit`` records of ``partition`` from ``position``, and the position
+        after them (``position`` itself when there is nothing new). Deterministic;
+        runs in a thread, never concurrently for one source instance."""
+
+    def initial_position(self, partition: str) -> Any:
+        """Where a partition is read from when no position was recorded for it."""
+        return 0
+
+    @abstractmethod
+    def log_path(self, ctx: Any) -> Path:
+        """The position log of instance ``ctx.instance`` (shared storage when the
+        instance may move to another machine, like the partitions themselves)."""
+
+    def owns(self, partition: str, ctx: Any) -> bool:
+        n = max(1, int(getattr(ctx, "parallelism", 1) or 1))
+        return zlib.crc32(partition.encode()) % n == int(getattr(ctx, "instance", 0) or 0)
+
+    def __call__(self, ctx: Any) -> AsyncIterator[Any]:
+        return self._run(ctx)
+
+    async def _run(self, ctx: Any) -> AsyncIterator[Any]:
+        count = int(getattr(ctx, "position", 0) or 0)
+        log = PositionLog(self.log_path(ctx))
+        positions = await asyncio.to_thread(log.recover, count, self.read)
+        try:
+            async for r in self._tail(ctx, log, count, positions):
+                yield r
+        finally:
+            log.close()
+
+    async def _tail(
+        self, ctx: Any, log: PositionLog, count: int, positions: dict[str, Any]
+    ) -> AsyncIterator[Any]:
+        while True:
+            progressed = False
+            for p in sorted(
+                q for q in await asyncio.to_thread(self.partitions) if self.owns(q, ctx)
+            ):
+                before = positions.get(p, self.initial_position(p))
+                records, after = await asyncio.to_thread(self.read, p, before, self.batch)
+                if not records:
+                    continue
+                log.append(count, p, before, after, len(records))
+                for r in records:
+                    yield r
+                count += len(records)
+                positions[p] = after
+                progressed = True
+            if not progressed:
+                await asyncio.sleep(self.poll_interval)
+
+
+class PositionLog:
+    """Record count -> position per partition, for one source instance (see module doc)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._file: Any = None
+
+    def recover(self, count: int, read: Any) -> dict[str, Any]:
+        """The position of every partition after ``count`` records; rewrites the log
+        to that point (atomically: a predecessor still holding the old file writes
+        into an unlinked one)."""
+        positions: dict[str, Any] = {}
+        seen = 0
+        if count > 0:
+            if not self.path.exists():
+                msg = (
+                    f"the source resumes at record {count} but its position log {self.path} "
+                    "does not exist (a rescaled source, or the log was removed); the "
+                    "positions cannot be recovered"
+                )
+                raise RuntimeError(msg)
+            for entry in self._entries():
+                if "base" in entry:
+                    positions, seen = dict(entry["base"]), entry["count"]
+                    continue
+                c, p, before, after, n = entry["batch"]
+                if c >= count:
+                    break
+                k = min(n, count - c)
+                positions[p] = after if k == n else read(p, before, k)[1]
+                seen = c + k
+            if seen < count:
+                msg = f"position log {self.path} covers {seen} records, the checkpoint {count}"
+                raise RuntimeError(msg)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(json.dumps({"count": count, "base": positions}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        self._file = open(self.path, "a", encoding="utf-8")  # kept open for appends
+        return positions
+
+    def _entries(self) -> list[dict[str, Any]]:
+        out = []
+        with open(self.path, encoding="utf-8") as f:
+            for line in f:
+                if not line.endswith("\n"):
+                    break  # torn by a crash: its records were never yielded
+                out.append(json.loads(line))
+        return out
+
+    def append(self, count: int, partition: str, before: Any, after: Any, n: int) -> None:
+        """Record a batch before its records are yielded (flushed: survives SIGKILL)."""
+        self._file.write(json.dumps({"batch": [count, partition, before, after, n]}) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        f, self._file = self._file, None
+        if f is not None:
+            f.close()
