@@ -12,3 +12,19 @@ Connector modules import their client libraries (psycopg, redis, nats)
 lazily, so ``import hotwire.connectors`` never needs an optional extra.
 See docs/connectors.md.
 """
+
+from hotwire.connectors.base import PartitionedSource, PositionLog, check_options
+from hotwire.connectors.files import FileSource
+from hotwire.connectors.postgres import PostgresSink
+from hotwire.sinks import JsonlSink, TransactionalSink, read_committed
+
+__all__ = [
+    "FileSource",
+    "JsonlSink",
+    "PartitionedSource",
+    "PositionLog",
+    "PostgresSink",
+    "TransactionalSink",
+    "check_options",
+    "read_committed",
+]
