@@ -690,6 +690,26 @@ def _print_upgrade(r: Any, as_json: bool, dry_run: bool) -> None:
     metavar="PE",
     help="let the upgrade remove this stateful PE and drop its state (repeatable)",
 )
+@click.option(
+    "--canary",
+    default="",
+    metavar="PE=SHARE",
+    help="run the new code of PE (the upgrade's only change) on SHARE of its keys, e.g. count=10%",
+)
+@click.option(
+    "--canary-errors",
+    default=-1.0,
+    type=float,
+    metavar="RATE",
+    help="roll the canary back when its error rate (errors/records) exceeds RATE",
+)
+@click.option(
+    "--canary-for",
+    default=0.0,
+    type=click.FloatRange(min=0),
+    metavar="S",
+    help="promote the canary after S seconds within --canary-errors (default: by hand)",
+)
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def upgrade(
@@ -699,14 +719,35 @@ def upgrade(
     include: str | None,
     dry_run: bool,
     drop_state: tuple[str, ...],
+    canary: str,
+    canary_errors: float,
+    canary_for: float,
     as_json: bool,
 ) -> None:
     """Diff APP against the running version and apply the change online."""
 
     def body() -> None:
         r = _client(ctx.obj["master"]).upgrade(
-            app, name=name, include=include, dry_run=dry_run, drop_state=drop_state
+            app,
+            name=name,
+            include=include,
+            dry_run=dry_run,
+            drop_state=drop_state,
+            canary=canary,
+            canary_errors=canary_errors,
+            canary_for=canary_for,
         )
+        if r.canary and not as_json:
+            _print_upgrade(r, as_json, dry_run=True)
+            auto = f", promoted after {canary_for:g} s" if canary_for else ""
+            limit = (
+                f" unless its error rate exceeds {canary_errors:g}" if canary_errors >= 0 else ""
+            )
+            click.echo(
+                f"canary {canary} is live ({r.latency_ms:.1f} ms){auto}{limit}; "
+                f"'streamctl canary promote|abort {r.app}' ends it"
+            )
+            return
         _print_upgrade(r, as_json, dry_run)
 
     _run(body)
@@ -751,12 +792,14 @@ def status(ctx: click.Context, name: str, as_json: bool) -> None:
                 "last_checkpoint": a.last_checkpoint,
                 "recoveries": a.recoveries,
                 "last_recovery": a.last_recovery,
+                "canary": json.loads(a.canary_json) if a.canary_json else None,
                 "pes": [
                     {
                         "name": p.name,
                         "kind": p.kind,
                         "parallelism": p.parallelism,
                         "gen": p.gen,
+                        "canary_percent": p.canary_share / 100 if p.canary_share else None,
                         "rate": round(sum(i.rate_in for i in p.instances), 1),
                         "failed": p.failed,
                         "instances": [
@@ -770,6 +813,7 @@ def status(ctx: click.Context, name: str, as_json: bool) -> None:
                                 "failed": i.failed,
                                 "error": i.error,
                                 "dead_letters": i.dead_letters,
+                                "version": i.version,
                             }
                             for i in p.instances
                         ],
@@ -790,8 +834,22 @@ def status(ctx: click.Context, name: str, as_json: bool) -> None:
                         f"  restarted from a checkpoint {a['recoveries']} time(s); "
                         f"last: {a['last_recovery']}"
                     )
+                if c := a["canary"]:
+                    click.echo(_describe_canary(c))
+                    for k, v in c["stats"].items():
+                        rate = v["errors"] / v["records_in"] if v["records_in"] else 0.0
+                        ver = c["to_version"] if k == "canary" else c["from_version"]
+                        click.echo(
+                            f"    v{ver} ({k}): {v['instances']} instance(s), "
+                            f"{v['records_in']} in, {v['records_out']} out, "
+                            f"{v['errors']} errors (rate {rate:.3f})"
+                        )
                 for p in a["pes"]:
-                    where = ", ".join(f"{i['index']}@{i['worker']}" for i in p["instances"])
+                    where = ", ".join(
+                        f"{i['index']}@{i['worker']}"
+                        + (f" v{i['version']}" if p["canary_percent"] else "")
+                        for i in p["instances"]
+                    )
                     click.echo(
                         f"  {p['name']:<16} {p['kind']:<8} x{p['parallelism']:<3} "
                         f"{p['rate']:>10.1f} rec/s  [{where}]"
@@ -850,8 +908,58 @@ def history(ctx: click.Context, name: str, as_json: bool) -> None:
                     )
                 for move in v["changes"].get("state", []):
                     click.echo(f"        state: {_describe_move(move)}")
+                if c := v["changes"].get("canary"):
+                    click.echo(f"        after {_describe_canary(c)}")
+            for c in canaries:
+                if c["outcome"] != "promoted":  # a promoted one shows with its version
+                    click.echo(f"  {_describe_canary(c)}")
 
-        _emit(as_json, {"app": r.app, "current": r.current, "versions": versions}, human)
+        canaries = json.loads(r.canaries_json or "[]")
+        doc = {"app": r.app, "current": r.current, "versions": versions, "canaries": canaries}
+        _emit(as_json, doc, human)
+
+    _run(body)
+
+
+def _describe_canary(c: dict[str, Any]) -> str:
+    """A canary (``CanaryRun.to_dict``) in one line."""
+    when = datetime.fromtimestamp(c["started_unix"]).strftime("%Y-%m-%d %H:%M:%S")
+    line = (
+        f"canary of {c['pe']!r} on {c['share_percent']:g}% of its keys, "
+        f"v{c['from_version']} -> v{c['to_version']}, from {when}: {c['outcome']}"
+    )
+    return line + (f" ({c['why']})" if c.get("why") else "")
+
+
+@main.group()
+def canary() -> None:
+    """End a canary started with 'streamctl upgrade APP --canary PE=SHARE'."""
+
+
+@canary.command("promote")
+@click.argument("name")
+@click.pass_context
+def canary_promote(ctx: click.Context, name: str) -> None:
+    """Upgrade to the canary's version: every key moves to the new code, with its state."""
+    _canary_action(ctx, name, "promote")
+
+
+@canary.command("abort")
+@click.argument("name")
+@click.pass_context
+def canary_abort(ctx: click.Context, name: str) -> None:
+    """Move the canary's keys back to the running code, with their state."""
+    _canary_action(ctx, name, "abort")
+
+
+def _canary_action(ctx: click.Context, name: str, action: str) -> None:
+    def body() -> None:
+        r = _client(ctx.obj["master"]).canary(name, action)
+        done = "promoted" if action == "promote" else "aborted"
+        click.echo(
+            f"canary of {r.pe!r} {done}: app {r.app!r} runs version {r.version} "
+            f"({r.latency_ms:.1f} ms)"
+        )
 
     _run(body)
 

@@ -68,8 +68,18 @@ class Client:
         dry_run: bool = False,
         timeout: float = 180,
         drop_state: tuple[str, ...] | list[str] = (),
+        canary: str = "",
+        canary_errors: float = -1.0,
+        canary_for: float = 0.0,
     ) -> pb.UpgradeReply:
+        """Upgrade online; with ``canary="PE=10%"``, start a canary of PE instead: its
+        new code takes that share of the keys, and is promoted after ``canary_for``
+        seconds (0: by hand) unless its error rate exceeds ``canary_errors`` (<0: no
+        limit), which rolls it back."""
         check_app_name(name)
+        from hotwire.master.canary import parse_share
+
+        pe, share = parse_share(canary) if canary else ("", 0)
         model, bundle = load(app_path, include)
         return self.stub.Upgrade(
             pb.UpgradeRequest(
@@ -79,6 +89,10 @@ class Client:
                 name=name,
                 dry_run=dry_run,
                 drop_state=list(drop_state),
+                canary_pe=pe,
+                canary_share=share,
+                canary_errors=canary_errors,
+                canary_for=canary_for,
             ),
             timeout=timeout,
         )
@@ -90,6 +104,11 @@ class Client:
         return self.stub.Rollback(
             pb.RollbackRequest(app=app, to_version=to_version, dry_run=dry_run), timeout=timeout
         )
+
+    def canary(self, app: str, action: str, timeout: float = 180) -> pb.CanaryReply:
+        """``promote`` or ``abort`` the canary of ``app``."""
+        check_app_name(app)
+        return self.stub.Canary(pb.CanaryRequest(app=app, action=action), timeout=timeout)
 
     def status(self, app: str = "", timeout: float = 10) -> pb.StatusReply:
         return self.stub.Status(pb.StatusRequest(app=app), timeout=timeout)

@@ -42,11 +42,35 @@ def channel_id(src_iid: str, dst_iid: str) -> str:
 pack_key = msgpack.Packer(use_bin_type=True).pack  # 5x faster than msgpack.packb per call
 
 
-def key_partition(key: Any, n: int) -> int:
+CANARY_BUCKETS = 10_000  # a canary's share is counted in basis points of the key space
+
+
+@dataclass(frozen=True)
+class CanarySplit:
+    """How a PE in a canary splits its keys: instances ``first..n-1`` run the new
+    code and own the keys whose bucket (``crc32 % CANARY_BUCKETS``) is below
+    ``share``; instances ``0..first-1`` run the old code and own the others."""
+
+    share: int  # basis points (1000 = 10%)
+    first: int
+
+
+def canary_index(h: int, n: int, canary: CanarySplit) -> int:
+    """The instance (0..n-1) of a canary-split PE that owns a key of hash ``h``."""
+    if h % CANARY_BUCKETS < canary.share:
+        return canary.first + h % (n - canary.first)
+    return h % canary.first
+
+
+def key_partition(key: Any, n: int, canary: CanarySplit | None = None) -> int:
     """The index (0..n-1) of the instance that owns ``key``: stable across processes.
 
-    Called on the event loop's thread only (the shared packer is not thread-safe).
+    With ``canary``, keys in the canary's share go to the canary's instances
+    (:func:`canary_index`). Called on the event loop's thread only (the shared
+    packer is not thread-safe).
     """
+    if canary is not None:
+        return canary_index(zlib.crc32(pack_key(key)), n, canary)
     if n == 1:
         return 0
     return zlib.crc32(pack_key(key)) % n
@@ -58,12 +82,35 @@ def key_partition(key: Any, n: int) -> int:
 
 
 @dataclass(frozen=True)
+class Canary:
+    """The new code of a PE in a canary: its instances ``first..`` run ``bundle``
+    with ``config`` and own the keys (or batches) in ``share`` basis points."""
+
+    share: int
+    first: int
+    bundle: str
+    config: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+
+    @property
+    def split(self) -> CanarySplit:
+        return CanarySplit(self.share, self.first)
+
+
+@dataclass(frozen=True)
 class PEPlacement:
-    """Where a PE's instances run: ``workers[i]`` hosts instance ``i``."""
+    """Where a PE's instances run: ``workers[i]`` hosts instance ``i``.
+
+    In a canary, instances ``canary.first`` and up run the canary's bundle.
+    """
 
     gen: int
     bundle: str  # content hash of the bundle whose code the instances run
     workers: tuple[str, ...]
+    canary: Canary | None = None
+
+    def bundle_of(self, index: int) -> str:
+        c = self.canary
+        return c.bundle if c is not None and index >= c.first else self.bundle
 
     @property
     def parallelism(self) -> int:
@@ -77,16 +124,30 @@ Placement = dict[str, PEPlacement]  # pe name -> placement
 
 
 def placement_to_dict(p: Placement) -> dict[str, Any]:
-    return {
-        pe: {"gen": pl.gen, "bundle": pl.bundle, "workers": list(pl.workers)}
-        for pe, pl in p.items()
-    }
+    out: dict[str, Any] = {}
+    for pe, pl in p.items():
+        out[pe] = {"gen": pl.gen, "bundle": pl.bundle, "workers": list(pl.workers)}
+        if (c := pl.canary) is not None:
+            out[pe]["canary"] = {
+                "share": c.share,
+                "first": c.first,
+                "bundle": c.bundle,
+                "config": dict(c.config),
+            }
+    return out
 
 
 def placement_from_dict(d: dict[str, Any]) -> Placement:
-    return {
-        pe: PEPlacement(int(v["gen"]), str(v["bundle"]), tuple(v["workers"])) for pe, v in d.items()
-    }
+    out: Placement = {}
+    for pe, v in d.items():
+        c = v.get("canary")
+        canary = (
+            None
+            if c is None
+            else Canary(int(c["share"]), int(c["first"]), str(c["bundle"]), dict(c["config"]))
+        )
+        out[pe] = PEPlacement(int(v["gen"]), str(v["bundle"]), tuple(v["workers"]), canary)
+    return out
 
 
 # ---------------------------------------------------------------------------
@@ -118,13 +179,17 @@ class Route:
 
     ``targets`` are ordered by the destination's instance index. ``shuffle`` deals
     batches round-robin, ``key`` sends a record to ``targets[key_partition(key, n)]``,
-    ``broadcast`` to all, ``forward`` to the one target.
+    ``broadcast`` to all, ``forward`` to the one target. With ``canary`` (the
+    destination is in a canary), ``key`` sends by ``key_partition(key, n, canary)``
+    and ``shuffle`` deals ``canary.share`` basis points of the batches round-robin
+    to the canary's targets and the rest to the others.
     """
 
     dst_pe: str
     partition: str
     targets: tuple[Target, ...]
     key: KeyRef | None = None
+    canary: CanarySplit | None = None
 
 
 # ---------------------------------------------------------------------------
@@ -219,9 +284,12 @@ class Retire:
     marker on every output channel, hands its state to ``successors`` and exits.
 
     State split: when ``keyed``, each key's state goes to
-    ``successors[key_partition(key, len(successors))]``; otherwise the whole state
-    goes to ``successors[index % len(successors)]``. Every successor receives one
-    handover from every predecessor, empty or not.
+    ``successors[key_partition(key, len(successors), canary)]``; otherwise the whole
+    state goes to ``successors[index % len(successors)]``. Every successor receives
+    one handover from every predecessor, empty or not. ``rehash``: the instance's
+    keys were not split by ``key_partition`` over its own PE's parallelism (it runs
+    in a canary), so even with as many successors as instances every key is
+    split anew.
     """
 
     app: str
@@ -229,6 +297,8 @@ class Retire:
     instance: str
     successors: tuple[Successor, ...]
     keyed: bool = False
+    canary: CanarySplit | None = None
+    rehash: bool = False
 
 
 @dataclass(frozen=True)
@@ -315,7 +385,7 @@ def _describe(ins: Instruction) -> str:
 
 
 def _enc(v: Any) -> Any:
-    if isinstance(v, (Route, Target, KeyRef, Successor)):
+    if isinstance(v, (Route, Target, KeyRef, Successor, CanarySplit)):
         return {f.name: _enc(getattr(v, f.name)) for f in fields(v)}
     if isinstance(v, tuple):
         return [_enc(x) for x in v]
@@ -342,7 +412,12 @@ def _route(d: dict[str, Any]) -> Route:
         partition=d["partition"],
         targets=tuple(_target(t) for t in d["targets"]),
         key=_keyref(d.get("key")),
+        canary=_split(d.get("canary")),
     )
+
+
+def _split(d: dict[str, Any] | None) -> CanarySplit | None:
+    return None if d is None else CanarySplit(**d)
 
 
 def from_wire(d: dict[str, Any]) -> Instruction:
@@ -364,5 +439,6 @@ def from_wire(d: dict[str, Any]) -> Instruction:
         d["epoch_out"] = tuple(d.get("epoch_out", ()))
     elif cls is Retire:
         d["successors"] = tuple(Successor(**s) for s in d["successors"])
+        d["canary"] = _split(d.get("canary"))
     result: Instruction = cls(**d)
     return result

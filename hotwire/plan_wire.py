@@ -12,6 +12,7 @@ from typing import Any
 
 from hotwire.codec import packb, unpackb
 from hotwire.plan import (
+    CanarySplit,
     Gate,
     Instruction,
     KeyRef,
@@ -44,7 +45,16 @@ def _route(r: Route) -> pb.Route:
             pb.Target(channel=t.channel, instance=t.instance, worker=t.worker) for t in r.targets
         ],
         key=_keyref(r.key),
+        canary=_split(r.canary),
     )
+
+
+def _split(c: CanarySplit | None) -> pb.CanarySplit | None:
+    return None if c is None else pb.CanarySplit(share=c.share, first=c.first)
+
+
+def _from_split(msg: Any, present: bool) -> CanarySplit | None:
+    return CanarySplit(msg.share, msg.first) if present else None
 
 
 def to_pb(ins: Instruction) -> pb.Instruction:
@@ -102,6 +112,8 @@ def to_pb(ins: Instruction) -> pb.Instruction:
                     pb.Successor(instance=s.instance, worker=s.worker) for s in ins.successors
                 ],
                 keyed=ins.keyed,
+                canary=_split(ins.canary),
+                rehash=ins.rehash,
             )
         )
     if isinstance(ins, StopApp):
@@ -119,6 +131,7 @@ def _from_route(r: pb.Route) -> Route:
         partition=r.partition,
         targets=tuple(Target(t.channel, t.instance, t.worker) for t in r.targets),
         key=_from_keyref(r.key, r.HasField("key")),
+        canary=_from_split(r.canary, r.HasField("canary")),
     )
 
 
@@ -167,6 +180,8 @@ def from_pb(msg: pb.Instruction) -> Instruction:
             instance=r.instance,
             successors=tuple(Successor(s.instance, s.worker) for s in r.successors),
             keyed=r.keyed,
+            canary=_from_split(r.canary, r.HasField("canary")),
+            rehash=r.rehash,
         )
     if kind == "stop":
         return StopApp(msg.stop.app, msg.stop.version)

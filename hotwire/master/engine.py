@@ -32,6 +32,7 @@ import grpc
 import msgpack
 
 from hotwire.codec import unpackb
+from hotwire.master import canary as cn
 from hotwire.master import transition as tr
 from hotwire.master.cut import sampled_keys, state_samples, states_for_restart
 from hotwire.master.diff import ChangeSet, diff, renamed_states
@@ -144,6 +145,8 @@ class TransitionEngine:
         self.locks = AppLocks()
         self.store: Store | None = None
         self.draining: set[str] = set()  # workers that get no new instances
+        self.canaries: dict[str, cn.CanaryRun] = {}  # app -> its canary in progress
+        self.canary_log: list[cn.CanaryRun] = []  # every canary since the master started
         # Hooks (set by Recovery): a transition of the app begins; it committed; a
         # restart from the checkpoint finished (with what it did).
         self.on_begin: Callable[[str], None] = lambda app: None
@@ -244,6 +247,7 @@ class TransitionEngine:
         dry_run: bool = False,
         rolled_back_to: int = 0,
         drop_state: Collection[str] = (),
+        recorded: dict[str, Any] | None = None,
     ) -> Outcome:
         """Take ``app`` from ``old`` to ``new`` as ``version`` (a submit, upgrade or
         rollback); with ``dry_run``, only plan it.
@@ -280,7 +284,7 @@ class TransitionEngine:
             "model": new.to_json(),
             "bundle": bundle_hash,
             "placement": placement_to_dict(new_pl),
-            "changes": {**change.to_dict(), **_applied(plan, moves)},
+            "changes": {**change.to_dict(), **_applied(plan, moves), **(recorded or {})},
             "rolled_back_to": rolled_back_to,
         }
         fallback = tr.Fallback.RESTART if self.running(app) else tr.Fallback.STOP
@@ -433,6 +437,142 @@ class TransitionEngine:
             len(states),
         )
 
+    # ------------------------------------------------------------------
+    # Canaries (the caller holds the app's lock)
+    # ------------------------------------------------------------------
+    async def start_canary(
+        self,
+        app: str,
+        new: LogicalModel,
+        bundle: bytes,
+        bundle_hash: str,
+        pe: str,
+        share: int,
+        max_errors: float = -1.0,
+        promote_after: float = 0.0,
+    ) -> Outcome:
+        """Run ``new``'s code of ``pe`` next to the running code on ``share`` basis
+        points of its keys (or batches): a placement change of the running version,
+        state handed over by key. :meth:`promote_canary` or :meth:`abort_canary` ends it."""
+        self._held(app)
+        store = self._store()
+        t0 = time.perf_counter()
+        cur = self.running(app)
+        if cur is None:
+            raise Refused(grpc.StatusCode.NOT_FOUND, f"app {app!r} is not running")
+        if app in self.canaries:
+            raise Refused(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"app {app!r}: a canary of PE {self.canaries[app].pe!r} is running; "
+                f"'streamctl canary promote {app}' or 'streamctl canary abort {app}' first",
+            )
+        change = diff(cur.model, new)
+        epoch = cur.epoch + 1
+        try:
+            cn.check(app, pe, cur.model, new, change)
+            new_pl = cn.placement(
+                cur.placement, pe, new, share, bundle_hash, epoch, self.free_slots(app)
+            )
+        except cn.CanaryError as e:
+            raise Refused(grpc.StatusCode.FAILED_PRECONDITION, str(e)) from e
+        regen = ChangeSet(regenerated=(pe,))
+        plan = plan_upgrade(
+            app, epoch, cur.model, cur.placement, cur.model, new_pl, regen, cur.bundle
+        )
+        moves = state_moves(plan, cur.model, self._state_sizes(app))
+        plan, checked = self._with_state_check(app, plan)
+        old_bundle = await store.read(store.bundle, cur.bundle) or b""
+        await asyncio.wrap_future(store.put_bundle(bundle_hash, bundle))
+        run = cn.CanaryRun(app, pe, share, new, bundle_hash, cur.version, max_errors, promote_after)
+        job = await self._apply(
+            plan,
+            bundle_hash,
+            bundle,
+            _placement_intent(cur, new_pl),
+            tr.Fallback.RESTART,
+            t0,
+            more_bundles={cur.bundle: old_bundle},
+        )
+        run.started = time.time()
+        self.canaries[app] = run
+        self.canary_log.append(run)
+        outcome = Outcome(
+            app, cur.version, cur.version, change, plan, True, job.latency_ms, checked
+        )
+        outcome.moves = moves
+        log.info("app %r: canary of PE %r on %.1f%% started", app, pe, share / 100)
+        return outcome
+
+    async def promote_canary(self, app: str, why: str = "promoted by hand") -> Outcome:
+        """Upgrade ``app`` to the canary's version: the remaining keys move to the
+        new code, with their state."""
+        self._held(app)
+        run, cur = self._canary(app)
+        store = self._store()
+        bundle = await store.read(store.bundle, run.bundle)
+        if bundle is None:
+            raise Refused(grpc.StatusCode.INTERNAL, f"app {app!r}: the canary's bundle is gone")
+        run.outcome, run.why = "promoted", why
+        try:
+            return await self.change(
+                app,
+                cur.version + 1,
+                "upgrade",
+                cur.model,
+                cur.placement,
+                run.model,
+                bundle,
+                run.bundle,
+                recorded={"canary": run.to_dict()},
+            )
+        except BaseException:
+            if app in self.canaries:  # still running: the promote changed nothing
+                run.outcome, run.why = "", ""
+            raise
+
+    async def abort_canary(self, app: str, why: str = "aborted by hand") -> None:
+        """Move the canary's keys back to the running code, with their state."""
+        self._held(app)
+        run, cur = self._canary(app)
+        store = self._store()
+        epoch = cur.epoch + 1
+        change = ChangeSet(regenerated=(run.pe,))
+        try:
+            new_pl = schedule(
+                cur.model, cur.placement, change, self.free_slots(app), epoch, cur.bundle
+            )
+        except SchedulingError as e:
+            raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from e
+        plan = plan_upgrade(
+            app, epoch, cur.model, cur.placement, cur.model, new_pl, change, cur.bundle
+        )
+        bundle = await store.read(store.bundle, cur.bundle) or b""
+        run.outcome, run.why = "aborted", why
+        try:
+            await self._apply(
+                plan, cur.bundle, bundle, _placement_intent(cur, new_pl), tr.Fallback.RESTART
+            )
+        except BaseException:
+            if app in self.canaries:
+                run.outcome, run.why = "", ""
+            raise
+        log.warning("app %r: canary of PE %r aborted: %s", app, run.pe, why)
+
+    def _canary(self, app: str) -> tuple[cn.CanaryRun, AppState]:
+        cur = self.running(app)
+        run = self.canaries.get(app)
+        if cur is None or run is None:
+            raise Refused(grpc.StatusCode.FAILED_PRECONDITION, f"app {app!r} runs no canary")
+        return run, cur
+
+    def _end_canary(self, app: str, outcome: str, why: str) -> None:
+        run = self.canaries.pop(app, None)
+        if run is None:
+            return
+        if not run.outcome:
+            run.outcome, run.why = outcome, why
+        run.ended = time.time()
+
     async def move(self, app: str, pes: Collection[str]) -> None:
         """Place the instances of ``pes`` anew (off draining workers) with the upgrade
         protocol: state handed over, no record lost or duplicated."""
@@ -497,6 +637,7 @@ class TransitionEngine:
         intent: dict[str, Any],
         fallback: tr.Fallback,
         started: float | None = None,
+        more_bundles: dict[str, bytes] | None = None,
     ) -> _Job:
         """Run ``plan`` through the transition's steps; raise unless it committed."""
         record = {
@@ -514,7 +655,7 @@ class TransitionEngine:
             # it loads the new bundle there (a kept sender may route by a new key).
             prepare={w: [to_pb(i) for i in plan.prepare.get(w, ())] for w in plan.workers},
             switch={w: [to_pb(i) for i in ins] for w, ins in plan.switch.items()},
-            bundles={bundle_hash: bundle},
+            bundles={bundle_hash: bundle, **(more_bundles or {})},
         )
         if started is not None:
             job.started = started
@@ -680,6 +821,8 @@ class TransitionEngine:
         self.apps[model.app] = AppState(
             model.app, intent["version"], "running", model, intent["bundle"], placement, epoch
         )
+        if not any(pl.canary for pl in placement.values()):
+            self._end_canary(model.app, "aborted", "the app was restarted or its PE moved")
         self.on_commit(model.app)
         return written
 

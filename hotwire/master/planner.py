@@ -76,7 +76,8 @@ def _route(st: StreamSpec, pl: Placement, index: int, key_bundle: str) -> Route:
         for j, ch in stream_channels(st, pl, index)
     )
     key = KeyRef(key_bundle, st.src, st.dst) if st.partition == "key" else None
-    return Route(st.dst, st.partition, targets, key)
+    canary = dst.canary.split if dst.canary and st.partition in ("key", "shuffle") else None
+    return Route(st.dst, st.partition, targets, key, canary)
 
 
 def _in_channels(st: StreamSpec, pl: Placement, index: int) -> list[str]:
@@ -137,7 +138,7 @@ def plan_upgrade(
 
     version_bundle = bundle or next(iter(new_bundles.values()), None)
 
-    def key_bundle(u: str, v: str) -> str:
+    def key_bundle(u: str, v: str, i: int) -> str:
         # A route into a new or regenerated receiver uses the new version's bundle,
         # so the sender partitions with exactly the function the receiver indexes
         # its state with (and a changed stream always regenerates its receiver).
@@ -147,7 +148,7 @@ def plan_upgrade(
             return new_bundles[v]
         if (u, v) in changed_streams and version_bundle is not None:
             return version_bundle
-        return new_pl[u].bundle
+        return new_pl[u].bundle_of(i)
 
     prepare: dict[str, list[Instruction]] = defaultdict(list)
     switch: dict[str, list[Instruction]] = defaultdict(list)
@@ -159,15 +160,15 @@ def plan_upgrade(
         spec, pl = new.pe(pe), new_pl[pe]
         in_streams = sorted(new.inputs(pe), key=lambda s: s.src)
         out_streams = sorted(new.outputs(pe), key=lambda s: s.dst)
-        input_key = next(
-            (KeyRef(pl.bundle, s.src, pe) for s in in_streams if s.partition == "key"), None
-        )
+        keyed_in = next((s.src for s in in_streams if s.partition == "key"), None)
         preds: tuple[str, ...] = ()
         if pe in regen or pe in was:
             old_name = was.get(pe, pe)
             opl = old_pl[old_name]
             preds = tuple(opl.instance(old_name, i) for i in range(opl.parallelism))
         for i in range(pl.parallelism):
+            code = pl.bundle_of(i)  # in a canary, instances canary.first.. run the new code
+            in_canary = pl.canary is not None and i >= pl.canary.first
             ins = StartInstance(
                 app=app,
                 version=version,
@@ -176,12 +177,12 @@ def plan_upgrade(
                 gen=pl.gen,
                 index=i,
                 parallelism=pl.parallelism,
-                bundle=pl.bundle,
+                bundle=code,
                 inputs=tuple(sorted(c for s in in_streams for c in _in_channels(s, new_pl, i))),
-                routes=tuple(_route(s, new_pl, i, pl.bundle) for s in out_streams),
+                routes=tuple(_route(s, new_pl, i, code) for s in out_streams),
                 predecessors=preds,
-                input_key=input_key,
-                config=spec.config,
+                input_key=None if keyed_in is None else KeyRef(code, keyed_in, pe),
+                config=pl.canary.config if pl.canary is not None and in_canary else spec.config,
             )
             starts[pl.workers[i]].append((pe, i, ins))
 
@@ -225,12 +226,12 @@ def plan_upgrade(
         edges = sorted(kept_out[pe])
         for i in range(pl.parallelism):
             old_routes = {
-                v: _route(old.stream(u, v), old_pl, i, old_pl[u].bundle)
+                v: _route(old.stream(u, v), old_pl, i, old_pl[u].bundle_of(i))
                 for u, v in edges
                 if (u, v) in touched_old
             }
             new_routes = {
-                v: _route(new.stream(u, v), new_pl, i, key_bundle(u, v))
+                v: _route(new.stream(u, v), new_pl, i, key_bundle(u, v, i))
                 for u, v in edges
                 if (u, v) in touched_new
             }
@@ -271,9 +272,20 @@ def plan_upgrade(
                 Successor(npl.instance(new_name, j), npl.workers[j]) for j in range(npl.parallelism)
             )
         keyed = (new if new_name in new.graph else old).pe(new_name).keyed
+        # Keys go to the successors as the senders will route them (a canary's split
+        # included); keys of a canary's instances were split by it, not by index.
+        split = new_pl[new_name].canary if succ else None
         for i in range(opl.parallelism):
             switch[opl.workers[i]].append(
-                Retire(app, version, opl.instance(pe, i), successors=succ, keyed=keyed)
+                Retire(
+                    app,
+                    version,
+                    opl.instance(pe, i),
+                    successors=succ,
+                    keyed=keyed,
+                    canary=split.split if split is not None else None,
+                    rehash=opl.canary is not None,
+                )
             )
 
     # -- order: new instances downstream first, then gates ------------------------

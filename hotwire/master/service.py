@@ -21,6 +21,7 @@ from typing import Any
 
 import grpc
 
+from hotwire.master import canary as cn
 from hotwire.master.access import Access, AccessInterceptor, AccessService
 from hotwire.master.diff import diff
 from hotwire.master.engine import AppState, Outcome, Refused, TransitionEngine
@@ -118,6 +119,7 @@ class Master(Node):
             raise OSError(f"cannot listen on {self.listen}")
         await self.server.start()
         self.recovery.start()
+        self.spawn(self._watch_canaries(), name="canaries")
         log.info("master listening on %s (data in %s)", self.address, self.data_dir)
 
     async def _close(self) -> None:
@@ -178,7 +180,10 @@ class Master(Node):
         action: str = "upgrade",
         rolled_back_to: int = 0,
         drop_state: Collection[str] = (),
+        canary: tuple[str, int, float, float] | None = None,
     ) -> Outcome:
+        """Upgrade (or roll back) an app; with ``canary`` = (PE, share in basis
+        points, max error rate, seconds before promoting), start a canary instead."""
         model = self._check_model(model_json, name)
         self._check_bundle(bundle, bundle_hash)
         app = model.app
@@ -188,6 +193,28 @@ class Master(Node):
                 grpc.StatusCode.NOT_FOUND,
                 f"app {app!r} is not running; deploy it with 'streamctl submit'",
             )
+        if (run := self.engine.canaries.get(app)) is not None:
+            raise Refused(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"app {app!r}: a canary of PE {run.pe!r} is running; "
+                f"'streamctl canary promote {app}' or 'streamctl canary abort {app}' first",
+            )
+        if canary is not None:
+            pe, share, max_errors, promote_after = canary
+            if dry_run or drop_state:
+                raise Refused(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    "--canary cannot be combined with --dry-run or --drop-state",
+                )
+            if not 0 < share < cn.CANARY_BUCKETS:
+                raise Refused(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"--canary {pe}: the share must lie strictly between 0% and 100%",
+                )
+            async with self.engine.claim(app, f"a canary of PE {pe!r}"):
+                return await self.engine.start_canary(
+                    app, model, bundle, bundle_hash, pe, share, max_errors, promote_after
+                )
         async with self.engine.claim(app, f"an upgrade to version {cur.version + 1}"):
             return await self.engine.change(
                 app,
@@ -232,6 +259,82 @@ class Master(Node):
             rolled_back_to=target,
         )
 
+    async def canary(self, app: str, action: str) -> pb.CanaryReply:
+        """Promote or abort ``app``'s canary by hand."""
+        if action not in ("promote", "abort"):
+            raise Refused(
+                grpc.StatusCode.INVALID_ARGUMENT, f"canary action {action!r}: promote or abort"
+            )
+        run = self.engine.canaries.get(app)
+        if run is None:
+            raise Refused(grpc.StatusCode.FAILED_PRECONDITION, f"app {app!r} runs no canary")
+        t0 = time.perf_counter()
+        async with self.engine.claim(app, f"a canary {action}"):
+            if action == "promote":
+                await self.engine.promote_canary(app)
+            else:
+                await self.engine.abort_canary(app)
+        return pb.CanaryReply(
+            app=app,
+            action=action,
+            version=self.apps[app].version,
+            pe=run.pe,
+            latency_ms=(time.perf_counter() - t0) * 1000,
+        )
+
+    def _canary_stats(self, run: cn.CanaryRun) -> dict[str, dict[str, int]]:
+        """Records in and out, errors and failed instances of the canary's PE, by
+        ``"old"`` (the running code) and ``"canary"`` (the new code)."""
+        st = self.apps.get(run.app)
+        pl = st.placement.get(run.pe) if st is not None else None
+        out = {
+            k: {"instances": 0, "records_in": 0, "records_out": 0, "errors": 0, "failed": 0}
+            for k in ("old", "canary")
+        }
+        if pl is None or pl.canary is None:
+            return out
+        ids = {
+            pl.instance(run.pe, i): ("canary" if i >= pl.canary.first else "old")
+            for i in range(pl.parallelism)
+        }
+        for k in ids.values():
+            out[k]["instances"] += 1
+        for w in self.membership.workers.values():
+            for r in w.running:
+                if r.app == run.app and r.instance in ids:
+                    o = out[ids[r.instance]]
+                    o["records_in"] += r.records_in
+                    o["records_out"] += r.records_out
+                    o["errors"] += r.errors
+                    o["failed"] += bool(r.failed)
+        return out
+
+    async def _watch_canaries(self, every: float = 0.5) -> None:
+        """Promote a canary that stayed within its limits for its time, and abort
+        (roll back online) one that did not."""
+        while True:
+            await asyncio.sleep(every)
+            for app, run in list(self.engine.canaries.items()):
+                run.stats = self._canary_stats(run)
+                action = cn.verdict(run, time.time())
+                if not action or self.engine.busy(app):
+                    continue
+                c = run.stats["canary"]
+                why = (
+                    f"automatically: {c['errors']} error(s) in {c['records_in']} record(s)"
+                    f"{', an instance failed' if c['failed'] else ''}"
+                )
+                try:
+                    async with self.engine.claim(app, f"a canary {action}"):
+                        if self.engine.canaries.get(app) is not run:
+                            continue
+                        if action == "promote":
+                            await self.engine.promote_canary(app, why)
+                        else:
+                            await self.engine.abort_canary(app, f"rolled back {why}")
+                except Exception as e:
+                    log.warning("app %r: canary %s failed: %s", app, action, e)
+
     async def kill(self, app: str) -> int:
         if self.engine.running(app) is None:
             raise Refused(grpc.StatusCode.NOT_FOUND, f"app {app!r} is not running")
@@ -275,10 +378,18 @@ class Master(Node):
             )
             if st.state != "running":
                 continue
+            run = self.engine.canaries.get(st.name)
+            if run is not None:
+                run.stats = self._canary_stats(run)
+                a.canary_json = json.dumps(run.to_dict())
             for spec in st.model.pes:
                 pl = st.placement[spec.name]
                 p = a.pes.add(
-                    name=spec.name, kind=spec.kind, parallelism=pl.parallelism, gen=pl.gen
+                    name=spec.name,
+                    kind=spec.kind,
+                    parallelism=pl.parallelism,
+                    gen=pl.gen,
+                    canary_share=pl.canary.share if pl.canary is not None else 0,
                 )
                 for i, w in enumerate(pl.workers):
                     r, rates = stats.get((st.name, pl.instance(spec.name, i)), (None, (0.0, 0.0)))
@@ -293,6 +404,9 @@ class Master(Node):
                         failed=bool(r and r.failed),
                         error=r.failed if r else "",
                         dead_letters=r.dead_letters if r else 0,
+                        version=st.version + 1
+                        if pl.canary is not None and i >= pl.canary.first
+                        else st.version,
                     )
                 p.failed = any(i.failed for i in p.instances)
         return reply
@@ -312,6 +426,9 @@ class Master(Node):
                 latency_ms=rec.latency_ms,
                 rolled_back_to=rec.rolled_back_to,
             )
+        reply.canaries_json = json.dumps(
+            [r.to_dict() for r in self.engine.canary_log if r.app == app]
+        )
         return reply
 
     async def diff_versions(self, app: str, v1: int, v2: int) -> pb.DiffReply:
@@ -428,9 +545,19 @@ class ClientService(pb_grpc.MasterServicer):
                 request.name,
                 request.dry_run,
                 drop_state=tuple(request.drop_state),
+                canary=(
+                    request.canary_pe,
+                    request.canary_share,
+                    request.canary_errors,
+                    request.canary_for,
+                )
+                if request.canary_pe
+                else None,
             ),
         )
-        return _upgrade_reply(o)
+        reply = _upgrade_reply(o)
+        reply.canary = bool(request.canary_pe)
+        return reply
 
     async def Rollback(self, request: Any, context: Any) -> pb.UpgradeReply:
         o = await _guard(context, self.m.rollback(request.app, request.to_version, request.dry_run))
@@ -448,6 +575,9 @@ class ClientService(pb_grpc.MasterServicer):
 
     async def ListWorkers(self, request: Any, context: Any) -> pb.ListWorkersReply:
         return await _guard(context, _sync(self.m.workers))
+
+    async def Canary(self, request: Any, context: Any) -> pb.CanaryReply:
+        return await _guard(context, self.m.canary(request.app, request.action))
 
     async def Diff(self, request: Any, context: Any) -> pb.DiffReply:
         return await _guard(

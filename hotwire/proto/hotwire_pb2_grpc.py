@@ -78,6 +78,11 @@ class MasterStub:
                 request_serializer=hotwire__pb2.DiffRequest.SerializeToString,
                 response_deserializer=hotwire__pb2.DiffReply.FromString,
                 _registered_method=True)
+        self.Canary = channel.unary_unary(
+                '/hotwire.v1.Master/Canary',
+                request_serializer=hotwire__pb2.CanaryRequest.SerializeToString,
+                response_deserializer=hotwire__pb2.CanaryReply.FromString,
+                _registered_method=True)
 
 
 class MasterServicer:
@@ -136,6 +141,13 @@ class MasterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Canary(self, request, context):
+        """promote or abort an app's canary
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MasterServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -178,6 +190,11 @@ def add_MasterServicer_to_server(servicer, server):
                     servicer.Diff,
                     request_deserializer=hotwire__pb2.DiffRequest.FromString,
                     response_serializer=hotwire__pb2.DiffReply.SerializeToString,
+            ),
+            'Canary': grpc.unary_unary_rpc_method_handler(
+                    servicer.Canary,
+                    request_deserializer=hotwire__pb2.CanaryRequest.FromString,
+                    response_serializer=hotwire__pb2.CanaryReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -400,6 +417,33 @@ class Master:
             '/hotwire.v1.Master/Diff',
             hotwire__pb2.DiffRequest.SerializeToString,
             hotwire__pb2.DiffReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Canary(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hotwire.v1.Master/Canary',
+            hotwire__pb2.CanaryRequest.SerializeToString,
+            hotwire__pb2.CanaryReply.FromString,
             options,
             channel_credentials,
             insecure,

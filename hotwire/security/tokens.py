@@ -21,7 +21,9 @@ VIEWER_METHODS = frozenset(
     {"Status", "History", "Diff", "ListWorkers", "ListTokens", "Audit", "Upgrade", "Rollback"}
 )
 DRY_RUN_ONLY = frozenset({"Upgrade", "Rollback"})
-MUTATING = frozenset({"Submit", "Upgrade", "Rollback", "Kill", "CreateToken", "RevokeToken"})
+MUTATING = frozenset(
+    {"Submit", "Upgrade", "Rollback", "Kill", "Canary", "CreateToken", "RevokeToken"}
+)
 
 
 class TokenError(Exception):

@@ -18,7 +18,7 @@ import zlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from hotwire.plan import Route, pack_key
+from hotwire.plan import CANARY_BUCKETS, Route, canary_index, pack_key
 from hotwire.worker.transport import CREDITS, Frame
 
 if TYPE_CHECKING:
@@ -158,7 +158,19 @@ class RemoteChannel(OutChannel):
 class RouteState:
     """One output stream of an instance: partitioning over its target channels."""
 
-    __slots__ = ("channels", "dst_pe", "key_fn", "local", "n", "next", "partition", "route")
+    __slots__ = (
+        "canary",
+        "channels",
+        "dealt",
+        "dst_pe",
+        "key_fn",
+        "local",
+        "n",
+        "next",
+        "next_canary",
+        "partition",
+        "route",
+    )
 
     def __init__(
         self, route: Route, channels: list[OutChannel], key_fn: Callable[[Any], Any] | None
@@ -170,13 +182,18 @@ class RouteState:
         self.n = len(channels)
         self.key_fn = key_fn
         self.next = 0
+        self.canary = route.canary
+        self.dealt = 0  # shuffle into a canary: batches dealt so far
+        self.next_canary = 0
         # Whether records reach a same-worker instance as objects (not serialised).
         self.local = any(isinstance(c, LocalChannel) for c in channels)
 
     async def emit(self, records: list[Any]) -> None:
         """Send one batch of output records along this stream."""
         p = self.partition
-        if p == "shuffle":
+        if self.canary is not None and p in ("shuffle", "key"):
+            await self._emit_canary(records)
+        elif p == "shuffle":
             # Deal whole batches round-robin: one channel per batch.
             ch = self.channels[self.next]
             self.next = (self.next + 1) % self.n
@@ -206,6 +223,33 @@ class RouteState:
                     await ch.send(records)
         else:  # forward
             await self.channels[0].send(records)
+
+    async def _emit_canary(self, records: list[Any]) -> None:
+        """Send a batch into a PE in a canary (``Route.canary``)."""
+        c = self.canary
+        assert c is not None
+        if self.partition == "shuffle":
+            # Batch b goes to the canary when floor(b * share / buckets) steps up:
+            # exactly share/buckets of the batches, evenly spread.
+            b = self.dealt
+            self.dealt += 1
+            if (b + 1) * c.share // CANARY_BUCKETS > b * c.share // CANARY_BUCKETS:
+                ch = self.channels[c.first + self.next_canary]
+                self.next_canary = (self.next_canary + 1) % (self.n - c.first)
+            else:
+                ch = self.channels[self.next]
+                self.next = (self.next + 1) % c.first
+            await ch.send(records)
+            return
+        key_fn = self.key_fn
+        assert key_fn is not None
+        n = self.n
+        parts: list[list[Any]] = [[] for _ in range(n)]
+        for r in records:
+            parts[canary_index(zlib.crc32(pack_key(key_fn(r))), n, c)].append(r)
+        for ch, part in zip(self.channels, parts, strict=True):
+            if part:
+                await ch.send(part)
 
 
 async def emit_all(routes: dict[str, RouteState], records: list[Any]) -> None:

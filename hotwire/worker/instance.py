@@ -495,7 +495,7 @@ class Instance:
         key_fn = self.executor.key_fn if self.executor is not None else None
         if retire.keyed and key_fn is not None and n > 1:
             for r in pending:
-                parts[key_partition(key_fn(r), n)].append(r)
+                parts[key_partition(key_fn(r), n, retire.canary)].append(r)
         else:
             parts[self.spec.index % n] = pending
         return parts
@@ -515,7 +515,9 @@ class Instance:
         else:
             assert self.executor is not None
             state = self.executor.snapshot()
-        if retire.keyed and state and n == self.spec.parallelism:
+        if retire.keyed and state and n == self.spec.parallelism and not retire.canary:
+            if retire.rehash:
+                return self._split_keys(state, retire)
             # Same parallelism: every key of instance i belongs to new instance i.
             whole: list[Any] = [[] for _ in range(n)]
             succ = retire.successors[self.spec.index]
@@ -526,13 +528,17 @@ class Instance:
             whole[self.spec.index] = state if local else [[k, v] for k, v in _keyed_items(state)]
             return whole
         if retire.keyed and state:
-            parts: list[list[Any]] = [[] for _ in range(n)]
-            for k, v in _keyed_items(state):
-                parts[key_partition(k, n)].append([k, v])
-            return parts
+            return self._split_keys(state, retire)
         out: list[Any] = [None] * n
         out[self.spec.index % n] = state
         return out
+
+    def _split_keys(self, state: Any, retire: Retire) -> list[Any]:
+        n = len(retire.successors)
+        parts: list[list[Any]] = [[] for _ in range(n)]
+        for k, v in _keyed_items(state):
+            parts[key_partition(k, n, retire.canary)].append([k, v])
+        return parts
 
     async def teardown(self) -> None:
         if self.executor is not None:
