@@ -814,6 +814,7 @@ def status(ctx: click.Context, name: str, as_json: bool) -> None:
                                 "error": i.error,
                                 "dead_letters": i.dead_letters,
                                 "version": i.version,
+                                "process_ms": round(i.process_ms, 3),
                             }
                             for i in p.instances
                         ],
@@ -837,12 +838,12 @@ def status(ctx: click.Context, name: str, as_json: bool) -> None:
                 if c := a["canary"]:
                     click.echo(_describe_canary(c))
                     for k, v in c["stats"].items():
-                        rate = v["errors"] / v["records_in"] if v["records_in"] else 0.0
                         ver = c["to_version"] if k == "canary" else c["from_version"]
                         click.echo(
                             f"    v{ver} ({k}): {v['instances']} instance(s), "
                             f"{v['records_in']} in, {v['records_out']} out, "
-                            f"{v['errors']} errors (rate {rate:.3f})"
+                            f"{v['errors']} errors (rate {v.get('error_rate', 0.0):.3f}), "
+                            f"{v.get('ms_per_record', 0.0):.3f} ms/record in the PE's code"
                         )
                 for p in a["pes"]:
                     where = ", ".join(

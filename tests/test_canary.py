@@ -138,6 +138,10 @@ def test_canary_aborted_then_promoted_by_hand(cluster: LocalCluster, tmp_path: P
     human = cluster.streamctl("status", "upg")
     assert "canary of 'count' on 20% of its keys" in human.stdout, human.stdout
     assert "v2 (canary): 1 instance(s)" in human.stdout, human.stdout
+    assert "ms/record in the PE's code" in human.stdout, human.stdout
+    st = _status(cluster)
+    assert set(st["canary"]["stats"]) == {"old", "canary"}
+    assert {"error_rate", "ms_per_record"} <= set(st["canary"]["stats"]["canary"])
     # another upgrade waits for the canary to end
     busy = cluster.streamctl("upgrade", app2)
     assert busy.returncode == 1 and "a canary of PE 'count' is running" in busy.stderr

@@ -51,7 +51,7 @@ class CanaryRun:
     outcome: str = ""  # promoted | aborted | rolled back (when it ended)
     why: str = ""
     ended: float = 0.0
-    stats: dict[str, dict[str, int]] = field(default_factory=dict)  # by "old"/"canary"
+    stats: dict[str, dict[str, float]] = field(default_factory=dict)  # by "old"/"canary"
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -282,13 +282,21 @@ class Master(Node):
             latency_ms=(time.perf_counter() - t0) * 1000,
         )
 
-    def _canary_stats(self, run: cn.CanaryRun) -> dict[str, dict[str, int]]:
-        """Records in and out, errors and failed instances of the canary's PE, by
-        ``"old"`` (the running code) and ``"canary"`` (the new code)."""
+    def _canary_stats(self, run: cn.CanaryRun) -> dict[str, dict[str, float]]:
+        """Records in and out, errors, failed instances and time in the PE's code of
+        the canary's PE, by ``"old"`` (the running code) and ``"canary"`` (the new
+        code), with the error rate and the milliseconds per record."""
         st = self.apps.get(run.app)
         pl = st.placement.get(run.pe) if st is not None else None
-        out = {
-            k: {"instances": 0, "records_in": 0, "records_out": 0, "errors": 0, "failed": 0}
+        out: dict[str, dict[str, float]] = {
+            k: {
+                "instances": 0,
+                "records_in": 0,
+                "records_out": 0,
+                "errors": 0,
+                "failed": 0,
+                "process_ms": 0.0,
+            }
             for k in ("old", "canary")
         }
         if pl is None or pl.canary is None:
@@ -307,6 +315,12 @@ class Master(Node):
                     o["records_out"] += r.records_out
                     o["errors"] += r.errors
                     o["failed"] += bool(r.failed)
+                    o["process_ms"] += r.process_ms
+        for o in out.values():
+            seen = o["records_in"]
+            o["error_rate"] = round(o["errors"] / seen, 6) if seen else 0.0
+            o["ms_per_record"] = round(o["process_ms"] / seen, 6) if seen else 0.0
+            o["process_ms"] = round(o["process_ms"], 3)
         return out
 
     async def _watch_canaries(self, every: float = 0.5) -> None:
@@ -404,6 +418,7 @@ class Master(Node):
                         failed=bool(r and r.failed),
                         error=r.failed if r else "",
                         dead_letters=r.dead_letters if r else 0,
+                        process_ms=r.process_ms if r else 0.0,
                         version=st.version + 1
                         if pl.canary is not None and i >= pl.canary.first
                         else st.version,

@@ -187,9 +187,16 @@ class Worker(Node):
     def _running(self) -> list[pb.RunningInstance]:
         return [
             pb.RunningInstance(
-                app=a, instance=i, records_in=ri, records_out=ro, errors=e, failed=f, dead_letters=d
+                app=a,
+                instance=i,
+                records_in=ri,
+                records_out=ro,
+                errors=e,
+                failed=f,
+                dead_letters=d,
+                process_ms=s * 1000,
             )
-            for a, i, ri, ro, e, f, d in self.runtime.running()
+            for a, i, ri, ro, e, f, d, s in self.runtime.running()
         ]
 
     async def _session_loop(self) -> None:

@@ -97,6 +97,7 @@ class Instance:
         # counters
         self._yielded = 0.0
         self.records_in = 0
+        self.process_s = 0.0  # time spent in the PE's code (status: ms per record)
         self.records_out = 0
         self.dead_letters = 0
         self.position = 0  # records a source has emitted, over all its generations
@@ -246,7 +247,9 @@ class Instance:
         records, ret = a.records, a.ret
         if self.kind == "sink" and self.runtime.hold.held():
             await self.runtime.hold.wait()  # the master may have fenced this worker
+        t0 = time.perf_counter()
         out = await self.executor.process(records)
+        self.process_s += time.perf_counter() - t0
         rest = self.executor.take_rest()
         self.records_in += len(records) - len(rest)
         if not rest and ret is not None:

@@ -514,10 +514,11 @@ class Runtime:
             )
         return inst
 
-    def running(self) -> list[tuple[str, str, int, int, int, str, int]]:
-        """(app, instance, records in, records out, errors, why it failed or "", dead letters)."""
+    def running(self) -> list[tuple[str, str, int, int, int, str, int, float]]:
+        """(app, instance, records in, records out, errors, why it failed or "", dead
+        letters, seconds spent in the PE's code)."""
         return [
-            (a, iid, i.records_in, i.records_out, i.errors, i.failed, i.dead_letters)
+            (a, iid, i.records_in, i.records_out, i.errors, i.failed, i.dead_letters, i.process_s)
             for (a, iid), i in self.instances.items()
         ]
 
