@@ -1225,20 +1225,10 @@ def audit(ctx: click.Context, app: str, limit: int, as_json: bool) -> None:
     """The master's audit log: every mutating request, allowed or refused, newest last."""
 
     def body() -> None:
+        from hotwire.proto import hotwire_pb2 as pb
+
         r = _client(ctx.obj["master"]).audit(app, limit)
-        fields = (
-            "seq",
-            "at_unix",
-            "token",
-            "role",
-            "peer",
-            "command",
-            "app",
-            "from_version",
-            "to_version",
-            "outcome",
-            "detail",
-        )
+        fields = [f.name for f in pb.AuditEntry.DESCRIPTOR.fields]
         docs = [{f: getattr(e, f) for f in fields} for e in r.entries]
 
         def human() -> None:

@@ -69,6 +69,10 @@ class Denied(Exception):
         self.code = code
 
 
+# The audit entry's fields, in the order of the store's audit columns (Store.audit).
+AUDIT_FIELDS = tuple(f.name for f in pb.AuditEntry.DESCRIPTOR.fields)
+
+
 class Access:
     """The master's tokens (digests, cached from its store) and its audit log."""
 
@@ -342,21 +346,8 @@ class AccessService(pb_grpc.AccessServicer):
         await store.flush()
         limit = request.limit if request.limit > 0 else 100
         rows = await store.read(store.audit, request.app, min(limit, 10_000))
-        fields = (
-            "seq",
-            "at_unix",
-            "token",
-            "role",
-            "peer",
-            "command",
-            "app",
-            "from_version",
-            "to_version",
-            "outcome",
-            "detail",
-        )
         return pb.AuditReply(
-            entries=[pb.AuditEntry(**dict(zip(fields, r, strict=True))) for r in rows]
+            entries=[pb.AuditEntry(**dict(zip(AUDIT_FIELDS, r, strict=True))) for r in rows]
         )
 
 

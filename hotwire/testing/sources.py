@@ -8,6 +8,7 @@ a record; ``file_sink`` appends JSON lines that a test reads back with
 from __future__ import annotations
 
 import asyncio
+import atexit
 import json
 import os
 import threading
@@ -80,6 +81,15 @@ def counter(
 
 _files: dict[str, TextIO] = {}
 _files_lock = threading.Lock()
+
+
+@atexit.register
+def _close_files() -> None:
+    """Close the sinks' files when the process exits (they are kept open until then)."""
+    with _files_lock:
+        for f in _files.values():
+            f.close()
+        _files.clear()
 
 
 def file_sink(path: str | os.PathLike[str]) -> Callable[[Any], None]:
