@@ -22,16 +22,16 @@ COUNTING = '.process("count", Count, '
 
 
 def _apps(
-    tmp_path: Path, v2_edit: Callable[[str], str] = lambda text: text
+    tmp_path: Path, v2_edit: Callable[[str], str] = lambda text: text, rate: float = RATE
 ) -> tuple[Path, str, str]:
     out, audit = tmp_path / "out.jsonl", tmp_path / "audit.jsonl"
-    v1 = render(BASE, out=str(out), audit=str(audit), n=N, rate=RATE)
+    v1 = render(BASE, out=str(out), audit=str(audit), n=N, rate=rate)
     v2 = render(
         replace(BASE, count_code=2),
         out=str(out),
         audit=str(audit),
         n=N,
-        rate=RATE,
+        rate=rate,
     )
     assert COUNTING in v1 and COUNTING in v2
     v2 = v2_edit(v2)
@@ -132,7 +132,8 @@ def test_healthy_canary_is_promoted_after_its_time(cluster: LocalCluster, tmp_pa
 
 
 def test_canary_aborted_then_promoted_by_hand(cluster: LocalCluster, tmp_path: Path) -> None:
-    out, app1, app2 = _apps(tmp_path)
+    # Slower records: a dozen streamctl calls (a process each) must fit while they flow.
+    out, app1, app2 = _apps(tmp_path, rate=RATE / 4)
     _start(cluster, out, app1)
     assert cluster.streamctl("upgrade", app2, "--canary", "count=20%").returncode == 0
     human = cluster.streamctl("status", "upg")
