@@ -649,13 +649,25 @@ def _json_safe(v: Any) -> Any:
     return repr(v)
 
 
+ACLOSE_TIMEOUT_S = 5.0  # longest a source's aclose() may hold up its instance's retirement
+
+
 async def _aclose(obj: Any) -> None:
+    """Close a source's iterator; one that raises or hangs is logged, never waited for
+    past :data:`ACLOSE_TIMEOUT_S` (a retiring source would otherwise stall a switch)."""
     close = getattr(obj, "aclose", None)
-    if close is not None:
-        try:
-            await close()
-        except Exception:
-            pass
+    if close is None:
+        return
+    try:
+        await asyncio.wait_for(close(), ACLOSE_TIMEOUT_S)
+    except TimeoutError:
+        log.warning(
+            "a source's aclose() did not return within %.0f s; its instance goes on "
+            "without waiting for it",
+            ACLOSE_TIMEOUT_S,
+        )
+    except Exception as e:
+        log.warning("a source's aclose() raised %s: %s", type(e).__name__, e)
 
 
 class _Pump:
