@@ -168,7 +168,7 @@ def test_an_online_upgrade_of_the_source_keeps_its_position(
         poll_for(lambda: js.count("OUT") > N // 4, 30, what="output")
         assert _upgrade(c, _app(tmp_path, "v2", nats_url, batch=64, tag=2)).applied
         src = next(p for p in c.client.status("js").apps[0].pes if p.name == "src")
-        assert src.gen == 2, "the source PE was replaced"
+        assert src.gen >= 2, "the source PE was replaced"  # 3 when _upgrade retried
         producer.join(30)
         poll_for(lambda: js.count("OUT") >= N, 60, what="every message counted")
         poll_for(lambda: js.ack_pending("js") == 0, 30, what="no unacked messages")
