@@ -1,0 +1,173 @@
+"""Real redis-server and PostgreSQL servers on free loopback ports, for benchmarks.
+
+Each is a context manager that starts the server in a directory of its own and
+stops it (and waits for it) on exit::
+
+    with redis_server(tmp) as url, postgres_server(tmp) as pg_url:
+        ...
+
+A missing server binary raises :class:`ServerMissing` naming it and how to
+install it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+__all__ = ["ServerMissing", "free_port", "postgres_server", "redis_server"]
+
+
+class ServerMissing(RuntimeError):
+    """A server binary is not installed."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def find_binary(name: str) -> str:
+    """The path of ``name``: PATH, /usr/sbin, /usr/local/sbin, then PostgreSQL's
+    Debian directories /usr/lib/postgresql/*/bin (newest first)."""
+    found = shutil.which(name)
+    if found:
+        return found
+    dirs = ["/usr/sbin", "/usr/local/sbin", *sorted(glob.glob("/usr/lib/postgresql/*/bin"))[::-1]]
+    for d in dirs:
+        if os.access(p := os.path.join(d, name), os.X_OK):
+            return p
+    msg = f"{name} is not installed (scripts/setup.sh --full installs it)"
+    raise ServerMissing(msg)
+
+
+def _stop(proc: subprocess.Popen[bytes], timeout: float = 10) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
+def _wait_port(port: int, proc: subprocess.Popen[bytes], what: str, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"{what} did not listen on port {port} in {timeout}s")
+
+
+@contextlib.contextmanager
+def redis_server(tmp: Path) -> Iterator[str]:
+    """A redis-server without persistence, its log in ``tmp``; yields its URL."""
+    binary = find_binary("redis-server")
+    port = free_port()
+    with open(tmp / "redis.log", "wb") as log:
+        proc = subprocess.Popen(
+            [
+                binary,
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(tmp),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            _wait_port(port, proc, "redis-server")
+            yield f"redis://127.0.0.1:{port}/0"
+        finally:
+            _stop(proc)
+
+
+def _has_user(name: str) -> bool:
+    import pwd
+
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def postgres_server(tmp: Path, settings: dict[str, str] | None = None) -> Iterator[str]:
+    """A PostgreSQL server (initdb into a new directory, TCP on 127.0.0.1, trust auth,
+    ``max_prepared_transactions=10``, ``fsync=off`` plus ``settings``); yields the URL
+    of its ``postgres`` database. As root it runs as the postgres (or nobody) user
+    in a directory of its own (PostgreSQL refuses to run as root)."""
+    initdb, postgres = find_binary("initdb"), find_binary("postgres")
+    user = None
+    if os.geteuid() == 0:
+        user = "postgres" if _has_user("postgres") else "nobody"
+    base = Path(tempfile.mkdtemp(prefix="hotwire-pg-", dir=None if user else tmp))
+    if user is not None:
+        shutil.chown(base, user)
+    data = base / "data"
+    try:
+        subprocess.run(
+            [initdb, "-D", str(data), "-U", "postgres", "-A", "trust", "--no-sync", "-E", "UTF8"],
+            check=True,
+            capture_output=True,
+            user=user,
+            cwd=base,
+        )
+        conf = {
+            "listen_addresses": "127.0.0.1",
+            "max_prepared_transactions": "10",
+            "fsync": "off",
+            "max_connections": "50",
+            **(settings or {}),
+        }
+        port = free_port()
+        args = [postgres, "-D", str(data), "-p", str(port), "-k", str(base)]
+        for k, v in conf.items():
+            args += ["-c", f"{k}={v}"]
+        with open(base / "postgres.log", "wb") as log:
+            proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, user=user, cwd=base)
+            url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
+            try:
+                _wait_postgres(url, proc, base / "postgres.log")
+                yield url
+            finally:
+                _stop(proc)  # SIGTERM: smart shutdown
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _wait_postgres(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 20) -> None:
+    import psycopg
+
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"postgres exited with {proc.returncode}: {log.read_text()[-2000:]}")
+        try:
+            psycopg.connect(url, connect_timeout=1).close()
+            return
+        except psycopg.OperationalError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
