@@ -264,3 +264,25 @@ def test_library_objects_in_closures_and_self_references() -> None:
     loop: list[object] = [1]
     loop.append(loop)
     assert fingerprint(make(loop)) == fingerprint(make(loop))
+
+
+def test_app_file_module_name_is_left_out() -> None:
+    # An app file is imported as hotwire_app_file_<hash of its content>: editing one PE
+    # renames the module, and a global instance of one of its classes (a client, a
+    # writer) must not make every PE that uses it look changed.
+    src = """
+    class Lines:
+        def __init__(self, path):
+            self.path = path
+
+    OUT = Lines("/tmp/out")
+
+    def f(r):
+        return OUT
+    """
+    fps = []
+    for name in ("hotwire_app_file_0123456789abcdef", "hotwire_app_file_fedcba9876543210"):
+        ns: dict[str, object] = {"__name__": name}
+        exec(compile(textwrap.dedent(src), "app.py", "exec"), ns)
+        fps.append(fingerprint(ns["f"]))
+    assert fps[0] == fps[1]

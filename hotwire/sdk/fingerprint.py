@@ -34,6 +34,7 @@ _CLASS_SKIP = frozenset(
     }
 )
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+_APP_FILE_MODULE = re.compile(r"hotwire_app_file_[0-9a-f]+$")
 _LIBRARY_ROOTS = frozenset(sys.stdlib_module_names) | {"hotwire", "builtins"}
 
 
@@ -63,6 +64,10 @@ def _is_library(module: str | None) -> bool:
 
 def _qualified(obj: Any) -> str:
     mod = getattr(obj, "__module__", None) or ""
+    if _APP_FILE_MODULE.match(mod):
+        # An app file is imported under a name made from its content's hash
+        # (hotwire.sdk.bundle): any edit renames it, so the name says nothing.
+        mod = "<app file>"
     name = getattr(obj, "__qualname__", None) or getattr(obj, "__name__", None) or ""
     return f"{mod}.{name}"
 
