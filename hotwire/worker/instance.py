@@ -670,6 +670,31 @@ async def _aclose(obj: Any) -> None:
         log.warning("a source's aclose() raised %s: %s", type(e).__name__, e)
 
 
+STOP_TIMEOUT_S = 5.0  # longest a source's pull task may hold up its instance's retirement
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    """Cancel a source's pull task and wait until it ends, cancelling again as needed.
+
+    A cancel can be swallowed: on Python 3.11 ``asyncio.wait_for`` returns its inner
+    result instead of raising when the cancel arrives as that result does (NATS's
+    client fetches through it), and a user's iterator may catch it. Waiting once on
+    a swallowed cancel waited forever, and the switch retiring the source stalled.
+    The pull loop also stops by itself after its next record (``_stopping``).
+    """
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    while not task.done():
+        if time.monotonic() > deadline:
+            log.warning(
+                "a source's iterator ignored cancellation for %.0f s; its instance goes on "
+                "without waiting for it",
+                STOP_TIMEOUT_S,
+            )
+            return
+        task.cancel()
+        await asyncio.wait({task}, timeout=0.05)
+
+
 class _Pump:
     """Pulls a source's iterator into a buffer, apart from the instance's loop.
 
@@ -735,7 +760,7 @@ class _Pump:
         anext_ = it.__anext__
         n = 0
         try:
-            while True:
+            while not self._stopping:
                 if not self._space.is_set():
                     await self._space.wait()
                 record = await anext_()  # not buf.append(await ...): take() swaps buf meanwhile
@@ -767,11 +792,10 @@ class _Pump:
 
     async def stop(self) -> None:
         """Stop pulling; what was already pulled stays in ``buf``."""
+        self._stopping = True
         if self.task is not None:
-            self.task.cancel()
-            await asyncio.gather(self.task, return_exceptions=True)
+            await _cancel(self.task)
         if self._thread is not None:
-            self._stopping = True
             self._slots.release()
             await asyncio.to_thread(self._thread.join, 2.0)
             await asyncio.sleep(0)  # chunks the thread handed over land in buf
