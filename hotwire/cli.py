@@ -815,6 +815,9 @@ def status(ctx: click.Context, name: str, as_json: bool) -> None:
                                 "dead_letters": i.dead_letters,
                                 "version": i.version,
                                 "process_ms": round(i.process_ms, 3),
+                                "waiting": i.waiting,
+                                "waiting_s": round(i.waiting_s, 1),
+                                "queued": i.queued,
                             }
                             for i in p.instances
                         ],
@@ -859,6 +862,12 @@ def status(ctx: click.Context, name: str, as_json: bool) -> None:
                         if i["failed"]:
                             click.echo(
                                 f"    FAILED instance {i['index']}@{i['worker']}: {i['error']}"
+                            )
+                        if i["waiting"]:
+                            click.echo(
+                                f"    instance {i['index']}@{i['worker']} waiting: "
+                                f"{i['waiting']} since {i['waiting_s']:.1f} s "
+                                f"({i['queued']} records queued)"
                             )
 
         _emit(as_json, apps[0] if name and apps else {"apps": apps}, human)

@@ -22,6 +22,14 @@ that covers it is complete, the two-phase commit of Flink's sinks:
 Records replayed after a failure go into new transactions, so every record is
 committed exactly once. Output appears at checkpoint pace (``--checkpoint-interval``).
 
+``setup``, ``pre_commit``, ``commit``, ``recover``, ``flush`` and ``teardown`` run in
+a thread (one call at a time per instance), so a slow server never pauses the
+worker's event loop; ``write`` runs on the loop and should only buffer. When one of
+them raises an error :meth:`TransactionalSink.is_transient` accepts (the server is
+unreachable), the runtime calls it again with backoff until it succeeds, and the
+instance waits meanwhile (``hotwire.connectors.outage``): so ``pre_commit`` and
+``commit`` must keep their transaction when they fail, and may be called again.
+
 Use one with ``stream.sink("out", JsonlSink, config={"dir": "/data/out"})``: the
 runtime makes one object per sink instance.
 """
@@ -40,7 +48,22 @@ __all__ = ["JsonlSink", "TransactionalSink", "read_committed"]
 
 class TransactionalSink:
     """Base class of two-phase-commit sinks; see the module docstring for when the
-    runtime calls each method. All methods run on the worker's event loop thread."""
+    runtime calls each method and on which thread."""
+
+    def server(self) -> str:
+        """The server this sink writes to, as status shows it while it is unreachable."""
+        return "the sink's server"
+
+    def is_transient(self, exc: BaseException) -> bool:
+        """True when ``exc`` means the server is unreachable for now: the runtime then
+        retries the call with backoff instead of failing the instance."""
+        return False
+
+    def flush(self) -> list[tuple[Any, BaseException]]:
+        """Called after each input batch's writes (in a thread): write what ``write``
+        buffered when the sink writes per batch rather than per transaction. Returns
+        the records that failed, with their errors, for the PE's error policy."""
+        return []
 
     def setup(self, ctx: Any) -> None:
         """Called once per instance before anything else; ``ctx.config`` is the PE's config."""

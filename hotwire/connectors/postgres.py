@@ -21,6 +21,14 @@ with the right value for every key (idempotent, not transactional).
 
 Records are dicts; ``columns`` names the keys written, in order, into the
 table's columns of the same names. The table must exist.
+
+All statements run in a thread, never on the worker's event loop. When the
+server goes away (stopped, restarting, unreachable) the sink waits for it: the
+runtime retries the call with backoff on a new connection, and the instance
+processes nothing meanwhile, so records wait upstream under backpressure. A
+``PREPARE TRANSACTION`` whose reply was lost is found by its name on the next
+attempt, and ``COMMIT PREPARED`` of a transaction committed already is a no-op,
+so nothing is written twice.
 """
 
 from __future__ import annotations
@@ -115,8 +123,9 @@ class PostgresSink(TransactionalSink):
         self.columns = _names(config["columns"]) or []
         self.key = _names(config.get("key")) or []
         self.prefix = f"{GID_PREFIX}/{ctx.app}/{ctx.pe}/{ctx.instance}/"
+        self.url = config["url"]
         try:
-            self.conn = psycopg.connect(config["url"], autocommit=True, connect_timeout=10)
+            self.conn = self._connect()
         except psycopg.Error as e:
             msg = f"{where}: PostgresSink cannot connect: {_one_line(e)}"
             raise ValueError(msg) from None
@@ -127,7 +136,33 @@ class PostgresSink(TransactionalSink):
             raise
         self._insert = self._statement(config["table"])
         self._rows: list[tuple[Any, ...]] = []
+        self._upserts: list[tuple[Any, tuple[Any, ...]]] = []  # (record, row) of a batch
         self._txn = ""
+        self._tried = ""  # the gid of a PREPARE TRANSACTION that may have succeeded
+
+    def _connect(self) -> Any:
+        return _psycopg().connect(self.url, autocommit=True, connect_timeout=5)
+
+    def _live(self) -> Any:
+        """The connection, made anew when the last one was lost."""
+        if self.conn.closed or self.conn.broken:
+            with contextlib.suppress(Exception):
+                self.conn.close()
+            self.conn = self._connect()
+        return self.conn
+
+    def server(self) -> str:
+        try:
+            d = _psycopg().conninfo.conninfo_to_dict(self.url)
+        except Exception:
+            return "the PostgreSQL server"
+        host = d.get("host") or d.get("hostaddr") or "localhost"
+        port = d.get("port") or "5432"
+        return f"postgresql://{host}:{port}/{d.get('dbname', '')}"
+
+    def is_transient(self, exc: BaseException) -> bool:
+        psycopg = _psycopg()
+        return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
 
     def _check_server(self, table: str) -> None:
         psycopg = _psycopg()
@@ -179,26 +214,66 @@ class PostgresSink(TransactionalSink):
 
     def write(self, record: Any) -> None:
         if self.mode == "upsert":
-            with self.conn.transaction(), self.conn.cursor() as cur:
-                cur.execute(self._insert, self._row(record))
+            self._upserts.append((record, self._row(record)))  # written by flush()
             return
         self._rows.append(self._row(record))
 
+    def flush(self) -> list[tuple[Any, BaseException]]:
+        """Upsert mode: write the batch's rows in one transaction; when a row is
+        refused, write them one by one and return the refused ones."""
+        todo = self._upserts
+        if not todo:
+            return []
+        psycopg = _psycopg()
+        conn = self._live()
+        try:
+            with conn.transaction(), conn.cursor() as cur:
+                cur.executemany(self._insert, [row for _r, row in todo])
+        except psycopg.Error as e:
+            if self.is_transient(e):
+                raise  # retried with the same rows: upserts are idempotent
+            failed: list[tuple[Any, BaseException]] = []
+            for record, row in todo:
+                try:
+                    with conn.transaction(), conn.cursor() as cur:
+                        cur.execute(self._insert, row)
+                except psycopg.Error as e1:
+                    if self.is_transient(e1):
+                        raise
+                    failed.append((record, e1))
+            self._upserts = []
+            return failed
+        self._upserts = []
+        return []
+
     def pre_commit(self) -> Any:
-        rows, self._rows = self._rows, []
+        """Write the epoch's rows and prepare the transaction. The rows stay until it
+        is prepared, so a call that failed with the server gone can be made again."""
+        rows = self._rows
         if self.mode == "upsert" or not rows:
+            self._rows = []
             return None
         gid = self.prefix + self._txn
-        with self.conn.cursor() as cur:
+        conn = self._live()
+        if self._tried == gid and self._prepared(gid):
+            self._rows, self._tried = [], ""
+            return gid  # the last attempt prepared it; its reply was lost
+        self._tried = gid
+        with conn.cursor() as cur:
             cur.execute("BEGIN")
             try:
                 cur.executemany(self._insert, rows)
                 cur.execute(self._sql.SQL("PREPARE TRANSACTION {}").format(self._sql.Literal(gid)))
             except BaseException:
                 with contextlib.suppress(Exception):
-                    self.conn.execute("ROLLBACK")
+                    conn.execute("ROLLBACK")
                 raise
+        self._rows, self._tried = [], ""
         return gid
+
+    def _prepared(self, gid: str) -> bool:
+        row = self.conn.execute("SELECT 1 FROM pg_prepared_xacts WHERE gid = %s", (gid,))
+        return row.fetchone() is not None
 
     def commit(self, handle: Any) -> None:
         self._finish("COMMIT PREPARED", str(handle))
@@ -207,7 +282,7 @@ class PostgresSink(TransactionalSink):
         psycopg = _psycopg()
         stmt = self._sql.SQL(verb + " {}").format(self._sql.Literal(gid))
         try:
-            self.conn.execute(stmt)
+            self._live().execute(stmt)
         except psycopg.errors.UndefinedObject:
             pass  # finished already: commit is idempotent
 
@@ -216,7 +291,8 @@ class PostgresSink(TransactionalSink):
         if self.mode == "upsert":
             return
         keep = {str(h) for h in committed}
-        rows = self.conn.execute(
+        conn = self._live()
+        rows = conn.execute(
             "SELECT gid FROM pg_prepared_xacts WHERE gid LIKE %s AND database = current_database()",
             (self.prefix.replace("_", r"\_").replace("%", r"\%") + "%",),
         ).fetchall()
@@ -227,7 +303,7 @@ class PostgresSink(TransactionalSink):
                 self._finish("ROLLBACK PREPARED", gid)
 
     def abort(self) -> None:
-        self._rows = []
+        self._rows, self._upserts = [], []
 
     def teardown(self) -> None:
         conn = getattr(self, "conn", None)

@@ -30,6 +30,13 @@ moves them into the output stream with ``XADD`` in one Lua call that also sets
 a marker key for the transaction. Committing again (recovery re-commits what
 the restored checkpoint holds) finds the marker and adds nothing.
 
+When the Redis server goes away, the source and the sink wait for it (see
+``hotwire.connectors.outage``): they retry with backoff, and the source re-reads
+its delivery log from its position on the new connection, so an entry handed to
+it by a read whose reply was lost is emitted, once. The server must keep its data
+across the restart (``appendonly yes``) for the delivery log, the pending
+entries and the sink's prepared transactions to survive it.
+
 Options are checked when the app is loaded: a missing stream, a URL that is not
 ``redis://``/``rediss://``/``unix://`` or an unknown option raises
 :class:`ValueError` naming the option, so ``streamctl submit`` fails before
@@ -44,6 +51,7 @@ import logging
 from typing import Any, ClassVar
 from urllib.parse import urlparse
 
+from hotwire.connectors.outage import Outage
 from hotwire.sinks import TransactionalSink
 
 __all__ = ["RedisStreamSink", "RedisStreamSource"]
@@ -185,6 +193,7 @@ class _Reader:
         self._buf: list[Any] = []
         self._replay: list[str] | None = None  # ids still to re-emit after a restart
         self._redis: Any = None
+        self.outage = Outage(ctx, _display(conf.url))
 
     def checkpoint_complete(self, position: int) -> None:
         self._acked_to = max(self._acked_to, position)
@@ -194,38 +203,68 @@ class _Reader:
 
     async def __anext__(self) -> Any:
         while not self._buf:
-            if self._redis is None:
-                await self._open()
-            await self._ack()
-            if self._replay:
-                await self._replay_some()
+            try:
+                await self._step()
+            except Exception as e:
+                if not _transient(e):
+                    raise
+                # The server went away: wait for it, then re-read the delivery log
+                # from the position on a new connection (``_open``).
+                self.outage.failed(e)
+                await self._drop_connection()
+                await self.outage.pause()
                 continue
-            entries = await self._redis.eval(
-                _READ,
-                2,
-                self.conf.stream,
-                self.log_key,
-                self.group,
-                self.consumer,
-                self.conf.batch,
-            )
-            if entries:
-                self._buf = [_record(e) for e in entries]
-                self._buf.reverse()
-            else:
-                await asyncio.sleep(self.conf.poll_interval)
+            self.outage.ok()
+        self.position += 1
         return self._buf.pop()
+
+    async def _step(self) -> None:
+        if self._redis is None:
+            await self._open()
+        await self._ack()
+        if self._replay:
+            await self._replay_some()
+            return
+        entries = await self._redis.eval(
+            _READ,
+            2,
+            self.conf.stream,
+            self.log_key,
+            self.group,
+            self.consumer,
+            self.conf.batch,
+        )
+        if entries:
+            self._buf = [_record(e) for e in entries]
+            self._buf.reverse()
+        else:
+            await asyncio.sleep(self.conf.poll_interval)
+
+    async def _drop_connection(self) -> None:
+        r, self._redis = self._redis, None
+        self._buf, self._replay = [], None
+        if r is not None:
+            try:
+                await r.aclose()
+            except Exception as e:  # closing a dead connection may raise; it is gone anyway
+                log.debug("closing a Redis connection: %s", e)
 
     async def _open(self) -> None:
         import redis.asyncio as aioredis
         from redis.exceptions import ResponseError
 
-        r = aioredis.from_url(self.conf.url, decode_responses=True)
+        r = aioredis.from_url(
+            self.conf.url, decode_responses=True, socket_connect_timeout=5, socket_timeout=30
+        )
         try:
             await r.xgroup_create(self.conf.stream, self.group, id=self.conf.start, mkstream=True)
         except ResponseError as e:
             if "BUSYGROUP" not in str(e):
+                await r.aclose()
                 raise
+        except BaseException:
+            await r.aclose()
+            raise
         self._redis = r
         base = int(await r.get(self.base_key) or 0)
         if self.position < base:
@@ -239,6 +278,7 @@ class _Reader:
                 base,
                 base,
             )
+            self.position = base
         self._replay = [
             str(i) for i in await r.lrange(self.log_key, max(0, self.position - base), -1)
         ]
@@ -325,10 +365,19 @@ class RedisStreamSink(TransactionalSink):
             raise ValueError(msg)
         self.stream = self.options["stream"]
         self.ttl = int(self.options["marker_ttl"])
-        self.redis = redis.Redis.from_url(self.options["url"], decode_responses=True)
+        self.url = self.options["url"]
+        self.redis = redis.Redis.from_url(
+            self.url, decode_responses=True, socket_connect_timeout=5, socket_timeout=30
+        )
         self._commit = self.redis.register_script(_COMMIT)
         self._txn = ""
         self._recs: list[str] = []
+
+    def server(self) -> str:
+        return _display(self.url)
+
+    def is_transient(self, exc: BaseException) -> bool:
+        return _transient(exc)
 
     def begin(self, txn: str) -> None:
         self._txn, self._recs = txn, []
@@ -361,6 +410,22 @@ class RedisStreamSink(TransactionalSink):
         r = getattr(self, "redis", None)
         if r is not None:
             r.close()
+
+
+def _transient(exc: BaseException) -> bool:
+    """Whether ``exc`` means the Redis server is unreachable (or still loading its data)."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    return isinstance(exc, RedisConnectionError | RedisTimeoutError | OSError)
+
+
+def _display(url: str) -> str:
+    """``url`` without a password, for logs and status."""
+    p = urlparse(url)
+    if p.password is None:
+        return url
+    return url.replace(f":{p.password}@", ":***@", 1)
 
 
 def _fields(record: Any) -> list[Any]:

@@ -419,6 +419,9 @@ class Master(Node):
                         error=r.failed if r else "",
                         dead_letters=r.dead_letters if r else 0,
                         process_ms=r.process_ms if r else 0.0,
+                        waiting=r.waiting if r else "",
+                        waiting_s=r.waiting_s if r else 0.0,
+                        queued=r.queued if r else 0,
                         version=st.version + 1
                         if pl.canary is not None and i >= pl.canary.first
                         else st.version,

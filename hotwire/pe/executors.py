@@ -24,6 +24,7 @@ from typing import Any
 
 from hotwire.codec import hashable_key
 from hotwire.pe.state import DEFAULT_VERSION, unwrap, wrap
+from hotwire.sinks import TransactionalSink
 
 # Called with a failing record and the error; returns False when the PE stops
 # (on_error="fail"): the executor then stops at that record and keeps it, and
@@ -431,16 +432,39 @@ class TransactionalSinkExecutor(Executor):
         )
 
     async def setup(self) -> None:
-        self.obj.setup(self.ctx)
+        await asyncio.to_thread(self.obj.setup, self.ctx)
         self._begin()
+        from hotwire.connectors.outage import Outage
+
+        self.outage = Outage(self.ctx, self.obj.server())
+
+    async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` in a thread, retried with backoff while the sink's server is
+        unreachable (``is_transient``); the instance waits, the event loop does not."""
+        from hotwire.connectors.outage import retry
+
+        return await retry(lambda: fn(*args), self.outage, self.obj.is_transient)
 
     async def process(self, records: list[Any]) -> list[Any]:
         await self._each(records, self.fn)
+        if type(self.obj).flush is not TransactionalSink.flush:
+            failed = await self._call(self.obj.flush)
+            for i, (record, exc) in enumerate(failed):
+                if self.on_error(record, exc) is False:
+                    self.rest = [r for r, _ in failed[i:]]
+                    break
         return []
 
     def pre_commit(self, checkpoint: int) -> None:
         """At a barrier (or retirement): the open transaction joins the pending ones."""
         handle = self.obj.pre_commit()
+        if handle is not None:
+            self.pending.append([checkpoint, handle])
+        self._begin()
+
+    async def apre_commit(self, checkpoint: int) -> None:
+        """:meth:`pre_commit` off the event loop, waiting out an unreachable server."""
+        handle = await self._call(self.obj.pre_commit)
         if handle is not None:
             self.pending.append([checkpoint, handle])
         self._begin()
@@ -452,6 +476,13 @@ class TransactionalSinkExecutor(Executor):
             self.obj.commit(handle)
         self.pending = [p for p in self.pending if p[0] > checkpoint]
 
+    async def acheckpoint_complete(self, checkpoint: int) -> None:
+        """:meth:`checkpoint_complete` off the event loop, waiting out an unreachable
+        server (commit is idempotent, so a commit retried after a lost reply is too)."""
+        while self.pending and self.pending[0][0] <= checkpoint:
+            await self._call(self.obj.commit, self.pending[0][1])
+            self.pending.pop(0)
+
     def commit_all(self) -> None:
         """Commit every pending transaction (a recovery restored them, or the sink
         is removed by an upgrade and nothing can replay into it)."""
@@ -460,6 +491,14 @@ class TransactionalSinkExecutor(Executor):
             self.obj.commit(handle)
         self.pending = []
         self.obj.recover(handles)
+
+    async def acommit_all(self) -> None:
+        """:meth:`commit_all` off the event loop, waiting out an unreachable server."""
+        handles = [handle for _cid, handle in self.pending]
+        for handle in handles:
+            await self._call(self.obj.commit, handle)
+        self.pending = []
+        await self._call(self.obj.recover, handles)
 
     def snapshot(self) -> Any:
         return {"pending": [list(p) for p in self.pending]}
@@ -472,4 +511,4 @@ class TransactionalSinkExecutor(Executor):
 
     async def teardown(self) -> None:
         self.obj.abort()
-        self.obj.teardown()
+        await asyncio.to_thread(self.obj.teardown)

@@ -16,7 +16,10 @@ class Context:
     ``position`` is, for a source, how many records earlier generations of this
     source instance emitted: a source that replaces another resumes from there.
     ``key`` is the current record's key while a keyed ``process`` PE handles it,
-    else None.
+    else None. ``waiting`` names the server a connector of this instance waits
+    for while it is unreachable (e.g. ``"redis://127.0.0.1:6379/0 unreachable"``),
+    ``waiting_since`` when that began (``time.monotonic()``); "" and 0.0 otherwise.
+    The worker reports them with its heartbeats (``streamctl status``).
     """
 
     app: str
@@ -26,6 +29,8 @@ class Context:
     config: dict[str, Any] = field(default_factory=dict)
     position: int = 0
     key: Any = None
+    waiting: str = ""
+    waiting_since: float = 0.0
     logger: logging.Logger = field(init=False, repr=False)
 
     def __post_init__(self) -> None:

@@ -185,6 +185,7 @@ class Worker(Node):
     # Session with the master
     # ------------------------------------------------------------------
     def _running(self) -> list[pb.RunningInstance]:
+        waiting = self.runtime.waiting()
         return [
             pb.RunningInstance(
                 app=a,
@@ -195,6 +196,9 @@ class Worker(Node):
                 failed=f,
                 dead_letters=d,
                 process_ms=s * 1000,
+                waiting=waiting.get((a, i), ("", 0.0, 0))[0],
+                waiting_s=waiting.get((a, i), ("", 0.0, 0))[1],
+                queued=waiting.get((a, i), ("", 0.0, 0))[2],
             )
             for a, i, ri, ro, e, f, d, s in self.runtime.running()
         ]

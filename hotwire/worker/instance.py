@@ -134,6 +134,12 @@ class Instance:
     def last_checkpoint(self) -> int:
         return self.machine.last_checkpoint
 
+    def queued(self) -> int:
+        """Records waiting in the inbox (not yet processed): at most the input
+        channels' credits times the batch size."""
+        items = getattr(self.inbox, "_queue", ())
+        return sum(len(p) for k, _ch, p, _r in list(items) if k == BATCH)
+
     # -- set-up (prepare phase) ------------------------------------------
     def start_task(self) -> None:
         self.task = asyncio.get_running_loop().create_task(
@@ -210,7 +216,7 @@ class Instance:
                 if isinstance(a, sm.Process):
                     report = await self._process(a)
                 elif isinstance(a, sm.Snapshot):
-                    report = self._snapshot_for(a.checkpoint)
+                    report = await self._snapshot_for(a.checkpoint)
                 elif isinstance(a, sm.ForwardBarrier):
                     for out in list(self.out.values()):
                         await out.barrier(a.checkpoint)
@@ -229,9 +235,9 @@ class Instance:
                 elif isinstance(a, sm.Commit) and self.kind == "source":
                     self._source_checkpoint_complete(a.checkpoint)
                 elif isinstance(a, sm.Commit):
-                    done = getattr(self.executor, "checkpoint_complete", None)
+                    done = getattr(self.executor, "acheckpoint_complete", None)
                     if done is not None:
-                        done(a.checkpoint)
+                        await done(a.checkpoint)  # off the loop; waits out an outage
                 elif isinstance(a, sm.DropState):
                     log.warning(
                         "%s/%s: unexpected state from %s dropped", self.app, self.iid, a.src
@@ -269,11 +275,11 @@ class Instance:
         return sm.Processed(rest) if rest else sm.PROCESSED
 
     # -- checkpoints -------------------------------------------------------
-    def _snapshot_for(self, cid: int) -> sm.Snapshotted | sm.Fail:
+    async def _snapshot_for(self, cid: int) -> sm.Snapshotted | sm.Fail:
         """Snapshot for checkpoint ``cid`` and report it to the runtime."""
-        pre_commit = getattr(self.executor, "pre_commit", None)
+        pre_commit = getattr(self.executor, "apre_commit", None)
         if pre_commit is not None:
-            pre_commit(cid)  # the open transaction becomes part of this checkpoint
+            await pre_commit(cid)  # the open transaction becomes part of this checkpoint
         if self.kind == "source":
             self._cuts[cid] = self.position
         try:
@@ -327,15 +333,15 @@ class Instance:
             state = [[k, v] for k, v in state.items()]
         return self.executor.versioned(state)
 
-    def restore_checkpoint(self, states: list[Any]) -> None:
+    async def restore_checkpoint(self, states: list[Any]) -> None:
         """Start from a checkpoint's states (recovery: one or, after a rescale, several).
 
         A transactional sink commits the transactions the checkpoint holds: the
         checkpoint is complete, so they are part of the output."""
         self._restore(states)
-        commit_all = getattr(self.executor, "commit_all", None)
+        commit_all = getattr(self.executor, "acommit_all", None)
         if commit_all is not None:
-            commit_all()
+            await commit_all()
 
     def _restore(self, states: list[Any]) -> None:
         if self.kind == "source":
@@ -462,14 +468,14 @@ class Instance:
             self.runtime.forget_out(self.app, ch)
         self.out.clear()
         succ = retire.successors
-        pre_commit = getattr(self.executor, "pre_commit", None)
+        pre_commit = getattr(self.executor, "apre_commit", None)
         if pre_commit is not None:
             # A transactional sink's open transaction is pre-committed and handed
             # over; it commits with the successor's next complete checkpoint. With
             # no successor (the sink is removed) nothing can replay into it: commit.
-            pre_commit(self.last_checkpoint + 1)
+            await pre_commit(self.last_checkpoint + 1)
             if not succ:
-                self.executor.commit_all()  # type: ignore[union-attr]
+                await self.executor.acommit_all()  # type: ignore[union-attr]
         pending = fin.unprocessed
         if succ:
             parts = self._split_state(retire)

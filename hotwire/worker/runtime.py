@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -280,7 +281,7 @@ class Runtime:
             for route in ins.routes:
                 inst.routes[route.dst_pe] = self.make_route(inst, route)
             if ins.initial_state is not None:
-                inst.restore_checkpoint(ins.initial_state)
+                await inst.restore_checkpoint(ins.initial_state)
         except BaseException:
             self.remove_instance(inst)
             raise
@@ -521,6 +522,17 @@ class Runtime:
             (a, iid, i.records_in, i.records_out, i.errors, i.failed, i.dead_letters, i.process_s)
             for (a, iid), i in self.instances.items()
         ]
+
+    def waiting(self) -> dict[tuple[str, str], tuple[str, float, int]]:
+        """(app, instance) -> (the server it waits for or "", for how many seconds,
+        records queued in its inbox)."""
+        now = time.monotonic()
+        out = {}
+        for key, i in self.instances.items():
+            what = getattr(i.ctx, "waiting", "") or ""
+            since = getattr(i.ctx, "waiting_since", 0.0) or 0.0
+            out[key] = (what, max(0.0, now - since) if what else 0.0, i.queued())
+        return out
 
 
 def _is_transactional(fn: Any) -> bool:
