@@ -180,3 +180,57 @@ def test_canary_refused_for_more_than_one_change(cluster: LocalCluster, tmp_path
     assert "a canary upgrade may change PE 'count' only" in res.stderr, res.stderr
     bad = cluster.streamctl("upgrade", app3, "--canary", "count=150%")
     assert bad.returncode == 1 and "strictly between 0% and 100%" in bad.stderr
+
+
+def test_canary_survives_a_master_restart(cluster: LocalCluster, tmp_path: Path) -> None:
+    # The canary is in the master's store: a master killed (SIGKILL) and started
+    # again shows it, takes a promote or an abort, and runs its --canary-for timer.
+    n, rate = 12000, 800.0
+    out = tmp_path / "out.jsonl"
+    kw: dict[str, Any] = {"out": str(out), "audit": str(tmp_path / "a.jsonl"), "n": n, "rate": rate}
+    app1 = str(write_app(tmp_path, "v1.py", render(BASE, **kw)))
+    app2 = str(write_app(tmp_path, "v2.py", render(replace(BASE, count_code=2), **kw)))
+    assert cluster.streamctl("submit", app1).returncode == 0
+    poll_for(lambda: count_lines(out) > 500, 20, what="records flowing before the canary")
+
+    def restart() -> None:
+        cluster.kill_master()
+        cluster.restart_master()
+        poll_for(lambda: cluster.live_workers() == 2, 15, what="workers to re-attach")
+
+    # 1. started by hand, aborted by hand after the restart
+    assert cluster.streamctl("upgrade", app2, "--canary", "count=20%").returncode == 0
+    restart()
+    st = _status(cluster)
+    assert st["canary"] is not None, st
+    assert (st["canary"]["pe"], st["canary"]["share_percent"]) == ("count", 20)
+    assert st["canary"]["outcome"] == "running"
+    busy = cluster.streamctl("upgrade", app2)
+    assert busy.returncode == 1 and "a canary of PE 'count' is running" in busy.stderr
+    ab = cluster.streamctl("canary", "abort", "upg")
+    assert ab.returncode == 0, ab.stderr
+    assert _status(cluster)["canary"] is None and _status(cluster)["version"] == 1
+
+    # 2. promoted by its --canary-for timer, which runs on in the restarted master
+    res = cluster.streamctl("upgrade", app2, "--canary", "count=30%", "--canary-for", "3")
+    assert res.returncode == 0, res.stderr
+    restart()
+    if _status(cluster)["version"] == 1:  # not promoted yet: the canary was resumed
+        assert _status(cluster)["canary"]["promote_after_s"] == 3
+    poll_for(lambda: _status(cluster)["version"] == 2, 30, what="the canary promoted")
+    assert _status(cluster)["canary"] is None
+
+    poll_for(lambda: count_lines(out) >= n, 40, what="every record at the sink")
+    v = check_output(read_jsonl(out), n)
+    assert (v.lost, v.duplicated, v.out_of_order, v.state_resets) == (0, 0, 0, 0), v
+    hist = json.loads(cluster.streamctl("history", "upg", "--json").stdout)
+    assert [(c["outcome"], c["share_percent"]) for c in hist["canaries"]] == [
+        ("aborted", 20),
+        ("promoted", 30),
+    ], hist["canaries"]
+    assert hist["canaries"][0]["why"] == "aborted by hand"
+    assert hist["canaries"][1]["why"].startswith("automatically")
+    restart()  # ended canaries stay in the history, and none is resumed
+    assert _status(cluster)["canary"] is None
+    hist = json.loads(cluster.streamctl("history", "upg", "--json").stdout)
+    assert [c["outcome"] for c in hist["canaries"]] == ["aborted", "promoted"]

@@ -68,6 +68,47 @@ class CanaryRun:
             "stats": self.stats,
         }
 
+    def to_record(self) -> dict[str, Any]:
+        """Everything a restarted master needs to resume the canary (JSON-ready)."""
+        return {
+            "app": self.app,
+            "pe": self.pe,
+            "share": self.share,
+            "model": self.model.to_json(),
+            "bundle": self.bundle,
+            "from_version": self.from_version,
+            "max_errors": self.max_errors,
+            "promote_after": self.promote_after,
+            "started": self.started,
+            "outcome": self.outcome,
+            "why": self.why,
+            "ended": self.ended,
+            "stats": self.stats,
+        }
+
+    @classmethod
+    def from_record(cls, rec: dict[str, Any]) -> CanaryRun:
+        """The canary :meth:`to_record` wrote."""
+        return cls(
+            app=rec["app"],
+            pe=rec["pe"],
+            share=int(rec["share"]),
+            model=LogicalModel.from_json(rec["model"]),
+            bundle=rec["bundle"],
+            from_version=int(rec["from_version"]),
+            max_errors=float(rec["max_errors"]),
+            promote_after=float(rec["promote_after"]),
+            started=float(rec["started"]),
+            outcome=rec.get("outcome", ""),
+            why=rec.get("why", ""),
+            ended=float(rec.get("ended", 0.0)),
+            stats=rec.get("stats") or {},
+        )
+
+    def row(self) -> tuple[str, float, dict[str, Any]]:
+        """The canary as the master's store keeps it (``Store.put_canary``)."""
+        return (self.app, self.started, self.to_record())
+
 
 def parse_share(text: str) -> tuple[str, int]:
     """``"PE=10%"`` (or ``PE=0.1``) -> (PE, basis points); CanaryError if malformed."""

@@ -162,6 +162,22 @@ class TransitionEngine:
                 self.apps[name] = AppState(
                     name, version, state, rec.model, rec.bundle_hash, rec.placement, epoch
                 )
+        # Canaries: the ended ones for history, the running ones resumed (their
+        # start time is kept, so --canary-for counts from the real start).
+        for record in await store.read(store.canaries):
+            run = cn.CanaryRun.from_record(record)
+            self.canary_log.append(run)
+            if run.outcome:
+                continue
+            st = self.running(run.app)
+            pl = st.placement.get(run.pe) if st is not None else None
+            if pl is not None and pl.canary is not None and run.app not in self.canaries:
+                self.canaries[run.app] = run
+                log.info("app %r: canary of PE %r resumed", run.app, run.pe)
+                continue
+            run.outcome, run.why = "aborted", "its split was gone when the master restarted"
+            run.ended = time.time()
+            await asyncio.wrap_future(store.put_canary(run.row()))
 
     # ------------------------------------------------------------------
     # Locks
@@ -488,14 +504,12 @@ class TransitionEngine:
             plan,
             bundle_hash,
             bundle,
-            _placement_intent(cur, new_pl),
+            # the commit records the canary with the placement (_commit)
+            {**_placement_intent(cur, new_pl), "canary": run.to_record()},
             tr.Fallback.RESTART,
             t0,
             more_bundles={cur.bundle: old_bundle},
         )
-        run.started = time.time()
-        self.canaries[app] = run
-        self.canary_log.append(run)
         outcome = Outcome(
             app, cur.version, cur.version, change, plan, True, job.latency_ms, checked
         )
@@ -548,10 +562,12 @@ class TransitionEngine:
         )
         bundle = await store.read(store.bundle, cur.bundle) or b""
         run.outcome, run.why = "aborted", why
+        intent = {
+            **_placement_intent(cur, new_pl),
+            "canary_end": {"outcome": "aborted", "why": why},
+        }
         try:
-            await self._apply(
-                plan, cur.bundle, bundle, _placement_intent(cur, new_pl), tr.Fallback.RESTART
-            )
+            await self._apply(plan, cur.bundle, bundle, intent, tr.Fallback.RESTART)
         except BaseException:
             if app in self.canaries:
                 run.outcome, run.why = "", ""
@@ -565,13 +581,16 @@ class TransitionEngine:
             raise Refused(grpc.StatusCode.FAILED_PRECONDITION, f"app {app!r} runs no canary")
         return run, cur
 
-    def _end_canary(self, app: str, outcome: str, why: str) -> None:
+    def _end_canary(self, app: str, outcome: str, why: str) -> cn.CanaryRun | None:
+        """End ``app``'s canary (with ``outcome`` unless one was set); the caller
+        stores the run it returns."""
         run = self.canaries.pop(app, None)
         if run is None:
-            return
+            return None
         if not run.outcome:
             run.outcome, run.why = outcome, why
         run.ended = time.time()
+        return run
 
     async def move(self, app: str, pes: Collection[str]) -> None:
         """Place the instances of ``pes`` anew (off draining workers) with the upgrade
@@ -606,6 +625,8 @@ class TransitionEngine:
         )
         cur.state = "killed"
         await asyncio.wrap_future(store.set_state(app, "killed"))
+        if (run := self._end_canary(app, "aborted", "the app was killed")) is not None:
+            await asyncio.wrap_future(store.put_canary(run.row()))
         return cur.version
 
     async def interrupted(self) -> list[Interrupted]:
@@ -803,6 +824,7 @@ class TransitionEngine:
         store = self._store()
         model = LogicalModel.from_json(intent["model"])
         placement = placement_from_dict(intent["placement"])
+        canary = self._commit_canary(intent, model.app, placement)
         if intent["kind"] == "version":
             written = store.commit_version(
                 model.app,
@@ -815,16 +837,39 @@ class TransitionEngine:
                 latency_ms,
                 epoch,
                 rolled_back_to=intent["rolled_back_to"],
+                canary=canary,
             )
         else:
-            written = store.update_placement(model.app, intent["version"], placement, epoch)
+            written = store.update_placement(
+                model.app, intent["version"], placement, epoch, canary=canary
+            )
         self.apps[model.app] = AppState(
             model.app, intent["version"], "running", model, intent["bundle"], placement, epoch
         )
-        if not any(pl.canary for pl in placement.values()):
-            self._end_canary(model.app, "aborted", "the app was restarted or its PE moved")
         self.on_commit(model.app)
         return written
+
+    def _commit_canary(
+        self, intent: dict[str, Any], app: str, placement: Placement
+    ) -> tuple[str, float, dict[str, Any]] | None:
+        """The canary a commit starts (``intent["canary"]``, from :meth:`start_canary`)
+        or ends (any placement without a canary split), as the row the commit stores
+        with it; None when it does neither. An intent a restarted master finishes
+        says how the canary ended (``canary_end``, or the promote's record)."""
+        if any(pl.canary for pl in placement.values()):
+            if (record := intent.get("canary")) is None:
+                return None
+            run = cn.CanaryRun.from_record(record)
+            run.started = time.time()
+            self.canaries[app] = run
+            self.canary_log.append(run)
+            return run.row()
+        end = intent.get("canary_end") or (intent.get("changes") or {}).get("canary") or {}
+        outcome = end.get("outcome") if end.get("outcome") in ("promoted", "aborted") else ""
+        ended = self._end_canary(
+            app, outcome or "aborted", end.get("why") or "the app was restarted or its PE moved"
+        )
+        return None if ended is None else ended.row()
 
     def _raise_unless_committed(self, t: tr.Transition, r: tr.Reply) -> None:
         if r.result is tr.Result.COMMITTED:

@@ -32,6 +32,7 @@ from hotwire.plan import Placement, placement_from_dict, placement_to_dict
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+CanaryRow = tuple[str, float, dict[str, Any]]  # app, start time, the canary's record
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS bundles (
@@ -88,6 +89,12 @@ CREATE TABLE IF NOT EXISTS audit (
     to_version INTEGER NOT NULL,
     outcome TEXT NOT NULL,
     detail TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS canaries (
+    app TEXT NOT NULL,
+    started REAL NOT NULL,
+    record TEXT NOT NULL,
+    PRIMARY KEY (app, started)
 );
 CREATE TABLE IF NOT EXISTS inflight (
     app TEXT PRIMARY KEY,
@@ -187,7 +194,9 @@ class Store:
         epoch: int,
         state: str = "running",
         rolled_back_to: int = 0,
+        canary: CanaryRow | None = None,
     ) -> Future[None]:
+        """Record a new version of ``app`` (and, in the same transaction, ``canary``)."""
         row = (
             app,
             version,
@@ -200,11 +209,14 @@ class Store:
             latency_ms,
             rolled_back_to,
         )
-        return self._write(self._commit_version, row, (app, version, state, epoch))
+        return self._write(self._commit_version, row, (app, version, state, epoch), canary)
 
-    def _commit_version(self, row: tuple[Any, ...], app_row: tuple[Any, ...]) -> None:
+    def _commit_version(
+        self, row: tuple[Any, ...], app_row: tuple[Any, ...], canary: CanaryRow | None
+    ) -> None:
         with self.db:
             self.db.execute("BEGIN")
+            self._put_canary(canary)
             self.db.execute(
                 "INSERT OR REPLACE INTO versions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row
             )
@@ -215,22 +227,57 @@ class Store:
             self.db.execute("DELETE FROM inflight WHERE app = ?", (app_row[0],))
 
     def update_placement(
-        self, app: str, version: int, placement: Placement, epoch: int
+        self,
+        app: str,
+        version: int,
+        placement: Placement,
+        epoch: int,
+        canary: CanaryRow | None = None,
     ) -> Future[None]:
-        """A migration or recovery moved instances: same version, new placement."""
+        """A migration, recovery or canary moved instances: same version, new placement
+        (and, in the same transaction, ``canary``)."""
         return self._write(
-            self._update_placement, app, version, json.dumps(placement_to_dict(placement)), epoch
+            self._update_placement,
+            app,
+            version,
+            json.dumps(placement_to_dict(placement)),
+            epoch,
+            canary,
         )
 
-    def _update_placement(self, app: str, version: int, placement_json: str, epoch: int) -> None:
+    def _update_placement(
+        self, app: str, version: int, placement_json: str, epoch: int, canary: CanaryRow | None
+    ) -> None:
         with self.db:
             self.db.execute("BEGIN")
+            self._put_canary(canary)
             self.db.execute(
                 "UPDATE versions SET placement_json = ? WHERE app = ? AND version = ?",
                 (placement_json, app, version),
             )
             self.db.execute("UPDATE apps SET epoch = ? WHERE app = ?", (epoch, app))
             self.db.execute("DELETE FROM inflight WHERE app = ?", (app,))
+
+    # -- canaries (hotwire.master.canary.CanaryRun.to_record) -------------------
+    def put_canary(self, canary: CanaryRow) -> Future[None]:
+        """Record a canary as it is now (one row per app and start time)."""
+        return self._write(self._put_canary, canary)
+
+    def _put_canary(self, canary: CanaryRow | None) -> None:
+        if canary is not None:
+            app, started, record = canary
+            self.db.execute(
+                "INSERT OR REPLACE INTO canaries (app, started, record) VALUES (?, ?, ?)",
+                (app, started, json.dumps(record)),
+            )
+
+    def canaries(self) -> list[dict[str, Any]]:
+        """Every canary's record, oldest first: ``await store.read(store.canaries)``."""
+        return self._wait(self._canaries)
+
+    def _canaries(self) -> list[dict[str, Any]]:
+        rows = self.db.execute("SELECT record FROM canaries ORDER BY started, app")
+        return [json.loads(r[0]) for r in rows]
 
     # -- transitions in flight (finished or undone by a restarted master) ----
     def begin_transition(self, app: str, epoch: int, phase: str, plan: bytes) -> Future[None]:
