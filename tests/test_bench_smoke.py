@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -82,3 +83,48 @@ def test_bench_runs_and_reports_every_field(tmp_path: Path) -> None:
     )
     assert plot.returncode == 0, plot.stderr
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_upgrade_safety_scenarios(tmp_path: Path) -> None:
+    out = tmp_path / "s.json"
+    res = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "upgrade.py"),
+            "--quick",
+            "--rate",
+            "2000",
+            "--keys",
+            "500",
+            "--runs",
+            "1",
+            "--scenarios",
+            "migrate_state,canary",
+            "--scaling",
+            "",
+            "--no-peer",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=100,
+        cwd=ROOT,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    doc = json.loads(res.stdout)
+    migrate, canary = doc["scenarios"]
+    assert (migrate["name"], canary["name"]) == ("migrate_state", "canary")
+    for s in (migrate, canary):
+        assert s["lost"] == s["duplicated"] == s["state_resets"] == 0, s
+    # the compatibility check ran on the pre-filled keys (500 keys, two count instances)
+    [checked] = migrate["state_check"]
+    assert re.fullmatch(r"PE 'count': 500 keys of checkpoint \d+ tried", checked), checked
+    runs = {kind: e["runs"] for kind, e in canary["events"].items()}
+    assert runs == {"canary_start": 2, "promote": 1, "abort": 1}, runs
+    goals = {g["goal"] for g in doc["goals"]}
+    assert "migrate_state: apply_ms p50 <= 50 with the state check on 500 keys" in goals
+    assert {
+        "canary: gap_ms max <= 10 at the promote",
+        "canary: gap_ms max <= 10 at the rollback",
+    } <= goals
