@@ -14,8 +14,8 @@ local cluster (master and 2 workers as processes). The app::
 row ``(seq, key, n, t_emit)``. Measured, alternating, ``--runs`` times:
 
 * ``plain``: one Python process doing the same work with the same clients:
-  ``XREAD`` of ``batch`` entries, the same parse and count, ``executemany`` of
-  the batch's rows in one transaction per batch;
+  ``XREAD`` of ``batch`` entries, the same parse and count, the batch's rows
+  written with ``COPY`` (as the sink does) in one transaction per batch;
 * ``two_pc``: the app on a stream pre-loaded with N entries (pipelined XADD);
   records/s = N / (time of the last commit of a row - the submit's reply);
 * ``plain_insert``: the same app whose sink is PostgresSink with ``PREPARE
@@ -47,6 +47,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from hotwire.testing.cluster import LocalCluster, poll_for, write_app
 from hotwire.testing.servers import postgres_server, redis_server
+
+try:
+    from redis.utils import HIREDIS_AVAILABLE as HIREDIS
+except ImportError:  # pragma: no cover - redis is needed anyway
+    HIREDIS = False
 
 KEYS = 1000
 
@@ -85,12 +90,13 @@ class PlainInsert(PostgresSink):
         rows, self._rows = self._rows, []
         if rows:
             with self.conn.transaction(), self.conn.cursor() as cur:
-                cur.executemany(self._insert, rows)
+                self._write_rows(cur, rows)
         return None
 
 
 app = Topology({name!r})
-src = app.source("src", RedisStreamSource(url={redis!r}, stream={stream!r}, batch={batch}))
+src = app.source("src", RedisStreamSource(url={redis!r}, stream={stream!r}, batch={batch}),
+                 parallelism={src_p})
 cnt = src.key_by(lambda e: e["fields"]["k"]).process("count", Count, parallelism=2)
 cnt.forward().sink("out", {sink}, parallelism=2, config={{
     "url": {pg!r}, "table": {table!r}, "columns": ["seq", "key", "n", "t_emit"]}})
@@ -192,10 +198,10 @@ def plain_run(redis_url: str, pg: str, n: int, batch: int, tag: str) -> dict[str
     import psycopg
     import redis
 
-    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    r: Any = redis.Redis.from_url(redis_url, decode_responses=True)
     stream, table = f"in-{tag}", _table(pg, f"t_{tag}")
     _preload(r, stream, n)
-    stmt = f"INSERT INTO {table} (seq, key, n, t_emit) VALUES (%s, %s, %s, %s)"
+    stmt = f"COPY {table} (seq, key, n, t_emit) FROM STDIN"
     counts: dict[str, int] = {}
     last = "0"
     done = 0
@@ -214,8 +220,9 @@ def plain_run(redis_url: str, pg: str, n: int, batch: int, tag: str) -> dict[str
                 c = counts.get(key, 0) + 1
                 counts[key] = c
                 rows.append((seq, key, c, t))
-            with conn.transaction(), conn.cursor() as cur:
-                cur.executemany(stmt, rows)
+            with conn.transaction(), conn.cursor() as cur, cur.copy(stmt) as copy:
+                for row in rows:
+                    copy.write_row(row)
             done += len(rows)
     wall = time.time() - t0
     r.close()
@@ -223,11 +230,19 @@ def plain_run(redis_url: str, pg: str, n: int, batch: int, tag: str) -> dict[str
 
 
 def hotwire_run(
-    c: LocalCluster, tmp: Path, redis_url: str, pg: str, n: int, batch: int, sink: str, tag: str
+    c: LocalCluster,
+    tmp: Path,
+    redis_url: str,
+    pg: str,
+    n: int,
+    opts: dict[str, int],
+    sink: str,
+    tag: str,
 ) -> dict[str, Any]:
+    """The app on a stream pre-loaded with ``n`` entries, until every row is committed."""
     import redis
 
-    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    r: Any = redis.Redis.from_url(redis_url, decode_responses=True)
     stream, table, name = f"in-{tag}", _table(pg, f"t_{tag}"), f"cx_{tag}"
     _preload(r, stream, n)
     r.close()
@@ -235,7 +250,7 @@ def hotwire_run(
         tmp,
         f"{name}.py",
         APP.format(
-            name=name, redis=redis_url, stream=stream, batch=batch, pg=pg, table=table, sink=sink
+            name=name, redis=redis_url, stream=stream, pg=pg, table=table, sink=sink, **opts
         ),
     )
     cpu0 = _cpu_s(c)
@@ -258,8 +273,15 @@ def hotwire_run(
 
 
 def latency_run(
-    c: LocalCluster, tmp: Path, redis_url: str, pg: str, rate: float, seconds: float, batch: int
+    c: LocalCluster,
+    tmp: Path,
+    redis_url: str,
+    pg: str,
+    rate: float,
+    seconds: float,
+    opts: dict[str, int],
 ) -> dict[str, Any]:
+    """The app fed at ``rate`` for ``seconds``: commit time - stamp of every row."""
     import redis
 
     n = max(1, int(rate * seconds))
@@ -271,14 +293,14 @@ def latency_run(
             name=name,
             redis=redis_url,
             stream=stream,
-            batch=batch,
             pg=pg,
             table=table,
             sink="PostgresSink",
+            **opts,
         ),
     )
     c.client.submit(app)
-    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    r: Any = redis.Redis.from_url(redis_url, decode_responses=True)
     feeder = _feed(r, stream, n, rate)
     feeder.join()
     _wait_rows(pg, table, n, c, timeout=60 + seconds * 3)
@@ -328,14 +350,15 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--latency-seconds", type=float, default=10.0)
     ap.add_argument("--batch", type=int, default=500, help="entries per XREAD(GROUP)")
+    ap.add_argument("--source-parallelism", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="200,000 records, 1 run, 4 s latency")
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     if args.quick:
         args.records, args.runs, args.latency_seconds = 200_000, 1, 4.0
-    for name in ("records", "runs", "batch"):
+    for name in ("records", "runs", "batch", "source_parallelism"):
         if getattr(args, name) < 1:
-            ap.error(f"--{name} must be at least 1")
+            ap.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.checkpoint_interval <= 0 or args.latency_seconds <= 0 or args.rate < 0:
         ap.error("--checkpoint-interval and --latency-seconds must be > 0, --rate >= 0")
     n, ci = args.records, args.checkpoint_interval
@@ -353,9 +376,13 @@ def main() -> None:
             "batch": args.batch,
             "keys": KEYS,
             "workers": 2,
-            "app": "RedisStreamSource(1) -> key_by -> Count(2) -> PostgresSink(2, exactly_once)",
+            "source_parallelism": args.source_parallelism,
+            "app": f"RedisStreamSource({args.source_parallelism}) -> key_by -> Count(2) -> "
+            "forward -> PostgresSink(2, exactly_once)",
+            "redis_parser": "hiredis" if HIREDIS else "python",
         },
     }
+    opts = {"batch": args.batch, "src_p": args.source_parallelism}
     runs: dict[str, list[dict[str, Any]]] = {"plain": [], "two_pc": [], "plain_insert": []}
     with tempfile.TemporaryDirectory(prefix="hotwire-cx-") as d:
         tmp = Path(d)
@@ -372,17 +399,17 @@ def main() -> None:
                 print(f"run {run + 1}/{args.runs}", file=sys.stderr)
                 runs["plain"].append(plain_run(redis_url, pg, n, args.batch, f"plain{run}"))
                 runs["two_pc"].append(
-                    hotwire_run(c, tmp, redis_url, pg, n, args.batch, "PostgresSink", f"tpc{run}")
+                    hotwire_run(c, tmp, redis_url, pg, n, opts, "PostgresSink", f"tpc{run}")
                 )
                 runs["plain_insert"].append(
-                    hotwire_run(c, tmp, redis_url, pg, n, args.batch, "PlainInsert", f"pi{run}")
+                    hotwire_run(c, tmp, redis_url, pg, n, opts, "PlainInsert", f"pi{run}")
                 )
                 for k, v in runs.items():
                     print(f"  {k}: {v[-1]['rps']:.0f} records/s", file=sys.stderr)
             tpc = statistics.median(x["rps"] for x in runs["two_pc"])
             rate = args.rate or tpc / 2
             print(f"latency at {rate:.0f} records/s", file=sys.stderr)
-            lat = latency_run(c, tmp, redis_url, pg, rate, args.latency_seconds, args.batch)
+            lat = latency_run(c, tmp, redis_url, pg, rate, args.latency_seconds, opts)
     for k, v in runs.items():
         entry: dict[str, Any] = {
             "rps": [round(x["rps"], 1) for x in v],
