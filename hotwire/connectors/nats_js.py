@@ -28,7 +28,10 @@ until then).
 The sink is a :class:`hotwire.sinks.TransactionalSink`: pre-commit keeps the
 transaction's records in the checkpoint (the handle), commit publishes them to
 JetStream with ``Nats-Msg-Id: <transaction>-<index>``, so a re-commit within the
-stream's duplicate window (default 2 minutes) adds nothing.
+stream's duplicate window (default 2 minutes) adds nothing. A commit that fails
+because the server is away is retried with backoff (the sink's instance waits;
+``hotwire.connectors.outage``). The source relies on the client's own
+reconnection; it does not report itself as waiting.
 
 Options are checked when the app is loaded: a missing stream or subject, a URL
 that is not ``nats://``/``tls://`` or an unknown option raises ValueError.
@@ -335,8 +338,33 @@ class JetStreamSink(TransactionalSink):
         self._recs = []
         return handle
 
+    def server(self) -> str:
+        return str(self.options.get("url", "the NATS server"))
+
+    def is_transient(self, exc: BaseException) -> bool:
+        """The server is away or JetStream not ready (yet): the commit is retried, and
+        the messages' ids make a retry add nothing that was published already."""
+        from nats import errors
+
+        return isinstance(
+            exc,
+            TimeoutError
+            | OSError
+            | errors.ConnectionClosedError
+            | errors.ConnectionReconnectingError
+            | errors.NoRespondersError
+            | errors.NoServersError
+            | errors.StaleConnectionError
+            | errors.OutboundBufferLimitError,
+        )
+
     def commit(self, handle: Any) -> None:
         txn, recs = handle
+        if self.nc.is_closed:  # the client gave up reconnecting: a new connection
+            import nats
+
+            self.nc = self._loop.run(nats.connect(self.options["url"]))
+            self.js = self.nc.jetstream()
         self._loop.run(self._publish(str(txn), list(recs)), timeout=120)
 
     async def _publish(self, txn: str, recs: list[bytes]) -> None:

@@ -380,3 +380,62 @@ def test_postgres_stopped_and_started_mid_run_waits_in_bounded_memory_and_commit
     assert _sql(pg, "SELECT count(*) FROM pg_prepared_xacts") == [(0,)]
     assert down == 1, down
     assert up == 1, up
+
+
+def test_a_jetstream_commit_waits_for_a_restarted_nats_server_and_publishes_once(
+    tmp_path: Path,
+) -> None:
+    import asyncio
+    from types import SimpleNamespace
+
+    import nats
+
+    from hotwire.connectors.nats_js import JetStreamSink
+    from hotwire.pe.executors import TransactionalSinkExecutor
+
+    port = free_port()
+    store = tmp_path / "js"
+    store.mkdir()
+    args = [_binary("nats-server"), "-js", "-sd", str(store), "-a", "127.0.0.1", "-p", str(port)]
+    server = Restartable(args, tmp_path / "nats.log", port)
+    server.start()
+    url = f"nats://127.0.0.1:{port}"
+    ctx = SimpleNamespace(app="a", pe="out", instance=0, config={}, waiting="", waiting_since=0.0)
+    seen: list[str] = []
+
+    async def count() -> int:
+        nc = await nats.connect(url)
+        try:
+            info = await nc.jetstream().stream_info("OUT")
+            return int(info.state.messages)
+        finally:
+            await nc.close()
+
+    async def run() -> int:
+        nc = await nats.connect(url)
+        await nc.jetstream().add_stream(name="OUT", subjects=["out.>"])
+        await nc.close()
+        ex = TransactionalSinkExecutor(
+            JetStreamSink(url=url, subject="out.x"), ctx, lambda r, e: None
+        )
+        await ex.setup()
+        await ex.process([{"i": i} for i in range(100)])
+        await ex.apre_commit(1)
+        server.stop()
+        commit = asyncio.create_task(ex.acheckpoint_complete(1))
+        while not ctx.waiting:
+            assert not commit.done(), commit
+            await asyncio.sleep(0.05)
+        seen.append(ctx.waiting)
+        await asyncio.to_thread(server.start)
+        await asyncio.wait_for(commit, 60)
+        seen.append(ctx.waiting)
+        await ex.teardown()
+        return await count()
+
+    try:
+        published = asyncio.run(run())
+    finally:
+        server.stop()
+    assert seen == [f"{url} unreachable", ""]
+    assert published == 100
