@@ -208,10 +208,11 @@ def master(
     """
     from hotwire.master.access import master_tls
     from hotwire.master.service import Master
-    from hotwire.node import install_uvloop
+    from hotwire.node import install_uvloop, tune_gc
 
     _setup_logging(log_level)
     install_uvloop()
+    tune_gc()
 
     async def serve() -> None:
         tls = None if insecure else master_tls(data_dir)
@@ -316,7 +317,7 @@ def worker(
     log_level: str,
 ) -> None:
     """Run a worker daemon."""
-    from hotwire.node import install_uvloop
+    from hotwire.node import install_uvloop, tune_gc
     from hotwire.security.tls import TlsFiles
     from hotwire.worker.daemon import Worker
 
@@ -335,6 +336,7 @@ def worker(
 
     _setup_logging(log_level)
     install_uvloop()
+    tune_gc()
 
     async def serve() -> None:
         w = Worker(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import gc
 import logging
 from typing import Any
 
@@ -133,3 +134,24 @@ def install_uvloop() -> None:
     except ImportError:  # pragma: no cover - platform without uvloop
         return
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+GC_THRESHOLDS = (100_000, 50, 100)
+"""Allocations between young collections, and collections between older ones, in a
+master or worker process (Python's default is 700, 10, 10)."""
+
+
+def tune_gc() -> None:
+    """Run Python's cyclic garbage collector less often in a master or worker.
+
+    A snapshot, a state handover or a checkpoint's decoding allocates tens of
+    thousands of small containers at once (the ``[key, state]`` pairs of keyed
+    state); with the default thresholds each one sets off collections that walk
+    the heap while the event loop and its records wait. bench/upgrade.py
+    ``migrate_state`` (50,000 keys) measured the gap of an upgrade at p50 51, 92
+    and 124 ms in three runs with the default thresholds and 20, 24 and 26 ms
+    with these. What start-up allocated (imports, the gRPC stack) is frozen out
+    of the collector's way. Reference cycles are still collected, less often.
+    """
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
