@@ -47,6 +47,7 @@ import threading
 from typing import Any, ClassVar
 from urllib.parse import urlparse
 
+from hotwire.connectors.delivery import DeliveryLogReader
 from hotwire.sinks import TransactionalSink
 
 __all__ = ["JetStreamSink", "JetStreamSource", "consumer_name"]
@@ -127,48 +128,28 @@ class JetStreamSource:
         return _Reader(self, ctx)
 
 
-class _Reader:
-    """One source instance's async iterator (see the module docstring)."""
+class _Reader(DeliveryLogReader):
+    """One source instance's async iterator (see the module docstring and
+    :class:`hotwire.connectors.delivery.DeliveryLogReader`)."""
 
     def __init__(self, conf: JetStreamSource, ctx: Any) -> None:
+        super().__init__(ctx, str(conf.url), conf.batch)
         self.conf = conf
-        self.ctx = ctx
         self.durable = consumer_name(ctx.app, ctx.pe)
         self.key = re.sub(r"[^A-Za-z0-9_=./-]", "_", f"{ctx.app}.{ctx.pe}.{ctx.instance}")
-        self.position = int(getattr(ctx, "position", 0) or 0)
         self.base = 0  # log entries dropped (acked) before seqs[0]
         self.seqs: list[int] = []  # the delivery log: stream sequences, in emit order
         self.logged: set[int] = set()
         self.msgs: dict[int, Any] = {}  # the latest delivery of a logged sequence
         self.covered: set[int] = set()  # acked by position, delivery to ack when it comes
-        self._acked_to = 0
-        self._buf: list[Any] = []
-        self._replay: list[int] = []
         self._nc: Any = None
 
-    def checkpoint_complete(self, position: int) -> None:
-        self._acked_to = max(self._acked_to, position)
-
-    def __aiter__(self) -> _Reader:
-        return self
-
-    async def __anext__(self) -> Any:
-        while not self._buf:
-            if self._nc is None:
-                await self._open()
-            await self._ack()
-            if self._replay:
-                await self._replay_some()
-            else:
-                await self._fetch()
-        return self._buf.pop()
-
-    async def _open(self) -> None:
+    async def open(self, position: int) -> list[Any]:
         import nats
         from nats.js import api
         from nats.js.errors import NotFoundError
 
-        nc = await nats.connect(self.conf.url)
+        nc = self._nc = await nats.connect(self.conf.url)
         self.js = nc.jetstream()
         try:
             self.kv = await self.js.key_value(_BUCKET)
@@ -187,25 +168,24 @@ class _Reader:
                 ),
             )
         self.sub = await self.js.pull_subscribe_bind(self.durable, self.conf.stream)
-        self._nc = nc
         try:
             saved = json.loads((await self.kv.get(self.key)).value or b"{}")
         except Exception:  # no entry yet
             saved = {}
         self.base, self.seqs = int(saved.get("base", 0)), list(saved.get("seqs", []))
         self.logged = set(self.seqs)
-        self._replay = self.seqs[max(0, self.position - self.base) :]
+        return self.seqs[max(0, position - self.base) :]
 
     async def _save(self) -> None:
         await self.kv.put(self.key, json.dumps({"base": self.base, "seqs": self.seqs}).encode())
 
-    async def _fetch(self) -> None:
+    async def read(self) -> list[Any]:
         from nats.errors import TimeoutError as NatsTimeout
 
         try:
             msgs = await self.sub.fetch(self.conf.batch, timeout=0.2)
         except NatsTimeout:
-            return
+            return []
         new = []
         for m in msgs:
             seq = m.metadata.sequence.stream
@@ -218,19 +198,17 @@ class _Reader:
                 new.append(m)
                 self.msgs[seq] = m
         if not new:
-            return
+            return []
         for m in new:
             seq = m.metadata.sequence.stream
             self.seqs.append(seq)
             self.logged.add(seq)
         await self._save()  # logged before emitted
-        self._buf = [_record(m.metadata.sequence.stream, m.subject, m.data, m.headers) for m in new]
-        self._buf.reverse()
+        return [_record(m.metadata.sequence.stream, m.subject, m.data, m.headers) for m in new]
 
-    async def _replay_some(self) -> None:
-        seqs, self._replay = self._replay[: self.conf.batch], self._replay[self.conf.batch :]
+    async def fetch(self, ids: list[Any]) -> list[Any]:
         out = []
-        for seq in seqs:
+        for seq in ids:
             try:
                 raw = await self.js.get_msg(self.conf.stream, seq)
             except Exception:
@@ -243,11 +221,10 @@ class _Reader:
                 )
                 continue
             out.append(_record(seq, raw.subject, raw.data, raw.headers))
-        out.reverse()
-        self._buf = out
+        return out
 
-    async def _ack(self) -> None:
-        n = self._acked_to - self.base
+    async def ack(self, position: int) -> None:
+        n = position - self.base
         if n <= 0:
             return
         done, self.seqs = self.seqs[:n], self.seqs[n:]
@@ -261,7 +238,7 @@ class _Reader:
                 self.covered.add(seq)  # delivered to an earlier generation: ack its redelivery
         await self._save()
 
-    async def aclose(self) -> None:
+    async def close(self) -> None:
         nc, self._nc = self._nc, None
         if nc is not None:
             await nc.close()

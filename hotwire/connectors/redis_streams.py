@@ -51,7 +51,7 @@ import logging
 from typing import Any, ClassVar
 from urllib.parse import urlparse
 
-from hotwire.connectors.outage import Outage
+from hotwire.connectors.delivery import DeliveryLogReader
 from hotwire.sinks import TransactionalSink
 
 __all__ = ["RedisStreamSink", "RedisStreamSource"]
@@ -177,115 +177,51 @@ def group_name(app: str, pe: str) -> str:
     return f"hotwire.{app}.{pe}"
 
 
-class _Reader:
-    """One source instance's async iterator; the runtime calls
-    :meth:`checkpoint_complete` when a checkpoint covering ``position`` records is stored."""
+class _Reader(DeliveryLogReader):
+    """One source instance's async iterator (see the module docstring and
+    :class:`hotwire.connectors.delivery.DeliveryLogReader`)."""
 
     def __init__(self, conf: RedisStreamSource, ctx: Any) -> None:
+        super().__init__(ctx, _display(conf.url), conf.batch)
         self.conf = conf
-        self.ctx = ctx
         self.group = group_name(ctx.app, ctx.pe)
         self.consumer = str(ctx.instance)
         base = f"hotwire:src:{ctx.app}:{ctx.pe}:{ctx.instance}"
         self.log_key, self.base_key = f"{base}:log", f"{base}:base"
-        self.position = int(getattr(ctx, "position", 0) or 0)
-        self._acked_to = 0  # position up to which a complete checkpoint covers
-        self._buf: list[Any] = []
-        self._replay: list[str] | None = None  # ids still to re-emit after a restart
         self._redis: Any = None
-        self.outage = Outage(ctx, _display(conf.url))
 
-    def checkpoint_complete(self, position: int) -> None:
-        self._acked_to = max(self._acked_to, position)
+    def transient(self, exc: BaseException) -> bool:
+        return _transient(exc)
 
-    def __aiter__(self) -> _Reader:
-        return self
-
-    async def __anext__(self) -> Any:
-        while not self._buf:
-            try:
-                await self._step()
-            except Exception as e:
-                if not _transient(e):
-                    raise
-                # The server went away: wait for it, then re-read the delivery log
-                # from the position on a new connection (``_open``).
-                self.outage.failed(e)
-                await self._drop_connection()
-                await self.outage.pause()
-                continue
-            self.outage.ok()
-        self.position += 1
-        return self._buf.pop()
-
-    async def _step(self) -> None:
-        if self._redis is None:
-            await self._open()
-        await self._ack()
-        if self._replay:
-            await self._replay_some()
-            return
-        entries = await self._redis.eval(
-            _READ,
-            2,
-            self.conf.stream,
-            self.log_key,
-            self.group,
-            self.consumer,
-            self.conf.batch,
-        )
-        if entries:
-            self._buf = [_record(e) for e in entries]
-            self._buf.reverse()
-        else:
-            await asyncio.sleep(self.conf.poll_interval)
-
-    async def _drop_connection(self) -> None:
-        r, self._redis = self._redis, None
-        self._buf, self._replay = [], None
-        if r is not None:
-            try:
-                await r.aclose()
-            except Exception as e:  # closing a dead connection may raise; it is gone anyway
-                log.debug("closing a Redis connection: %s", e)
-
-    async def _open(self) -> None:
+    async def open(self, position: int) -> list[Any]:
         import redis.asyncio as aioredis
         from redis.exceptions import ResponseError
 
         r = aioredis.from_url(
             self.conf.url, decode_responses=True, socket_connect_timeout=5, socket_timeout=30
         )
+        self._redis = r
         try:
             await r.xgroup_create(self.conf.stream, self.group, id=self.conf.start, mkstream=True)
         except ResponseError as e:
             if "BUSYGROUP" not in str(e):
-                await r.aclose()
                 raise
-        except BaseException:
-            await r.aclose()
-            raise
-        self._redis = r
         base = int(await r.get(self.base_key) or 0)
-        if self.position < base:
+        if position < base:
             log.warning(
                 "app %r PE %r instance %s: position %d is before the acknowledged %d; "
                 "resuming from %d",
                 self.ctx.app,
                 self.ctx.pe,
                 self.consumer,
-                self.position,
+                position,
                 base,
                 base,
             )
-            self.position = base
-        self._replay = [
-            str(i) for i in await r.lrange(self.log_key, max(0, self.position - base), -1)
-        ]
+            self.position = position = base
+        return [str(i) for i in await r.lrange(self.log_key, position - base, -1)]
 
-    async def _replay_some(self) -> None:
-        assert self._replay is not None
-        ids, self._replay = self._replay[: self.conf.batch], self._replay[self.conf.batch :]
+    async def fetch(self, ids: list[Any]) -> list[Any]:
         async with self._redis.pipeline(transaction=False) as p:
             for i in ids:
                 p.xrange(self.conf.stream, i, i)
@@ -302,20 +238,32 @@ class _Reader:
                     i,
                     self.conf.stream,
                 )
-        out.reverse()
-        self._buf = out
+        return out
 
-    async def _ack(self) -> None:
-        if self._acked_to <= 0:
-            return
+    async def read(self) -> list[Any]:
+        entries = await self._redis.eval(
+            _READ,
+            2,
+            self.conf.stream,
+            self.log_key,
+            self.group,
+            self.consumer,
+            self.conf.batch,
+        )
+        if not entries:
+            await asyncio.sleep(self.conf.poll_interval)
+            return []
+        return [_record(e) for e in entries]
+
+    async def ack(self, position: int) -> None:
         base = int(await self._redis.get(self.base_key) or 0)
-        n = self._acked_to - base
+        n = position - base
         if n > 0:
             await self._redis.eval(
                 _ACK, 3, self.conf.stream, self.log_key, self.base_key, self.group, n
             )
 
-    async def aclose(self) -> None:
+    async def close(self) -> None:
         r, self._redis = self._redis, None
         if r is not None:
             await r.aclose()
