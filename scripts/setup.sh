@@ -2,7 +2,8 @@
 # Create .venv and install hotwire with its test dependencies (idempotent).
 # With --full it also installs what the deep-learning job tests use: PyTorch (CPU),
 # the Kubernetes client and schema validator, and (as root, with apt) podman; and the
-# servers the connector tests start for real: redis-server, nats-server, postgresql.
+# servers the connector tests start for real: redis-server, nats-server, postgresql;
+# and ip and nft, which the multi-host tests use for network namespaces.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -12,6 +13,8 @@ if [ "${1:-}" = "--full" ]; then
   missing=""
   command -v redis-server >/dev/null 2>&1 || missing="$missing redis-server"
   command -v nats-server >/dev/null 2>&1 || missing="$missing nats-server"
+  command -v ip >/dev/null 2>&1 || missing="$missing iproute2"  # multi-host tests:
+  command -v nft >/dev/null 2>&1 || missing="$missing nftables"  # network namespaces
   if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
     missing="$missing postgresql"
   fi

@@ -347,6 +347,19 @@ async def test_a_fenced_session_is_refused_everything(tmp_path: Path) -> None:
             ms = master.membership
             await wait_until(lambda: ms.workers["w9"].connected.is_set(), 5, "the control stream")
             old = ms.workers["w9"]
+            # Another worker keeps beating: the master hears the cluster, so a silent
+            # worker is dead (it declares none dead while it hears from none).
+            other = await stub.Register(
+                pb.RegisterRequest(name="w8", data_address="127.0.0.1:3", slots=1), timeout=5
+            )
+
+            async def beat() -> None:
+                while True:
+                    req = pb.HeartbeatRequest(name="w8", session=other.session)
+                    await stub.Heartbeat(req, timeout=5)
+                    await asyncio.sleep(0.1)
+
+            beating = asyncio.create_task(beat())
             # No heartbeat: the master declares w9 dead and fences its session.
             await wait_until(lambda: "w9" in master.recovery.handled, 5, "w9 to be declared dead")
 
@@ -398,7 +411,8 @@ async def test_a_fenced_session_is_refused_everything(tmp_path: Path) -> None:
             await stub.Heartbeat(pb.HeartbeatRequest(name="w9", session=second.session), timeout=5)
             assert ms.accept(ms.workers["w9"], pb.WorkerMessage(report=report))
             assert p.done.is_set()
-            assert ms.peers() == {"w9": "127.0.0.1:2"}
+            assert ms.peers() == {"w8": "127.0.0.1:3", "w9": "127.0.0.1:2"}
+            beating.cancel()
     finally:
         await master.close()
 

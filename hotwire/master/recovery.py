@@ -70,6 +70,8 @@ class Recovery:
         self.pending: dict[str, PendingCheckpoint] = {}
         self.last_checkpoint: dict[str, int] = {}
         self.handled: set[str] = set()  # dead workers already dealt with
+        self.deaf_since = 0.0  # when the master last began to hear from no worker
+        self.heard_again = 0.0  # when it last heard from one again after that
         self.relinking: set[str] = set()  # apps restarting after a lost data link
         # (app, dead worker) of recoveries spawned and not finished yet
         self.recovering: Counter[tuple[str, str]] = Counter()
@@ -252,7 +254,27 @@ class Recovery:
                             for w in pl.workers
                             if w not in ms.workers
                         }
-            for name in sorted(dead - self.handled):
+            new = dead - self.handled
+            if new and not self._hears_a_worker(dead, now, tick):
+                # Every worker went silent at once: the master's own network is the
+                # likelier fault, and with no worker to restart on, declaring them dead
+                # would only fence them and restart every app once they are heard again.
+                if not self.deaf_since:
+                    self.deaf_since = now
+                    log.warning(
+                        "the master hears from no worker (%s silent past the heartbeat "
+                        "timeout); it declares none dead until it hears from one",
+                        ", ".join(sorted(new)),
+                    )
+                continue
+            if self.deaf_since:
+                log.info("the master hears from workers again after %.1f s", now - self.deaf_since)
+                self.deaf_since, self.heard_again = 0.0, now
+            if new and now - self.heard_again <= ms.heartbeat_timeout:
+                # The others' connections may take a while to come back (TCP backs off
+                # while the network is down): each gets a full heartbeat timeout.
+                continue
+            for name in sorted(new):
                 self.handled.add(name)
                 w = ms.workers.get(name)
                 if w is not None:
@@ -278,6 +300,12 @@ class Recovery:
                 for app in apps:
                     self.recovering[(app, name)] += 1
                     self.spawn(self.recover(app, name), name=f"recover-{app}")
+
+    def _hears_a_worker(self, dead: set[str], now: float, tick: float) -> bool:
+        """Whether a worker not in ``dead`` sent a heartbeat lately (within two
+        heartbeat intervals): then the silent ones are dead, not the master cut off."""
+        recent = 2 * self.ms.heartbeat_interval + tick
+        return any(now - w.last_seen <= recent for n, w in self.ms.workers.items() if n not in dead)
 
     def lost_apps(self, worker: str, running: list[pb.RunningInstance]) -> list[str]:
         """Running apps the placement puts on ``worker`` that it does not report

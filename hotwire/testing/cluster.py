@@ -203,24 +203,27 @@ class LocalCluster:
         self._restarts += 1
         self.master = _Proc(
             "master",
-            [
-                sys.executable,
-                "-m",
-                "hotwire.cli",
+            self._process_args(
                 "master",
-                "--listen",
-                listen,
-                "--data-dir",
-                str(self.dir / "master"),
-                "--log-level",
-                self.log_level,
-                "--heartbeat-timeout",
-                str(self.heartbeat_timeout),
-                "--switch-timeout",
-                str(self.switch_timeout),
-                "--checkpoint-interval",
-                str(self.checkpoint_interval),
-            ],
+                [
+                    sys.executable,
+                    "-m",
+                    "hotwire.cli",
+                    "master",
+                    "--listen",
+                    listen,
+                    "--data-dir",
+                    str(self.dir / "master"),
+                    "--log-level",
+                    self.log_level,
+                    "--heartbeat-timeout",
+                    str(self.heartbeat_timeout),
+                    "--switch-timeout",
+                    str(self.switch_timeout),
+                    "--checkpoint-interval",
+                    str(self.checkpoint_interval),
+                ],
+            ),
             self.dir / f"master.{self._restarts}.log",
             r"master listening on (\S+)",
         )
@@ -228,6 +231,11 @@ class LocalCluster:
         if self._client is not None:
             self._client.close()
         self._client = Client(self.address, self.credentials())
+
+    def _process_args(self, host: str, args: list[str]) -> list[str]:
+        """The command line of the master (``host`` "master") or a worker; a subclass
+        may run it elsewhere (:class:`hotwire.testing.netns.NetnsCluster`)."""
+        return args
 
     def credentials(self, token: str | None = None) -> Any:
         """Client credentials for this cluster: the admin's (or ``token``) when secure."""
@@ -261,25 +269,28 @@ class LocalCluster:
             master = control.address
         p = _Proc(
             name,
-            [
-                sys.executable,
-                "-m",
-                "hotwire.cli",
-                "--master",
-                master,
-                *(["--ca", str(self.admin.ca)] if self.admin is not None else []),
-                "worker",
-                "--name",
+            self._process_args(
                 name,
-                *self.worker_tls(name),
-                "--slots",
-                str(self.slots),
-                "--log-level",
-                self.log_level,
-                "--data-dir",
-                str(self.dir / name),
-                *extra,
-            ],
+                [
+                    sys.executable,
+                    "-m",
+                    "hotwire.cli",
+                    "--master",
+                    master,
+                    *(["--ca", str(self.admin.ca)] if self.admin is not None else []),
+                    "worker",
+                    "--name",
+                    name,
+                    *self.worker_tls(name),
+                    "--slots",
+                    str(self.slots),
+                    "--log-level",
+                    self.log_level,
+                    "--data-dir",
+                    str(self.dir / name),
+                    *extra,
+                ],
+            ),
             self.dir / f"{name}.log",
             r"data plane on (\S+)",
         )

@@ -1,0 +1,235 @@
+"""Several hosts: the master and each worker in a network namespace of its own.
+
+Every process has its own address on a bridge (``hotwire.testing.netns``); the
+test talks to the master from the root namespace, as a client on another host
+would. Faults are nftables rules in a host's namespace: random loss of TCP
+packets, and partitions from some or all other hosts. Every record is counted
+at an exactly-once sink, and a stateful keyed count checks that no state was
+counted twice or lost.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hotwire.sinks import read_committed
+from hotwire.testing.cluster import poll_for, write_app
+from hotwire.testing.netns import NetnsCluster, unavailable
+
+WHY = unavailable()
+if WHY is not None:
+    if os.environ.get("CI"):
+        raise RuntimeError(f"CI needs network namespaces (run as root): {WHY}")
+    pytest.skip(f"network namespaces: {WHY}", allow_module_level=True)
+
+APP = """
+from hotwire import Topology
+from hotwire.sdk import ProcessPE
+from hotwire.sinks import JsonlSink
+from hotwire.testing import counter
+
+
+class Count(ProcessPE):
+    def setup(self, ctx):
+        self.n = {{}}
+
+    def process(self, r):
+        k = r["key"]
+        self.n[k] = self.n.get(k, 0) + 1
+        yield {{"seq": r["seq"], "key": k, "n": self.n[k], "v": {v}}}
+
+    def snapshot(self):
+        return self.n
+
+    def restore(self, state):
+        self.n.update(state)
+
+
+app = Topology("hosts")
+src = app.source("src", counter(n={n}, rate={rate}, keys=16))
+counted = src.key_by(lambda r: r["key"]).process("count", Count, parallelism={par})
+{extra}
+counted.sink("out", JsonlSink, config={{"dir": {out!r}}})
+"""
+
+
+def _app(
+    tmp: Path, name: str, n: int, rate: float, v: int = 1, par: int = 2, extra: str = ""
+) -> str:
+    body = APP.format(n=n, rate=rate, v=v, par=par, extra=extra, out=str(tmp / "out"))
+    return write_app(tmp, f"{name}.py", body)
+
+
+def _rows(tmp: Path) -> list[dict[str, Any]]:
+    out = tmp / "out"
+    return read_committed(out) if out.exists() else []
+
+
+def _check(rows: list[dict[str, Any]], n: int) -> None:
+    """Every record once, and each key's count runs 1, 2, ... with no gap or repeat."""
+    seqs = Counter(r["seq"] for r in rows)
+    assert set(seqs) == set(range(n)), f"missing {sorted(set(range(n)) - set(seqs))[:10]}"
+    assert max(seqs.values()) == 1, [s for s, k in seqs.items() if k > 1][:10]
+    by_key: dict[str, list[int]] = defaultdict(list)
+    for r in sorted(rows, key=lambda r: r["seq"]):
+        by_key[r["key"]].append(r["n"])
+    for key, counts in by_key.items():
+        assert counts == list(range(1, len(counts) + 1)), (key, counts[:20])
+
+
+def _status(c: NetnsCluster) -> Any:
+    return c.client.status("hosts").apps[0]
+
+
+def test_hosts_have_their_own_addresses(tmp_path: Path) -> None:
+    with NetnsCluster(workers=2, data_dir=tmp_path / "c") as c:
+        hosts = c.net.hosts
+        assert c.address.startswith(hosts["master"].ip + ":")
+        workers = {w.name: w.data_address for w in c.client.workers().workers}
+        assert workers == {
+            "w1": f"{hosts['w1'].ip}:{workers['w1'].rpartition(':')[2]}",
+            "w2": f"{hosts['w2'].ip}:{workers['w2'].rpartition(':')[2]}",
+        }
+        assert len({h.ip for h in hosts.values()}) == 3
+
+
+def test_online_upgrades_across_hosts_with_packet_loss_are_exactly_once(tmp_path: Path) -> None:
+    n, rate = 12_000, 1500.0
+    with NetnsCluster(workers=2, data_dir=tmp_path / "c", checkpoint_interval=0.5) as c:
+        for host in c.net.hosts:
+            c.net.loss(host, 1)  # 1 % of every host's TCP packets dropped
+        c.client.submit(_app(tmp_path, "v1", n, rate))
+        poll_for(lambda: len(_rows(tmp_path)) > 1000, 60, what="output")
+        steps = [
+            _app(tmp_path, "v2", n, rate, v=2),  # change code
+            _app(tmp_path, "v3", n, rate, v=2, par=3),  # rescale the keyed count
+            _app(tmp_path, "v4", n, rate, v=2, par=3, extra='counted = counted.map("tag", dict)'),
+            _app(tmp_path, "v5", n, rate, v=3, par=3),  # remove "tag", change code
+        ]
+        for app in steps:
+            before = len(_rows(tmp_path))
+            assert c.client.upgrade(app).applied
+            poll_for(lambda b=before: len(_rows(tmp_path)) > b + 300, 60, what="output after")
+        poll_for(lambda: len(_rows(tmp_path)) >= n, 120, what="every record")
+        assert _status(c).recoveries == 0, "no upgrade needed a restart from a checkpoint"
+        dropped = {host: c.net.dropped(host) for host in c.net.hosts}
+        assert all(d > 0 for d in dropped.values()), dropped
+    rows = _rows(tmp_path)
+    _check(rows, n)
+    assert {r["v"] for r in rows} == {1, 2, 3}
+
+
+def _source_worker(c: NetnsCluster) -> str:
+    for p in _status(c).pes:
+        if p.name == "src":
+            return str(p.instances[0].worker)
+    raise AssertionError("no source instance")
+
+
+def test_a_worker_cut_off_the_master_but_not_its_peers_is_replaced_and_fenced(
+    tmp_path: Path,
+) -> None:
+    n, rate = 12_000, 1500.0
+    with NetnsCluster(
+        workers=2, data_dir=tmp_path / "c", heartbeat_timeout=1.0, checkpoint_interval=0.5
+    ) as c:
+        c.client.submit(_app(tmp_path, "v1", n, rate))
+        poll_for(lambda: _status(c).last_checkpoint >= 1, 30, what="a checkpoint")
+        victim = _source_worker(c)
+        survivor = "w2" if victim == "w1" else "w1"
+        c.partition_worker(victim)  # from the master only; w1 and w2 still reach each other
+        poll_for(lambda: _status(c).recoveries >= 1, 30, what="a recovery")
+        placed = {i.worker for p in _status(c).pes for i in p.instances}
+        assert placed == {survivor}, placed
+        time.sleep(1.0)  # the victim runs on alone, cut off, for a while
+        c.heal_worker(victim)
+        poll_for(
+            lambda: any(w.name == victim and w.alive for w in c.client.workers().workers),
+            30,
+            what="the healed worker to register again",
+        )
+        poll_for(lambda: len(_rows(tmp_path)) >= n, 120, what="every record")
+        time.sleep(1.0)  # a fenced worker that went on writing would add rows now
+        logs = c.logs()
+    _check(_rows(tmp_path), n)
+    assert "fenced" in logs, logs[-3000:]
+
+
+def test_a_worker_cut_off_one_peer_stalls_is_detected_and_recovers(tmp_path: Path) -> None:
+    n, rate = 12_000, 1500.0
+    with NetnsCluster(
+        workers=2, data_dir=tmp_path / "c", link_timeout=2.0, checkpoint_interval=0.5
+    ) as c:
+        c.client.submit(_app(tmp_path, "v1", n, rate))
+        poll_for(lambda: _status(c).last_checkpoint >= 1, 30, what="a checkpoint")
+        c.partition_worker("w1", ["w2"])  # the master still hears both
+        poll_for(lambda: _status(c).recoveries >= 1, 60, what="the stalled link to be reported")
+        c.heal_worker("w1")
+        poll_for(lambda: len(_rows(tmp_path)) >= n, 120, what="every record")
+        assert {w.name for w in c.client.workers().workers if w.alive} == {"w1", "w2"}
+    _check(_rows(tmp_path), n)
+
+
+def test_data_flows_while_the_master_is_cut_off_and_it_catches_up(tmp_path: Path) -> None:
+    n, rate = 16_000, 1000.0
+    with NetnsCluster(
+        workers=2, data_dir=tmp_path / "c", heartbeat_timeout=2.0, checkpoint_interval=0.5
+    ) as c:
+        raw = tmp_path / "raw.jsonl"
+        extra = f'from hotwire.testing import file_sink\nsrc.sink("raw", file_sink({str(raw)!r}))'
+        c.client.submit(_app(tmp_path, "v1", n, rate, extra=extra))
+        poll_for(lambda: _status(c).last_checkpoint >= 1, 30, what="a checkpoint")
+        cp = _status(c).last_checkpoint
+        c.net.partition("master")  # from every worker and from the client
+        before = _lines(raw)
+        time.sleep(3.0)  # past the heartbeat timeout
+        during = _lines(raw)
+        c.net.heal("master")
+        poll_for(lambda: _status(c).last_checkpoint > cp + 1, 30, what="checkpoints again")
+        poll_for(lambda: len(_rows(tmp_path)) >= n, 120, what="every record")
+        st = _status(c)
+        workers = c.client.workers().workers
+        logs = c.logs()
+    assert during > before + 1000, (before, during)  # records flowed without the master
+    assert st.recoveries == 0, "nothing restarted: the master, not the workers, was cut off"
+    assert {(w.name, w.alive, w.epoch, w.fenced) for w in workers} == {
+        ("w1", True, 1, ""),
+        ("w2", True, 1, ""),
+    }, "no session was fenced"
+    assert "the master hears from no worker" in logs, logs[-3000:]
+    _check(_rows(tmp_path), n)
+
+
+def _lines(p: Path) -> int:
+    try:
+        with open(p, "rb") as f:
+            return sum(1 for _ in f)
+    except FileNotFoundError:
+        return 0
+
+
+def test_a_rolling_restart_of_every_worker_under_load_loses_nothing(tmp_path: Path) -> None:
+    n, rate = 14_000, 1500.0
+    with NetnsCluster(workers=2, data_dir=tmp_path / "c", checkpoint_interval=0.5) as c:
+        c.client.submit(_app(tmp_path, "v1", n, rate))
+        poll_for(lambda: len(_rows(tmp_path)) > 1000, 60, what="output")
+        for name in ("w1", "w2"):
+            before = len(_rows(tmp_path))
+            c.worker(name).stop(signal.SIGTERM, timeout=60)  # drains: its instances move
+            c.restart_worker(name)
+            poll_for(
+                lambda: sum(w.alive for w in c.client.workers().workers) == 2,
+                30,
+                what=f"{name} back",
+            )
+            poll_for(lambda b=before: len(_rows(tmp_path)) > b + 500, 60, what="output after")
+        poll_for(lambda: len(_rows(tmp_path)) >= n, 120, what="every record")
+        assert _status(c).recoveries == 0, "the drains moved everything online"
+    _check(_rows(tmp_path), n)
