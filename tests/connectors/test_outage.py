@@ -299,7 +299,7 @@ def test_postgres_stopped_and_started_mid_run_waits_in_bounded_memory_and_commit
 ) -> None:
     pg, server = restartable_postgres
     _sql(pg, "CREATE TABLE counts (seq bigint, key int, n bigint)")
-    n = 60000
+    n = 150000  # far more than the channels between the source and the sink hold
     r = redis.Redis.from_url(redis_url, decode_responses=True)
     _feed(r, range(n))
     config = {"url": pg, "table": "counts", "columns": ["seq", "key", "n"]}
@@ -349,6 +349,9 @@ def test_postgres_stopped_and_started_mid_run_waits_in_bounded_memory_and_commit
         in_flight = sum(i.queued for i in inst.values())
         channels = 2 + 4 + 4 + 2  # src->parse, parse->count, count->fmt, fmt->out
         assert in_flight <= channels * CREDITS * SOURCE_BATCH, in_flight
+        # Emitted by the source and not yet taken by the sink: within the credits too.
+        between = inst[("src", 0)].records_out - inst[("out", 0)].records_in
+        assert between <= channels * CREDITS * SOURCE_BATCH, between
         assert inst[("out", 0)].waiting_s > 0
         # The waiting sink does not stall the worker: the other app's sink there goes on.
         sinks = [
