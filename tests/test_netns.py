@@ -233,3 +233,17 @@ def test_a_rolling_restart_of_every_worker_under_load_loses_nothing(tmp_path: Pa
         poll_for(lambda: len(_rows(tmp_path)) >= n, 120, what="every record")
         assert _status(c).recoveries == 0, "the drains moved everything online"
     _check(_rows(tmp_path), n)
+
+
+def test_mtls_across_hosts_with_certificates_for_their_addresses(tmp_path: Path) -> None:
+    n, rate = 6_000, 1500.0
+    with NetnsCluster(workers=2, data_dir=tmp_path / "c", secure=True) as c:
+        c.client.submit(_app(tmp_path, "v1", n, rate))
+        poll_for(lambda: len(_rows(tmp_path)) > 1000, 60, what="output")
+        assert c.client.upgrade(_app(tmp_path, "v2", n, rate, v=2, par=3)).applied
+        poll_for(lambda: len(_rows(tmp_path)) >= n, 120, what="every record")
+        workers = c.client.workers().workers
+        logs = c.logs()
+    _check(_rows(tmp_path), n)
+    assert {w.data_plane.get("tls_refused", 0) for w in workers} == {0}
+    assert "INSECURE" not in logs
