@@ -105,6 +105,38 @@ def test_upsert_mode_writes_the_last_value_per_key(pg_url: str) -> None:
     assert _prepared(pg_url) == []
 
 
+def test_upsert_mode_writes_a_batch_at_once_and_reports_only_the_refused_row(
+    pg_url: str,
+) -> None:
+    _make_table(pg_url)
+    ctx = SimpleNamespace(
+        app="a",
+        pe="latest",
+        instance=0,
+        config={
+            "url": pg_url,
+            "table": "latest",
+            "columns": ["key", "n"],
+            "mode": "upsert",
+            "key": ["key"],
+        },
+    )
+    errors: list[tuple[Any, str]] = []
+
+    async def run() -> None:
+        ex = TransactionalSinkExecutor(
+            PostgresSink, ctx, lambda r, e: errors.append((r, type(e).__name__))
+        )
+        await ex.setup()
+        bad = {"key": "b", "n": "not a number"}
+        await ex.process([{"key": "a", "n": 1}, bad, {"key": "c", "n": 3}])
+        await ex.teardown()
+
+    asyncio.run(run())
+    assert sorted(_sql(pg_url, "SELECT key, n FROM latest")) == [("a", 1), ("c", 3)]
+    assert errors == [({"key": "b", "n": "not a number"}, "InvalidTextRepresentation")]
+
+
 @pytest.mark.parametrize(
     ("config", "problem"),
     [
