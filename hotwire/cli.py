@@ -300,6 +300,14 @@ def master(
     help="no TLS even on a non-loopback address (anyone who reaches the data port can "
     "inject records)",
 )
+@click.option(
+    "--health-port",
+    default=0,
+    show_default=True,
+    type=click.IntRange(min=0, max=65535),
+    help="port of the worker's gRPC health service, on the --listen host (0: any free "
+    "port; give one for probes, as in Kubernetes)",
+)
 @click.option("--log-level", default="info", show_default=True)
 @click.pass_context
 def worker(
@@ -314,6 +322,7 @@ def worker(
     worker_cert: str | None,
     worker_key: str | None,
     insecure: bool,
+    health_port: int,
     log_level: str,
 ) -> None:
     """Run a worker daemon."""
@@ -349,6 +358,7 @@ def worker(
             link_timeout=link_timeout,
             tls=tls,
             insecure=insecure,
+            health_port=health_port,
         )
         await w.start(timeout=3600)
         listening = w.runtime.dataplane.address

@@ -68,8 +68,10 @@ class Worker(Node):
         link_timeout: float = LINK_TIMEOUT_S,
         tls: TlsFiles | None = None,
         insecure: bool = False,
+        health_port: int = 0,
     ):
         super().__init__()
+        self.health_port = health_port  # the gRPC health service's port; 0: any free one
         self.master = master
         self.listen = listen
         self.advertise = advertise  # the data address other workers dial, if not the listen one
@@ -135,9 +137,11 @@ class Worker(Node):
         self._grpc = grpc.aio.server(options=grpc_options(("grpc.so_reuseport", 0)))
         add_health(self._grpc, self.health)
         if self.tls is not None:
-            hport = self._grpc.add_secure_port(f"{host}:0", self.tls.server_credentials())
+            hport = self._grpc.add_secure_port(
+                f"{host}:{self.health_port}", self.tls.server_credentials()
+            )
         else:
-            hport = self._grpc.add_insecure_port(f"{host}:0")
+            hport = self._grpc.add_insecure_port(f"{host}:{self.health_port}")
         await self._grpc.start()
         self.health_address = f"{host}:{hport}"
         self._loop = asyncio.get_running_loop()
