@@ -7,6 +7,7 @@ record once, no count restarting).
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -234,3 +235,43 @@ def test_canary_survives_a_master_restart(cluster: LocalCluster, tmp_path: Path)
     assert _status(cluster)["canary"] is None
     hist = json.loads(cluster.streamctl("history", "upg", "--json").stdout)
     assert [c["outcome"] for c in hist["canaries"]] == ["aborted", "promoted"]
+
+
+def test_canary_start_finished_by_a_restarted_master(cluster: LocalCluster, tmp_path: Path) -> None:
+    # The master is SIGKILLed while the canary's switch runs (the old instances'
+    # teardown is slow): the restarted master finishes the switch, and the canary
+    # it commits is the one that was asked for, promotable by hand.
+    n, rate = 12000, 1000.0
+    out = tmp_path / "out.jsonl"
+    kw: dict[str, Any] = {"out": str(out), "audit": str(tmp_path / "a.jsonl"), "n": n, "rate": rate}
+    slow = "    def teardown(self):\n        import time\n        time.sleep(4)\n\n"
+    v1 = render(BASE, **kw).replace("    def snapshot(self):", slow + "    def snapshot(self):")
+    assert "time.sleep(4)" in v1
+    app1 = str(write_app(tmp_path, "v1.py", v1))
+    app2 = str(write_app(tmp_path, "v2.py", render(replace(BASE, count_code=2), **kw)))
+    assert cluster.streamctl("submit", app1).returncode == 0
+    poll_for(lambda: count_lines(out) > 500, 20, what="records flowing before the canary")
+    t = threading.Thread(
+        target=lambda: cluster.streamctl("upgrade", app2, "--canary", "count=25%"), daemon=True
+    )
+    t.start()
+    poll_for(
+        lambda: any(r.get("code") == 2 for r in read_jsonl(out)[-200:]),
+        15,
+        what="the canary's code to process records (its switch under way)",
+    )
+    cluster.kill_master()
+    t.join(30)
+    cluster.restart_master()
+    poll_for(lambda: cluster.live_workers() == 2, 15, what="workers to re-attach")
+    poll_for(lambda: _status(cluster)["canary"] is not None, 30, what="the canary committed")
+    st = _status(cluster)
+    assert (st["version"], st["canary"]["pe"], st["canary"]["share_percent"]) == (1, "count", 25)
+    pr = cluster.streamctl("canary", "promote", "upg")
+    assert pr.returncode == 0, pr.stderr
+    assert _status(cluster)["version"] == 2
+    poll_for(lambda: count_lines(out) >= n, 40, what="every record at the sink")
+    v = check_output(read_jsonl(out), n)
+    assert (v.lost, v.duplicated, v.out_of_order, v.state_resets) == (0, 0, 0, 0), v
+    hist = json.loads(cluster.streamctl("history", "upg", "--json").stdout)
+    assert [c["outcome"] for c in hist["canaries"]] == ["promoted"], hist["canaries"]
