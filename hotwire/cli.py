@@ -1274,7 +1274,14 @@ def _add_jobs() -> None:
     main.add_command(jobs)
 
 
+def _add_deploy() -> None:
+    from hotwire.deploy.cli import deploy
+
+    main.add_command(deploy)
+
+
 _add_jobs()
+_add_deploy()
 _accept_master_after(main)
 
 if __name__ == "__main__":

@@ -15,6 +15,12 @@ that batch again to find the position between them, so :meth:`read` must be
 deterministic: the same position and limit give the same records (true of
 append-only partitions).
 
+When the source's parallelism changed (``ctx.predecessors`` lists old instances
+of another parallelism), the new instance reads each old instance's log up to
+that instance's handed-over count, merges the positions, keeps the partitions it
+owns and starts its own log from them: a rescale reads nothing twice and skips
+nothing.
+
 Subclass it with :meth:`partitions` and :meth:`read`; pass an instance as the
 source function: ``app.source("src", MySource(option=...))``.
 """
@@ -28,6 +34,7 @@ import zlib
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 __all__ = ["PartitionedSource", "PositionLog", "check_options"]
@@ -83,12 +90,34 @@ class PartitionedSource(ABC):
     async def _run(self, ctx: Any) -> AsyncIterator[Any]:
         count = int(getattr(ctx, "position", 0) or 0)
         log = PositionLog(self.log_path(ctx))
-        positions = await asyncio.to_thread(log.recover, count, self.read)
+        n = max(1, int(getattr(ctx, "parallelism", 1) or 1))
+        preds = list(getattr(ctx, "predecessors", None) or ())
+        if any(p.get("of") != n for p in preds):
+            # Rescaled: merge the old instances' positions, keep the partitions it owns.
+            merged = await asyncio.to_thread(self._merged_positions, ctx, preds)
+            positions = {p: pos for p, pos in merged.items() if self.owns(p, ctx)}
+            await asyncio.to_thread(log.start, count, positions)
+        else:  # a fresh start (no predecessors) ignores an old log
+            positions = await asyncio.to_thread(log.recover, count, self.read, bool(preds))
         try:
             async for r in self._tail(ctx, log, count, positions):
                 yield r
         finally:
             log.close()
+
+    def _merged_positions(self, ctx: Any, preds: list[dict[str, Any]]) -> dict[str, Any]:
+        """Every partition's position after each predecessor's handed-over count,
+        read from the predecessors' logs (left as they are: other new instances
+        read them too)."""
+        merged: dict[str, Any] = {}
+        for p in preds:
+            old = SimpleNamespace(
+                app=ctx.app, pe=ctx.pe, instance=int(p["instance"]), parallelism=int(p["of"])
+            )
+            merged.update(
+                PositionLog(self.log_path(old)).positions_at(int(p["position"]), self.read)
+            )
+        return merged
 
     async def _tail(
         self, ctx: Any, log: PositionLog, count: int, positions: dict[str, Any]
@@ -119,13 +148,20 @@ class PositionLog:
         self.path = path
         self._file: Any = None
 
-    def recover(self, count: int, read: Any) -> dict[str, Any]:
+    def recover(self, count: int, read: Any, restored: bool = True) -> dict[str, Any]:
         """The position of every partition after ``count`` records; rewrites the log
         to that point (atomically: a predecessor still holding the old file writes
-        into an unlinked one)."""
+        into an unlinked one). ``restored``: the count comes from a checkpoint or a
+        handover, so even at 0 the log's base holds (a rescaled instance's)."""
+        positions = self.positions_at(count, read, restored)
+        self.start(count, positions)
+        return positions
+
+    def positions_at(self, count: int, read: Any, restored: bool = True) -> dict[str, Any]:
+        """The position of every partition after ``count`` records (read only)."""
         positions: dict[str, Any] = {}
         seen = 0
-        if count > 0:
+        if count > 0 or (restored and self.path.exists()):
             if not self.path.exists():
                 msg = (
                     f"the source resumes at record {count} but its position log {self.path} "
@@ -135,6 +171,8 @@ class PositionLog:
                 raise RuntimeError(msg)
             for entry in self._entries():
                 if "base" in entry:
+                    if entry["count"] > count:
+                        break
                     positions, seen = dict(entry["base"]), entry["count"]
                     continue
                 c, p, before, after, n = entry["batch"]
@@ -146,6 +184,11 @@ class PositionLog:
             if seen < count:
                 msg = f"position log {self.path} covers {seen} records, the checkpoint {count}"
                 raise RuntimeError(msg)
+        return positions
+
+    def start(self, count: int, positions: dict[str, Any]) -> None:
+        """Begin the log afresh at record ``count`` with ``positions`` and open it for
+        appends."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(self.path.name + ".tmp")
         with open(tmp, "w", encoding="utf-8") as f:
@@ -154,7 +197,6 @@ class PositionLog:
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
         self._file = open(self.path, "a", encoding="utf-8")  # kept open for appends
-        return positions
 
     def _entries(self) -> list[dict[str, Any]]:
         out = []

@@ -11,8 +11,8 @@ write a new file and rename it in instead).
 The position log (see :mod:`hotwire.connectors.base`) lives in
 ``<dir>/.hotwire/<app>.<pe>.<instance>-of-<parallelism>.jsonl`` unless
 ``state_dir`` says otherwise; a restart or an upgrade resumes every file from
-its byte offset at the last checkpoint (or handover). Changing the source's
-parallelism loses the positions and is refused when the source restarts.
+its byte offset at the last checkpoint (or handover). A rescale (another
+parallelism) merges the old instances' logs: see :class:`PartitionedSource`.
 
 :class:`~hotwire.sinks.JsonlSink` is the exactly-once file sink.
 """

@@ -9,6 +9,8 @@ and key, never by instance generation, the way an online upgrade hands it over:
 * the same parallelism: instance ``i`` gets what instance ``i`` had;
 * a keyed PE at another parallelism: each ``[key, value]`` pair goes to the
   instance that owns the key (:func:`hotwire.plan.key_partition`);
+* a source at another parallelism: every new instance gets every old
+  instance's position (``{"position", "instance", "of"}``);
 * anything else at another parallelism: old instance ``j`` goes to ``j % n``;
 * a PE that is not in the cut (inserted later) starts empty, and one no
   longer in the app is dropped.
@@ -51,6 +53,12 @@ def states_for_restart(
             for i, state in old.items():
                 if state is not None:
                     out[(pe, i)] = [state]
+            continue
+        if old and all(isinstance(s, dict) and "of" in s for s in old.values()):
+            # A source at another parallelism: each new instance gets every old
+            # position (it keeps those of j % n; a partitioned source merges them all).
+            for i in range(n):
+                out[(pe, i)] = [old[j] for j in sorted(old)]
             continue
         bare = {i: unwrap(s) for i, s in old.items()}
         if keyed.get(pe) and all(_pairs(s) for s, _v in bare.values()):

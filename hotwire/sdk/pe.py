@@ -20,6 +20,12 @@ class Context:
     for while it is unreachable (e.g. ``"redis://127.0.0.1:6379/0 unreachable"``),
     ``waiting_since`` when that began (``time.monotonic()``); "" and 0.0 otherwise.
     The worker reports them with its heartbeats (``streamctl status``).
+    ``predecessors``, for a source, lists the states it took over (from the
+    instances it replaces, or from a checkpoint): ``{"instance": j, "of": m,
+    "position": p}`` each, instance ``j`` of ``m`` having emitted ``p`` records;
+    empty on a fresh start. When ``m`` differs from ``parallelism`` (a rescale),
+    every old instance is listed and ``position`` is that of the old instances
+    ``j`` with ``j % parallelism == instance``.
     """
 
     app: str
@@ -31,6 +37,7 @@ class Context:
     key: Any = None
     waiting: str = ""
     waiting_since: float = 0.0
+    predecessors: list[dict[str, Any]] = field(default_factory=list)
     logger: logging.Logger = field(init=False, repr=False)
 
     def __post_init__(self) -> None:

@@ -326,7 +326,7 @@ class Instance:
 
     def _snapshot(self) -> Any:
         if self.kind == "source":
-            return {"position": self.position}
+            return self._source_state()
         assert self.executor is not None
         state = self.executor.snapshot()
         if self.executor.keyed and isinstance(state, dict):
@@ -343,10 +343,33 @@ class Instance:
         if commit_all is not None:
             await commit_all()
 
+    def _source_state(self) -> dict[str, int]:
+        """A source's state: its position, and which of how many instances it is."""
+        return {"position": self.position, "instance": self.spec.index, "of": self.spec.parallelism}
+
     def _restore(self, states: list[Any]) -> None:
         if self.kind == "source":
-            positions = [s["position"] for s in states if isinstance(s, dict) and "position" in s]
-            self.position = max(positions, default=0)
+            found = [s for s in states if isinstance(s, dict) and "position" in s]
+            n, me = self.spec.parallelism, self.spec.index
+            preds = sorted(
+                (
+                    {
+                        "instance": int(s.get("instance", me)),
+                        "of": int(s.get("of", n)),
+                        "position": s["position"],
+                    }
+                    for s in found
+                ),
+                key=lambda p: p["instance"],
+            )
+            self.ctx.predecessors = preds
+            if any(p["of"] != n for p in preds):
+                # Another parallelism: every old instance's state reached every new
+                # one. The position (records emitted) is that of the old instances j
+                # with j % n == me, as without the rescale; a partitioned source
+                # merges all of ctx.predecessors.
+                found = [p for p in preds if p["instance"] % n == me]
+            self.position = max((s["position"] for s in found), default=0)
             self.ctx.position = self.position
         elif self.executor is not None:
             self.executor.restore(states)
@@ -520,7 +543,9 @@ class Instance:
     def _split_bare_state(self, retire: Retire) -> list[Any]:
         n = len(retire.successors)
         if self.kind == "source":
-            state: Any = {"position": self.position}
+            state: Any = self._source_state()
+            if n != self.spec.parallelism:
+                return [state] * n  # rescaled: each successor hears every position
         else:
             assert self.executor is not None
             state = self.executor.snapshot()
