@@ -1,0 +1,1 @@
+"""Deployment: manifests for running a hotwire cluster elsewhere (Kubernetes)."""
