@@ -179,6 +179,18 @@ def _wait_rows(pg: str, table: str, n: int, c: LocalCluster, timeout: float) -> 
         raise
 
 
+def _redis_cpu_s(redis_url: str) -> float:
+    """User + system CPU seconds of the redis-server so far (INFO cpu)."""
+    import redis
+
+    r = redis.Redis.from_url(redis_url)
+    try:
+        info = r.info("cpu")
+    finally:
+        r.close()
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
 def _cpu_s(c: LocalCluster) -> float:
     """User + system CPU seconds of the cluster's processes so far."""
     tick = os.sysconf("SC_CLK_TCK")
@@ -205,7 +217,7 @@ def plain_run(redis_url: str, pg: str, n: int, batch: int, tag: str) -> dict[str
     counts: dict[str, int] = {}
     last = "0"
     done = 0
-    cpu0 = time.process_time()
+    cpu0, rcpu0 = time.process_time(), _redis_cpu_s(redis_url)
     t0 = time.time()
     with psycopg.connect(pg, autocommit=True) as conn:
         while done < n:
@@ -226,7 +238,12 @@ def plain_run(redis_url: str, pg: str, n: int, batch: int, tag: str) -> dict[str
             done += len(rows)
     wall = time.time() - t0
     r.close()
-    return {"rps": n / wall, "cpu_s": time.process_time() - cpu0, **_check(pg, table, n)}
+    return {
+        "rps": n / wall,
+        "cpu_s": time.process_time() - cpu0,
+        "redis_cpu_s": _redis_cpu_s(redis_url) - rcpu0,
+        **_check(pg, table, n),
+    }
 
 
 def hotwire_run(
@@ -253,12 +270,12 @@ def hotwire_run(
             name=name, redis=redis_url, stream=stream, pg=pg, table=table, sink=sink, **opts
         ),
     )
-    cpu0 = _cpu_s(c)
+    cpu0, rcpu0 = _cpu_s(c), _redis_cpu_s(redis_url)
     t_submit = time.time()
     c.client.submit(app)
     t0 = time.time()
     _wait_rows(pg, table, n, c, timeout=60 + n / 2000)
-    cpu = _cpu_s(c) - cpu0
+    cpu, rcpu = _cpu_s(c) - cpu0, _redis_cpu_s(redis_url) - rcpu0
     c.client.kill(name)
     # The commit time of the last row's transaction (COMMIT PREPARED, or the plain COMMIT).
     t_end = _sql(
@@ -268,6 +285,7 @@ def hotwire_run(
         "rps": n / (float(t_end) - t0),
         "submit_s": t0 - t_submit,
         "cluster_cpu_s": cpu,
+        "redis_cpu_s": rcpu,
         **_check(pg, table, n),
     }
 
