@@ -361,7 +361,7 @@ async def test_a_fenced_session_is_refused_everything(tmp_path: Path) -> None:
 
             beating = asyncio.create_task(beat())
             # No heartbeat: the master declares w9 dead and fences its session.
-            await wait_until(lambda: "w9" in master.recovery.handled, 5, "w9 to be declared dead")
+            await wait_until(lambda: "w9" in master.recovery.handled, 15, "w9 to be declared dead")
 
             with pytest.raises(grpc.aio.AioRpcError) as hb:
                 await stub.Heartbeat(
