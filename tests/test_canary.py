@@ -216,8 +216,9 @@ def test_canary_survives_a_master_restart(cluster: LocalCluster, tmp_path: Path)
     res = cluster.streamctl("upgrade", app2, "--canary", "count=30%", "--canary-for", "3")
     assert res.returncode == 0, res.stderr
     restart()
-    if _status(cluster)["version"] == 1:  # not promoted yet: the canary was resumed
-        assert _status(cluster)["canary"]["promote_after_s"] == 3
+    st = _status(cluster)
+    if st["version"] == 1:  # not promoted yet: the canary was resumed
+        assert st["canary"] is not None and st["canary"]["promote_after_s"] == 3, st
     poll_for(lambda: _status(cluster)["version"] == 2, 30, what="the canary promoted")
     assert _status(cluster)["canary"] is None
 
