@@ -971,8 +971,22 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="run the cluster with mTLS under a cluster CA and tokens (as `streamctl up` does)",
     )
+    ap.add_argument(
+        "--netns",
+        action="store_true",
+        help="master and each worker in a network namespace of its own (needs root, ip, nft)",
+    )
+    ap.add_argument(
+        "--loss",
+        type=int,
+        default=0,
+        metavar="PCT",
+        help="with --netns: drop PCT %% of every host's outgoing TCP packets at random",
+    )
     ap.add_argument("--out", default="bench/results/upgrade.json", help="where to write the JSON")
     a = ap.parse_args(argv)
+    if a.loss and not a.netns:
+        ap.error("--loss needs --netns")
     runs = a.runs or (3 if a.quick else 10)
     restarts = a.restarts if a.restarts is not None else (1 if a.quick else 3)
     scenarios = [s for s in a.scenarios.split(",") if s]
@@ -995,6 +1009,8 @@ def main(argv: list[str] | None = None) -> int:
         "scenarios": scenarios,
         "scaling_pes": scaling,
         "tls": a.tls,
+        "netns": a.netns,
+        "loss_pct": a.loss,
     }
     peer_cfg: dict[str, Any] | None = None
     if not a.no_peer and peer_bytewax.version() is not None:
@@ -1016,13 +1032,21 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="hotwire-bench-") as tmp:
         work = Path(tmp)
         slots = max(64, max(scaling, default=0) // 2 + 32)
-        with LocalCluster(
+        kind: Any = LocalCluster
+        if a.netns:
+            from hotwire.testing.netns import NetnsCluster
+
+            kind = NetnsCluster
+        with kind(
             workers=2,
             slots=slots,
             data_dir=work / "cluster",
             log_level="warning",
             secure=a.tls,
         ) as cluster:
+            if a.netns:
+                for host in cluster.net.hosts:
+                    cluster.net.loss(host, a.loss)
             bench = Bench(cluster, work, a.rate, a.keys)
             log("saturated throughput")
             sat = bench.saturate(2.0 if a.quick else 4.0)
