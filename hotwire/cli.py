@@ -77,11 +77,43 @@ def _emit(as_json: bool, doc: Any, human: Callable[[], None]) -> None:
         human()
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+def _setup_logging(level: str, fmt: str = "text") -> None:
+    from hotwire.logs import setup_logging
+
+    setup_logging(level, fmt)
+
+
+def _check_metrics(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """``--metrics HOST:PORT``: a usage error in one line if malformed."""
+    if value is None:
+        return None
+    from hotwire.metrics import parse_address
+
+    try:
+        parse_address(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e).split(": ", 1)[1]) from None
+    return value
+
+
+def _observability(cmd: Callable[..., Any]) -> Callable[..., Any]:
+    """The --metrics and --log-format options of the master and the worker."""
+    cmd = click.option(
+        "--log-format",
+        type=click.Choice(["text", "json"]),
+        default="text",
+        show_default=True,
+        help="json: one JSON object per line (time, level, logger, message, app, pe, "
+        "instance, transition, worker)",
+    )(cmd)
+    return click.option(
+        "--metrics",
+        default=None,
+        metavar="HOST:PORT",
+        callback=_check_metrics,
+        help="serve Prometheus metrics on http://HOST:PORT/metrics (port 0: any free "
+        "port, logged); off by default",
+    )(cmd)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -192,6 +224,7 @@ def _accept_master_after(group: click.Group) -> None:
     "port can run code on every worker)",
 )
 @click.option("--log-level", default="info", show_default=True)
+@_observability
 def master(
     listen: str,
     data_dir: str,
@@ -200,27 +233,30 @@ def master(
     switch_timeout: float,
     insecure: bool,
     log_level: str,
+    metrics: str | None,
+    log_format: str,
 ) -> None:
     """Run the master.
 
     It runs mTLS with tokens when DATA_DIR/tls holds its certificate (`streamctl
     init`), else plaintext: on a loopback address only, unless --insecure.
     """
+    from hotwire.logs import announce
     from hotwire.master.access import master_tls
     from hotwire.master.service import Master
     from hotwire.node import install_uvloop, tune_gc
 
-    _setup_logging(log_level)
+    _setup_logging(log_level, log_format)
     install_uvloop()
     tune_gc()
 
     async def serve() -> None:
         tls = None if insecure else master_tls(data_dir)
         if insecure:
-            click.echo(
+            announce(
                 "streamctl master: WARNING: --insecure: no TLS, no tokens; anyone who reaches "
                 f"{listen} can run code on every worker",
-                err=True,
+                logging.WARNING,
             )
         m = Master(
             listen=listen,
@@ -230,10 +266,13 @@ def master(
             switch_timeout=switch_timeout,
             tls=tls,
             insecure=insecure,
+            metrics=metrics,
         )
         await m.start()
         how = "mTLS, tokens" if tls is not None else "plaintext"
-        click.echo(f"master listening on {m.address} ({how})", err=True)
+        announce(f"master listening on {m.address} ({how})")
+        if m.metrics_address:
+            announce(f"master metrics on {m.metrics_address}")
         await _until_signalled()
         await m.close()
 
@@ -309,6 +348,7 @@ def master(
     "port; give one for probes, as in Kubernetes)",
 )
 @click.option("--log-level", default="info", show_default=True)
+@_observability
 @click.pass_context
 def worker(
     ctx: click.Context,
@@ -324,8 +364,11 @@ def worker(
     insecure: bool,
     health_port: int,
     log_level: str,
+    metrics: str | None,
+    log_format: str,
 ) -> None:
     """Run a worker daemon."""
+    from hotwire.logs import announce, set_process_fields
     from hotwire.node import install_uvloop, tune_gc
     from hotwire.security.tls import TlsFiles
     from hotwire.worker.daemon import Worker
@@ -336,14 +379,15 @@ def worker(
         if not (ca and worker_cert and worker_key):
             raise click.UsageError("a worker with TLS needs --ca, --worker-cert and --worker-key")
         tls = _run(lambda: TlsFiles.of(ca, worker_cert, worker_key))
+    _setup_logging(log_level, log_format)
+    set_process_fields(worker=name)
     if insecure:
-        click.echo(
+        announce(
             "streamctl worker: WARNING: --insecure: no TLS; anyone who reaches the data port "
             "can inject records",
-            err=True,
+            logging.WARNING,
         )
 
-    _setup_logging(log_level)
     install_uvloop()
     tune_gc()
 
@@ -359,19 +403,25 @@ def worker(
             tls=tls,
             insecure=insecure,
             health_port=health_port,
+            metrics=metrics,
         )
+        set_process_fields(worker=w.name)
         await w.start(timeout=3600)
         listening = w.runtime.dataplane.address
         shown = f" (advertised as {w.data_address})" if w.data_address != listening else ""
-        click.echo(f"worker {w.name} data plane on {listening}{shown}", err=True)
+        announce(f"worker {w.name} data plane on {listening}{shown}")
+        if w.metrics_address:
+            announce(f"worker {w.name} metrics on {w.metrics_address}")
         await _until_signalled()
         if drain:
             # Graceful stop: the master moves this worker's instances away first.
             try:
                 moved = await w.drain()
-                click.echo(f"worker {w.name}: {moved} instances moved to other workers", err=True)
+                announce(f"worker {w.name}: {moved} instances moved to other workers")
             except grpc.RpcError as e:
-                click.echo(f"worker {w.name}: could not drain ({e.details()}); stopping", err=True)
+                announce(
+                    f"worker {w.name}: could not drain ({e.details()}); stopping", logging.WARNING
+                )
         await w.close()
 
     _run(lambda: asyncio.run(serve()))
@@ -1275,9 +1325,10 @@ def _add_jobs() -> None:
 
 
 def _add_deploy() -> None:
-    from hotwire.deploy.cli import deploy
+    from hotwire.deploy.cli import deploy, health
 
     main.add_command(deploy)
+    main.add_command(health)
 
 
 _add_jobs()

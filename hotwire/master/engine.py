@@ -32,6 +32,7 @@ import grpc
 import msgpack
 
 from hotwire.codec import unpackb
+from hotwire.logs import log_context
 from hotwire.master import canary as cn
 from hotwire.master import transition as tr
 from hotwire.master.cut import sampled_keys, state_samples, states_for_restart
@@ -41,6 +42,7 @@ from hotwire.master.membership import Membership
 from hotwire.master.planner import StateMove, plan_stop, plan_upgrade, state_moves
 from hotwire.master.scheduler import SchedulingError, schedule
 from hotwire.master.store import Store
+from hotwire.metrics import MasterMetrics
 from hotwire.model import STATEFUL_KINDS, LogicalModel
 from hotwire.plan import (
     Placement,
@@ -152,6 +154,8 @@ class TransitionEngine:
         self.on_begin: Callable[[str], None] = lambda app: None
         self.on_commit: Callable[[str], None] = lambda app: None
         self.on_restart: Callable[[dict[str, Any]], None] = lambda event: None
+        # Phase durations and outcomes of transitions, checkpoints (Prometheus).
+        self.metrics = MasterMetrics()
 
     async def load(self, store: Store) -> None:
         """Take the store and the apps it recorded."""
@@ -199,7 +203,8 @@ class TransitionEngine:
                 "wait for it to finish and try again",
             )
         try:
-            yield
+            with log_context(app=app):
+                yield
         finally:
             self.locks.release(app)
 
@@ -208,7 +213,8 @@ class TransitionEngine:
         """Hold ``app``'s lock, waiting for it to be free."""
         await self.locks.acquire(app, what)
         try:
-            yield
+            with log_context(app=app):
+                yield
         finally:
             self.locks.release(app)
 
@@ -694,32 +700,42 @@ class TransitionEngine:
         async def perform(action: tr.Action) -> None:
             events.put_nowait(await self._perform(action, job))
 
-        try:
-            actions = t.start()
-            while True:
-                for a in actions:
-                    if isinstance(a, tr.Reply):
-                        self._raise_unless_committed(t, a)
-                        return
-                    if isinstance(a, tr.StartTimer):
-                        if timer is not None:
-                            timer.cancel()
-                        timer = loop.call_later(
-                            self._phase_timeout(a.phase) + self.timer_margin,
-                            events.put_nowait,
-                            tr.TimedOut(a.phase),
-                        )
-                        continue
-                    task = loop.create_task(perform(a))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
-                actions = t.handle(await events.get())
-        finally:
-            if timer is not None:
-                timer.cancel()
-            for task in tasks:
-                task.cancel()  # answers no step waits for any more
-            await asyncio.gather(*tasks, return_exceptions=True)
+        clock = self.metrics.clock(t.app)
+        # the actions' tasks (created below) log with the app and transition too
+        with log_context(app=t.app, transition=job.epoch):
+            try:
+                actions = t.start()
+                while True:
+                    for a in actions:
+                        clock.saw(a)
+                        if isinstance(a, tr.Reply):
+                            self.metrics.transition_done(
+                                t.app,
+                                job.intent.get("action", "placement"),
+                                a.result.value,
+                                job.latency_ms / 1000,
+                            )
+                            self._raise_unless_committed(t, a)
+                            return
+                        if isinstance(a, tr.StartTimer):
+                            if timer is not None:
+                                timer.cancel()
+                            timer = loop.call_later(
+                                self._phase_timeout(a.phase) + self.timer_margin,
+                                events.put_nowait,
+                                tr.TimedOut(a.phase),
+                            )
+                            continue
+                        task = loop.create_task(perform(a))
+                        tasks.add(task)
+                        task.add_done_callback(tasks.discard)
+                    actions = t.handle(await events.get())
+            finally:
+                if timer is not None:
+                    timer.cancel()
+                for task in tasks:
+                    task.cancel()  # answers no step waits for any more
+                await asyncio.gather(*tasks, return_exceptions=True)
 
     def _phase_timeout(self, phase: tr.Phase) -> float:
         if phase is tr.Phase.SWITCH:

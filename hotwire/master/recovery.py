@@ -184,12 +184,9 @@ class Recovery:
             )
             workers = sorted({w for pl in st.placement.values() for w in pl.workers})
             self.spawn(self._committed(rep.app, p.id, stored, workers), name="committed")
-            log.debug(
-                "app %r: checkpoint %d complete in %.1f ms",
-                rep.app,
-                p.id,
-                (time.monotonic() - p.started) * 1000,
-            )
+            took = time.monotonic() - p.started
+            self.engine.metrics.checkpoint_done(rep.app, took)
+            log.debug("app %r: checkpoint %d complete in %.1f ms", rep.app, p.id, took * 1000)
         p.done.set()
 
     async def _committed(

@@ -51,8 +51,12 @@ class Master(Node):
         switch_timeout: float = 30.0,
         tls: TlsFiles | None = None,
         insecure: bool = False,
+        metrics: str | None = None,
     ):
         super().__init__()
+        self.metrics = metrics  # HOST:PORT of the Prometheus endpoint; None: off
+        self.metrics_address = ""  # where it listens (the port bound when 0 was asked)
+        self._metrics: Any = None  # its hotwire.metrics.MetricsServer
         if tls is None and not insecure and not is_loopback(listen):
             raise InsecureRefused(
                 f"the master would listen on {listen} without TLS: give it a certificate "
@@ -118,11 +122,29 @@ class Master(Node):
         if self.port == 0:
             raise OSError(f"cannot listen on {self.listen}")
         await self.server.start()
+        if self.metrics:
+            await self._serve_metrics(self.metrics)
         self.recovery.start()
         self.spawn(self._watch_canaries(), name="canaries")
         log.info("master listening on %s (data in %s)", self.address, self.data_dir)
 
+    async def _serve_metrics(self, addr: str) -> None:
+        from hotwire.metrics import MetricsServer, OnLoop, master_families
+
+        on_loop = OnLoop(asyncio.get_running_loop())
+        metrics = self.engine.metrics
+
+        def families() -> Any:
+            return master_families(self, metrics)
+
+        metrics.scrape = lambda: on_loop(families, [])
+        self._metrics = await asyncio.to_thread(MetricsServer, addr, metrics.registry)
+        self.metrics_address = self._metrics.address
+        log.info("master: Prometheus metrics at http://%s/metrics", self.metrics_address)
+
     async def _close(self) -> None:
+        if self._metrics is not None:
+            await asyncio.to_thread(self._metrics.close)
         if self.server is not None:
             await self.server.stop(grace=1.0)
         if self.store is not None:

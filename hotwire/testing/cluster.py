@@ -154,6 +154,8 @@ class LocalCluster:
         checkpoint_interval: float = 2.0,
         control_proxy: bool = False,
         secure: bool = False,
+        metrics: bool = False,
+        log_format: str = "text",
     ):
         self._tmp = (
             tempfile.TemporaryDirectory(prefix="hotwire-cluster-") if data_dir is None else None
@@ -182,6 +184,11 @@ class LocalCluster:
         # secure: a cluster CA, mTLS everywhere, and the client holds an admin token
         self.secure = secure
         self.admin: Any = None  # hotwire.master.access.Bootstrap when secure
+        # metrics: master and workers serve Prometheus metrics on a free port each
+        # (metrics_addresses: process label -> HOST:PORT); log_format: "text" or "json"
+        self.metrics = metrics
+        self.log_format = log_format
+        self.metrics_addresses: dict[str, str] = {}
 
     # -- lifecycle ---------------------------------------------------------
     def start(self) -> LocalCluster:
@@ -222,15 +229,33 @@ class LocalCluster:
                     str(self.switch_timeout),
                     "--checkpoint-interval",
                     str(self.checkpoint_interval),
+                    *self._observability_args(),
                 ],
             ),
             self.dir / f"master.{self._restarts}.log",
-            r"master listening on (\S+)",
+            r"master listening on ([^\s\"]+)",
         )
         self.master.wait_address()
+        self._wait_metrics(self.master, r"master metrics on ([^\s\"]+)")
         if self._client is not None:
             self._client.close()
         self._client = Client(self.address, self.credentials())
+
+    def _observability_args(self) -> list[str]:
+        out = ["--log-format", self.log_format] if self.log_format != "text" else []
+        return [*out, "--metrics", "127.0.0.1:0"] if self.metrics else out
+
+    def _wait_metrics(self, p: _Proc, pattern: str) -> None:
+        """With ``metrics``: wait for ``p`` to log its metrics address."""
+        if not self.metrics:
+            return
+        found = re.compile(pattern)
+
+        def address() -> str | None:
+            m = found.search(p.log_path.read_text(errors="replace"))
+            return m.group(1) if m else None
+
+        self.metrics_addresses[p.label] = poll_for(address, 30, what=f"{p.label}'s metrics")
 
     def _process_args(self, host: str, args: list[str]) -> list[str]:
         """The command line of the master (``host`` "master") or a worker; a subclass
@@ -288,14 +313,16 @@ class LocalCluster:
                     self.log_level,
                     "--data-dir",
                     str(self.dir / name),
+                    *self._observability_args(),
                     *extra,
                 ],
             ),
             self.dir / f"{name}.log",
-            r"data plane on (\S+)",
+            r"data plane on ([^\s\"]+)",
         )
         self.workers.append(p)
         p.wait_address()
+        self._wait_metrics(p, r"metrics on ([^\s\"]+)")
         if proxy is not None:
             proxy.target = p.address
         return p

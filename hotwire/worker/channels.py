@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import time
 import zlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -29,6 +30,10 @@ __all__ = ["CREDITS", "LocalChannel", "OutChannel", "RemoteChannel", "RouteState
 
 # Inbox item kinds.
 BATCH, END, STATE, CONTROL, EPOCH, BARRIER = 0, 1, 2, 3, 4, 5
+
+# (app, sending instance) -> seconds it waited for credit (backpressure), added on the
+# slow path only (no credit left); hotwire.metrics reads it and forgets stopped instances.
+BLOCKED_S: dict[tuple[str, str], float] = {}
 
 
 class OutChannel:
@@ -51,11 +56,14 @@ class OutChannel:
             w.set_result(None)
 
     async def _take_credit(self) -> None:
+        t0 = time.perf_counter()
         while self.credit <= 0:
             self._waiter = asyncio.get_running_loop().create_future()
             await self._waiter
             self._waiter = None
         self.credit -= 1
+        key = (self.app, self.channel.partition(">")[0])
+        BLOCKED_S[key] = BLOCKED_S.get(key, 0.0) + time.perf_counter() - t0
 
     async def send(self, records: list[Any]) -> None:
         raise NotImplementedError

@@ -34,6 +34,7 @@ from typing import Any
 import grpc
 import msgpack
 
+from hotwire.logs import log_context
 from hotwire.node import Node, add_health, grpc_options, split_addr
 from hotwire.plan_wire import from_pb
 from hotwire.proto import hotwire_pb2 as pb
@@ -69,8 +70,12 @@ class Worker(Node):
         tls: TlsFiles | None = None,
         insecure: bool = False,
         health_port: int = 0,
+        metrics: str | None = None,
     ):
         super().__init__()
+        self.metrics = metrics  # HOST:PORT of the Prometheus endpoint; None: off
+        self.metrics_address = ""  # where it listens (the port bound when 0 was asked)
+        self._metrics: Any = None  # its hotwire.metrics.MetricsServer
         self.health_port = health_port  # the gRPC health service's port; 0: any free one
         self.master = master
         self.listen = listen
@@ -146,6 +151,8 @@ class Worker(Node):
         self.health_address = f"{host}:{hport}"
         self._loop = asyncio.get_running_loop()
         self.runtime.hold.on_hold = self._heartbeat_now
+        if self.metrics:
+            await self._serve_metrics(self.metrics)
         self._hb_channel = self._dial(sync=True)
         self._hb_thread = threading.Thread(
             target=self._heartbeat_thread, name=f"hotwire-heartbeat-{self.name}", daemon=True
@@ -154,7 +161,23 @@ class Worker(Node):
         self.spawn(self._session_loop(), name=f"worker-{self.name}-session")
         await self.registered.wait()
 
+    async def _serve_metrics(self, addr: str) -> None:
+        from hotwire.metrics import OnLoop, WorkerCollector, serve, worker_snapshot
+
+        assert self._loop is not None
+        on_loop = OnLoop(self._loop)
+
+        def snapshot() -> Any:
+            return worker_snapshot(self)
+
+        collector = WorkerCollector(lambda: on_loop(snapshot, worker_snapshot(self, empty=True)))
+        self._metrics = await asyncio.to_thread(serve, addr, collector)
+        self.metrics_address = addr = self._metrics.address
+        log.info("worker %s: Prometheus metrics at http://%s/metrics", self.name, addr)
+
     async def _close(self) -> None:
+        if self._metrics is not None:
+            await asyncio.to_thread(self._metrics.close)
         self._hb_stop.set()
         self._hb_wake.set()
         if self._hb_channel is not None:
@@ -524,6 +547,10 @@ class Worker(Node):
         self._to_loop(self._heartbeat_answered, session, sent_at, list(reply.stale))
 
     async def _handle(self, batch: pb.InstructionBatch, outbox: asyncio.Queue[Any]) -> None:
+        with log_context(app=batch.app or None, transition=batch.version or None):
+            await self._handle_batch(batch, outbox)
+
+    async def _handle_batch(self, batch: pb.InstructionBatch, outbox: asyncio.Queue[Any]) -> None:
         t0 = time.perf_counter()
         ack = pb.Ack(batch_id=batch.batch_id, ok=True)
         try:

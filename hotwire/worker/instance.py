@@ -20,11 +20,14 @@ import json
 import logging
 import threading
 import time
+from bisect import bisect_left
 from collections.abc import AsyncIterator, Iterator
 from itertools import islice
 from typing import TYPE_CHECKING, Any
 
 from hotwire.codec import packb
+from hotwire.logs import task_context
+from hotwire.metrics import BATCH_BUCKETS
 from hotwire.names import confined
 from hotwire.pe.executors import EXECUTORS, Executor, _keyed_items
 from hotwire.plan import Gate, Retire, StartInstance, Switch, key_partition
@@ -98,6 +101,7 @@ class Instance:
         self._yielded = 0.0
         self.records_in = 0
         self.process_s = 0.0  # time spent in the PE's code (status: ms per record)
+        self.batch_hist = [0] * (len(BATCH_BUCKETS) + 1)  # input batches by time taken
         self.records_out = 0
         self.dead_letters = 0
         self.position = 0  # records a source has emitted, over all its generations
@@ -143,7 +147,9 @@ class Instance:
     # -- set-up (prepare phase) ------------------------------------------
     def start_task(self) -> None:
         self.task = asyncio.get_running_loop().create_task(
-            self._main(), name=f"{self.app}/{self.iid}"
+            self._main(),
+            name=f"{self.app}/{self.iid}",
+            context=task_context(app=self.app, pe=self.pe, instance=self.iid),
         )
 
     def apply_gate(self, gate: Gate) -> None:
@@ -255,7 +261,9 @@ class Instance:
             await self.runtime.hold.wait()  # the master may have fenced this worker
         t0 = time.perf_counter()
         out = await self.executor.process(records)
-        self.process_s += time.perf_counter() - t0
+        took = time.perf_counter() - t0
+        self.process_s += took
+        self.batch_hist[bisect_left(BATCH_BUCKETS, took)] += 1
         rest = self.executor.take_rest()
         self.records_in += len(records) - len(rest)
         if not rest and ret is not None:

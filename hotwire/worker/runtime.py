@@ -93,6 +93,10 @@ class Runtime:
         self.hold = OutputHold(name)  # sources and sinks wait while the master may have fenced us
         # Called with (app, checkpoint id, instance id, state) when an instance snapshots.
         self.on_checkpoint: Callable[[str, int, str, Any], None] = lambda *a: None
+        # State handovers made here: (app, "local" | "remote") -> count, and the bytes of
+        # those sent to other workers per app (hotwire.metrics).
+        self.handovers: Counter[tuple[str, str]] = Counter()
+        self.handover_bytes: Counter[str] = Counter()
 
     # ------------------------------------------------------------------
     # Data plane receiver
@@ -160,10 +164,12 @@ class Runtime:
         """Hand ``src``'s state, and input it held unprocessed, to successor ``dst``
         (to another worker: kept and resent until that worker acknowledges it)."""
         if worker == self.name:
+            self.handovers[app, "local"] += 1
             if not self.on_state(app, dst, src, state, pending):
                 log.error("state handover %s -> %s: no such instance here", src, dst)
             return
-        self.dataplane.send_state(worker, app, dst, src, state, pending)
+        self.handovers[app, "remote"] += 1
+        self.handover_bytes[app] += self.dataplane.send_state(worker, app, dst, src, state, pending)
 
     # ------------------------------------------------------------------
     # Bundles and code

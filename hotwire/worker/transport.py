@@ -182,11 +182,14 @@ class OutStream:
         self.seq = seq = self.seq + 1
         data = encode(kind, self.app, self.name, seq, *payload)
         self.buf.append((seq, data))
-        conn = self.link.conn
+        link = self.link
+        link.frames_out += 1
+        link.bytes_out += len(data)
+        conn = link.conn
         if conn is not None:
             conn.write(data)
         else:
-            self.link.plane.keep_up(self.link)
+            link.plane.keep_up(link)
 
     def batch(self, records: list[Any]) -> None:
         self.batches += 1
@@ -250,6 +253,13 @@ class Link:
         self.reported = False  # reported lost (down past the link timeout)
         self.keeper: asyncio.Task[None] | None = None  # redials while down
         self.connections = 0  # connections it has used
+        # Counters (hotwire.metrics): frames pushed (resends apart) and read, their
+        # bytes, and the frames from this peer the data plane dropped, by reason.
+        self.frames_out = 0
+        self.bytes_out = 0
+        self.frames_in = 0
+        self.bytes_in = 0
+        self.drops: Counter[str] = Counter()
 
     def needed(self) -> bool:
         """Whether some stream needs the link: a channel open either way, or frames the
@@ -303,14 +313,19 @@ class Link:
         for s in self.dirty:
             items += (s.app, s.name, s.received, s.processed)
         self.dirty.clear()
-        conn.write(encode(*items))
+        self._ack(conn, encode(*items))
+
+    def _ack(self, conn: Conn, data: bytes) -> None:
+        self.frames_out += 1
+        self.bytes_out += len(data)
+        conn.write(data)
 
     def full_ack(self, conn: Conn) -> None:
         items: list[Any] = [Frame.ACK]
         for s in self.ins.values():
             items += (s.app, s.name, s.received, s.processed)
         self.dirty.clear()
-        conn.write(encode(*items))
+        self._ack(conn, encode(*items))
 
 
 class DataPlane:
@@ -397,10 +412,12 @@ class DataPlane:
 
     def send_state(
         self, peer: str, app: str, dst: str, src: str, state: Any, pending: list[Any]
-    ) -> None:
-        """Hand ``src``'s state to instance ``dst`` on ``peer``: kept until acknowledged."""
+    ) -> int:
+        """Hand ``src``'s state to instance ``dst`` on ``peer``: kept until acknowledged.
+        Return the bytes of the frame."""
         s = self.open_stream(peer, app, STATE_PREFIX + dst)
         s.push(Frame.STATE, src, state, pending)
+        return len(s.buf[-1][1])  # the frame's bytes
 
     def close_in(self, app: str, channel: str) -> None:
         """Channel ``channel`` of ``app`` has no receiver here any more: the link no
@@ -648,14 +665,18 @@ class DataPlane:
                 body = await _read_frame(conn.reader)
                 if body is None:
                     self.drops["oversized_frame"] += 1
+                    link.drops["oversized_frame"] += 1
                     log.warning("data plane: oversized frame from %s; closing", conn.peer)
                     why = "oversized frame"
                     break
+                link.frames_in += 1
+                link.bytes_in += len(body) + _LEN.size
                 try:
                     msg = unpack(body, raw=False, strict_map_key=False)
                     self._dispatch(msg, link)
                 except Exception as e:
                     self.drops["bad_frame"] += 1
+                    link.drops["bad_frame"] += 1
                     if self.drops["bad_frame"] % 1000 == 1:  # the first, then every 1000th
                         log.warning(
                             "data plane: dropped a bad frame from %s: %s (%d such drops)",
@@ -699,6 +720,7 @@ class DataPlane:
         if kind == Frame.BATCH:
             if s.batches - s.processed >= CREDITS:
                 self.drops["over_credit"] += 1
+                link.drops["over_credit"] += 1
                 if self.drops["over_credit"] % 1000 == 1:
                     log.warning(
                         "data plane: dropped a batch from %s on channel %s: the sender "
@@ -732,6 +754,7 @@ class DataPlane:
             raise ValueError(f"unknown frame kind {kind!r}")
         if not ok:
             self.drops["unknown_channel"] += 1
+            link.drops["unknown_channel"] += 1
             if new:
                 return  # keep nothing for a stream no instance here receives
         s.received = seq
@@ -740,6 +763,7 @@ class DataPlane:
 
     def _out_of_sequence(self, link: Link, name: str, seq: int, expected: int) -> None:
         self.drops["out_of_sequence"] += 1
+        link.drops["out_of_sequence"] += 1
         if self.drops["out_of_sequence"] % 1000 == 1:
             log.warning(
                 "data plane: dropped frame %d of stream %s from %s: expected %d (%d such drops)",
