@@ -51,9 +51,10 @@ def test_connectors_bench_reports_every_field_and_exact_counts(tmp_path: Path) -
     assert res.returncode == 0, res.stderr[-3000:]
     doc = json.loads(res.stdout)
     assert doc == json.loads(out.read_text())
-    assert {"machine", "config", "plain", "two_pc", "plain_insert", "latency", "goals"} <= set(doc)
+    variants = ("plain", "two_pc", "plain_insert", "no_rows")
+    assert {"machine", "config", "latency", "goals", *variants} <= set(doc)
     assert doc["config"]["checkpoint_interval_s"] == 0.3
-    for variant in ("plain", "two_pc", "plain_insert"):
+    for variant in variants:
         (run,) = doc[variant]["runs"]
         assert run["rps"] > 0
         assert (run["rows"], run["lost"], run["duplicated"]) == (n, 0, 0), (variant, run)
@@ -64,5 +65,5 @@ def test_connectors_bench_reports_every_field_and_exact_counts(tmp_path: Path) -
     assert {"p50", "p99", "max"} == set(lat["latency_ms"])
     assert lat["latency_ms"]["p50"] <= lat["latency_ms"]["p99"] <= lat["latency_ms"]["max"]
     assert doc["exact"] is True
-    assert {"ratio_vs_plain", "two_pc_cost"} <= set(doc)
+    assert {"ratio_vs_plain", "two_pc_cost", "two_pc_vs_no_rows"} <= set(doc)
     assert set(doc["goals"]) == {"records_per_s_ge_100k", "p99_le_1.5x_checkpoint_interval"}
