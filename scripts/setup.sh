@@ -3,7 +3,8 @@
 # With --full it also installs what the deep-learning job tests use: PyTorch (CPU),
 # the Kubernetes client and schema validator, and (as root, with apt) podman; and the
 # servers the connector tests start for real: redis-server, nats-server, postgresql;
-# and ip and nft, which the multi-host tests use for network namespaces.
+# ip and nft, which the multi-host tests use for network namespaces; and debootstrap,
+# which makes a base for the container image test when no registry answers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -15,6 +16,7 @@ if [ "${1:-}" = "--full" ]; then
   command -v nats-server >/dev/null 2>&1 || missing="$missing nats-server"
   command -v ip >/dev/null 2>&1 || missing="$missing iproute2"  # multi-host tests:
   command -v nft >/dev/null 2>&1 || missing="$missing nftables"  # network namespaces
+  command -v debootstrap >/dev/null 2>&1 || missing="$missing debootstrap"  # an image base
   if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
     missing="$missing postgresql"
   fi

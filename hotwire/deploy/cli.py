@@ -59,3 +59,30 @@ def k8s(
     else:
         Path(output).write_text(text)
         click.echo(f"wrote {output}", err=True)
+
+
+@click.command()
+@click.argument("address", default="127.0.0.1:7600", envvar="HOTWIRE_HEALTH")
+@click.option("--timeout", default=3.0, show_default=True, type=click.FloatRange(min=0.1))
+def health(address: str, timeout: float) -> None:
+    """Check the gRPC health service at ADDRESS ($HOTWIRE_HEALTH; a master's port or a
+    worker's --health-port): exit 0 when it is serving, else 1 with the reason (a
+    container's health check)."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from hotwire.cli import Failure, _run
+    from hotwire.security.tls import ClientCredentials, client_credentials, dial
+
+    obj = click.get_current_context().find_root().obj or {}
+    creds = client_credentials(address, obj.get("ca"), obj.get("cert"), obj.get("key"), None)
+
+    def check() -> None:
+        with dial(address, ClientCredentials(creds.tls), []) as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            r = stub.Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+        if r.status != health_pb2.HealthCheckResponse.SERVING:
+            name = health_pb2.HealthCheckResponse.ServingStatus.Name(r.status)
+            raise Failure(f"{address} is {name}")
+        click.echo(f"{address} is SERVING")
+
+    _run(check)
