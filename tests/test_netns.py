@@ -133,9 +133,9 @@ def _source_worker(c: NetnsCluster) -> str:
     raise AssertionError("no source instance")
 
 
-def test_a_worker_cut_off_the_master_but_not_its_peers_is_replaced_and_fenced(
-    tmp_path: Path,
-) -> None:
+@pytest.mark.parametrize("cut_from", ["master", "everyone"])
+def test_a_worker_cut_off_is_replaced_and_fenced(tmp_path: Path, cut_from: str) -> None:
+    """Cut off the master only (its peers still reach it), or off every host."""
     n, rate = 12_000, 1500.0
     with NetnsCluster(
         workers=2, data_dir=tmp_path / "c", heartbeat_timeout=1.0, checkpoint_interval=0.5
@@ -144,7 +144,8 @@ def test_a_worker_cut_off_the_master_but_not_its_peers_is_replaced_and_fenced(
         poll_for(lambda: _status(c).last_checkpoint >= 1, 30, what="a checkpoint")
         victim = _source_worker(c)
         survivor = "w2" if victim == "w1" else "w1"
-        c.partition_worker(victim)  # from the master only; w1 and w2 still reach each other
+        peers = ["master"] if cut_from == "master" else ["master", survivor, "client"]
+        c.partition_worker(victim, peers)
         poll_for(lambda: _status(c).recoveries >= 1, 30, what="a recovery")
         placed = {i.worker for p in _status(c).pes for i in p.instances}
         assert placed == {survivor}, placed
