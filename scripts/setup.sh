@@ -3,8 +3,9 @@
 # With --full it also installs what the deep-learning job tests use: PyTorch (CPU),
 # the Kubernetes client and schema validator, and (as root, with apt) podman; and the
 # servers the connector tests start for real: redis-server, nats-server, postgresql;
-# ip and nft, which the multi-host tests use for network namespaces; and debootstrap,
-# which makes a base for the container image test when no registry answers.
+# ip and nft, which the multi-host tests use for network namespaces; debootstrap,
+# which makes a base for the container image test when no registry answers; and
+# prometheus, which the metrics test starts itself (its service is left disabled).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -17,6 +18,7 @@ if [ "${1:-}" = "--full" ]; then
   command -v ip >/dev/null 2>&1 || missing="$missing iproute2"  # multi-host tests:
   command -v nft >/dev/null 2>&1 || missing="$missing nftables"  # network namespaces
   command -v debootstrap >/dev/null 2>&1 || missing="$missing debootstrap"  # an image base
+  command -v prometheus >/dev/null 2>&1 || missing="$missing prometheus"  # the metrics test
   if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
     missing="$missing postgresql"
   fi
@@ -24,6 +26,11 @@ if [ "${1:-}" = "--full" ]; then
     echo "installing$missing (apt)"
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null) \
       || echo "could not install$missing; the connector tests need them"
+    case "$missing" in *prometheus*)  # the test runs its own; no server left listening
+      if command -v systemctl >/dev/null 2>&1; then
+        systemctl disable --now prometheus >/dev/null 2>&1 || true
+      fi ;;
+    esac
   fi
   if ! command -v podman >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
     echo "installing podman, runc and busybox-static (apt)"
