@@ -12,6 +12,11 @@ When bytewax is importable, the same functions also run as a Bytewax dataflow in
 process (``bytewax.testing.run_main``, one worker, input batches of 1024; see
 ``peer_bytewax.py``), in the same alternation.
 
+With ``--metrics``, another cluster of the same shape runs with Prometheus metrics on
+(``LocalCluster(metrics=True)``) while a thread of this process scrapes its master and
+workers every second, as Prometheus would, in the same alternation; ``metrics_cost``
+is 1 - (metrics median / plaintext median), and ``scrape_ms`` gives the scrapes' times.
+
 With ``--tls`` (the default), a second cluster of the same shape runs with mTLS under
 a cluster CA (``LocalCluster(secure=True)``: the data plane between workers and every
 gRPC channel encrypted) in the same alternation, and ``tls_cost`` is
@@ -31,7 +36,9 @@ import platform
 import statistics
 import sys
 import tempfile
+import threading
 import time
+import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -164,6 +171,34 @@ def hotwire_run(cluster: LocalCluster, body: str, n: int, tmp: Path, tag: str) -
     return n / (t_end - t_start)
 
 
+class Scraper:
+    """Scrape every metrics endpoint of a cluster each ``interval`` seconds on a thread
+    (as a Prometheus server would) and keep how long each scrape took."""
+
+    def __init__(self, cluster: LocalCluster, interval: float = 1.0):
+        self.urls = [f"http://{a}/metrics" for a in cluster.metrics_addresses.values()]
+        self.interval = interval
+        self.ms: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            for url in self.urls:
+                t0 = time.perf_counter()
+                with urllib.request.urlopen(url, timeout=10) as r:
+                    r.read()
+                self.ms.append((time.perf_counter() - t0) * 1000)
+
+    def __enter__(self) -> Scraper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(15)
+
+
 def _med(xs: list[float]) -> float:
     return round(statistics.median(xs), 1)
 
@@ -177,6 +212,10 @@ def main() -> None:
         "--tls", action=argparse.BooleanOptionalAction, default=True,
         help="also measure a cluster with mTLS (default: on)",
     )
+    ap.add_argument(
+        "--metrics", action=argparse.BooleanOptionalAction, default=False,
+        help="also measure a cluster with Prometheus metrics on, scraped every second",
+    )
     args = ap.parse_args()
     n = args.records
     result: dict[str, object] = {
@@ -185,7 +224,7 @@ def main() -> None:
             "python": platform.python_version(),
             "platform": platform.platform(),
         },
-        "config": {"records": n, "runs": args.runs, "tls": args.tls},
+        "config": {"records": n, "runs": args.runs, "tls": args.tls, "metrics": args.metrics},
     }
     bw_version = peer_bytewax.version()
     result["bytewax"] = (
@@ -207,7 +246,7 @@ def main() -> None:
             ("pipeline", PIPELINE, plain_pipeline, bytewax_pipeline, 1),
             ("keyed_count", KEYED, plain_keyed, bytewax_keyed, 2),
         ):
-            hw, base, bw, tls = [], [], [], []
+            hw, base, bw, tls, met = [], [], [], [], []
             with contextlib.ExitStack() as stack:
                 c = stack.enter_context(
                     LocalCluster(workers=workers, data_dir=tmp / name, log_level="warning")
@@ -222,11 +261,24 @@ def main() -> None:
                             secure=True,
                         )
                     )
+                cm, scraper = None, None
+                if args.metrics:
+                    cm = stack.enter_context(
+                        LocalCluster(
+                            workers=workers,
+                            data_dir=tmp / f"{name}-metrics",
+                            log_level="warning",
+                            metrics=True,
+                        )
+                    )
+                    scraper = stack.enter_context(Scraper(cm))
                 for run in range(args.runs):
                     base.append(plain(n))
                     hw.append(hotwire_run(c, body, n, tmp, f"{name}-{run}"))
                     if ct is not None:
                         tls.append(hotwire_run(ct, body, n, tmp, f"{name}-tls-{run}"))
+                    if cm is not None:
+                        met.append(hotwire_run(cm, body, n, tmp, f"{name}-metrics-{run}"))
                     if bw_version:
                         bw.append(peer(n))
             entry: dict[str, object] = {
@@ -241,6 +293,16 @@ def main() -> None:
                 entry["hotwire_tls_rps"] = [round(x, 1) for x in tls]
                 entry["hotwire_tls_rps_median"] = _med(tls)
                 entry["tls_cost"] = round(1 - statistics.median(tls) / statistics.median(hw), 3)
+            if met and scraper is not None:
+                entry["hotwire_metrics_rps"] = [round(x, 1) for x in met]
+                entry["hotwire_metrics_rps_median"] = _med(met)
+                entry["metrics_cost"] = round(1 - statistics.median(met) / statistics.median(hw), 3)
+                ms = sorted(scraper.ms)
+                entry["scrape_ms"] = {
+                    "count": len(ms),
+                    "median": round(statistics.median(ms), 2) if ms else None,
+                    "max": round(ms[-1], 2) if ms else None,
+                }
             if bw:
                 entry["bytewax_workers"] = 1
                 entry["bytewax_rps"] = [round(x, 1) for x in bw]
