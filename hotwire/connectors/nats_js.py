@@ -147,13 +147,13 @@ class _Reader(DeliveryLogReader):
     async def open(self, position: int) -> list[Any]:
         import nats
         from nats.js import api
-        from nats.js.errors import NotFoundError
+        from nats.js.errors import KeyNotFoundError, NotFoundError
 
-        nc = self._nc = await nats.connect(self.conf.url)
+        nc = self._nc = await nats.connect(self.conf.url, allow_reconnect=False, error_cb=_quiet)
         self.js = nc.jetstream()
         try:
             self.kv = await self.js.key_value(_BUCKET)
-        except Exception:
+        except NotFoundError:
             self.kv = await self.js.create_key_value(bucket=_BUCKET, history=1)
         try:
             await self.js.consumer_info(self.conf.stream, self.durable)
@@ -170,14 +170,22 @@ class _Reader(DeliveryLogReader):
         self.sub = await self.js.pull_subscribe_bind(self.durable, self.conf.stream)
         try:
             saved = json.loads((await self.kv.get(self.key)).value or b"{}")
-        except Exception:  # no entry yet
+        except KeyNotFoundError:  # no entry yet (any other error: the log is not known)
             saved = {}
         self.base, self.seqs = int(saved.get("base", 0)), list(saved.get("seqs", []))
         self.logged = set(self.seqs)
+        # Deliveries to an earlier connection cannot be acked on this one: the server
+        # delivers them again (after ack_wait), and those are kept or acked then.
+        self.msgs = {}
+        self.covered |= set(saved.get("covered", []))
         return self.seqs[max(0, position - self.base) :]
 
     async def _save(self) -> None:
-        await self.kv.put(self.key, json.dumps({"base": self.base, "seqs": self.seqs}).encode())
+        doc = {"base": self.base, "seqs": self.seqs, "covered": sorted(self.covered)}
+        await self.kv.put(self.key, json.dumps(doc).encode())
+
+    def transient(self, exc: BaseException) -> bool:
+        return _transient(exc)
 
     async def read(self) -> list[Any]:
         from nats.errors import TimeoutError as NatsTimeout
@@ -207,11 +215,13 @@ class _Reader(DeliveryLogReader):
         return [_record(m.metadata.sequence.stream, m.subject, m.data, m.headers) for m in new]
 
     async def fetch(self, ids: list[Any]) -> list[Any]:
+        from nats.js.errors import NotFoundError
+
         out = []
         for seq in ids:
             try:
                 raw = await self.js.get_msg(self.conf.stream, seq)
-            except Exception:
+            except NotFoundError:
                 log.warning(
                     "app %r PE %r: message %d of stream %r is gone; skipped",
                     self.ctx.app,
@@ -231,17 +241,42 @@ class _Reader(DeliveryLogReader):
         self.base += len(done)
         for seq in done:
             self.logged.discard(seq)
+            self.covered.add(seq)  # acked by position: acked below, or when delivered again
+        await self._save()  # before the acks: a lost connection midway loses nothing
+        for seq in done:
             m = self.msgs.pop(seq, None)
             if m is not None:
                 await m.ack()
-            else:
-                self.covered.add(seq)  # delivered to an earlier generation: ack its redelivery
-        await self._save()
+                self.covered.discard(seq)
 
     async def close(self) -> None:
         nc, self._nc = self._nc, None
         if nc is not None:
             await nc.close()
+
+
+async def _quiet(e: Exception) -> None:
+    """The NATS client's error callback: its default logs every failed reconnection
+    with a traceback; the connectors log an outage once (hotwire.connectors.outage)."""
+    log.debug("nats client: %s: %s", type(e).__name__, e)
+
+
+def _transient(exc: BaseException) -> bool:
+    """Whether ``exc`` means the NATS server is away or JetStream not ready (yet)."""
+    from nats import errors
+
+    return isinstance(
+        exc,
+        TimeoutError
+        | OSError
+        | errors.ConnectionClosedError
+        | errors.ConnectionReconnectingError
+        | errors.NoRespondersError
+        | errors.NoServersError
+        | errors.StaleConnectionError
+        | errors.OutboundBufferLimitError
+        | errors.UnexpectedEOF,
+    )
 
 
 def _record(seq: int, subject: str | None, data: bytes | None, headers: Any) -> dict[str, Any]:
@@ -297,7 +332,7 @@ class JetStreamSink(TransactionalSink):
             raise ValueError(msg)
         self.subject = self.options["subject"]
         self._loop = _Loop()
-        self.nc = self._loop.run(nats.connect(self.options["url"]))
+        self.nc = self._loop.run(nats.connect(self.options["url"], error_cb=_quiet))
         self.js = self.nc.jetstream()
         self._txn = ""
         self._recs: list[bytes] = []
@@ -321,26 +356,14 @@ class JetStreamSink(TransactionalSink):
     def is_transient(self, exc: BaseException) -> bool:
         """The server is away or JetStream not ready (yet): the commit is retried, and
         the messages' ids make a retry add nothing that was published already."""
-        from nats import errors
-
-        return isinstance(
-            exc,
-            TimeoutError
-            | OSError
-            | errors.ConnectionClosedError
-            | errors.ConnectionReconnectingError
-            | errors.NoRespondersError
-            | errors.NoServersError
-            | errors.StaleConnectionError
-            | errors.OutboundBufferLimitError,
-        )
+        return _transient(exc)
 
     def commit(self, handle: Any) -> None:
         txn, recs = handle
         if self.nc.is_closed:  # the client gave up reconnecting: a new connection
             import nats
 
-            self.nc = self._loop.run(nats.connect(self.options["url"]))
+            self.nc = self._loop.run(nats.connect(self.options["url"], error_cb=_quiet))
             self.js = self.nc.jetstream()
         self._loop.run(self._publish(str(txn), list(recs)), timeout=120)
 

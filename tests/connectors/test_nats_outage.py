@@ -1,0 +1,149 @@
+"""A nats-server killed and restarted mid-run (same port, same JetStream store): the
+JetStream source and sink wait for it (status says so), reconnect, and every
+message is counted and published exactly once, with nothing left unacknowledged."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_nats import _app, _Js
+
+from hotwire.testing.cluster import LocalCluster, poll_for
+from hotwire.testing.servers import ServerMissing, find_binary, free_port
+
+N = 4000
+
+
+class _Nats:
+    def __init__(self, tmp: Path) -> None:
+        self.port = free_port()
+        self.store = tmp / "jetstream"
+        self.store.mkdir()
+        self.log = tmp / "nats.log"
+        self.url = f"nats://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        import socket
+        import time
+
+        binary = find_binary("nats-server")
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [binary, "-js", "-sd", str(self.store), "-a", "127.0.0.1", "-p", str(self.port)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.log.read_text()[-2000:]
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise TimeoutError("nats-server did not start")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        p, self.proc = self.proc, None
+        if p is not None and p.poll() is None:
+            p.send_signal(sig)
+            p.wait(15)
+
+
+@pytest.fixture
+def nats(tmp_path: Path) -> Iterator[_Nats]:
+    try:
+        find_binary("nats-server")
+    except ServerMissing as e:
+        import os
+
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"CI=true: {e}")
+        pytest.skip(str(e))
+    server = _Nats(tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_nats_killed_and_restarted_mid_run_loses_and_duplicates_nothing(
+    tmp_path: Path, nats: _Nats
+) -> None:
+    js = _Js(nats.url)
+    try:
+        with LocalCluster(data_dir=tmp_path / "cluster", checkpoint_interval=0.3) as c:
+            c.client.submit(_app(tmp_path, "v1", nats.url))
+            _produce_range(js, range(0, N // 2))
+            poll_for(lambda: js.count("OUT") > N // 8, 30, what="output")
+            nats.stop(signal.SIGKILL)
+            poll_for(
+                lambda: any(
+                    "unreachable" in i.waiting
+                    for p in c.client.status("js").apps[0].pes
+                    for i in p.instances
+                ),
+                30,
+                what="status to show a PE waiting for nats",
+            )
+            waiting = {
+                p.name: i.waiting
+                for p in c.client.status("js").apps[0].pes
+                for i in p.instances
+                if i.waiting
+            }
+            nats.start()
+            _produce_range(js, range(N // 2, N))
+            _wait(c, js, lambda: js.count("OUT") >= N, 90, "every message counted")
+            _wait(c, js, lambda: js.ack_pending("js") == 0, 30, "no unacked messages")
+            poll_for(
+                lambda: all(
+                    not i.waiting for p in c.client.status("js").apps[0].pes for i in p.instances
+                ),
+                30,
+                what="no PE waiting",
+            )
+            rows = js.output()
+    finally:
+        js.close()
+    assert "src" in waiting, waiting
+    assert waiting["src"] == f"{nats.url} unreachable", waiting
+    _check(rows)
+
+
+def _wait(c: LocalCluster, js: _Js, cond: Any, timeout: float, what: str) -> None:
+    """poll_for, printing the app's status and the cluster's logs when it times out."""
+    try:
+        poll_for(cond, timeout, what=what)
+    except TimeoutError:
+        print(c.streamctl("status", "js").stdout, js.count("OUT"), js.ack_pending("js"))
+        print(c.logs()[-8000:])
+        raise
+
+
+def _produce_range(js: _Js, seqs: range) -> None:
+    async def batch(start: int, end: int) -> None:
+        for s in range(start, end):
+            await js.js.publish(f"in.{s % 4}", str(s).encode())
+
+    for start in range(seqs.start, seqs.stop, 100):
+        js.loop.run(batch(start, min(seqs.stop, start + 100)), timeout=60)
+
+
+def _check(rows: list[dict[str, Any]]) -> None:
+    seqs = Counter(r["seq"] for r in rows)
+    assert set(seqs) == set(range(N)), sorted(set(range(N)) - set(seqs))[:10]
+    assert max(seqs.values()) == 1, [s for s, k in seqs.items() if k > 1][:10]
+    per_key: dict[int, list[int]] = defaultdict(list)
+    for r in rows:
+        per_key[r["key"]].append(r["n"])
+    for key, ns in per_key.items():
+        assert sorted(ns) == list(range(1, len(ns) + 1)), key
