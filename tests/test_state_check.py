@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from hotwire.master.cut import state_samples, states_for_restart
+from hotwire.codec import packb
+from hotwire.master.cut import checkpoint_samples, decode_thinned, state_samples, states_for_restart
 from hotwire.pe.state import unwrap, wrap
 from hotwire.plan import key_partition
 from hotwire.testing import count_lines, read_jsonl
@@ -185,6 +186,62 @@ def test_versioned_keyed_state_splits_inside_its_envelope() -> None:
         (s,) = states
         state, version = unwrap(s)
         assert version == 2 and len(state) == 10
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_checkpoint_samples_decode_only_what_the_check_tries(version: int) -> None:
+    pairs = [[f"k{i}", i] for i in range(5000)]
+    cut = {
+        "count@3.0": wrap(pairs[:2500], version),
+        "count@3.1": wrap(pairs[2500:], version),
+        "src@1.0": {"position": 7, "instance": 0, "of": 1},
+        "sink@1.0": None,
+    }
+    blob = packb({iid: packb(s) for iid, s in cut.items()})
+    # The same parallelism: exactly the sample drawn from the whole decoded cut.
+    takers = {"count": (frozenset({"count"}), 2, True)}
+    assert checkpoint_samples(blob, takers, limit=100) == state_samples(cut, takers, limit=100)
+    # Another parallelism: each part holds real keys it owns, at most `limit`, in
+    # the writer's version envelope.
+    for n in (1, 3, 5):
+        samples = checkpoint_samples(blob, {"count": (frozenset({"count"}), n, True)}, limit=100)
+        assert set(samples) == {("count", i) for i in range(n)}
+        for (_pe, i), states in samples.items():
+            keys = 0
+            for s in states:
+                state, v = unwrap(s)
+                assert v == version
+                assert all(key_partition(k, n) == i and [k, c] in pairs for k, c in state)
+                keys += len(state)
+            assert 80 <= keys <= 100, (n, i, keys)
+    # An unkeyed taker gets every state whole.
+    whole = checkpoint_samples(blob, {"count": (frozenset({"count"}), 2, False)}, limit=100)
+    assert whole == state_samples(cut, {"count": (frozenset({"count"}), 2, False)}, limit=100)
+
+
+@pytest.mark.parametrize(
+    ("state", "thinned"),
+    [
+        ([[f"k{i}", {"n": i}] for i in range(300)], True),
+        ({"__hotwire_state_version__": 3, "state": [[[1, "a"], i] for i in range(300)]}, True),
+        ({"state": [[1, 2]] * 300, "other": 1}, False),  # not a version envelope
+        (list(range(300)), False),  # not pairs
+        ([[1, 2]] * 50 + [[1, 2, 3]] * 250, False),  # a kept element is not a pair
+        ([[1, 2]] * 20, False),  # short: whole
+        ({"a": 1}, False),
+        (None, False),
+        ([], False),
+    ],
+)
+def test_decode_thinned_reads_evenly_spread_pairs_or_the_whole_state(
+    state: object, thinned: bool
+) -> None:
+    got = decode_thinned(packb(state), 30)
+    if thinned:
+        bare, version = unwrap(state)
+        assert unwrap(got) == ([bare[j * 10] for j in range(30)], version)
+    else:
+        assert got == state
 
 
 @pytest.mark.parametrize("version", [1, 2])

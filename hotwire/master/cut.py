@@ -26,8 +26,10 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
-from hotwire.codec import hashable_key
-from hotwire.pe.state import unwrap, wrap
+import msgpack
+
+from hotwire.codec import hashable_key, unpackb
+from hotwire.pe.state import STATE_VERSION, unwrap, wrap
 from hotwire.plan import instance_id, key_partition, parse_instance_id
 
 
@@ -110,6 +112,108 @@ def state_samples(
                 sub[instance_id(pe, gen, index)] = state
         for where, states in states_for_restart(sub, {pe: n}, {pe: keyed}).items():
             out[where] = [_sample(s, limit) if keyed else s for s in states]
+    return out
+
+
+def checkpoint_samples(
+    blob: bytes,
+    takers: dict[str, tuple[frozenset[str], int, bool]],
+    limit: int = SAMPLE_KEYS,
+) -> dict[tuple[str, int], list[Any]]:
+    """:func:`state_samples` of a stored checkpoint (``blob``: ``{instance id: msgpack
+    of its state}``), without decoding all of it.
+
+    Only the states of the takers' predecessors are decoded, and a keyed
+    predecessor's ``[key, value]`` pairs are read thinned (:func:`decode_thinned`),
+    spread evenly over the instance: at the same parallelism instance ``i``'s part
+    is instance ``i``'s state, so ``limit`` pairs are read; at another, ``2 * limit
+    * new / old`` pairs per old instance, so each new instance's part still gets
+    about ``2 * limit`` keys before :func:`state_samples` thins it to ``limit``.
+    The pairs in between are skipped undecoded and never hashed.
+    """
+    raw: dict[str, bytes] = unpackb(blob)
+    olds: dict[str, int] = defaultdict(int)
+    for iid in raw:
+        olds[parse_instance_id(iid)[0]] += 1
+    cut: dict[str, Any] = {}
+    for iid, data in raw.items():
+        pe = parse_instance_id(iid)[0]
+        uses = [
+            (n, keyed, sum(olds[p] for p in preds))
+            for preds, n, keyed in takers.values()
+            if pe in preds
+        ]
+        if not uses:
+            continue
+        if all(keyed for _n, keyed, _old in uses):
+            keep = max(limit if n == old else -(-2 * limit * n // old) for n, _k, old in uses)
+            cut[iid] = decode_thinned(data, keep)
+        else:
+            cut[iid] = unpackb(data)
+    return state_samples(cut, takers, limit)
+
+
+def _is_array(b: int) -> bool:
+    return 0x90 <= b <= 0x9F or b in (0xDC, 0xDD)
+
+
+def _is_map(b: int) -> bool:
+    return 0x80 <= b <= 0x8F or b in (0xDE, 0xDF)
+
+
+def decode_thinned(data: bytes, keep: int) -> Any:
+    """``unpackb(data)``, except that a keyed state (a list of ``[key, value]`` pairs,
+    bare or in its version envelope) longer than ``keep`` comes back as ``keep``
+    pairs spread evenly over it: the others are skipped without being decoded.
+    Anything else (or a list whose kept elements are not pairs) is decoded whole."""
+    if not data or keep <= 0:
+        return unpackb(data)
+    try:
+        unp = msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=len(data))
+        unp.feed(data)
+        if _is_array(data[0]):
+            out: Any = _thinned_pairs(unp, keep)
+        elif _is_map(data[0]) and unp.read_map_header() == 2:
+            out = {}
+            for _ in range(2):
+                k = unp.unpack()
+                at = unp.tell()
+                if k == "state" and at < len(data) and _is_array(data[at]):
+                    out[k] = _thinned_pairs(unp, keep)
+                else:
+                    out[k] = unp.unpack()
+            if STATE_VERSION not in out or out["state"] is None:
+                return unpackb(data)
+        else:
+            return unpackb(data)
+        if unp.tell() != len(data):
+            return unpackb(data)
+    except _NotPairs:
+        return unpackb(data)
+    return out
+
+
+class _NotPairs(Exception):
+    pass
+
+
+def _thinned_pairs(unp: msgpack.Unpacker, keep: int) -> list[Any]:
+    count = unp.read_array_header()
+    if count <= keep:
+        out = [unp.unpack() for _ in range(count)]
+    else:
+        step = count / keep
+        out = []
+        nxt, j = 0, 0
+        for idx in range(count):
+            if idx == nxt:
+                out.append(unp.unpack())
+                j += 1
+                nxt = int(j * step) if j < keep else count
+            else:
+                unp.skip()
+    if not all(isinstance(p, list) and len(p) == 2 for p in out):
+        raise _NotPairs
     return out
 
 

@@ -35,7 +35,7 @@ from hotwire.codec import unpackb
 from hotwire.logs import log_context
 from hotwire.master import canary as cn
 from hotwire.master import transition as tr
-from hotwire.master.cut import sampled_keys, state_samples, states_for_restart
+from hotwire.master.cut import checkpoint_samples, sampled_keys, states_for_restart
 from hotwire.master.diff import ChangeSet, diff, renamed_states
 from hotwire.master.locks import AppLocks
 from hotwire.master.membership import Membership
@@ -338,7 +338,7 @@ class TransitionEngine:
         ck = self._store().checkpoint(app)
         if ck is None:
             return plan, "no checkpoint yet: the state was not checked"
-        samples = state_samples(self._checkpoint_states(app), takers)
+        samples = checkpoint_samples(ck[2], takers)
 
         def with_check(i: Any) -> Any:
             if isinstance(i, StartInstance) and i.pe in takers and (i.pe, i.index) in samples:
