@@ -392,6 +392,9 @@ class TransitionClock:
         now = time.perf_counter()
         if phase != self.phase:
             self.metrics.phase_seconds.labels(self.app, self.phase).observe(now - self.since)
+            log.debug(
+                "app %r: %s phase took %.1f ms", self.app, self.phase, (now - self.since) * 1000
+            )
             self.phase, self.since = phase, now
 
     def saw(self, action: Any) -> None:

@@ -686,6 +686,11 @@ class TransitionEngine:
         )
         if started is not None:
             job.started = started
+            log.debug(
+                "app %r: planned (diff, placement, plan, state sample) in %.1f ms",
+                plan.app,
+                (time.perf_counter() - started) * 1000,
+            )
         self.on_begin(plan.app)  # no checkpoint may cut across it
         await self._run(tr.Transition(plan.app, job.workers, fallback), job)
         return job
