@@ -3,7 +3,7 @@
 Nothing here runs on the record path. A worker's instances and data plane keep
 plain counters (records, errors, seconds in the PE's code, a batch-time bucket
 array, seconds blocked on credits, bytes and frames per peer), which the
-heartbeats already carry in part; a :class:`WorkerCollector` reads them when
+heartbeats already carry in part; :func:`worker_exposition` reads them when
 Prometheus scrapes. The master's transitions and checkpoints are rare events:
 :class:`MasterMetrics` observes them into ``prometheus_client`` histograms and
 counters as they happen, and reads the workers' liveness at scrape time.
@@ -24,19 +24,26 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import socket
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+)
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
-    HistogramMetricFamily,
     Metric,
 )
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
@@ -51,9 +58,9 @@ __all__ = [
     "MasterMetrics",
     "MetricsServer",
     "OnLoop",
-    "WorkerCollector",
     "parse_address",
-    "serve",
+    "text_app",
+    "worker_exposition",
 ]
 
 
@@ -66,16 +73,30 @@ def parse_address(addr: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-class MetricsServer:
-    """Prometheus' HTTP exposition of ``registry`` on ``addr``, on a thread of its own."""
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """No line per request on stderr."""
 
-    def __init__(self, addr: str, registry: CollectorRegistry):
+
+class MetricsServer:
+    """Serve the WSGI ``app`` (the metrics exposition) on ``addr``, on a thread of its own."""
+
+    def __init__(self, addr: str, app: Callable[..., Any]):
         host, port = parse_address(addr)
         try:
-            self._server, self._thread = start_http_server(port, host, registry)
+            family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+
+            class Server(ThreadingWSGIServer):
+                address_family = family
+
+            self._server = make_server(host, port, app, Server, _QuietHandler)
         except OSError as e:
             msg = f"--metrics {addr}: cannot listen: {e.strerror or e}"
             raise OSError(msg) from e
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="hotwire-metrics", daemon=True
+        )
+        self._thread.start()
         self.address = f"{host}:{self._server.server_port}"
 
     def close(self) -> None:
@@ -84,12 +105,20 @@ class MetricsServer:
         self._thread.join(5)
 
 
-def serve(addr: str, *collectors: Collector) -> MetricsServer:
-    """Serve ``collectors`` (each registered in a registry of the node's own) on ``addr``."""
-    registry = CollectorRegistry(auto_describe=False)
-    for c in collectors:
-        registry.register(c)
-    return MetricsServer(addr, registry)
+def text_app(render: Callable[[], str]) -> Callable[..., Any]:
+    """A WSGI app answering ``/metrics`` with ``render()`` (Prometheus text format 0.0.4)."""
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        if environ.get("PATH_INFO", "/") not in ("/", "/metrics"):
+            start_response("404 Not Found", [("Content-Type", "text/plain")])
+            return [b"not found: the metrics are on /metrics\n"]
+        body = render().encode()
+        start_response(
+            "200 OK", [("Content-Type", CONTENT_TYPE_LATEST), ("Content-Length", str(len(body)))]
+        )
+        return [body]
+
+    return app
 
 
 class OnLoop:
@@ -221,153 +250,140 @@ def worker_snapshot(w: Any, empty: bool = False) -> _WorkerSnapshot:
     return snap
 
 
-class WorkerCollector(Collector):
-    """The metrics of one worker, read from its counters at scrape time."""
+def _esc(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
-    def __init__(self, snapshot: Callable[[], _WorkerSnapshot]):
-        self.snapshot = snapshot
 
-    def collect(self) -> Iterable[Metric]:
-        s = self.snapshot()
-        w = s.worker
-        labels = ["app", "pe", "instance", "worker"]
+def _num(v: float) -> str:
+    if isinstance(v, bool):
+        return "1" if v else "0"
+    return str(v) if isinstance(v, int) else repr(float(v))
 
-        def family(
-            kind: type[Any], name: str, doc: str, value: Callable[[_InstanceStats], float]
-        ) -> Any:
-            m = kind(name, doc, labels=labels)
-            for i in s.instances:
-                m.add_metric([i.app, _pe(i.instance), i.instance, w], value(i))
-            return m
 
-        yield family(
-            CounterMetricFamily,
-            "hotwire_records_in",
-            "Records an instance took in (a source: none).",
-            lambda i: i.records_in,
-        )
-        yield family(
-            CounterMetricFamily,
-            "hotwire_records_out",
-            "Records an instance emitted.",
-            lambda i: i.records_out,
-        )
-        yield family(
-            CounterMetricFamily,
-            "hotwire_errors",
-            "Records whose processing raised in user code.",
-            lambda i: i.errors,
-        )
-        yield family(
-            CounterMetricFamily,
-            "hotwire_dead_letters",
-            "Records written to the dead-letter file.",
-            lambda i: i.dead_letters,
-        )
-        yield family(
-            GaugeMetricFamily,
-            "hotwire_instance_failed",
-            "1 when the instance stopped on an error (on_error='fail').",
-            lambda i: float(i.failed),
-        )
-        yield family(
-            GaugeMetricFamily,
-            "hotwire_inbox_records",
-            "Records queued in the instance's inbox, not yet processed.",
-            lambda i: i.queued,
-        )
-        yield family(
-            CounterMetricFamily,
-            "hotwire_credit_blocked_seconds",
-            "Seconds the instance waited for credit to send downstream (backpressure).",
-            lambda i: i.blocked_s,
-        )
-        hist = HistogramMetricFamily(
-            "hotwire_batch_process_seconds",
-            "Time the PE's code took per input batch.",
-            labels=labels,
-        )
-        for i in s.instances:
-            if not sum(i.batches):
-                continue  # a source: it takes no batch in
-            cum, buckets = 0, []
-            for bound, n in zip((*BATCH_BUCKETS, float("inf")), i.batches, strict=True):
-                cum += n
-                buckets.append(("+Inf" if bound == float("inf") else repr(bound), cum))
-            hist.add_metric([i.app, _pe(i.instance), i.instance, w], buckets, i.process_s)
-        yield hist
+# Families of a worker's instances: name, type, help, _InstanceStats attribute.
+_INSTANCE_FAMILIES = (
+    ("hotwire_records_in_total", "counter", "Records an instance took in.", "records_in"),
+    ("hotwire_records_out_total", "counter", "Records an instance emitted.", "records_out"),
+    ("hotwire_errors_total", "counter", "Records whose processing raised in user code.", "errors"),
+    (
+        "hotwire_dead_letters_total",
+        "counter",
+        "Records written to the dead-letter file.",
+        "dead_letters",
+    ),
+    ("hotwire_instance_failed", "gauge", "1 when the instance stopped on an error.", "failed"),
+    ("hotwire_inbox_records", "gauge", "Records queued in the instance's inbox.", "queued"),
+    (
+        "hotwire_credit_blocked_seconds_total",
+        "counter",
+        "Seconds the instance waited for credit to send downstream (backpressure).",
+        "blocked_s",
+    ),
+)
+_PEER_FAMILIES = (
+    (
+        "hotwire_dataplane_sent_bytes_total",
+        "counter",
+        "Bytes of frames sent to a peer.",
+        "bytes_out",
+    ),
+    (
+        "hotwire_dataplane_received_bytes_total",
+        "counter",
+        "Bytes of frames from a peer.",
+        "bytes_in",
+    ),
+    (
+        "hotwire_dataplane_sent_frames_total",
+        "counter",
+        "Frames sent to a peer (not resends).",
+        "frames_out",
+    ),
+    (
+        "hotwire_dataplane_received_frames_total",
+        "counter",
+        "Frames received from a peer.",
+        "frames_in",
+    ),
+    ("hotwire_dataplane_link_up", "gauge", "1 while a connection to the peer is up.", "up"),
+)
+_LE = (*(repr(b) for b in BATCH_BUCKETS), "+Inf")
 
-        peer_labels = ["worker", "peer"]
-        for name, doc, attr in (
-            ("hotwire_dataplane_sent_bytes", "Bytes of frames sent to a peer worker.", "bytes_out"),
-            (
-                "hotwire_dataplane_received_bytes",
-                "Bytes of frames received from a peer.",
-                "bytes_in",
-            ),
-            (
-                "hotwire_dataplane_sent_frames",
-                "Frames sent to a peer worker (resends apart).",
-                "frames_out",
-            ),
-            (
-                "hotwire_dataplane_received_frames",
-                "Frames received from a peer worker.",
-                "frames_in",
-            ),
-        ):
-            c = CounterMetricFamily(name, doc, labels=peer_labels)
-            for link in s.links:
-                c.add_metric([w, link.peer], getattr(link, attr))
-            yield c
-        g = GaugeMetricFamily(
-            "hotwire_dataplane_link_up",
-            "1 while a connection to the peer is up.",
-            labels=peer_labels,
-        )
-        for link in s.links:
-            g.add_metric([w, link.peer], float(link.up))
-        yield g
-        c = CounterMetricFamily(
-            "hotwire_dataplane_drops",
-            "Frames or connections the data plane dropped, by reason; peer is empty when "
-            "the connection never said who it was.",
-            labels=["worker", "peer", "reason"],
-        )
-        attributed: dict[str, int] = {}
-        for link in s.links:
-            for reason, n in sorted(link.drops.items()):
-                c.add_metric([w, link.peer, reason], n)
-                attributed[reason] = attributed.get(reason, 0) + n
-        for reason, n in sorted(s.drops.items()):
-            if n - attributed.get(reason, 0) > 0:
-                c.add_metric([w, "", reason], n - attributed.get(reason, 0))
-        yield c
-        c = CounterMetricFamily(
-            "hotwire_dataplane_link_events",
-            "Reconnections, frames resent after one, and duplicates dropped.",
-            labels=["worker", "event"],
-        )
-        for event, n in sorted(s.stats.items()):
-            c.add_metric([w, event], n)
-        yield c
-        c = CounterMetricFamily(
-            "hotwire_state_handovers",
-            "State handovers this worker's retiring instances made, to an instance on the "
-            "same worker (local) or another (remote).",
-            labels=["app", "worker", "where"],
-        )
-        for (app, where), n in sorted(s.handovers.items()):
-            c.add_metric([app, w, where], n)
-        yield c
-        c = CounterMetricFamily(
-            "hotwire_state_handover_bytes",
-            "Bytes of state (msgpack frames) handed to instances on other workers.",
-            labels=["app", "worker"],
-        )
-        for app, n in sorted(s.handover_bytes.items()):
-            c.add_metric([app, w], n)
-        yield c
+
+def worker_exposition(s: _WorkerSnapshot) -> str:
+    """A worker's metrics in Prometheus' text format (0.0.4), written in one pass.
+
+    prometheus_client's generic writer validates and escapes every label of every
+    sample; with 1000 PE instances (22,000 samples) that took about 300 ms a scrape.
+    Here each instance's labels are escaped once, and a scrape of that worker is
+    about ten times cheaper (bench/metrics_scrape.py)."""
+    w = _esc(s.worker)
+    labels = [
+        f'app="{_esc(i.app)}",pe="{_esc(_pe(i.instance))}",instance="{_esc(i.instance)}",'
+        f'worker="{w}"'
+        for i in s.instances
+    ]
+    out: list[str] = []
+    add = out.append
+
+    def head(name: str, kind: str, doc: str) -> None:
+        add(f"# HELP {name} {doc}")
+        add(f"# TYPE {name} {kind}")
+
+    for name, kind, doc, attr in _INSTANCE_FAMILIES:
+        head(name, kind, doc)
+        for i, lab in zip(s.instances, labels, strict=True):
+            add(f"{name}{{{lab}}} {_num(getattr(i, attr))}")
+    name = "hotwire_batch_process_seconds"
+    head(name, "histogram", "Time the PE's code took per input batch.")
+    for i, lab in zip(s.instances, labels, strict=True):
+        if not any(i.batches):
+            continue  # a source: it takes no batch in
+        cum = 0
+        for le, n in zip(_LE, i.batches, strict=True):
+            cum += n
+            add(f'{name}_bucket{{{lab},le="{le}"}} {cum}')
+        add(f"{name}_count{{{lab}}} {cum}")
+        add(f"{name}_sum{{{lab}}} {_num(i.process_s)}")
+    peers = [f'worker="{w}",peer="{_esc(link.peer)}"' for link in s.links]
+    for name, kind, doc, attr in _PEER_FAMILIES:
+        head(name, kind, doc)
+        for link, lab in zip(s.links, peers, strict=True):
+            add(f"{name}{{{lab}}} {_num(getattr(link, attr))}")
+    name = "hotwire_dataplane_drops_total"
+    head(
+        name,
+        "counter",
+        "Frames or connections the data plane dropped, by reason; peer is empty when "
+        "the connection never said who it was.",
+    )
+    attributed: dict[str, int] = {}
+    for link, lab in zip(s.links, peers, strict=True):
+        for reason, n in sorted(link.drops.items()):
+            add(f'{name}{{{lab},reason="{_esc(reason)}"}} {n}')
+            attributed[reason] = attributed.get(reason, 0) + n
+    for reason, n in sorted(s.drops.items()):
+        unattributed = n - attributed.get(reason, 0)
+        if unattributed > 0:
+            add(f'{name}{{worker="{w}",peer="",reason="{_esc(reason)}"}} {unattributed}')
+    name = "hotwire_dataplane_link_events_total"
+    head(name, "counter", "Reconnections, frames resent after one, and duplicates dropped.")
+    for event, n in sorted(s.stats.items()):
+        add(f'{name}{{worker="{w}",event="{_esc(event)}"}} {n}')
+    name = "hotwire_state_handovers_total"
+    head(
+        name,
+        "counter",
+        "State handovers of retiring instances, to the same worker (local) or another (remote).",
+    )
+    for (app, where), n in sorted(s.handovers.items()):
+        add(f'{name}{{app="{_esc(app)}",worker="{w}",where="{where}"}} {n}')
+    name = "hotwire_state_handover_bytes_total"
+    head(name, "counter", "Bytes of state (msgpack frames) handed to instances on other workers.")
+    for app, n in sorted(s.handover_bytes.items()):
+        add(f'{name}{{app="{_esc(app)}",worker="{w}"}} {n}')
+    add("")
+    return "\n".join(out)
 
 
 # ---------------------------------------------------------------------------

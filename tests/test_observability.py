@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from hotwire.testing.cluster import LocalCluster, poll_for, write_app
 from hotwire.testing.servers import ServerMissing, find_binary, free_port
@@ -123,10 +124,22 @@ def test_prometheus_scrapes_rates_and_upgrade_durations_status_reports(tmp_path:
     with LocalCluster(workers=2, data_dir=tmp_path / "c", metrics=True) as c:
         addrs = c.metrics_addresses
         assert set(addrs) == {"master", "w1", "w2"}, addrs
-        # The exposition itself follows the conventions.
-        text = _get(f"http://{addrs['w1']}/metrics").decode()
-        assert "# TYPE hotwire_records_in_total counter" in text
         c.streamctl("submit", _app(tmp_path, 1)).check_returncode()
+
+        # Both expositions parse (prometheus_client's parser) with the types documented.
+
+        def families(addr: str) -> dict[str, Any]:
+            text = _get(f"http://{addr}/metrics").decode()
+            return {f.name: f for f in text_string_to_metric_families(text)}
+
+        w1 = poll_for(
+            lambda: (f := families(addrs["w1"]))["hotwire_records_in"].samples and f,
+            20,
+            what="w1's instances in its metrics",
+        )
+        assert w1["hotwire_records_in"].type == "counter"
+        assert w1["hotwire_batch_process_seconds"].type == "histogram"
+        assert families(addrs["master"])["hotwire_worker_up"].type == "gauge"
         with prometheus(tmp_path, sorted(addrs.values())) as prom:
             poll_for(
                 lambda: scalar(prom, 'count(up{job="hotwire"} == 1)') == 3,

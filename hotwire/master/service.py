@@ -129,6 +129,8 @@ class Master(Node):
         log.info("master listening on %s (data in %s)", self.address, self.data_dir)
 
     async def _serve_metrics(self, addr: str) -> None:
+        from prometheus_client import make_wsgi_app
+
         from hotwire.metrics import MetricsServer, OnLoop, master_families
 
         on_loop = OnLoop(asyncio.get_running_loop())
@@ -138,7 +140,9 @@ class Master(Node):
             return master_families(self, metrics)
 
         metrics.scrape = lambda: on_loop(families, [])
-        self._metrics = await asyncio.to_thread(MetricsServer, addr, metrics.registry)
+        self._metrics = await asyncio.to_thread(
+            MetricsServer, addr, make_wsgi_app(metrics.registry)
+        )
         self.metrics_address = self._metrics.address
         log.info("master: Prometheus metrics at http://%s/metrics", self.metrics_address)
 

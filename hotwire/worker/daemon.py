@@ -162,7 +162,13 @@ class Worker(Node):
         await self.registered.wait()
 
     async def _serve_metrics(self, addr: str) -> None:
-        from hotwire.metrics import OnLoop, WorkerCollector, serve, worker_snapshot
+        from hotwire.metrics import (
+            MetricsServer,
+            OnLoop,
+            text_app,
+            worker_exposition,
+            worker_snapshot,
+        )
 
         assert self._loop is not None
         on_loop = OnLoop(self._loop)
@@ -170,8 +176,10 @@ class Worker(Node):
         def snapshot() -> Any:
             return worker_snapshot(self)
 
-        collector = WorkerCollector(lambda: on_loop(snapshot, worker_snapshot(self, empty=True)))
-        self._metrics = await asyncio.to_thread(serve, addr, collector)
+        def render() -> str:
+            return worker_exposition(on_loop(snapshot, worker_snapshot(self, empty=True)))
+
+        self._metrics = await asyncio.to_thread(MetricsServer, addr, text_app(render))
         self.metrics_address = addr = self._metrics.address
         log.info("worker %s: Prometheus metrics at http://%s/metrics", self.name, addr)
 
