@@ -7,7 +7,6 @@ them: CI must run the connector tests against real servers.
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import time
@@ -16,25 +15,23 @@ from pathlib import Path
 
 import pytest
 
+from hotwire.testing import servers
+
 
 def find_binary(name: str) -> str:
-    """The path of server binary ``name`` (PATH, then /usr/sbin and /usr/local/sbin)."""
-    path = shutil.which(name) or next(
-        (p for d in ("/usr/sbin", "/usr/local/sbin") if os.access(p := f"{d}/{name}", os.X_OK)),
-        None,
-    )
-    if path is None:
-        why = f"{name} is not installed (scripts/setup.sh --full installs it)"
+    """The path of server binary ``name`` (see :func:`hotwire.testing.servers.find_binary`);
+    a missing one skips the test, or fails it under ``CI=true``."""
+    try:
+        return servers.find_binary(name)
+    except servers.ServerMissing as e:
         if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"CI=true: {why}")
-        pytest.skip(why)
-    return path
+            pytest.fail(f"CI=true: {e}")
+        pytest.skip(str(e))
+    raise AssertionError("unreachable")
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return servers.free_port()
 
 
 def _wait_port(port: int, proc: subprocess.Popen[bytes], what: str, timeout: float = 10) -> None:
@@ -60,33 +57,11 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 def run_redis(tmp: Path) -> Iterator[str]:
-    """A redis-server without persistence; yields its URL."""
-    binary = find_binary("redis-server")
-    port = free_port()
-    log = open(tmp / "redis.log", "wb")
-    proc = subprocess.Popen(
-        [
-            binary,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(tmp),
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        _wait_port(port, proc, "redis-server")
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        _stop(proc)
-        log.close()
+    """A redis-server without persistence (:func:`hotwire.testing.servers.redis_server`);
+    yields its URL."""
+    find_binary("redis-server")
+    with servers.redis_server(tmp) as url:
+        yield url
 
 
 def run_nats(tmp: Path) -> Iterator[str]:
