@@ -14,7 +14,8 @@ process (``bytewax.testing.run_main``, one worker, input batches of 1024; see
 
 With ``--metrics``, another cluster of the same shape runs with Prometheus metrics on
 (``LocalCluster(metrics=True)``) while a thread of this process scrapes its master and
-workers every second, as Prometheus would, in the same alternation; ``metrics_cost``
+workers every second, as Prometheus would, in the same alternation (before the
+plaintext cluster in odd runs, after it in even ones); ``metrics_cost``
 is 1 - (metrics median / plaintext median), and ``scrape_ms`` gives the scrapes' times.
 
 With ``--tls`` (the default), a second cluster of the same shape runs with mTLS under
@@ -274,10 +275,12 @@ def main() -> None:
                     scraper = stack.enter_context(Scraper(cm))
                 for run in range(args.runs):
                     base.append(plain(n))
+                    if cm is not None and run % 2:  # every other run: metrics first
+                        met.append(hotwire_run(cm, body, n, tmp, f"{name}-metrics-{run}"))
                     hw.append(hotwire_run(c, body, n, tmp, f"{name}-{run}"))
                     if ct is not None:
                         tls.append(hotwire_run(ct, body, n, tmp, f"{name}-tls-{run}"))
-                    if cm is not None:
+                    if cm is not None and not run % 2:
                         met.append(hotwire_run(cm, body, n, tmp, f"{name}-metrics-{run}"))
                     if bw_version:
                         bw.append(peer(n))
