@@ -289,7 +289,10 @@ class Retire:
     one handover from every predecessor, empty or not. ``rehash``: the instance's
     keys were not split by ``key_partition`` over its own PE's parallelism (it runs
     in a canary), so even with as many successors as instances every key is
-    split anew.
+    split anew. ``same_index``: every key of the instance belongs to
+    ``successors[index]``, so its state goes there whole, without hashing a key
+    (an old-code instance ``i`` of a canary owns keys with ``crc32 % first == i``,
+    which a placement of ``first`` instances without the canary gives to ``i``).
     """
 
     app: str
@@ -299,6 +302,7 @@ class Retire:
     keyed: bool = False
     canary: CanarySplit | None = None
     rehash: bool = False
+    same_index: bool = False
 
 
 @dataclass(frozen=True)

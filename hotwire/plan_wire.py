@@ -114,6 +114,7 @@ def to_pb(ins: Instruction) -> pb.Instruction:
                 keyed=ins.keyed,
                 canary=_split(ins.canary),
                 rehash=ins.rehash,
+                same_index=ins.same_index,
             )
         )
     if isinstance(ins, StopApp):
@@ -182,6 +183,7 @@ def from_pb(msg: pb.Instruction) -> Instruction:
             keyed=r.keyed,
             canary=_from_split(r.canary, r.HasField("canary")),
             rehash=r.rehash,
+            same_index=r.same_index,
         )
     if kind == "stop":
         return StopApp(msg.stop.app, msg.stop.version)

@@ -87,6 +87,12 @@ def test_start_promote_and_abort_plans() -> None:
     ins = [i for b in (*plan.prepare.values(), *plan.switch.values()) for i in b]
     retires = [i for i in ins if isinstance(i, Retire)]
     assert len(retires) == 3 and all(r.rehash and r.canary is None for r in retires)
+    # the old code's instances hand their state over whole; the canary's is split
+    assert sorted((r.instance, r.same_index) for r in retires) == [
+        ("count@2.0", True),
+        ("count@2.1", True),
+        ("count@2.2", False),
+    ]
     assert {i.bundle for i in ins if isinstance(i, StartInstance)} == {"h2"}
     [sw] = [i for i in ins if isinstance(i, Switch)]
     assert sw.routes[0].canary is None
@@ -97,7 +103,24 @@ def test_start_promote_and_abort_plans() -> None:
     plan = plan_upgrade(APP, 3, old, pl, old, abort_pl, regen, "h1")
     ins = [i for b in (*plan.prepare.values(), *plan.switch.values()) for i in b]
     assert {i.bundle for i in ins if isinstance(i, StartInstance)} == {"h1"}
-    assert all(i.rehash for i in ins if isinstance(i, Retire))
+    retires = [i for i in ins if isinstance(i, Retire)]
+    assert all(r.rehash for r in retires)
+    assert [r.same_index for r in sorted(retires, key=lambda r: r.instance)] == [
+        True,
+        True,
+        False,
+    ]
+
+
+@pytest.mark.parametrize("first", [1, 2, 3, 5])
+def test_an_old_code_instance_of_a_canary_owns_only_keys_of_its_index(first: int) -> None:
+    """Retire.same_index: the keys instance i < first owns in a canary's placement
+    are the keys instance i owns at ``first`` instances without the canary."""
+    split = CanarySplit(share=1000, first=first)
+    for k in range(3000):
+        owner = key_partition(f"k{k}", first + 1, split)
+        if owner < first:
+            assert key_partition(f"k{k}", first) == owner
 
 
 def test_canary_fields_survive_the_wire() -> None:
@@ -105,7 +128,8 @@ def test_canary_fields_survive_the_wire() -> None:
     route = Route("count", "key", (Target("c", "count@2.0", "w1"),), None, split)
     sw = Switch(APP, 2, "src@1.0", (route,), (), ())
     ret = Retire(APP, 2, "count@1.0", (), keyed=True, canary=split, rehash=True)
-    for ins in (sw, ret):
+    stay = Retire(APP, 2, "count@1.0", (), keyed=True, rehash=True, same_index=True)
+    for ins in (sw, ret, stay):
         assert from_pb(to_pb(ins)) == ins
         assert from_wire(to_wire(ins)) == ins
     plain = Retire(APP, 2, "count@1.0", ())

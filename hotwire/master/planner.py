@@ -275,6 +275,11 @@ def plan_upgrade(
         # Keys go to the successors as the senders will route them (a canary's split
         # included); keys of a canary's instances were split by it, not by index.
         split = new_pl[new_name].canary if succ else None
+        # Leaving a canary for a placement without one at its old-code instances'
+        # count: instance i < first keeps exactly the keys new instance i owns.
+        stay = 0
+        if keyed and opl.canary is not None and split is None:
+            stay = opl.canary.first if len(succ) == opl.canary.first else 0
         for i in range(opl.parallelism):
             switch[opl.workers[i]].append(
                 Retire(
@@ -285,6 +290,7 @@ def plan_upgrade(
                     keyed=keyed,
                     canary=split.split if split is not None else None,
                     rehash=opl.canary is not None,
+                    same_index=i < stay,
                 )
             )
 

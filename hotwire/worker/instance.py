@@ -557,10 +557,16 @@ class Instance:
         else:
             assert self.executor is not None
             state = self.executor.snapshot()
-        if retire.keyed and state and n == self.spec.parallelism and not retire.canary:
-            if retire.rehash:
-                return self._split_keys(state, retire)
-            # Same parallelism: every key of instance i belongs to new instance i.
+        same = n == self.spec.parallelism and not retire.rehash
+        if (
+            retire.keyed
+            and state
+            and not retire.canary
+            and (same or retire.same_index)
+            and self.spec.index < n
+        ):
+            # Every key of instance i belongs to new instance i: the same parallelism,
+            # or an old-code instance of a canary leaving it (Retire.same_index).
             whole: list[Any] = [[] for _ in range(n)]
             succ = retire.successors[self.spec.index]
             # A local successor takes the state object itself; over the wire keyed
