@@ -319,12 +319,13 @@ def stale_instances(
     """The instances in ``running`` (reported by ``worker``) that must stop there.
 
     ``apps`` maps app names to their committed state (``AppState``: ``state``,
-    ``epoch``, ``placement``). An instance is stale when its app was killed, or
-    when its generation is not newer than the app's last transition (``epoch``)
-    and the placement does not put it on ``worker`` (replaced, moved elsewhere,
-    or its app is in ``doomed``: a recovery will restart all of it). Instances of
-    a newer generation belong to a transition in flight, which commits or aborts
-    them; instances of apps the master does not know are left alone.
+    ``epoch``, ``placement``). An instance is stale when its generation is not
+    newer than the app's last transition (``epoch``) and the app was killed or the
+    placement does not put it on ``worker`` (replaced, moved elsewhere, or its app
+    is in ``doomed``: a recovery will restart all of it). Instances of a newer
+    generation belong to a transition in flight, which commits or aborts them
+    (the submit of a killed app's name again, too); instances of apps the master
+    does not know are left alone.
     """
     out: list[pb.InstanceRef] = []
     for r in running:
@@ -335,9 +336,9 @@ def stale_instances(
             pe, gen, index = parse_instance_id(r.instance)
         except ValueError:
             continue
+        if gen > st.epoch:
+            continue
         if st.state == "running":
-            if gen > st.epoch:
-                continue
             pl = st.placement.get(pe)
             placed = (
                 pl is not None
