@@ -127,6 +127,25 @@ def test_a_switch_after_its_markers_applies_at_once() -> None:
     assert m.handle(sm.Switch(switch(4))) == [sm.ApplySwitch(switch(4))]
 
 
+def test_an_abort_abandons_an_alignment_waiting_for_the_aborted_channel() -> None:
+    """Found by the interleaving property below: an alignment begun while a gate's
+    channel was open waited for its barrier after the abort removed it, so the
+    channels it blocked queued the next checkpoints' barriers behind their records
+    and a later snapshot missed a record sent before its barrier."""
+    m = InstanceMachine(("a", "c"))
+    m.handle(sm.START)
+    m.handle(sm.Gate(2, ("n",), ("a",)))
+    assert m.handle(sm.Barrier("a", 1)) == []  # aligning: owes c and n
+    assert m.need == {"c", "n"}
+    m.handle(sm.Abort(2))
+    assert m.aligning == 0 and m.abandoned == 1 and m.barrier_held == set()
+    assert kinds(m.handle(sm.Batch("a", [1]))) == ["Process"]  # a flows again
+    m.handle(sm.PROCESSED)
+    assert m.handle(sm.Barrier("c", 1)) == []  # of the abandoned checkpoint: ignored
+    assert m.handle(sm.Barrier("a", 2)) == []
+    assert m.handle(sm.Barrier("c", 2)) == [sm.Snapshot(2)]
+
+
 def test_barriers_align_then_snapshot_forward_and_release() -> None:
     m = InstanceMachine(("a", "b"))
     assert m.handle(sm.Barrier("a", 1)) == []

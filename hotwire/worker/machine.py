@@ -537,6 +537,12 @@ class InstanceMachine:
         appearing, _ = self.gates.pop(ev.version, (set(), set()))
         self.holding -= appearing
         self.inputs -= appearing
+        if self.aligning and self.need & appearing:
+            # The alignment waits for a barrier on a channel that is gone: it cannot
+            # complete (the master abandons the checkpoint a transition spans), and
+            # the channels it blocked must flow, or the next checkpoints' barriers
+            # queue behind them and their cuts miss records.
+            self._abandon()
         # Input that reached an aborted channel flows on the next Resume (the
         # driver sends one when ``flow`` is not empty) or with the drain in progress.
         self._release(appearing)
