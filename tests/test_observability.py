@@ -223,6 +223,27 @@ def test_metrics_flag_refuses_a_malformed_address() -> None:
     assert "Traceback" not in r.stderr
 
 
+def test_metrics_on_a_taken_port_fails_in_one_line(tmp_path: Path) -> None:
+    import socket
+
+    from hotwire.testing.cluster import streamctl
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        addr = f"127.0.0.1:{taken.getsockname()[1]}"
+        for args in (
+            ["master", "--listen", "127.0.0.1:0", "--data-dir", str(tmp_path / "m")],
+            ["worker", "--master", "127.0.0.1:1", "--data-dir", str(tmp_path / "w")],
+        ):
+            r = streamctl(*args, "--metrics", addr, timeout=60)
+            assert r.returncode == 1, (args[0], r.stderr)
+            assert (
+                r.stderr.strip()
+                == f"streamctl: --metrics {addr}: cannot listen: Address already in use"
+            )
+
+
 def test_json_logs_every_line_an_object_with_its_fields(tmp_path: Path) -> None:
     with LocalCluster(
         workers=2, data_dir=tmp_path / "c", log_format="json", log_level="debug"
