@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import tempfile
@@ -872,6 +873,31 @@ def peer_status() -> dict[str, Any]:
 PEER = peer_status()
 
 
+PHASE_LINES = {
+    "planned_ms": r"planned \(diff, placement, plan, state sample\) in ([\d.]+) ms",
+    "prepare_ms": r"prepare phase took ([\d.]+) ms",
+    "switch_ms": r"switch phase took ([\d.]+) ms",
+    "commit_ms": r"commit phase took ([\d.]+) ms",
+}
+
+
+def master_phases(logs: Sequence[Path]) -> dict[str, dict[str, list[float]]]:
+    """Per app, the master's debug lines of each transition in order (its submit
+    first): the time from the request to the prepare, then each phase, in ms."""
+    out: dict[str, dict[str, list[float]]] = {}
+    for path in logs:
+        for line in path.read_text(errors="replace").splitlines():
+            m = re.search(r"app '([^']+)': (.*)$", line)
+            if m is None:
+                continue
+            for name, pattern in PHASE_LINES.items():
+                v = re.search(pattern, m.group(2))
+                if v is not None:
+                    app = out.setdefault(m.group(1), {f: [] for f in PHASE_LINES})
+                    app[name].append(float(v.group(1)))
+    return out
+
+
 def goals(doc: dict[str, Any]) -> list[dict[str, Any]]:
     """Each goal of the issue, the measured value and whether it is met."""
     out: list[dict[str, Any]] = []
@@ -983,6 +1009,12 @@ def main(argv: list[str] | None = None) -> int:
         metavar="PCT",
         help="with --netns: drop PCT %% of every host's outgoing TCP packets at random",
     )
+    ap.add_argument(
+        "--phases",
+        action="store_true",
+        help="run the cluster at log level debug and add the master's time per "
+        "transition phase (request to prepare, prepare, switch, commit) per app",
+    )
     ap.add_argument("--out", default="bench/results/upgrade.json", help="where to write the JSON")
     a = ap.parse_args(argv)
     if a.loss and not a.netns:
@@ -1011,6 +1043,7 @@ def main(argv: list[str] | None = None) -> int:
         "tls": a.tls,
         "netns": a.netns,
         "loss_pct": a.loss,
+        "phases": a.phases,
     }
     peer_cfg: dict[str, Any] | None = None
     if not a.no_peer and peer_bytewax.version() is not None:
@@ -1041,7 +1074,7 @@ def main(argv: list[str] | None = None) -> int:
             workers=2,
             slots=slots,
             data_dir=work / "cluster",
-            log_level="warning",
+            log_level="debug" if a.phases else "warning",
             secure=a.tls,
         ) as cluster:
             if a.netns:
@@ -1067,6 +1100,8 @@ def main(argv: list[str] | None = None) -> int:
             for pes in scaling:
                 log(f"scaling: one PE changed among {pes}")
                 doc["scaling"].append(bench.scaling_cluster(pes, 2 if a.quick else 5))
+            if a.phases:
+                doc["master_phases"] = master_phases(sorted(cluster.dir.glob("master.*.log")))
     log("scaling: diff + plan alone for 10000 PEs")
     doc["scaling"].append(
         {"pes": 10000, "changed_pes": 1, **diff_plan_ms(10000, 3), "apply_ms": None}

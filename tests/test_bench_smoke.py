@@ -103,6 +103,7 @@ def test_bench_upgrade_safety_scenarios(tmp_path: Path) -> None:
             "--scaling",
             "",
             "--no-peer",
+            "--phases",
             "--out",
             str(out),
         ],
@@ -122,6 +123,21 @@ def test_bench_upgrade_safety_scenarios(tmp_path: Path) -> None:
     assert re.fullmatch(r"PE 'count': 500 keys of checkpoint \d+ tried", checked), checked
     runs = {kind: e["runs"] for kind, e in canary["events"].items()}
     assert runs == {"canary_start": 2, "promote": 1, "abort": 1}, runs
+    # --phases: the master's debug lines per transition (the submit first); an
+    # abort has no "planned" line
+    phases = doc["master_phases"]
+    assert {k: len(v) for k, v in phases["b_migrate_state"].items()} == {
+        "planned_ms": 2,
+        "prepare_ms": 2,
+        "switch_ms": 2,
+        "commit_ms": 2,
+    }, phases
+    assert {k: len(v) for k, v in phases["b_canary"].items()} == {
+        "planned_ms": 4,
+        "prepare_ms": 5,
+        "switch_ms": 5,
+        "commit_ms": 5,
+    }, phases
     goals = {g["goal"] for g in doc["goals"]}
     assert "migrate_state: apply_ms p50 <= 50 with the state check on 500 keys" in goals
     assert {
