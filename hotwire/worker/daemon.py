@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import msgpack
 
 from hotwire.logs import log_context
 from hotwire.node import Node, add_health, grpc_options, split_addr
@@ -355,14 +354,7 @@ class Worker(Node):
             except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
                 return  # the call ended: the reading side sees why
 
-        def report(app: str, cid: int, iid: str, state: Any) -> None:
-            try:
-                data = msgpack.packb(state, use_bin_type=True)
-            except Exception as e:
-                log.error(
-                    "app %r instance %s: checkpoint state is not msgpack-able: %s", app, iid, e
-                )
-                return
+        def report(app: str, cid: int, iid: str, data: bytes) -> None:
             outbox.put_nowait(
                 pb.WorkerMessage(
                     report=pb.CheckpointReport(app=app, checkpoint=cid, instance=iid, state=data)

@@ -291,11 +291,11 @@ class Instance:
         if self.kind == "source":
             self._cuts[cid] = self.position
         try:
-            state = self._checked(self._snapshot())
+            data = self._packed(self._snapshot())
         except StateError as e:
             log.error("%s; the instance stops", e)
             return sm.Fail(str(e))
-        self.runtime.on_checkpoint(self.app, cid, self.iid, state)
+        self.runtime.on_checkpoint(self.app, cid, self.iid, data)
         return sm.SNAPSHOTTED
 
     def _source_checkpoint_complete(self, cid: int) -> None:
@@ -320,17 +320,21 @@ class Instance:
         same-worker handover could pass the object itself: checking every snapshot
         makes state that cannot be serialised fail the same way wherever the
         successor runs, with an error that says what to fix."""
-        if state is None:
-            return state
+        if state is not None:
+            self._packed(state)
+        return state
+
+    def _packed(self, state: Any) -> bytes:
+        """``state`` as msgpack (what a checkpoint stores: packed once, here); a
+        :class:`StateError` naming the PE if it cannot be serialised."""
         try:
-            packb(state)
+            return packb(state)
         except (TypeError, ValueError, OverflowError) as e:
             raise StateError(
                 f"app {self.app!r} PE {self.pe!r} instance {self.spec.index}: the state "
                 f"from snapshot() cannot be serialised ({e}); return msgpack values "
                 "(dict, list, str, bytes, int, float, bool, None)"
             ) from e
-        return state
 
     def _snapshot(self) -> Any:
         if self.kind == "source":

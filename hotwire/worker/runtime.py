@@ -91,8 +91,9 @@ class Runtime:
         self.switches: dict[tuple[str, int], _Switching] = {}
         self.drops: Counter[str] = self.dataplane.drops
         self.hold = OutputHold(name)  # sources and sinks wait while the master may have fenced us
-        # Called with (app, checkpoint id, instance id, state) when an instance snapshots.
-        self.on_checkpoint: Callable[[str, int, str, Any], None] = lambda *a: None
+        # Called with (app, checkpoint id, instance id, its state as msgpack) when an
+        # instance snapshots.
+        self.on_checkpoint: Callable[[str, int, str, bytes], None] = lambda *a: None
         # State handovers made here: (app, "local" | "remote") -> count, and the bytes of
         # those sent to other workers per app (hotwire.metrics).
         self.handovers: Counter[tuple[str, str]] = Counter()
