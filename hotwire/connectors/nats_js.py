@@ -141,23 +141,37 @@ class _Reader(DeliveryLogReader):
         self.seqs: list[int] = []  # the delivery log: stream sequences, in emit order
         self.logged: set[int] = set()
         self.msgs: dict[int, Any] = {}  # the latest delivery of a logged sequence
-        self.covered: set[int] = set()  # acked by position, delivery to ack when it comes
+        # Acked by position: each delivery is acked as it comes, and a seq is kept
+        # until the consumer's ack floor has passed it, so a redelivery already on its
+        # way when the ack went out is recognised, not emitted again.
+        self.covered: set[int] = set()
+        self._floor = 0  # the consumer's ack floor seen at the previous ack()
         self._nc: Any = None
+        self._loaded = False  # the log was read from the server (or started empty)
 
     async def open(self, position: int) -> list[Any]:
         import nats
         from nats.js import api
         from nats.js.errors import KeyNotFoundError, NotFoundError
 
+        # Once this reader has its log, a reconnection keeps it: what the server
+        # answers right after a restart (a bucket, consumer or entry "not found"
+        # while it still loads them) must not pass for an empty log or a new
+        # consumer, which would emit again everything not yet acked.
+        resumed = self._loaded or position > 0
         nc = self._nc = await nats.connect(self.conf.url, allow_reconnect=False, error_cb=_quiet)
         self.js = nc.jetstream()
         try:
             self.kv = await self.js.key_value(_BUCKET)
         except NotFoundError:
+            if resumed:
+                raise _NotReady(f"bucket {_BUCKET!r} not found") from None
             self.kv = await self.js.create_key_value(bucket=_BUCKET, history=1)
         try:
             await self.js.consumer_info(self.conf.stream, self.durable)
         except NotFoundError:
+            if resumed:
+                raise _NotReady(f"consumer {self.durable!r} not found") from None
             await self.js.add_consumer(
                 self.conf.stream,
                 api.ConsumerConfig(
@@ -168,16 +182,22 @@ class _Reader(DeliveryLogReader):
                 ),
             )
         self.sub = await self.js.pull_subscribe_bind(self.durable, self.conf.stream)
-        try:
-            saved = json.loads((await self.kv.get(self.key)).value or b"{}")
-        except KeyNotFoundError:  # no entry yet (any other error: the log is not known)
-            saved = {}
-        self.base, self.seqs = int(saved.get("base", 0)), list(saved.get("seqs", []))
+        if self._loaded:
+            await self._save()  # this reader's log is the truth; a put in doubt is redone
+        else:
+            try:
+                saved = json.loads((await self.kv.get(self.key)).value or b"{}")
+            except KeyNotFoundError:
+                if position > 0:  # an earlier generation emitted, so it logged
+                    raise _NotReady(f"delivery log {self.key!r} not found") from None
+                saved = {}
+            self.base, self.seqs = int(saved.get("base", 0)), list(saved.get("seqs", []))
+            self.covered |= set(saved.get("covered", []))
+            self._loaded = True
         self.logged = set(self.seqs)
         # Deliveries to an earlier connection cannot be acked on this one: the server
         # delivers them again (after ack_wait), and those are kept or acked then.
         self.msgs = {}
-        self.covered |= set(saved.get("covered", []))
         return self.seqs[max(0, position - self.base) :]
 
     async def _save(self) -> None:
@@ -198,7 +218,6 @@ class _Reader(DeliveryLogReader):
         for m in msgs:
             seq = m.metadata.sequence.stream
             if seq in self.covered:
-                self.covered.discard(seq)
                 await m.ack()
             elif seq in self.logged:
                 self.msgs[seq] = m  # a redelivery: not emitted again
@@ -241,18 +260,30 @@ class _Reader(DeliveryLogReader):
         self.base += len(done)
         for seq in done:
             self.logged.discard(seq)
-            self.covered.add(seq)  # acked by position: acked below, or when delivered again
+            self.covered.add(seq)  # acked by position: acked below and when delivered again
         await self._save()  # before the acks: a lost connection midway loses nothing
         for seq in done:
             m = self.msgs.pop(seq, None)
             if m is not None:
                 await m.ack()
-                self.covered.discard(seq)
+        # Seqs under the floor seen one round ago are never delivered again: a
+        # redelivery sent before its ack came in has been fetched since.
+        floor, self._floor = self._floor, await self._ack_floor()
+        self.covered = {seq for seq in self.covered if seq > floor}
+
+    async def _ack_floor(self) -> int:
+        info = await self.js.consumer_info(self.conf.stream, self.durable)
+        return int(info.ack_floor.stream_seq or 0)
 
     async def close(self) -> None:
         nc, self._nc = self._nc, None
         if nc is not None:
             await nc.close()
+
+
+class _NotReady(ConnectionError):
+    """The server answers but does not have (yet) what a resumed source needs: retried
+    as an outage, never read as absent."""
 
 
 async def _quiet(e: Exception) -> None:

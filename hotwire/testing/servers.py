@@ -16,6 +16,7 @@ import contextlib
 import glob
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -23,7 +24,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["ServerMissing", "free_port", "postgres_server", "redis_server"]
+__all__ = ["Restartable", "ServerMissing", "free_port", "postgres_server", "redis_server"]
 
 
 class ServerMissing(RuntimeError):
@@ -70,6 +71,33 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], what: str, timeout: flo
         except OSError:
             time.sleep(0.05)
     raise TimeoutError(f"{what} did not listen on port {port} in {timeout}s")
+
+
+class Restartable:
+    """A server process a test stops and starts again on the same port and data
+    (``args`` run as ``user`` when given), its output appended to ``log``."""
+
+    def __init__(self, args: list[str], log: Path, port: int, user: str | None = None):
+        self.args, self.log, self.port, self.user = args, log, port, user
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 20) -> None:
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                self.args, stdout=log, stderr=subprocess.STDOUT, user=self.user
+            )
+        _wait_port(self.port, self.proc, os.path.basename(self.args[0]), timeout)
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        p, self.proc = self.proc, None
+        if p is None:
+            return
+        p.send_signal(sig)
+        try:
+            p.wait(15)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(5)
 
 
 @contextlib.contextmanager

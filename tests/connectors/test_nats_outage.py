@@ -4,8 +4,8 @@ message is counted and published exactly once, with nothing left unacknowledged.
 
 from __future__ import annotations
 
+import os
 import signal
-import subprocess
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,59 +15,31 @@ import pytest
 from test_nats import _app, _Js
 
 from hotwire.testing.cluster import LocalCluster, poll_for
-from hotwire.testing.servers import ServerMissing, find_binary, free_port
+from hotwire.testing.servers import Restartable, ServerMissing, find_binary, free_port
 
 N = 4000
 
 
-class _Nats:
+class _Nats(Restartable):
+    """A nats-server with JetStream storing in ``tmp``, restartable on its store."""
+
     def __init__(self, tmp: Path) -> None:
-        self.port = free_port()
-        self.store = tmp / "jetstream"
-        self.store.mkdir()
-        self.log = tmp / "nats.log"
-        self.url = f"nats://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        import socket
-        import time
-
-        binary = find_binary("nats-server")
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                [binary, "-js", "-sd", str(self.store), "-a", "127.0.0.1", "-p", str(self.port)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.log.read_text()[-2000:]
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise TimeoutError("nats-server did not start")
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        p, self.proc = self.proc, None
-        if p is not None and p.poll() is None:
-            p.send_signal(sig)
-            p.wait(15)
+        port = free_port()
+        store = tmp / "jetstream"
+        store.mkdir()
+        args = [find_binary("nats-server"), "-js", "-sd", str(store), "-a", "127.0.0.1"]
+        super().__init__([*args, "-p", str(port)], tmp / "nats.log", port)
+        self.url = f"nats://127.0.0.1:{port}"
 
 
 @pytest.fixture
 def nats(tmp_path: Path) -> Iterator[_Nats]:
     try:
-        find_binary("nats-server")
+        server = _Nats(tmp_path)
     except ServerMissing as e:
-        import os
-
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail(f"CI=true: {e}")
         pytest.skip(str(e))
-    server = _Nats(tmp_path)
     server.start()
     try:
         yield server
@@ -86,20 +58,11 @@ def test_nats_killed_and_restarted_mid_run_loses_and_duplicates_nothing(
             poll_for(lambda: js.count("OUT") > N // 8, 30, what="output")
             nats.stop(signal.SIGKILL)
             poll_for(
-                lambda: any(
-                    "unreachable" in i.waiting
-                    for p in c.client.status("js").apps[0].pes
-                    for i in p.instances
-                ),
+                lambda: _waiting(c).get("src", "").endswith("unreachable"),
                 30,
-                what="status to show a PE waiting for nats",
+                what="status to show the source waiting for nats",
             )
-            waiting = {
-                p.name: i.waiting
-                for p in c.client.status("js").apps[0].pes
-                for i in p.instances
-                if i.waiting
-            }
+            waiting = _waiting(c)
             nats.start()
             _produce_range(js, range(N // 2, N))
             _wait(c, js, lambda: js.count("OUT") >= N, 90, "every message counted")
@@ -117,6 +80,16 @@ def test_nats_killed_and_restarted_mid_run_loses_and_duplicates_nothing(
     assert "src" in waiting, waiting
     assert waiting["src"] == f"{nats.url} unreachable", waiting
     _check(rows)
+
+
+def _waiting(c: LocalCluster) -> dict[str, str]:
+    """PE -> what its (first) waiting instance waits for, from status."""
+    return {
+        p.name: i.waiting
+        for p in reversed(c.client.status("js").apps[0].pes)
+        for i in reversed(p.instances)
+        if i.waiting
+    }
 
 
 def _wait(c: LocalCluster, js: _Js, cond: Any, timeout: float, what: str) -> None:

@@ -26,7 +26,7 @@ import pytest
 from connector_servers import redis_url  # noqa: F401 - a fixture
 
 from hotwire.testing.cluster import LocalCluster, poll_for, write_app
-from hotwire.testing.servers import ServerMissing, find_binary, free_port
+from hotwire.testing.servers import Restartable, ServerMissing, find_binary, free_port
 
 redis = pytest.importorskip("redis")
 psycopg = pytest.importorskip("psycopg")
@@ -43,46 +43,6 @@ def _binary(name: str) -> str:
             pytest.fail(f"CI=true: {e}")
         pytest.skip(str(e))
     raise AssertionError("unreachable")
-
-
-def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
-    import socket
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"the server exited with {proc.returncode}"
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on port {port} after {timeout} s")
-
-
-class Restartable:
-    """A server process that a test stops and starts again with the same port and data."""
-
-    def __init__(self, args: list[str], log: Path, port: int, user: str | None = None):
-        self.args, self.log, self.port, self.user = args, log, port, user
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                self.args, stdout=log, stderr=subprocess.STDOUT, user=self.user
-            )
-        _wait_port(self.port, self.proc)
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        p, self.proc = self.proc, None
-        if p is None:
-            return
-        p.send_signal(sig)
-        try:
-            p.wait(15)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(5)
 
 
 @pytest.fixture
