@@ -144,21 +144,3 @@ async def retry(
         outage.ok()
         return result
 
-
-async def retry_async(
-    call: Callable[[], Any],
-    outage: Outage,
-    transient: Callable[[BaseException], bool],
-) -> Any:
-    """:func:`retry` for a coroutine function ``call``."""
-    while True:
-        try:
-            result = await call()
-        except Exception as e:
-            if not transient(e):
-                raise
-            outage.failed(e)
-            await outage.pause()
-            continue
-        outage.ok()
-        return result
