@@ -37,7 +37,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-__all__ = ["PartitionedSource", "PositionLog", "check_options"]
+__all__ = ["PartitionedSource", "PositionLog", "check_options", "check_typed_options"]
 
 
 def check_options(name: str, config: dict[str, Any], known: dict[str, str]) -> list[str]:
@@ -46,6 +46,24 @@ def check_options(name: str, config: dict[str, Any], known: dict[str, str]) -> l
     if not unknown:
         return []
     return [f"{name}: unknown option(s) {', '.join(map(repr, unknown))}; known: {', '.join(known)}"]
+
+
+def check_typed_options(who: str, given: dict[str, Any], allowed: dict[str, Any]) -> None:
+    """Raise ValueError, in one line, for an option of ``given`` not in ``allowed``
+    (name -> type, or a tuple of types for a number) or of the wrong type."""
+    unknown = sorted(set(given) - set(allowed))
+    if unknown:
+        msg = (
+            f"{who}: unknown option {', '.join(map(repr, unknown))}; "
+            f"the options are {', '.join(sorted(allowed))}"
+        )
+        raise ValueError(msg)
+    for name, kind in allowed.items():
+        v = given.get(name)
+        if v is not None and (not isinstance(v, kind) or isinstance(v, bool)):
+            what = "number" if isinstance(kind, tuple) else kind.__name__
+            msg = f"{who}: option {name}={v!r} must be of type {what}"
+            raise ValueError(msg)
 
 
 class PartitionedSource(ABC):

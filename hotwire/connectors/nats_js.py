@@ -47,6 +47,7 @@ import threading
 from typing import Any, ClassVar
 from urllib.parse import urlparse
 
+from hotwire.connectors.base import check_typed_options
 from hotwire.connectors.delivery import DeliveryLogReader
 from hotwire.sinks import TransactionalSink
 
@@ -59,19 +60,7 @@ _BUCKET = "hotwire_sources"
 
 
 def _check_options(who: str, given: dict[str, Any], allowed: dict[str, Any]) -> None:
-    unknown = sorted(set(given) - set(allowed))
-    if unknown:
-        msg = (
-            f"{who}: unknown option {', '.join(map(repr, unknown))}; "
-            f"the options are {', '.join(sorted(allowed))}"
-        )
-        raise ValueError(msg)
-    for name, kind in allowed.items():
-        v = given.get(name)
-        if v is not None and (not isinstance(v, kind) or isinstance(v, bool)):
-            what = "number" if isinstance(kind, tuple) else kind.__name__
-            msg = f"{who}: option {name}={v!r} must be of type {what}"
-            raise ValueError(msg)
+    check_typed_options(who, given, allowed)
     url = given.get("url")
     parsed = urlparse(url) if isinstance(url, str) else None
     if parsed is None or parsed.scheme not in _SCHEMES or not parsed.hostname:

@@ -51,6 +51,7 @@ import logging
 from typing import Any, ClassVar
 from urllib.parse import urlparse
 
+from hotwire.connectors.base import check_typed_options
 from hotwire.connectors.delivery import DeliveryLogReader
 from hotwire.sinks import TransactionalSink
 
@@ -116,22 +117,6 @@ def _check_url(url: Any, who: str) -> str:
     return url
 
 
-def _check_options(who: str, given: dict[str, Any], allowed: dict[str, Any]) -> None:
-    unknown = sorted(set(given) - set(allowed))
-    if unknown:
-        msg = (
-            f"{who}: unknown option {', '.join(map(repr, unknown))}; "
-            f"the options are {', '.join(sorted(allowed))}"
-        )
-        raise ValueError(msg)
-    for name, kind in allowed.items():
-        v = given.get(name)
-        if v is not None and (not isinstance(v, kind) or isinstance(v, bool)):
-            what = "number" if isinstance(kind, tuple) else kind.__name__
-            msg = f"{who}: option {name}={v!r} must be of type {what}"
-            raise ValueError(msg)
-
-
 def _check_stream(stream: Any, who: str) -> str:
     if not isinstance(stream, str) or not stream:
         msg = f"{who}: the stream name is missing; give stream='NAME'"
@@ -158,7 +143,7 @@ class RedisStreamSource:
 
     def __init__(self, **options: Any) -> None:
         who = "RedisStreamSource"
-        _check_options(who, options, self._OPTIONS)
+        check_typed_options(who, options, self._OPTIONS)
         self.url = _check_url(options.get("url"), who)
         self.stream = _check_stream(options.get("stream"), who)
         self.batch = int(options.get("batch", 500))
@@ -293,7 +278,7 @@ class RedisStreamSink(TransactionalSink):
         if not options:
             return super().__new__(cls)  # the runtime making a sink object
         who = "RedisStreamSink"
-        _check_options(who, options, cls._OPTIONS)
+        check_typed_options(who, options, cls._OPTIONS)
         _check_url(options.get("url"), who)
         _check_stream(options.get("stream"), who)
         bound = {"marker_ttl": 7 * 24 * 3600, **options}
