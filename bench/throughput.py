@@ -3,14 +3,17 @@
     python bench/throughput.py [--records N] [--runs K] [--out FILE]
 
 Two workloads, each measured on a real local cluster (master and workers as
-processes) and as a plain loop in this process, alternating, K times:
+processes) and as a plain loop in this process, in K rounds. The plain loop calls
+the app's own functions, its key function and its counting sink (``Done``), and
+runs alone: each round runs it first, with no cluster process alive, then starts
+the round's clusters, measures them and stops them before the next round.
 
 * ``pipeline``: source -> map -> filter -> sink on one worker;
 * ``keyed_count``: source -> key_by -> reduce (parallelism 2) -> sink across two workers.
 
 When bytewax is importable, the same functions also run as a Bytewax dataflow in this
 process (``bytewax.testing.run_main``, one worker, input batches of 1024; see
-``peer_bytewax.py``), in the same alternation.
+``peer_bytewax.py``), in the same rounds, also with no cluster process alive.
 
 With ``--metrics``, another cluster of the same shape runs with Prometheus metrics on
 (``LocalCluster(metrics=True)``) while a thread of this process scrapes its master and
@@ -24,7 +27,11 @@ gRPC channel encrypted) in the same alternation, and ``tls_cost`` is
 1 - (mTLS median / plaintext median).
 
 Prints one JSON document: records/s per run, medians, and the ratios of medians
-(hotwire / plain loop, hotwire / bytewax). The machine is shared and noisy: compare ratios.
+(hotwire / plain loop, hotwire / bytewax); for every figure and ratio its spread
+(``*_spread``: median, min, max, quartiles; ratios also per round), and CPU seconds
+per million records (``*_cpu_s_per_m``: the master's and workers' user + system
+time from the submit to the sink's last record, read from /proc; this process's
+for the plain loop and Bytewax). The machine is shared and noisy: compare ratios.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -77,6 +85,10 @@ def add(acc, r):
     return (acc or 0.0) + r["v"]
 
 
+def key(r):
+    return r["k"]
+
+
 class Done:
     def __init__(self, expect):
         self.expect = expect
@@ -103,57 +115,96 @@ src.map("scale", scale).filter("keep", keep).sink("out", Done(N - N // 10))
 KEYED = (
     APP
     + """
-src.key_by(lambda r: r["k"]).reduce("sum", add, parallelism=2).sink("out", Done(N))
+src.key_by(key).reduce("sum", add, parallelism=2).sink("out", Done(N))
 """
 )
 
 
-def plain_pipeline(n: int) -> float:
-    """The same functions in one Python loop: records/s."""
-    ns: dict[str, object] = {}
-    exec(APP.format(n=n, done=os.devnull), ns)  # same callables as the app
+# A measurement: records/s and CPU seconds per million records.
+Measured = tuple[float, float]
+
+
+def _app_ns(n: int, tmp: Path, tag: str) -> dict[str, Any]:
+    """The app's own callables (its source, map, filter, reduce, key and sink class),
+    run in this process; its done files go to ``tmp``."""
+    ns: dict[str, Any] = {}
+    exec(APP.format(n=n, done=str(tmp / f"done-{tag}")), ns)
+    return ns
+
+
+def plain_pipeline(n: int, tmp: Path) -> Measured:
+    """The same functions in one Python loop, into the app's own counting sink
+    (``Done``): records/s and CPU s per million records of this process."""
+    ns = _app_ns(n, tmp, "plain-pipeline")
     numbers, scale, keep = ns["numbers"], ns["scale"], ns["keep"]
-    out: list[object] = []
-    sink = out.append
-    t0 = time.perf_counter()
-    for r in numbers(None):  # type: ignore[operator]
-        r2 = scale(r)  # type: ignore[operator]
-        if keep(r2):  # type: ignore[operator]
+    sink = ns["Done"](n - n // 10)
+    c0, t0 = time.process_time(), time.perf_counter()
+    for r in numbers(None):
+        r2 = scale(r)
+        if keep(r2):
             sink(r2)
-    return n / (time.perf_counter() - t0)
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+    if sink.seen != n - n // 10:
+        raise RuntimeError(f"the plain loop's sink counted {sink.seen} records")
+    return n / dt, cpu / n * 1e6
 
 
-def plain_keyed(n: int) -> float:
-    ns: dict[str, object] = {}
-    exec(APP.format(n=n, done=os.devnull), ns)
-    numbers, add = ns["numbers"], ns["add"]
+def plain_keyed(n: int, tmp: Path) -> Measured:
+    """The reduce step as hotwire's runs it (``key``, ``add``, a dict of state, the
+    ``(key, acc)`` pair out) into the app's own counting sink."""
+    ns = _app_ns(n, tmp, "plain-keyed")
+    numbers, add, key = ns["numbers"], ns["add"], ns["key"]
+    sink = ns["Done"](n)
     state: dict[object, float] = {}
-    out: list[object] = []
-    t0 = time.perf_counter()
-    for r in numbers(None):  # type: ignore[operator]
-        k = r["k"]
-        acc = add(state.get(k), r)  # type: ignore[operator]
+    c0, t0 = time.process_time(), time.perf_counter()
+    for r in numbers(None):
+        k = key(r)
+        acc = add(state.get(k), r)
         state[k] = acc
-        out.append((k, acc))
-    return n / (time.perf_counter() - t0)
+        sink((k, acc))
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+    if sink.seen != n:
+        raise RuntimeError(f"the plain loop's sink counted {sink.seen} records")
+    return n / dt, cpu / n * 1e6
 
 
-def bytewax_pipeline(n: int) -> float:
-    """The same functions as a Bytewax dataflow (one worker, in-process): records/s."""
-    ns: dict[str, object] = {}
-    exec(APP.format(n=n, done=os.devnull), ns)
-    return peer_bytewax.pipeline_rps(n, ns["numbers"], ns["scale"], ns["keep"])  # type: ignore[arg-type]
+def bytewax_pipeline(n: int, tmp: Path) -> Measured:
+    """The same functions as a Bytewax dataflow (one worker, in-process): records/s
+    and CPU s per million records of this process."""
+    ns = _app_ns(n, tmp, "bytewax-pipeline")
+    c0 = time.process_time()
+    rps = peer_bytewax.pipeline_rps(n, ns["numbers"], ns["scale"], ns["keep"])
+    return rps, (time.process_time() - c0) / n * 1e6
 
 
-def bytewax_keyed(n: int) -> float:
-    ns: dict[str, object] = {}
-    exec(APP.format(n=n, done=os.devnull), ns)
-    return peer_bytewax.keyed_rps(n, ns["numbers"], ns["add"])  # type: ignore[arg-type]
+def bytewax_keyed(n: int, tmp: Path) -> Measured:
+    ns = _app_ns(n, tmp, "bytewax-keyed")
+    c0 = time.process_time()
+    rps = peer_bytewax.keyed_rps(n, ns["numbers"], ns["add"])
+    return rps, (time.process_time() - c0) / n * 1e6
 
 
-def hotwire_run(cluster: LocalCluster, body: str, n: int, tmp: Path, tag: str) -> float:
+def _cpu_s(pids: list[int]) -> float:
+    """User + system CPU seconds the processes ``pids`` have used (from /proc)."""
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def cluster_pids(cluster: LocalCluster) -> list[int]:
+    procs = [cluster.master, *cluster.workers]
+    return [p.proc.pid for p in procs if p is not None]
+
+
+def hotwire_run(cluster: LocalCluster, body: str, n: int, tmp: Path, tag: str) -> Measured:
+    """Records/s from the source's first record to the sink's last, and CPU s per
+    million records of the master and workers from the submit to the sink's last."""
     done = tmp / f"done-{tag}"
     path = write_app(tmp, f"app-{tag}.py", body.format(n=n, done=str(done)))
+    pids = cluster_pids(cluster)
+    c0 = _cpu_s(pids)
     cluster.client.submit(path)
     # The sink writes the file then its time: wait for the time, not only the file.
     try:
@@ -166,10 +217,11 @@ def hotwire_run(cluster: LocalCluster, body: str, n: int, tmp: Path, tag: str) -
     except TimeoutError:
         print(cluster.logs()[-6000:], file=sys.stderr)
         raise
+    cpu = _cpu_s(pids) - c0
     t_end = float(done.read_text())
     t_start = float(Path(str(done) + ".start").read_text())
     cluster.client.kill("tp")
-    return n / (t_end - t_start)
+    return n / (t_end - t_start), cpu / n * 1e6
 
 
 class Scraper:
@@ -204,17 +256,65 @@ def _med(xs: list[float]) -> float:
     return round(statistics.median(xs), 1)
 
 
+def _spread(xs: list[float], digits: int = 1) -> dict[str, float]:
+    """Median, min and max, and the quartiles (``statistics.quantiles``, inclusive)."""
+    q1, _, q3 = statistics.quantiles(xs, n=4, method="inclusive") if len(xs) > 1 else xs * 3
+    return {
+        k: round(v, digits)
+        for k, v in (
+            ("median", statistics.median(xs)),
+            ("min", min(xs)),
+            ("max", max(xs)),
+            ("q1", q1),
+            ("q3", q3),
+        )
+    }
+
+
+def _ratios(a: list[float], b: list[float]) -> list[float]:
+    """``a[i] / b[i]``: each run's figure over the other one of the same round."""
+    return [round(x / y, 3) for x, y in zip(a, b, strict=True)]
+
+
+def _cpu_entry(ms: list[Measured]) -> dict[str, object]:
+    cpu = [x[1] for x in ms]
+    return {"runs": [round(x, 3) for x in cpu], **_spread(cpu, 3)}
+
+
+def _cpu_ratio(a: list[Measured], b: list[Measured]) -> dict[str, object]:
+    """CPU seconds per record of ``a`` over ``b``: the ratio of medians, per round."""
+    ca, cb = [x[1] for x in a], [x[1] for x in b]
+    per_run = _ratios(ca, cb)
+    return {
+        "of_medians": round(statistics.median(ca) / statistics.median(cb), 3),
+        "per_run": per_run,
+        **_spread(per_run, 3),
+    }
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--records", type=int, default=1_000_000)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--out", default="")
     ap.add_argument(
-        "--tls", action=argparse.BooleanOptionalAction, default=True,
+        "--tls",
+        action=argparse.BooleanOptionalAction,
+        default=True,
         help="also measure a cluster with mTLS (default: on)",
     )
     ap.add_argument(
-        "--metrics", action=argparse.BooleanOptionalAction, default=False,
+        "--metrics",
+        action=argparse.BooleanOptionalAction,
+        default=False,
         help="also measure a cluster with Prometheus metrics on, scraped every second",
     )
     args = ap.parse_args()
@@ -225,7 +325,15 @@ def main() -> None:
             "python": platform.python_version(),
             "platform": platform.platform(),
         },
-        "config": {"records": n, "runs": args.runs, "tls": args.tls, "metrics": args.metrics},
+        "config": {
+            "records": n,
+            "runs": args.runs,
+            "tls": args.tls,
+            "metrics": args.metrics,
+            "baseline": "the app's functions and counting sink in one loop, run first in "
+            "each round with no cluster process alive (Bytewax too); the round's "
+            "clusters start after it and stop before the next round",
+        },
     }
     bw_version = peer_bytewax.version()
     result["bytewax"] = (
@@ -247,34 +355,53 @@ def main() -> None:
             ("pipeline", PIPELINE, plain_pipeline, bytewax_pipeline, 1),
             ("keyed_count", KEYED, plain_keyed, bytewax_keyed, 2),
         ):
-            hw, base, bw, tls, met = [], [], [], [], []
-            with contextlib.ExitStack() as stack:
-                c = stack.enter_context(
-                    LocalCluster(workers=workers, data_dir=tmp / name, log_level="warning")
-                )
-                ct = None
-                if args.tls:
-                    ct = stack.enter_context(
+            hw: list[Measured] = []
+            base: list[Measured] = []
+            bw: list[Measured] = []
+            tls: list[Measured] = []
+            met: list[Measured] = []
+            scrape_ms: list[float] = []
+            gone: list[int] = []  # the processes of the last round's clusters
+            for run in range(args.runs):
+                # The baselines run alone: every cluster process of the round before
+                # has exited, and this round's clusters start after them.
+                alive = [pid for pid in gone if _alive(pid)]
+                if alive:
+                    raise RuntimeError(f"cluster processes {alive} still run")
+                base.append(plain(n, tmp))
+                if bw_version:
+                    bw.append(peer(n, tmp))
+                with contextlib.ExitStack() as stack:
+                    c = stack.enter_context(
                         LocalCluster(
-                            workers=workers,
-                            data_dir=tmp / f"{name}-tls",
-                            log_level="warning",
-                            secure=True,
+                            workers=workers, data_dir=tmp / f"{name}-{run}", log_level="warning"
                         )
                     )
-                cm, scraper = None, None
-                if args.metrics:
-                    cm = stack.enter_context(
-                        LocalCluster(
-                            workers=workers,
-                            data_dir=tmp / f"{name}-metrics",
-                            log_level="warning",
-                            metrics=True,
+                    clusters = [c]
+                    ct = None
+                    if args.tls:
+                        ct = stack.enter_context(
+                            LocalCluster(
+                                workers=workers,
+                                data_dir=tmp / f"{name}-tls-{run}",
+                                log_level="warning",
+                                secure=True,
+                            )
                         )
-                    )
-                    scraper = stack.enter_context(Scraper(cm))
-                for run in range(args.runs):
-                    base.append(plain(n))
+                        clusters.append(ct)
+                    cm, scraper = None, None
+                    if args.metrics:
+                        cm = stack.enter_context(
+                            LocalCluster(
+                                workers=workers,
+                                data_dir=tmp / f"{name}-metrics-{run}",
+                                log_level="warning",
+                                metrics=True,
+                            )
+                        )
+                        clusters.append(cm)
+                        scraper = stack.enter_context(Scraper(cm))
+                    gone = [pid for cl in clusters for pid in cluster_pids(cl)]
                     if cm is not None and run % 2:  # every other run: metrics first
                         met.append(hotwire_run(cm, body, n, tmp, f"{name}-metrics-{run}"))
                     hw.append(hotwire_run(c, body, n, tmp, f"{name}-{run}"))
@@ -282,35 +409,62 @@ def main() -> None:
                         tls.append(hotwire_run(ct, body, n, tmp, f"{name}-tls-{run}"))
                     if cm is not None and not run % 2:
                         met.append(hotwire_run(cm, body, n, tmp, f"{name}-metrics-{run}"))
-                    if bw_version:
-                        bw.append(peer(n))
+                if scraper is not None:
+                    scrape_ms += scraper.ms
+            hw_rps, base_rps = [x[0] for x in hw], [x[0] for x in base]
             entry: dict[str, object] = {
                 "workers": workers,
-                "hotwire_rps": [round(x, 1) for x in hw],
-                "plain_loop_rps": [round(x, 1) for x in base],
-                "hotwire_rps_median": _med(hw),
-                "plain_loop_rps_median": _med(base),
-                "ratio": round(statistics.median(hw) / statistics.median(base), 3),
+                "hotwire_rps": [round(x, 1) for x in hw_rps],
+                "plain_loop_rps": [round(x, 1) for x in base_rps],
+                "hotwire_rps_median": _med(hw_rps),
+                "plain_loop_rps_median": _med(base_rps),
+                "ratio": round(statistics.median(hw_rps) / statistics.median(base_rps), 3),
+                "hotwire_rps_spread": _spread(hw_rps),
+                "plain_loop_rps_spread": _spread(base_rps),
+                # each run's hotwire figure over the same round's plain loop
+                "ratio_per_run": _ratios(hw_rps, base_rps),
+                "ratio_spread": _spread(_ratios(hw_rps, base_rps), 3),
+                "hotwire_cpu_s_per_m": _cpu_entry(hw),
+                "plain_loop_cpu_s_per_m": _cpu_entry(base),
+                "cpu_ratio": _cpu_ratio(hw, base),
             }
             if tls:
-                entry["hotwire_tls_rps"] = [round(x, 1) for x in tls]
-                entry["hotwire_tls_rps_median"] = _med(tls)
-                entry["tls_cost"] = round(1 - statistics.median(tls) / statistics.median(hw), 3)
-            if met and scraper is not None:
-                entry["hotwire_metrics_rps"] = [round(x, 1) for x in met]
-                entry["hotwire_metrics_rps_median"] = _med(met)
-                entry["metrics_cost"] = round(1 - statistics.median(met) / statistics.median(hw), 3)
-                ms = sorted(scraper.ms)
+                tls_rps = [x[0] for x in tls]
+                entry["hotwire_tls_rps"] = [round(x, 1) for x in tls_rps]
+                entry["hotwire_tls_rps_median"] = _med(tls_rps)
+                entry["hotwire_tls_rps_spread"] = _spread(tls_rps)
+                entry["hotwire_tls_cpu_s_per_m"] = _cpu_entry(tls)
+                entry["tls_cost"] = round(
+                    1 - statistics.median(tls_rps) / statistics.median(hw_rps), 3
+                )
+                entry["tls_cost_spread"] = _spread([1 - r for r in _ratios(tls_rps, hw_rps)], 3)
+            if met:
+                met_rps = [x[0] for x in met]
+                entry["hotwire_metrics_rps"] = [round(x, 1) for x in met_rps]
+                entry["hotwire_metrics_rps_median"] = _med(met_rps)
+                entry["hotwire_metrics_rps_spread"] = _spread(met_rps)
+                entry["hotwire_metrics_cpu_s_per_m"] = _cpu_entry(met)
+                entry["metrics_cost"] = round(
+                    1 - statistics.median(met_rps) / statistics.median(hw_rps), 3
+                )
+                entry["metrics_cost_spread"] = _spread([1 - r for r in _ratios(met_rps, hw_rps)], 3)
+                ms = sorted(scrape_ms)
                 entry["scrape_ms"] = {
                     "count": len(ms),
                     "median": round(statistics.median(ms), 2) if ms else None,
                     "max": round(ms[-1], 2) if ms else None,
                 }
             if bw:
+                bw_rps = [x[0] for x in bw]
                 entry["bytewax_workers"] = 1
-                entry["bytewax_rps"] = [round(x, 1) for x in bw]
-                entry["bytewax_rps_median"] = _med(bw)
-                entry["ratio_vs_bytewax"] = round(statistics.median(hw) / statistics.median(bw), 3)
+                entry["bytewax_rps"] = [round(x, 1) for x in bw_rps]
+                entry["bytewax_rps_median"] = _med(bw_rps)
+                entry["bytewax_rps_spread"] = _spread(bw_rps)
+                entry["bytewax_cpu_s_per_m"] = _cpu_entry(bw)
+                entry["ratio_vs_bytewax"] = round(
+                    statistics.median(hw_rps) / statistics.median(bw_rps), 3
+                )
+                entry["ratio_vs_bytewax_spread"] = _spread(_ratios(hw_rps, bw_rps), 3)
             result[name] = entry
     doc = json.dumps(result, indent=2)
     print(doc)
