@@ -52,6 +52,12 @@ log = logging.getLogger(__name__)
 # input batch in ``Instance.batch_hist`` by these (the last slot: longer batches).
 BATCH_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
+# Upper bounds (seconds) of the end-to-end latency histogram: a sink's instance counts
+# each stamped batch in ``Instance.e2e_hist`` by these (the last slot: longer ones).
+E2E_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)  # fmt: skip
+
 T = TypeVar("T")
 
 __all__ = [
@@ -177,6 +183,8 @@ class _InstanceStats:
     process_s: float
     batches: list[int]  # per BATCH_BUCKETS bound, then +Inf (not cumulative)
     blocked_s: float
+    e2e: list[int] | None = None  # a sink's stamped batches per E2E_BUCKETS bound, +Inf
+    e2e_s: float = 0.0
 
 
 @dataclass
@@ -228,6 +236,8 @@ def worker_snapshot(w: Any, empty: bool = False) -> _WorkerSnapshot:
                 i.process_s,
                 list(i.batch_hist),
                 BLOCKED_S.get((app, iid), 0.0),
+                None if i.e2e_hist is None else list(i.e2e_hist),
+                i.e2e_s,
             )
         )
     dp = rt.dataplane
@@ -308,6 +318,7 @@ _PEER_FAMILIES = (
     ("hotwire_dataplane_link_up", "gauge", "1 while a connection to the peer is up.", "up"),
 )
 _LE = (*(repr(b) for b in BATCH_BUCKETS), "+Inf")
+_E2E_LE = (*(repr(b) for b in E2E_BUCKETS), "+Inf")
 
 
 def worker_exposition(s: _WorkerSnapshot) -> str:
@@ -345,6 +356,22 @@ def worker_exposition(s: _WorkerSnapshot) -> str:
             add(f'{name}_bucket{{{lab},le="{le}"}} {cum}')
         add(f"{name}_count{{{lab}}} {cum}")
         add(f"{name}_sum{{{lab}}} {_num(i.process_s)}")
+    name = "hotwire_e2e_latency_seconds"
+    head(
+        name,
+        "histogram",
+        "Seconds from a source's stamp of a batch to the end of a sink's code on it, per "
+        "batch (sources stamp on workers with --metrics; other hosts' clock offset included).",
+    )
+    for i, lab in zip(s.instances, labels, strict=True):
+        if i.e2e is None:
+            continue  # not a sink, or no stamped batch reached it
+        cum = 0
+        for le, n in zip(_E2E_LE, i.e2e, strict=True):
+            cum += n
+            add(f'{name}_bucket{{{lab},le="{le}"}} {cum}')
+        add(f"{name}_count{{{lab}}} {cum}")
+        add(f"{name}_sum{{{lab}}} {_num(i.e2e_s)}")
     peers = [f'worker="{w}",peer="{_esc(link.peer)}"' for link in s.links]
     for name, kind, doc, attr in _PEER_FAMILIES:
         head(name, kind, doc)

@@ -20,16 +20,25 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from hotwire.plan import CANARY_BUCKETS, Route, canary_index, pack_key
-from hotwire.worker.transport import CREDITS, Frame
+from hotwire.worker.transport import CREDITS, Frame, Stamp
 
 if TYPE_CHECKING:
     from hotwire.worker.instance import Instance
     from hotwire.worker.transport import DataPlane
 
-__all__ = ["CREDITS", "LocalChannel", "OutChannel", "RemoteChannel", "RouteState", "emit_all"]
+__all__ = [
+    "CREDITS",
+    "LocalChannel",
+    "OutChannel",
+    "RemoteChannel",
+    "RouteState",
+    "Stamp",
+    "emit_all",
+]
 
 # Inbox item kinds.
 BATCH, END, STATE, CONTROL, EPOCH, BARRIER = 0, 1, 2, 3, 4, 5
+
 
 # (app, sending instance) -> seconds it waited for credit (backpressure), added on the
 # slow path only (no credit left); hotwire.metrics reads it and forgets stopped instances.
@@ -65,7 +74,8 @@ class OutChannel:
         key = (self.app, self.channel.partition(">")[0])
         BLOCKED_S[key] = BLOCKED_S.get(key, 0.0) + time.perf_counter() - t0
 
-    async def send(self, records: list[Any]) -> None:
+    async def send(self, records: list[Any], t: float | None = None) -> None:
+        """Send one batch; ``t``: its source time (:class:`Stamp`), None if unstamped."""
         raise NotImplementedError
 
     async def end(self) -> None:
@@ -87,12 +97,14 @@ class LocalChannel(OutChannel):
         super().__init__(app, channel)
         self.dst = dst
 
-    async def send(self, records: list[Any]) -> None:
+    async def send(self, records: list[Any], t: float | None = None) -> None:
         if self.credit <= 0:
             await self._take_credit()
         else:
             self.credit -= 1
-        self.dst.inbox.put_nowait((BATCH, self.channel, records, self))
+        self.dst.inbox.put_nowait(
+            (BATCH, self.channel, records, self if t is None else Stamp(self, t))
+        )
 
     async def end(self) -> None:
         if not self.ended:
@@ -140,13 +152,13 @@ class RemoteChannel(OutChannel):
         """The sending instance is gone without ending the channel."""
         self.stream.release()
 
-    async def send(self, records: list[Any]) -> None:
+    async def send(self, records: list[Any], t: float | None = None) -> None:
         if self.credit <= 0:
             await self._take_credit()
         else:
             self.credit -= 1
         stream = self.stream
-        stream.batch(records)
+        stream.batch(records, t)
         await stream.link.drain()
 
     async def end(self) -> None:
@@ -196,20 +208,21 @@ class RouteState:
         # Whether records reach a same-worker instance as objects (not serialised).
         self.local = any(isinstance(c, LocalChannel) for c in channels)
 
-    async def emit(self, records: list[Any]) -> None:
-        """Send one batch of output records along this stream."""
+    async def emit(self, records: list[Any], t: float | None = None) -> None:
+        """Send one batch of output records along this stream (``t``: its source
+        time, which every part of it keeps; None if unstamped)."""
         p = self.partition
         if self.canary is not None and p in ("shuffle", "key"):
-            await self._emit_canary(records)
+            await self._emit_canary(records, t)
         elif p == "shuffle":
             # Deal whole batches round-robin: one channel per batch.
             ch = self.channels[self.next]
             self.next = (self.next + 1) % self.n
-            await ch.send(records)
+            await ch.send(records, t)
         elif p == "key":
             n = self.n
             if n == 1:
-                await self.channels[0].send(records)
+                await self.channels[0].send(records, t)
                 return
             key_fn = self.key_fn
             assert key_fn is not None
@@ -219,20 +232,20 @@ class RouteState:
                 parts[crc(pack(key_fn(r))) % n].append(r)
             for ch, part in zip(self.channels, parts, strict=True):
                 if part:
-                    await ch.send(part)
+                    await ch.send(part, t)
         elif p == "broadcast":
             # Same-worker receivers get objects: each after the first gets its own copy.
             shared = False
             for ch in self.channels:
                 if isinstance(ch, LocalChannel):
-                    await ch.send(fan_out_copy(records) if shared else records)
+                    await ch.send(fan_out_copy(records) if shared else records, t)
                     shared = True
                 else:
-                    await ch.send(records)
+                    await ch.send(records, t)
         else:  # forward
-            await self.channels[0].send(records)
+            await self.channels[0].send(records, t)
 
-    async def _emit_canary(self, records: list[Any]) -> None:
+    async def _emit_canary(self, records: list[Any], t: float | None) -> None:
         """Send a batch into a PE in a canary (``Route.canary``)."""
         c = self.canary
         assert c is not None
@@ -247,7 +260,7 @@ class RouteState:
             else:
                 ch = self.channels[self.next]
                 self.next = (self.next + 1) % c.first
-            await ch.send(records)
+            await ch.send(records, t)
             return
         key_fn = self.key_fn
         assert key_fn is not None
@@ -257,11 +270,14 @@ class RouteState:
             parts[canary_index(zlib.crc32(pack_key(key_fn(r))), n, c)].append(r)
         for ch, part in zip(self.channels, parts, strict=True):
             if part:
-                await ch.send(part)
+                await ch.send(part, t)
 
 
-async def emit_all(routes: dict[str, RouteState], records: list[Any]) -> None:
-    """Send one output batch along every output stream of an instance.
+async def emit_all(
+    routes: dict[str, RouteState], records: list[Any], t: float | None = None
+) -> None:
+    """Send one output batch along every output stream of an instance (``t``: the
+    source time of the input batch it came from, see :class:`Stamp`).
 
     Records reach same-worker PEs as objects; when several streams (branches)
     would receive the same objects, every local one after the first gets a deep
@@ -270,15 +286,15 @@ async def emit_all(routes: dict[str, RouteState], records: list[Any]) -> None:
     """
     if len(routes) == 1:
         for route in routes.values():
-            await route.emit(records)
+            await route.emit(records, t)
         return
     shared = False
     for route in list(routes.values()):
         if route.local:
-            await route.emit(fan_out_copy(records) if shared else records)
+            await route.emit(fan_out_copy(records) if shared else records, t)
             shared = True
         else:
-            await route.emit(records)
+            await route.emit(records, t)
 
 
 def fan_out_copy(records: list[Any]) -> list[Any]:

@@ -108,6 +108,7 @@ class Worker(Node):
         # link_timeout: a data link to a peer down this long is reported to the master.
         self.runtime = Runtime(self.name, self.data_dir / "bundles", link_timeout)
         self.runtime.dataplane.tls = tls
+        self.runtime.stamp = bool(metrics)  # sources stamp batches for the e2e latency
         self.session = ""
         self.epoch = 0  # the number of the current session (fencing epoch)
         self._rejoin_now = False  # the master refused the session: register again at once

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from hotwire.codec import packb
 from hotwire.logs import task_context
-from hotwire.metrics import BATCH_BUCKETS
+from hotwire.metrics import BATCH_BUCKETS, E2E_BUCKETS
 from hotwire.names import confined
 from hotwire.pe.executors import EXECUTORS, Executor, _keyed_items
 from hotwire.plan import Gate, Retire, StartInstance, Switch, key_partition
@@ -41,6 +41,7 @@ from hotwire.worker.channels import (
     STATE,
     OutChannel,
     RouteState,
+    Stamp,
     emit_all,
 )
 from hotwire.worker.machine import Checkpoint, CheckpointDone
@@ -104,6 +105,10 @@ class Instance:
         self.batch_hist = [0] * (len(BATCH_BUCKETS) + 1)  # input batches by time taken
         self.records_out = 0
         self.dead_letters = 0
+        # A sink's stamped batches (see Stamp) by seconds from their source's stamp to
+        # the end of the sink's code, per E2E_BUCKETS (last slot: longer), and their sum.
+        self.e2e_hist: list[int] | None = None
+        self.e2e_s = 0.0
         self.position = 0  # records a source has emitted, over all its generations
         # A source's iterator object, and its position at each checkpoint cut not yet
         # complete: a ``checkpoint_complete(position)`` method of the object hears when
@@ -268,9 +273,13 @@ class Instance:
         self.records_in += len(records) - len(rest)
         if not rest and ret is not None:
             ret.grant(self.app, a.channel, 1)
+        # A stamped batch's output keeps its source time; a sink measures from it.
+        stamp = ret.t if type(ret) is Stamp else None
+        if stamp is not None and self.kind == "sink":
+            self._e2e(stamp)
         if out:
             self.records_out += len(out)
-            await emit_all(self.routes, out)
+            await emit_all(self.routes, out, stamp)
         # A full inbox never suspends ``inbox.get()``, and a sender with credit never
         # suspends either: without this an overloaded instance (a slow sink, say)
         # would starve the worker's heartbeats, control stream and data-plane reads.
@@ -281,6 +290,16 @@ class Instance:
         # The records the PE did not process (it stopped on an error) stay held,
         # with no credit returned, for the upgrade that fixes the PE.
         return sm.Processed(rest) if rest else sm.PROCESSED
+
+    def _e2e(self, stamp: float) -> None:
+        """A sink finished a batch whose source stamped it at ``stamp`` (its worker's
+        ``time.time()``: another host's clock offset is part of the figure; a negative
+        one counts as 0)."""
+        took = max(0.0, time.time() - stamp)
+        if self.e2e_hist is None:
+            self.e2e_hist = [0] * (len(E2E_BUCKETS) + 1)
+        self.e2e_hist[bisect_left(E2E_BUCKETS, took)] += 1
+        self.e2e_s += took
 
     # -- checkpoints -------------------------------------------------------
     async def _snapshot_for(self, cid: int) -> sm.Snapshotted | sm.Fail:
@@ -485,7 +504,7 @@ class Instance:
             await self.runtime.hold.wait()  # the master may have fenced this worker
         self.position += len(chunk)
         self.records_out += len(chunk)
-        await emit_all(self.routes, chunk)
+        await emit_all(self.routes, chunk, time.time() if self.runtime.stamp else None)
 
     # -- retirement ------------------------------------------------------
     async def _finish(self, fin: sm.Finish) -> None:

@@ -41,7 +41,7 @@ from hotwire.worker.channels import (
 from hotwire.worker.channels import BATCH as _BATCH
 from hotwire.worker.fence import OutputHold
 from hotwire.worker.instance import Checkpoint, CheckpointDone, Instance
-from hotwire.worker.transport import LINK_TIMEOUT_S, DataPlane, InStream
+from hotwire.worker.transport import LINK_TIMEOUT_S, DataPlane, InStream, Stamp
 
 log = logging.getLogger(__name__)
 
@@ -98,11 +98,14 @@ class Runtime:
         # those sent to other workers per app (hotwire.metrics).
         self.handovers: Counter[tuple[str, str]] = Counter()
         self.handover_bytes: Counter[str] = Counter()
+        # Whether this worker's sources stamp their batches with the time they emit
+        # them, for the sinks' end-to-end latency (on with --metrics; see Stamp).
+        self.stamp = False
 
     # ------------------------------------------------------------------
     # Data plane receiver
     # ------------------------------------------------------------------
-    def on_batch(self, app: str, channel: str, records: list[Any], ret: InStream) -> bool:
+    def on_batch(self, app: str, channel: str, records: list[Any], ret: InStream | Stamp) -> bool:
         inst = self.in_channels.get((app, channel))
         if inst is None or not isinstance(records, list):
             return False

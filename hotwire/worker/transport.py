@@ -4,7 +4,8 @@ Frames are a 4-byte big-endian length followed by a msgpack array whose first
 item is a :class:`Frame` kind::
 
     HELLO    [HELLO, worker, incarnation]            first frame each way on a connection
-    BATCH    [BATCH, app, channel, seq, records]
+    BATCH    [BATCH, app, channel, seq, records]          or with the source time:
+             [BATCH, app, channel, seq, records, t]       t: float, see Stamp
     END      [END, app, channel, seq]                 end marker: the channel is done
     EPOCH    [EPOCH, app, channel, seq, version]      the upgrade cut on a kept channel
     BARRIER  [BARRIER, app, channel, seq, checkpoint] a checkpoint's cut
@@ -89,7 +90,7 @@ _LEN = struct.Struct(">I")
 
 class Frame(enum.IntEnum):
     HELLO = 0  # [HELLO, worker_name, incarnation]
-    BATCH = 1  # [BATCH, app, channel, seq, records]
+    BATCH = 1  # [BATCH, app, channel, seq, records] or [..., records, source time]
     END = 2  # [END, app, channel, seq]
     ACK = 3  # [ACK, (app, stream, received seq, processed batches) * n]
     STATE = 4  # [STATE, app, ">" + dst_instance, seq, src_instance, state, unprocessed records]
@@ -97,13 +98,33 @@ class Frame(enum.IntEnum):
     BARRIER = 6  # [BARRIER, app, channel, seq, checkpoint_id]: a checkpoint's cut
 
 
+class Stamp:
+    """The source time of a batch (``time.time()`` when a source emitted the batch it
+    comes from), travelling with the batch's credit return (``ret``) through the inbox
+    and whatever the instance's state machine holds. Only stamped batches carry one
+    (a worker with ``--metrics`` stamps its sources' batches): the records and the
+    batch list are the user's, untouched, and an unstamped batch carries nothing."""
+
+    __slots__ = ("ret", "t")
+
+    def __init__(self, ret: Any, t: float):
+        self.ret = ret
+        self.t = t
+
+    def grant(self, app: str, channel: str, n: int) -> None:
+        self.ret.grant(app, channel, n)
+
+
 class Receiver(Protocol):
     """What the data plane hands decoded frames to (the worker runtime).
 
-    ``ret`` of :meth:`on_batch` is the batch's stream: the receiving instance calls
+    ``ret`` of :meth:`on_batch` is the batch's stream (in a :class:`Stamp` when the
+    frame carried a source time): the receiving instance calls
     ``ret.grant(app, channel, 1)`` when it has processed the batch (its credit)."""
 
-    def on_batch(self, app: str, channel: str, records: list[Any], ret: InStream) -> bool: ...
+    def on_batch(
+        self, app: str, channel: str, records: list[Any], ret: InStream | Stamp
+    ) -> bool: ...
     def on_end(self, app: str, channel: str) -> bool: ...
     def on_state(
         self, app: str, dst: str, src: str, state: Any, pending: list[Any] | None = None
@@ -191,9 +212,12 @@ class OutStream:
         else:
             link.plane.keep_up(link)
 
-    def batch(self, records: list[Any]) -> None:
+    def batch(self, records: list[Any], t: float | None = None) -> None:
         self.batches += 1
-        self.push(Frame.BATCH, records)
+        if t is None:
+            self.push(Frame.BATCH, records)
+        else:
+            self.push(Frame.BATCH, records, t)
 
     def acked(self, received: int, processed: int) -> None:
         buf = self.buf
@@ -730,7 +754,9 @@ class DataPlane:
                         self.drops["over_credit"],
                     )
                 return
-            ok = rcv.on_batch(app, name, msg[4], s)
+            # A source time that is not a float is ignored: the batch is good without it.
+            t = msg[5] if len(msg) > 5 else None
+            ok = rcv.on_batch(app, name, msg[4], s if type(t) is not float else Stamp(s, t))
             if ok:
                 s.batches += 1
             s.ended = False
