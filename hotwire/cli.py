@@ -96,6 +96,19 @@ def _check_metrics(ctx: click.Context, param: click.Parameter, value: str | None
     return value
 
 
+def _check_dashboard(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """``--dashboard HOST:PORT``: a usage error in one line if malformed."""
+    if value is None:
+        return None
+    from hotwire.master.dashboard import parse_address
+
+    try:
+        parse_address(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e).split(": ", 1)[1]) from None
+    return value
+
+
 def _observability(cmd: Callable[..., Any]) -> Callable[..., Any]:
     """The --metrics and --log-format options of the master and the worker."""
     cmd = click.option(
@@ -224,6 +237,14 @@ def _accept_master_after(group: click.Group) -> None:
     "port can run code on every worker)",
 )
 @click.option("--log-level", default="info", show_default=True)
+@click.option(
+    "--dashboard",
+    default=None,
+    metavar="HOST:PORT",
+    callback=_check_dashboard,
+    help="serve the read-only web dashboard on HOST:PORT (port 0: any free port, logged; "
+    "HTTPS and a viewer or admin token when the master has TLS); off by default",
+)
 @_observability
 def master(
     listen: str,
@@ -233,6 +254,7 @@ def master(
     switch_timeout: float,
     insecure: bool,
     log_level: str,
+    dashboard: str | None,
     metrics: str | None,
     log_format: str,
 ) -> None:
@@ -267,12 +289,18 @@ def master(
             tls=tls,
             insecure=insecure,
             metrics=metrics,
+            dashboard=dashboard,
         )
         await m.start()
         how = "mTLS, tokens" if tls is not None else "plaintext"
         announce(f"master listening on {m.address} ({how})")
         if m.metrics_address:
             announce(f"master metrics on {m.metrics_address}")
+        if m.dashboard_address:
+            scheme = "https" if tls is not None else "http"
+            announce(
+                f"master dashboard on {m.dashboard_address} ({scheme}://{m.dashboard_address}/)"
+            )
         await _until_signalled()
         await m.close()
 

@@ -40,6 +40,7 @@ from hotwire.master.diff import ChangeSet, diff, renamed_states
 from hotwire.master.locks import AppLocks
 from hotwire.master.membership import Membership
 from hotwire.master.planner import StateMove, plan_stop, plan_upgrade, state_moves
+from hotwire.master.progress import TransitionProgress
 from hotwire.master.scheduler import SchedulingError, schedule
 from hotwire.master.store import Store
 from hotwire.metrics import MasterMetrics
@@ -125,6 +126,7 @@ class _Job:
     bundles: dict[str, bytes] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
     latency_ms: float = 0.0
+    plan_lines: list[str] = field(default_factory=list)  # Plan.describe(), for progress
 
 
 class TransitionEngine:
@@ -156,6 +158,10 @@ class TransitionEngine:
         self.on_restart: Callable[[dict[str, Any]], None] = lambda event: None
         # Phase durations and outcomes of transitions, checkpoints (Prometheus).
         self.metrics = MasterMetrics()
+        # The last transition of each app, phase by phase (the dashboard's progress);
+        # on_progress(app) is called at each of its phase changes.
+        self.progress: dict[str, TransitionProgress] = {}
+        self.on_progress: Callable[[str], None] = lambda app: None
 
     async def load(self, store: Store) -> None:
         """Take the store and the apps it recorded."""
@@ -683,6 +689,7 @@ class TransitionEngine:
             prepare={w: [to_pb(i) for i in plan.prepare.get(w, ())] for w in plan.workers},
             switch={w: [to_pb(i) for i in ins] for w, ins in plan.switch.items()},
             bundles={bundle_hash: bundle, **(more_bundles or {})},
+            plan_lines=plan.describe(),
         )
         if started is not None:
             job.started = started
@@ -706,6 +713,14 @@ class TransitionEngine:
             events.put_nowait(await self._perform(action, job))
 
         clock = self.metrics.clock(t.app)
+        progress = self.progress[t.app] = TransitionProgress.of_plan(
+            t.app,
+            int(job.intent.get("version", 0)),
+            str(job.intent.get("action", "placement")),
+            job.epoch,
+            job.plan_lines,
+        )
+        self.on_progress(t.app)
         # the actions' tasks (created below) log with the app and transition too
         with log_context(app=t.app, transition=job.epoch):
             try:
@@ -713,7 +728,11 @@ class TransitionEngine:
                 while True:
                     for a in actions:
                         clock.saw(a)
+                        if progress.enter(clock.phase):
+                            self.on_progress(t.app)
                         if isinstance(a, tr.Reply):
+                            progress.finish(a.result.value)
+                            self.on_progress(t.app)
                             self.metrics.transition_done(
                                 t.app,
                                 job.intent.get("action", "placement"),
@@ -736,6 +755,9 @@ class TransitionEngine:
                         task.add_done_callback(tasks.discard)
                     actions = t.handle(await events.get())
             finally:
+                if not progress.outcome:  # ended by an exception or a cancel
+                    progress.finish("interrupted")
+                    self.on_progress(t.app)
                 if timer is not None:
                     timer.cancel()
                 for task in tasks:

@@ -26,6 +26,7 @@ from hotwire.master.access import Access, AccessInterceptor, AccessService
 from hotwire.master.diff import diff
 from hotwire.master.engine import AppState, Outcome, Refused, TransitionEngine
 from hotwire.master.membership import Membership, SessionRefused, WorkerGone, stale_instances
+from hotwire.master.progress import plan_by_phase
 from hotwire.master.recovery import Recovery
 from hotwire.master.store import Store
 from hotwire.model import LogicalModel, check_structure
@@ -52,9 +53,15 @@ class Master(Node):
         tls: TlsFiles | None = None,
         insecure: bool = False,
         metrics: str | None = None,
+        dashboard: str | None = None,
     ):
         super().__init__()
         self.metrics = metrics  # HOST:PORT of the Prometheus endpoint; None: off
+        self.dashboard = dashboard  # HOST:PORT of the web dashboard; None: off
+        self.dashboard_address = ""  # where it listens
+        self._dashboard: Any = None  # its hotwire.master.dashboard.Dashboard
+        # The last dry run of an upgrade or rollback of each app (the dashboard's preview).
+        self.previews: dict[str, dict[str, Any]] = {}
         self.metrics_address = ""  # where it listens (the port bound when 0 was asked)
         self._metrics: Any = None  # its hotwire.metrics.MetricsServer
         if tls is None and not insecure and not is_loopback(listen):
@@ -124,6 +131,11 @@ class Master(Node):
         await self.server.start()
         if self.metrics:
             await self._serve_metrics(self.metrics)
+        if self.dashboard:
+            from hotwire.master.dashboard import Dashboard
+
+            self._dashboard = Dashboard(self)
+            self.dashboard_address = await self._dashboard.start(self.dashboard)
         self.recovery.start()
         self.spawn(self._watch_canaries(), name="canaries")
         log.info("master listening on %s (data in %s)", self.address, self.data_dir)
@@ -147,6 +159,8 @@ class Master(Node):
         log.info("master: Prometheus metrics at http://%s/metrics", self.metrics_address)
 
     async def _close(self) -> None:
+        if self._dashboard is not None:
+            await self._dashboard.close()
         if self._metrics is not None:
             await asyncio.to_thread(self._metrics.close)
         if self.server is not None:
@@ -242,7 +256,7 @@ class Master(Node):
                     app, model, bundle, bundle_hash, pe, share, max_errors, promote_after
                 )
         async with self.engine.claim(app, f"an upgrade to version {cur.version + 1}"):
-            return await self.engine.change(
+            outcome = await self.engine.change(
                 app,
                 cur.version + 1,
                 action,
@@ -255,6 +269,9 @@ class Master(Node):
                 rolled_back_to,
                 drop_state,
             )
+        if dry_run:
+            self.previews[app] = _preview(outcome, model, action)
+        return outcome
 
     async def rollback(self, app: str, to_version: int, dry_run: bool) -> Outcome:
         assert self.store is not None
@@ -477,19 +494,7 @@ class Master(Node):
 
     async def diff_versions(self, app: str, v1: int, v2: int) -> pb.DiffReply:
         """The change set from stored version ``v1`` of ``app`` to ``v2`` (any two)."""
-        store = self.store
-        assert store is not None
-        if app not in self.apps:
-            raise Refused(grpc.StatusCode.NOT_FOUND, f"no app named {app!r}")
-        models = []
-        for v in (v1, v2):
-            rec = await store.read(store.version, app, v)
-            if rec is None:
-                raise Refused(
-                    grpc.StatusCode.NOT_FOUND,
-                    f"app {app!r} has no version {v}; 'streamctl history {app}' lists them",
-                )
-            models.append(rec.model)
+        models = await self.version_models(app, v1, v2)
         change = diff(models[0], models[1])
         return pb.DiffReply(
             app=app,
@@ -498,6 +503,23 @@ class Master(Node):
             changes_json=json.dumps(change.to_dict()),
             change_lines=change.describe(),
         )
+
+    async def version_models(self, app: str, *versions: int) -> list[LogicalModel]:
+        """The logical models of stored ``versions`` of ``app`` (NOT_FOUND if one is not)."""
+        store = self.store
+        assert store is not None
+        if app not in self.apps:
+            raise Refused(grpc.StatusCode.NOT_FOUND, f"no app named {app!r}")
+        models = []
+        for v in versions:
+            rec = await store.read(store.version, app, v)
+            if rec is None:
+                raise Refused(
+                    grpc.StatusCode.NOT_FOUND,
+                    f"app {app!r} has no version {v}; 'streamctl history {app}' lists them",
+                )
+            models.append(rec.model)
+        return models
 
     def workers(self) -> pb.ListWorkersReply:
         reply = pb.ListWorkersReply()
@@ -528,6 +550,25 @@ class Master(Node):
         all of the app from its checkpoint, so they would only run beside it."""
         doomed = self.recovery.doomed() if registering else set()
         return stale_instances(worker, running, self.apps, doomed)
+
+
+def _preview(o: Outcome, model: LogicalModel, action: str) -> dict[str, Any]:
+    """What the dashboard shows of a dry run: the model it would run, its change set
+    and its plan by phase (nothing of it was applied)."""
+    return {
+        "app": o.app,
+        "action": action,
+        "from_version": o.from_version,
+        "to_version": o.to_version,
+        "created": time.time(),
+        "model": model.to_dict(),
+        "changes": o.change.to_dict(),
+        "change_lines": o.change.describe(),
+        "plan": plan_by_phase(o.plan.describe()),
+        "instructions": o.plan.count(),
+        "state_check": o.state_check,
+        "state_check_failed": o.state_check_failed,
+    }
 
 
 def _upgrade_reply(o: Outcome) -> pb.UpgradeReply:

@@ -156,6 +156,7 @@ class LocalCluster:
         secure: bool = False,
         metrics: bool = False,
         log_format: str = "text",
+        dashboard: bool = False,
     ):
         self._tmp = (
             tempfile.TemporaryDirectory(prefix="hotwire-cluster-") if data_dir is None else None
@@ -189,6 +190,9 @@ class LocalCluster:
         self.metrics = metrics
         self.log_format = log_format
         self.metrics_addresses: dict[str, str] = {}
+        # dashboard: the master serves its web dashboard on a free port (dashboard_address)
+        self.dashboard = dashboard
+        self.dashboard_address = ""
 
     # -- lifecycle ---------------------------------------------------------
     def start(self) -> LocalCluster:
@@ -230,6 +234,7 @@ class LocalCluster:
                     "--checkpoint-interval",
                     str(self.checkpoint_interval),
                     *self._observability_args(),
+                    *(["--dashboard", "127.0.0.1:0"] if self.dashboard else []),
                 ],
             ),
             self.dir / f"master.{self._restarts}.log",
@@ -237,6 +242,15 @@ class LocalCluster:
         )
         self.master.wait_address()
         self._wait_metrics(self.master, r"master metrics on ([^\s\"]+)")
+        if self.dashboard:
+            found = re.compile(r"master dashboard on ([^\s\"]+)")
+            log = self.master.log_path
+
+            def dashboard() -> str | None:
+                m = found.search(log.read_text(errors="replace"))
+                return m.group(1) if m else None
+
+            self.dashboard_address = poll_for(dashboard, 30, what="the master's dashboard")
         if self._client is not None:
             self._client.close()
         self._client = Client(self.address, self.credentials())
