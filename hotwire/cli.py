@@ -125,7 +125,8 @@ def _observability(cmd: Callable[..., Any]) -> Callable[..., Any]:
         metavar="HOST:PORT",
         callback=_check_metrics,
         help="serve Prometheus metrics on http://HOST:PORT/metrics (port 0: any free "
-        "port, logged); off by default",
+        "port, logged), or https:// with the node's certificate when it runs TLS; off by "
+        "default",
     )(cmd)
 
 

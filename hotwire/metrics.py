@@ -25,11 +25,12 @@ import asyncio
 import concurrent.futures
 import logging
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client import (
@@ -45,6 +46,9 @@ from prometheus_client.core import (
 )
 from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from hotwire.security.tls import TlsFiles
 
 log = logging.getLogger(__name__)
 
@@ -84,16 +88,67 @@ class _QuietHandler(WSGIRequestHandler):
         """No line per request on stderr."""
 
 
-class MetricsServer:
-    """Serve the WSGI ``app`` (the metrics exposition) on ``addr``, on a thread of its own."""
+def https_context(tls: TlsFiles) -> ssl.SSLContext:
+    """The metrics endpoint's TLS: the node's own certificate (the master's, or the
+    worker's); a scraper checks it with the cluster CA and needs no certificate."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(str(tls.cert), str(tls.key))
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
 
-    def __init__(self, addr: str, app: Callable[..., Any]):
+
+HANDSHAKE_TIMEOUT_S = 10.0
+_PLAIN_REFUSED = (
+    b"this endpoint serves HTTPS only: scrape it with scheme https and the cluster CA "
+    b"(tls_config: ca_file)\n"
+)
+
+
+def _tls_accept(sock: socket.socket, ctx: ssl.SSLContext) -> ssl.SSLSocket | None:
+    """``sock`` after a TLS handshake (on the connection's own thread); None when the
+    client spoke plain HTTP (answered 400 and closed) or failed the handshake."""
+    sock.settimeout(HANDSHAKE_TIMEOUT_S)
+    try:
+        first = sock.recv(1, socket.MSG_PEEK)
+        if first != b"\x16":  # not a TLS handshake record: plain HTTP, or garbage
+            if first:
+                sock.sendall(
+                    b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\n"
+                    b"Connection: close\r\nContent-Length: "
+                    + str(len(_PLAIN_REFUSED)).encode()
+                    + b"\r\n\r\n"
+                    + _PLAIN_REFUSED
+                )
+            sock.close()
+            return None
+        return ctx.wrap_socket(sock, server_side=True)
+    except OSError as e:  # ssl.SSLError is one
+        log.debug("metrics endpoint: refused a connection: %s", e)
+        sock.close()
+        return None
+
+
+class MetricsServer:
+    """Serve the WSGI ``app`` (the metrics exposition) on ``addr``, on a thread of its
+    own; over HTTPS with ``tls`` (the handshake on each connection's thread)."""
+
+    def __init__(self, addr: str, app: Callable[..., Any], tls: TlsFiles | None = None):
         host, port = parse_address(addr)
+        context = https_context(tls) if tls is not None else None
+        self.scheme = "https" if context is not None else "http"
         try:
             family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
 
             class Server(ThreadingWSGIServer):
                 address_family = family
+
+                def process_request_thread(self, request: Any, client_address: Any) -> None:
+                    if context is not None:
+                        request = _tls_accept(request, context)
+                        if request is None:
+                            return
+                    super().process_request_thread(request, client_address)
 
             self._server = make_server(host, port, app, Server, _QuietHandler)
         except OSError as e:

@@ -1,17 +1,30 @@
-"""Metrics that follow records and state on a real cluster: the end-to-end latency
-from a source's stamp to a sink, and the state bytes handed over on one worker."""
+"""Metrics that follow records and state on a real cluster (the end-to-end latency
+from a source's stamp to a sink, the state bytes handed over on one worker) and the
+metrics endpoints of a TLS cluster, scraped over HTTPS by Python and by a real
+Prometheus server."""
 
 from __future__ import annotations
 
 import json
+import os
+import socket
+import ssl
+import subprocess
 import time
+import urllib.error
+import urllib.parse
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from hotwire.security import pki
 from hotwire.testing.cluster import LocalCluster, poll_for, write_app
+from hotwire.testing.servers import ServerMissing, find_binary, free_port
 
 RATE = 400  # records per second from each app's source
 
@@ -87,3 +100,150 @@ def test_e2e_latency_at_sinks_grows_with_a_slow_sink(tmp_path: Path) -> None:
         w2 = _scrape(c.metrics_addresses["w2"])
         received = sum(s.value for s in w2["hotwire_dataplane_received_frames"].samples)
         assert received > 0
+
+
+# -- TLS ---------------------------------------------------------------------
+
+
+def _https_get(addr: str, ca: Path, server_name: str) -> tuple[int, str]:
+    """GET /metrics over TLS, checking the certificate with ``ca`` as ``server_name``."""
+    host, _, port = addr.rpartition(":")
+    ctx = ssl.create_default_context(cafile=str(ca))
+    with (
+        socket.create_connection((host, int(port)), timeout=10) as raw,
+        ctx.wrap_socket(raw, server_hostname=server_name) as s,
+    ):
+        s.sendall(f"GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body.decode()
+
+
+def _need(name: str) -> str:
+    try:
+        return find_binary(name)
+    except ServerMissing as e:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"CI=true: {e}")
+        pytest.skip(str(e))
+
+
+@contextmanager
+def _prometheus(tmp: Path, scrape_configs: str) -> Iterator[str]:
+    """A real Prometheus server with ``scrape_configs`` (YAML), scraping every second."""
+    binary = _need("prometheus")
+    port = free_port()
+    config = tmp / "prometheus.yml"
+    config.write_text(
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+        f"scrape_configs:\n{scrape_configs}"
+    )
+    with open(tmp / "prometheus.log", "wb") as log:
+        proc = subprocess.Popen(
+            [
+                binary,
+                f"--config.file={config}",
+                f"--storage.tsdb.path={tmp / 'prometheus-data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+
+        def ready() -> bool:
+            if proc.poll() is not None:
+                raise RuntimeError(
+                    f"prometheus exited with {proc.returncode}:\n"
+                    + (tmp / "prometheus.log").read_text()[-2000:]
+                )
+            try:
+                with urllib.request.urlopen(f"{url}/-/ready", timeout=5) as r:
+                    return bytes(r.read()).startswith(b"Prometheus")
+            except OSError:
+                return False
+
+        poll_for(ready, 30, 0.1, what="prometheus to be ready")
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+def _promql(url: str, query: str) -> list[dict[str, Any]]:
+    q = urllib.parse.urlencode({"query": query})
+    with urllib.request.urlopen(f"{url}/api/v1/query?{q}", timeout=5) as r:
+        doc = json.loads(r.read())
+    assert doc["status"] == "success", doc
+    return list(doc["data"]["result"])
+
+
+def test_metrics_over_https_on_a_tls_cluster(tmp_path: Path) -> None:
+    """A TLS cluster serves /metrics over HTTPS with each node's own certificate: a
+    scrape that checks it with the cluster CA works (the master's by its address,
+    a worker's by its name), one with another CA fails its handshake, and plain
+    HTTP gets a 400 that says to use HTTPS; a real Prometheus configured as the
+    README says scrapes all three."""
+    _need("prometheus")
+    with LocalCluster(workers=2, data_dir=tmp_path / "c", secure=True, metrics=True) as c:
+        ca = c.admin.ca
+        addrs = c.metrics_addresses
+        assert set(addrs) == {"master", "w1", "w2"}, addrs
+        c.client.submit(write_app(tmp_path, "tlsobs.py", APP_TLS))
+        for label, name in (("master", "127.0.0.1"), ("w1", "w1"), ("w2", "w2")):
+            code, text = _https_get(addrs[label], ca, name)
+            assert code == 200, (label, text[:200])
+            names = {f.name for f in text_string_to_metric_families(text)}
+            assert ("hotwire_worker_up" if label == "master" else "hotwire_records_in") in names
+        # Another CA's client does not trust the endpoint.
+        other = pki.make_ca(tmp_path / "other-ca")
+        with pytest.raises(ssl.SSLCertVerificationError):
+            _https_get(addrs["w1"], other.cert, "w1")
+        # Plain HTTP is refused, in one line that says what to do; the endpoint goes on.
+        for label in ("master", "w1"):
+            with pytest.raises(urllib.error.HTTPError) as e:
+                urllib.request.urlopen(f"http://{addrs[label]}/metrics", timeout=5)
+            assert e.value.code == 400
+            assert "serves HTTPS only" in e.value.read().decode()
+            again = _https_get(addrs[label], ca, "127.0.0.1" if label == "master" else label)
+            assert again[0] == 200
+
+        # Prometheus: scheme https, the CA in tls_config; a worker's certificate names
+        # the worker, so its job says server_name (the master's also names 127.0.0.1).
+        jobs = ""
+        for label, addr in sorted(addrs.items()):
+            server_name = f"\n      server_name: {label}" if label != "master" else ""
+            jobs += (
+                f"  - job_name: hotwire-{label}\n    honor_labels: true\n    scheme: https\n"
+                f"    tls_config:\n      ca_file: {ca}{server_name}\n"
+                f"    static_configs:\n      - targets: [{json.dumps(addr)}]\n"
+            )
+        with _prometheus(tmp_path, jobs) as prom:
+            poll_for(
+                lambda: len(_promql(prom, "up == 1")) == 3,
+                30,
+                0.2,
+                what="prometheus to scrape the master and both workers over HTTPS",
+            )
+            poll_for(
+                lambda: _promql(prom, 'hotwire_records_in_total{app="tlsobs",pe="snk"} > 0'),
+                30,
+                0.5,
+                what="the sink's records scraped over HTTPS",
+            )
+
+
+APP_TLS = """
+from hotwire import Topology
+from hotwire.testing.sources import counter
+
+app = Topology("tlsobs")
+app.source("src", counter(rate=200)).map("m", lambda r: r).sink("snk", lambda r: None)
+"""

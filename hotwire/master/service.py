@@ -152,11 +152,16 @@ class Master(Node):
             return master_families(self, metrics)
 
         metrics.scrape = lambda: on_loop(families, [])
+        # With TLS, over HTTPS with the master's certificate (scrapers check it with the CA).
         self._metrics = await asyncio.to_thread(
-            MetricsServer, addr, make_wsgi_app(metrics.registry)
+            MetricsServer, addr, make_wsgi_app(metrics.registry), self.tls
         )
         self.metrics_address = self._metrics.address
-        log.info("master: Prometheus metrics at http://%s/metrics", self.metrics_address)
+        log.info(
+            "master: Prometheus metrics at %s://%s/metrics",
+            self._metrics.scheme,
+            self.metrics_address,
+        )
 
     async def _close(self) -> None:
         if self._dashboard is not None:

@@ -179,9 +179,15 @@ class Worker(Node):
         def render() -> str:
             return worker_exposition(on_loop(snapshot, worker_snapshot(self, empty=True)))
 
-        self._metrics = await asyncio.to_thread(MetricsServer, addr, text_app(render))
+        # With TLS, over HTTPS with the worker's certificate (scrapers check it with the CA).
+        self._metrics = await asyncio.to_thread(MetricsServer, addr, text_app(render), self.tls)
         self.metrics_address = addr = self._metrics.address
-        log.info("worker %s: Prometheus metrics at http://%s/metrics", self.name, addr)
+        log.info(
+            "worker %s: Prometheus metrics at %s://%s/metrics",
+            self.name,
+            self._metrics.scheme,
+            addr,
+        )
 
     async def _close(self) -> None:
         if self._metrics is not None:
