@@ -734,6 +734,7 @@ def _print_upgrade(r: Any, as_json: bool, dry_run: bool) -> None:
         "to_version": r.to_version,
         "changes": {k: changes.get(k, []) for k in (*keys, "pes_renamed", "renames_inferred")},
         "state": json.loads(r.state_json or "[]"),
+        "handed_over": json.loads(r.handover_json or "[]"),
         "instructions": r.instructions,
         "applied": r.applied,
         "latency_ms": round(r.latency_ms, 3),
@@ -759,6 +760,8 @@ def _print_upgrade(r: Any, as_json: bool, dry_run: bool) -> None:
                 click.echo(f"  {line}")
         if r.state_check:
             click.echo(f"state check: {r.state_check}")
+        for h in doc["handed_over"]:
+            click.echo(f"handed over: {_describe_handed(h)}")
         if r.applied:
             click.echo(f"version {r.to_version} is live ({r.latency_ms:.1f} ms)")
         else:
@@ -1009,6 +1012,8 @@ def history(ctx: click.Context, name: str, as_json: bool) -> None:
                     )
                 for move in v["changes"].get("state", []):
                     click.echo(f"        state: {_describe_move(move)}")
+                for h in v["changes"].get("handed_over", []):
+                    click.echo(f"        handed over: {_describe_handed(h)}")
                 if c := v["changes"].get("canary"):
                     click.echo(f"        after {_describe_canary(c)}")
             for c in canaries:
@@ -1063,6 +1068,16 @@ def _canary_action(ctx: click.Context, name: str, action: str) -> None:
         )
 
     _run(body)
+
+
+def _describe_handed(h: dict[str, Any]) -> str:
+    """What one PE's retiring instances handed over in a switch, as the workers
+    counted it (``handover_json``), in one line."""
+    held = f", {h['held']} held record(s)" if h.get("held") else ""
+    return (
+        f"{h['pe']!r}: {h['keys']} keys, {h['bytes']} bytes in {h['handovers']} "
+        f"handover(s) ({h['local']} on the same worker){held}"
+    )
 
 
 def _describe_move(m: dict[str, Any]) -> str:

@@ -96,6 +96,7 @@ class Outcome:
     state_check: str = ""  # what the state compatibility check found ("" : not run)
     state_check_failed: bool = False
     moves: list[StateMove] = field(default_factory=list)  # where state goes
+    handed: list[dict[str, Any]] = field(default_factory=list)  # see handed_over()
 
 
 @dataclass
@@ -126,7 +127,25 @@ class _Job:
     bundles: dict[str, bytes] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
     latency_ms: float = 0.0
+    # what each worker's switch handed over (its ack), by worker
+    handed: dict[str, list[pb.HandedOver]] = field(default_factory=dict)
     plan_lines: list[str] = field(default_factory=list)  # Plan.describe(), for progress
+
+
+def handed_over(handed: dict[str, list[pb.HandedOver]]) -> list[dict[str, Any]]:
+    """What a switch handed over, per PE over every worker (``handed``: each
+    worker's ack), as the workers counted it at the handover:
+    ``[{pe, keys, bytes, handovers, local, held}]``."""
+    by_pe: dict[str, dict[str, Any]] = {}
+    for acks in handed.values():
+        for h in acks:
+            t = by_pe.setdefault(h.pe, {"pe": h.pe, **dict.fromkeys(HANDED_FIELDS, 0)})
+            for f in HANDED_FIELDS:
+                t[f] += getattr(h, f)
+    return [by_pe[pe] for pe in sorted(by_pe)]
+
+
+HANDED_FIELDS = ("keys", "bytes", "handovers", "local", "held")
 
 
 class TransitionEngine:
@@ -319,6 +338,7 @@ class TransitionEngine:
         job = await self._apply(plan, bundle_hash, bundle, intent, fallback, t0)
         outcome.applied = True
         outcome.latency_ms = job.latency_ms
+        outcome.handed = handed_over(job.handed)
         log.info(
             "app %r: %s to version %d in %.1f ms (%d instructions)",
             app,
@@ -526,6 +546,7 @@ class TransitionEngine:
             app, cur.version, cur.version, change, plan, True, job.latency_ms, checked
         )
         outcome.moves = moves
+        outcome.handed = handed_over(job.handed)
         log.info("app %r: canary of PE %r on %.1f%% started", app, pe, share / 100)
         return outcome
 
@@ -807,6 +828,8 @@ class TransitionEngine:
                     ack.elapsed_ms,
                 )
                 error = "" if ack.ok else ack.error or "refused without a reason"
+                if not prepare and ack.ok:
+                    job.handed[a.worker] = list(ack.handed)
             except Exception as e:
                 error = str(e) or type(e).__name__
             if prepare:
@@ -840,6 +863,8 @@ class TransitionEngine:
                 write = store.end_transition(app)
             else:
                 job.latency_ms = (time.perf_counter() - job.started) * 1000
+                if "changes" in job.intent:  # a version: its record keeps what moved
+                    job.intent["changes"]["handed_over"] = handed_over(job.handed)
                 write = self._commit(job.intent, job.epoch, job.latency_ms)
             await asyncio.wrap_future(write)
         except Exception as e:

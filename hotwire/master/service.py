@@ -586,6 +586,7 @@ def _upgrade_reply(o: Outcome) -> pb.UpgradeReply:
         plan_lines=o.plan.describe(),
         state_lines=[m.describe() for m in o.moves],
         state_json=json.dumps([m.to_dict() for m in o.moves]),
+        handover_json=json.dumps(o.handed),
         instructions=o.plan.count(),
         applied=o.applied,
         latency_ms=o.latency_ms,

@@ -573,8 +573,19 @@ class Worker(Node):
                     await asyncio.to_thread(rt.load, h)
                 await rt.prepare(batch.app, batch.version, instructions)
             elif batch.phase == pb.SWITCH:
-                await rt.switch(
+                handed = await rt.switch(
                     batch.app, batch.version, instructions, batch.timeout_s or SWITCH_TIMEOUT_S
+                )
+                ack.handed.extend(
+                    pb.HandedOver(
+                        pe=h.pe,
+                        keys=h.keys,
+                        bytes=h.bytes,
+                        handovers=h.handovers,
+                        local=h.local,
+                        held=h.held,
+                    )
+                    for h in handed
                 )
             elif batch.phase == pb.ABORT:
                 await rt.abort(batch.app, batch.version)

@@ -22,6 +22,7 @@ import threading
 import time
 from bisect import bisect_left
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from itertools import islice
 from typing import TYPE_CHECKING, Any
 
@@ -59,6 +60,35 @@ YIELD_EVERY_S = 0.002  # longest an instance with a full inbox keeps the loop
 
 class StateError(Exception):
     """A PE's snapshot cannot be serialised; the message names the PE."""
+
+
+@dataclass
+class HandedOver:
+    """What retiring instances of PE ``pe`` handed over in a switch, counted at the
+    handover: keys of keyed state, bytes (to another worker the frames' bytes, which
+    carry the held input too; on the same worker the state's msgpack size), one
+    handover per successor (``local`` of them on the same worker) and the input
+    records held unprocessed that went with the state."""
+
+    pe: str
+    keys: int = 0
+    bytes: int = 0
+    handovers: int = 0
+    local: int = 0
+    held: int = 0
+
+    def add(self, keys: int, size: int, held: int) -> None:
+        self.keys += keys
+        self.bytes += size
+        self.handovers += 1
+        self.held += held
+
+    def merge(self, other: HandedOver) -> None:
+        self.keys += other.keys
+        self.bytes += other.bytes
+        self.handovers += other.handovers
+        self.local += other.local
+        self.held += other.held
 
 
 class Instance:
@@ -105,6 +135,7 @@ class Instance:
         self.batch_hist = [0] * (len(BATCH_BUCKETS) + 1)  # input batches by time taken
         self.records_out = 0
         self.dead_letters = 0
+        self._packed_size: int | None = None  # the state packed for its handover, bytes
         # A sink's stamped batches (see Stamp) by seconds from their source's stamp to
         # the end of the sink's code, per E2E_BUCKETS (last slot: longer), and their sum.
         self.e2e_hist: list[int] | None = None
@@ -532,10 +563,19 @@ class Instance:
                 await self.executor.acommit_all()  # type: ignore[union-attr]
         pending = fin.unprocessed
         if succ:
-            parts = self._split_state(retire)
+            self._packed_size = None
+            parts, keys = self._split_state(retire)
             held = self._split_pending(retire, pending)
-            for s, part, recs in zip(succ, parts, held, strict=True):
-                await self.runtime.send_state(self.app, s.instance, s.worker, self.iid, part, recs)
+            handed = HandedOver(self.pe)
+            for s, part, recs, k in zip(succ, parts, held, keys, strict=True):
+                sent = await self.runtime.send_state(
+                    self.app, s.instance, s.worker, self.iid, part, recs
+                )
+                if sent is None:  # the same worker: the object itself, counted as msgpack
+                    handed.local += 1
+                    sent = self._local_size(part)
+                handed.add(k, sent, len(recs))
+            self.runtime.handed_over(self.app, retire.version, handed)
         elif pending:
             log.warning(
                 "app %r PE %r instance %d: removed with %d unprocessed records, which are "
@@ -563,13 +603,25 @@ class Instance:
             parts[self.spec.index % n] = pending
         return parts
 
-    def _split_state(self, retire: Retire) -> list[Any]:
+    def _split_state(self, retire: Retire) -> tuple[list[Any], list[int]]:
         """The state for each successor, split by key when keyed, each part with
-        the state version of the code that wrote it (see ``hotwire.pe.state``)."""
+        the state version of the code that wrote it (see ``hotwire.pe.state``),
+        and the number of keys in each part (0 for state that is not keyed)."""
         parts = self._split_bare_state(retire)
+        keys = [len(p) if retire.keyed and isinstance(p, dict | list) else 0 for p in parts]
         if self.executor is None:
-            return parts
-        return [self.executor.versioned(p) for p in parts]
+            return parts, keys
+        return [self.executor.versioned(p) for p in parts], keys
+
+    def _local_size(self, part: Any) -> int:
+        """Bytes of ``part`` as msgpack: what the serialisability check packed, or
+        packed here."""
+        if part is None or (isinstance(part, list | dict) and not part):
+            return 0
+        if self._packed_size is not None:
+            size, self._packed_size = self._packed_size, None
+            return size
+        return len(self._packed(part))
 
     def _split_bare_state(self, retire: Retire) -> list[Any]:
         n = len(retire.successors)
@@ -594,8 +646,10 @@ class Instance:
             succ = retire.successors[self.spec.index]
             # A local successor takes the state object itself; over the wire keyed
             # state travels as [key, value] pairs (msgpack map keys must be strings).
-            self._checked(state)
             local = succ.worker == self.runtime.name and isinstance(state, dict)
+            size = len(self._packed(state))  # fails here if it cannot be serialised
+            if local:
+                self._packed_size = size  # the handover's bytes
             whole[self.spec.index] = state if local else [[k, v] for k, v in _keyed_items(state)]
             return whole
         if retire.keyed and state:

@@ -40,7 +40,7 @@ from hotwire.worker.channels import (
 )
 from hotwire.worker.channels import BATCH as _BATCH
 from hotwire.worker.fence import OutputHold
-from hotwire.worker.instance import Checkpoint, CheckpointDone, Instance
+from hotwire.worker.instance import Checkpoint, CheckpointDone, HandedOver, Instance
 from hotwire.worker.transport import LINK_TIMEOUT_S, DataPlane, InStream, Stamp
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,7 @@ class _Switching:
     gated: list[Instance] = field(default_factory=list)
     waits: list[asyncio.Future[Any]] = field(default_factory=list)
     labels: list[str] = field(default_factory=list)
+    handed: dict[str, HandedOver] = field(default_factory=dict)  # by PE
 
     def add(self, fut: asyncio.Future[Any], label: str) -> None:
         self.waits.append(fut)
@@ -164,16 +165,29 @@ class Runtime:
 
     async def send_state(
         self, app: str, dst: str, worker: str, src: str, state: Any, pending: list[Any]
-    ) -> None:
+    ) -> int | None:
         """Hand ``src``'s state, and input it held unprocessed, to successor ``dst``
-        (to another worker: kept and resent until that worker acknowledges it)."""
+        (to another worker: kept and resent until that worker acknowledges it).
+        Return the bytes of the frame sent to another worker; None on this one,
+        which takes the objects themselves."""
         if worker == self.name:
             self.handovers[app, "local"] += 1
             if not self.on_state(app, dst, src, state, pending):
                 log.error("state handover %s -> %s: no such instance here", src, dst)
-            return
+            return None
         self.handovers[app, "remote"] += 1
-        self.handover_bytes[app] += self.dataplane.send_state(worker, app, dst, src, state, pending)
+        sent = self.dataplane.send_state(worker, app, dst, src, state, pending)
+        self.handover_bytes[app] += sent
+        return sent
+
+    def handed_over(self, app: str, version: int, handed: HandedOver) -> None:
+        """A retiring instance of the switch to epoch ``version`` handed its state
+        over: counted in that switch's answer to the master."""
+        sw = self.switches.get((app, version))
+        if sw is None:
+            return
+        total = sw.handed.setdefault(handed.pe, HandedOver(handed.pe))
+        total.merge(handed)
 
     # ------------------------------------------------------------------
     # Bundles and code
@@ -420,8 +434,9 @@ class Runtime:
         version: int,
         instructions: list[Instruction],
         timeout: float = SWITCH_TIMEOUT_S,
-    ) -> None:
-        """Deliver a switch once and wait up to ``timeout`` for it to settle.
+    ) -> list[HandedOver]:
+        """Deliver a switch once and wait up to ``timeout`` for it to settle; what
+        its retiring instances handed over, per PE.
 
         Idempotent: a switch sent again (a master retrying, or restarted) waits for
         the same instances again. Waiting never cancels what it waits for: a switch
@@ -447,6 +462,7 @@ class Runtime:
         for inst in sw.gated:
             inst.gate_released.pop(version, None)
         self.evict_bundles()
+        return [sw.handed[pe] for pe in sorted(sw.handed)]
 
     def _deliver_switch(
         self, app: str, version: int, instructions: list[Instruction]
