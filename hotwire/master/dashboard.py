@@ -186,7 +186,11 @@ def message_dict(msg: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for f in msg.DESCRIPTOR.fields:
         value = getattr(msg, f.name)
-        if f.message_type is not None:
+        if f.message_type is not None and f.message_type.GetOptions().map_entry:
+            out[f.name] = {
+                k: message_dict(v) if hasattr(v, "DESCRIPTOR") else v for k, v in value.items()
+            }
+        elif f.message_type is not None:
             if f.is_repeated:
                 out[f.name] = [message_dict(v) for v in value]
             else:
