@@ -4,8 +4,9 @@
 # the Kubernetes client and schema validator, and (as root, with apt) podman; and the
 # servers the connector tests start for real: redis-server, nats-server, postgresql;
 # ip and nft, which the multi-host tests use for network namespaces; debootstrap,
-# which makes a base for the container image test when no registry answers; and
-# prometheus, which the metrics test starts itself (its service is left disabled).
+# which makes a base for the container image test when no registry answers;
+# prometheus, which the metrics test starts itself (its service is left disabled); and
+# chromium with its driver, in which the dashboard test opens the master's web page.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -19,6 +20,8 @@ if [ "${1:-}" = "--full" ]; then
   command -v nft >/dev/null 2>&1 || missing="$missing nftables"  # network namespaces
   command -v debootstrap >/dev/null 2>&1 || missing="$missing debootstrap"  # an image base
   command -v prometheus >/dev/null 2>&1 || missing="$missing prometheus"  # the metrics test
+  command -v chromium >/dev/null 2>&1 || missing="$missing chromium"  # the dashboard test's
+  command -v chromedriver >/dev/null 2>&1 || missing="$missing chromium-driver"  # browser
   if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
     missing="$missing postgresql"
   fi
