@@ -8,7 +8,11 @@ for each scenario performs the upgrade ``runs`` times while records flow at
 ``rate`` per second (reverting in between), and does the same change by
 killing the app and submitting the new version (``restart``), and, when bytewax is
 installed, the same change the Bytewax way: kill the dataflow and start the new version
-resuming from its recovery store (``peer``, see ``peer_bytewax.py``). Finally it
+resuming from its recovery store (``peer``, see ``peer_bytewax.py``). Before the
+first upgrade of an online run, the source has emitted every key of the domain
+(``--keys``) once and the sink has seen each, so the keyed PE's state holds them all;
+each upgrade's entry says how many keys and bytes its switch handed over, as the
+workers counted them at the handover (``handed_over``). Finally it
 measures how an upgrade's cost grows with the topology (``scaling``). Prints
 one JSON document on stdout and writes it to ``--out``; the sink timelines
 go beside it (``FILE.timeline.json``) for ``bench/plot.py``. See bench/README.md.
@@ -25,7 +29,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -135,6 +139,24 @@ class Event:
     apply_ms: float  # master: request to commit (UpgradeReply.latency_ms); restart: kill + submit
     rtt_ms: float  # client round trip (includes running app.py and bundling)
     timed: bool = True
+    # what the switch handed over per PE, as the workers counted it at the handover
+    # (UpgradeReply.handover_json); None when the reply does not say (a canary's end)
+    handed: list[dict[str, Any]] | None = None
+
+    def handed_total(self) -> dict[str, Any] | None:
+        """Keys and bytes handed over by every PE of the switch, and per PE."""
+        if self.handed is None:
+            return None
+        return {
+            "kind": self.kind,
+            "keys": sum(h["keys"] for h in self.handed),
+            "bytes": sum(h["bytes"] for h in self.handed),
+            "by_pe": {
+                h["pe"]: {k: h[k] for k in ("keys", "bytes", "handovers", "local")}
+                for h in self.handed
+                if h["keys"] or h["bytes"]
+            },
+        }
 
 
 @dataclass
@@ -168,6 +190,34 @@ class Bench:
                 return sum(1 for _ in f)
         except FileNotFoundError:
             return 0
+
+    @property
+    def fill_s(self) -> float:
+        """Time the source takes to emit every key of the domain once (record i has
+        key ``i % keys``)."""
+        return self.keys / self.rate
+
+    def _prefill(self, out: str) -> None:
+        """Wait until the sink has seen every key of the domain: the keyed PE, which
+        feeds the sink, then holds state for each, so the first upgrade hands all
+        ``keys`` of them over."""
+        seen: set[str] = set()
+        done = {"offset": 0}
+
+        def all_keys() -> bool:
+            try:
+                with open(out, "rb") as f:
+                    f.seek(done["offset"])
+                    chunk = f.read()
+            except FileNotFoundError:
+                return False
+            end = chunk.rfind(b"\n") + 1  # whole lines only
+            done["offset"] += end
+            for line in chunk[:end].splitlines():
+                seen.add(json.loads(line)["key"])
+            return len(seen) >= self.keys
+
+        poll_for(all_keys, self.fill_s + 60, interval=0.1, what=f"all {self.keys} keys seen")
 
     def _wait_rows(self, out: str, n: int, timeout: float) -> None:
         """Wait for at least ``n`` rows and then until the sink has been quiet for 0.3 s."""
@@ -233,12 +283,12 @@ class Bench:
     def online(self, scenario: str, runs: int, warm: float, spacing: float) -> Run:
         base = "change_code" if scenario == "rollback" else scenario
         v1, v2 = SCENARIOS[base]
-        n = int(self.rate * (warm + runs * 2 * spacing + 1.5))
+        n = int(self.rate * (self.fill_s + warm + runs * 2 * spacing + 1.5))
         name = f"b_{scenario}"
         out, (app1, app2) = self.apps(scenario, name, [v1, v2], n, self.rate)
         run = Run(scenario, n=n)
         self.c.client.submit(app1)
-        poll_for(lambda: self._count(out) > 0, 20, what="records flowing")
+        self._prefill(out)
         time.sleep(warm)
         for _ in range(runs):
             if scenario == "rollback":
@@ -266,7 +316,9 @@ class Bench:
         p1 = time.perf_counter()
         if not r.applied:
             raise RuntimeError(f"upgrade with {app} was not applied")
-        return Event(kind, t0, time.time(), r.latency_ms, (p1 - p0) * 1000), r
+        e = Event(kind, t0, time.time(), r.latency_ms, (p1 - p0) * 1000)
+        e.handed = json.loads(r.handover_json or "[]")
+        return e, r
 
     def _rollback(self, name: str) -> Event:
         t0, p0 = time.time(), time.perf_counter()
@@ -274,7 +326,9 @@ class Bench:
         p1 = time.perf_counter()
         if not r.applied:
             raise RuntimeError(f"rollback of {name} was not applied")
-        return Event("rollback", t0, time.time(), r.latency_ms, (p1 - p0) * 1000)
+        e = Event("rollback", t0, time.time(), r.latency_ms, (p1 - p0) * 1000)
+        e.handed = json.loads(r.handover_json or "[]")
+        return e
 
     # -- upgrade safety: a state migration, a canary ----------------------------
     def _wait_checkpoint(self, name: str, after: int, timeout: float = 30) -> int:
@@ -293,8 +347,7 @@ class Bench:
         over state are on every upgrade's path. Returns the run and the state check's
         line of each upgrade."""
         v1 = SCENARIOS["change_code"][0]
-        fill = self.keys / self.rate  # every key is seen once in this time
-        n = int(self.rate * (fill + warm + runs * spacing + 1.5))
+        n = int(self.rate * (self.fill_s + warm + runs * spacing + 1.5))
         name = "b_migrate_state"
         out, apps = self.apps(
             "migrate_state",
@@ -308,7 +361,7 @@ class Bench:
         run = Run("migrate_state", n=n)
         checks: list[str] = []
         self.c.client.submit(apps[0])
-        poll_for(lambda: self._count(out) >= self.keys, fill + 30, what="every key seen")
+        self._prefill(out)
         ck = self.c.client.status(name).apps[0].last_checkpoint
         self._wait_checkpoint(name, ck)  # a checkpoint holding every key
         time.sleep(warm)
@@ -326,12 +379,12 @@ class Bench:
         """Per run: a canary of ``count`` on ``share`` of its keys, promoted; another,
         aborted. The canaries alternate between the two codes of ``change_code``."""
         v1, v2 = SCENARIOS["change_code"]
-        n = int(self.rate * (warm + runs * 4 * spacing + 1.5))
+        n = int(self.rate * (self.fill_s + warm + runs * 4 * spacing + 1.5))
         name = "b_canary"
         out, (app1, app2) = self.apps("canary", name, [v1, v2], n, self.rate)
         run = Run("canary", n=n)
         self.c.client.submit(app1)
-        poll_for(lambda: self._count(out) > 0, 20, what="records flowing")
+        self._prefill(out)
         time.sleep(warm)
         running = app1
         for _ in range(runs):
@@ -342,14 +395,18 @@ class Bench:
                 p1 = time.perf_counter()
                 if not r.canary:
                     raise RuntimeError(f"the canary with {other} did not start")
-                run.events.append(
-                    Event("canary_start", t0, time.time(), r.latency_ms, (p1 - p0) * 1000)
-                )
+                e = Event("canary_start", t0, time.time(), r.latency_ms, (p1 - p0) * 1000)
+                e.handed = json.loads(r.handover_json or "[]")
+                run.events.append(e)
                 time.sleep(spacing)
                 t0, p0 = time.time(), time.perf_counter()
                 c = self.c.client.canary(name, end)
                 p1 = time.perf_counter()
-                run.events.append(Event(end, t0, time.time(), c.latency_ms, (p1 - p0) * 1000))
+                e = Event(end, t0, time.time(), c.latency_ms, (p1 - p0) * 1000)
+                if end == "promote":  # a new version: its record says what was handed over
+                    last = self.c.client.history(name).versions[-1]
+                    e.handed = json.loads(last.changes_json or "{}").get("handed_over")
+                run.events.append(e)
                 if end == "promote":
                     running = other
                 time.sleep(spacing)
@@ -524,6 +581,19 @@ def measure(run: Run) -> dict[str, Any]:
     }
 
 
+def handed_summary(events: Iterable[Event]) -> dict[str, Any]:
+    """Per upgrade, the keys and bytes its switch handed over as the workers counted
+    them at the handover (``handed_over``; None where the reply does not say), and
+    their p50 and max over the upgrades."""
+    per = [e.handed_total() for e in events]
+    known = [h for h in per if h is not None]
+    return {
+        "handed_over": per,
+        "handed_keys": summary([h["keys"] for h in known], "p50", "max"),
+        "handed_bytes": summary([h["bytes"] for h in known], "p50", "max"),
+    }
+
+
 def count_resets(rows: list[dict[str, Any]]) -> int:
     """Keys whose count went back to 1 after the key had been seen (duplicates included)."""
     seen: set[str] = set()
@@ -672,6 +742,7 @@ def scenario_entry(
         "steady_windows": len(steady),
         "latency_ms_during": summary(m["lat_during"], "p50", "p99", "max"),
         "throughput_rps": m["throughput_rps"],
+        **handed_summary(e for e in run.events if e.timed),
         "received": v.received,
         "lost": v.lost,
         "duplicated": v.duplicated,
@@ -738,6 +809,7 @@ def safety_entry(
             "client_rtt_ms": summary([e.rtt_ms for e in evs], "p50", "max"),
             "gap_ms": summary(gaps, "p50", "max"),
             "gap_ms_all": [r3(g) for g in gaps],
+            **handed_summary(evs),
         }
     length = statistics.median([e.t_done + 0.1 - e.t_req for e in run.events])
     steady = steady_gap(run, length)
@@ -965,7 +1037,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer runs; under 2 minutes on 2 cores")
     ap.add_argument("--rate", type=float, default=10000.0, help="input records per second")
-    ap.add_argument("--keys", type=int, default=50000, help="distinct keys of the keyed stage")
+    ap.add_argument(
+        "--keys",
+        type=int,
+        default=50000,
+        help="key domain of the keyed stage; every key is seen once before the first upgrade",
+    )
     ap.add_argument(
         "--runs", type=int, default=None, help="upgrades per scenario (default 10, quick 3)"
     )
@@ -1032,6 +1109,9 @@ def main(argv: list[str] | None = None) -> int:
     config = {
         "rate": a.rate,
         "keys": a.keys,
+        # each online run waits until the sink has seen every key before its first
+        # upgrade (the source emits key i % keys): the keyed PE holds all of them
+        "prefill": "every key of the domain seen at the sink before the first upgrade",
         "runs": runs,
         "restarts": restarts,
         "quick": a.quick,
