@@ -5,6 +5,7 @@ master; malformed requests get a 4xx and the master goes on."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -298,3 +299,75 @@ def test_dashboard_answers_bad_requests_with_4xx(tmp_path: Path) -> None:
         assert c.client.status("dash").apps[0].state == "running"
         assert c.master is not None and c.master.proc.poll() is None
         assert "Traceback" not in c.master.log_path.read_text()
+
+
+def test_graph_layers_and_change_set() -> None:
+    """The graph the page draws, from two models and their diff: sources in the first
+    layer, sinks in the last, a stream across layers routed through the layers between,
+    and each PE and stream with its status (a renamed PE under its new name)."""
+    from hotwire.master.dashboard import graph_view
+    from hotwire.master.diff import diff
+    from hotwire.model import LogicalModel, PESpec, StreamSpec
+
+    def model(pes: list[tuple[str, str, int, str]], streams: list[tuple[str, str]]) -> Any:
+        return LogicalModel.build(
+            "g",
+            [PESpec(n, k, parallelism=p, fingerprint=f) for n, k, p, f in pes],
+            [StreamSpec(a, b) for a, b in streams],
+        )
+
+    old = model(
+        [
+            ("src", "source", 1, "s"),
+            ("a", "map", 1, "a1"),
+            ("b", "reduce", 2, "b"),
+            ("old", "sink", 1, "o"),
+        ],
+        [("src", "a"), ("a", "b"), ("b", "old"), ("src", "old")],
+    )
+    new = model(
+        [
+            ("src", "source", 1, "s"),
+            ("a", "map", 1, "a2"),
+            ("b", "reduce", 3, "b"),
+            ("c", "map", 1, "c"),
+            ("out", "sink", 1, "o2"),
+        ],
+        [("src", "a"), ("a", "c"), ("c", "b"), ("b", "out")],
+    )
+    change = diff(old, new)
+    view = graph_view([old, new], change)
+    nodes = {n["name"]: n for n in view["nodes"]}
+    assert {n: nodes[n]["status"] for n in nodes} == {
+        "src": "same",
+        "a": "changed",
+        "b": "rescaled",
+        "c": "added",
+        "old": "removed",
+        "out": "added",
+    }
+    layers = {n: nodes[n]["layer"] for n in nodes}
+    assert layers["src"] == 0 and layers["a"] == 1 and layers["c"] == 2 and layers["b"] == 3
+    assert layers["out"] == layers["old"] == 4  # sinks on the right
+    xs = sorted({n["x"] for n in view["nodes"]})
+    assert len(xs) == 5 and all(n["x"] + view["node_w"] <= view["width"] for n in view["nodes"])
+    edges = {(e["src"], e["dst"]): e for e in view["edges"]}
+    assert edges["a", "c"]["status"] == "added" and edges["a", "b"]["status"] == "removed"
+    assert edges["src", "old"]["status"] == "removed" and edges["src", "a"]["status"] == "same"
+    # src (layer 0) -> old (layer 4) passes through layers 1, 2 and 3, left to right
+    assert [x for x, _ in edges["src", "old"]["via"]] == xs[1:4]
+    assert edges["src", "a"]["via"] == []
+    # no two slots of a layer overlap
+    for x in xs:
+        ys = sorted([n["y"] for n in view["nodes"] if n["x"] == x])
+        ys += [y - view["node_h"] // 2 for e in view["edges"] for vx, y in e["via"] if vx == x]
+        ys.sort()
+        assert all(b - a >= view["node_h"] for a, b in itertools.pairwise(ys)), (x, ys)
+    # A rename: drawn once, under its new name, marked renamed.
+    renamed = model([("src", "source", 1, "s"), ("sum", "reduce", 1, "r")], [("src", "sum")])
+    before = model([("src", "source", 1, "s"), ("total", "reduce", 1, "r")], [("src", "total")])
+    view = graph_view([before, renamed], diff(before, renamed))
+    assert [(n["name"], n["status"], n["renamed_from"]) for n in view["nodes"]] == [
+        ("src", "same", ""),
+        ("sum", "renamed", "total"),
+    ]

@@ -226,10 +226,21 @@ def graph_view(models: list[LogicalModel], change: ChangeSet | None) -> dict[str
     for n in g.nodes:
         if g.out_degree(n) == 0 and g.in_degree(n) > 0:
             layer[n] = last  # sinks on the right
+    # A stream that spans several layers passes through a slot of its own in each
+    # layer between (a "\0" name: no PE's), so that it runs beside the PEs there.
+    h = nx.DiGraph()
+    h.add_nodes_from(g.nodes)
+    via: dict[tuple[str, str], list[str]] = {}
+    for src, dst in g.edges:
+        chain = [f"\0{src}->{dst}#{k}" for k in range(layer[src] + 1, layer[dst])]
+        for k, d in enumerate(chain):
+            layer[d] = layer[src] + 1 + k
+        via[src, dst] = chain
+        nx.add_path(h, [src, *chain, dst])
     columns: dict[int, list[str]] = {}
-    for n in sorted(g.nodes, key=lambda n: (layer[n], n)):
+    for n in sorted(h.nodes, key=lambda n: (layer[n], n)):
         columns.setdefault(layer[n], []).append(n)
-    _order(g, columns)
+    _order(h, columns)
     tall = max((len(c) for c in columns.values()), default=1)
     height = MARGIN * 2 + tall * NODE_H + (tall - 1) * GAP_Y
     pos: dict[str, tuple[int, int]] = {}
@@ -246,12 +257,12 @@ def graph_view(models: list[LogicalModel], change: ChangeSet | None) -> dict[str
         sets["changed"] = set(change.pes_changed)
         sets["renamed"] = set(renames.values())
         sets["rescaled"] = set(change.pes_rescaled)
-        for key, names in (
+        for key, stream_names in (
             ("added", change.streams_added),
             ("removed", change.streams_removed),
             ("changed", change.streams_changed),
         ):
-            for name in names:
+            for name in stream_names:
                 try:
                     streams[key].add("->".join(split_stream_name(name, *models)))
                 except ValueError:
@@ -288,6 +299,8 @@ def graph_view(models: list[LogicalModel], change: ChangeSet | None) -> dict[str
                 "dst": dst,
                 "partition": g.edges[src, dst]["spec"].partition,
                 "status": status,
+                # the left ends of the slots it passes through (its y: their middle)
+                "via": [[pos[d][0], pos[d][1] + NODE_H // 2] for d in via[src, dst]],
             }
         )
     width = MARGIN * 2 + (last + 1) * NODE_W + last * GAP_X if g.nodes else 0

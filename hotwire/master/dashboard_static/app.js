@@ -81,13 +81,19 @@ function drawGraph(graph, pes, preview) {
     const a = at[e.src], b = at[e.dst];
     if (!a || !b) continue;
     const x1 = a.x + nw, y1 = a.y + nh / 2, x2 = b.x, y2 = b.y + nh / 2;
-    const mx = (x1 + x2) / 2;
-    const d = x2 > x1 ? `M${x1},${y1} C${mx},${y1} ${mx},${y2} ${x2},${y2}`
-      : `M${x1},${y1} C${x1 + 60},${y1 - 80} ${x2 - 60},${y2 - 80} ${x2},${y2}`;
+    const curve = (ax, ay, bx, by) => ` C${(ax + bx) / 2},${ay} ${(ax + bx) / 2},${by} ${bx},${by}`;
+    let d = `M${x1},${y1}`, cx = x1, cy = y1;
+    for (const [vx, vy] of e.via || []) {  // the slots it passes through in the layers between
+      d += curve(cx, cy, vx, vy) + ` L${vx + nw},${vy}`;
+      cx = vx + nw; cy = vy;
+    }
+    if (x2 > cx) d += curve(cx, cy, x2, y2);
+    else d += ` C${cx + 60},${cy - 80} ${x2 - 60},${y2 - 80} ${x2},${y2}`;  // back to the left
+    const mx = (cx + x2) / 2;
     const g = svg("g", { class: `stream status-${e.status}`, "data-stream": `${e.src}->${e.dst}` });
     g.append(svg("path", { d, class: `edge status-${e.status}`, "marker-end": "url(#arrow)" }));
     if (e.partition && e.partition !== "shuffle") {
-      g.append(svg("text", { x: mx, y: (y1 + y2) / 2 - 4, "text-anchor": "middle", class: "edge-label" }, e.partition));
+      g.append(svg("text", { x: mx, y: (cy + y2) / 2 - 4, "text-anchor": "middle", class: "edge-label" }, e.partition));
     }
     parts.push(g);
   }
