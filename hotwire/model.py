@@ -28,11 +28,13 @@ PE_KINDS = (
     "sink",
     "union",
     "dl_job",
+    "timestamps",
+    "window",
 )
 PARTITIONS = ("shuffle", "key", "broadcast", "forward")
 # Kinds whose instances may hold state (reduce accumulators, a class PE's snapshot):
 # an upgrade refuses to remove one unless told to drop its state.
-STATEFUL_KINDS = ("reduce", "process")
+STATEFUL_KINDS = ("reduce", "process", "window")
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,9 @@ from typing import Any
 
 STATE_VERSION = "__hotwire_state_version__"
 DEFAULT_VERSION = 1
+# A keyed state's entry that belongs to no key but to the instance (a windowed
+# PE's watermark): a split by key gives it to every part.
+REPLICATED_KEY = "__hotwire_replicated__"
 
 
 def wrap(state: Any, version: int) -> Any:

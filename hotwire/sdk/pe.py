@@ -20,6 +20,8 @@ class Context:
     for while it is unreachable (e.g. ``"redis://127.0.0.1:6379/0 unreachable"``),
     ``waiting_since`` when that began (``time.monotonic()``); "" and 0.0 otherwise.
     The worker reports them with its heartbeats (``streamctl status``).
+    ``version`` is the app version this instance was started in (an upgrade
+    that changes the PE starts new instances in the new version).
     ``predecessors``, for a source, lists the states it took over (from the
     instances it replaces, or from a checkpoint): ``{"instance": j, "of": m,
     "position": p}`` each, instance ``j`` of ``m`` having emitted ``p`` records;
@@ -38,6 +40,7 @@ class Context:
     waiting: str = ""
     waiting_since: float = 0.0
     predecessors: list[dict[str, Any]] = field(default_factory=list)
+    version: int = 0
     logger: logging.Logger = field(init=False, repr=False)
 
     def __post_init__(self) -> None:

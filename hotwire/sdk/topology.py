@@ -7,6 +7,8 @@ bundle asks :meth:`Topology.impl` and :meth:`Topology.key_fn` for the user code.
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import math
 from collections import Counter
 from collections.abc import Callable
@@ -21,9 +23,9 @@ from hotwire.sdk.errors import ValidationError
 from hotwire.sdk.fingerprint import fingerprint, pe_fingerprint
 from hotwire.sdk.pe import ProcessPE
 
-__all__ = ["KeyedStream", "PEImpl", "Stream", "Topology"]
+__all__ = ["KeyedStream", "PEImpl", "Stream", "Topology", "WindowedStream"]
 
-_FN_KINDS = ("source", "map", "filter", "flat_map", "reduce", "sink")
+_FN_KINDS = ("source", "map", "filter", "flat_map", "reduce", "sink", "timestamps", "window")
 _CLASS_KINDS = ("process", "dl_job")
 _SIGNATURES = {
     "source": "fn(ctx) -> iterator or async iterator",
@@ -32,6 +34,8 @@ _SIGNATURES = {
     "flat_map": "fn(record) -> iterable",
     "reduce": "fn(acc | None, record) -> acc",
     "sink": "fn(record) -> None",
+    "timestamps": "fn(record) -> timestamp (a number)",
+    "window": "aggregate=fn(acc | None, record) -> acc or process=fn(key, (start, end), records)",
 }
 
 
@@ -42,6 +46,8 @@ class PEImpl:
     kind: str
     fn: Callable[..., Any] | None = None
     cls: type | None = None
+    ts_fn: Callable[[Any], Any] | None = None  # a window's timestamp function
+    merge_fn: Callable[[Any, Any], Any] | None = None  # a session window's acc merge
 
 
 @dataclass
@@ -50,6 +56,7 @@ class _Edge:
     partition: str
     key_fn: Any = None
     topology: Topology | None = None  # the topology the source stream belongs to
+    side: str = ""  # "late": a windowed PE's late side output
 
 
 @dataclass
@@ -63,24 +70,32 @@ class _Node:
     keyed: bool = False
     inputs: list[_Edge] = field(default_factory=list)
     renamed_from: Any = ""  # the PE's name in the running version, when renamed
+    ts_fn: Any = None  # a window's own timestamp function (else its assigner's)
+    merge_fn: Any = None  # a session window's merge of two accumulators
 
 
 class Stream:
     """The output of a PE, as seen by the next PE (``partition`` is how it is divided)."""
 
     def __init__(
-        self, topology: Topology, pe: str, partition: str = "shuffle", key_fn: Any = None
+        self,
+        topology: Topology,
+        pe: str,
+        partition: str = "shuffle",
+        key_fn: Any = None,
+        side: str = "",
     ) -> None:
         self.topology = topology
         self.pe = pe
         self.partition = partition
         self.key_fn = key_fn
+        self.side = side
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.topology.name!r}, {self.pe!r}, {self.partition!r})"
 
     def _edge(self) -> _Edge:
-        return _Edge(self.pe, self.partition, self.key_fn, self.topology)
+        return _Edge(self.pe, self.partition, self.key_fn, self.topology, self.side)
 
     def _add(
         self,
@@ -99,19 +114,19 @@ class Stream:
     # -- partitioning of the next stream ---------------------------------------
     def key_by(self, fn: Callable[[Any], Any]) -> KeyedStream:
         """Key-partition the next stream by ``fn(record)`` (``reduce`` needs it)."""
-        return KeyedStream(self.topology, self.pe, "key", fn)
+        return KeyedStream(self.topology, self.pe, "key", fn, self.side)
 
     def broadcast(self) -> Stream:
         """Send every record of the next stream to every instance of the next PE."""
-        return Stream(self.topology, self.pe, "broadcast")
+        return Stream(self.topology, self.pe, "broadcast", side=self.side)
 
     def forward(self) -> Stream:
         """Send instance i's records to instance i of the next PE (equal parallelism)."""
-        return Stream(self.topology, self.pe, "forward")
+        return Stream(self.topology, self.pe, "forward", side=self.side)
 
     def shuffle(self) -> Stream:
         """Deal the next stream's records round-robin (the default)."""
-        return Stream(self.topology, self.pe, "shuffle")
+        return Stream(self.topology, self.pe, "shuffle", side=self.side)
 
     # -- operators ---------------------------------------------------------------
     def map(
@@ -149,6 +164,34 @@ class Stream:
     ) -> Stream:
         """``fn(record) -> iterable``: emit each element (sync or async)."""
         return self._add(name, "flat_map", parallelism, config, fn=fn, renamed_from=renamed_from)
+
+    def assign_timestamps(
+        self,
+        name: str,
+        fn: Callable[[Any], Any],
+        *,
+        out_of_orderness: float = 0.0,
+        idle_timeout: float | None = None,
+        watermark_interval: float = 0.05,
+        parallelism: int = 1,
+        config: Any = None,
+        renamed_from: str = "",
+    ) -> Stream:
+        """Give the stream event time: ``fn(record)`` is a record's timestamp (a
+        number, in any unit). Records pass unchanged; the watermark that follows
+        them is the largest timestamp seen minus ``out_of_orderness`` (records
+        may come that much out of order and still be on time), sent at most every
+        ``watermark_interval`` seconds. A channel silent for ``idle_timeout``
+        seconds stops holding back the watermark of the PEs it feeds (None: it
+        holds it until it speaks again).
+        """
+        conf = _with(
+            config,
+            out_of_orderness=out_of_orderness,
+            idle_timeout=idle_timeout,
+            watermark_interval=watermark_interval,
+        )
+        return self._add(name, "timestamps", parallelism, conf, fn=fn, renamed_from=renamed_from)
 
     def reduce(
         self,
@@ -226,6 +269,54 @@ class Stream:
                 node.inputs.append(_Edge(repr(other), "shuffle", None, None))
         return self.topology._add(node)
 
+    def window(
+        self,
+        name: str,
+        windows: Any,
+        *,
+        aggregate: Callable[[Any, Any], Any] | None = None,
+        process: Callable[[Any, tuple[Any, Any], list[Any]], Any] | None = None,
+        merge: Callable[[Any, Any], Any] | None = None,
+        allowed_lateness: float = 0.0,
+        timestamp: Callable[[Any], Any] | None = None,
+        parallelism: int = 1,
+        config: Any = None,
+        renamed_from: str = "",
+    ) -> WindowedStream:
+        """Windows per key over event time (:mod:`hotwire.sdk.windows`: ``Tumbling``,
+        ``Sliding``, ``Session``), fired when the watermark passes their end.
+
+        With ``aggregate=fn(acc | None, record) -> acc`` a window keeps one
+        accumulator and emits ``{"key", "start", "end", "value", "update",
+        "version"}``; session windows that merge combine accumulators with
+        ``merge(a, b)``. With ``process=fn(key, (start, end), records)`` a window
+        keeps its records and emits what ``fn`` returns (an iterable). A record
+        is late when every window it falls in has closed (its end plus
+        ``allowed_lateness`` is at or below the watermark): it goes to the side
+        output :meth:`WindowedStream.late`. A record that comes after its window
+        fired but within the lateness fires the window again (``update`` true).
+        The timestamp is ``timestamp(record)``, or the upstream assigner's
+        function when the records reach the window unchanged in shape.
+        """
+        spec = windows.to_config() if hasattr(windows, "to_config") else {"kind": repr(windows)}
+        mode = "process" if process is not None and aggregate is None else "aggregate"
+        window = {**spec, "mode": mode, "allowed_lateness": allowed_lateness}
+        node = _Node(
+            name,
+            "window",
+            parallelism,
+            _with(config, window=window),
+            fn=aggregate if mode == "aggregate" else process,
+            keyed=self.partition == "key",
+            inputs=[self._edge()],
+            renamed_from=renamed_from,
+            ts_fn=timestamp,
+            merge_fn=merge,
+        )
+        node.window_fns = (aggregate, process)  # type: ignore[attr-defined]
+        self.topology._add(node)
+        return WindowedStream(self.topology, name)
+
     def sink(
         self,
         name: str,
@@ -241,6 +332,14 @@ class Stream:
 
 class KeyedStream(Stream):
     """A key-partitioned stream (from :meth:`Stream.key_by`); the next PE's input is keyed."""
+
+
+class WindowedStream(Stream):
+    """The results of a windowed PE; :meth:`late` is its side output of late records."""
+
+    def late(self) -> Stream:
+        """The records that came too late for every window they fall in."""
+        return Stream(self.topology, self.pe, "shuffle", side="late")
 
 
 class Topology:
@@ -300,7 +399,68 @@ class Topology:
             from hotwire.jobs.pe import DLJobPE  # only workers need it
 
             return PEImpl("dl_job", None, DLJobPE)
+        if node.kind == "window":
+            ts_fn, _problem = self._timestamp_fn(node)
+            return PEImpl("window", node.fn, None, ts_fn=ts_fn, merge_fn=node.merge_fn)
         return PEImpl(node.kind, node.fn, node.cls)
+
+    # -- event time ---------------------------------------------------------------
+    def _timestamp_fn(self, node: _Node) -> tuple[Any, str]:
+        """A window's timestamp function and, if it has none, why (else "").
+
+        Its own ``timestamp=``, else the function of the assigner upstream of it,
+        found by walking its inputs back to the nearest assigners. Every path must
+        meet an assigner (or another window) before it reaches a source.
+        """
+        assigners: dict[str, Any] = {}
+        bare: list[str] = []
+        windows: list[str] = []
+        seen: set[str] = set()
+        todo = [e.src for e in self._inputs(node.name)]
+        while todo:
+            src = todo.pop()
+            if src in seen or not isinstance(src, str):
+                continue
+            seen.add(src)
+            try:
+                up = self._node(src)
+            except KeyError:
+                continue
+            if up.kind == "timestamps":
+                assigners[up.name] = up.fn
+            elif up.kind == "window":
+                windows.append(up.name)
+            elif up.kind == "source":
+                bare.append(up.name)
+            else:
+                todo.extend(e.src for e in self._inputs(up.name))
+        if bare:
+            return None, (
+                f"records reach it from source {sorted(bare)[0]!r} with no timestamp "
+                "assigner on the way; call .assign_timestamps(...) on that stream"
+            )
+        if node.ts_fn is not None:
+            return node.ts_fn, ""
+        fns = {id(f): f for f in assigners.values()}
+        if windows:
+            return None, (
+                f"it reads the results of window {sorted(windows)[0]!r}; pass "
+                "timestamp=fn (for example lambda r: r['end'] - 1)"
+            )
+        if len(fns) != 1:
+            return None, (
+                "it reads from several timestamp assigners with different functions "
+                f"({', '.join(sorted(assigners))}); pass timestamp=fn"
+            )
+        return next(iter(fns.values())), ""
+
+    def _inputs(self, pe: str) -> list[_Edge]:
+        return [e for dst, e in self._edges() if dst == pe]
+
+    def _late_targets(self, pe: str) -> list[str]:
+        return sorted(
+            {dst for dst, e in self._edges() if e.src == pe and e.side and isinstance(dst, str)}
+        )
 
     def key_fn(self, src: str, dst: str) -> Callable[[Any], Any]:
         """The key function of the keyed stream ``src -> dst`` (raises KeyError if none)."""
@@ -403,10 +563,21 @@ class Topology:
                 f"{where}: reduce needs a keyed input; call .key_by(fn) on the stream "
                 "before .reduce(...)"
             )
+        extra: list[Any] = []  # more user functions the PE runs (a window's)
+        if config_ok and node.kind == "timestamps":
+            problems.extend(f"{where}: {p}" for p in _assigner_problems(node, config))
+        elif config_ok and node.kind == "window":
+            ts_fn, why = self._timestamp_fn(node)
+            problems.extend(f"{where}: {p}" for p in _window_problems(node, config, why))
+            config = {**config, "late_to": self._late_targets(name)}
+            extra = [f for f in (ts_fn, node.merge_fn) if callable(f)]
         fp = ""
         if config_ok and (target is not None or node.kind in ("union", "dl_job")):
             try:
                 fp = pe_fingerprint(node.kind, target, config)
+                if extra:
+                    more = "".join(fingerprint(f) for f in extra)
+                    fp = hashlib.sha256((fp + more).encode()).hexdigest()
             except Exception as e:
                 problems.append(f"{where}: cannot fingerprint {callable_name}: {e}")
         return PESpec(
@@ -553,3 +724,81 @@ def _bad_config_value(v: Any, path: str) -> str | None:
                 return bad
         return None
     return f"{path} holds a value of type {type(v).__name__}"
+
+
+# -- event time ---------------------------------------------------------------------
+def _with(config: Any, **params: Any) -> Any:
+    """The user's ``config`` with an operator's own parameters added (a non-dict
+    config is left for model() to report)."""
+    if config is None:
+        return dict(params)
+    if isinstance(config, dict):
+        return {**config, **params}
+    return config
+
+
+def _number(v: Any) -> bool:
+    return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def _sync_fn_problem(fn: Any, what: str) -> str:
+    if inspect.iscoroutinefunction(fn):
+        return f"the {what} function must be sync (def, not async def)"
+    return ""
+
+
+def _assigner_problems(node: _Node, config: dict[str, Any]) -> list[str]:
+    out: list[str] = []
+    if callable(node.fn) and (p := _sync_fn_problem(node.fn, "timestamp")):
+        out.append(p)
+    ooo = config.get("out_of_orderness")
+    if not _number(ooo) or ooo < 0:
+        out.append(f"out_of_orderness must be a number >= 0, got {ooo!r}")
+    idle = config.get("idle_timeout")
+    if idle is not None and (not _number(idle) or idle <= 0):
+        out.append(f"idle_timeout must be a number > 0 (seconds) or None, got {idle!r}")
+    every = config.get("watermark_interval")
+    if not _number(every) or every <= 0:
+        out.append(f"watermark_interval must be a number > 0 (seconds), got {every!r}")
+    return out
+
+
+def _window_problems(node: _Node, config: dict[str, Any], no_timestamps: str) -> list[str]:
+    from hotwire.eventtime import WindowSpec
+
+    out: list[str] = []
+    if no_timestamps:
+        out.append(f"a window needs event time: {no_timestamps}")
+    if not node.keyed or not node.inputs or node.inputs[0].partition != "key":
+        out.append("a window needs a keyed input; call .key_by(fn) before .window(...)")
+    w = config.get("window")
+    if not isinstance(w, dict):
+        return out + ["the window is missing from its config"]
+    if "size" not in w and "gap" not in w and w.get("kind") not in ("tumbling", "sliding", "session"):
+        out.append(
+            f"windows must be Tumbling(size), Sliding(size, slide) or Session(gap) from "
+            f"hotwire.sdk.windows, got {w.get('kind')}"
+        )
+    else:
+        out.extend(WindowSpec.from_config(w).problems())
+    late = w.get("allowed_lateness")
+    if not _number(late) or late < 0:
+        out.append(f"allowed_lateness must be a number >= 0, got {late!r}")
+    aggregate, process = getattr(node, "window_fns", (None, None))
+    if (aggregate is None) == (process is None):
+        out.append("pass exactly one of aggregate=fn(acc | None, record) and "
+                   "process=fn(key, (start, end), records)")
+    for fn, what in ((aggregate, "aggregate"), (process, "process"), (node.ts_fn, "timestamp"),
+                     (node.merge_fn, "merge")):
+        if fn is None:
+            continue
+        if not callable(fn):
+            out.append(f"the {what} function {fn!r} is not callable")
+        elif p := _sync_fn_problem(fn, what):
+            out.append(p)
+    if w.get("kind") == "session" and aggregate is not None and node.merge_fn is None:
+        out.append(
+            "session windows with aggregate= need merge=fn(acc_a, acc_b) -> acc to "
+            "combine two sessions a record joins"
+        )
+    return out

@@ -27,10 +27,12 @@ from itertools import islice
 from typing import TYPE_CHECKING, Any
 
 from hotwire.codec import packb
+from hotwire.eventtime import INF, NEG_INF, InputWatermarks, is_marker, marker, marker_value
 from hotwire.logs import task_context
 from hotwire.metrics import BATCH_BUCKETS, E2E_BUCKETS
 from hotwire.names import confined
 from hotwire.pe.executors import EXECUTORS, Executor, _keyed_items
+from hotwire.pe.state import REPLICATED_KEY
 from hotwire.plan import Gate, Retire, StartInstance, Switch, key_partition
 from hotwire.worker import machine as sm
 from hotwire.worker.channels import (
@@ -55,6 +57,7 @@ log = logging.getLogger(__name__)
 SOURCE_BATCH = 256
 SOURCE_LINGER_S = 0.002
 PUMP_CHUNKS = 4  # chunks a source thread may pull ahead of the instance
+TICK = 16  # inbox item: a timestamp assigner's timer for its next watermark
 YIELD_EVERY_S = 0.002  # longest an instance with a full inbox keeps the loop
 
 
@@ -146,6 +149,13 @@ class Instance:
         # the checkpoint that covers ``position`` records is stored (e.g. to ack them).
         self._source_obj: Any = None
         self._cuts: dict[int, int] = {}
+        # Event time: the watermark of each input channel (from the first marker on),
+        # and a timestamp assigner's next marker, sent at most every interval.
+        self._wm: InputWatermarks | None = None
+        self._event_time = spec.kind in ("timestamps", "window")
+        self._last_mark = 0.0
+        self._tick_due = False
+        self.late_dropped = 0  # late records of a windowed PE with no late side output
 
     # -- what the machine knows -----------------------------------------------
     @property
@@ -244,6 +254,10 @@ class Instance:
                 acts = handle(sm.Handover(ch, state, pending))
             elif kind == CONTROL:
                 acts = handle(_event(payload))
+            elif kind == TICK:
+                self._tick_due = False
+                await self._assigner_mark(force=True)
+                continue
             else:
                 continue
             if acts:
@@ -293,6 +307,10 @@ class Instance:
     async def _process(self, a: sm.Process) -> sm.Processed:
         assert self.executor is not None
         records, ret = a.records, a.ret
+        if len(records) == 1 and is_marker(records[0]):
+            return await self._on_marker(a)
+        if self._wm is not None:
+            self._wm.saw(a.channel, time.monotonic())
         if self.kind == "sink" and self.runtime.hold.held():
             await self.runtime.hold.wait()  # the master may have fenced this worker
         t0 = time.perf_counter()
@@ -320,7 +338,106 @@ class Instance:
             await asyncio.sleep(0)
         # The records the PE did not process (it stopped on an error) stay held,
         # with no credit returned, for the upgrade that fixes the PE.
+        if self._event_time:
+            await self._after_event_time_batch()
         return sm.Processed(rest) if rest else sm.PROCESSED
+
+    # -- event time --------------------------------------------------------
+    async def _on_marker(self, a: sm.Process) -> sm.Processed:
+        """A watermark marker arrived on ``a.channel``: the instance's watermark is
+        the minimum over its inputs; when that rises, a windowed PE fires what it
+        closes and the marker goes on downstream."""
+        t, idle = marker_value(a.records[0])
+        if a.ret is not None:
+            a.ret.grant(self.app, a.channel, 1)
+        wm = self._wm
+        if wm is None:
+            wm = self._wm = InputWatermarks()
+        now = time.monotonic()
+        wm.observe(a.channel, t, idle, now)
+        new = wm.advance(self.machine.inputs, now)
+        if new is None:
+            return sm.PROCESSED
+        if self.kind == "timestamps":
+            await self._assigner_mark(force=False)  # an upstream +inf: the input ended
+            return sm.PROCESSED
+        if self.kind == "window":
+            ex: Any = self.executor
+            await self._emit_results(ex.advance(new))
+            new = max(new, ex.watermark)
+        await self._send_watermark(new, wm.idle_timeout())
+        return sm.PROCESSED
+
+    def _watermark_out(self) -> float:
+        """The watermark this instance has sent downstream (or would: a windowed
+        PE's restored one)."""
+        ex: Any = self.executor
+        if self.kind == "timestamps":
+            return float(ex.emitted)
+        out = self._wm.out if self._wm is not None else NEG_INF
+        return max(out, ex.watermark) if self.kind == "window" else out
+
+    async def _assigner_mark(self, force: bool) -> None:
+        """A timestamp assigner sends its watermark when it rose, at most once per
+        ``watermark_interval`` (a timer sends the last one of a burst)."""
+        ex: Any = self.executor
+        if ex is None or self.finished.done():
+            return
+        w = ex.watermark()
+        if self._wm is not None:
+            w = max(w, self._wm.out)  # +inf from upstream: the input ended
+        if w <= ex.emitted:
+            return
+        now = time.monotonic()
+        wait = ex.interval - (now - self._last_mark)
+        if not force and wait > 0:
+            if not self._tick_due:
+                self._tick_due = True
+                asyncio.get_running_loop().call_later(
+                    wait, self.inbox.put_nowait, (TICK, None, None, None)
+                )
+            return
+        ex.emitted = w
+        self._last_mark = now
+        await self._send_watermark(w, ex.idle)
+
+    async def _send_watermark(self, t: float, idle: float | None) -> None:
+        """Send the marker of watermark ``t`` on every output channel."""
+        for route in list(self.routes.values()):
+            for ch in route.channels:
+                await ch.send([marker(t, idle)])
+
+    async def _after_event_time_batch(self) -> None:
+        if self.kind == "timestamps":
+            await self._assigner_mark(force=False)
+            return
+        ex: Any = self.executor
+        await self._emit_results(ex.take_out())
+        late = ex.take_late()
+        if late:
+            routes = {d: r for d, r in self.routes.items() if d in ex.late_to}
+            if routes:
+                self.records_out += len(late)
+                await emit_all(routes, late)
+            else:
+                if not self.late_dropped:
+                    log.warning(
+                        "app %r PE %r: records too late for every window are dropped; "
+                        "attach a sink to .late() to keep them",
+                        self.app,
+                        self.pe,
+                    )
+                self.late_dropped += len(late)
+
+    async def _emit_results(self, results: list[Any]) -> None:
+        """A windowed PE's results go to every output except its late side output."""
+        if not results:
+            return
+        late_to = self.executor.late_to  # type: ignore[union-attr]
+        routes = {d: r for d, r in self.routes.items() if d not in late_to}
+        self.records_out += len(results)
+        if routes:
+            await emit_all(routes, results)
 
     def _e2e(self, stamp: float) -> None:
         """A sink finished a batch whose source stamped it at ``stamp`` (its worker's
@@ -458,6 +575,14 @@ class Instance:
             self.routes.pop(dst, None)
         for route in sw.routes:
             self.routes[route.dst_pe] = self.runtime.make_route(self, route)
+        if self._wm is not None or (self._event_time and self.executor is not None):
+            # New output channels start from the watermark already sent on the others.
+            w = self._watermark_out()
+            if w > NEG_INF:
+                idle = self._wm.idle_timeout() if self._wm is not None else None
+                for route in sw.routes:
+                    for ch in self.routes[route.dst_pe].channels:
+                        await ch.send([marker(w, idle)])
         for ch in sw.epoch_out:
             out = self.out.get(ch)
             if out is not None:
@@ -502,6 +627,8 @@ class Instance:
                         # The user's iterator raised: it cannot go on. The source stays
                         # (for controls: an upgrade restarts it from its position).
                         await self._source_failed(pump.error)
+                    else:
+                        await self._send_watermark(INF, None)  # its input is complete
                     continue
                 # Wait for records or a control item, whichever comes first: an idle
                 # source still switches, retires and checkpoints at once.
@@ -561,7 +688,7 @@ class Instance:
             await pre_commit(self.last_checkpoint + 1)
             if not succ:
                 await self.executor.acommit_all()  # type: ignore[union-attr]
-        pending = fin.unprocessed
+        pending = [r for r in fin.unprocessed if not is_marker(r)]  # watermarks re-form
         if succ:
             self._packed_size = None
             parts, keys = self._split_state(retire)
@@ -662,6 +789,10 @@ class Instance:
         n = len(retire.successors)
         parts: list[list[Any]] = [[] for _ in range(n)]
         for k, v in _keyed_items(state):
+            if k == REPLICATED_KEY:
+                for part in parts:  # the instance's own entry (a watermark): every part
+                    part.append([k, v])
+                continue
             parts[key_partition(k, n, retire.canary)].append([k, v])
         return parts
 

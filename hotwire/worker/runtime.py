@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hotwire.pe.eventtime import TimestampExecutor, WindowExecutor
 from hotwire.pe.executors import (
     EXECUTORS,
     Executor,
@@ -283,6 +284,7 @@ class Runtime:
             instance=ins.index,
             parallelism=ins.parallelism,
             config=dict(ins.config),
+            version=ins.version,
         )
         inst = Instance(self, ins, ctx, None, source_fn=impl.fn if ins.kind == "source" else None)
         self.instances[(ins.app, inst.iid)] = inst
@@ -294,6 +296,17 @@ class Runtime:
                 executor: Executor
                 if ins.kind in ("process", "dl_job"):
                     executor = ProcessExecutor(impl.cls, ctx, inst.on_error, key_fn)
+                elif ins.kind == "timestamps":
+                    executor = TimestampExecutor(impl.fn, ctx, inst.on_error, key_fn)
+                elif ins.kind == "window":
+                    executor = WindowExecutor(
+                        impl.fn,
+                        ctx,
+                        inst.on_error,
+                        key_fn,
+                        ts_fn=impl.ts_fn,
+                        merge_fn=impl.merge_fn,
+                    )
                 elif ins.kind == "sink" and _is_transactional(impl.fn):
                     executor = TransactionalSinkExecutor(impl.fn, ctx, inst.on_error, key_fn)
                 else:

@@ -1,0 +1,355 @@
+"""Event time: watermark markers, an instance's input watermark, and keyed windows.
+
+A **watermark** ``t`` on a channel says that no more records with a timestamp
+below ``t`` are expected on it. Timestamp assigners make them (from the largest
+timestamp seen minus the allowed out-of-orderness); they travel in-band, each as
+a batch of one marker (:func:`marker`), so they stay in order with the records
+and pass through checkpoint alignment, gates and epochs like any batch. Every
+instance keeps the watermark of each input channel (:class:`InputWatermarks`)
+and its own is the minimum over the inputs that are not idle; it never goes
+down. A source whose iterator ends sends the final watermark, ``+inf``.
+
+:class:`KeyedWindows` holds the open windows of a keyed windowed PE and fires
+them as the watermark passes their end. Its snapshot is keyed state
+(``{key: windows}``), so windows move by key on a rescale, and it carries the
+watermark under :data:`REPLICATED_KEY`, an entry that every part of a split
+receives (``hotwire.pe.state.split_pairs``).
+
+Pure: no asyncio, sockets, clocks (callers pass ``now``) or I/O.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import struct
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from msgpack import ExtType
+
+from hotwire.pe.state import REPLICATED_KEY
+
+WATERMARK_CODE = 72  # the msgpack ext type of a watermark marker
+_MARK = struct.Struct(">dd")
+INF = math.inf
+NEG_INF = -math.inf
+
+__all__ = [
+    "INF",
+    "InputWatermarks",
+    "KeyedWindows",
+    "WindowSpec",
+    "is_marker",
+    "is_marker_batch",
+    "marker",
+    "marker_value",
+]
+
+
+def marker(t: float, idle: float | None) -> ExtType:
+    """The marker of watermark ``t``; ``idle`` is how long its channel may stay
+    silent before receivers stop waiting for it (None: wait for ever)."""
+    return ExtType(WATERMARK_CODE, _MARK.pack(t, -1.0 if idle is None else idle))
+
+
+def marker_value(m: ExtType) -> tuple[float, float | None]:
+    t, idle = _MARK.unpack(m.data)
+    return t, (None if idle < 0 else idle)
+
+
+def is_marker(r: Any) -> bool:
+    return type(r) is ExtType and r.code == WATERMARK_CODE
+
+
+def is_marker_batch(records: list[Any]) -> bool:
+    """Whether a batch is a watermark marker (markers always travel alone)."""
+    return len(records) == 1 and type(records[0]) is ExtType and records[0].code == WATERMARK_CODE
+
+
+class InputWatermarks:
+    """The watermark of each input channel of an instance, and the instance's own.
+
+    The instance's watermark is the minimum over its input channels, leaving out
+    a channel that has been silent (no batch, no marker) for longer than its
+    idle timeout; while every input is idle it holds. A channel not heard from
+    yet counts as ``-inf`` (it holds the watermark back) until it is idle. The
+    result never goes down (:attr:`out`).
+    """
+
+    __slots__ = ("idle", "out", "seen", "wm")
+
+    def __init__(self, out: float = NEG_INF) -> None:
+        self.wm: dict[str, float] = {}
+        self.seen: dict[str, float] = {}
+        self.idle: dict[str, float | None] = {}
+        self.out = out
+
+    def saw(self, channel: str, now: float) -> None:
+        """A batch arrived on ``channel`` (it is not idle)."""
+        self.seen[channel] = now
+
+    def observe(self, channel: str, t: float, idle: float | None, now: float) -> None:
+        """``channel`` delivered the marker of watermark ``t``."""
+        if t > self.wm.get(channel, NEG_INF):
+            self.wm[channel] = t
+        self.seen[channel] = now
+        self.idle[channel] = idle
+
+    def idle_timeout(self) -> float | None:
+        """The idle timeout markers carry (the smallest known); None if none has one."""
+        known = [i for i in self.idle.values() if i is not None]
+        return min(known) if known else None
+
+    def advance(self, inputs: Iterable[str], now: float) -> float | None:
+        """The new watermark if it rose above :attr:`out`, else None."""
+        inputs = set(inputs)
+        for d in (self.wm, self.seen, self.idle):
+            for ch in [c for c in d if c not in inputs]:
+                del d[ch]  # an ended or removed channel holds nothing back
+        default = self.idle_timeout()
+        lo, active = INF, False
+        for ch in inputs:
+            last = self.seen.setdefault(ch, now)
+            timeout = self.idle.get(ch, default)
+            if timeout is not None and now - last > timeout:
+                continue
+            active = True
+            w = self.wm.get(ch, NEG_INF)
+            if w < lo:
+                lo = w
+        if not active or lo <= self.out:
+            return None
+        self.out = lo
+        return lo
+
+
+# -- windows -----------------------------------------------------------------
+WINDOW_KINDS = ("tumbling", "sliding", "session")
+
+
+@dataclass(frozen=True)
+class WindowSpec:
+    """What windows a record falls in: ``tumbling`` (``size``), ``sliding``
+    (``size``, every ``slide``) or ``session`` (closed after ``gap`` of silence)."""
+
+    kind: str
+    size: float = 0.0
+    slide: float = 0.0
+    gap: float = 0.0
+
+    @classmethod
+    def from_config(cls, c: dict[str, Any]) -> WindowSpec:
+        return cls(c["kind"], c.get("size", 0), c.get("slide", 0), c.get("gap", 0))
+
+    def problems(self) -> list[str]:
+        """What is wrong with the spec, one phrase each (empty when valid)."""
+        out: list[str] = []
+        if self.kind not in WINDOW_KINDS:
+            return [f"unknown window kind {self.kind!r}; use one of {', '.join(WINDOW_KINDS)}"]
+        fields = {"tumbling": ("size",), "sliding": ("size", "slide"), "session": ("gap",)}
+        for f in fields[self.kind]:
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                out.append(f"the window {f} must be a finite number, got {v!r}")
+            elif v <= 0:
+                out.append(f"the window {f} must be > 0, got {v!r}")
+        if not out and self.kind == "sliding" and self.slide > self.size:
+            out.append(
+                f"the window slide ({self.slide!r}) is larger than its size ({self.size!r}); "
+                "records between windows would be in none"
+            )
+        return out
+
+    def assign(self, ts: float) -> list[tuple[float, float]]:
+        """The windows ``[start, end)`` a record at ``ts`` falls in (not sessions)."""
+        if self.kind == "tumbling":
+            start = ts // self.size * self.size
+            return [(start, start + self.size)]
+        size, slide = self.size, self.slide
+        start = ts // slide * slide
+        out = []
+        while start > ts - size:
+            out.append((start, start + size))
+            start -= slide
+        return out
+
+
+class _Win:
+    """An open window of one key: its accumulator (or records) and whether it fired."""
+
+    __slots__ = ("acc", "fired", "has")
+
+    def __init__(self, acc: Any = None, fired: bool = False, has: bool = False) -> None:
+        self.acc = acc
+        self.fired = fired
+        self.has = has  # whether a record went in (an aggregate may be None)
+
+
+@dataclass(frozen=True)
+class Fired:
+    """A window result: ``value`` is the aggregate, or the records of the window;
+    ``update`` when a late record changed a window that had fired already."""
+
+    key: Any
+    start: float
+    end: float
+    value: Any
+    update: bool
+
+
+class KeyedWindows:
+    """The open windows of every key of one windowed PE instance.
+
+    ``add`` puts a record (with its timestamp) in its windows, or returns False
+    when it is late for all of them (its windows closed: end + lateness <= the
+    watermark). ``advance`` fires the windows the watermark has passed and drops
+    those past their allowed lateness. In aggregate mode a window holds
+    ``fn(acc | None, record)`` (sessions that merge combine theirs with
+    ``merge(a, b)``); otherwise it holds its records.
+    """
+
+    def __init__(
+        self,
+        spec: WindowSpec,
+        lateness: float = 0.0,
+        aggregate: Callable[[Any, Any], Any] | None = None,
+        merge: Callable[[Any, Any], Any] | None = None,
+    ) -> None:
+        self.spec = spec
+        self.lateness = lateness
+        self.aggregate = aggregate
+        self.merge = merge
+        self.watermark = NEG_INF
+        self.keys: dict[Any, dict[tuple[float, float], _Win]] = {}
+        self._heap: list[tuple[float, int, Any, tuple[float, float]]] = []
+        self._seq = 0
+
+    # -- records -------------------------------------------------------------
+    def add(self, key: Any, ts: float, record: Any) -> list[Fired] | None:
+        """Put ``record`` in its windows; None when it is late for every one of
+        them, else the windows it updated that had fired already (late firing)."""
+        wins = self.keys.get(key)
+        if self.spec.kind == "session":
+            if ts + self.spec.gap + self.lateness <= self.watermark:
+                return None  # every session it could join or start has closed
+            targets = [self._session(key, wins, ts)]
+        else:
+            targets = self.spec.assign(ts)
+        fired: list[Fired] = []
+        took = False
+        wm, late = self.watermark, self.lateness
+        for w in targets:
+            if w[1] + late <= wm:
+                continue  # closed
+            if wins is None:
+                wins = self.keys[key] = {}
+            win = wins.get(w)
+            if win is None:
+                win = wins[w] = _Win(None if self.aggregate else [])
+                self._push(w[1], key, w)
+            self._put(win, record)
+            took = True
+            if win.fired:
+                fired.append(Fired(key, w[0], w[1], win.acc, True))
+        if not took:
+            return None
+        return fired
+
+    def _put(self, win: _Win, record: Any) -> None:
+        if self.aggregate is None:
+            win.acc.append(record)
+        else:
+            win.acc = self.aggregate(win.acc if win.has else None, record)
+        win.has = True
+
+    def _session(
+        self, key: Any, wins: dict[tuple[float, float], _Win] | None, ts: float
+    ) -> tuple[float, float]:
+        """The session window of a record at ``ts``: ``[ts, ts + gap)`` merged with
+        every open session of the key it overlaps or touches."""
+        start, end = ts, ts + self.spec.gap
+        if not wins:
+            return (start, end)
+        over = [w for w in wins if w[0] <= end and w[1] >= start]
+        if not over or (len(over) == 1 and over[0][0] <= start and over[0][1] >= end):
+            return over[0] if over else (start, end)
+        start = min([start] + [w[0] for w in over])
+        end = max([end] + [w[1] for w in over])
+        merged = _Win(None if self.aggregate else [])
+        for w in sorted(over):
+            old = wins.pop(w)
+            if not old.has:
+                continue
+            if not merged.has:
+                merged.acc = old.acc
+            elif self.aggregate is None:
+                merged.acc.extend(old.acc)
+            else:
+                assert self.merge is not None
+                merged.acc = self.merge(merged.acc, old.acc)
+            merged.has = True
+            merged.fired = merged.fired or old.fired
+        wins[(start, end)] = merged
+        self._push(end, key, (start, end))
+        return (start, end)
+
+    def _push(self, t: float, key: Any, w: tuple[float, float]) -> None:
+        self._seq += 1
+        heapq.heappush(self._heap, (t, self._seq, key, w))
+
+    # -- the watermark ---------------------------------------------------------
+    def advance(self, watermark: float) -> list[Fired]:
+        """Raise the watermark; fire every window whose end it reached and drop
+        those whose end + lateness it reached. Results in order of window end."""
+        if watermark <= self.watermark:
+            return []
+        self.watermark = watermark
+        out: list[Fired] = []
+        heap, late = self._heap, self.lateness
+        while heap and heap[0][0] <= watermark:
+            _t, _s, key, w = heapq.heappop(heap)
+            wins = self.keys.get(key)
+            win = wins.get(w) if wins is not None else None
+            if win is None:
+                continue  # merged into another session, or dropped
+            if not win.fired:
+                win.fired = True
+                if win.has:
+                    out.append(Fired(key, w[0], w[1], win.acc, False))
+            if w[1] + late <= watermark:
+                del wins[w]
+                if not wins:
+                    del self.keys[key]
+            else:
+                self._push(w[1] + late, key, w)
+        return out
+
+    # -- state -----------------------------------------------------------------
+    def snapshot(self) -> dict[Any, Any]:
+        """``{key: [[start, end, acc, fired, has], ...]}`` and the watermark under
+        :data:`REPLICATED_KEY` (every part of a split gets it)."""
+        state: dict[Any, Any] = {
+            k: [[w[0], w[1], win.acc, win.fired, win.has] for w, win in wins.items()]
+            for k, wins in self.keys.items()
+        }
+        state[REPLICATED_KEY] = {"watermark": self.watermark}
+        return state
+
+    def restore(self, items: Iterable[tuple[Any, Any]]) -> None:
+        """Take over keyed window state (pairs as :meth:`snapshot` makes them); the
+        watermark becomes the highest of the predecessors'."""
+        for key, value in items:
+            if key == REPLICATED_KEY:
+                if isinstance(value, dict):
+                    self.watermark = max(self.watermark, float(value.get("watermark", NEG_INF)))
+                continue
+            wins = self.keys.setdefault(key, {})
+            for start, end, acc, fired, has in value:
+                w = (start, end)
+                wins[w] = _Win(acc, bool(fired), bool(has))
+                self._push(end + self.lateness if fired else end, key, w)
+
+    def open_windows(self) -> int:
+        return sum(len(w) for w in self.keys.values())

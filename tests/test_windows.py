@@ -1,0 +1,171 @@
+"""Event-time windows on a real two-worker cluster: results equal a plain-Python
+reference, through an online code change and a rescale of the windowed PE;
+late records reach the side output; a late record within the allowed lateness
+fires its window again."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from hotwire.testing import count_lines, read_jsonl
+from hotwire.testing.cluster import LocalCluster, poll_for, write_app
+
+N = 6000
+RATE = 1500.0
+KEYS = 7
+SIZE = 100
+
+
+def _t(seq: int) -> int:
+    """The event time of record ``seq``: out of order by up to 4."""
+    return seq - (seq * 7919) % 5
+
+
+def _reference() -> dict[tuple[str, int], list[int]]:
+    """(key, window start) -> [count, sum of seq % 10], computed in plain Python."""
+    out: dict[tuple[str, int], list[int]] = {}
+    for seq in range(N):
+        w = out.setdefault((f"k{seq % KEYS}", _t(seq) // SIZE * SIZE), [0, 0])
+        w[0] += 1
+        w[1] += seq % 10
+    return out
+
+
+APP = """
+from hotwire import Topology
+from hotwire.sdk.windows import Tumbling
+from hotwire.testing import counter, file_sink
+
+OUT = file_sink({out!r})
+LATE = file_sink({late!r})
+
+
+def event_time(r):
+    return r["seq"] - (r["seq"] * 7919) % 5
+
+
+{agg}
+
+
+app = Topology("win")
+ts = app.source("src", counter(n={n}, rate={rate}, keys={keys})).assign_timestamps(
+    "ts", event_time, out_of_orderness=5
+)
+w = ts.key_by(lambda r: r["key"]).window(
+    "win", Tumbling({size}), aggregate=agg, parallelism={p}
+)
+w.sink("out", OUT)
+w.late().sink("late", LATE)
+"""
+
+AGG_V1 = """
+def agg(acc, r):
+    n, s = acc or (0, 0)
+    return [n + 1, s + r["seq"] % 10]
+"""
+
+AGG_V2 = """
+def agg(acc, r):
+    if acc is None:
+        acc = [0, 0]
+    return [acc[0] + 1, acc[1] + r["seq"] % 10]
+"""
+
+
+def _app(tmp_path: Path, name: str, agg: str, p: int) -> str:
+    body = APP.format(
+        out=str(tmp_path / "out.jsonl"),
+        late=str(tmp_path / "late.jsonl"),
+        agg=agg,
+        n=N,
+        rate=RATE,
+        keys=KEYS,
+        size=SIZE,
+        p=p,
+    )
+    return write_app(tmp_path, name, body)
+
+
+def test_windows_equal_the_reference_through_a_code_change_and_a_rescale(
+    cluster: LocalCluster, tmp_path: Path
+) -> None:
+    out = tmp_path / "out.jsonl"
+    expected = _reference()
+    cluster.client.submit(_app(tmp_path, "v1.py", AGG_V1, 1))
+    poll_for(lambda: count_lines(out) > 40, 20, what="windows firing before the upgrade")
+    r = cluster.client.upgrade(_app(tmp_path, "v2.py", AGG_V2, 1))
+    assert r.applied and r.to_version == 2
+    at_code_change = count_lines(out)
+    poll_for(lambda: count_lines(out) > at_code_change + 40, 20, what="windows after v2")
+    r = cluster.client.upgrade(_app(tmp_path, "v3.py", AGG_V2, 2))
+    assert r.applied and r.to_version == 3
+    at_rescale = count_lines(out)
+    assert at_rescale < len(expected), "the rescale must happen while windows fire"
+    poll_for(lambda: count_lines(out) >= len(expected), 60, what="every window's result")
+    rows = read_jsonl(out)
+    got = Counter((row["key"], row["start"]) for row in rows)
+    twice = [w for w, c in got.items() if c > 1]
+    assert not twice, f"windows emitted more than once: {twice[:5]}"
+    assert set(got) == set(expected), (set(expected) - set(got), set(got) - set(expected))
+    wrong = [
+        (row["key"], row["start"], row["value"], expected[(row["key"], row["start"])])
+        for row in rows
+        if row["value"] != expected[(row["key"], row["start"])]
+    ]
+    assert not wrong, f"window results differ from the reference: {wrong[:5]}"
+    assert all(row["end"] == row["start"] + SIZE and not row["update"] for row in rows)
+    versions = [row["version"] for row in rows]
+    assert versions[0] == 1 and versions[-1] == 3, (versions[0], versions[-1])
+    assert versions == sorted(versions), "a result of older code came after newer code's"
+    assert read_jsonl(tmp_path / "late.jsonl") == [], "no record was late"
+
+
+LATE_APP = """
+import asyncio
+
+from hotwire import Topology
+from hotwire.sdk.windows import Tumbling
+from hotwire.testing import file_sink
+
+OUT = file_sink({out!r})
+LATE = file_sink({late!r})
+
+
+async def events(ctx):
+    if ctx.position:
+        return
+    for t in range(1000):
+        yield {{"k": "a", "t": t}}
+        if t % 100 == 99:
+            await asyncio.sleep(0.01)
+    await asyncio.sleep(1.0)  # the watermark reaches 999 meanwhile
+    yield {{"k": "a", "t": 985}}  # its window [980, 990) fired but is within the lateness
+    yield {{"k": "a", "t": 5}}  # its window [0, 10) closed long ago
+
+
+app = Topology("late")
+ts = app.source("src", events).assign_timestamps("ts", lambda r: r["t"])
+w = ts.key_by(lambda r: r["k"]).window(
+    "win", Tumbling(10), aggregate=lambda acc, r: (acc or 0) + 1, allowed_lateness=20
+)
+w.sink("out", OUT)
+w.late().sink("late", LATE)
+"""
+
+
+def test_late_records_update_a_window_or_go_to_the_side_output(
+    cluster: LocalCluster, tmp_path: Path
+) -> None:
+    out, late = tmp_path / "out.jsonl", tmp_path / "late.jsonl"
+    body = LATE_APP.format(out=str(out), late=str(late))
+    cluster.client.submit(write_app(tmp_path, "late.py", body))
+    poll_for(lambda: count_lines(late) >= 1, 30, what="the late record at the side output")
+    poll_for(lambda: count_lines(out) >= 101, 30, what="every window and the update")
+    rows = read_jsonl(out)
+    first = [r for r in rows if not r["update"]]
+    assert sorted(r["start"] for r in first) == list(range(0, 1000, 10))
+    assert all(r["value"] == 10 for r in first)
+    updates = [r for r in rows if r["update"]]
+    assert [(u["start"], u["value"]) for u in updates] == [(980, 11)]
+    assert read_jsonl(late) == [{"k": "a", "t": 5}]
