@@ -243,8 +243,24 @@ def test_dashboard_on_a_tls_master_needs_a_token(tmp_path: Path) -> None:
             code, _, body = _https(addr, ca, "/api/apps", h)
             assert code == 401 and b"revoked" in body, body
         # An admin's token serves too.
-        code, _, _ = _https(addr, ca, "/api/apps", {"Authorization": f"Bearer {c.admin.token}"})
+        admin = {"Authorization": f"Bearer {c.admin.token}"}
+        code, _, _ = _https(addr, ca, "/api/apps", admin)
         assert code == 200
+        # Plain HTTP: a 400 that says to use HTTPS; a client of another CA fails its
+        # handshake; a connection that sends nothing is closed. The dashboard goes on.
+        answer = _raw(addr, b"GET /api/apps HTTP/1.1\r\n\r\n")
+        assert _status(answer) == 400 and b"serves HTTPS only: https://" in answer, answer
+        from hotwire.security import pki
+
+        other = pki.make_ca(tmp_path / "other-ca")
+        with pytest.raises(urllib.error.URLError) as e:
+            _https(addr, other.cert, "/api/apps", admin)
+        assert isinstance(e.value.reason, ssl.SSLCertVerificationError)
+        assert _raw(addr, b"") == b""
+        code, _, _ = _https(addr, ca, "/api/apps", admin)
+        assert code == 200
+        assert c.master is not None
+        assert "Traceback" not in c.master.log_path.read_text()
 
 
 def _raw(addr: str, data: bytes) -> bytes:

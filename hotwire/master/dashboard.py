@@ -34,6 +34,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import socket
 import ssl
 import time
 import urllib.parse
@@ -366,8 +367,10 @@ class Dashboard:
 
     def __init__(self, master: Any):
         self.m = master
-        self.server: asyncio.AbstractServer | None = None
         self.address = ""
+        self._sock: socket.socket | None = None
+        self._accepting: asyncio.Task[None] | None = None
+        self._context: ssl.SSLContext | None = None
         self.tls = master.tls is not None
         self._conns: set[asyncio.Task[Any]] = set()
         self._streams = 0
@@ -385,28 +388,82 @@ class Dashboard:
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             context.minimum_version = ssl.TLSVersion.TLSv1_2
             context.load_cert_chain(str(self.m.tls.cert), str(self.m.tls.key))
+        self._context = context
         try:
-            self.server = await asyncio.start_server(
-                self._serve, host, port, ssl=context, limit=MAX_HEAD
-            )
+            family, _, _, _, sockaddr = socket.getaddrinfo(
+                host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            )[0]
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind(sockaddr)
+                sock.listen(64)
+                sock.setblocking(False)
+            except OSError:
+                sock.close()
+                raise
         except OSError as e:
             msg = f"--dashboard {addr}: cannot listen: {e.strerror or e}"
             raise OSError(msg) from e
-        bound = self.server.sockets[0].getsockname()[1]
-        self.address = f"{host}:{bound}"
+        self._sock = sock
+        self.address = f"{host}:{sock.getsockname()[1]}"
+        self._accepting = asyncio.get_running_loop().create_task(self._accept(sock))
         self.m.engine.on_progress = self._wake
         scheme = "https" if context is not None else "http"
         log.info("master: dashboard at %s://%s/", scheme, self.address)
         return self.address
 
     async def close(self) -> None:
-        if self.server is not None:
-            self.server.close()
+        if self._accepting is not None:
+            self._accepting.cancel()
+            await asyncio.gather(self._accepting, return_exceptions=True)
+        if self._sock is not None:
+            self._sock.close()
         for task in list(self._conns):
             task.cancel()
         await asyncio.gather(*self._conns, return_exceptions=True)
-        if self.server is not None:
-            await self.server.wait_closed()
+
+    async def _accept(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(sock)
+            except OSError as e:  # out of descriptors, say: the next one may do
+                log.warning("dashboard: accept failed: %s", e)
+                await asyncio.sleep(0.1)
+                continue
+            task = loop.create_task(self._connection(conn))
+            self._conns.add(task)
+            task.add_done_callback(self._conns.discard)
+
+    async def _connection(self, conn: socket.socket) -> None:
+        """Streams over ``conn``; with TLS, a client that does not start with a TLS
+        handshake (plain HTTP) is answered in plain text that the page is HTTPS only."""
+        loop = asyncio.get_running_loop()
+        conn.setblocking(False)
+        try:
+            context = self._context
+            if context is not None:
+                first = await asyncio.wait_for(_peek(conn), READ_TIMEOUT_S)
+                if not first:
+                    conn.close()
+                    return
+                if first != b"\x16":  # not a TLS handshake record
+                    context = None
+            reader = asyncio.StreamReader(limit=MAX_HEAD)
+            protocol = asyncio.StreamReaderProtocol(reader)
+            transport, _ = await asyncio.wait_for(
+                loop.connect_accepted_socket(lambda: protocol, conn, ssl=context),
+                READ_TIMEOUT_S,
+            )
+        except (OSError, TimeoutError, ssl.SSLError):
+            conn.close()
+            return
+        writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+        if self._context is not None and context is None:
+            await self._serve(reader, writer, plain_on_tls=True)
+        else:
+            await self._serve(reader, writer)
 
     def _wake(self, app: str = "") -> None:
         """Something changed (a transition's phase): push the picture to every stream now."""
@@ -415,13 +472,19 @@ class Dashboard:
         tick.set()
 
     # -- one connection: one request -----------------------------------------
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _serve(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, plain_on_tls: bool = False
+    ) -> None:
         task = asyncio.current_task()
         if task is not None:
             self._conns.add(task)
         try:
             try:
                 req = await asyncio.wait_for(read_request(reader), READ_TIMEOUT_S)
+                if plain_on_tls:
+                    raise HttpError(
+                        400, f"this dashboard serves HTTPS only: https://{self.address}/"
+                    )
                 await self._handle(req, writer)
             except HttpError as e:
                 body = (str(e) + "\n").encode()
@@ -709,6 +772,26 @@ class Dashboard:
 
 
 _CHALLENGE = (("WWW-Authenticate", 'Bearer realm="hotwire"'),)
+
+
+def _set_once(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+async def _peek(conn: socket.socket) -> bytes:
+    """The first byte ``conn`` received, left in its buffer (b"": closed)."""
+    loop = asyncio.get_running_loop()
+    while True:
+        try:
+            return conn.recv(1, socket.MSG_PEEK)
+        except BlockingIOError:
+            ready = loop.create_future()
+            loop.add_reader(conn.fileno(), _set_once, ready)
+            try:
+                await ready
+            finally:
+                loop.remove_reader(conn.fileno())
 
 
 def _version_arg(req: Request, name: str) -> int:
