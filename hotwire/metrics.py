@@ -262,7 +262,7 @@ class _WorkerSnapshot:
     drops: dict[str, int] = field(default_factory=dict)
     stats: dict[str, int] = field(default_factory=dict)
     handovers: dict[tuple[str, str], int] = field(default_factory=dict)
-    handover_bytes: dict[str, int] = field(default_factory=dict)
+    handover_bytes: dict[tuple[str, str], int] = field(default_factory=dict)
 
 
 def worker_snapshot(w: Any, empty: bool = False) -> _WorkerSnapshot:
@@ -461,9 +461,14 @@ def worker_exposition(s: _WorkerSnapshot) -> str:
     for (app, where), n in sorted(s.handovers.items()):
         add(f'{name}{{app="{_esc(app)}",worker="{w}",where="{where}"}} {n}')
     name = "hotwire_state_handover_bytes_total"
-    head(name, "counter", "Bytes of state (msgpack frames) handed to instances on other workers.")
-    for app, n in sorted(s.handover_bytes.items()):
-        add(f'{name}{{app="{_esc(app)}",worker="{w}"}} {n}')
+    head(
+        name,
+        "counter",
+        "Bytes of state handed over: to another worker (remote) the msgpack frames, with "
+        "held input; to the same worker (local) the state's msgpack size.",
+    )
+    for (app, where), n in sorted(s.handover_bytes.items()):
+        add(f'{name}{{app="{_esc(app)}",worker="{w}",where="{where}"}} {n}')
     add("")
     return "\n".join(out)
 

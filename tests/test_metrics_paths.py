@@ -102,6 +102,77 @@ def test_e2e_latency_at_sinks_grows_with_a_slow_sink(tmp_path: Path) -> None:
         assert received > 0
 
 
+# -- state bytes handed over on one worker -------------------------------------
+
+KEYS = 100
+PAD = 200  # bytes of padding in each key's state
+
+HANDOVER_APP = """
+from hotwire import Topology
+from hotwire.testing.sources import counter
+
+def add(acc, r):
+    return {{"n": (acc or {{"n": 0}})["n"] + 1, "pad": "x" * {pad}}}
+
+app = Topology("handover")
+src = app.source("src", counter(rate=400, keys={keys}))
+src.key_by(lambda r: r["key"]).reduce("count", add, parallelism={p}).sink("out", lambda r: None)
+"""
+
+
+def _series(addr: str, family: str) -> dict[tuple[tuple[str, str], ...], float]:
+    fam = _scrape(addr).get(family)
+    return {tuple(sorted(s.labels.items())): s.value for s in fam.samples} if fam else {}
+
+
+def _handover_bytes(addr: str, where: str) -> float:
+    return sum(
+        v
+        for labels, v in _series(addr, "hotwire_state_handover_bytes").items()
+        if dict(labels)["app"] == "handover" and dict(labels)["where"] == where
+    )
+
+
+def test_state_bytes_handed_over_on_one_worker_are_counted(tmp_path: Path) -> None:
+    """An online rescale (2 -> 3) of a keyed reduce on one worker: its state moves as
+    objects, and hotwire_state_handover_bytes_total{where="local"} grows by the
+    state's size as msgpack (KEYS keys of about PAD bytes each), the bytes the
+    upgrade's reply reports for the PE; nothing counts as remote."""
+    from hotwire.codec import packb
+
+    with LocalCluster(workers=1, data_dir=tmp_path / "c", metrics=True) as c:
+        addr = c.metrics_addresses["w1"]
+        v1, v2 = (
+            write_app(tmp_path, f"h{p}.py", HANDOVER_APP.format(pad=PAD, keys=KEYS, p=p))
+            for p in (2, 3)
+        )
+        c.client.submit(v1)
+
+        def count_in() -> float:
+            series = _series(addr, "hotwire_records_in")
+            return sum(v for labels, v in series.items() if dict(labels)["pe"] == "count")
+
+        # Every key is in the state: the source cycles through them in order.
+        poll_for(lambda: count_in() >= 2 * KEYS, 30, 0.2, what="every key reduced")
+        before = _handover_bytes(addr, "local")
+        reply = c.client.upgrade(v2)
+        after = _handover_bytes(addr, "local")
+        grown = after - before
+        # Each key's entry is [key, {"n": n, "pad": PAD bytes}]; n takes 1 to 5 bytes.
+        lo = sum(len(packb([f"k{i}", {"n": 0, "pad": "x" * PAD}])) for i in range(KEYS))
+        hi = sum(len(packb([f"k{i}", {"n": 2**20, "pad": "x" * PAD}])) for i in range(KEYS))
+        # Each of the 2 x 3 parts (one per old instance and successor) adds a list
+        # header and the state's version around it.
+        assert lo <= grown <= hi + 6 * 32, (lo, grown, hi)
+        [count] = [h for h in json.loads(reply.handover_json) if h["pe"] == "count"]
+        assert count["bytes"] == grown, (count, grown)
+        assert count["local"] == count["handovers"] == 6, count
+        assert _handover_bytes(addr, "remote") == 0
+        handovers = _series(addr, "hotwire_state_handovers")
+        local = {dict(labels)["where"]: v for labels, v in handovers.items()}
+        assert local.get("remote", 0) == 0 and local["local"] >= 6, local
+
+
 # -- TLS ---------------------------------------------------------------------
 
 

@@ -701,6 +701,7 @@ class Instance:
                 if sent is None:  # the same worker: the object itself, counted as msgpack
                     handed.local += 1
                     sent = self._local_size(part)
+                    self.runtime.handover_bytes[self.app, "local"] += sent
                 handed.add(k, sent, len(recs))
             self.runtime.handed_over(self.app, retire.version, handed)
         elif pending:

@@ -96,10 +96,11 @@ class Runtime:
         # Called with (app, checkpoint id, instance id, its state as msgpack) when an
         # instance snapshots.
         self.on_checkpoint: Callable[[str, int, str, bytes], None] = lambda *a: None
-        # State handovers made here: (app, "local" | "remote") -> count, and the bytes of
-        # those sent to other workers per app (hotwire.metrics).
+        # State handovers made here, by (app, "local" | "remote"): how many, and their
+        # bytes (hotwire.metrics): to another worker the frames' (state and held input),
+        # on this one the state's as msgpack (the instance counts it).
         self.handovers: Counter[tuple[str, str]] = Counter()
-        self.handover_bytes: Counter[str] = Counter()
+        self.handover_bytes: Counter[tuple[str, str]] = Counter()
         # Whether this worker's sources stamp their batches with the time they emit
         # them, for the sinks' end-to-end latency (on with --metrics; see Stamp).
         self.stamp = False
@@ -178,7 +179,7 @@ class Runtime:
             return None
         self.handovers[app, "remote"] += 1
         sent = self.dataplane.send_state(worker, app, dst, src, state, pending)
-        self.handover_bytes[app] += sent
+        self.handover_bytes[app, "remote"] += sent
         return sent
 
     def handed_over(self, app: str, version: int, handed: HandedOver) -> None:
