@@ -5,6 +5,7 @@ master; malformed requests get a 4xx and the master goes on."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 import json
 import os
@@ -22,15 +23,25 @@ import pytest
 from hotwire.testing.cluster import LocalCluster, poll_for, write_app
 
 APP = """
+import time
+
 from hotwire import Topology
+from hotwire.sdk import ProcessPE
 from hotwire.testing.sources import counter
+
+class Tag(ProcessPE):
+    def setup(self, ctx):
+        time.sleep(2.0)  # a slow start: the upgrade stays in its prepare phase a while
+
+    def process(self, record):
+        return [{{**record, "t": 1}}]
 
 app = Topology("dash")
 src = app.source("src", counter(rate=200))
 m = src.map("double", lambda r: {{**r, "v": r["seq"] * 2}}, parallelism=2)
 {extra}m.sink("out", lambda r: None)
 """
-V2 = 'm = m.map("tag", lambda r: {**r, "t": 1})\n'
+V2 = 'm = m.process("tag", Tag)\n'
 
 
 def _apps(tmp: Path) -> tuple[str, str]:
@@ -143,8 +154,27 @@ def test_dashboard_follows_an_online_upgrade_in_a_browser(tmp_path: Path, browse
         assert "start tag@" in d.find_element("id", "plan").text
         assert d.find_element("id", "app-version").text == "v1"  # nothing applied
 
-        # The upgrade itself, online: the page follows it over /events, no reload.
-        reply = c.client.upgrade(v2)
+        # The upgrade itself, online: the page follows it over /events, no reload,
+        # phase by phase (the new PE's slow setup holds the prepare phase).
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            upgrading = pool.submit(c.client.upgrade, v2)
+            poll_for(
+                lambda: (
+                    _js(
+                        d,
+                        "const p = document.getElementById('phases');"
+                        "const cur = document.querySelector('#phases .phase.current');"
+                        "return p && p.dataset.running === '1' && cur && cur.dataset.phase;",
+                    )
+                    == "prepare"
+                ),
+                20,
+                0.05,
+                what="the page to show the upgrade in its prepare phase",
+            )
+            assert "upgrade to version 2" in d.find_element("id", "progress").text
+            assert d.find_element("id", "outcome").text == "in prepare"
+            reply = upgrading.result(60)
         assert reply.applied and reply.to_version == 2
         poll_for(
             lambda: d.find_element("id", "app-version").text == "v2",
