@@ -353,3 +353,81 @@ class KeyedWindows:
 
     def open_windows(self) -> int:
         return sum(len(w) for w in self.keys.values())
+
+
+# -- joins ---------------------------------------------------------------------
+class IntervalJoin:
+    """Per key, every left record ``a`` joins every right record ``b`` with
+    ``a.t + lower <= b.t <= a.t + upper``, whichever comes first.
+
+    Each side's records are kept until the watermark shows no record of the
+    other side can still match them (left: ``a.t + upper < watermark``; right:
+    ``b.t - lower < watermark``). A record below the watermark is late: it joins
+    nothing and is refused (``add`` returns None).
+    """
+
+    def __init__(self, lower: float, upper: float) -> None:
+        self.lower = lower
+        self.upper = upper
+        self.watermark = NEG_INF
+        self.keys: dict[Any, tuple[list[list[Any]], list[list[Any]]]] = {}
+        self._heap: list[tuple[float, int, Any, int, float]] = []
+        self._seq = 0
+
+    def add(self, side: int, key: Any, ts: float, record: Any) -> list[tuple[Any, Any]] | None:
+        """Put ``record`` (side 0: left, 1: right) in; the pairs it completes, as
+        (left, right); None when it is late."""
+        if ts < self.watermark:
+            return None
+        bufs = self.keys.get(key)
+        if bufs is None:
+            bufs = self.keys[key] = ([], [])
+        lo, hi = self.lower, self.upper
+        if side == 0:
+            pairs = [(record, r) for t, r in bufs[1] if ts + lo <= t <= ts + hi]
+            expiry = ts + hi
+        else:
+            pairs = [(r, record) for t, r in bufs[0] if t + lo <= ts <= t + hi]
+            expiry = ts - lo
+        bufs[side].append([ts, record])
+        self._seq += 1
+        heapq.heappush(self._heap, (expiry, self._seq, key, side, ts))
+        return pairs
+
+    def advance(self, watermark: float) -> None:
+        """Raise the watermark and drop what can no longer join."""
+        if watermark <= self.watermark:
+            return
+        self.watermark = watermark
+        heap = self._heap
+        while heap and heap[0][0] < watermark:
+            _e, _s, key, side, ts = heapq.heappop(heap)
+            bufs = self.keys.get(key)
+            if bufs is None:
+                continue
+            buf = bufs[side]
+            for i, (t, _r) in enumerate(buf):
+                if t == ts:
+                    del buf[i]
+                    break
+            if not bufs[0] and not bufs[1]:
+                del self.keys[key]
+
+    def snapshot(self) -> dict[Any, Any]:
+        state: dict[Any, Any] = {k: [left, right] for k, (left, right) in self.keys.items()}
+        state[REPLICATED_KEY] = {"watermark": self.watermark}
+        return state
+
+    def restore(self, items: Iterable[tuple[Any, Any]]) -> None:
+        for key, value in items:
+            if key == REPLICATED_KEY:
+                if isinstance(value, dict):
+                    self.watermark = max(self.watermark, float(value.get("watermark", NEG_INF)))
+                continue
+            bufs = self.keys.setdefault(key, ([], []))
+            for side in (0, 1):
+                for ts, record in value[side]:
+                    bufs[side].append([ts, record])
+                    expiry = ts + self.upper if side == 0 else ts - self.lower
+                    self._seq += 1
+                    heapq.heappush(self._heap, (expiry, self._seq, key, side, ts))

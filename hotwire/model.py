@@ -30,11 +30,12 @@ PE_KINDS = (
     "dl_job",
     "timestamps",
     "window",
+    "join",
 )
 PARTITIONS = ("shuffle", "key", "broadcast", "forward")
 # Kinds whose instances may hold state (reduce accumulators, a class PE's snapshot):
 # an upgrade refuses to remove one unless told to drop its state.
-STATEFUL_KINDS = ("reduce", "process", "window")
+STATEFUL_KINDS = ("reduce", "process", "window", "join")
 
 
 @dataclass(frozen=True)

@@ -169,3 +169,77 @@ def test_late_records_update_a_window_or_go_to_the_side_output(
     updates = [r for r in rows if r["update"]]
     assert [(u["start"], u["value"]) for u in updates] == [(980, 11)]
     assert read_jsonl(late) == [{"k": "a", "t": 5}]
+
+
+JOIN_APP = """
+from hotwire import Topology
+from hotwire.sdk.windows import Tumbling
+from hotwire.testing import counter, file_sink
+
+OUT = file_sink({out!r})
+WOUT = file_sink({wout!r})
+
+
+def imp_time(r):
+    return r["seq"] * 2
+
+
+def click_time(r):
+    return r["seq"] * 3 + 1
+
+
+app = Topology("join")
+imps = app.source("imps", counter(n={n}, rate={rate}, keys=5)).assign_timestamps(
+    "imp_ts", imp_time, out_of_orderness=0
+)
+clicks = app.source("clicks", counter(n={n}, rate={rate}, keys=5)).assign_timestamps(
+    "click_ts", click_time, out_of_orderness=0
+)
+ik = imps.key_by(lambda r: r["key"])
+ck = clicks.key_by(lambda r: r["key"])
+ik.interval_join(
+    "near", ck, 0, 10, lambda a, b: {{"imp": a["seq"], "click": b["seq"]}}, parallelism={p}
+).sink("out", OUT)
+ik.window_join(
+    "same_window", ck, Tumbling(50), lambda a, b: {{"imp": a["seq"], "click": b["seq"]}}
+).sink("wout", WOUT)
+"""
+
+
+def _join_reference(n: int) -> tuple[set[tuple[int, int]], set[tuple[int, int]]]:
+    near, same = set(), set()
+    for i in range(n):
+        for c in range(n):
+            if i % 5 != c % 5:
+                continue
+            ti, tc = i * 2, c * 3 + 1
+            if ti <= tc <= ti + 10:
+                near.add((i, c))
+            if ti // 50 == tc // 50:
+                same.add((i, c))
+    return near, same
+
+
+def test_interval_and_window_joins_equal_the_reference_through_a_rescale(
+    cluster: LocalCluster, tmp_path: Path
+) -> None:
+    n = 1500
+    out, wout = tmp_path / "out.jsonl", tmp_path / "wout.jsonl"
+    near, same = _join_reference(n)
+
+    def app(name: str, p: int) -> str:
+        body = JOIN_APP.format(out=str(out), wout=str(wout), n=n, rate=500.0, p=p)
+        return write_app(tmp_path, name, body)
+
+    cluster.client.submit(app("v1.py", 1))
+    poll_for(lambda: count_lines(out) > len(near) // 5, 20, what="joined pairs before the rescale")
+    r = cluster.client.upgrade(app("v2.py", 2))
+    assert r.applied
+    assert count_lines(out) < len(near), "the rescale must happen while records flow"
+    poll_for(lambda: count_lines(out) >= len(near), 60, what="every interval-joined pair")
+    poll_for(lambda: count_lines(wout) >= len(same), 60, what="every window-joined pair")
+    got = [(row["imp"], row["click"]) for row in read_jsonl(out)]
+    assert len(got) == len(set(got)), "a pair was joined twice"
+    assert set(got) == near
+    wgot = [(row["imp"], row["click"]) for row in read_jsonl(wout)]
+    assert len(wgot) == len(set(wgot)) and set(wgot) == same

@@ -15,8 +15,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from hotwire.eventtime import NEG_INF, Fired, KeyedWindows, WindowSpec
+from hotwire.eventtime import NEG_INF, Fired, IntervalJoin, KeyedWindows, WindowSpec
 from hotwire.pe.executors import Executor, _keyed_items
+from hotwire.plan import parse_instance_id
 
 
 class TimestampError(ValueError):
@@ -167,3 +168,115 @@ class WindowExecutor(Executor):
         for s in states:
             if s:
                 self.windows.restore(_keyed_items(s))
+
+
+class JoinExecutor(Executor):
+    """A keyed join of two streams by event time: an interval join, or a window
+    join (pairs of the two sides' records in each fired window). ``sides`` names,
+    per input, its upstream PE, timestamp function and key function; the
+    instance sets :attr:`side` from each batch's channel."""
+
+    keyed = True
+
+    def __init__(
+        self, fn: Any, ctx: Any, on_error: Any, key_fn: Any = None, *, sides: Any = ()
+    ):
+        super().__init__(fn, ctx, on_error, key_fn)
+        self.sides = tuple(sides)
+        self.side = 0
+        self._side_of: dict[str, int] = {}
+        j = ctx.config["join"]
+        self.interval: IntervalJoin | None = None
+        self.windows: KeyedWindows | None = None
+        if j.get("kind") == "interval":
+            self.interval = IntervalJoin(j["lower"], j["upper"])
+        else:
+            self.windows = KeyedWindows(WindowSpec.from_config(j))
+        self.out: list[Any] = []
+        self.late = 0  # records below the watermark: they join nothing
+
+    @property
+    def watermark(self) -> float:
+        part = self.interval if self.interval is not None else self.windows
+        assert part is not None
+        return part.watermark
+
+    def set_channel(self, channel: str) -> None:
+        """The next batch comes on ``channel``: which side it is."""
+        side = self._side_of.get(channel)
+        if side is None:
+            pe = parse_instance_id(channel.split(">", 1)[0])[0]
+            names = [s[0] for s in self.sides]
+            side = self._side_of[channel] = names.index(pe) if pe in names else -1
+        self.side = side
+
+    async def process(self, records: list[Any]) -> list[Any]:
+        side = self.side
+        if side < 0:
+            for r in records:
+                self.on_error(r, ValueError("a join got a record from neither of its inputs"))
+            return []
+        _pe, ts_fn, key_fn = self.sides[side]
+        out, fn = self.out, self.fn
+        interval, windows = self.interval, self.windows
+
+        def step(r: Any) -> None:
+            k = key_fn(r)
+            t = _timestamp(ts_fn, r)
+            if interval is not None:
+                pairs = interval.add(side, k, t, r)
+                if pairs is None:
+                    self.late += 1
+                    return
+                for a, b in pairs:
+                    j = fn(a, b)
+                    if j is not None:
+                        out.append(j)
+            else:
+                assert windows is not None
+                if windows.add(k, t, [side, r]) is None:
+                    self.late += 1
+
+        await self._each(records, step)
+        return []
+
+    def advance(self, watermark: float) -> list[Any]:
+        if self.interval is not None:
+            self.interval.advance(watermark)
+            return []
+        assert self.windows is not None
+        out: list[Any] = []
+        for f in self.windows.advance(watermark):
+            left = [r for s, r in f.value if s == 0]
+            right = [r for s, r in f.value if s == 1]
+            for a in left:
+                for b in right:
+                    try:
+                        j = self.fn(a, b)
+                    except Exception as e:
+                        self.on_error([a, b], e)
+                        continue
+                    if j is not None:
+                        out.append(j)
+        return out
+
+    def take_out(self) -> list[Any]:
+        out, self.out = self.out, []
+        return out
+
+    def take_late(self) -> list[Any]:
+        return []
+
+    late_to: frozenset[str] = frozenset()
+
+    def snapshot(self) -> Any:
+        part = self.interval if self.interval is not None else self.windows
+        assert part is not None
+        return part.snapshot()
+
+    def restore(self, states: list[Any]) -> None:
+        part = self.interval if self.interval is not None else self.windows
+        assert part is not None
+        for s in states:
+            if s:
+                part.restore(_keyed_items(s))

@@ -25,7 +25,9 @@ from hotwire.sdk.pe import ProcessPE
 
 __all__ = ["KeyedStream", "PEImpl", "Stream", "Topology", "WindowedStream"]
 
-_FN_KINDS = ("source", "map", "filter", "flat_map", "reduce", "sink", "timestamps", "window")
+_FN_KINDS = (
+    "source", "map", "filter", "flat_map", "reduce", "sink", "timestamps", "window", "join"
+)
 _CLASS_KINDS = ("process", "dl_job")
 _SIGNATURES = {
     "source": "fn(ctx) -> iterator or async iterator",
@@ -36,6 +38,7 @@ _SIGNATURES = {
     "sink": "fn(record) -> None",
     "timestamps": "fn(record) -> timestamp (a number)",
     "window": "aggregate=fn(acc | None, record) -> acc or process=fn(key, (start, end), records)",
+    "join": "fn(left, right) -> record (None: no record)",
 }
 
 
@@ -47,6 +50,8 @@ class PEImpl:
     fn: Callable[..., Any] | None = None
     cls: type | None = None
     ts_fn: Callable[[Any], Any] | None = None  # a window's timestamp function
+    # A join's inputs: (upstream PE, its timestamp function, its key function) each.
+    sides: tuple[tuple[str, Any, Any], ...] = ()
     merge_fn: Callable[[Any, Any], Any] | None = None  # a session window's acc merge
 
 
@@ -71,6 +76,7 @@ class _Node:
     inputs: list[_Edge] = field(default_factory=list)
     renamed_from: Any = ""  # the PE's name in the running version, when renamed
     ts_fn: Any = None  # a window's own timestamp function (else its assigner's)
+    join_ts: tuple[Any, Any] = (None, None)  # a join's own timestamp functions per side
     merge_fn: Any = None  # a session window's merge of two accumulators
 
 
@@ -317,6 +323,78 @@ class Stream:
         self.topology._add(node)
         return WindowedStream(self.topology, name)
 
+    def interval_join(
+        self,
+        name: str,
+        other: Stream,
+        lower: float,
+        upper: float,
+        fn: Callable[[Any, Any], Any],
+        *,
+        timestamp: Callable[[Any], Any] | None = None,
+        other_timestamp: Callable[[Any], Any] | None = None,
+        parallelism: int = 1,
+        config: Any = None,
+        renamed_from: str = "",
+    ) -> Stream:
+        """Join two keyed streams by key and event time: each record ``a`` of this
+        stream meets each record ``b`` of ``other`` with the same key and
+        ``a.t + lower <= b.t <= a.t + upper``, and ``fn(a, b)`` is emitted (unless
+        None). Both streams need event time; records are kept until the watermark
+        passes the interval they can still join in. Records below the watermark
+        (late) join nothing and are counted as dropped.
+        """
+        join = {"kind": "interval", "lower": lower, "upper": upper}
+        return self._join(name, other, join, fn, (timestamp, other_timestamp),
+                          parallelism, config, renamed_from)
+
+    def window_join(
+        self,
+        name: str,
+        other: Stream,
+        windows: Any,
+        fn: Callable[[Any, Any], Any],
+        *,
+        timestamp: Callable[[Any], Any] | None = None,
+        other_timestamp: Callable[[Any], Any] | None = None,
+        parallelism: int = 1,
+        config: Any = None,
+        renamed_from: str = "",
+    ) -> Stream:
+        """Join two keyed streams per key and window (``Tumbling``, ``Sliding`` or
+        ``Session``): when a window fires, ``fn(a, b)`` is emitted (unless None)
+        for each pair of a record ``a`` of this stream and ``b`` of ``other`` in it.
+        """
+        spec = windows.to_config() if hasattr(windows, "to_config") else {"kind": repr(windows)}
+        join = {**spec, "join": "window"}
+        return self._join(name, other, join, fn, (timestamp, other_timestamp),
+                          parallelism, config, renamed_from)
+
+    def _join(
+        self,
+        name: str,
+        other: Any,
+        join: dict[str, Any],
+        fn: Any,
+        ts: tuple[Any, Any],
+        parallelism: Any,
+        config: Any,
+        renamed_from: str,
+    ) -> Stream:
+        other_edge = other._edge() if isinstance(other, Stream) else _Edge(repr(other), "shuffle")
+        node = _Node(
+            name,
+            "join",
+            parallelism,
+            _with(config, join=join, sides=[self.pe, other_edge.src]),
+            fn=fn,
+            keyed=True,
+            inputs=[self._edge(), other_edge],
+            renamed_from=renamed_from,
+            join_ts=ts,
+        )
+        return self.topology._add(node)
+
     def sink(
         self,
         name: str,
@@ -402,21 +480,33 @@ class Topology:
         if node.kind == "window":
             ts_fn, _problem = self._timestamp_fn(node)
             return PEImpl("window", node.fn, None, ts_fn=ts_fn, merge_fn=node.merge_fn)
+        if node.kind == "join":
+            sides = tuple(
+                (e.src, self._timestamp_fn(node, [e.src], ts)[0], e.key_fn)
+                for e, ts in zip(node.inputs, node.join_ts, strict=True)
+            )
+            return PEImpl("join", node.fn, None, sides=sides)
         return PEImpl(node.kind, node.fn, node.cls)
 
     # -- event time ---------------------------------------------------------------
-    def _timestamp_fn(self, node: _Node) -> tuple[Any, str]:
-        """A window's timestamp function and, if it has none, why (else "").
+    def _timestamp_fn(
+        self, node: _Node, srcs: list[str] | None = None, explicit: Any = None
+    ) -> tuple[Any, str]:
+        """A window's (or a join side's) timestamp function and, if it has none,
+        why (else "").
 
         Its own ``timestamp=``, else the function of the assigner upstream of it,
-        found by walking its inputs back to the nearest assigners. Every path must
-        meet an assigner (or another window) before it reaches a source.
+        found by walking its inputs (or ``srcs``) back to the nearest assigners.
+        Every path must meet an assigner (or another window) before it reaches a
+        source.
         """
         assigners: dict[str, Any] = {}
         bare: list[str] = []
         windows: list[str] = []
         seen: set[str] = set()
-        todo = [e.src for e in self._inputs(node.name)]
+        todo = [e.src for e in self._inputs(node.name)] if srcs is None else list(srcs)
+        if explicit is None and srcs is None:
+            explicit = node.ts_fn
         while todo:
             src = todo.pop()
             if src in seen or not isinstance(src, str):
@@ -428,7 +518,7 @@ class Topology:
                 continue
             if up.kind == "timestamps":
                 assigners[up.name] = up.fn
-            elif up.kind == "window":
+            elif up.kind in ("window", "join"):
                 windows.append(up.name)
             elif up.kind == "source":
                 bare.append(up.name)
@@ -439,12 +529,12 @@ class Topology:
                 f"records reach it from source {sorted(bare)[0]!r} with no timestamp "
                 "assigner on the way; call .assign_timestamps(...) on that stream"
             )
-        if node.ts_fn is not None:
-            return node.ts_fn, ""
+        if explicit is not None:
+            return explicit, ""
         fns = {id(f): f for f in assigners.values()}
         if windows:
             return None, (
-                f"it reads the results of window {sorted(windows)[0]!r}; pass "
+                f"it reads the results of {sorted(windows)[0]!r}, a window or join; pass "
                 "timestamp=fn (for example lambda r: r['end'] - 1)"
             )
         if len(fns) != 1:
@@ -571,6 +661,17 @@ class Topology:
             problems.extend(f"{where}: {p}" for p in _window_problems(node, config, why))
             config = {**config, "late_to": self._late_targets(name)}
             extra = [f for f in (ts_fn, node.merge_fn) if callable(f)]
+        elif config_ok and node.kind == "join":
+            found = _join_problems(node, config)
+            for e, ts in zip(node.inputs, node.join_ts, strict=False):
+                if not isinstance(e.src, str):
+                    continue
+                side_fn, why = self._timestamp_fn(node, [e.src], ts)
+                if why:
+                    found.append(f"its input from {e.src!r} needs event time: {why}")
+                elif callable(side_fn):
+                    extra.append(side_fn)
+            problems.extend(f"{where}: {p}" for p in found)
         fp = ""
         if config_ok and (target is not None or node.kind in ("union", "dl_job")):
             try:
@@ -801,4 +902,31 @@ def _window_problems(node: _Node, config: dict[str, Any], no_timestamps: str) ->
             "session windows with aggregate= need merge=fn(acc_a, acc_b) -> acc to "
             "combine two sessions a record joins"
         )
+    return out
+
+
+def _join_problems(node: _Node, config: dict[str, Any]) -> list[str]:
+    from hotwire.eventtime import WindowSpec
+
+    out: list[str] = []
+    if len(node.inputs) != 2 or node.inputs[0].src == node.inputs[1].src:
+        out.append("a join reads two different streams")
+    elif any(e.partition != "key" for e in node.inputs):
+        out.append("a join needs both inputs keyed; call .key_by(fn) on each before joining")
+    if callable(node.fn) and (p := _sync_fn_problem(node.fn, "join")):
+        out.append(p)
+    if config.get("on_error") == "fail":
+        out.append("on_error='fail' is not supported by joins; use 'skip' or 'dead_letter'")
+    j = config.get("join", {})
+    if j.get("kind") == "interval":
+        lo, hi = j.get("lower"), j.get("upper")
+        if not _number(lo) or not _number(hi):
+            out.append(f"the join bounds must be finite numbers, got lower={lo!r} upper={hi!r}")
+        elif lo > hi:
+            out.append(f"the join's lower bound {lo!r} is above its upper bound {hi!r}")
+    else:
+        out.extend(WindowSpec.from_config(j).problems())
+    for ts, what in zip(node.join_ts, ("timestamp", "other_timestamp"), strict=True):
+        if ts is not None and not callable(ts):
+            out.append(f"{what} {ts!r} is not callable")
     return out

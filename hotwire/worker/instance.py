@@ -152,7 +152,8 @@ class Instance:
         # Event time: the watermark of each input channel (from the first marker on),
         # and a timestamp assigner's next marker, sent at most every interval.
         self._wm: InputWatermarks | None = None
-        self._event_time = spec.kind in ("timestamps", "window")
+        self._event_time = spec.kind in ("timestamps", "window", "join")
+        self._join = spec.kind == "join"
         self._last_mark = 0.0
         self._tick_due = False
         self.late_dropped = 0  # late records of a windowed PE with no late side output
@@ -309,6 +310,8 @@ class Instance:
         records, ret = a.records, a.ret
         if len(records) == 1 and is_marker(records[0]):
             return await self._on_marker(a)
+        if self._join:
+            self.executor.set_channel(a.channel)  # type: ignore[union-attr]
         if self._wm is not None:
             self._wm.saw(a.channel, time.monotonic())
         if self.kind == "sink" and self.runtime.hold.held():
@@ -361,7 +364,7 @@ class Instance:
         if self.kind == "timestamps":
             await self._assigner_mark(force=False)  # an upstream +inf: the input ended
             return sm.PROCESSED
-        if self.kind == "window":
+        if self.kind in ("window", "join"):
             ex: Any = self.executor
             await self._emit_results(ex.advance(new))
             new = max(new, ex.watermark)
@@ -375,7 +378,7 @@ class Instance:
         if self.kind == "timestamps":
             return float(ex.emitted)
         out = self._wm.out if self._wm is not None else NEG_INF
-        return max(out, ex.watermark) if self.kind == "window" else out
+        return max(out, ex.watermark) if self.kind in ("window", "join") else out
 
     async def _assigner_mark(self, force: bool) -> None:
         """A timestamp assigner sends its watermark when it rose, at most once per
@@ -413,6 +416,17 @@ class Instance:
             return
         ex: Any = self.executor
         await self._emit_results(ex.take_out())
+        if self._join:
+            if ex.late > self.late_dropped:
+                if not self.late_dropped:
+                    log.warning(
+                        "app %r PE %r: records below the watermark join nothing and are "
+                        "dropped (counted as late_dropped)",
+                        self.app,
+                        self.pe,
+                    )
+                self.late_dropped = ex.late
+            return
         late = ex.take_late()
         if late:
             routes = {d: r for d, r in self.routes.items() if d in ex.late_to}

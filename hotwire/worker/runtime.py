@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hotwire.pe.eventtime import TimestampExecutor, WindowExecutor
+from hotwire.pe.eventtime import JoinExecutor, TimestampExecutor, WindowExecutor
 from hotwire.pe.executors import (
     EXECUTORS,
     Executor,
@@ -299,6 +299,8 @@ class Runtime:
                     executor = ProcessExecutor(impl.cls, ctx, inst.on_error, key_fn)
                 elif ins.kind == "timestamps":
                     executor = TimestampExecutor(impl.fn, ctx, inst.on_error, key_fn)
+                elif ins.kind == "join":
+                    executor = JoinExecutor(impl.fn, ctx, inst.on_error, key_fn, sides=impl.sides)
                 elif ins.kind == "window":
                     executor = WindowExecutor(
                         impl.fn,
