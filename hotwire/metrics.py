@@ -10,7 +10,13 @@ counters as they happen, and reads the workers' liveness at scrape time.
 
 A scrape runs on the HTTP server's thread while the event loop changes the
 counters, so the snapshot is taken on the loop (:class:`OnLoop`); a loop busy
-longer than a second (user code that blocks it) answers with the last one.
+longer than a second (user code that blocks it) answers with the last one. A node
+that runs TLS serves the endpoint over HTTPS with its own certificate
+(:func:`https_context`) and answers plain HTTP with a 400.
+
+A sink's end-to-end latency (``hotwire_e2e_latency_seconds``) comes from the batch
+stamps of :class:`hotwire.worker.transport.Stamp`: sources on a worker with
+``--metrics`` stamp their batches, and sinks count the time since, per batch.
 
 Names follow Prometheus' conventions: ``hotwire_`` prefix, ``_total`` for
 counters, ``_seconds`` and ``_bytes`` for units. Labels are ``app``, ``pe``,
