@@ -29,6 +29,7 @@ from typing import Any
 
 from msgpack import ExtType
 
+from hotwire.codec import hashable_key
 from hotwire.pe.state import REPLICATED_KEY
 
 WATERMARK_CODE = 72  # the msgpack ext type of a watermark marker
@@ -431,3 +432,84 @@ class IntervalJoin:
                     expiry = ts + self.upper if side == 0 else ts - self.lower
                     self._seq += 1
                     heapq.heappush(self._heap, (expiry, self._seq, key, side, ts))
+
+
+# -- timers --------------------------------------------------------------------
+EVENT, PROCESSING = "event", "processing"
+
+
+class Timers:
+    """The timers of a keyed class PE, per key: event time (they fire when the
+    watermark reaches them) and processing time (when the wall clock,
+    ``time.time()``, does). ``ctx.timers`` in the PE; a timer is for the key of
+    the record being processed (``ctx.key``), set once per key, time and kind.
+    """
+
+    def __init__(self, ctx: Any) -> None:
+        self._ctx = ctx
+        self._set: set[tuple[str, Any, float]] = set()
+        self._heaps: dict[str, list[tuple[float, int, Any]]] = {EVENT: [], PROCESSING: []}
+        self._seq = 0
+
+    def __len__(self) -> int:
+        return len(self._set)
+
+    def _key(self) -> Any:
+        key = self._ctx.key
+        if key is None:
+            raise ValueError(
+                "timers belong to a key: register them in process() of a keyed PE "
+                "(.key_by(fn).process(...)) or in on_timer()"
+            )
+        return key
+
+    def event(self, t: float) -> None:
+        """Call ``on_timer(t, "event")`` for the current key once the watermark reaches ``t``."""
+        self._add(EVENT, self._key(), t)
+
+    def processing(self, t: float) -> None:
+        """Call ``on_timer(t, "processing")`` for the current key at wall-clock time ``t``."""
+        self._add(PROCESSING, self._key(), t)
+
+    def cancel(self, t: float, kind: str = EVENT) -> None:
+        """Drop the current key's timer at ``t`` (no error if there is none)."""
+        self._set.discard((kind, self._key(), t))
+
+    def _add(self, kind: str, key: Any, t: float) -> None:
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or math.isnan(t):
+            raise ValueError(f"a timer's time must be a number, got {t!r}")
+        entry = (kind, key, t)
+        if entry in self._set:
+            return
+        self._set.add(entry)
+        self._seq += 1
+        heapq.heappush(self._heaps[kind], (t, self._seq, key))
+
+    def due(self, kind: str, now: float) -> list[tuple[Any, float]]:
+        """Remove and return the ``(key, t)`` of ``kind`` with ``t <= now``, in time order."""
+        heap, out = self._heaps[kind], []
+        while heap and heap[0][0] <= now:
+            t, _s, key = heapq.heappop(heap)
+            entry = (kind, key, t)
+            if entry in self._set:
+                self._set.discard(entry)
+                out.append((key, t))
+        return out
+
+    def next_processing(self) -> float | None:
+        """When the next processing-time timer is due (None: none set)."""
+        heap = self._heaps[PROCESSING]
+        while heap and (PROCESSING, heap[0][2], heap[0][0]) not in self._set:
+            heapq.heappop(heap)  # cancelled
+        return heap[0][0] if heap else None
+
+    def snapshot(self) -> list[list[Any]]:
+        return [[kind, key, t] for kind, key, t in self._set]
+
+    def restore(self, items: Iterable[list[Any]], owns: Callable[[Any], bool]) -> None:
+        """Take over the timers of the keys this instance owns (every successor
+        of a split gets all of them)."""
+        for kind, key, t in items:
+            k = hashable_key(key)
+            if kind in self._heaps and owns(k):
+                self._add(kind, k, t)

@@ -243,3 +243,67 @@ def test_interval_and_window_joins_equal_the_reference_through_a_rescale(
     assert set(got) == near
     wgot = [(row["imp"], row["click"]) for row in read_jsonl(wout)]
     assert len(wgot) == len(set(wgot)) and set(wgot) == same
+
+
+TIMER_APP = """
+import time
+
+from hotwire import Topology
+from hotwire.sdk import ProcessPE
+from hotwire.testing import counter, file_sink
+
+OUT = file_sink({out!r})
+
+
+class Timed(ProcessPE):
+    def setup(self, ctx):
+        self.ctx = ctx
+        self.n = {{}}
+
+    def process(self, r):
+        k = self.ctx.key
+        seen = self.n.get(k, 0)
+        self.n[k] = seen + 1
+        self.ctx.timers.event(r["seq"] // 100 * 100 + 99)  # the end of its block
+        if not seen:
+            self.ctx.timers.processing(time.time() + 0.3)
+        return ()
+
+    def on_timer(self, t, kind):
+        yield {{"key": self.ctx.key, "t": t, "kind": kind, "n": self.n[self.ctx.key]}}
+
+    def snapshot(self):
+        return self.n
+
+    def restore(self, state):
+        self.n.update(state)
+
+
+app = Topology("timers")
+src = app.source("src", counter(n={n}, rate={rate}, keys=10))
+ts = src.assign_timestamps("ts", lambda r: r["seq"])
+ts.key_by(lambda r: r["key"]).process("timed", Timed, parallelism={p}).sink("out", OUT)
+"""
+
+
+def test_timers_fire_once_each_through_a_rescale(cluster: LocalCluster, tmp_path: Path) -> None:
+    n = 2000
+    out = tmp_path / "out.jsonl"
+
+    def app(name: str, p: int) -> str:
+        return write_app(tmp_path, name, TIMER_APP.format(out=str(out), n=n, rate=800.0, p=p))
+
+    cluster.client.submit(app("v1.py", 1))
+    poll_for(lambda: count_lines(out) > 40, 20, what="timers firing before the rescale")
+    assert cluster.client.upgrade(app("v2.py", 2)).applied
+    assert count_lines(out) < 210, "the rescale must happen while timers fire"
+    poll_for(lambda: count_lines(out) >= 210, 30, what="every timer")
+    rows = read_jsonl(out)
+    events = Counter((r["key"], r["t"]) for r in rows if r["kind"] == "event")
+    assert set(events) == {(f"k{k}", b * 100 + 99) for k in range(10) for b in range(n // 100)}
+    assert set(events.values()) == {1}, "an event-time timer fired twice"
+    # An event timer fires once the watermark passed the block: all 10 of its records counted.
+    assert all(r["n"] >= (r["t"] + 1) // 10 for r in rows if r["kind"] == "event")
+    processing = Counter(r["key"] for r in rows if r["kind"] == "processing")
+    assert processing == {f"k{k}": 1 for k in range(10)}
+    assert len(rows) == 210

@@ -23,7 +23,7 @@ from operator import length_hint
 from typing import Any
 
 from hotwire.codec import hashable_key
-from hotwire.pe.state import DEFAULT_VERSION, unwrap, wrap
+from hotwire.pe.state import DEFAULT_VERSION, REPLICATED_KEY, unwrap, wrap
 from hotwire.sinks import TransactionalSink
 
 # Called with a failing record and the error; returns False when the PE stops
@@ -267,6 +267,15 @@ class ProcessExecutor(Executor):
         self.keyed = key_fn is not None
         batch = getattr(self.obj, "process_batch", None)
         self.batch_fn = batch if callable(batch) else None
+        # Timers, for a keyed class that defines on_timer(t, kind).
+        self.timers: Any = None
+        self.on_timer = getattr(self.obj, "on_timer", None)
+        if self.keyed and callable(self.on_timer):
+            from hotwire.eventtime import Timers
+
+            self.timers = Timers(ctx)
+            if hasattr(ctx, "timers"):
+                ctx.timers = self.timers
 
     async def setup(self) -> None:
         setup = getattr(self.obj, "setup", None)
@@ -313,7 +322,39 @@ class ProcessExecutor(Executor):
 
     def snapshot(self) -> Any:
         snap = getattr(self.obj, "snapshot", None)
-        return snap() if snap is not None else None
+        state = snap() if snap is not None else None
+        if self.timers:
+            # Every part of a split gets all timers; each keeps its own keys'.
+            state = dict(_keyed_items(state)) if state else {}
+            state[REPLICATED_KEY] = {"timers": self.timers.snapshot()}
+        return state
+
+    def fire_timers(self, kind: str, now: float) -> list[Any]:
+        """Call ``on_timer(t, kind)`` for each timer of ``kind`` due at ``now`` (the
+        watermark, or the wall clock), with ``ctx.key`` set; what they return."""
+        timers, ctx, out = self.timers, self.ctx, []
+        if not timers:
+            return out
+        for key, t in timers.due(kind, now):
+            ctx.key = key
+            try:
+                res = self.on_timer(t, kind)
+                if res is not None:
+                    out.extend(res)
+            except Exception as e:
+                self.on_error({"timer": t, "kind": kind, "key": key}, e)
+        ctx.key = None
+        return out
+
+    def _take_replicated(self, items: dict[Any, Any]) -> None:
+        """Restore the instance's own entry of a keyed state (its timers), if any."""
+        extra = items.pop(REPLICATED_KEY, None)
+        if not isinstance(extra, dict) or self.timers is None:
+            return
+        from hotwire.plan import key_partition
+
+        n, index = self.ctx.parallelism, self.ctx.instance
+        self.timers.restore(extra.get("timers", ()), lambda k: key_partition(k, n) == index)
 
     @property
     def state_version(self) -> int:
@@ -344,20 +385,24 @@ class ProcessExecutor(Executor):
 
     def restore(self, states: list[Any]) -> None:
         restore = getattr(self.obj, "restore", None)
-        if restore is None:
-            return
         if self.keyed:
             merged: dict[Any, Any] = {}
             for s in states:
                 state, version = unwrap(s)
                 if state:
-                    merged.update(self._migrated(dict(_keyed_items(state)), version))
-            restore(self._validated(merged) if merged else merged)
-        else:
-            for s in states:
-                state, version = unwrap(s)
-                if state is not None:
-                    restore(self._validated(self._migrated(state, version)))
+                    items = dict(_keyed_items(state))
+                    self._take_replicated(items)
+                    if items:
+                        merged.update(self._migrated(items, version))
+            if restore is not None:
+                restore(self._validated(merged) if merged else merged)
+            return
+        if restore is None:
+            return
+        for s in states:
+            state, version = unwrap(s)
+            if state is not None:
+                restore(self._validated(self._migrated(state, version)))
 
     def check_state(self, states: list[Any]) -> int:
         """Try ``migrate``, ``validate_state`` and ``restore`` on ``states``; the
@@ -376,6 +421,8 @@ class ProcessExecutor(Executor):
             else:
                 items = [] if state is None else [(None, state)]
             for key, value in items:
+                if self.keyed and key == REPLICATED_KEY:
+                    continue  # the instance's own entry (timers), not a key's state
                 try:
                     if self.keyed:
                         part = self._validated(self._migrated({key: value}, version))

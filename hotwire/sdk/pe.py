@@ -21,7 +21,11 @@ class Context:
     ``waiting_since`` when that began (``time.monotonic()``); "" and 0.0 otherwise.
     The worker reports them with its heartbeats (``streamctl status``).
     ``version`` is the app version this instance was started in (an upgrade
-    that changes the PE starts new instances in the new version).
+    that changes the PE starts new instances in the new version). ``timers``,
+    in a keyed class PE that defines ``on_timer``, registers timers for the
+    current key: ``ctx.timers.event(t)`` (when the watermark reaches ``t``) and
+    ``ctx.timers.processing(t)`` (at wall-clock ``time.time()`` ``t``);
+    ``ctx.timers.cancel(t, kind)``.
     ``predecessors``, for a source, lists the states it took over (from the
     instances it replaces, or from a checkpoint): ``{"instance": j, "of": m,
     "position": p}`` each, instance ``j`` of ``m`` having emitted ``p`` records;
@@ -41,6 +45,7 @@ class Context:
     waiting_since: float = 0.0
     predecessors: list[dict[str, Any]] = field(default_factory=list)
     version: int = 0
+    timers: Any = None  # a keyed class PE's timers (hotwire.eventtime.Timers) if it has on_timer
     logger: logging.Logger = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -137,6 +142,12 @@ class ProcessPE(ABC):
         restore. The default accepts everything.
         """
         return True
+
+    # ``on_timer(self, t, kind) -> iterable`` is optional and deliberately not defined
+    # here: a keyed subclass that defines it gets ``ctx.timers``; it is called with
+    # ``ctx.key`` set when a timer of ``kind`` ("event" or "processing") at ``t`` is
+    # due, and returns (or yields) records to emit. Timers are kept in the state
+    # (checkpoints, handovers) and move with their keys on a rescale.
 
     def teardown(self) -> None:  # noqa: B027 - optional hook
         """Called once when the instance stops: retired after an upgrade, or app killed.

@@ -152,7 +152,8 @@ class Instance:
         # Event time: the watermark of each input channel (from the first marker on),
         # and a timestamp assigner's next marker, sent at most every interval.
         self._wm: InputWatermarks | None = None
-        self._event_time = spec.kind in ("timestamps", "window", "join")
+        self._event_time = spec.kind in ("timestamps", "window", "join", "process")
+        self._tick_at = 0.0  # when the timer of a TICK already asked for fires
         self._join = spec.kind == "join"
         self._last_mark = 0.0
         self._tick_due = False
@@ -256,8 +257,7 @@ class Instance:
             elif kind == CONTROL:
                 acts = handle(_event(payload))
             elif kind == TICK:
-                self._tick_due = False
-                await self._assigner_mark(force=True)
+                await self._on_tick()
                 continue
             else:
                 continue
@@ -368,6 +368,8 @@ class Instance:
             ex: Any = self.executor
             await self._emit_results(ex.advance(new))
             new = max(new, ex.watermark)
+        elif self.kind == "process":
+            await self._emit_timer_results(self.executor.fire_timers("event", new))  # type: ignore[union-attr]
         await self._send_watermark(new, wm.idle_timeout())
         return sm.PROCESSED
 
@@ -414,6 +416,10 @@ class Instance:
         if self.kind == "timestamps":
             await self._assigner_mark(force=False)
             return
+        if self.kind == "process":
+            if self.executor.timers:  # type: ignore[union-attr]
+                self._schedule_timers()
+            return
         ex: Any = self.executor
         await self._emit_results(ex.take_out())
         if self._join:
@@ -442,6 +448,34 @@ class Instance:
                         self.pe,
                     )
                 self.late_dropped += len(late)
+
+    async def _on_tick(self) -> None:
+        """A timer of this instance is due: a timestamp assigner's next watermark, or
+        a class PE's processing-time timers."""
+        self._tick_due = False
+        if self.kind == "timestamps":
+            await self._assigner_mark(force=True)
+        elif self.kind == "process" and not self.finished.done() and not self.machine.failed:
+            ex: Any = self.executor
+            await self._emit_timer_results(ex.fire_timers("processing", time.time()))
+            if ex.timers:
+                self._schedule_timers()
+
+    def _schedule_timers(self) -> None:
+        """Ask for a TICK when the next processing-time timer is due."""
+        nxt = self.executor.timers.next_processing()  # type: ignore[union-attr]
+        if nxt is None or (self._tick_due and self._tick_at <= nxt):
+            return
+        self._tick_due, self._tick_at = True, nxt
+        delay = max(0.0, nxt - time.time())
+        asyncio.get_running_loop().call_later(
+            delay, self.inbox.put_nowait, (TICK, None, None, None)
+        )
+
+    async def _emit_timer_results(self, out: list[Any]) -> None:
+        if out:
+            self.records_out += len(out)
+            await emit_all(self.routes, out)
 
     async def _emit_results(self, results: list[Any]) -> None:
         """A windowed PE's results go to every output except its late side output."""
