@@ -724,6 +724,12 @@ def submit(ctx: click.Context, app: str, name: str, include: str | None, as_json
     _run(body)
 
 
+def _show_phases(as_json: bool, dry_run: bool) -> bool:
+    """Whether an upgrade or rollback shows its phases as they pass: on a terminal
+    (stderr), unless it is a dry run or the output is JSON."""
+    return not as_json and not dry_run and sys.stderr.isatty()
+
+
 def _print_upgrade(r: Any, as_json: bool, dry_run: bool) -> None:
     changes = json.loads(r.changes_json) if r.changes_json else {}
     from hotwire.master.diff import CHANGE_KEYS as keys
@@ -821,16 +827,30 @@ def upgrade(
     """Diff APP against the running version and apply the change online."""
 
     def body() -> None:
-        r = _client(ctx.obj["master"]).upgrade(
-            app,
-            name=name,
-            include=include,
-            dry_run=dry_run,
-            drop_state=drop_state,
-            canary=canary,
-            canary_errors=canary_errors,
-            canary_for=canary_for,
-        )
+        client = _client(ctx.obj["master"])
+        watcher: list[Any] = []  # the phases on a terminal (stderr), once the app is known
+
+        def loaded(app_name: str) -> None:
+            if _show_phases(as_json, dry_run):
+                from hotwire.watch import PhaseWatcher
+
+                watcher.append(PhaseWatcher(client, app_name, sys.stderr).start())
+
+        try:
+            r = client.upgrade(
+                app,
+                name=name,
+                include=include,
+                dry_run=dry_run,
+                drop_state=drop_state,
+                canary=canary,
+                canary_errors=canary_errors,
+                canary_for=canary_for,
+                loaded=loaded,
+            )
+        finally:
+            for w in watcher:
+                w.stop()
         if r.canary and not as_json:
             _print_upgrade(r, as_json, dry_run=True)
             auto = f", promoted after {canary_for:g} s" if canary_for else ""
@@ -863,7 +883,17 @@ def rollback(ctx: click.Context, name: str, to_version: int, dry_run: bool, as_j
     """Upgrade back to an earlier version, online."""
 
     def body() -> None:
-        r = _client(ctx.obj["master"]).rollback(name, to_version=to_version, dry_run=dry_run)
+        client = _client(ctx.obj["master"])
+        watcher = None
+        if _show_phases(as_json, dry_run):
+            from hotwire.watch import PhaseWatcher
+
+            watcher = PhaseWatcher(client, name, sys.stderr).start()
+        try:
+            r = client.rollback(name, to_version=to_version, dry_run=dry_run)
+        finally:
+            if watcher is not None:
+                watcher.stop()
         _print_upgrade(r, as_json, dry_run)
 
     _run(body)
@@ -874,7 +904,8 @@ def rollback(ctx: click.Context, name: str, to_version: int, dry_run: bool, as_j
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def status(ctx: click.Context, name: str, as_json: bool) -> None:
-    """Versions, PEs, instances and their workers, per-PE rates."""
+    """Versions, PEs, instances and their workers, per-PE rates, errors and time blocked
+    on credit (backpressure), and the age of the last checkpoint."""
 
     def body() -> None:
         r = _client(ctx.obj["master"]).status(name)
@@ -884,6 +915,9 @@ def status(ctx: click.Context, name: str, as_json: bool) -> None:
                 "version": a.version,
                 "state": a.state,
                 "last_checkpoint": a.last_checkpoint,
+                "checkpoint_age_s": round(a.checkpoint_age_s, 1)
+                if a.checkpoint_age_s >= 0
+                else None,
                 "recoveries": a.recoveries,
                 "last_recovery": a.last_recovery,
                 "canary": json.loads(a.canary_json) if a.canary_json else None,
@@ -895,6 +929,8 @@ def status(ctx: click.Context, name: str, as_json: bool) -> None:
                         "gen": p.gen,
                         "canary_percent": p.canary_share / 100 if p.canary_share else None,
                         "rate": round(sum(i.rate_in for i in p.instances), 1),
+                        "errors": sum(i.errors for i in p.instances),
+                        "blocked": round(max((i.blocked for i in p.instances), default=0.0), 3),
                         "failed": p.failed,
                         "instances": [
                             {
@@ -912,6 +948,7 @@ def status(ctx: click.Context, name: str, as_json: bool) -> None:
                                 "waiting": i.waiting,
                                 "waiting_s": round(i.waiting_s, 1),
                                 "queued": i.queued,
+                                "blocked": round(i.blocked, 3),
                             }
                             for i in p.instances
                         ],
@@ -926,7 +963,13 @@ def status(ctx: click.Context, name: str, as_json: bool) -> None:
             if not apps:
                 click.echo("no apps")
             for a in apps:
-                click.echo(f"app {a['app']!r} version {a['version']} {a['state']}")
+                age = a["checkpoint_age_s"]
+                checkpoint = (
+                    f"last checkpoint {age:.1f} s ago"
+                    if age is not None
+                    else "no checkpoint since the master started"
+                )
+                click.echo(f"app {a['app']!r} version {a['version']} {a['state']}, {checkpoint}")
                 if a["last_recovery"]:
                     click.echo(
                         f"  restarted from a checkpoint {a['recoveries']} time(s); "
@@ -948,9 +991,15 @@ def status(ctx: click.Context, name: str, as_json: bool) -> None:
                         + (f" v{i['version']}" if p["canary_percent"] else "")
                         for i in p["instances"]
                     )
+                    notes = "".join(
+                        (
+                            f"  {p['errors']} errors" if p["errors"] else "",
+                            f"  blocked {p['blocked']:.0%}" if p["blocked"] >= 0.01 else "",
+                        )
+                    )
                     click.echo(
                         f"  {p['name']:<16} {p['kind']:<8} x{p['parallelism']:<3} "
-                        f"{p['rate']:>10.1f} rec/s  [{where}]"
+                        f"{p['rate']:>10.1f} rec/s  [{where}]{notes}"
                     )
                     for i in p["instances"]:
                         if i["failed"]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from hotwire.names import name_problem, shown
@@ -71,16 +72,20 @@ class Client:
         canary: str = "",
         canary_errors: float = -1.0,
         canary_for: float = 0.0,
+        loaded: Callable[[str], None] | None = None,
     ) -> pb.UpgradeReply:
         """Upgrade online; with ``canary="PE=10%"``, start a canary of PE instead: its
         new code takes that share of the keys, and is promoted after ``canary_for``
         seconds (0: by hand) unless its error rate exceeds ``canary_errors`` (<0: no
-        limit), which rolls it back."""
+        limit), which rolls it back. ``loaded(app)`` is called with the app's name
+        once the file is loaded, before the request goes out."""
         check_app_name(name)
         from hotwire.master.canary import parse_share
 
         pe, share = parse_share(canary) if canary else ("", 0)
         model, bundle = load(app_path, include)
+        if loaded is not None:
+            loaded(name or model.app)
         return self.stub.Upgrade(
             pb.UpgradeRequest(
                 model_json=model.to_json(),

@@ -59,6 +59,8 @@ class WorkerConn:
     running: list[pb.RunningInstance] = field(default_factory=list)
     stats_at: float = 0.0
     rates: dict[tuple[str, str], tuple[float, float]] = field(default_factory=dict)  # in, out
+    # share of the last heartbeat interval each instance waited for credit (backpressure)
+    blocked: dict[tuple[str, str], float] = field(default_factory=dict)
     data_plane: dict[str, int] = field(default_factory=dict)  # its drops and link counters
     connected: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -157,14 +159,17 @@ class Membership:
         now = time.monotonic()
         dt = now - w.stats_at if w.stats_at else 0.0
         if dt > 0:
-            before = {(r.app, r.instance): (r.records_in, r.records_out) for r in w.running}
-            w.rates = {}
+            before = {
+                (r.app, r.instance): (r.records_in, r.records_out, r.blocked_s) for r in w.running
+            }
+            w.rates, w.blocked = {}, {}
             for r in req.running:
-                b_in, b_out = before.get((r.app, r.instance), (0, 0))
+                b_in, b_out, b_blocked = before.get((r.app, r.instance), (0, 0, 0.0))
                 w.rates[(r.app, r.instance)] = (
                     max(0.0, (r.records_in - b_in) / dt),
                     max(0.0, (r.records_out - b_out) / dt),
                 )
+                w.blocked[(r.app, r.instance)] = min(1.0, max(0.0, (r.blocked_s - b_blocked) / dt))
         w.stats_at = now
         w.running = list(req.running)
         w.data_plane = dict(req.data_plane)

@@ -410,9 +410,13 @@ class Master(Node):
         if app and app not in self.apps:
             raise Refused(grpc.StatusCode.NOT_FOUND, f"no app named {app!r}")
         stats: dict[tuple[str, str], tuple[Any, tuple[float, float]]] = {}
+        blocked: dict[tuple[str, str], float] = {}
         for w in self.membership.workers.values():
             for r in w.running:
                 stats[(r.app, r.instance)] = (r, w.rates.get((r.app, r.instance), (0.0, 0.0)))
+            blocked.update(w.blocked)
+        checkpoints = self.engine.metrics.last_checkpoint  # app -> time.time() of the last
+        now = time.time()
         reply = pb.StatusReply()
         for st in sorted(self.apps.values(), key=lambda a: a.name):
             if app and st.name != app:
@@ -437,7 +441,13 @@ class Master(Node):
                     ),
                     "",
                 ),
+                checkpoint_age_s=max(0.0, now - checkpoints[st.name])
+                if st.name in checkpoints
+                else -1.0,
             )
+            progress = self.engine.progress.get(st.name)
+            if progress is not None:
+                a.progress_json = json.dumps(progress.to_dict())
             if st.state != "running":
                 continue
             run = self.engine.canaries.get(st.name)
@@ -470,6 +480,7 @@ class Master(Node):
                         waiting=r.waiting if r else "",
                         waiting_s=r.waiting_s if r else 0.0,
                         queued=r.queued if r else 0,
+                        blocked=blocked.get((st.name, pl.instance(spec.name, i)), 0.0),
                         version=st.version + 1
                         if pl.canary is not None and i >= pl.canary.first
                         else st.version,

@@ -47,6 +47,7 @@ from hotwire.security.tls import (
     dial_aio,
     is_loopback,
 )
+from hotwire.worker.channels import BLOCKED_S
 from hotwire.worker.fence import TICK_S
 from hotwire.worker.runtime import SWITCH_TIMEOUT_S, Runtime
 from hotwire.worker.transport import LINK_TIMEOUT_S
@@ -240,6 +241,7 @@ class Worker(Node):
                 waiting=waiting.get((a, i), ("", 0.0, 0))[0],
                 waiting_s=waiting.get((a, i), ("", 0.0, 0))[1],
                 queued=waiting.get((a, i), ("", 0.0, 0))[2],
+                blocked_s=BLOCKED_S.get((a, i), 0.0),
             )
             for a, i, ri, ro, e, f, d, s in self.runtime.running()
         ]
