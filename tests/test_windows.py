@@ -307,3 +307,50 @@ def test_timers_fire_once_each_through_a_rescale(cluster: LocalCluster, tmp_path
     processing = Counter(r["key"] for r in rows if r["kind"] == "processing")
     assert processing == {f"k{k}": 1 for k in range(10)}
     assert len(rows) == 210
+
+
+IDLE_APP = """
+import asyncio
+
+from hotwire import Topology
+from hotwire.sdk.windows import Tumbling
+from hotwire.testing import counter, file_sink
+
+OUT = file_sink({out!r})
+
+
+async def quiet(ctx):
+    for seq in range(3):
+        yield {{"seq": seq, "key": "q"}}
+    while True:  # then silent, without ending: only the idle timeout frees the watermark
+        await asyncio.sleep(3600)
+
+
+def event_time(r):
+    return r["seq"]
+
+
+app = Topology("idle")
+busy = app.source("busy", counter(rate=500.0, keys=3)).assign_timestamps(
+    "busy_ts", event_time, idle_timeout=0.5
+)
+still = app.source("quiet", quiet).assign_timestamps("quiet_ts", event_time, idle_timeout=0.5)
+merged = busy.union("both", still)
+merged.key_by(lambda r: r["key"]).window(
+    "win", Tumbling(100), aggregate=lambda acc, r: (acc or 0) + 1
+).sink("out", OUT)
+"""
+
+
+def test_an_idle_source_does_not_hold_the_watermark_back(
+    cluster: LocalCluster, tmp_path: Path
+) -> None:
+    out = tmp_path / "out.jsonl"
+    cluster.client.submit(write_app(tmp_path, "idle.py", IDLE_APP.format(out=str(out))))
+    poll_for(lambda: count_lines(out) >= 9, 30, what="windows fired past the idle source")
+    rows = read_jsonl(out)
+    assert {"key": "q", "start": 0, "value": 3} in [
+        {k: r[k] for k in ("key", "start", "value")} for r in rows
+    ], "the quiet source's own window fired"
+    busy = sorted((r["start"], r["value"]) for r in rows if r["key"] == "k0")
+    assert busy[0] == (0, 34) and all(v in (33, 34) for _s, v in busy)
