@@ -1,0 +1,439 @@
+"""Nexmark on hotwire and on Bytewax: events/s, window latency and result equality.
+
+    python bench/nexmark.py [--events N] [--queries q0,q5,...] [--runs R] [--upgrade]
+
+Each query runs alone, as its own app on a fresh local cluster (a master and 2
+workers, processes on loopback) whose source is the Nexmark generator
+(``examples/nexmark``) inside the app; every result is checked against the
+plain-Python reference over the same events (the exact multiset, normalised).
+
+* **events/s** = events / (time of the last result at the sink - time of the
+  submit call): deployment, the source's generation and every PE included. The
+  sink stamps each result with ``time.time()`` as it writes it; the driver polls
+  the result file until it holds as many results as the reference. We also give
+  ``events_per_s_from_first_event`` (from the source's first event instead of
+  the submit).
+* **latency** (windowed queries q5, q7): per window result, its sink time minus
+  the wall time at which the source yielded the first event at or past the
+  window's end (the first moment the window could be complete; the final
+  windows, closed by the end of the input, count from the source's last event).
+  Sources run unthrottled, so this is latency at full load, queueing included.
+* **Bytewax** (0.21.1, ``bytewax.testing.run_main``, one worker in-process, input
+  batches of 1024, the same generator and functions; Q5 and Q7 with
+  ``bytewax.operators.windowing``: ``SlidingWindower``/``TumblingWindower`` and an
+  ``EventClock`` whose ``wait_for_system_duration`` is 10 s) runs q0, q1, q2, q5
+  and q7: events / wall time of ``run_main``, the same latency measure, its
+  result checked against the same reference.
+
+Rounds alternate hotwire and Bytewax per query; the ratio is per round
+(hotwire/Bytewax events/s), reported as median, min and max.
+
+``--upgrade``: one app of q5 and q7 with a paced source; in the middle of the
+run an online upgrade swaps q5's aggregation code (count_v1 -> count_v2) and a
+second one rescales q7's window PE from 1 to 2 instances; the results must still
+equal the reference, and the results fired after each switch carry its version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+# This file's own directory would shadow the nexmark package of examples/.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+sys.path.insert(0, str(ROOT / "examples"))
+
+from nexmark import queries as Q  # noqa: E402
+from nexmark.generator import events  # noqa: E402
+from nexmark.reference import normalise, reference  # noqa: E402
+
+from hotwire.testing import count_lines, read_jsonl  # noqa: E402
+from hotwire.testing.cluster import LocalCluster, poll_for, write_app  # noqa: E402
+
+INCLUDE = str(ROOT / "examples" / "nexmark")
+BYTEWAX_QUERIES = ("q0", "q1", "q2", "q5", "q7")
+WINDOWED = ("q5", "q7")
+
+APP = """
+from nexmark.queries import build, count_v1, count_v2
+
+app = build(
+    {name!r}, {out!r}, {n}, queries={queries!r}, rate={rate!r}, ticks={ticks!r},
+    q5_count={q5}, q7_parallelism={p7},
+)
+"""
+
+
+def app_file(
+    directory: Path,
+    file: str,
+    name: str,
+    out: Path,
+    n: int,
+    queries: list[str],
+    rate: float | None = None,
+    ticks: Path | None = None,
+    q5: str = "count_v1",
+    p7: int = 1,
+) -> str:
+    body = APP.format(
+        name=name,
+        out=str(out),
+        n=n,
+        queries=queries,
+        rate=rate,
+        ticks=str(ticks) if ticks else None,
+        q5=q5,
+        p7=p7,
+    )
+    return write_app(directory, file, body)
+
+
+def percentile(xs: list[float], p: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, round(p / 100 * (len(s) - 1)))]
+
+
+def spread(xs: list[float]) -> dict[str, float]:
+    return {
+        "median": round(statistics.median(xs), 3),
+        "min": round(min(xs), 3),
+        "max": round(max(xs), 3),
+        "n": len(xs),
+    }
+
+
+def window_latencies(results: list[tuple[float, dict[str, Any]]], ticks: list[Any]) -> list[float]:
+    """Seconds from the moment each window result could be known to its sink time."""
+    at: dict[int, float] = {}
+    end = None
+    for ms, wall in ticks:
+        if ms == "end":
+            end = wall
+        else:
+            at.setdefault(ms, wall)
+    out = []
+    for t_sink, r in results:
+        ready = at.get(r["end"], end)
+        if ready is not None:
+            out.append(t_sink - ready)
+    return out
+
+
+# -- hotwire ---------------------------------------------------------------------
+def run_hotwire(query: str, n: int, expected: list[str], work: Path) -> dict[str, Any]:
+    run = Path(tempfile.mkdtemp(prefix=f"hw-{query}-", dir=work))
+    ticks = run / "ticks.jsonl"
+    app = app_file(run, "app.py", f"nexmark-{query}", run, n, [query], ticks=ticks)
+    out = run / f"{query}.jsonl"
+    with LocalCluster(workers=2, data_dir=run / "cluster") as c:
+        t0 = time.time()
+        c.client.submit(app, include=INCLUDE)
+        poll_for(
+            lambda: count_lines(out) >= len(expected),
+            600,
+            interval=0.05,
+            what=f"{query}: {len(expected)} results",
+        )
+        time.sleep(0.2)  # anything beyond the expected count would be a wrong result
+        rows = read_jsonl(out)
+    t_last = max(t for t, _ in rows)
+    tick_rows = read_jsonl(ticks)
+    first = tick_rows[0][1]
+    got = normalise(r for _, r in rows)
+    res: dict[str, Any] = {
+        "events_per_s": round(n / (t_last - t0), 1),
+        "events_per_s_from_first_event": round(n / (t_last - first), 1),
+        "seconds": round(t_last - t0, 3),
+        "results": len(rows),
+        "result_equal": got == expected,
+    }
+    if query in WINDOWED:
+        lat = window_latencies(rows, tick_rows)
+        res["latency_p50_ms"] = round(percentile(lat, 50) * 1000, 1)
+        res["latency_p99_ms"] = round(percentile(lat, 99) * 1000, 1)
+    return res
+
+
+# -- Bytewax ---------------------------------------------------------------------
+def _dt(ms: int) -> datetime:
+    return datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=ms)
+
+
+ORIGIN = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def run_bytewax(query: str, n: int, expected: list[str], work: Path) -> dict[str, Any]:
+    from bytewax import operators as op
+    from bytewax.dataflow import Dataflow
+    from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
+    from bytewax.operators import windowing as win
+    from bytewax.outputs import DynamicSink, StatelessSinkPartition
+    from bytewax.testing import run_main
+
+    ticks: list[Any] = []
+    run = Path(tempfile.mkdtemp(prefix=f"bw-{query}-", dir=work))
+    out_path = run / f"{query}.jsonl"
+    write = Q.result_sink(str(out_path))  # the sink function hotwire's app uses
+
+    class Part(StatefulSourcePartition):
+        def __init__(self) -> None:
+            self.it = events(n)
+            self.next_tick = 0
+
+        def next_batch(self) -> list[Any]:
+            b = []
+            for e in self.it:
+                b.append(e)
+                if len(b) == 1024:
+                    break
+            now = time.time()
+            if not b:
+                ticks.append(["end", now])
+                raise StopIteration
+            for e in b:  # the wall time a window ending at a tick could be complete
+                if e["date_time"] >= self.next_tick:
+                    ticks.append([e["date_time"] // Q.TICK_MS * Q.TICK_MS, now])
+                    self.next_tick = (e["date_time"] // Q.TICK_MS + 1) * Q.TICK_MS
+            return b
+
+        def snapshot(self) -> None:
+            return None
+
+    class Source(FixedPartitionedSource):
+        def list_parts(self) -> list[str]:
+            return ["events"]
+
+        def build_part(self, step_id: str, for_part: str, resume_state: Any) -> Part:
+            return Part()
+
+    class SinkPart(StatelessSinkPartition):
+        def write_batch(self, items: list[Any]) -> None:
+            for r in items:
+                write(r)
+
+    class Sink(DynamicSink):
+        def build(self, step_id: str, worker_index: int, worker_count: int) -> SinkPart:
+            return SinkPart()
+
+    flow = Dataflow(f"nexmark_{query}")
+    ev = op.input("events", flow, Source())
+    clock = win.EventClock(
+        lambda e: _dt(e["date_time"]), wait_for_system_duration=timedelta(seconds=10)
+    )
+    if query == "q0":
+        out = op.map("q0", ev, Q.passthrough)
+    elif query == "q1":
+        out = op.map("q1", op.filter("bids", ev, Q.is_bid), Q.to_euro)
+    elif query == "q2":
+        bids = op.filter("bids", ev, Q.is_bid)
+        out = op.map("q2_project", op.filter("q2", bids, Q.q2_selected), Q.q2_project)
+    elif query == "q5":
+        size, slide = int(Q.Q5_WINDOW.size), int(Q.Q5_WINDOW.slide)
+        bids = op.key_on("by_auction", op.filter("bids", ev, Q.is_bid), lambda b: str(b["auction"]))
+        counts = win.fold_window(
+            "q5_count",
+            bids,
+            clock,
+            win.SlidingWindower(
+                timedelta(milliseconds=size), timedelta(milliseconds=slide), ORIGIN
+            ),
+            lambda: None,
+            Q.count_v1,
+            lambda a, b: a + b,
+        )
+
+        def as_count(kv: Any) -> dict[str, Any]:
+            auction, (wid, c) = kv
+            return {
+                "key": int(auction),
+                "start": wid * slide,
+                "end": wid * slide + size,
+                "value": c,
+                "version": 0,
+            }
+
+        per_window = op.key_on(
+            "by_start", op.map("as_count", counts.down, as_count), lambda c: str(c["start"])
+        )
+        clock2 = win.EventClock(lambda c: _dt(Q.window_end_ms(c)), timedelta(seconds=10))
+        hot = win.collect_window(
+            "q5", per_window, clock2, win.TumblingWindower(timedelta(milliseconds=slide), ORIGIN)
+        )
+        out = op.flat_map("hottest", hot.down, lambda kv: Q.hottest(kv[0], None, kv[1][1]))
+    elif query == "q7":
+        size = int(Q.Q7_WINDOW.size)
+        bids = op.key_on("all", op.filter("bids", ev, Q.is_bid), lambda b: "all")
+        top = win.fold_window(
+            "q7",
+            bids,
+            clock,
+            win.TumblingWindower(timedelta(milliseconds=size), ORIGIN),
+            lambda: None,
+            Q.highest,
+            lambda a, b: Q.highest(a, b),
+        )
+
+        def as_result(kv: Any) -> dict[str, Any]:
+            _k, (wid, b) = kv
+            return Q.q7_result(
+                {"start": wid * size, "end": wid * size + size, "value": b, "version": 0}
+            )
+
+        out = op.map("q7_result", top.down, as_result)
+    else:
+        raise ValueError(f"Bytewax runs {BYTEWAX_QUERIES}, not {query}")
+    op.output("out", out, Sink())
+    t0 = time.time()
+    run_main(flow)
+    t1 = time.time()
+    rows = read_jsonl(out_path)
+    res: dict[str, Any] = {
+        "events_per_s": round(n / (t1 - t0), 1),
+        "seconds": round(t1 - t0, 3),
+        "results": len(rows),
+        "result_equal": normalise(r for _, r in rows) == expected,
+    }
+    if query in WINDOWED:
+        lat = window_latencies(rows, ticks)
+        res["latency_p50_ms"] = round(percentile(lat, 50) * 1000, 1)
+        res["latency_p99_ms"] = round(percentile(lat, 99) * 1000, 1)
+    return res
+
+
+# -- the online upgrade ------------------------------------------------------------
+def run_upgrade(n: int, rate: float, work: Path) -> dict[str, Any]:
+    """q5 and q7 in one app, paced; q5's code changes (v2) and q7 rescales 1 -> 2 (v3)."""
+    run = Path(tempfile.mkdtemp(prefix="hw-upgrade-", dir=work))
+    qs = ["q5", "q7"]
+    ev = list(events(n))
+    expected = {q: reference(q, ev) for q in qs}
+    out = {q: run / f"{q}.jsonl" for q in qs}
+
+    def app(file: str, q5: str, p7: int) -> str:
+        return app_file(run, file, "nexmark-upgrade", run, n, qs, rate=rate, q5=q5, p7=p7)
+
+    res: dict[str, Any] = {"events": n, "rate": rate}
+    with LocalCluster(workers=2, data_dir=run / "cluster") as c:
+        c.client.submit(app("v1.py", "count_v1", 1), include=INCLUDE)
+        poll_for(
+            lambda: count_lines(out["q5"]) >= len(expected["q5"]) // 4,
+            120,
+            what="q5 results before the upgrade",
+        )
+        t = time.time()
+        r = c.client.upgrade(app("v2.py", "count_v2", 1), include=INCLUDE)
+        res["code_change"] = {
+            "applied": r.applied,
+            "to_version": r.to_version,
+            "seconds": round(time.time() - t, 3),
+            "q5_results_before": count_lines(out["q5"]),
+        }
+        poll_for(
+            lambda: count_lines(out["q7"]) >= len(expected["q7"]) // 2,
+            120,
+            what="q7 results before the rescale",
+        )
+        t = time.time()
+        r = c.client.upgrade(app("v3.py", "count_v2", 2), include=INCLUDE)
+        res["rescale"] = {
+            "applied": r.applied,
+            "to_version": r.to_version,
+            "seconds": round(time.time() - t, 3),
+            "q7_results_before": count_lines(out["q7"]),
+        }
+        for q in qs:
+            poll_for(
+                lambda q=q: count_lines(out[q]) >= len(expected[q]), 300, what=f"every {q} result"
+            )
+        time.sleep(0.2)
+        rows = {q: [r for _, r in read_jsonl(out[q])] for q in qs}
+    for q in qs:
+        versions = [r["version"] for r in rows[q]]
+        res[q] = {
+            "results": len(rows[q]),
+            "expected": len(expected[q]),
+            "result_equal": normalise(rows[q]) == expected[q],
+            "versions": {str(v): versions.count(v) for v in sorted(set(versions))},
+            "versions_in_order": versions == sorted(versions),
+        }
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--events", type=int, default=200_000)
+    ap.add_argument("--queries", default=",".join(Q.QUERIES))
+    ap.add_argument("--runs", type=int, default=3, help="rounds per query")
+    ap.add_argument("--upgrade", action="store_true", help="run the online upgrade case too")
+    ap.add_argument("--upgrade-events", type=int, default=30_000)
+    ap.add_argument("--upgrade-rate", type=float, default=5_000.0)
+    ap.add_argument("--no-bytewax", action="store_true")
+    ap.add_argument("--out", help="also write the JSON here")
+    args = ap.parse_args(argv)
+    queries = [q.strip() for q in args.queries.split(",") if q.strip()]
+    n = args.events
+    ev = list(events(n))
+    expected = {q: reference(q, ev) for q in queries}
+    del ev
+    doc: dict[str, Any] = {
+        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+        "config": {
+            "events": n,
+            "runs": args.runs,
+            "workers": 2,
+            "events_per_s": "events / (last result's sink time - submit time)",
+        },
+        "queries": {},
+    }
+    with tempfile.TemporaryDirectory(prefix="nexmark-") as tmp:
+        work = Path(tmp)
+        for q in queries:
+            entry: dict[str, Any] = {
+                "expected_results": len(expected[q]),
+                "hotwire": [],
+                "bytewax": [],
+            }
+            for _ in range(args.runs):
+                entry["hotwire"].append(run_hotwire(q, n, expected[q], work))
+                if q in BYTEWAX_QUERIES and not args.no_bytewax:
+                    entry["bytewax"].append(run_bytewax(q, n, expected[q], work))
+                print(
+                    json.dumps(
+                        {q: {k: v[-1] for k, v in entry.items() if isinstance(v, list) and v}}
+                    ),
+                    file=sys.stderr,
+                )
+            hw = [r["events_per_s"] for r in entry["hotwire"]]
+            entry["hotwire_events_per_s"] = spread(hw)
+            entry["result_equal"] = all(r["result_equal"] for r in entry["hotwire"])
+            if entry["bytewax"]:
+                bw = [r["events_per_s"] for r in entry["bytewax"]]
+                entry["bytewax_events_per_s"] = spread(bw)
+                entry["bytewax_result_equal"] = all(r["result_equal"] for r in entry["bytewax"])
+                entry["ratio_hotwire_to_bytewax"] = spread(
+                    [h / b for h, b in zip(hw, bw, strict=True)]
+                )
+            else:
+                del entry["bytewax"]
+            doc["queries"][q] = entry
+        if args.upgrade:
+            doc["upgrade"] = run_upgrade(args.upgrade_events, args.upgrade_rate, work)
+    text = json.dumps(doc, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
