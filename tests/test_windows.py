@@ -354,3 +354,30 @@ def test_an_idle_source_does_not_hold_the_watermark_back(
     ], "the quiet source's own window fired"
     busy = sorted((r["start"], r["value"]) for r in rows if r["key"] == "k0")
     assert busy[0] == (0, 34) and all(v in (33, 34) for _s, v in busy)
+
+
+def test_a_killed_worker_recovers_open_windows_from_the_checkpoint(tmp_path: Path) -> None:
+    """Window contents and the watermark come back from the last checkpoint and the
+    source replays from its position: every window fires with the reference value
+    (a window that fired after the checkpoint fires again: the sink is not
+    transactional, so at least once)."""
+    out = tmp_path / "out.jsonl"
+    expected = _reference()
+    with LocalCluster(workers=2, data_dir=tmp_path / "c", heartbeat_timeout=2.0) as c:
+        c.client.submit(_app(tmp_path, "v1.py", AGG_V1, 2))
+        poll_for(lambda: c.client.status("win").apps[0].last_checkpoint >= 1, 15, what="a checkpoint")
+        poll_for(lambda: count_lines(out) > 40, 20, what="windows firing")
+        st = c.client.status("win").apps[0]
+        src_worker = next(i.worker for p in st.pes if p.name == "src" for i in p.instances)
+        victim = "w1" if src_worker != "w1" else "w2"
+        assert count_lines(out) < len(expected)
+        c.kill_worker(victim)
+        poll_for(lambda: c.client.status("win").apps[0].recoveries >= 1, 20, what="a recovery")
+        poll_for(
+            lambda: {(r["key"], r["start"]) for r in read_jsonl(out)} >= set(expected),
+            60,
+            what="every window after the recovery",
+        )
+    rows = read_jsonl(out)
+    wrong = [r for r in rows if r["value"] != expected[(r["key"], r["start"])]]
+    assert not wrong, f"a window fired with another value than the reference: {wrong[:3]}"
