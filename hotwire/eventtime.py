@@ -23,7 +23,7 @@ from __future__ import annotations
 import heapq
 import math
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -177,18 +177,12 @@ class WindowSpec:
         return out
 
 
-class _Win:
-    """An open window of one key: its accumulator (or records) and whether it fired."""
-
-    __slots__ = ("acc", "fired", "has")
-
-    def __init__(self, acc: Any = None, fired: bool = False, has: bool = False) -> None:
-        self.acc = acc
-        self.fired = fired
-        self.has = has  # whether a record went in (an aggregate may be None)
+# An open window of one key: [accumulator (or records), fired, has a record].
+ACC, FIRED, HAS = 0, 1, 2
+_NONE: tuple[Any, ...] = ()  # "no window fired again" without a new list per record
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Fired:
     """A window result: ``value`` is the aggregate, or the records of the window;
     ``update`` when a late record changed a window that had fired already."""
@@ -203,7 +197,7 @@ class Fired:
 class KeyedWindows:
     """The open windows of every key of one windowed PE instance.
 
-    ``add`` puts a record (with its timestamp) in its windows, or returns False
+    ``add`` puts a record (with its timestamp) in its windows, or returns None
     when it is late for all of them (its windows closed: end + lateness <= the
     watermark). ``advance`` fires the windows the watermark has passed and drops
     those past their allowed lateness. In aggregate mode a window holds
@@ -223,54 +217,70 @@ class KeyedWindows:
         self.aggregate = aggregate
         self.merge = merge
         self.watermark = NEG_INF
-        self.keys: dict[Any, dict[tuple[float, float], _Win]] = {}
+        self.keys: dict[Any, dict[tuple[float, float], list[Any]]] = {}
         self._heap: list[tuple[float, int, Any, tuple[float, float]]] = []
         self._seq = 0
+        self._session = spec.kind == "session"
+        self._size = spec.size
+        self._slide = spec.slide if spec.kind == "sliding" else spec.size
 
     # -- records -------------------------------------------------------------
-    def add(self, key: Any, ts: float, record: Any) -> list[Fired] | None:
+    def add(self, key: Any, ts: float, record: Any) -> Sequence[Fired] | None:
         """Put ``record`` in its windows; None when it is late for every one of
         them, else the windows it updated that had fired already (late firing)."""
+        closed = self.watermark - self.lateness  # a window ending at or below is closed
         wins = self.keys.get(key)
-        if self.spec.kind == "session":
-            if ts + self.spec.gap + self.lateness <= self.watermark:
+        if self._session:
+            if ts + self.spec.gap <= closed:
                 return None  # every session it could join or start has closed
-            targets = [self._session(key, wins, ts)]
+            targets: Iterable[tuple[float, float]] = (self._session_of(key, wins, ts),)
+            wins = self.keys[key]
         else:
-            targets = self.spec.assign(ts)
-        fired: list[Fired] = []
-        took = False
-        wm, late = self.watermark, self.lateness
-        for w in targets:
-            if w[1] + late <= wm:
-                continue  # closed
+            size, slide = self._size, self._slide
+            start = ts // slide * slide
+            if start + size <= closed:
+                return None  # its latest window closed, so did the earlier ones
             if wins is None:
                 wins = self.keys[key] = {}
+            if slide == size:
+                targets = ((start, start + size),)
+            else:
+                targets = []
+                while start > ts - size:
+                    if start + size > closed:
+                        targets.append((start, start + size))
+                    start -= slide
+        agg = self.aggregate
+        fired: Sequence[Fired] = _NONE
+        for w in targets:
             win = wins.get(w)
             if win is None:
-                win = wins[w] = _Win(None if self.aggregate else [])
-                self._push(w[1], key, w)
-            self._put(win, record)
-            took = True
-            if win.fired:
-                fired.append(Fired(key, w[0], w[1], win.acc, True))
-        if not took:
-            return None
+                if agg is None:
+                    wins[w] = [[record], False, True]
+                else:
+                    wins[w] = [agg(None, record), False, True]
+                self._seq += 1
+                heapq.heappush(self._heap, (w[1], self._seq, key, w))
+                continue
+            if agg is None:
+                win[ACC].append(record)
+            else:
+                win[ACC] = agg(win[ACC] if win[HAS] else None, record)
+            win[HAS] = True
+            if win[FIRED]:
+                if fired is _NONE:
+                    fired = []
+                fired.append(Fired(key, w[0], w[1], win[ACC], True))  # type: ignore[attr-defined]
         return fired
 
-    def _put(self, win: _Win, record: Any) -> None:
-        if self.aggregate is None:
-            win.acc.append(record)
-        else:
-            win.acc = self.aggregate(win.acc if win.has else None, record)
-        win.has = True
-
-    def _session(
-        self, key: Any, wins: dict[tuple[float, float], _Win] | None, ts: float
+    def _session_of(
+        self, key: Any, wins: dict[tuple[float, float], list[Any]] | None, ts: float
     ) -> tuple[float, float]:
         """The session window of a record at ``ts``: ``[ts, ts + gap)`` merged with
         every open session of the key it overlaps or touches."""
         start, end = ts, ts + self.spec.gap
+        if wins is None:
+            wins = self.keys[key] = {}
         if not wins:
             return (start, end)
         over = [w for w in wins if w[0] <= end and w[1] >= start]
@@ -278,20 +288,20 @@ class KeyedWindows:
             return over[0] if over else (start, end)
         start = min([start] + [w[0] for w in over])
         end = max([end] + [w[1] for w in over])
-        merged = _Win(None if self.aggregate else [])
+        merged: list[Any] = [None if self.aggregate else [], False, False]
         for w in sorted(over):
             old = wins.pop(w)
-            if not old.has:
+            if not old[HAS]:
                 continue
-            if not merged.has:
-                merged.acc = old.acc
+            if not merged[HAS]:
+                merged[ACC] = old[ACC]
             elif self.aggregate is None:
-                merged.acc.extend(old.acc)
+                merged[ACC].extend(old[ACC])
             else:
                 assert self.merge is not None
-                merged.acc = self.merge(merged.acc, old.acc)
-            merged.has = True
-            merged.fired = merged.fired or old.fired
+                merged[ACC] = self.merge(merged[ACC], old[ACC])
+            merged[HAS] = True
+            merged[FIRED] = merged[FIRED] or old[FIRED]
         wins[(start, end)] = merged
         self._push(end, key, (start, end))
         return (start, end)
@@ -308,21 +318,22 @@ class KeyedWindows:
             return []
         self.watermark = watermark
         out: list[Fired] = []
-        heap, late = self._heap, self.lateness
+        heap, late, keys = self._heap, self.lateness, self.keys
+        pop = heapq.heappop
         while heap and heap[0][0] <= watermark:
-            _t, _s, key, w = heapq.heappop(heap)
-            wins = self.keys.get(key)
+            _t, _s, key, w = pop(heap)
+            wins = keys.get(key)
             win = wins.get(w) if wins is not None else None
             if win is None:
                 continue  # merged into another session, or dropped
-            if not win.fired:
-                win.fired = True
-                if win.has:
-                    out.append(Fired(key, w[0], w[1], win.acc, False))
+            if not win[FIRED]:
+                win[FIRED] = True
+                if win[HAS]:
+                    out.append(Fired(key, w[0], w[1], win[ACC], False))
             if w[1] + late <= watermark:
-                del wins[w]
+                del wins[w]  # type: ignore[union-attr]
                 if not wins:
-                    del self.keys[key]
+                    del keys[key]
             else:
                 self._push(w[1] + late, key, w)
         return out
@@ -332,7 +343,7 @@ class KeyedWindows:
         """``{key: [[start, end, acc, fired, has], ...]}`` and the watermark under
         :data:`REPLICATED_KEY` (every part of a split gets it)."""
         state: dict[Any, Any] = {
-            k: [[w[0], w[1], win.acc, win.fired, win.has] for w, win in wins.items()]
+            k: [[w[0], w[1], win[ACC], win[FIRED], win[HAS]] for w, win in wins.items()]
             for k, wins in self.keys.items()
         }
         state[REPLICATED_KEY] = {"watermark": self.watermark}
@@ -349,7 +360,7 @@ class KeyedWindows:
             wins = self.keys.setdefault(key, {})
             for start, end, acc, fired, has in value:
                 w = (start, end)
-                wins[w] = _Win(acc, bool(fired), bool(has))
+                wins[w] = [acc, bool(fired), bool(has)]
                 self._push(end + self.lateness if fired else end, key, w)
 
     def open_windows(self) -> int:

@@ -99,7 +99,8 @@ def _count() -> KeyedWindows:
 def test_tumbling_windows_fire_when_the_watermark_passes_their_end() -> None:
     w = _count()
     for t in (1, 2, 9, 10, 15):
-        assert w.add("k", t, t) == []
+        updates = w.add("k", t, t)
+        assert updates is not None and list(updates) == []
     w.add(3, 4, "int key")  # a key of another type
     assert w.advance(9.5) == []
     fired = w.advance(10)
@@ -270,3 +271,34 @@ def test_the_late_side_output_and_the_window_are_in_the_model() -> None:
     }
     assert REPLICATED_KEY not in m.pe("w").config
     assert t.impl("w").ts_fn is t._node("ts").fn
+
+
+def test_a_record_without_a_usable_timestamp_is_reported_not_windowed() -> None:
+    """None, a string, NaN, inf or a bool as a timestamp: the record goes to the
+    PE's error policy (skip, dead letter) with a message; the others are windowed."""
+    import asyncio
+
+    from hotwire.pe.eventtime import TimestampExecutor, WindowExecutor
+    from hotwire.sdk.pe import Context
+
+    bad = [None, "12", math.nan, math.inf, True]
+    records = [{"t": t} for t in [1, *bad, 2]]
+    errors: list[tuple[object, str]] = []
+
+    def on_error(record: object, e: BaseException) -> None:
+        errors.append((record, str(e)))
+
+    window = {"kind": "tumbling", "size": 10, "mode": "aggregate", "allowed_lateness": 0}
+    ctx = Context(app="a", pe="w", config={"window": window})
+    ex = WindowExecutor(lambda a, r: (a or 0) + 1, ctx, on_error, lambda r: "k", ts_fn=lambda r: r["t"])
+    asyncio.run(ex.process(records))
+    assert [repr(r["t"]) for r, _e in errors] == [repr(t) for t in bad]  # nan != nan
+    assert all("return a finite number" in e for _r, e in errors)
+    assert [(f["start"], f["value"]) for f in ex.advance(math.inf)] == [(0, 2)]
+
+    errors.clear()
+    ctx = Context(app="a", pe="ts", config={"out_of_orderness": 0})
+    ts = TimestampExecutor(lambda r: r["t"], ctx, on_error)
+    passed = asyncio.run(ts.process(records))
+    assert [r["t"] for r in passed] == [1, 2] and len(errors) == len(bad)
+    assert ts.watermark() == 2

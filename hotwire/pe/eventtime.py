@@ -24,9 +24,13 @@ class TimestampError(ValueError):
     """A timestamp function returned something that is not a finite number."""
 
 
+_NUMBERS = (int, float)  # not bool: type(True) is bool
+_INF = math.inf
+
+
 def _timestamp(fn: Any, record: Any) -> float:
     t = fn(record)
-    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t):
+    if type(t) not in _NUMBERS or not -_INF < t < _INF:
         raise TimestampError(f"the timestamp function returned {t!r}; return a finite number")
     return t
 
@@ -51,7 +55,9 @@ class TimestampExecutor(Executor):
 
         def step(r: Any) -> None:
             nonlocal top
-            t = _timestamp(fn, r)
+            t = fn(r)
+            if type(t) not in _NUMBERS or not -_INF < t < _INF:
+                t = _timestamp(fn, r)  # raises, with the message
             if t > top:
                 top = t
             out.append(r)
@@ -113,12 +119,14 @@ class WindowExecutor(Executor):
         return self.windows.watermark
 
     async def process(self, records: list[Any]) -> list[Any]:
-        key_fn, ts_fn, windows = self.key_fn, self.ts_fn, self.windows
+        key_fn, ts_fn, add = self.key_fn, self.ts_fn, self.windows.add
         out, late = self.out, self.late
 
         def step(r: Any) -> None:
-            k = key_fn(r)
-            fired = windows.add(k, _timestamp(ts_fn, r), r)
+            t = ts_fn(r)
+            if type(t) not in _NUMBERS or not -_INF < t < _INF:
+                t = _timestamp(ts_fn, r)  # raises, with the message
+            fired = add(key_fn(r), t, r)
             if fired is None:
                 late.append(r)
             elif fired:
