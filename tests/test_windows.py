@@ -50,7 +50,7 @@ def event_time(r):
 
 app = Topology("win")
 ts = app.source("src", counter(n={n}, rate={rate}, keys={keys})).assign_timestamps(
-    "ts", event_time, out_of_orderness=5
+    "ts", event_time, out_of_orderness=5, parallelism={ts_p}
 )
 w = ts.key_by(lambda r: r["key"]).window(
     "win", Tumbling({size}), aggregate=agg, parallelism={p}
@@ -73,7 +73,7 @@ def agg(acc, r):
 """
 
 
-def _app(tmp_path: Path, name: str, agg: str, p: int) -> str:
+def _app(tmp_path: Path, name: str, agg: str, p: int, ts_p: int = 1) -> str:
     body = APP.format(
         out=str(tmp_path / "out.jsonl"),
         late=str(tmp_path / "late.jsonl"),
@@ -83,11 +83,12 @@ def _app(tmp_path: Path, name: str, agg: str, p: int) -> str:
         keys=KEYS,
         size=SIZE,
         p=p,
+        ts_p=ts_p,
     )
     return write_app(tmp_path, name, body)
 
 
-def test_windows_equal_the_reference_through_a_code_change_and_a_rescale(
+def test_windows_equal_the_reference_through_a_code_change_and_rescales(
     cluster: LocalCluster, tmp_path: Path
 ) -> None:
     out = tmp_path / "out.jsonl"
@@ -98,7 +99,7 @@ def test_windows_equal_the_reference_through_a_code_change_and_a_rescale(
     assert r.applied and r.to_version == 2
     at_code_change = count_lines(out)
     poll_for(lambda: count_lines(out) > at_code_change + 40, 20, what="windows after v2")
-    r = cluster.client.upgrade(_app(tmp_path, "v3.py", AGG_V2, 2))
+    r = cluster.client.upgrade(_app(tmp_path, "v3.py", AGG_V2, 2, ts_p=2))
     assert r.applied and r.to_version == 3
     at_rescale = count_lines(out)
     assert at_rescale < len(expected), "the rescale must happen while windows fire"

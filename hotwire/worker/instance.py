@@ -156,6 +156,7 @@ class Instance:
         self._tick_at = 0.0  # when the timer of a TICK already asked for fires
         self._join = spec.kind == "join"
         self._last_mark = 0.0
+        self._announced = False  # whether an assigner sent the watermark it took over
         self._tick_due = False
         self.late_dropped = 0  # late records of a windowed PE with no late side output
 
@@ -388,6 +389,11 @@ class Instance:
         ex: Any = self.executor
         if ex is None or self.finished.done():
             return
+        if not self._announced:
+            # A successor's new channels start at the watermark its predecessors sent.
+            self._announced = True
+            if ex.emitted > NEG_INF:
+                await self._send_watermark(ex.emitted, ex.idle)
         w = ex.watermark()
         if self._wm is not None:
             w = max(w, self._wm.out)  # +inf from upstream: the input ended
@@ -809,6 +815,8 @@ class Instance:
             assert self.executor is not None
             state = self.executor.snapshot()
         same = n == self.spec.parallelism and not retire.rehash
+        if self.kind == "timestamps" and not same:
+            return [state] * n  # every new assigner starts at the watermark already sent
         if (
             retire.keyed
             and state
