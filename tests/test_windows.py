@@ -382,3 +382,57 @@ def test_a_killed_worker_recovers_open_windows_from_the_checkpoint(tmp_path: Pat
     rows = read_jsonl(out)
     wrong = [r for r in rows if r["value"] != expected[(r["key"], r["start"])]]
     assert not wrong, f"a window fired with another value than the reference: {wrong[:3]}"
+
+
+SESSION_APP = """
+from hotwire import Topology
+from hotwire.sdk.windows import Session
+from hotwire.testing import counter, file_sink
+
+OUT = file_sink({out!r})
+
+
+def event_time(r):
+    j = r["seq"] // 10
+    return j + 20 * (j // 5)  # bursts of 5 per key, 20 apart
+
+
+def summary(key, window, records):
+    yield {{"key": key, "start": window[0], "end": window[1], "n": len(records),
+            "seqs": sorted(r["seq"] for r in records)}}
+
+
+app = Topology("sessions")
+ts = app.source("src", counter(n={n}, rate={rate}, keys=10)).assign_timestamps("ts", event_time)
+ts.key_by(lambda r: r["key"]).window(
+    "visits", Session(10), process=summary, parallelism={p}
+).sink("out", OUT)
+"""
+
+
+def test_session_windows_with_a_process_function_through_a_rescale(
+    cluster: LocalCluster, tmp_path: Path
+) -> None:
+    n = 2000
+    out = tmp_path / "out.jsonl"
+    expected: dict[tuple[str, int], list[int]] = {}
+    for seq in range(n):
+        j = seq // 10
+        t = j + 20 * (j // 5)
+        start = (j // 5) * 25  # the first event time of its burst
+        assert start <= t < start + 5
+        expected.setdefault((f"k{seq % 10}", start), []).append(seq)
+
+    def app(name: str, p: int) -> str:
+        return write_app(tmp_path, name, SESSION_APP.format(out=str(out), n=n, rate=800.0, p=p))
+
+    cluster.client.submit(app("v1.py", 1))
+    poll_for(lambda: count_lines(out) > 40, 20, what="sessions closing before the rescale")
+    assert cluster.client.upgrade(app("v2.py", 3)).applied
+    assert count_lines(out) < len(expected), "the rescale must happen while sessions close"
+    poll_for(lambda: count_lines(out) >= len(expected), 30, what="every session")
+    rows = read_jsonl(out)
+    got = Counter((r["key"], r["start"]) for r in rows)
+    assert set(got.values()) == {1} and set(got) == set(expected)
+    for r in rows:
+        assert r["seqs"] == expected[(r["key"], r["start"])] and r["end"] == r["start"] + 14
