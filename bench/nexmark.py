@@ -238,38 +238,35 @@ def run_bytewax(query: str, n: int, expected: list[str], work: Path) -> dict[str
         bids = op.filter("bids", ev, Q.is_bid)
         out = op.map("q2_project", op.filter("q2", bids, Q.q2_selected), Q.q2_project)
     elif query == "q5":
+        # Bytewax's EventClock keeps a watermark per key that moves with that key's
+        # items (and wall time): per-auction windows of an auction that gets no more
+        # bids would close only after wait_for_system_duration of wall time. So the
+        # bids are counted per auction inside one key's sliding windows, which close
+        # as the stream's event time passes them.
         size, slide = int(Q.Q5_WINDOW.size), int(Q.Q5_WINDOW.slide)
-        bids = op.key_on("by_auction", op.filter("bids", ev, Q.is_bid), lambda b: str(b["auction"]))
+        bids = op.key_on("all", op.filter("bids", ev, Q.is_bid), lambda b: "all")
+
+        def count(acc: dict[int, int], b: dict[str, Any]) -> dict[int, int]:
+            acc[b["auction"]] = acc.get(b["auction"], 0) + 1
+            return acc
+
+        sliding = win.SlidingWindower(
+            timedelta(milliseconds=size), timedelta(milliseconds=slide), ORIGIN
+        )
         counts = win.fold_window(
-            "q5_count",
-            bids,
-            clock,
-            win.SlidingWindower(
-                timedelta(milliseconds=size), timedelta(milliseconds=slide), ORIGIN
-            ),
-            lambda: None,
-            Q.count_v1,
-            lambda a, b: a + b,
+            "q5_count", bids, clock, sliding, dict, count, lambda a, b: {**a, **b}
         )
 
-        def as_count(kv: Any) -> dict[str, Any]:
-            auction, (wid, c) = kv
-            return {
-                "key": int(auction),
-                "start": wid * slide,
-                "end": wid * slide + size,
-                "value": c,
-                "version": 0,
-            }
+        def hottest(kv: Any) -> list[dict[str, Any]]:
+            _k, (wid, per) = kv
+            start = wid * slide
+            counted = [
+                {"key": a, "start": start, "end": start + size, "value": c, "version": 0}
+                for a, c in per.items()
+            ]
+            return Q.hottest(None, None, counted)
 
-        per_window = op.key_on(
-            "by_start", op.map("as_count", counts.down, as_count), lambda c: str(c["start"])
-        )
-        clock2 = win.EventClock(lambda c: _dt(Q.window_end_ms(c)), timedelta(seconds=10))
-        hot = win.collect_window(
-            "q5", per_window, clock2, win.TumblingWindower(timedelta(milliseconds=slide), ORIGIN)
-        )
-        out = op.flat_map("hottest", hot.down, lambda kv: Q.hottest(kv[0], None, kv[1][1]))
+        out = op.flat_map("q5", counts.down, hottest)
     elif query == "q7":
         size = int(Q.Q7_WINDOW.size)
         bids = op.key_on("all", op.filter("bids", ev, Q.is_bid), lambda b: "all")
@@ -308,6 +305,50 @@ def run_bytewax(query: str, n: int, expected: list[str], work: Path) -> dict[str
         res["latency_p50_ms"] = round(percentile(lat, 50) * 1000, 1)
         res["latency_p99_ms"] = round(percentile(lat, 99) * 1000, 1)
     return res
+
+
+# -- profile --------------------------------------------------------------------
+def profile_hotwire(query: str, n: int, work: Path, rate: int = 200) -> dict[str, Any]:
+    """Run ``query`` once while py-spy samples each worker (``rate`` per second, idle
+    threads left out); per worker, the share of its samples in each function (self)."""
+    import collections
+    import shutil
+    import subprocess
+
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    run = Path(tempfile.mkdtemp(prefix=f"prof-{query}-", dir=work))
+    app = app_file(run, "app.py", f"nexmark-{query}", run, n, [query])
+    expected = len(reference(query, list(events(n))))
+    out: dict[str, Any] = {"query": query, "events": n, "rate": rate, "workers": {}}
+    with LocalCluster(workers=2, data_dir=run / "cluster") as c:
+        spies = {
+            w.label: subprocess.Popen(
+                [spy, "record", "-p", str(w.proc.pid), "-r", str(rate), "-f", "raw",
+                 "-o", str(run / f"{w.label}.txt"), "--nonblocking"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )
+            for w in c.workers
+        }  # fmt: skip
+        time.sleep(1.0)  # py-spy attached
+        t0 = time.time()
+        c.client.submit(app, include=INCLUDE)
+        poll_for(lambda: count_lines(run / f"{query}.jsonl") >= expected, 600, interval=0.05)
+        out["seconds"] = round(time.time() - t0, 3)
+        for p in spies.values():
+            p.send_signal(2)  # py-spy writes its file on SIGINT
+            p.wait(30)
+    for label in spies:
+        self_samples: collections.Counter[str] = collections.Counter()
+        total = 0
+        for line in (run / f"{label}.txt").read_text().splitlines():
+            stack, _, count = line.rpartition(" ")
+            total += int(count)
+            self_samples[stack.split(";")[-1].split(" (")[0]] += int(count)
+        out["workers"][label] = {
+            "samples": total,
+            "top_self": [[f, round(k / total, 3)] for f, k in self_samples.most_common(15)],
+        }
+    return out
 
 
 # -- the online upgrade ------------------------------------------------------------
@@ -379,9 +420,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--upgrade-rate", type=float, default=5_000.0)
     ap.add_argument("--no-bytewax", action="store_true")
     ap.add_argument("--out", help="also write the JSON here")
+    ap.add_argument("--profile", metavar="QUERY", help="only profile one hotwire run (py-spy)")
     args = ap.parse_args(argv)
     queries = [q.strip() for q in args.queries.split(",") if q.strip()]
     n = args.events
+    if args.profile:
+        with tempfile.TemporaryDirectory(prefix="nexmark-") as tmp:
+            print(json.dumps(profile_hotwire(args.profile, n, Path(tmp)), indent=2))
+        return 0
     ev = list(events(n))
     expected = {q: reference(q, ev) for q in queries}
     del ev
