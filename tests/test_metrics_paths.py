@@ -9,6 +9,7 @@ import json
 import os
 import socket
 import ssl
+import struct
 import subprocess
 import time
 import urllib.error
@@ -19,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -100,6 +102,67 @@ def test_e2e_latency_at_sinks_grows_with_a_slow_sink(tmp_path: Path) -> None:
         w2 = _scrape(c.metrics_addresses["w2"])
         received = sum(s.value for s in w2["hotwire_dataplane_received_frames"].samples)
         assert received > 0
+
+
+IDLE_APP = """
+import asyncio
+
+from hotwire import Topology
+
+async def idle(ctx):
+    while True:  # emits nothing: the forged frames below are the only records
+        await asyncio.sleep(3600)
+        yield None
+
+app = Topology("forged")
+app.source("src", idle).map("m", lambda r: r).sink("snk", lambda r: None)
+"""
+
+
+def test_a_batch_frame_with_a_bad_source_time_is_taken_without_it(tmp_path: Path) -> None:
+    """A peer's BATCH frames on the sink's channel whose source time is a string, a
+    list, absent, or a float: every record reaches the sink, only the float counts
+    in the latency histogram (from 1970: above every bucket), nothing is dropped and
+    the worker goes on."""
+    with LocalCluster(workers=2, data_dir=tmp_path / "c", metrics=True) as c:
+        c.client.submit(write_app(tmp_path, "forged.py", IDLE_APP))
+        status = json.loads(c.streamctl("status", "forged", "--json").stdout)
+        [snk] = [p for p in status["pes"] if p["name"] == "snk"]
+        [m] = [p for p in status["pes"] if p["name"] == "m"]
+        worker = snk["instances"][0]["worker"]
+        assert m["instances"][0]["worker"] != worker
+        [target] = [w for w in c.client.workers().workers if w.name == worker]
+        host, _, port = target.data_address.rpartition(":")
+        channel = "m@1.0>snk@1.0"
+        frames = [
+            _frame(0, "w9", "forger"),  # HELLO: a plaintext loopback peer
+            _frame(1, "forged", channel, 1, [{"n": 1}], "not a time"),
+            _frame(1, "forged", channel, 2, [{"n": 2}], [1, 2]),
+            _frame(1, "forged", channel, 3, [{"n": 3}]),
+            _frame(1, "forged", channel, 4, [{"n": 4}], 1.0),
+        ]
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            s.sendall(b"".join(frames))
+            addr = c.metrics_addresses[worker]
+
+            def sink_in() -> float:
+                fam = _scrape(addr)["hotwire_records_in"]
+                return sum(x.value for x in fam.samples if x.labels["pe"] == "snk")
+
+            poll_for(lambda: sink_in() == 4, 20, 0.2, what="the four forged records at the sink")
+        count, total = _e2e(c, "forged")
+        assert count == 1 and total > 1e9, (count, total)
+        fam = _scrape(addr)["hotwire_e2e_latency_seconds"]
+        buckets = {x.labels["le"]: x.value for x in fam.samples if x.name.endswith("_bucket")}
+        assert buckets["60.0"] == 0 and buckets["+Inf"] == 1, buckets
+        drops = _scrape(addr).get("hotwire_dataplane_drops")
+        assert not drops or all(x.value == 0 for x in drops.samples), drops.samples
+        assert all(p.proc.poll() is None for p in [c.master, *c.workers])
+
+
+def _frame(*items: Any) -> bytes:
+    body = msgpack.packb(list(items), use_bin_type=True)
+    return struct.pack(">I", len(body)) + body
 
 
 # -- state bytes handed over on one worker -------------------------------------
