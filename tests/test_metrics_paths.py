@@ -121,9 +121,9 @@ app.source("src", idle).map("m", lambda r: r).sink("snk", lambda r: None)
 
 def test_a_batch_frame_with_a_bad_source_time_is_taken_without_it(tmp_path: Path) -> None:
     """A peer's BATCH frames on the sink's channel whose source time is a string, a
-    list, absent, or a float: every record reaches the sink, only the float counts
-    in the latency histogram (from 1970: above every bucket), nothing is dropped and
-    the worker goes on."""
+    list, absent, NaN, infinite or a float: every record reaches the sink, only the
+    finite float counts in the latency histogram (from 1970: above every bucket),
+    nothing is dropped and the worker goes on."""
     with LocalCluster(workers=2, data_dir=tmp_path / "c", metrics=True) as c:
         c.client.submit(write_app(tmp_path, "forged.py", IDLE_APP))
         status = json.loads(c.streamctl("status", "forged", "--json").stdout)
@@ -139,7 +139,9 @@ def test_a_batch_frame_with_a_bad_source_time_is_taken_without_it(tmp_path: Path
             _frame(1, "forged", channel, 1, [{"n": 1}], "not a time"),
             _frame(1, "forged", channel, 2, [{"n": 2}], [1, 2]),
             _frame(1, "forged", channel, 3, [{"n": 3}]),
-            _frame(1, "forged", channel, 4, [{"n": 4}], 1.0),
+            _frame(1, "forged", channel, 4, [{"n": 4}], float("nan")),
+            _frame(1, "forged", channel, 5, [{"n": 5}], float("-inf")),
+            _frame(1, "forged", channel, 6, [{"n": 6}], 1.0),
         ]
         with socket.create_connection((host, int(port)), timeout=10) as s:
             s.sendall(b"".join(frames))
@@ -149,7 +151,7 @@ def test_a_batch_frame_with_a_bad_source_time_is_taken_without_it(tmp_path: Path
                 fam = _scrape(addr)["hotwire_records_in"]
                 return sum(x.value for x in fam.samples if x.labels["pe"] == "snk")
 
-            poll_for(lambda: sink_in() == 4, 20, 0.2, what="the four forged records at the sink")
+            poll_for(lambda: sink_in() == 6, 20, 0.2, what="the six forged records at the sink")
         count, total = _e2e(c, "forged")
         assert count == 1 and total > 1e9, (count, total)
         fam = _scrape(addr)["hotwire_e2e_latency_seconds"]

@@ -754,9 +754,13 @@ class DataPlane:
                         self.drops["over_credit"],
                     )
                 return
-            # A source time that is not a float is ignored: the batch is good without it.
+            # A source time that is not a finite float is ignored: the batch is good
+            # without it (the comparison is False for NaN and the infinities).
             t = msg[5] if len(msg) > 5 else None
-            ok = rcv.on_batch(app, name, msg[4], s if type(t) is not float else Stamp(s, t))
+            if type(t) is float and -1e18 < t < 1e18:
+                ok = rcv.on_batch(app, name, msg[4], Stamp(s, t))
+            else:
+                ok = rcv.on_batch(app, name, msg[4], s)
             if ok:
                 s.batches += 1
             s.ended = False
