@@ -10,8 +10,9 @@ Nodes are PE names with the attribute ``spec`` (a :class:`PESpec`); edges are
 
 from __future__ import annotations
 
+import copy
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import networkx as nx
@@ -60,7 +61,18 @@ class PESpec:
     renamed_from: str = ""  # the PE's name in an earlier version (an upgrade keeps its state)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        # Field by field (what dataclasses.asdict gives, several times faster): the
+        # master serialises every PE of a model on each transition.
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "parallelism": self.parallelism,
+            "fingerprint": self.fingerprint,
+            "callable_name": self.callable_name,
+            "config": copy.deepcopy(self.config) if self.config else {},
+            "keyed": self.keyed,
+            "renamed_from": self.renamed_from,
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PESpec:
@@ -81,7 +93,12 @@ class StreamSpec:
     key_fingerprint: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {
+            "src": self.src,
+            "dst": self.dst,
+            "partition": self.partition,
+            "key_fingerprint": self.key_fingerprint,
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> StreamSpec:

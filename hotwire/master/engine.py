@@ -130,6 +130,9 @@ class _Job:
     # what each worker's switch handed over (its ack), by worker
     handed: dict[str, list[pb.HandedOver]] = field(default_factory=dict)
     plan_lines: list[str] = field(default_factory=list)  # Plan.describe(), for progress
+    # the model that intent["model"] serialises, so the commit need not parse it back
+    # (None when a restarted master finishes a transition from its store)
+    model: LogicalModel | None = None
 
 
 def handed_over(handed: dict[str, list[pb.HandedOver]]) -> list[dict[str, Any]]:
@@ -335,7 +338,7 @@ class TransitionEngine:
             "rolled_back_to": rolled_back_to,
         }
         fallback = tr.Fallback.RESTART if self.running(app) else tr.Fallback.STOP
-        job = await self._apply(plan, bundle_hash, bundle, intent, fallback, t0)
+        job = await self._apply(plan, bundle_hash, bundle, intent, fallback, t0, model=new)
         outcome.applied = True
         outcome.latency_ms = job.latency_ms
         outcome.handed = handed_over(job.handed)
@@ -692,8 +695,11 @@ class TransitionEngine:
         fallback: tr.Fallback,
         started: float | None = None,
         more_bundles: dict[str, bytes] | None = None,
+        model: LogicalModel | None = None,
     ) -> _Job:
-        """Run ``plan`` through the transition's steps; raise unless it committed."""
+        """Run ``plan`` through the transition's steps; raise unless it committed.
+
+        ``model``, if given, is the model ``intent["model"]`` serialises."""
         record = {
             **intent,
             "prepare_workers": sorted(plan.workers),
@@ -711,6 +717,7 @@ class TransitionEngine:
             switch={w: [to_pb(i) for i in ins] for w, ins in plan.switch.items()},
             bundles={bundle_hash: bundle, **(more_bundles or {})},
             plan_lines=plan.describe(),
+            model=model,
         )
         if started is not None:
             job.started = started
@@ -865,7 +872,7 @@ class TransitionEngine:
                 job.latency_ms = (time.perf_counter() - job.started) * 1000
                 if "changes" in job.intent:  # a version: its record keeps what moved
                     job.intent["changes"]["handed_over"] = handed_over(job.handed)
-                write = self._commit(job.intent, job.epoch, job.latency_ms)
+                write = self._commit(job.intent, job.epoch, job.latency_ms, job.model)
             await asyncio.wrap_future(write)
         except Exception as e:
             log.error("app %r: the store did not record %s: %s", app, type(a).__name__, e)
@@ -883,14 +890,22 @@ class TransitionEngine:
             return_exceptions=True,
         )
 
-    def _commit(self, intent: dict[str, Any], epoch: int, latency_ms: float) -> Future[None]:
+    def _commit(
+        self,
+        intent: dict[str, Any],
+        epoch: int,
+        latency_ms: float,
+        model: LogicalModel | None = None,
+    ) -> Future[None]:
         """Record a finished transition: a new version, or new placement of the same one.
 
         The app's state changes at once; the store's write is queued, and the
-        returned future says when it is durable (the reply waits for it).
+        returned future says when it is durable (the reply waits for it). ``model``
+        is ``intent["model"]`` already parsed (the intent's text is what is stored).
         """
         store = self._store()
-        model = LogicalModel.from_json(intent["model"])
+        if model is None:
+            model = LogicalModel.from_json(intent["model"])
         placement = placement_from_dict(intent["placement"])
         canary = self._commit_canary(intent, model.app, placement)
         if intent["kind"] == "version":
@@ -898,7 +913,7 @@ class TransitionEngine:
                 model.app,
                 intent["version"],
                 intent["action"],
-                model,
+                intent["model"],
                 intent["bundle"],
                 placement,
                 intent["changes"],

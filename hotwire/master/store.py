@@ -186,7 +186,7 @@ class Store:
         app: str,
         version: int,
         action: str,
-        model: LogicalModel,
+        model: LogicalModel | str,
         bundle_hash: str,
         placement: Placement,
         changes: dict[str, Any],
@@ -196,13 +196,14 @@ class Store:
         rolled_back_to: int = 0,
         canary: CanaryRow | None = None,
     ) -> Future[None]:
-        """Record a new version of ``app`` (and, in the same transaction, ``canary``)."""
+        """Record a new version of ``app`` (and, in the same transaction, ``canary``);
+        ``model`` may be given as its :meth:`LogicalModel.to_json` text."""
         row = (
             app,
             version,
             time.time(),
             action,
-            model.to_json(),
+            model if isinstance(model, str) else model.to_json(),
             bundle_hash,
             json.dumps(placement_to_dict(placement)),
             json.dumps(changes),
