@@ -34,7 +34,9 @@ class DeliveryLogReader:
       gone is skipped with a warning);
     * :meth:`read`: new records, appended to the log before they are returned
       (an empty list when there is nothing new, after waiting a little);
-    * :meth:`ack`: ack and drop the log's entries before position ``position``;
+    * :meth:`ack`: ack and drop the log's entries before position ``position``
+      (called after each complete checkpoint, also at position 0: a checkpoint of
+      the instance is complete, which a rescaled source waits for);
     * :meth:`close`: drop the connection (also after an error).
 
     While :meth:`transient` says an error means the server is unreachable, the
@@ -49,6 +51,7 @@ class DeliveryLogReader:
         self.position = int(getattr(ctx, "position", 0) or 0)  # records emitted
         self.outage = Outage(ctx, server)
         self._acked_to = 0  # position up to which a complete checkpoint covers
+        self._ack_due = False  # a checkpoint completed since the last ack()
         self._buf: list[Any] = []  # records to emit, last one first
         self._replay: list[Any] = []  # log ids still to re-emit
         self._open = False
@@ -75,6 +78,7 @@ class DeliveryLogReader:
     # -- the iterator ----------------------------------------------------------
     def checkpoint_complete(self, position: int) -> None:
         self._acked_to = max(self._acked_to, position)
+        self._ack_due = True
 
     def __aiter__(self) -> DeliveryLogReader:
         return self
@@ -98,8 +102,13 @@ class DeliveryLogReader:
         if not self._open:
             self._replay = list(await self.open(self.position))
             self._open = True
-        if self._acked_to > 0:
-            await self.ack(self._acked_to)
+        if self._ack_due:
+            self._ack_due = False  # a checkpoint completing meanwhile sets it again
+            try:
+                await self.ack(self._acked_to)
+            except BaseException:
+                self._ack_due = True
+                raise
         if self._replay:
             ids, self._replay = self._replay[: self.batch], self._replay[self.batch :]
             records = await self.fetch(ids)
@@ -110,6 +119,7 @@ class DeliveryLogReader:
 
     async def _drop(self) -> None:
         self._open, self._buf, self._replay = False, [], []
+        self._ack_due = self._ack_due or self._acked_to > 0  # acked again on the new one
         try:
             await self.close()
         except Exception as e:  # closing a dead connection may raise; it is gone anyway

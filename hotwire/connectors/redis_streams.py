@@ -9,7 +9,7 @@ Source::
     out.sink("out", RedisStreamSink(url="redis://localhost:6379/0", stream="out"))
 
 The source reads with ``XREADGROUP`` in the consumer group ``hotwire.<app>.<pe>``
-(one consumer per source instance, named by its index) and emits one record per
+(one consumer per source instance, named ``<index>-of-<parallelism>``) and emits one record per
 entry: ``{"id": "<entry id>", "fields": {field: value}}``. Every entry it is
 handed goes, in the same Lua call, at the end of a per-instance *delivery log*
 (a Redis list): the source's checkpointed position ``n`` (records emitted) is
@@ -20,9 +20,15 @@ source) the source re-emits the log from its position, in the order first
 emitted, then reads new entries: nothing is re-read that a complete checkpoint
 covers and nothing delivered is skipped.
 
-Limits: the source's parallelism must not change while entries are pending (a
-new instance index starts an empty log); entries trimmed from the stream
-(``MAXLEN``) before they were emitted are skipped with a warning.
+A rescale (another parallelism) hands each old instance's log to new instance
+``j % n``, which puts the entries it emitted (acked at the new instance's first
+complete checkpoint) before those it did not (emitted first); until that
+checkpoint the old logs are kept, so a restart from an older checkpoint, at
+either parallelism, emits every entry it does not cover once (see ``_RESCALE``
+and ``_RESUME``). A second rescale before that checkpoint is refused.
+
+Limits: entries trimmed from the stream (``MAXLEN``) before they were emitted are
+skipped with a warning.
 
 The sink is a :class:`hotwire.sinks.TransactionalSink`: a transaction's records
 are written at pre-commit to a Redis list (durable, not visible), and commit
@@ -73,19 +79,124 @@ for i, e in ipairs(entries) do redis.call('RPUSH', KEYS[2], e[1]) end
 return entries
 """
 
-# Acks the first N ids of the delivery log L, drops them and advances its base B.
+# Acks the first N ids of the delivery log KEYS[2], drops them and advances its base
+# KEYS[3]. A checkpoint of this instance is complete: when the log was formed by a
+# rescale (its entry in the hash KEYS[4]), no restart goes back to the old
+# parallelism any more, so the old instances' logs it took over are deleted.
+# ARGV: group, N, key prefix, this log's name.
 _ACK = """
 local n = tonumber(ARGV[2])
-if n <= 0 then return 0 end
-local ids = redis.call('LRANGE', KEYS[2], 0, n - 1)
-if #ids > 0 then
-  for i = 1, #ids, 1000 do
-    redis.call('XACK', KEYS[1], ARGV[1], unpack(ids, i, math.min(i + 999, #ids)))
+local acked = 0
+if n > 0 then
+  local ids = redis.call('LRANGE', KEYS[2], 0, n - 1)
+  if #ids > 0 then
+    for i = 1, #ids, 1000 do
+      redis.call('XACK', KEYS[1], ARGV[1], unpack(ids, i, math.min(i + 999, #ids)))
+    end
+    redis.call('LTRIM', KEYS[2], #ids, -1)
+    redis.call('INCRBY', KEYS[3], #ids)
   end
-  redis.call('LTRIM', KEYS[2], #ids, -1)
-  redis.call('INCRBY', KEYS[3], #ids)
+  acked = #ids
 end
-return #ids
+local from = redis.call('HGET', KEYS[4], ARGV[4])
+if from then
+  for _, name in ipairs(cjson.decode(from).names) do
+    redis.call('DEL', ARGV[3] .. name .. ':log', ARGV[3] .. name .. ':base')
+  end
+  redis.call('HDEL', KEYS[4], ARGV[4])
+end
+return acked
+"""
+
+# A rescale: forms the delivery log KEYS[2] (base KEYS[3]) of new instance
+# ARGV[2] (a name "i-of-n") from the logs of the old instances it takes over
+# (ARGV[5]: [[name, position], ...], all of parallelism ARGV[4]): first the entries
+# each old instance emitted up to its handed-over position (not acked yet; acked
+# at this instance's first complete checkpoint), then those it did not emit, then
+# what an earlier attempt of the same rescale read itself (a restart before its
+# first checkpoint). The base makes position ARGV[3] the index of the first entry
+# not emitted. Registers the rescale in the hash KEYS[1] (name -> {of, names,
+# derived, fold}) until that first checkpoint; the old logs stay as they are
+# meanwhile (a restart from an older checkpoint reads them again). Refuses (an
+# error reply) when the old parallelism is itself a rescale no checkpoint covers.
+# Returns {number of entries already emitted, ids from there on}.
+_RESCALE = """
+local prefix, me, q, m = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local taken = cjson.decode(ARGV[5])
+local own = {}
+local h = redis.call('HGETALL', KEYS[1])
+for i = 2, #h, 2 do
+  if cjson.decode(h[i]).n == m then
+    return redis.error_reply('UNFINISHED the rescale to ' .. m .. ' instances has no ' ..
+                             'complete checkpoint yet')
+  end
+end
+local prev = redis.call('HGET', KEYS[1], me)
+if prev then
+  local f = cjson.decode(prev)
+  if f.of ~= m then
+    return redis.error_reply('UNFINISHED the rescale from ' .. f.of .. ' instances has no ' ..
+                             'complete checkpoint yet')
+  end
+  own = redis.call('LRANGE', KEYS[2], f.derived, -1)
+end
+local covered, rest, names = {}, {}, {}
+for _, t in ipairs(taken) do
+  local name, p = t[1], tonumber(t[2])
+  names[#names + 1] = name
+  local ids = redis.call('LRANGE', prefix .. name .. ':log', 0, -1)
+  local k = p - tonumber(redis.call('GET', prefix .. name .. ':base') or '0')
+  k = math.max(0, math.min(k, #ids))
+  for i = 1, k do covered[#covered + 1] = ids[i] end
+  for i = k + 1, #ids do rest[#rest + 1] = ids[i] end
+end
+local all = {}
+for _, x in ipairs(covered) do all[#all + 1] = x end
+for _, x in ipairs(rest) do all[#all + 1] = x end
+local derived = #all
+for _, x in ipairs(own) do all[#all + 1] = x end
+redis.call('DEL', KEYS[2])
+for i = 1, #all, 1000 do
+  redis.call('RPUSH', KEYS[2], unpack(all, i, math.min(i + 999, #all)))
+end
+redis.call('SET', KEYS[3], q - #covered)
+local rec = {of = m, n = tonumber(ARGV[7]), names = names, derived = derived,
+             fold = tonumber(ARGV[6])}
+redis.call('HSET', KEYS[1], me, cjson.encode(rec))
+local out = {}
+for i = #covered + 1, #all do out[#out + 1] = all[i] end
+return {#covered, out}
+"""
+
+# A restart at parallelism ARGV[2] of old instance ARGV[3] (log KEYS[2]): a rescale
+# away from that parallelism that no checkpoint covers was abandoned (the app went
+# back to its checkpoint). What the rescale's new instances read themselves is
+# still pending: each one's reads go at the end of the log of the old instance
+# named in its entry ("fold"), to be emitted from there, and its log is deleted.
+# Also renames a log of the earlier form (named by the instance index alone).
+_RESUME = """
+local prefix, m, j = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+if redis.call('EXISTS', KEYS[2]) == 0 and redis.call('EXISTS', ARGV[4] .. ':log') == 1 then
+  redis.call('RENAME', ARGV[4] .. ':log', KEYS[2])
+  if redis.call('EXISTS', ARGV[4] .. ':base') == 1 then
+    redis.call('RENAME', ARGV[4] .. ':base', KEYS[3])
+  end
+end
+local folded = 0
+local h = redis.call('HGETALL', KEYS[1])
+for i = 1, #h, 2 do
+  local name, f = h[i], cjson.decode(h[i + 1])
+  if f.of == m and f.fold == j then
+    local own = redis.call('LRANGE', prefix .. name .. ':log', f.derived, -1)
+    for k = 1, #own, 1000 do
+      redis.call('RPUSH', KEYS[2], unpack(own, k, math.min(k + 999, #own)))
+    end
+    folded = folded + #own
+    redis.call('DEL', prefix .. name .. ':log', prefix .. name .. ':base')
+    redis.call('HDEL', KEYS[1], name)
+  end
+end
+return folded
 """
 
 # Commits transaction T: its records (list KEYS[2]) go into stream KEYS[1] unless
@@ -170,9 +281,12 @@ class _Reader(DeliveryLogReader):
         super().__init__(ctx, _display(conf.url), conf.batch)
         self.conf = conf
         self.group = group_name(ctx.app, ctx.pe)
-        self.consumer = str(ctx.instance)
-        base = f"hotwire:src:{ctx.app}:{ctx.pe}:{ctx.instance}"
-        self.log_key, self.base_key = f"{base}:log", f"{base}:base"
+        self.name = f"{ctx.instance}-of-{getattr(ctx, 'parallelism', 1) or 1}"
+        self.consumer = self.name
+        self.prefix = f"hotwire:src:{ctx.app}:{ctx.pe}:"
+        self.log_key = f"{self.prefix}{self.name}:log"
+        self.base_key = f"{self.prefix}{self.name}:base"
+        self.rescales_key = f"{self.prefix}rescales"
         self._redis: Any = None
 
     def transient(self, exc: BaseException) -> bool:
@@ -191,6 +305,23 @@ class _Reader(DeliveryLogReader):
         except ResponseError as e:
             if "BUSYGROUP" not in str(e):
                 raise
+        n = int(getattr(self.ctx, "parallelism", 1) or 1)
+        me = int(self.ctx.instance)
+        preds = list(getattr(self.ctx, "predecessors", None) or ())
+        if any(int(p["of"]) != n for p in preds):
+            return await self._rescale(r, position, n, me, preds)
+        if preds:  # restored: at the same parallelism
+            await r.eval(
+                _RESUME,
+                3,
+                self.rescales_key,
+                self.log_key,
+                self.base_key,
+                self.prefix,
+                n,
+                me,
+                f"{self.prefix}{me}",
+            )
         base = int(await r.get(self.base_key) or 0)
         if position < base:
             log.warning(
@@ -205,6 +336,54 @@ class _Reader(DeliveryLogReader):
             )
             self.position = position = base
         return [str(i) for i in await r.lrange(self.log_key, position - base, -1)]
+
+    async def _rescale(
+        self, r: Any, position: int, n: int, me: int, preds: list[dict[str, Any]]
+    ) -> list[Any]:
+        """The delivery log of a rescaled instance, formed from the old instances'
+        logs it takes over (``j % n == me``); the ids to emit first."""
+        from redis.exceptions import ResponseError
+
+        m = int(preds[0]["of"])
+        taken = [[f"{p['instance']}-of-{m}", int(p["position"])] for p in preds]
+        taken = [t for t, p in zip(taken, preds, strict=True) if int(p["instance"]) % n == me]
+        try:
+            done, ids = await r.eval(
+                _RESCALE,
+                3,
+                self.rescales_key,
+                self.log_key,
+                self.base_key,
+                self.prefix,
+                self.name,
+                position,
+                m,
+                json.dumps(taken),
+                me % m,
+                n,
+            )
+        except ResponseError as e:
+            if "UNFINISHED" not in str(e):
+                raise
+            why = str(e).split("UNFINISHED ", 1)[-1]
+            msg = (
+                f"app {self.ctx.app!r} PE {self.ctx.pe!r}: the Redis source cannot go from "
+                f"{m} to {n} instances: {why} (its entries would be read twice or lost); "
+                f"upgrade to {m} instances, let a checkpoint complete, then rescale"
+            )
+            raise RuntimeError(msg) from None
+        log.info(
+            "app %r PE %r instance %s: rescaled from %d instances, took over %s; "
+            "%d entries emitted before, %d to emit",
+            self.ctx.app,
+            self.ctx.pe,
+            self.name,
+            m,
+            ", ".join(t[0] for t in taken) or "no log",
+            done,
+            len(ids),
+        )
+        return [str(i) for i in ids]
 
     async def fetch(self, ids: list[Any]) -> list[Any]:
         async with self._redis.pipeline(transaction=False) as p:
@@ -242,11 +421,18 @@ class _Reader(DeliveryLogReader):
 
     async def ack(self, position: int) -> None:
         base = int(await self._redis.get(self.base_key) or 0)
-        n = position - base
-        if n > 0:
-            await self._redis.eval(
-                _ACK, 3, self.conf.stream, self.log_key, self.base_key, self.group, n
-            )
+        await self._redis.eval(
+            _ACK,
+            4,
+            self.conf.stream,
+            self.log_key,
+            self.base_key,
+            self.rescales_key,
+            self.group,
+            position - base,
+            self.prefix,
+            self.name,
+        )
 
     async def close(self) -> None:
         r, self._redis = self._redis, None

@@ -172,3 +172,55 @@ def test_bad_config_is_refused_at_submit_and_nothing_is_deployed(
     assert len(lines) == 1, res.stderr
     assert "RedisStreamSource: url='localhost:6379' is not a Redis URL" in lines[0]
     assert not [a for a in cluster.client.status().apps if a.name == "badrs"]
+
+
+def _rescale_app(tmp_path: Path, name: str, url: str, parallelism: int) -> str:
+    return write_app(
+        tmp_path,
+        f"{name}.py",
+        f"""
+        from hotwire import Topology
+        from hotwire.connectors.redis_streams import RedisStreamSink, RedisStreamSource
+
+        def count(acc, r):
+            return {{"n": (acc or {{}}).get("n", 0) + 1, "seq": r["seq"]}}
+
+        app = Topology("rs")
+        src = app.source("src", RedisStreamSource(url={url!r}, stream="in", batch=100),
+                         parallelism={parallelism})
+        recs = src.map("parse", lambda e: {{"seq": int(e["fields"]["seq"])}}, parallelism=2)
+        counts = recs.key_by(lambda r: r["seq"] % 16).reduce("count", count, parallelism=2)
+        out = counts.map("fmt", lambda kv: {{"key": kv[0], "n": kv[1]["n"], "seq": kv[1]["seq"]}})
+        out.sink("out", RedisStreamSink(url={url!r}, stream="out"), parallelism=2)
+        """,
+    )
+
+
+def test_online_rescales_of_the_source_one_to_two_and_back_keep_every_entry_once(
+    tmp_path: Path,
+    redis_url: str,  # noqa: F811
+) -> None:
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    stop = threading.Event()
+    with LocalCluster(data_dir=tmp_path / "cluster", checkpoint_interval=0.3) as c:
+        c.client.submit(_rescale_app(tmp_path, "p1", redis_url, 1))
+        producer = _produce(r, N, 1000, stop)
+        try:
+            poll_for(lambda: r.xlen("out") > N // 5, 30, what="output at 1")
+            assert _pending(r) > 0  # delivered entries wait for their checkpoint
+            assert c.client.upgrade(_rescale_app(tmp_path, "p2", redis_url, 2)).applied
+            src = next(p for p in c.client.status("rs").apps[0].pes if p.name == "src")
+            assert len(src.instances) == 2
+            at_two = r.xlen("out")
+            poll_for(lambda: r.xlen("out") > at_two + N // 5, 30, what="output at 2")
+            assert c.client.upgrade(_rescale_app(tmp_path, "p3", redis_url, 1)).applied
+            src = next(p for p in c.client.status("rs").apps[0].pes if p.name == "src")
+            assert len(src.instances) == 1
+        finally:
+            producer.join(30)
+            stop.set()
+        poll_for(lambda: r.xlen("out") >= N, 60, what="every entry counted")
+        poll_for(lambda: _pending(r) == 0, 30, what="no pending entries")
+    _check_exactly_once(_output(r))
+    assert r.xlen("out") == N
+    assert _pending(r) == 0
