@@ -60,8 +60,8 @@ from hotwire.testing import count_lines, read_jsonl  # noqa: E402
 from hotwire.testing.cluster import LocalCluster, poll_for, write_app  # noqa: E402
 
 INCLUDE = str(ROOT / "examples" / "nexmark")
-BYTEWAX_QUERIES = ("q0", "q1", "q2", "q5", "q7")
-WINDOWED = ("q5", "q7")
+BYTEWAX_QUERIES = ("q0", "q1", "q2", "q5", "q5b", "q7")
+WINDOWED = ("q5", "q5b", "q7")
 
 APP = """
 from nexmark.queries import build, count_v1, count_v2
@@ -237,7 +237,7 @@ def run_bytewax(query: str, n: int, expected: list[str], work: Path) -> dict[str
     elif query == "q2":
         bids = op.filter("bids", ev, Q.is_bid)
         out = op.map("q2_project", op.filter("q2", bids, Q.q2_selected), Q.q2_project)
-    elif query == "q5":
+    elif query in ("q5", "q5b"):
         # Bytewax's EventClock keeps a watermark per key that moves with that key's
         # items (and wall time): per-auction windows of an auction that gets no more
         # bids would close only after wait_for_system_duration of wall time. So the
@@ -246,25 +246,18 @@ def run_bytewax(query: str, n: int, expected: list[str], work: Path) -> dict[str
         size, slide = int(Q.Q5_WINDOW.size), int(Q.Q5_WINDOW.slide)
         bids = op.key_on("all", op.filter("bids", ev, Q.is_bid), lambda b: "all")
 
-        def count(acc: dict[int, int], b: dict[str, Any]) -> dict[int, int]:
-            acc[b["auction"]] = acc.get(b["auction"], 0) + 1
-            return acc
-
         sliding = win.SlidingWindower(
             timedelta(milliseconds=size), timedelta(milliseconds=slide), ORIGIN
         )
         counts = win.fold_window(
-            "q5_count", bids, clock, sliding, dict, count, lambda a, b: {**a, **b}
+            "q5_count", bids, clock, sliding, dict, Q.count_per_auction, lambda a, b: {**a, **b}
         )
 
         def hottest(kv: Any) -> list[dict[str, Any]]:
             _k, (wid, per) = kv
             start = wid * slide
-            counted = [
-                {"key": a, "start": start, "end": start + size, "value": c, "version": 0}
-                for a, c in per.items()
-            ]
-            return Q.hottest(None, None, counted)
+            r = {"start": start, "end": start + size, "value": per, "version": 0}
+            return Q.hottest_of_all(r)
 
         out = op.flat_map("q5", counts.down, hottest)
     elif query == "q7":
@@ -423,6 +416,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", metavar="QUERY", help="only profile one hotwire run (py-spy)")
     args = ap.parse_args(argv)
     queries = [q.strip() for q in args.queries.split(",") if q.strip()]
+    unknown = sorted(set(queries) - set(Q.QUERIES) - set(Q.VARIANTS))
+    if unknown:
+        ap.error(f"unknown queries {unknown}; choose among {Q.QUERIES + list(Q.VARIANTS)}")
     n = args.events
     if args.profile:
         with tempfile.TemporaryDirectory(prefix="nexmark-") as tmp:
@@ -432,7 +428,11 @@ def main(argv: list[str] | None = None) -> int:
     expected = {q: reference(q, ev) for q in queries}
     del ev
     doc: dict[str, Any] = {
-        "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": sys.version.split()[0],
+            "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+        },
         "config": {
             "events": n,
             "runs": args.runs,
@@ -474,6 +474,7 @@ def main(argv: list[str] | None = None) -> int:
             doc["queries"][q] = entry
         if args.upgrade:
             doc["upgrade"] = run_upgrade(args.upgrade_events, args.upgrade_rate, work)
+    doc["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     text = json.dumps(doc, indent=2)
     print(text)
     if args.out:

@@ -16,7 +16,7 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 sys.path.insert(0, str(EXAMPLES))
 
 from nexmark.generator import events  # noqa: E402
-from nexmark.queries import QUERIES  # noqa: E402
+from nexmark.queries import QUERIES, VARIANTS  # noqa: E402
 from nexmark.reference import normalise, reference  # noqa: E402
 
 INCLUDE = str(EXAMPLES / "nexmark")
@@ -47,13 +47,23 @@ def _results(path: Path) -> list[dict]:
     return [r for _t, r in read_jsonl(path)]
 
 
-def test_every_query_equals_its_reference(cluster: LocalCluster, tmp_path: Path) -> None:
+def test_every_query_equals_its_reference(tmp_path: Path) -> None:
+    # 35 PE instances: more than the 16 slots a worker of the shared fixture has.
+    c = LocalCluster(workers=2, slots=24, data_dir=tmp_path / "cluster", heartbeat_timeout=3.0)
+    with c:
+        _every_query(c, tmp_path)
+        died = [p.label for p in [c.master, *c.workers] if p and p.proc.poll() is not None]
+        assert not died, f"processes died during the test: {died}\n{c.logs()}"
+
+
+def _every_query(cluster: LocalCluster, tmp_path: Path) -> None:
     n = 8000
+    queries = QUERIES + list(VARIANTS)
     ev = list(events(n))
-    expected = {q: reference(q, ev) for q in QUERIES}
+    expected = {q: reference(q, ev) for q in queries}
     assert all(expected.values()), "every query has results over these events"
-    cluster.client.submit(_app(tmp_path, "all.py", "nexmark", n, QUERIES, None), include=INCLUDE)
-    for q in QUERIES:
+    cluster.client.submit(_app(tmp_path, "all.py", "nexmark", n, queries, None), include=INCLUDE)
+    for q in queries:
         poll_for(
             lambda q=q: count_lines(tmp_path / f"{q}.jsonl") >= len(expected[q]),
             60,
@@ -61,7 +71,7 @@ def test_every_query_equals_its_reference(cluster: LocalCluster, tmp_path: Path)
         )
     # The final watermark has fired every window: a surplus would show now.
     cluster.client.kill("nexmark")
-    for q in QUERIES:
+    for q in queries:
         got = normalise(_results(tmp_path / f"{q}.jsonl"))
         assert got == expected[q], f"{q}: {len(got)} results, {len(expected[q])} expected; " + str(
             sorted(set(got) ^ set(expected[q]))[:3]

@@ -152,5 +152,5 @@ def normalise(records: Iterable[Any]) -> list[str]:
 
 
 def reference(query: str, ev: list[dict[str, Any]]) -> list[str]:
-    """The normalised expected results of ``query`` over the events ``ev``."""
-    return normalise(REFERENCES[query](ev))
+    """The normalised expected results of ``query`` (or a variant of one) over ``ev``."""
+    return normalise(REFERENCES[Q.VARIANTS.get(query, query)](ev))
