@@ -1,5 +1,7 @@
 """Every Nexmark query over 100,000 events, results in /tmp/nexmark/<query>.jsonl.
 
+32 PE instances: two workers of 16 slots (the default) hold them.
+
 mkdir -p /tmp/nexmark
 streamctl submit examples/nexmark/app.py --include examples/nexmark
 """
