@@ -8,22 +8,33 @@
     ...
     out.sink("out", JetStreamSink(url="nats://localhost:4222", subject="out.counts"))
 
-The source pulls from the durable consumer ``hotwire_<app>_<pe>`` of ``stream``
-(created with explicit acks if it does not exist; every instance of the PE
-shares it) and emits ``{"seq": <stream sequence>, "subject": ..., "data": bytes,
-"headers": {...}}``. Each fetched batch's stream sequences are appended to a
-per-instance *delivery log* in the KV bucket ``hotwire_sources`` before the
-batch is emitted, so the source's checkpointed position (records emitted) is an
-index into that log. A message is acked only when a checkpoint covering it is
-complete. After a restart or an online upgrade the source re-emits the log from
-its position (reading the messages by sequence); a redelivery of a message that
-is in the log is not emitted again, only acked once a checkpoint covers it.
+The source pulls from a durable consumer of ``stream`` (explicit acks), one per
+instance: ``hotwire_<app>_<pe>`` at parallelism 1, ``hotwire_<app>_<pe>_<i>_of_<n>``
+otherwise; each instance reads the whole stream through its own consumer, emits
+the messages it owns (stream sequence ``% n == i``) and acks the others at once.
+It emits ``{"seq": <stream sequence>, "subject": ..., "data": bytes, "headers":
+{...}}``. Each fetched batch's stream sequences are appended to a per-instance
+*delivery log* in the KV bucket ``hotwire_sources`` before the batch is emitted,
+so the source's checkpointed position (records emitted) is an index into that log.
+A message is acked only when a checkpoint covering it is complete. After a restart
+or an online upgrade the source re-emits the log from its position (reading the
+messages by sequence); a redelivery of a message that is in the log is not emitted
+again, only acked once a checkpoint covers it. A consumer per instance keeps every
+redelivery within the instance that logged the message (a shared consumer
+redelivers to any instance, which could not tell a message another instance
+emitted from a new one).
 
-Limit: the source's parallelism is 1 (a redelivery of a message logged by
-another instance could not be told from a new one); a larger one is refused.
-A message delivered and not acked by a crashed instance is redelivered after
-``ack_wait`` seconds, and only then acked (``num_ack_pending`` stays above zero
-until then).
+A rescale (another parallelism) starts new consumers at the lowest sequence an
+old instance may not have emitted (one past the lowest of the old consumers' ack
+floors) and skips what the old instances emitted above their floors (their logs up
+to their handed-over positions); the old consumers and logs are deleted at the
+first complete checkpoint once every new instance has read them. A restart before
+that checkpoint starts the new consumers afresh (at the new parallelism) or deletes
+them (at the old one); a second rescale before it is refused.
+
+Limit: a message delivered and not acked by a crashed instance is redelivered
+after ``ack_wait`` seconds, and only then acked (``num_ack_pending`` stays above
+zero until then).
 
 The sink is a :class:`hotwire.sinks.TransactionalSink`: pre-commit keeps the
 transaction's records in the checkpoint (the handle), commit publishes them to
@@ -76,9 +87,17 @@ def _required(who: str, given: dict[str, Any], name: str) -> str:
     return v
 
 
-def consumer_name(app: str, pe: str) -> str:
-    """The durable consumer a :class:`JetStreamSource` PE pulls from."""
-    return re.sub(r"[^A-Za-z0-9_-]", "_", f"hotwire_{app}_{pe}")
+def consumer_name(app: str, pe: str, instance: int = 0, parallelism: int = 1) -> str:
+    """The durable consumer instance ``instance`` of a :class:`JetStreamSource` PE
+    with ``parallelism`` instances pulls from (at parallelism 1 the PE's name alone)."""
+    tail = "" if parallelism == 1 else f"_{instance}_of_{parallelism}"
+    return re.sub(r"[^A-Za-z0-9_-]", "_", f"hotwire_{app}_{pe}") + tail
+
+
+def log_key(app: str, pe: str, instance: int = 0, parallelism: int = 1) -> str:
+    """The key of an instance's delivery log in the KV bucket ``hotwire_sources``."""
+    tail = "" if parallelism == 1 else f"-of-{parallelism}"
+    return re.sub(r"[^A-Za-z0-9_=./-]", "_", f"{app}.{pe}.{instance}") + tail
 
 
 class JetStreamSource:
@@ -108,12 +127,6 @@ class JetStreamSource:
             raise ValueError(msg)
 
     def __call__(self, ctx: Any) -> _Reader:
-        if getattr(ctx, "parallelism", 1) != 1:
-            msg = (
-                f"app {ctx.app!r} PE {ctx.pe!r}: JetStreamSource runs with parallelism 1, "
-                f"not {ctx.parallelism}"
-            )
-            raise ValueError(msg)
         return _Reader(self, ctx)
 
 
@@ -124,8 +137,17 @@ class _Reader(DeliveryLogReader):
     def __init__(self, conf: JetStreamSource, ctx: Any) -> None:
         super().__init__(ctx, str(conf.url), conf.batch)
         self.conf = conf
-        self.durable = consumer_name(ctx.app, ctx.pe)
-        self.key = re.sub(r"[^A-Za-z0-9_=./-]", "_", f"{ctx.app}.{ctx.pe}.{ctx.instance}")
+        self.n = int(getattr(ctx, "parallelism", 1) or 1)
+        self.me = int(ctx.instance)
+        self.durable = consumer_name(ctx.app, ctx.pe, self.me, self.n)
+        self.key = log_key(ctx.app, ctx.pe, self.me, self.n)
+        # A rescale's state until this instance's first complete checkpoint: the old
+        # instances' consumers and logs it took over (deleted then).
+        self.rescaled: dict[str, Any] | None = None
+        # What the old instances emitted (messages this instance's consumer skips):
+        # per old instance j, its consumer's ack floor and the seqs above it it emitted.
+        self.old: dict[str, Any] | None = None
+        self._old_sets: list[set[int]] = []
         self.base = 0  # log entries dropped (acked) before seqs[0]
         self.seqs: list[int] = []  # the delivery log: stream sequences, in emit order
         self.logged: set[int] = set()
@@ -156,20 +178,26 @@ class _Reader(DeliveryLogReader):
             if resumed:
                 raise _NotReady(f"bucket {_BUCKET!r} not found") from None
             self.kv = await self.js.create_key_value(bucket=_BUCKET, history=1)
-        try:
-            await self.js.consumer_info(self.conf.stream, self.durable)
-        except NotFoundError:
-            if resumed:
-                raise _NotReady(f"consumer {self.durable!r} not found") from None
-            await self.js.add_consumer(
-                self.conf.stream,
-                api.ConsumerConfig(
-                    durable_name=self.durable,
-                    ack_policy=api.AckPolicy.EXPLICIT,
-                    ack_wait=self.conf.ack_wait,
-                    max_ack_pending=-1,
-                ),
-            )
+        preds = list(getattr(self.ctx, "predecessors", None) or ())
+        if not self._loaded and any(int(p["of"]) != self.n for p in preds):
+            await self._rescale(position, preds)
+        else:
+            if not self._loaded and preds and self.me == 0:
+                await self._drop_abandoned()
+            try:
+                await self.js.consumer_info(self.conf.stream, self.durable)
+            except NotFoundError:
+                if resumed:
+                    raise _NotReady(f"consumer {self.durable!r} not found") from None
+                # Restored at position 0 after a rescale it never read in: skip what
+                # the old instances emitted, as its siblings do.
+                self.old = await self._siblings_old() if preds else None
+                self._old_sets = [set(e) for e in (self.old or {}).get("emitted", [])]
+                start = min(self.old["floors"]) + 1 if self.old else 0
+                await self._add_consumer(api, start)
+                if self.old is not None:
+                    await self._save()
+                    self._loaded = True
         self.sub = await self.js.pull_subscribe_bind(self.durable, self.conf.stream)
         if self._loaded:
             await self._save()  # this reader's log is the truth; a put in doubt is redone
@@ -182,6 +210,8 @@ class _Reader(DeliveryLogReader):
                 saved = {}
             self.base, self.seqs = int(saved.get("base", 0)), list(saved.get("seqs", []))
             self.covered |= set(saved.get("covered", []))
+            self.rescaled, self.old = saved.get("rescaled"), saved.get("old")
+            self._old_sets = [set(e) for e in (self.old or {}).get("emitted", [])]
             self._loaded = True
         self.logged = set(self.seqs)
         # Deliveries to an earlier connection cannot be acked on this one: the server
@@ -190,8 +220,163 @@ class _Reader(DeliveryLogReader):
         return self.seqs[max(0, position - self.base) :]
 
     async def _save(self) -> None:
-        doc = {"base": self.base, "seqs": self.seqs, "covered": sorted(self.covered)}
+        doc: dict[str, Any] = {
+            "base": self.base,
+            "seqs": self.seqs,
+            "covered": sorted(self.covered),
+        }
+        if self.rescaled is not None:
+            doc["rescaled"] = self.rescaled
+        if self.old is not None:
+            doc["old"] = self.old
         await self.kv.put(self.key, json.dumps(doc).encode())
+
+    async def _add_consumer(self, api: Any, start: int) -> None:
+        """Create this instance's durable consumer, reading from stream sequence
+        ``start`` (0: from the first message)."""
+        config = api.ConsumerConfig(
+            durable_name=self.durable,
+            ack_policy=api.AckPolicy.EXPLICIT,
+            ack_wait=self.conf.ack_wait,
+            max_ack_pending=-1,
+        )
+        if start > 1:
+            config.deliver_policy = api.DeliverPolicy.BY_START_SEQUENCE
+            config.opt_start_seq = start
+        await self.js.add_consumer(self.conf.stream, config)
+
+    def _mine(self, seq: int) -> bool:
+        """Whether this instance emits message ``seq``: it owns it (``seq % n``) and
+        no instance of the parallelism before a rescale emitted it."""
+        if seq % self.n != self.me:
+            return False
+        old = self.old
+        if old is None:
+            return True
+        j = seq % int(old["of"])
+        return not (seq <= old["floors"][j] or seq in self._old_sets[j])
+
+    async def _rescale(self, position: int, preds: list[dict[str, Any]]) -> None:
+        """Start at another parallelism: a new consumer from the lowest sequence an
+        old instance may not have emitted, skipping what the old instances emitted
+        (their consumers' ack floors and logs up to their handed-over positions).
+        The old consumers and logs this instance takes over (``j % n == me``) stay
+        until its first complete checkpoint (a restart from an older checkpoint
+        reads them again), then are deleted."""
+        from nats.js import api
+        from nats.js.errors import KeyNotFoundError, NotFoundError
+
+        m = int(preds[0]["of"])
+        floors, emitted = [0] * m, [[] for _ in range(m)]
+        for p in preds:
+            j, pos = int(p["instance"]), int(p["position"])
+            key = log_key(self.ctx.app, self.ctx.pe, j, m)
+            try:
+                doc = json.loads((await self.kv.get(key)).value or b"{}")
+            except KeyNotFoundError:
+                if pos > 0:
+                    raise _NotReady(f"delivery log {key!r} not found") from None
+                doc = {}
+            if doc.get("rescaled"):
+                msg = (
+                    f"app {self.ctx.app!r} PE {self.ctx.pe!r}: the JetStream source cannot "
+                    f"go from {m} to {self.n} instances: the rescale to {m} instances has no "
+                    f"complete checkpoint yet (its messages would be read twice or lost); "
+                    f"upgrade to {m} instances, let a checkpoint complete, then rescale"
+                )
+                raise RuntimeError(msg)
+            name = consumer_name(self.ctx.app, self.ctx.pe, j, m)
+            try:
+                info = await self.js.consumer_info(self.conf.stream, name)
+                floors[j] = int(info.ack_floor.stream_seq or 0)
+            except NotFoundError:
+                if pos > 0:
+                    raise _NotReady(f"consumer {name!r} not found") from None
+            base, seqs = int(doc.get("base", 0)), list(doc.get("seqs", []))
+            done = set(doc.get("covered", [])) | set(seqs[: max(0, pos - base)])
+            emitted[j] = sorted(s for s in done if s > floors[j])
+        try:  # an earlier attempt of this rescale (or a stale one): start afresh
+            await self.js.delete_consumer(self.conf.stream, self.durable)
+        except NotFoundError:
+            pass
+        taken = [int(p["instance"]) for p in preds if int(p["instance"]) % self.n == self.me]
+        sig = json.dumps(sorted([int(p["instance"]), int(p["position"])] for p in preds))
+        self.rescaled = {
+            "of": m,
+            "sig": sig,
+            "consumers": [consumer_name(self.ctx.app, self.ctx.pe, j, m) for j in taken],
+            "logs": [log_key(self.ctx.app, self.ctx.pe, j, m) for j in taken],
+        }
+        self.old = {"of": m, "sig": sig, "floors": floors, "emitted": emitted}
+        self._old_sets = [set(e) for e in emitted]
+        self.base, self.seqs, self.covered = position, [], set()
+        await self._save()
+        await self._add_consumer(api, min(floors) + 1)
+        self._loaded = True
+        log.info(
+            "app %r PE %r instance %d: rescaled from %d instances; reads from sequence %d, "
+            "skipping %d messages the old instances emitted above their ack floors",
+            self.ctx.app,
+            self.ctx.pe,
+            self.me,
+            m,
+            min(floors) + 1,
+            sum(len(e) for e in emitted),
+        )
+
+    async def _siblings_old(self) -> dict[str, Any] | None:
+        """What the old instances of the last rescale emitted, from another instance's
+        log (the same for every instance of that rescale)."""
+        from nats.js.errors import KeyNotFoundError
+
+        for k in range(self.n):
+            if k == self.me:
+                continue
+            try:
+                entry = await self.kv.get(log_key(self.ctx.app, self.ctx.pe, k, self.n))
+            except KeyNotFoundError:
+                continue
+            old = json.loads(entry.value or b"{}").get("old")
+            if old is not None:
+                return old  # type: ignore[no-any-return]
+        return None
+
+    async def _drop_abandoned(self) -> None:
+        """Restored at parallelism n: the consumers and logs of a rescale away from n
+        that no checkpoint covers (the app went back to its checkpoint) are deleted;
+        the old consumers read on from where they were."""
+        from nats.js.errors import KeyNotFoundError, NotFoundError
+
+        prefix = consumer_name(self.ctx.app, self.ctx.pe)
+        for info in await self.js.consumers_info(self.conf.stream):
+            name = info.name
+            found = re.fullmatch(re.escape(prefix) + r"(?:_(\d+)_of_(\d+))?", name)
+            if found is None or name == self.durable:
+                continue
+            j, k = int(found.group(1) or 0), int(found.group(2) or 1)
+            if k == self.n:
+                continue
+            key = log_key(self.ctx.app, self.ctx.pe, j, k)
+            try:
+                doc = json.loads((await self.kv.get(key)).value or b"{}")
+            except KeyNotFoundError:
+                continue
+            if (doc.get("rescaled") or {}).get("of") != self.n:
+                continue
+            log.warning(
+                "app %r PE %r: deleting consumer %r of a rescale from %d to %d instances "
+                "that no checkpoint covers",
+                self.ctx.app,
+                self.ctx.pe,
+                name,
+                self.n,
+                k,
+            )
+            try:
+                await self.js.delete_consumer(self.conf.stream, name)
+            except NotFoundError:
+                pass
+            await self.kv.delete(key)
 
     def transient(self, exc: BaseException) -> bool:
         return _transient(exc)
@@ -206,8 +391,8 @@ class _Reader(DeliveryLogReader):
         new = []
         for m in msgs:
             seq = m.metadata.sequence.stream
-            if seq in self.covered:
-                await m.ack()
+            if seq in self.covered or not self._mine(seq):
+                await m.ack()  # another instance's (through its own consumer)
             elif seq in self.logged:
                 self.msgs[seq] = m  # a redelivery: not emitted again
             else:
@@ -242,6 +427,8 @@ class _Reader(DeliveryLogReader):
         return out
 
     async def ack(self, position: int) -> None:
+        if self.rescaled is not None:
+            await self._finish_rescale()
         n = position - self.base
         if n <= 0:
             return
@@ -259,6 +446,37 @@ class _Reader(DeliveryLogReader):
         # redelivery sent before its ack came in has been fetched since.
         floor, self._floor = self._floor, await self._ack_floor()
         self.covered = {seq for seq in self.covered if seq > floor}
+
+    async def _finish_rescale(self) -> None:
+        """A checkpoint of this instance is complete: no restart goes back to the
+        parallelism before the rescale, so the old consumers (with what they
+        delivered and the old instances emitted) and logs it took over go."""
+        from nats.js.errors import KeyNotFoundError, NotFoundError
+
+        assert self.rescaled is not None
+        # Every new instance reads all old logs and floors when it starts: they go
+        # only once each of them has (an instance may start after a checkpoint).
+        for k in range(self.n):
+            if k == self.me:
+                continue
+            try:
+                doc = json.loads(
+                    (await self.kv.get(log_key(self.ctx.app, self.ctx.pe, k, self.n))).value
+                    or b"{}"
+                )
+            except KeyNotFoundError:
+                return
+            if (doc.get("old") or {}).get("sig") != self.rescaled["sig"]:
+                return
+        for name in self.rescaled["consumers"]:
+            try:
+                await self.js.delete_consumer(self.conf.stream, name)
+            except NotFoundError:
+                pass
+        for key in self.rescaled["logs"]:
+            await self.kv.delete(key)
+        self.rescaled = None
+        await self._save()
 
     async def _ack_floor(self) -> int:
         info = await self.js.consumer_info(self.conf.stream, self.durable)

@@ -66,16 +66,24 @@ class _Js:
 
         return list(self.loop.run(read(), timeout=60))
 
+    def consumers(self, app: str) -> dict[str, Any]:
+        """The source PE's durable consumers on stream IN by name."""
+        prefix = consumer_name(app, "src")
+        infos = self.loop.run(self.js.consumers_info("IN"))
+        return {i.name: i for i in infos if i.name.startswith(prefix)}
+
     def ack_pending(self, app: str) -> int:
-        info = self.loop.run(self.js.consumer_info("IN", consumer_name(app, "src")))
-        return int(info.num_ack_pending)
+        """Messages delivered and not acked, over the source PE's consumers."""
+        return sum(int(i.num_ack_pending) for i in self.consumers(app).values())
 
     def close(self) -> None:
         self.loop.run(self.nc.close())
         self.loop.close()
 
 
-def _app(tmp_path: Path, name: str, url: str, batch: int = 256, tag: int = 1) -> str:
+def _app(
+    tmp_path: Path, name: str, url: str, batch: int = 256, tag: int = 1, src_p: int = 1
+) -> str:
     return write_app(
         tmp_path,
         f"{name}.py",
@@ -88,7 +96,7 @@ def _app(tmp_path: Path, name: str, url: str, batch: int = 256, tag: int = 1) ->
 
         app = Topology("js")
         src = app.source("src", JetStreamSource(url={url!r}, stream="IN", batch={batch},
-                                                ack_wait=2))
+                                                ack_wait=2), parallelism={src_p})
         recs = src.map("parse", lambda m: {{"seq": int(m["data"]), "tag": {tag}}}, parallelism=2)
         counts = recs.key_by(lambda r: r["seq"] % 16).reduce("count", count, parallelism=2)
         out = counts.map("fmt", lambda kv: {{"key": kv[0], "n": kv[1]["n"], "seq": kv[1]["seq"]}})
@@ -115,18 +123,23 @@ def js(nats_url: str) -> Any:  # noqa: F811
     client.close()
 
 
+@pytest.mark.parametrize("src_p", [1, 2])
 def test_a_worker_killed_under_load_counts_every_message_once_and_acks_all(
     tmp_path: Path,
     nats_url: str,  # noqa: F811
     js: _Js,
+    src_p: int,
 ) -> None:
     stop = threading.Event()
     with LocalCluster(
         data_dir=tmp_path / "cluster", heartbeat_timeout=1.0, checkpoint_interval=0.3
     ) as c:
-        c.client.submit(_app(tmp_path, "app", nats_url))
+        c.client.submit(_app(tmp_path, "app", nats_url, src_p=src_p))
         st = c.client.status("js").apps[0]
-        src_worker = next(i.worker for p in st.pes if p.name == "src" for i in p.instances)
+        src_workers = [i.worker for p in st.pes if p.name == "src" for i in p.instances]
+        if src_p == 2:
+            assert set(src_workers) == {"w1", "w2"}, src_workers
+        src_worker = src_workers[-1]
         producer = js.produce(N, 1000, stop)
         poll_for(lambda: js.count("OUT") > N // 4, 30, what="output")
         c.kill_worker(src_worker)
@@ -134,6 +147,53 @@ def test_a_worker_killed_under_load_counts_every_message_once_and_acks_all(
         poll_for(lambda: js.count("OUT") >= N, 60, what="every message counted")
         poll_for(lambda: js.ack_pending("js") == 0, 30, what="no unacked messages")
     stop.set()
+    _check_exactly_once(js.output())
+    assert js.count("OUT") == N
+    assert js.ack_pending("js") == 0
+    assert sorted(js.consumers("js")) == sorted(
+        consumer_name("js", "src", i, src_p) for i in range(src_p)
+    )
+
+
+def test_online_rescales_of_the_source_one_to_two_and_back_keep_every_message_once(
+    tmp_path: Path,
+    nats_url: str,  # noqa: F811
+    js: _Js,
+) -> None:
+    stop = threading.Event()
+    with LocalCluster(data_dir=tmp_path / "cluster", checkpoint_interval=0.3) as c:
+        c.client.submit(_app(tmp_path, "p1", nats_url, batch=64, src_p=1))
+        producer = js.produce(N, 800, stop)
+        try:
+            poll_for(lambda: js.count("OUT") > N // 5, 30, what="output at 1")
+            assert js.ack_pending("js") > 0  # delivered messages wait for their checkpoint
+            assert c.client.upgrade(_app(tmp_path, "p2", nats_url, batch=64, src_p=2)).applied
+            src = next(p for p in c.client.status("js").apps[0].pes if p.name == "src")
+            assert len(src.instances) == 2
+            at_two = js.count("OUT")
+            poll_for(lambda: js.count("OUT") > at_two + N // 5, 30, what="output at 2")
+            # The rescale's first checkpoint deleted the old consumer.
+            poll_for(
+                lambda: (
+                    sorted(js.consumers("js"))
+                    == [consumer_name("js", "src", i, 2) for i in range(2)]
+                ),
+                30,
+                what="only the consumers of 2 instances",
+            )
+            assert c.client.upgrade(_app(tmp_path, "p3", nats_url, batch=64, src_p=1)).applied
+            src = next(p for p in c.client.status("js").apps[0].pes if p.name == "src")
+            assert len(src.instances) == 1
+        finally:
+            producer.join(30)
+            stop.set()
+        poll_for(lambda: js.count("OUT") >= N, 60, what="every message counted")
+        poll_for(lambda: js.ack_pending("js") == 0, 30, what="no unacked messages")
+        poll_for(
+            lambda: sorted(js.consumers("js")) == [consumer_name("js", "src")],
+            30,
+            what="only the consumer of 1 instance",
+        )
     _check_exactly_once(js.output())
     assert js.count("OUT") == N
     assert js.ack_pending("js") == 0
