@@ -20,6 +20,7 @@ own work, which waits for it).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Collection
@@ -45,6 +46,7 @@ from hotwire.master.scheduler import SchedulingError, schedule
 from hotwire.master.store import Store
 from hotwire.metrics import MasterMetrics
 from hotwire.model import STATEFUL_KINDS, LogicalModel
+from hotwire.model_delta import apply_delta, model_delta
 from hotwire.plan import (
     Placement,
     Plan,
@@ -149,6 +151,10 @@ def handed_over(handed: dict[str, list[pb.HandedOver]]) -> list[dict[str, Any]]:
 
 
 HANDED_FIELDS = ("keys", "bytes", "handovers", "local", "held")
+# A version whose number is a multiple of this records its model whole; the others
+# record what changed since the version before (so a read applies at most this
+# many deltas less one).
+MODEL_SNAPSHOT_EVERY = 16
 
 
 class TransitionEngine:
@@ -331,7 +337,7 @@ class TransitionEngine:
             "kind": "version",
             "version": version,
             "action": action,
-            "model": new.to_json(),
+            "model": self._model_text(app, version, old, new),
             "bundle": bundle_hash,
             "placement": placement_to_dict(new_pl),
             "changes": {**change.to_dict(), **_applied(plan, moves), **(recorded or {})},
@@ -351,6 +357,34 @@ class TransitionEngine:
             plan.count(),
         )
         return outcome
+
+    def _model_text(self, app: str, version: int, old: LogicalModel, new: LogicalModel) -> str:
+        """What version ``version`` records of ``new``: the changes since ``old`` when
+        ``old`` is the app's current version, the version before (see
+        :data:`MODEL_SNAPSHOT_EVERY`); else the whole model."""
+        cur = self.apps.get(app)
+        if (
+            cur is not None
+            and cur.model is old
+            and cur.version == version - 1
+            and version % MODEL_SNAPSHOT_EVERY != 0
+        ):
+            delta = model_delta(old, new)
+            if delta is not None:
+                return json.dumps({"delta_of": cur.version, **delta}, sort_keys=True)
+        return new.to_json()
+
+    def _intent_model(self, intent: dict[str, Any]) -> LogicalModel:
+        """The model a stored intent records (whole, or a delta on the app's current
+        version, read from the store if the app is at another one)."""
+        d = json.loads(intent["model"])
+        if "delta_of" not in d:
+            return LogicalModel.from_dict(d)
+        cur = self.apps.get(d["app"])
+        if cur is not None and cur.version == d["delta_of"]:
+            return apply_delta(cur.model, d)
+        store = self._store()
+        return store.model_of(d["app"], int(intent["version"]), intent["model"])
 
     def _with_state_check(self, app: str, plan: Plan) -> tuple[Plan, str]:
         """``plan`` with a sample of the last checkpoint's state on every new class-PE
@@ -901,11 +935,12 @@ class TransitionEngine:
 
         The app's state changes at once; the store's write is queued, and the
         returned future says when it is durable (the reply waits for it). ``model``
-        is ``intent["model"]`` already parsed (the intent's text is what is stored).
+        is the model ``intent["model"]`` records, already built (the intent's text is
+        what is stored).
         """
         store = self._store()
         if model is None:
-            model = LogicalModel.from_json(intent["model"])
+            model = self._intent_model(intent)
         placement = placement_from_dict(intent["placement"])
         canary = self._commit_canary(intent, model.app, placement)
         if intent["kind"] == "version":

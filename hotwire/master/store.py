@@ -10,6 +10,11 @@ must be durable before going on (before it acts on a transition, before it
 replies), and since the thread runs everything in order, a completed write means
 every earlier one completed too. Reads are awaited with :meth:`Store.read`; the
 latest checkpoint of each app is kept in memory and read without SQLite.
+
+A version's model is stored whole, or as what changed since an earlier version
+of the app (``{"delta_of": version, ...}``, see :mod:`hotwire.model_delta`): an
+upgrade that changes one PE of a large app writes that PE, not the app. Every
+read rebuilds the whole model, walking back to the nearest whole one.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from hotwire.model import LogicalModel
+from hotwire.model_delta import apply_delta
 from hotwire.plan import Placement, placement_from_dict, placement_to_dict
 
 log = logging.getLogger(__name__)
@@ -197,7 +203,8 @@ class Store:
         canary: CanaryRow | None = None,
     ) -> Future[None]:
         """Record a new version of ``app`` (and, in the same transaction, ``canary``);
-        ``model`` may be given as its :meth:`LogicalModel.to_json` text."""
+        ``model`` may be given as text: its :meth:`LogicalModel.to_json`, or a
+        delta on an earlier version (see the module doc)."""
         row = (
             app,
             version,
@@ -353,7 +360,12 @@ class Store:
         row = self.db.execute(
             "SELECT * FROM versions WHERE app = ? AND version = ?", (app, version)
         ).fetchone()
-        return None if row is None else _record(row)
+        return None if row is None else _record(row, self._model(app, version, row[4]))
+
+    def model_of(self, app: str, version: int, text: str) -> LogicalModel:
+        """The whole model of ``app`` at ``version`` from its stored ``text`` (whole or a
+        delta); blocks until the store's thread read the versions it builds on."""
+        return self._wait(self._model, app, version, text)
 
     def versions(self, app: str) -> list[VersionRecord]:
         return self._wait(self._versions, app)
@@ -362,7 +374,44 @@ class Store:
         rows = self.db.execute(
             "SELECT * FROM versions WHERE app = ? ORDER BY version", (app,)
         ).fetchall()
-        return [_record(r) for r in rows]
+        models: dict[int, LogicalModel] = {}  # each delta's base comes before it
+        out = []
+        for r in rows:
+            models[int(r[1])] = model = self._model(app, int(r[1]), r[4], models)
+            out.append(_record(r, model))
+        return out
+
+    def _model(
+        self, app: str, version: int, text: str, known: dict[int, LogicalModel] | None = None
+    ) -> LogicalModel:
+        """The whole model of ``app`` at ``version`` from its stored ``text``: deltas
+        applied to the nearest whole model before it (or one in ``known``)."""
+        chain: list[dict[str, Any]] = []
+        d = json.loads(text)
+        at = version
+        while "delta_of" in d:
+            chain.append(d)
+            base = int(d["delta_of"])
+            if base >= at:
+                raise ValueError(f"app {app!r} version {at}: a delta on version {base}")
+            at = base
+            if known is not None and base in known:
+                model = known[base]
+                break
+            row = self.db.execute(
+                "SELECT model_json FROM versions WHERE app = ? AND version = ?", (app, base)
+            ).fetchone()
+            if row is None:
+                raise LookupError(
+                    f"app {app!r} version {version}: its model is a delta on version "
+                    f"{base}, which the store lacks"
+                )
+            d = json.loads(row[0])
+        else:
+            model = LogicalModel.from_dict(d)
+        for delta in reversed(chain):
+            model = apply_delta(model, delta)
+        return model
 
     # -- tokens and the audit log (hotwire.master.access) ---------------------
     def put_token(self, tid: str, digest: str, role: str, label: str) -> Future[None]:
@@ -422,13 +471,13 @@ def _log_failure(fut: Future[None]) -> None:
         log.error("a write to the master's store failed", exc_info=fut.exception())
 
 
-def _record(row: Any) -> VersionRecord:
+def _record(row: Any, model: LogicalModel) -> VersionRecord:
     return VersionRecord(
         app=row[0],
         version=int(row[1]),
         created=float(row[2]),
         action=row[3],
-        model=LogicalModel.from_json(row[4]),
+        model=model,
         bundle_hash=row[5],
         placement=placement_from_dict(json.loads(row[6])),
         changes=json.loads(row[7]),
