@@ -304,7 +304,7 @@ class Stream:
         The timestamp is ``timestamp(record)``, or the upstream assigner's
         function when the records reach the window unchanged in shape.
         """
-        spec = windows.to_config() if hasattr(windows, "to_config") else {"kind": repr(windows)}
+        spec = _window_config(windows)
         mode = "process" if process is not None and aggregate is None else "aggregate"
         window = {**spec, "mode": mode, "allowed_lateness": allowed_lateness}
         node = _Node(
@@ -365,8 +365,7 @@ class Stream:
         ``Session``): when a window fires, ``fn(a, b)`` is emitted (unless None)
         for each pair of a record ``a`` of this stream and ``b`` of ``other`` in it.
         """
-        spec = windows.to_config() if hasattr(windows, "to_config") else {"kind": repr(windows)}
-        join = {**spec, "join": "window"}
+        join = {**_window_config(windows), "join": "window"}
         return self._join(name, other, join, fn, (timestamp, other_timestamp),
                           parallelism, config, renamed_from)
 
@@ -836,6 +835,11 @@ def _with(config: Any, **params: Any) -> Any:
     if isinstance(config, dict):
         return {**config, **params}
     return config
+
+
+def _window_config(windows: Any) -> dict[str, Any]:
+    """A window kind's config; anything else becomes a kind model() reports."""
+    return windows.to_config() if hasattr(windows, "to_config") else {"kind": repr(windows)}
 
 
 def _number(v: Any) -> bool:
