@@ -246,7 +246,9 @@ def _stash_modules(names: set[str]) -> dict[str, types.ModuleType]:
 
     So a bundle imports its own copy of an included package, not another version's.
     """
-    stashed = {}
+    stashed: dict[str, types.ModuleType] = {}
+    if not names:  # the app file alone: nothing to look for among every loaded module
+        return stashed
     for name in list(sys.modules):
         if name.split(".", 1)[0] in names:
             stashed[name] = sys.modules.pop(name)
@@ -255,6 +257,8 @@ def _stash_modules(names: set[str]) -> dict[str, types.ModuleType]:
 
 def _drop_modules(names: set[str]) -> None:
     """Forget the bundle's own modules after its import (the app module keeps references)."""
+    if not names:
+        return
     for name in list(sys.modules):
         if name.split(".", 1)[0] in names:
             del sys.modules[name]
