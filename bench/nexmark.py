@@ -130,12 +130,14 @@ def window_latencies(results: list[tuple[float, dict[str, Any]]], ticks: list[An
 
 
 # -- hotwire ---------------------------------------------------------------------
-def run_hotwire(query: str, n: int, expected: list[str], work: Path) -> dict[str, Any]:
+def run_hotwire(
+    query: str, n: int, expected: list[str], work: Path, workers: int = 2
+) -> dict[str, Any]:
     run = Path(tempfile.mkdtemp(prefix=f"hw-{query}-", dir=work))
     ticks = run / "ticks.jsonl"
     app = app_file(run, "app.py", f"nexmark-{query}", run, n, [query], ticks=ticks)
     out = run / f"{query}.jsonl"
-    with LocalCluster(workers=2, data_dir=run / "cluster") as c:
+    with LocalCluster(workers=workers, data_dir=run / "cluster") as c:
         t0 = time.time()
         c.client.submit(app, include=INCLUDE)
         poll_for(
@@ -412,6 +414,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--upgrade-events", type=int, default=30_000)
     ap.add_argument("--upgrade-rate", type=float, default=5_000.0)
     ap.add_argument("--no-bytewax", action="store_true")
+    ap.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="hotwire workers for the query runs (1: every PE in one process, as Bytewax runs)",
+    )
     ap.add_argument("--out", help="also write the JSON here")
     ap.add_argument("--profile", metavar="QUERY", help="only profile one hotwire run (py-spy)")
     args = ap.parse_args(argv)
@@ -436,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
         "config": {
             "events": n,
             "runs": args.runs,
-            "workers": 2,
+            "workers": args.workers,
             "events_per_s": "events / (last result's sink time - submit time)",
         },
         "queries": {},
@@ -450,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
                 "bytewax": [],
             }
             for _ in range(args.runs):
-                entry["hotwire"].append(run_hotwire(q, n, expected[q], work))
+                entry["hotwire"].append(run_hotwire(q, n, expected[q], work, args.workers))
                 if q in BYTEWAX_QUERIES and not args.no_bytewax:
                     entry["bytewax"].append(run_bytewax(q, n, expected[q], work))
                 print(
