@@ -303,7 +303,9 @@ def run_bytewax(query: str, n: int, expected: list[str], work: Path) -> dict[str
 
 
 # -- profile --------------------------------------------------------------------
-def profile_hotwire(query: str, n: int, work: Path, rate: int = 200) -> dict[str, Any]:
+def profile_hotwire(
+    query: str, n: int, work: Path, rate: int = 200, workers: int = 2
+) -> dict[str, Any]:
     """Run ``query`` once while py-spy samples each worker (``rate`` per second, idle
     threads left out); per worker, the share of its samples in each function (self)."""
     import collections
@@ -315,7 +317,7 @@ def profile_hotwire(query: str, n: int, work: Path, rate: int = 200) -> dict[str
     app = app_file(run, "app.py", f"nexmark-{query}", run, n, [query])
     expected = len(reference(query, list(events(n))))
     out: dict[str, Any] = {"query": query, "events": n, "rate": rate, "workers": {}}
-    with LocalCluster(workers=2, data_dir=run / "cluster") as c:
+    with LocalCluster(workers=workers, data_dir=run / "cluster") as c:
         spies = {
             w.label: subprocess.Popen(
                 [spy, "record", "-p", str(w.proc.pid), "-r", str(rate), "-f", "raw",
@@ -430,7 +432,8 @@ def main(argv: list[str] | None = None) -> int:
     n = args.events
     if args.profile:
         with tempfile.TemporaryDirectory(prefix="nexmark-") as tmp:
-            print(json.dumps(profile_hotwire(args.profile, n, Path(tmp)), indent=2))
+            prof = profile_hotwire(args.profile, n, Path(tmp), workers=args.workers)
+            print(json.dumps(prof, indent=2))
         return 0
     ev = list(events(n))
     expected = {q: reference(q, ev) for q in queries}
