@@ -517,10 +517,9 @@ class Timers:
     def snapshot(self) -> list[list[Any]]:
         return [[kind, key, t] for kind, key, t in self._set]
 
-    def restore(self, items: Iterable[list[Any]], owns: Callable[[Any], bool]) -> None:
-        """Take over the timers of the keys this instance owns (every successor
-        of a split gets all of them)."""
+    def restore(self, items: Iterable[list[Any]]) -> None:
+        """Take over timers (``[kind, key, t]`` each, as :meth:`snapshot` makes them;
+        a split by key gives each successor those of its keys)."""
         for kind, key, t in items:
-            k = hashable_key(key)
-            if kind in self._heaps and owns(k):
-                self._add(kind, k, t)
+            if kind in self._heaps:
+                self._add(kind, hashable_key(key), t)

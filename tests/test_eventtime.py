@@ -302,3 +302,20 @@ def test_a_record_without_a_usable_timestamp_is_reported_not_windowed() -> None:
     passed = asyncio.run(ts.process(records))
     assert [r["t"] for r in passed] == [1, 2] and len(errors) == len(bad)
     assert ts.watermark() == 2
+
+
+def test_timers_split_by_key_and_the_watermark_is_copied() -> None:
+    from hotwire.pe.state import split_replicated
+
+    timers = [["event", f"k{i}", 100 + i] for i in range(30)] + [["processing", ["t", 1], 5.0]]
+    own = split_replicated({"watermark": 7, "timers": timers}, 3, lambda k: key_partition(k, 3))
+    assert [o["watermark"] for o in own] == [7, 7, 7]
+    assert sorted(t[2] for o in own for t in o["timers"]) == sorted(t[2] for t in timers)
+    for i, o in enumerate(own):
+        assert all(key_partition(tuple(t[1]) if isinstance(t[1], list) else t[1], 3) == i
+                   for t in o["timers"])
+    cut = {"p@1.0": [["k1", 1], [REPLICATED_KEY, {"timers": timers}]]}
+    parts = states_for_restart(unpackb(packb(cut)), {"p": 2}, {"p": True})
+    got = [t for i in range(2) for s in parts.get(("p", i), []) for k, v in s
+           if k == REPLICATED_KEY for t in v["timers"]]
+    assert len(got) == len(timers)

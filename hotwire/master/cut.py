@@ -29,7 +29,7 @@ from typing import Any
 import msgpack
 
 from hotwire.codec import hashable_key, unpackb
-from hotwire.pe.state import REPLICATED_KEY, STATE_VERSION, unwrap, wrap
+from hotwire.pe.state import REPLICATED_KEY, STATE_VERSION, split_replicated, unwrap, wrap
 from hotwire.plan import instance_id, key_partition, parse_instance_id
 
 
@@ -69,9 +69,10 @@ def states_for_restart(
             for i in sorted(bare):
                 state, version = bare[i]
                 for pair in state or ():
-                    if pair[0] == REPLICATED_KEY:
-                        for part in parts:  # the instance's own entry: every part has it
-                            part[version].append(pair)
+                    if pair[0] == REPLICATED_KEY:  # the instance's own entry: every part
+                        own = split_replicated(pair[1], n, lambda k: key_partition(k, n))
+                        for part, value in zip(parts, own, strict=True):
+                            part[version].append([REPLICATED_KEY, value])
                         continue
                     parts[key_partition(hashable_key(pair[0]), n)][version].append(pair)
             for i, by_version in enumerate(parts):

@@ -324,7 +324,7 @@ class ProcessExecutor(Executor):
         snap = getattr(self.obj, "snapshot", None)
         state = snap() if snap is not None else None
         if self.timers:
-            # Every part of a split gets all timers; each keeps its own keys'.
+            # A split by key gives each part the timers of its keys.
             state = dict(_keyed_items(state)) if state else {}
             state[REPLICATED_KEY] = {"timers": self.timers.snapshot()}
         return state
@@ -347,14 +347,11 @@ class ProcessExecutor(Executor):
         return out
 
     def _take_replicated(self, items: dict[Any, Any]) -> None:
-        """Restore the instance's own entry of a keyed state (its timers), if any."""
+        """Restore the instance's own entry of a keyed state (the timers of its
+        keys: a split by key gave it those), if any."""
         extra = items.pop(REPLICATED_KEY, None)
-        if not isinstance(extra, dict) or self.timers is None:
-            return
-        from hotwire.plan import key_partition
-
-        n, index = self.ctx.parallelism, self.ctx.instance
-        self.timers.restore(extra.get("timers", ()), lambda k: key_partition(k, n) == index)
+        if isinstance(extra, dict) and self.timers is not None:
+            self.timers.restore(extra.get("timers", ()))
 
     @property
     def state_version(self) -> int:

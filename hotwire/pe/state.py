@@ -13,7 +13,10 @@ retiring instance both do so). Pure: no I/O, no user code.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
+
+from hotwire.codec import hashable_key
 
 STATE_VERSION = "__hotwire_state_version__"
 DEFAULT_VERSION = 1
@@ -34,3 +37,15 @@ def unwrap(obj: Any) -> tuple[Any, int]:
     if isinstance(obj, dict) and STATE_VERSION in obj and len(obj) == 2 and "state" in obj:
         return obj["state"], int(obj[STATE_VERSION])
     return obj, DEFAULT_VERSION
+
+
+def split_replicated(value: Any, n: int, part_of: Callable[[Any], int]) -> list[Any]:
+    """The :data:`REPLICATED_KEY` entry of a keyed state for each of ``n`` parts of a
+    split by key: a copy each (a watermark), except its ``timers`` (``[kind, key,
+    t]`` each), which go to the part ``part_of(key)`` owns."""
+    if not isinstance(value, dict) or not value.get("timers"):
+        return [value] * n
+    parts = [{**value, "timers": []} for _ in range(n)]
+    for timer in value["timers"]:
+        parts[part_of(hashable_key(timer[1]))]["timers"].append(timer)
+    return parts

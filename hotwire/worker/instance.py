@@ -32,7 +32,7 @@ from hotwire.logs import task_context
 from hotwire.metrics import BATCH_BUCKETS, E2E_BUCKETS
 from hotwire.names import confined
 from hotwire.pe.executors import EXECUTORS, Executor, _keyed_items
-from hotwire.pe.state import REPLICATED_KEY
+from hotwire.pe.state import REPLICATED_KEY, split_replicated
 from hotwire.plan import Gate, Retire, StartInstance, Switch, key_partition
 from hotwire.worker import machine as sm
 from hotwire.worker.channels import (
@@ -846,9 +846,10 @@ class Instance:
         n = len(retire.successors)
         parts: list[list[Any]] = [[] for _ in range(n)]
         for k, v in _keyed_items(state):
-            if k == REPLICATED_KEY:
-                for part in parts:  # the instance's own entry (a watermark): every part
-                    part.append([k, v])
+            if k == REPLICATED_KEY:  # the instance's own entry (watermark, timers)
+                own = split_replicated(v, n, lambda key: key_partition(key, n, retire.canary))
+                for part, value in zip(parts, own, strict=True):
+                    part.append([k, value])
                 continue
             parts[key_partition(k, n, retire.canary)].append([k, v])
         return parts
