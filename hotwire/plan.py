@@ -225,6 +225,10 @@ class StartInstance:
     # form ``initial_state`` has: prepare tries the new code's migrate, validate_state
     # and restore on it (on an object of its own) and fails the upgrade if they raise.
     state_check: Any = field(default=None, hash=False, compare=False)
+    # Started outside a user's request (a restart from a checkpoint, a drain): a
+    # transactional sink whose server is unreachable waits for it once the instance
+    # runs, instead of failing prepare (which refuses a submit or an upgrade).
+    wait_for_servers: bool = field(default=False, hash=False, compare=False)
 
     @property
     def instance(self) -> str:

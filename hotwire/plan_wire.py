@@ -77,6 +77,7 @@ def to_pb(ins: Instruction) -> pb.Instruction:
                 config=packb(dict(ins.config)),
                 initial_state=b"" if ins.initial_state is None else packb(ins.initial_state),
                 state_check=b"" if ins.state_check is None else packb(ins.state_check),
+                wait_for_servers=ins.wait_for_servers,
             )
         )
     if isinstance(ins, Gate):
@@ -157,6 +158,7 @@ def from_pb(msg: pb.Instruction) -> Instruction:
             config=unpackb(m.config) if m.config else {},
             initial_state=unpackb(m.initial_state) if m.initial_state else None,
             state_check=unpackb(m.state_check) if m.state_check else None,
+            wait_for_servers=m.wait_for_servers,
         )
     if kind == "gate":
         g = msg.gate

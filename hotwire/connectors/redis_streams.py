@@ -488,12 +488,13 @@ class RedisStreamSink(TransactionalSink):
         self.redis = redis.Redis.from_url(
             self.url, decode_responses=True, socket_connect_timeout=5, socket_timeout=30
         )
+        self.redis.ping()  # an unreachable server refuses a submit or an upgrade here
         self._commit = self.redis.register_script(_COMMIT)
         self._txn = ""
         self._recs: list[str] = []
 
     def server(self) -> str:
-        return _display(self.url)
+        return _display(str(self.options.get("url", "the Redis server")))
 
     def is_transient(self, exc: BaseException) -> bool:
         return _transient(exc)

@@ -488,7 +488,11 @@ class TransitionEngine:
         )
 
         def with_state(ins: Any) -> Any:
-            if isinstance(ins, StartInstance) and (ins.pe, ins.index) in restored:
+            if not isinstance(ins, StartInstance):
+                return ins
+            # No user waits for a restart: an instance whose server is down waits for it.
+            ins = replace(ins, wait_for_servers=True)
+            if (ins.pe, ins.index) in restored:
                 return replace(ins, initial_state=restored[(ins.pe, ins.index)])
             return ins
 
@@ -672,6 +676,19 @@ class TransitionEngine:
         change = ChangeSet(regenerated=tuple(sorted(pes)))
         new_pl = schedule(st.model, st.placement, change, self.free_slots(app), epoch, st.bundle)
         plan = plan_upgrade(app, epoch, st.model, st.placement, st.model, new_pl, change, st.bundle)
+        # No user waits for a drain: an instance whose server is down waits for it.
+        plan = Plan(
+            app,
+            epoch,
+            {
+                w: tuple(
+                    replace(i, wait_for_servers=True) if isinstance(i, StartInstance) else i
+                    for i in ins
+                )
+                for w, ins in plan.prepare.items()
+            },
+            plan.switch,
+        )
         bundle = await store.read(store.bundle, st.bundle) or b""
         intent = _placement_intent(st, new_pl)
         await self._apply(plan, st.bundle, bundle, intent, tr.Fallback.RESTART)

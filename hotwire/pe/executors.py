@@ -454,6 +454,14 @@ EXECUTORS: dict[str, type[Executor]] = {
 }
 
 
+def _server_of(obj: Any) -> str:
+    """A sink's ``server()`` before its ``setup`` ran (it may need what setup sets)."""
+    try:
+        return str(obj.server())
+    except Exception:
+        return f"the server of {type(obj).__name__}"
+
+
 class TransactionalSinkExecutor(Executor):
     """A :class:`hotwire.sinks.TransactionalSink` class: one object per instance.
 
@@ -475,11 +483,19 @@ class TransactionalSinkExecutor(Executor):
             f"{self.ctx.app}.{self.ctx.pe}.{self.ctx.instance}.{self._token}.{self._txns}"
         )
 
-    async def setup(self) -> None:
-        await asyncio.to_thread(self.obj.setup, self.ctx)
-        self._begin()
-        from hotwire.connectors.outage import Outage
+    async def setup(self, wait: bool = False) -> None:
+        """The sink object's ``setup``. With ``wait`` (an instance started outside a
+        user's request), retried with backoff while its server is unreachable
+        (``is_transient``); without, its error fails the start (a submit or an
+        upgrade is refused with it)."""
+        from hotwire.connectors.outage import Outage, retry
 
+        if wait:
+            self.outage = Outage(self.ctx, _server_of(self.obj))
+            await retry(lambda: self.obj.setup(self.ctx), self.outage, self.obj.is_transient)
+        else:
+            await asyncio.to_thread(self.obj.setup, self.ctx)
+        self._begin()
         self.outage = Outage(self.ctx, self.obj.server())
 
     async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:

@@ -159,6 +159,10 @@ class Instance:
         self._announced = False  # whether an assigner sent the watermark it took over
         self._tick_due = False
         self.late_dropped = 0  # late records of a windowed PE with no late side output
+        # A transactional sink started outside a user's request: its setup, and the
+        # commits of the checkpoint it restored, run in its task once it runs.
+        self.deferred_setup = False
+        self._commit_restored = False
 
     # -- what the machine knows -----------------------------------------------
     @property
@@ -241,6 +245,8 @@ class Instance:
     async def _run(self) -> None:
         handle = self.machine.handle
         await self._perform(handle(sm.START))
+        if self.deferred_setup:
+            await self._deferred_setup()
         get = self.inbox.get
         while not self.finished.done():
             kind, ch, payload, ret = await get()
@@ -574,7 +580,20 @@ class Instance:
         self._restore(states)
         commit_all = getattr(self.executor, "acommit_all", None)
         if commit_all is not None:
+            if self.deferred_setup:
+                self._commit_restored = True  # once its setup ran (_deferred_setup)
+                return
             await commit_all()
+
+    async def _deferred_setup(self) -> None:
+        """The setup of a sink started outside a user's request, waiting with backoff
+        while its server is unreachable (status shows the instance waiting), then the
+        commits of the checkpoint it restored. Its inbox fills meanwhile: backpressure."""
+        assert self.executor is not None
+        await self.executor.setup(wait=True)  # type: ignore[call-arg]
+        if self._commit_restored:
+            await self.executor.acommit_all()  # type: ignore[attr-defined]
+        self.deferred_setup = self._commit_restored = False
 
     def _source_state(self) -> dict[str, int]:
         """A source's state: its position, and which of how many instances it is."""

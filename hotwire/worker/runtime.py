@@ -315,7 +315,13 @@ class Runtime:
                 else:
                     executor = EXECUTORS[ins.kind](impl.fn, ctx, inst.on_error, key_fn)
                 inst.executor = executor
-                await executor.setup()
+                if ins.wait_for_servers and isinstance(executor, TransactionalSinkExecutor):
+                    # No user waits for this start: the sink's setup (and the commits
+                    # of a restored checkpoint) run once the instance runs, waiting for
+                    # an unreachable server there instead of failing prepare.
+                    inst.deferred_setup = True
+                else:
+                    await executor.setup()
                 if ins.state_check is not None:
                     await self._check_state(ins, impl.cls, key_fn)
             for route in ins.routes:

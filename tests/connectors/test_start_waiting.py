@@ -1,0 +1,115 @@
+"""An instance started while its server is down, outside a user's request (the
+recovery after a worker loss), waits for the server with backoff instead of
+failing its start; a submit whose connector cannot reach its server is still
+refused with the server's error, and nothing is deployed."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import pytest
+from connector_servers import redis_url  # noqa: F401 - a fixture
+from test_outage import _app, _check_exactly_once, _feed, _instances, durable_redis  # noqa: F401
+
+from hotwire.testing.cluster import LocalCluster, poll_for
+from hotwire.testing.servers import Restartable, free_port
+
+redis = pytest.importorskip("redis")
+
+N = 3000
+
+
+def test_a_source_restarted_by_a_recovery_while_redis_is_down_waits_for_it(
+    tmp_path: Path,
+    durable_redis: tuple[str, Restartable],  # noqa: F811
+) -> None:
+    url, server = durable_redis
+    r = redis.Redis.from_url(url, decode_responses=True)
+    _feed(r, range(N // 2))
+    sink = f'out.sink("out", RedisStreamSink(url={url!r}, stream="out"), parallelism=2)'
+    with LocalCluster(
+        data_dir=tmp_path / "cluster", heartbeat_timeout=1.0, checkpoint_interval=0.3
+    ) as c:
+        c.client.submit(_app(tmp_path, "app", url, sink))
+        poll_for(lambda: r.xlen("out") >= N // 2, 60, what="the first half counted")
+        src_worker = _instances(c, "app")[("src", 0)].worker
+        server.stop(signal.SIGKILL)
+        c.kill_worker(src_worker)
+        # The recovery starts the app on the other worker; its source and sinks wait.
+        poll_for(
+            lambda: _waiting_src(c) == f"{url} unreachable",
+            60,
+            what="status to show the restarted source waiting for redis",
+        )
+        # The sinks' setup waits too (it failed prepare before, and the restart with it).
+        poll_for(
+            lambda: all(
+                i.waiting == f"{url} unreachable"
+                for (pe, _), i in _instances(c, "app").items()
+                if pe == "out"
+            ),
+            30,
+            what="status to show the restarted sinks waiting for redis",
+        )
+        inst = _instances(c, "app")
+        assert inst[("src", 0)].worker != src_worker
+        assert inst[("src", 0)].waiting_s >= 0
+        human = c.streamctl("status", "app").stdout
+        assert f"waiting: {url} unreachable since" in human, human
+        server.start()
+        r = redis.Redis.from_url(url, decode_responses=True)
+        _feed(r, range(N // 2, N))
+        poll_for(lambda: r.xlen("out") >= N, 90, what="every entry counted")
+        poll_for(lambda: int(r.xpending("in", "hotwire.app.src")["pending"]) == 0, 30)
+        poll_for(
+            lambda: all(not i.waiting for i in _instances(c, "app").values()),
+            30,
+            what="no instance waiting",
+        )
+    rows = [(int(f["seq"]), int(f["key"]), int(f["n"])) for _id, f in r.xrange("out")]
+    _check_exactly_once(rows, N)
+    assert r.xlen("out") == N
+
+
+def _waiting_src(c: LocalCluster) -> str:
+    try:
+        return str(_instances(c, "app")[("src", 0)].waiting)
+    except Exception:  # the app is being restarted: no status of its PEs yet
+        return ""
+
+
+def test_a_submit_or_an_upgrade_whose_sink_cannot_reach_redis_is_refused_and_changes_nothing(
+    tmp_path: Path,
+    redis_url: str,  # noqa: F811
+) -> None:
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    good = f'out.sink("out", RedisStreamSink(url={redis_url!r}, stream="out"))'
+    bad = f'out.sink("out", RedisStreamSink(url={dead!r}, stream="out"))'
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "v2").mkdir()
+    with LocalCluster(data_dir=tmp_path / "cluster", checkpoint_interval=0.3) as c:
+        res = c.streamctl("submit", _app(tmp_path / "bad", "app", redis_url, bad))
+        assert res.returncode == 1
+        lines = res.stderr.strip().splitlines()
+        assert len(lines) == 1, res.stderr
+        assert "Connection refused" in lines[0], lines[0]
+        assert not [a for a in c.client.status().apps if a.name == "app"]
+
+        c.client.submit(_app(tmp_path, "app", redis_url, good))
+        _feed(r, range(N // 2))
+        poll_for(lambda: r.xlen("out") >= N // 2, 60, what="the first half counted")
+        res = c.streamctl("upgrade", _app(tmp_path / "v2", "app", redis_url, bad))
+        assert res.returncode == 1
+        lines = res.stderr.strip().splitlines()
+        assert len(lines) == 1, res.stderr
+        assert "Connection refused" in lines[0], lines[0]
+        st = c.client.status("app").apps[0]
+        assert st.version == 1
+        # The running version goes on, into the sink it had.
+        _feed(r, range(N // 2, N))
+        poll_for(lambda: r.xlen("out") >= N, 60, what="every entry counted")
+        poll_for(lambda: int(r.xpending("in", "hotwire.app.src")["pending"]) == 0, 30)
+    rows = [(int(f["seq"]), int(f["key"]), int(f["n"])) for _id, f in r.xrange("out")]
+    _check_exactly_once(rows, N)
