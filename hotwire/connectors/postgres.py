@@ -69,6 +69,11 @@ def _names(v: Any) -> list[str] | None:
     return None
 
 
+class Unreachable(ValueError):
+    """``setup`` could not connect (the server is unreachable): a submit or an upgrade
+    is refused with it; a start no user waits for retries it (``is_transient``)."""
+
+
 class PostgresSink(TransactionalSink):
     """Rows into a PostgreSQL table; see the module docstring for the two modes."""
 
@@ -128,6 +133,8 @@ class PostgresSink(TransactionalSink):
             self.conn = self._connect()
         except psycopg.Error as e:
             msg = f"{where}: PostgresSink cannot connect: {_one_line(e)}"
+            if self.is_transient(e):  # a start no user waits for waits for the server
+                raise Unreachable(msg) from None
             raise ValueError(msg) from None
         try:
             self._check_server(config["table"])
@@ -163,7 +170,7 @@ class PostgresSink(TransactionalSink):
 
     def is_transient(self, exc: BaseException) -> bool:
         psycopg = _psycopg()
-        return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
+        return isinstance(exc, Unreachable | psycopg.OperationalError | psycopg.InterfaceError)
 
     def _check_server(self, table: str) -> None:
         psycopg = _psycopg()

@@ -491,8 +491,15 @@ class TransactionalSinkExecutor(Executor):
         from hotwire.connectors.outage import Outage, retry
 
         if wait:
-            self.outage = Outage(self.ctx, _server_of(self.obj))
-            await retry(lambda: self.obj.setup(self.ctx), self.outage, self.obj.is_transient)
+            outage = self.outage = Outage(self.ctx, _server_of(self.obj))
+
+            def attempt() -> None:
+                try:
+                    self.obj.setup(self.ctx)
+                finally:  # a sink may know its server only once setup began
+                    outage.server = _server_of(self.obj)
+
+            await retry(attempt, outage, self.obj.is_transient)
         else:
             await asyncio.to_thread(self.obj.setup, self.ctx)
         self._begin()

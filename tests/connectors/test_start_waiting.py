@@ -10,12 +10,20 @@ from pathlib import Path
 
 import pytest
 from connector_servers import redis_url  # noqa: F401 - a fixture
-from test_outage import _app, _check_exactly_once, _feed, _instances, durable_redis  # noqa: F401
+from test_outage import (  # noqa: F401 - fixtures
+    _app,
+    _check_exactly_once,
+    _feed,
+    _instances,
+    durable_redis,
+    restartable_postgres,
+)
 
 from hotwire.testing.cluster import LocalCluster, poll_for
 from hotwire.testing.servers import Restartable, free_port
 
 redis = pytest.importorskip("redis")
+psycopg = pytest.importorskip("psycopg")
 
 N = 3000
 
@@ -113,3 +121,52 @@ def test_a_submit_or_an_upgrade_whose_sink_cannot_reach_redis_is_refused_and_cha
         poll_for(lambda: int(r.xpending("in", "hotwire.app.src")["pending"]) == 0, 30)
     rows = [(int(f["seq"]), int(f["key"]), int(f["n"])) for _id, f in r.xrange("out")]
     _check_exactly_once(rows, N)
+
+
+def test_a_postgres_sink_set_up_for_a_restart_waits_for_its_server_and_a_submit_does_not(
+    tmp_path: Path,
+    restartable_postgres: tuple[str, Restartable],  # noqa: F811
+) -> None:
+    import asyncio
+    import re
+    from types import SimpleNamespace
+
+    from hotwire.connectors.postgres import PostgresSink
+    from hotwire.pe.executors import TransactionalSinkExecutor
+
+    pg, server = restartable_postgres
+    psycopg.connect(pg, autocommit=True).execute("CREATE TABLE t (k int)").connection.close()
+    display = f"postgresql://127.0.0.1:{server.port}/postgres"
+    config = {"url": pg, "table": "t", "columns": ["k"]}
+
+    def ctx() -> SimpleNamespace:
+        return SimpleNamespace(
+            app="a", pe="out", instance=0, config=config, waiting="", waiting_since=0.0
+        )
+
+    server.stop()
+    # A submit's setup: refused at once with the server's error.
+    with pytest.raises(ValueError, match=re.escape("PostgresSink cannot connect: ")):
+        asyncio.run(TransactionalSinkExecutor(PostgresSink, ctx(), lambda r, e: None).setup())
+    seen: list[str] = []
+    c = ctx()
+
+    async def restart() -> None:
+        ex = TransactionalSinkExecutor(PostgresSink, c, lambda r, e: None)
+        setup = asyncio.create_task(ex.setup(wait=True))
+        while not c.waiting:
+            assert not setup.done(), setup
+            await asyncio.sleep(0.05)
+        seen.append(c.waiting)
+        await asyncio.to_thread(server.start)
+        await asyncio.wait_for(setup, 60)
+        seen.append(c.waiting)
+        await ex.process([{"k": 1}])
+        await ex.apre_commit(1)
+        await ex.acheckpoint_complete(1)
+        await ex.teardown()
+
+    asyncio.run(restart())
+    assert seen == [f"{display} unreachable", ""]
+    with psycopg.connect(pg) as conn:
+        assert conn.execute("SELECT k FROM t").fetchall() == [(1,)]
