@@ -170,3 +170,42 @@ def test_a_postgres_sink_set_up_for_a_restart_waits_for_its_server_and_a_submit_
     assert seen == [f"{display} unreachable", ""]
     with psycopg.connect(pg) as conn:
         assert conn.execute("SELECT k FROM t").fetchall() == [(1,)]
+
+
+def test_a_sink_moved_by_a_drain_while_redis_is_down_waits_for_it(
+    tmp_path: Path,
+    durable_redis: tuple[str, Restartable],  # noqa: F811
+) -> None:
+    url, server = durable_redis
+    r = redis.Redis.from_url(url, decode_responses=True)
+    _feed(r, range(N // 2))
+    sink = f'out.sink("out", RedisStreamSink(url={url!r}, stream="out"), parallelism=2)'
+    with LocalCluster(
+        workers=3, data_dir=tmp_path / "cluster", heartbeat_timeout=3.0, checkpoint_interval=0.3
+    ) as c:
+        c.client.submit(_app(tmp_path, "app", url, sink))
+        poll_for(lambda: r.xlen("out") >= N // 2, 60, what="the first half counted")
+        poll_for(lambda: int(r.xpending("in", "hotwire.app.src")["pending"]) == 0, 30)
+        victim = _instances(c, "app")[("out", 0)].worker
+        server.stop(signal.SIGKILL)
+        # The app is idle: the retiring sink has nothing to pre-commit, and the new
+        # one's setup cannot reach redis. The drain moves it all the same.
+        proc = next(w for w in c.workers if w.label == victim)
+        proc.proc.send_signal(signal.SIGTERM)
+        assert proc.proc.wait(60) == 0
+        inst = _instances(c, "app")
+        assert all(i.worker != victim for i in inst.values())
+        assert c.client.status("app").apps[0].version == 1
+        poll_for(
+            lambda: _instances(c, "app")[("out", 0)].waiting == f"{url} unreachable",
+            30,
+            what="status to show the moved sink waiting for redis",
+        )
+        server.start()
+        r = redis.Redis.from_url(url, decode_responses=True)
+        _feed(r, range(N // 2, N))
+        poll_for(lambda: r.xlen("out") >= N, 90, what="every entry counted")
+        poll_for(lambda: int(r.xpending("in", "hotwire.app.src")["pending"]) == 0, 30)
+    rows = [(int(f["seq"]), int(f["key"]), int(f["n"])) for _id, f in r.xrange("out")]
+    _check_exactly_once(rows, N)
+    assert r.xlen("out") == N
