@@ -162,3 +162,19 @@ def test_a_rescale_right_after_a_checkpoint_the_source_had_no_step_to_ack(
     assert set(seen) == set(range(TOTAL)), sorted(set(range(TOTAL)) - set(seen))
     assert max(seen.values()) == 1, [s for s, k in seen.items() if k > 1]
     assert _pending(r) == 0
+
+
+def test_a_delivery_log_of_the_earlier_form_is_taken_over_by_a_restored_instance(
+    redis_url: str,  # noqa: F811
+) -> None:
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    _feed(r, range(10))
+    # What an earlier version left: a log named by the instance index alone.
+    r.xgroup_create("in", group_name("a", "src"), id="0")
+    got = r.xreadgroup(group_name("a", "src"), "0", {"in": ">"}, count=10)
+    r.rpush("hotwire:src:a:src:0:log", *[eid for eid, _f in got[0][1]])
+    src = RedisStreamSource(url=redis_url, stream="in", batch=8, poll_interval=0.01)
+    preds = [{"instance": 0, "of": 1, "position": 4}]
+    assert asyncio.run(_take(src, _ctx(0, 1, 4, preds), 100, complete=True)) == list(range(4, 10))
+    assert not r.exists("hotwire:src:a:src:0:log")
+    assert _pending(r) == 0
