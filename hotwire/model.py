@@ -192,8 +192,9 @@ def check_structure(model: LogicalModel) -> list[str]:
     if ghosts:  # a stream names a PE the model does not declare
         return problems + [f"a stream names PE {shown(n)}, which the model lacks" for n in ghosts]
     renamed: dict[str, str] = {}  # old name -> the PE that takes it over
+    app = shown(model.app)
     for pe in model.pes:
-        where = f"PE {shown(pe.name)} of app {shown(model.app)}"
+        where = f"PE {shown(pe.name)} of app {app}"
         if bad := name_problem(pe.name, where):
             problems.append(bad)
         if pe.renamed_from:

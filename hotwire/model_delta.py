@@ -24,18 +24,18 @@ def model_delta(old: LogicalModel, new: LogicalModel) -> dict[str, Any] | None:
     """The record that takes ``old`` to ``new``; None if a model has a stream to a PE
     it does not declare (the full model is the only faithful record then)."""
     og, ng = old.graph, new.graph
-    if any("spec" not in og.nodes[n] for n in og) or any("spec" not in ng.nodes[n] for n in ng):
+    old_pes: dict[str, PESpec | None] = dict(og.nodes(data="spec"))
+    new_pes: dict[str, PESpec | None] = dict(ng.nodes(data="spec"))
+    if None in old_pes.values() or None in new_pes.values():
         return None
-    old_pes = {n: og.nodes[n]["spec"] for n in og}
-    new_order = list(ng)
-    pes = [ng.nodes[n]["spec"] for n in new_order]
-    changed = [p for p in pes if old_pes.get(p.name) != p]
-    removed = [n for n in old_pes if n not in ng]
-    new_edges = list(ng.edges)
-    old_streams = {e: og.edges[e]["spec"] for e in og.edges}
-    streams = [ng.edges[e]["spec"] for e in new_edges]
-    changed_st = [s for s in streams if old_streams.get((s.src, s.dst)) != s]
-    removed_st = [e for e in old_streams if not ng.has_edge(*e)]
+    new_order = list(new_pes)
+    changed = [p for n, p in new_pes.items() if p is not None and old_pes.get(n) != p]
+    removed = [n for n in old_pes if n not in new_pes]
+    old_streams: dict[Edge, StreamSpec] = {(u, v): s for u, v, s in og.edges(data="spec")}
+    new_streams: dict[Edge, StreamSpec] = {(u, v): s for u, v, s in ng.edges(data="spec")}
+    new_edges = list(new_streams)
+    changed_st = [s for e, s in new_streams.items() if old_streams.get(e) != s]
+    removed_st = [e for e in old_streams if e not in new_streams]
     out: dict[str, Any] = {
         "app": new.app,
         "pes": [p.to_dict() for p in changed],

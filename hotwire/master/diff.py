@@ -235,9 +235,10 @@ def _diff(old: LogicalModel, new: LogicalModel) -> ChangeSet:
     old_pes, new_pes = set(og.nodes), set(ng.nodes)
     details: dict[str, str] = {}
     changed, rescaled = [], []
-    onodes, nnodes = og.nodes, ng.nodes
+    # plain dicts: one lookup per PE instead of a view's item access, at every upgrade
+    onodes, nnodes = dict(og.nodes(data="spec")), dict(ng.nodes(data="spec"))
     for name in old_pes & new_pes:
-        o, n = onodes[name]["spec"], nnodes[name]["spec"]
+        o, n = onodes[name], nnodes[name]
         if o == n:
             continue
         if what := _pe_changes(o, n):
@@ -249,9 +250,10 @@ def _diff(old: LogicalModel, new: LogicalModel) -> ChangeSet:
 
     old_edges, new_edges = set(og.edges), set(ng.edges)
     s_changed = []
-    oedges, nedges = og.edges, ng.edges
+    oedges = {(u, v): s for u, v, s in og.edges(data="spec")}
+    nedges = {(u, v): s for u, v, s in ng.edges(data="spec")}
     for u, v in old_edges & new_edges:
-        os_, ns_ = oedges[u, v]["spec"], nedges[u, v]["spec"]
+        os_, ns_ = oedges[u, v], nedges[u, v]
         if os_ == ns_:
             continue
         if what := _stream_changes(os_, ns_):

@@ -132,9 +132,11 @@ class _Job:
     # what each worker's switch handed over (its ack), by worker
     handed: dict[str, list[pb.HandedOver]] = field(default_factory=dict)
     plan_lines: list[str] = field(default_factory=list)  # Plan.describe(), for progress
-    # the model that intent["model"] serialises, so the commit need not parse it back
-    # (None when a restarted master finishes a transition from its store)
+    # the model and placement that intent["model"] and intent["placement"] record, so
+    # the commit need not build them back (None when a restarted master finishes a
+    # transition from its store)
     model: LogicalModel | None = None
+    placement: Placement | None = None
 
 
 def handed_over(handed: dict[str, list[pb.HandedOver]]) -> list[dict[str, Any]]:
@@ -344,7 +346,9 @@ class TransitionEngine:
             "rolled_back_to": rolled_back_to,
         }
         fallback = tr.Fallback.RESTART if self.running(app) else tr.Fallback.STOP
-        job = await self._apply(plan, bundle_hash, bundle, intent, fallback, t0, model=new)
+        job = await self._apply(
+            plan, bundle_hash, bundle, intent, fallback, t0, model=new, placement=new_pl
+        )
         outcome.applied = True
         outcome.latency_ms = job.latency_ms
         outcome.handed = handed_over(job.handed)
@@ -747,10 +751,12 @@ class TransitionEngine:
         started: float | None = None,
         more_bundles: dict[str, bytes] | None = None,
         model: LogicalModel | None = None,
+        placement: Placement | None = None,
     ) -> _Job:
         """Run ``plan`` through the transition's steps; raise unless it committed.
 
-        ``model``, if given, is the model ``intent["model"]`` serialises."""
+        ``model`` and ``placement``, if given, are what ``intent["model"]`` and
+        ``intent["placement"]`` record."""
         record = {
             **intent,
             "prepare_workers": sorted(plan.workers),
@@ -769,6 +775,7 @@ class TransitionEngine:
             bundles={bundle_hash: bundle, **(more_bundles or {})},
             plan_lines=plan.describe(),
             model=model,
+            placement=placement,
         )
         if started is not None:
             job.started = started
@@ -923,7 +930,9 @@ class TransitionEngine:
                 job.latency_ms = (time.perf_counter() - job.started) * 1000
                 if "changes" in job.intent:  # a version: its record keeps what moved
                     job.intent["changes"]["handed_over"] = handed_over(job.handed)
-                write = self._commit(job.intent, job.epoch, job.latency_ms, job.model)
+                write = self._commit(
+                    job.intent, job.epoch, job.latency_ms, job.model, job.placement
+                )
             await asyncio.wrap_future(write)
         except Exception as e:
             log.error("app %r: the store did not record %s: %s", app, type(a).__name__, e)
@@ -947,18 +956,20 @@ class TransitionEngine:
         epoch: int,
         latency_ms: float,
         model: LogicalModel | None = None,
+        placement: Placement | None = None,
     ) -> Future[None]:
         """Record a finished transition: a new version, or new placement of the same one.
 
         The app's state changes at once; the store's write is queued, and the
         returned future says when it is durable (the reply waits for it). ``model``
-        is the model ``intent["model"]`` records, already built (the intent's text is
-        what is stored).
+        and ``placement`` are what ``intent["model"]`` and ``intent["placement"]``
+        record, already built (the intent's forms are what is stored).
         """
         store = self._store()
         if model is None:
             model = self._intent_model(intent)
-        placement = placement_from_dict(intent["placement"])
+        if placement is None:
+            placement = placement_from_dict(intent["placement"])
         canary = self._commit_canary(intent, model.app, placement)
         if intent["kind"] == "version":
             written = store.commit_version(
@@ -973,6 +984,7 @@ class TransitionEngine:
                 epoch,
                 rolled_back_to=intent["rolled_back_to"],
                 canary=canary,
+                placement_dict=intent["placement"],
             )
         else:
             written = store.update_placement(

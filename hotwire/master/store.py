@@ -201,10 +201,15 @@ class Store:
         state: str = "running",
         rolled_back_to: int = 0,
         canary: CanaryRow | None = None,
+        placement_dict: dict[str, Any] | None = None,
     ) -> Future[None]:
         """Record a new version of ``app`` (and, in the same transaction, ``canary``);
         ``model`` may be given as text: its :meth:`LogicalModel.to_json`, or a
-        delta on an earlier version (see the module doc)."""
+        delta on an earlier version (see the module doc). ``placement_dict``, if
+        given, is ``placement_to_dict(placement)`` already made.
+
+        ``placement_dict`` and ``changes`` turn into JSON on the store's thread:
+        nothing may change them after the call."""
         row = (
             app,
             version,
@@ -212,8 +217,8 @@ class Store:
             action,
             model if isinstance(model, str) else model.to_json(),
             bundle_hash,
-            json.dumps(placement_to_dict(placement)),
-            json.dumps(changes),
+            placement_to_dict(placement) if placement_dict is None else placement_dict,
+            changes,
             latency_ms,
             rolled_back_to,
         )
@@ -222,6 +227,7 @@ class Store:
     def _commit_version(
         self, row: tuple[Any, ...], app_row: tuple[Any, ...], canary: CanaryRow | None
     ) -> None:
+        row = (*row[:6], json.dumps(row[6]), json.dumps(row[7]), *row[8:])
         with self.db:
             self.db.execute("BEGIN")
             self._put_canary(canary)
