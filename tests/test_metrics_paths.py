@@ -10,13 +10,10 @@ import os
 import socket
 import ssl
 import struct
-import subprocess
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +23,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from hotwire.security import pki
 from hotwire.testing.cluster import LocalCluster, poll_for, write_app
-from hotwire.testing.servers import ServerMissing, find_binary, free_port
+from hotwire.testing.servers import (
+    ServerMissing,
+    find_binary,
+    prometheus_server,
+    promql,
+)
 
 RATE = 400  # records per second from each app's source
 
@@ -266,61 +268,6 @@ def _need(name: str) -> str:
         pytest.skip(str(e))
 
 
-@contextmanager
-def _prometheus(tmp: Path, scrape_configs: str) -> Iterator[str]:
-    """A real Prometheus server with ``scrape_configs`` (YAML), scraping every second."""
-    binary = _need("prometheus")
-    port = free_port()
-    config = tmp / "prometheus.yml"
-    config.write_text(
-        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
-        f"scrape_configs:\n{scrape_configs}"
-    )
-    with open(tmp / "prometheus.log", "wb") as log:
-        proc = subprocess.Popen(
-            [
-                binary,
-                f"--config.file={config}",
-                f"--storage.tsdb.path={tmp / 'prometheus-data'}",
-                f"--web.listen-address=127.0.0.1:{port}",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-
-        def ready() -> bool:
-            if proc.poll() is not None:
-                raise RuntimeError(
-                    f"prometheus exited with {proc.returncode}:\n"
-                    + (tmp / "prometheus.log").read_text()[-2000:]
-                )
-            try:
-                with urllib.request.urlopen(f"{url}/-/ready", timeout=5) as r:
-                    return bytes(r.read()).startswith(b"Prometheus")
-            except OSError:
-                return False
-
-        poll_for(ready, 30, 0.1, what="prometheus to be ready")
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-
-
-def _promql(url: str, query: str) -> list[dict[str, Any]]:
-    q = urllib.parse.urlencode({"query": query})
-    with urllib.request.urlopen(f"{url}/api/v1/query?{q}", timeout=5) as r:
-        doc = json.loads(r.read())
-    assert doc["status"] == "success", doc
-    return list(doc["data"]["result"])
-
-
 def test_metrics_over_https_on_a_tls_cluster(tmp_path: Path) -> None:
     """A TLS cluster serves /metrics over HTTPS with each node's own certificate: a
     scrape that checks it with the cluster CA works (the master's by its address,
@@ -361,15 +308,15 @@ def test_metrics_over_https_on_a_tls_cluster(tmp_path: Path) -> None:
                 f"    tls_config:\n      ca_file: {ca}{server_name}\n"
                 f"    static_configs:\n      - targets: [{json.dumps(addr)}]\n"
             )
-        with _prometheus(tmp_path, jobs) as prom:
+        with prometheus_server(tmp_path, jobs) as prom:
             poll_for(
-                lambda: len(_promql(prom, "up == 1")) == 3,
+                lambda: len(promql(prom, "up == 1")) == 3,
                 30,
                 0.2,
                 what="prometheus to scrape the master and both workers over HTTPS",
             )
             poll_for(
-                lambda: _promql(prom, 'hotwire_records_in_total{app="tlsobs",pe="snk"} > 0'),
+                lambda: promql(prom, 'hotwire_records_in_total{app="tlsobs",pe="snk"} > 0'),
                 30,
                 0.5,
                 what="the sink's records scraped over HTTPS",

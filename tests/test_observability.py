@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
@@ -18,7 +17,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from hotwire.testing.cluster import LocalCluster, poll_for, write_app
-from hotwire.testing.servers import ServerMissing, find_binary, free_port
+from hotwire.testing.servers import ServerMissing, find_binary, prometheus_server, promql
 
 RATE = 400  # records per second from the source
 
@@ -64,55 +63,13 @@ def prometheus(tmp: Path, targets: list[str]) -> Iterator[str]:
 
     ``honor_labels``: hotwire's own ``instance`` label (a PE instance) is kept, not
     renamed ``exported_instance`` for the target's."""
-    binary = _need("prometheus")
-    port = free_port()
-    config = tmp / "prometheus.yml"
-    config.write_text(
-        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
-        "scrape_configs:\n  - job_name: hotwire\n    honor_labels: true\n"
-        "    static_configs:\n"
+    _need("prometheus")
+    jobs = (
+        "  - job_name: hotwire\n    honor_labels: true\n    static_configs:\n"
         f"      - targets: {json.dumps(targets)}\n"
     )
-    with open(tmp / "prometheus.log", "wb") as log:
-        proc = subprocess.Popen(
-            [
-                binary,
-                f"--config.file={config}",
-                f"--storage.tsdb.path={tmp / 'prometheus-data'}",
-                f"--web.listen-address=127.0.0.1:{port}",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-
-        def ready() -> bool:
-            if proc.poll() is not None:
-                raise RuntimeError(
-                    f"prometheus exited with {proc.returncode}:\n"
-                    + (tmp / "prometheus.log").read_text()[-2000:]
-                )
-            try:
-                return _get(f"{url}/-/ready").startswith(b"Prometheus")
-            except OSError:
-                return False
-
-        poll_for(ready, 30, 0.1, what="prometheus to be ready")
+    with prometheus_server(tmp, jobs) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-
-
-def promql(url: str, query: str) -> list[dict[str, Any]]:
-    doc = json.loads(_get(f"{url}/api/v1/query?" + urllib.parse.urlencode({"query": query})))
-    assert doc["status"] == "success", doc
-    return list(doc["data"]["result"])
 
 
 def scalar(url: str, query: str) -> float | None:

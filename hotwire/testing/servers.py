@@ -23,6 +23,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 __all__ = ["Restartable", "ServerMissing", "free_port", "postgres_server", "redis_server"]
 
@@ -199,3 +200,65 @@ def _wait_postgres(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: 
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def prometheus_server(tmp: Path, scrape_configs: str) -> Iterator[str]:
+    """A real Prometheus server (Debian's ``prometheus``) with ``scrape_configs``
+    (YAML, the list under ``scrape_configs:``), scraping every second; yields its
+    URL and stops it afterwards. Raises :class:`ServerMissing` if it is not installed."""
+    import urllib.request
+
+    binary = find_binary("prometheus")
+    port = free_port()
+    config = tmp / "prometheus.yml"
+    config.write_text(
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+        f"scrape_configs:\n{scrape_configs}"
+    )
+    log = tmp / "prometheus.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [
+                binary,
+                f"--config.file={config}",
+                f"--storage.tsdb.path={tmp / 'prometheus-data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(
+                    f"prometheus exited with {proc.returncode}:\n" + log.read_text()[-2000:]
+                )
+            try:
+                with urllib.request.urlopen(f"{url}/-/ready", timeout=5) as r:
+                    if bytes(r.read()).startswith(b"Prometheus"):
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError("prometheus was not ready within 30 s")
+            time.sleep(0.1)
+        yield url
+    finally:
+        _stop(proc)
+
+
+def promql(url: str, query: str) -> list[Any]:
+    """The result vector of an instant PromQL ``query`` against a Prometheus at ``url``."""
+    import json
+    import urllib.parse
+    import urllib.request
+
+    q = urllib.parse.urlencode({"query": query})
+    with urllib.request.urlopen(f"{url}/api/v1/query?{q}", timeout=5) as r:
+        doc = json.loads(r.read())
+    if doc.get("status") != "success":
+        raise RuntimeError(f"PromQL {query!r} failed: {doc}")
+    return list(doc["data"]["result"])
