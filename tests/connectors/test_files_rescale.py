@@ -9,25 +9,21 @@ import json
 import threading
 from collections import Counter
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 from hotwire.connectors.files import FileSource, read_committed
 from hotwire.master.cut import states_for_restart
+from hotwire.sdk.pe import Context
 from hotwire.testing.cluster import LocalCluster, poll_for, write_app
 
 FILES = 6
 PER_FILE = 1500
 
 
-def _ctx(instance: int, parallelism: int, position: int = 0, preds: Any = ()) -> SimpleNamespace:
-    return SimpleNamespace(
-        app="a",
-        pe="src",
-        instance=instance,
-        parallelism=parallelism,
-        position=position,
-        predecessors=[dict(p) for p in preds],
+def _ctx(instance: int, parallelism: int, position: int = 0, preds: Any = ()) -> Context:
+    """The context a worker gives source instance ``instance`` of ``parallelism``."""
+    return Context(
+        "a", "src", instance, parallelism, position=position, predecessors=[dict(p) for p in preds]
     )
 
 

@@ -7,29 +7,23 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from connector_servers import nats_url  # noqa: F401 - a fixture
 
 from hotwire.connectors.nats_js import JetStreamSource, consumer_name
+from hotwire.sdk.pe import Context
 
 nats = pytest.importorskip("nats")
 
 TOTAL = 60
 
 
-def _ctx(instance: int, parallelism: int, position: int = 0, preds: Any = ()) -> SimpleNamespace:
-    return SimpleNamespace(
-        app="a",
-        pe="src",
-        instance=instance,
-        parallelism=parallelism,
-        position=position,
-        predecessors=[dict(p) for p in preds],
-        waiting="",
-        waiting_since=0.0,
+def _ctx(instance: int, parallelism: int, position: int = 0, preds: Any = ()) -> Context:
+    """The context a worker gives source instance ``instance`` of ``parallelism``."""
+    return Context(
+        "a", "src", instance, parallelism, position=position, predecessors=[dict(p) for p in preds]
     )
 
 
