@@ -19,7 +19,9 @@ redis = pytest.importorskip("redis")
 N = 6000
 
 
-def _app(tmp_path: Path, name: str, url: str, batch: int = 200, tag: int = 1) -> str:
+def _app(
+    tmp_path: Path, name: str, url: str, batch: int = 200, tag: int = 1, src_p: int = 2
+) -> str:
     return write_app(
         tmp_path,
         f"{name}.py",
@@ -32,7 +34,7 @@ def _app(tmp_path: Path, name: str, url: str, batch: int = 200, tag: int = 1) ->
 
         app = Topology("rs")
         src = app.source("src", RedisStreamSource(url={url!r}, stream="in", batch={batch}),
-                         parallelism=2)
+                         parallelism={src_p})
         recs = src.map("parse", lambda e: {{"seq": int(e["fields"]["seq"]), "tag": {tag}}},
                        parallelism=2)
         counts = recs.key_by(lambda r: r["seq"] % 16).reduce("count", count, parallelism=2)
@@ -174,28 +176,6 @@ def test_bad_config_is_refused_at_submit_and_nothing_is_deployed(
     assert not [a for a in cluster.client.status().apps if a.name == "badrs"]
 
 
-def _rescale_app(tmp_path: Path, name: str, url: str, parallelism: int) -> str:
-    return write_app(
-        tmp_path,
-        f"{name}.py",
-        f"""
-        from hotwire import Topology
-        from hotwire.connectors.redis_streams import RedisStreamSink, RedisStreamSource
-
-        def count(acc, r):
-            return {{"n": (acc or {{}}).get("n", 0) + 1, "seq": r["seq"]}}
-
-        app = Topology("rs")
-        src = app.source("src", RedisStreamSource(url={url!r}, stream="in", batch=100),
-                         parallelism={parallelism})
-        recs = src.map("parse", lambda e: {{"seq": int(e["fields"]["seq"])}}, parallelism=2)
-        counts = recs.key_by(lambda r: r["seq"] % 16).reduce("count", count, parallelism=2)
-        out = counts.map("fmt", lambda kv: {{"key": kv[0], "n": kv[1]["n"], "seq": kv[1]["seq"]}})
-        out.sink("out", RedisStreamSink(url={url!r}, stream="out"), parallelism=2)
-        """,
-    )
-
-
 def test_online_rescales_of_the_source_one_to_two_and_back_keep_every_entry_once(
     tmp_path: Path,
     redis_url: str,  # noqa: F811
@@ -203,17 +183,17 @@ def test_online_rescales_of_the_source_one_to_two_and_back_keep_every_entry_once
     r = redis.Redis.from_url(redis_url, decode_responses=True)
     stop = threading.Event()
     with LocalCluster(data_dir=tmp_path / "cluster", checkpoint_interval=0.3) as c:
-        c.client.submit(_rescale_app(tmp_path, "p1", redis_url, 1))
+        c.client.submit(_app(tmp_path, "p1", redis_url, batch=100, src_p=1))
         producer = _produce(r, N, 1000, stop)
         try:
             poll_for(lambda: r.xlen("out") > N // 5, 30, what="output at 1")
             assert _pending(r) > 0  # delivered entries wait for their checkpoint
-            assert c.client.upgrade(_rescale_app(tmp_path, "p2", redis_url, 2)).applied
+            assert c.client.upgrade(_app(tmp_path, "p2", redis_url, batch=100, src_p=2)).applied
             src = next(p for p in c.client.status("rs").apps[0].pes if p.name == "src")
             assert len(src.instances) == 2
             at_two = r.xlen("out")
             poll_for(lambda: r.xlen("out") > at_two + N // 5, 30, what="output at 2")
-            assert c.client.upgrade(_rescale_app(tmp_path, "p3", redis_url, 1)).applied
+            assert c.client.upgrade(_app(tmp_path, "p3", redis_url, batch=100, src_p=1)).applied
             src = next(p for p in c.client.status("rs").apps[0].pes if p.name == "src")
             assert len(src.instances) == 1
         finally:
