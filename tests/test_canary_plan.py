@@ -178,8 +178,8 @@ class _Sink:
     def __init__(self) -> None:
         self.batches: list[list[Any]] = []
 
-    async def send(self, records: list[Any]) -> None:
-        self.batches.append(records)
+    async def send(self, records: list[Any], t: float | None = None) -> None:
+        self.batches.append(records)  # t: the batch's source stamp (OutChannel.send)
 
 
 def test_shuffle_into_a_canary_deals_its_share_of_batches() -> None:
