@@ -129,6 +129,42 @@ class JetStreamSource:
     def __call__(self, ctx: Any) -> _Reader:
         return _Reader(self, ctx)
 
+    def check_server(self) -> None:
+        """Raise the server's error if it cannot be reached: a submit or an upgrade
+        that starts this source is refused with it (a restart waits instead)."""
+        import nats
+
+        async def ping() -> None:
+            # nats.connect() retries a refused first connection by itself: the first
+            # error it reports is the answer.
+            failed: asyncio.Future[BaseException] = asyncio.get_running_loop().create_future()
+
+            async def on_error(e: Exception) -> None:
+                if not failed.done():
+                    failed.set_result(e)
+
+            connect = asyncio.ensure_future(
+                nats.connect(
+                    self.url,
+                    allow_reconnect=False,
+                    connect_timeout=5,
+                    max_reconnect_attempts=0,
+                    error_cb=on_error,
+                )
+            )
+            done, _ = await asyncio.wait(
+                {connect, failed}, timeout=10, return_when="FIRST_COMPLETED"
+            )
+            if connect in done and connect.exception() is None:
+                await connect.result().close()
+                return
+            connect.cancel()
+            await asyncio.gather(connect, return_exceptions=True)
+            why = failed.result() if failed.done() else "no answer within 10 s"
+            raise ConnectionError(f"cannot connect to {self.url}: {why}")
+
+        asyncio.run(ping())
+
 
 class _Reader(DeliveryLogReader):
     """One source instance's async iterator (see the module docstring and

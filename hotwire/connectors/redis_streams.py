@@ -267,6 +267,17 @@ class RedisStreamSource:
     def __call__(self, ctx: Any) -> _Reader:
         return _Reader(self, ctx)
 
+    def check_server(self) -> None:
+        """Raise the server's error if it cannot be reached: a submit or an upgrade
+        that starts this source is refused with it (a restart waits instead)."""
+        import redis
+
+        client = redis.Redis.from_url(self.url, socket_connect_timeout=5, socket_timeout=5)
+        try:
+            client.ping()
+        finally:
+            client.close()
+
 
 def group_name(app: str, pe: str) -> str:
     """The consumer group a :class:`RedisStreamSource` PE reads with."""

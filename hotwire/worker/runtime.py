@@ -324,6 +324,12 @@ class Runtime:
                     await executor.setup()
                 if ins.state_check is not None:
                     await self._check_state(ins, impl.cls, key_fn)
+            elif not ins.wait_for_servers:
+                # A connector source's server must answer a start a user asked for
+                # (submit, upgrade); a restart or a drain waits for it instead.
+                probe = getattr(impl.fn, "check_server", None)
+                if callable(probe):
+                    await asyncio.to_thread(probe)
             for route in ins.routes:
                 inst.routes[route.dst_pe] = self.make_route(inst, route)
             if ins.initial_state is not None:

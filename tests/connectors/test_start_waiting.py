@@ -209,3 +209,42 @@ def test_a_sink_moved_by_a_drain_while_redis_is_down_waits_for_it(
     rows = [(int(f["seq"]), int(f["key"]), int(f["n"])) for _id, f in r.xrange("out")]
     _check_exactly_once(rows, N)
     assert r.xlen("out") == N
+
+
+@pytest.mark.parametrize("kind", ["redis", "nats"])
+def test_a_submit_whose_source_cannot_reach_its_server_is_refused(
+    tmp_path: Path,
+    redis_url: str,
+    kind: str,  # noqa: F811
+) -> None:
+    """A source's server is probed when a user starts it (submit, upgrade): down, the
+    request is refused in one line with the server's error and nothing is deployed;
+    an upgrade that would move the source to a dead server leaves version 1 running."""
+    port = free_port()
+    if kind == "redis":
+        source = f'RedisStreamSource(url="redis://127.0.0.1:{port}/0", stream="in")'
+    else:
+        source = f'JetStreamSource(url="nats://127.0.0.1:{port}", stream="IN")'
+    body = f"""
+        from hotwire import Topology
+        from hotwire.connectors.nats_js import JetStreamSource
+        from hotwire.connectors.redis_streams import RedisStreamSource
+
+        app = Topology("probe")
+        app.source("src", {{source}}).sink("out", print)
+        """
+    from hotwire.testing.cluster import write_app
+
+    with LocalCluster(data_dir=tmp_path / "cluster") as c:
+        res = c.streamctl("submit", write_app(tmp_path, "bad.py", body.format(source=source)))
+        assert res.returncode == 1
+        lines = res.stderr.strip().splitlines()
+        assert len(lines) == 1, res.stderr
+        said = {"redis": "Connection refused", "nats": f"cannot connect to nats://127.0.0.1:{port}"}
+        assert said[kind] in lines[0] and "'src'" in lines[0], lines[0]
+        assert not [a for a in c.client.status().apps if a.name == "probe"]
+        good = f'RedisStreamSource(url={redis_url!r}, stream="in")'
+        c.client.submit(write_app(tmp_path, "good.py", body.format(source=good)))
+        res = c.streamctl("upgrade", write_app(tmp_path, "v2.py", body.format(source=source)))
+        assert res.returncode == 1 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+        assert c.client.status("probe").apps[0].version == 1
