@@ -159,6 +159,10 @@ class Net:
         if i > 250:
             raise ValueError("at most 250 hosts on one Net")
         h = Host(name, f"{self._tag}n{i}", f"{self.subnet}.{i}", f"{self._tag}v{i}")
+        # An earlier Net of this process may have left them: the kernel frees a deleted
+        # namespace, and the veth end in it, only once nothing holds it any more.
+        _run("ip", "link", "del", h.veth, check=False)
+        _run("ip", "netns", "del", h.netns, check=False)
         _run("ip", "netns", "add", h.netns)
         self.hosts[name] = h
         _run("ip", "link", "add", h.veth, "type", "veth", "peer", "name", "eth0", "netns", h.netns)
@@ -254,7 +258,10 @@ class Net:
                     os.kill(int(pid), 9)
                 except (ProcessLookupError, ValueError):
                     pass
-            _run("ip", "netns", "del", h.netns, check=False)  # its veth pair goes with it
+            # Deleting our end of the veth pair deletes both at once; the namespace's
+            # deletion alone frees its end only when nothing holds the namespace.
+            _run("ip", "link", "del", h.veth, check=False)
+            _run("ip", "netns", "del", h.netns, check=False)
         _run("ip", "link", "del", self.bridge, check=False)
         atexit.unregister(self.close)
 
