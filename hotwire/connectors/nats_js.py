@@ -536,12 +536,18 @@ async def _quiet(e: Exception) -> None:
 
 
 def _transient(exc: BaseException) -> bool:
-    """Whether ``exc`` means the NATS server is away or JetStream not ready (yet)."""
+    """Whether ``exc`` means the NATS server is away or JetStream not ready (yet).
+
+    Right after a restart JetStream answers publishes with "no response from
+    stream" and API calls with 503 until it has loaded its streams: both pass."""
     from nats import errors
+    from nats.js import errors as js_errors
 
     return isinstance(
         exc,
-        TimeoutError
+        js_errors.NoStreamResponseError
+        | js_errors.ServiceUnavailableError
+        | TimeoutError
         | OSError
         | errors.ConnectionClosedError
         | errors.ConnectionReconnectingError
