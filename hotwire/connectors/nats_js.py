@@ -19,10 +19,12 @@ so the source's checkpointed position (records emitted) is an index into that lo
 A message is acked only when a checkpoint covering it is complete. After a restart
 or an online upgrade the source re-emits the log from its position (reading the
 messages by sequence); a redelivery of a message that is in the log is not emitted
-again, only acked once a checkpoint covers it. A consumer per instance keeps every
-redelivery within the instance that logged the message (a shared consumer
-redelivers to any instance, which could not tell a message another instance
-emitted from a new one).
+again, only acked once a checkpoint covers it; nor is one at or under the highest
+ack floor the consumer has reported (kept in the log), as a nats-server that was
+killed delivers again what it acked last (it writes acks to disk a little later).
+A consumer per instance keeps every redelivery within the instance that logged
+the message (a shared consumer redelivers to any instance, which could not tell a
+message another instance emitted from a new one).
 
 A rescale (another parallelism) starts new consumers at the lowest sequence an
 old instance may not have emitted (one past the lowest of the old consumers' ack
@@ -192,7 +194,11 @@ class _Reader(DeliveryLogReader):
         # until the consumer's ack floor has passed it, so a redelivery already on its
         # way when the ack went out is recognised, not emitted again.
         self.covered: set[int] = set()
-        self._floor = 0  # the consumer's ack floor seen at the previous ack()
+        # The highest ack floor the consumer has reported, kept in the log: every
+        # sequence at or under it was acked. A server killed loses the last acks it
+        # took (it writes them to disk a little later) and delivers those messages
+        # again; they are acked, never emitted again.
+        self.floor = 0
         self._nc: Any = None
         self._loaded = False  # the log was read from the server (or started empty)
 
@@ -215,6 +221,7 @@ class _Reader(DeliveryLogReader):
                 raise _NotReady(f"bucket {_BUCKET!r} not found") from None
             self.kv = await self.js.create_key_value(bucket=_BUCKET, history=1)
         preds = list(getattr(self.ctx, "predecessors", None) or ())
+        fresh = False
         if not self._loaded and any(int(p["of"]) != self.n for p in preds):
             await self._rescale(position, preds)
         else:
@@ -231,6 +238,7 @@ class _Reader(DeliveryLogReader):
                 self._old_sets = [set(e) for e in (self.old or {}).get("emitted", [])]
                 start = min(self.old["floors"]) + 1 if self.old else 0
                 await self._add_consumer(api, start)
+                fresh = True  # a new consumer: a log left by another app's is not its
                 if self.old is not None:
                     await self._save()
                     self._loaded = True
@@ -246,6 +254,8 @@ class _Reader(DeliveryLogReader):
                 saved = {}
             self.base, self.seqs = int(saved.get("base", 0)), list(saved.get("seqs", []))
             self.covered |= set(saved.get("covered", []))
+            if not fresh:
+                self.floor = max(self.floor, int(saved.get("floor", 0)))
             self.rescaled, self.old = saved.get("rescaled"), saved.get("old")
             self._old_sets = [set(e) for e in (self.old or {}).get("emitted", [])]
             self._loaded = True
@@ -260,6 +270,7 @@ class _Reader(DeliveryLogReader):
             "base": self.base,
             "seqs": self.seqs,
             "covered": sorted(self.covered),
+            "floor": self.floor,
         }
         if self.rescaled is not None:
             doc["rescaled"] = self.rescaled
@@ -328,6 +339,9 @@ class _Reader(DeliveryLogReader):
             except NotFoundError:
                 if pos > 0:
                     raise _NotReady(f"consumer {name!r} not found") from None
+            # A server that was killed may have lost the last acks it took: the
+            # floor the old instance logged counts too.
+            floors[j] = max(floors[j], int(doc.get("floor", 0)))
             base, seqs = int(doc.get("base", 0)), list(doc.get("seqs", []))
             done = set(doc.get("covered", [])) | set(seqs[: max(0, pos - base)])
             emitted[j] = sorted(s for s in done if s > floors[j])
@@ -427,8 +441,8 @@ class _Reader(DeliveryLogReader):
         new = []
         for m in msgs:
             seq = m.metadata.sequence.stream
-            if seq in self.covered or not self._mine(seq):
-                await m.ack()  # another instance's (through its own consumer)
+            if seq <= self.floor or seq in self.covered or not self._mine(seq):
+                await m.ack()  # acked before, or another instance's (own consumer)
             elif seq in self.logged:
                 self.msgs[seq] = m  # a redelivery: not emitted again
             else:
@@ -478,10 +492,12 @@ class _Reader(DeliveryLogReader):
             m = self.msgs.pop(seq, None)
             if m is not None:
                 await m.ack()
-        # Seqs under the floor seen one round ago are never delivered again: a
-        # redelivery sent before its ack came in has been fetched since.
-        floor, self._floor = self._floor, await self._ack_floor()
-        self.covered = {seq for seq in self.covered if seq > floor}
+        # A redelivery of a seq at or under the floor is acked when it comes.
+        floor = await self._ack_floor()
+        if floor > self.floor:
+            self.floor = floor
+            self.covered = {seq for seq in self.covered if seq > floor}
+            await self._save()
 
     async def _finish_rescale(self) -> None:
         """A checkpoint of this instance is complete: no restart goes back to the

@@ -123,3 +123,48 @@ def _check(rows: list[dict[str, Any]]) -> None:
         per_key[r["key"]].append(r["n"])
     for key, ns in per_key.items():
         assert sorted(ns) == list(range(1, len(ns) + 1)), key
+
+
+def test_a_server_that_lost_its_consumer_state_does_not_make_the_source_emit_twice(
+    tmp_path: Path, nats: _Nats
+) -> None:
+    """nats-server writes a consumer's acks to disk a little after it takes them: a
+    SIGKILL loses the last ones, and the restarted server delivers those messages
+    again. The source acks messages only once a checkpoint covers them, so none of
+    them may be emitted a second time."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from hotwire.connectors.nats_js import JetStreamSource
+
+    js = _Js(nats.url)
+    try:
+        _produce_range(js, range(0, N // 2))
+    finally:
+        js.close()
+    ctx = SimpleNamespace(app="lost", pe="src", instance=0, parallelism=1, position=0)
+    reader = JetStreamSource(url=nats.url, stream="IN", batch=20, ack_wait=1)(ctx)
+    emitted: list[int] = []
+
+    async def take(n: int) -> None:
+        for _ in range(n):
+            emitted.append((await reader.__anext__())["seq"])
+
+    async def run() -> None:
+        # Rounds of a read and a complete checkpoint, faster than the server's writes.
+        while len(emitted) < N // 4:
+            await take(20)
+            reader.checkpoint_complete(len(emitted))
+        await take(1)  # the acks go out on this step
+        nats.stop(signal.SIGKILL)
+        nats.start()
+        # The rest, through the outage and whatever the server delivers again.
+        while len(emitted) < N // 2:
+            await asyncio.wait_for(take(1), 60)
+            reader.checkpoint_complete(len(emitted))
+        await reader.aclose()
+
+    asyncio.run(run())
+    twice = sorted(s for s, k in Counter(emitted).items() if k > 1)
+    assert not twice, (len(twice), twice[:20])
+    assert sorted(emitted) == list(range(1, N // 2 + 1))
