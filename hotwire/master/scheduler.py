@@ -26,6 +26,8 @@ def schedule(
     worker (``workers``: name -> slots) with the fewest instances of the new
     placement, ties broken by name. Instance ``i`` of a regenerated PE first tries
     the worker of the old instance ``i``, so its state handover stays local.
+    Instance ``i`` of a PE fed by a forward stream first tries the worker of the
+    upstream's instance ``i`` (placed before it), so the stream stays on the worker.
     Raises :class:`SchedulingError` when the instances do not fit in the slots.
     """
     regenerated = set(change.regenerated)
@@ -63,13 +65,58 @@ def schedule(
             if w in workers and load[w] < workers[w]:
                 chosen[pe][i] = w
                 load[w] += 1
-    # Pass 2: spread the rest.
-    for pe in placing:
+    # Pass 2: spread the rest; a forward stream's instances follow their upstream's.
+    for pe in _upstream_first(new, placing):
+        up = _forward_input(new, pe)
         for i, prior in enumerate(chosen[pe]):
             if prior is None:
-                best = min((x for x in workers if load[x] < workers[x]), key=lambda x: (load[x], x))
+                w = _worker_of(up, i, chosen, result)
+                if w in workers and load[w] < workers[w]:
+                    best = w
+                else:
+                    best = min(
+                        (x for x in workers if load[x] < workers[x]), key=lambda x: (load[x], x)
+                    )
                 chosen[pe][i] = best
                 load[best] += 1
     for pe in placing:
         result[pe] = PEPlacement(version, bundle, tuple(w for w in chosen[pe] if w is not None))
     return dict(sorted(result.items()))
+
+
+def _forward_input(model: LogicalModel, pe: str) -> str | None:
+    """The upstream of ``pe``'s forward input stream (the first by name), if any."""
+    ups = sorted(st.src for st in model.inputs(pe) if st.partition == "forward")
+    return ups[0] if ups else None
+
+
+def _upstream_first(model: LogicalModel, placing: list[str]) -> list[str]:
+    """``placing`` in name order, except that a PE fed by a forward stream comes after
+    that stream's upstream (forward streams form no cycle with equal parallelism)."""
+    todo = set(placing)
+    out: list[str] = []
+
+    def visit(pe: str, seen: frozenset[str]) -> None:
+        up = _forward_input(model, pe)
+        if up in todo and up not in seen:
+            visit(up, seen | {pe})
+        if pe in todo:
+            todo.discard(pe)
+            out.append(pe)
+
+    for pe in placing:
+        visit(pe, frozenset())
+    return out
+
+
+def _worker_of(
+    pe: str | None, i: int, chosen: dict[str, list[str | None]], result: Placement
+) -> str | None:
+    """The worker of instance ``i`` of ``pe`` (being placed, or kept), if known."""
+    if pe is None:
+        return None
+    if pe in chosen:
+        ws = chosen[pe]
+        return ws[i] if i < len(ws) else None
+    pl = result.get(pe)
+    return pl.workers[i] if pl is not None and i < len(pl.workers) else None
