@@ -23,8 +23,13 @@ def place(pes: list[PESpec], streams: list[StreamSpec], workers: dict[str, int])
 
 
 def test_forward_chain_instances_share_a_worker() -> None:
-    # Names sort against the chain (z_src < ... by name would put "a_ts" first).
-    pes = [pe("z_src", "source", 3), pe("a_ts", par=3), pe("m_filter", "filter", 3), pe("b", "sink", 1)]
+    # Names sort against the chain: by name alone "a_ts" would be placed first.
+    pes = [
+        pe("z_src", "source", 3),
+        pe("a_ts", par=3),
+        pe("m_filter", "filter", 3),
+        pe("b", "sink", 1),
+    ]
     streams = [
         StreamSpec("z_src", "a_ts", "forward"),
         StreamSpec("a_ts", "m_filter", "forward"),
