@@ -120,7 +120,25 @@ app = Topology({app!r})
 src = app.source("src", source)
 count = src.key_by(lambda r: r["key"]).process("count", Count, parallelism={count_p})
 count.sink("out", JsonlSink, parallelism={sink_p}, config={{"dir": {out!r}}})
-'''
+{windows}'''
+
+# --windows SIZE: the same records, stamped with their seq as event time, counted per
+# key in tumbling windows of SIZE seqs by a window PE that is upgraded and rescaled
+# with the counting PE, into an exactly-once sink of its own.
+WINDOWS_TEMPLATE = """
+from hotwire.sdk.windows import Tumbling
+
+
+def wcount(acc, r):
+    return (acc or 0) + 1 + 0 * {code}  # the constant: an upgrade changes the code
+
+
+ts = src.assign_timestamps("ts", lambda r: r["seq"])
+win = ts.key_by(lambda r: r["key"]).window(
+    "win", Tumbling({size}), aggregate=wcount, parallelism={count_p}
+)
+win.sink("wout", JsonlSink, parallelism={sink_p}, config={{"dir": {wout!r}}})
+"""
 
 
 def log(msg: str) -> None:
@@ -280,6 +298,30 @@ def check(rows: list[dict[str, Any]], n: int, keys: int) -> dict[str, Any]:
     }
 
 
+def check_windows(rows: list[dict[str, Any]], n: int, keys: int, size: int) -> dict[str, Any]:
+    """Lost, duplicated and miscounted windows in the committed window results: every
+    (key, window) of seqs 0..n-1 once, its value the number of its seqs."""
+    expected = Counter((f"k{s % keys}", float(s // size * size)) for s in range(n))
+    got = Counter((r["key"], float(r["start"])) for r in rows if not r.get("update"))
+    wrong = [
+        {"key": r["key"], "start": r["start"], "value": r["value"], "expected": want}
+        for r in rows
+        if (want := expected.get((r["key"], float(r["start"])))) is not None and r["value"] != want
+    ]
+    return {
+        "windows": len(expected),
+        "window_rows": len(rows),
+        "windows_lost": sum(1 for w in expected if w not in got),
+        "windows_lost_sample": sorted(w for w in expected if w not in got)[:10],
+        "windows_duplicated": sum(k - 1 for k in got.values() if k > 1),
+        "windows_duplicated_sample": sorted(w for w, k in got.items() if k > 1)[:10],
+        "windows_wrong": len(wrong),
+        "windows_wrong_sample": wrong[:10],
+        "windows_beyond": sum(1 for w in got if w not in expected),
+        "window_updates": sum(1 for r in rows if r.get("update")),
+    }
+
+
 def _ranges(xs: list[int]) -> list[str]:
     """[1, 2, 3, 7] -> ["1-3", "7"]"""
     spans: list[list[int]] = []
@@ -308,6 +350,7 @@ class Config:
     data_dir: str
     keep: bool
     log_level: str = "info"
+    windows: int = 0  # tumbling window size in seqs; 0: no window branch
 
 
 @dataclass
@@ -377,6 +420,15 @@ class Run:
                 sink_p=shape.sink_p,
                 app=APP,
                 out=str(self.tmp / "out"),
+                windows=WINDOWS_TEMPLATE.format(
+                    code=shape.code,
+                    size=self.cfg.windows,
+                    count_p=shape.count_p,
+                    sink_p=shape.sink_p,
+                    wout=str(self.tmp / "wout"),
+                )
+                if self.cfg.windows
+                else "",
             )
             name = f"v_c{shape.code}_p{shape.count_p}_s{shape.sink_p}.py"
             self.paths[shape] = write_app(self.tmp, name, body)
@@ -532,6 +584,10 @@ class Run:
         return ev
 
 
+def _committed(d: Path) -> list[dict[str, Any]]:
+    return read_committed(d) if d.exists() else []
+
+
 def _fault_plan(rng: random.Random, kinds: Sequence[str], n: int) -> list[str]:
     """``n`` fault kinds: every kind once per round, each round in a seeded order."""
     plan: list[str] = []
@@ -579,9 +635,10 @@ def run(cfg: Config) -> dict[str, Any]:
     tmp = Path(cfg.data_dir) if cfg.data_dir else Path(tempfile.mkdtemp(prefix="hotwire-chaos-"))
     tmp.mkdir(parents=True, exist_ok=True)
     (tmp / "end").unlink(missing_ok=True)
-    out = tmp / "out"
-    if out.exists():
-        shutil.rmtree(out)
+    out, wout = tmp / "out", tmp / "wout"
+    for d in (out, wout):
+        if d.exists():
+            shutil.rmtree(d)
     c, settings = _cluster(cfg, tmp / "cluster")
     kinds = [k for k in cfg.kinds if k in FAULT_KINDS + EXTRA_KINDS]
     skipped: dict[str, str] = {}
@@ -631,6 +688,11 @@ def run(cfg: Config) -> dict[str, Any]:
         deadline = time.monotonic() + 30 + 2 * max(0, n - ledger.max_seq()) / cfg.rate
         while time.monotonic() < deadline and ledger.committed_below(n) < n:
             time.sleep(0.1)
+        if cfg.windows:  # every (key, window) of seqs < n, fired by the source's end
+            want = len({(s % cfg.keys, s // cfg.windows) for s in range(n)})
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and len(_committed(wout)) < want:
+                time.sleep(0.2)
         # Late duplicates would land within a few checkpoints.
         time.sleep(3 * cfg.checkpoint_interval + 1)
         st = r.status()
@@ -651,6 +713,8 @@ def run(cfg: Config) -> dict[str, Any]:
             c.stop()  # every process it started, whatever happened
     rows = read_committed(out) if out.exists() else []
     verdict = check(rows, n, cfg.keys)
+    if cfg.windows:
+        verdict.update(check_windows(_committed(wout), n, cfg.keys, cfg.windows))
     faults = [e for e in r.events if "fault" in e]
     transitions = [e for e in r.events if "transition" in e]
     rec = [e["recovery_s"] for e in faults if e["recovery_s"] is not None]
@@ -659,6 +723,8 @@ def run(cfg: Config) -> dict[str, Any]:
         if e["recovery_s"] is not None:
             by_kind[e["kind"]].append(e["recovery_s"])
     ok = not (verdict["lost"] or verdict["duplicated"] or verdict["state_errors"] or r.stuck)
+    ok = ok and not any(verdict.get(k) for k in ("windows_lost", "windows_duplicated"))
+    ok = ok and not any(verdict.get(k) for k in ("windows_wrong", "windows_beyond"))
     doc.update(
         {
             "ok": ok,
@@ -727,6 +793,8 @@ def _argv(cfg: Config) -> list[str]:
         args.append(f"--kinds {','.join(cfg.kinds)}")
     if not cfg.transitions:
         args.append("--no-transitions")
+    if cfg.windows:
+        args.append(f"--windows {cfg.windows}")
     return args
 
 
@@ -761,13 +829,20 @@ def parse(argv: Sequence[str] | None = None) -> tuple[Config, str | None]:
     ap.add_argument("--data-dir", default="", help="keep the cluster and output here")
     ap.add_argument("--keep", action="store_true", help="keep the data directory of a clean run")
     ap.add_argument("--log-level", default="info", help="the cluster processes' log level")
+    ap.add_argument(
+        "--windows",
+        type=int,
+        default=0,
+        metavar="SIZE",
+        help="also count per key in tumbling event-time windows of SIZE seqs (default off)",
+    )
     a = ap.parse_args(argv)
     kinds = tuple(k for k in a.kinds.split(",") if k)
     unknown = [k for k in kinds if k not in FAULT_KINDS + EXTRA_KINDS]
     if unknown:
         ap.error(f"unknown fault kinds {unknown}; choose from {FAULT_KINDS + EXTRA_KINDS}")
-    if a.faults < 0 or a.rate <= 0 or a.keys < 1:
-        ap.error("--faults must be >= 0, --rate > 0 and --keys >= 1")
+    if a.faults < 0 or a.rate <= 0 or a.keys < 1 or a.windows < 0:
+        ap.error("--faults must be >= 0, --rate > 0, --keys >= 1 and --windows >= 0")
     seed = a.seed if a.seed is not None else random.SystemRandom().randrange(1 << 31)
     cfg = Config(
         faults=a.faults,
@@ -784,6 +859,7 @@ def parse(argv: Sequence[str] | None = None) -> tuple[Config, str | None]:
         data_dir=a.data_dir,
         keep=a.keep,
         log_level=a.log_level,
+        windows=a.windows,
     )
     return cfg, a.out
 
@@ -801,6 +877,12 @@ def main(argv: Sequence[str] | None = None, emit: Callable[[str], None] = print)
     log(
         f"{verdict}: lost {doc['lost']}, duplicated {doc['duplicated']}, state errors "
         f"{doc['state_errors']}, stuck {doc['stuck']}; seed {cfg.seed}"
+        + (
+            f"; windows {doc['windows']}: lost {doc['windows_lost']}, duplicated "
+            f"{doc['windows_duplicated']}, wrong {doc['windows_wrong']}"
+            if cfg.windows
+            else ""
+        )
         + ("" if doc["ok"] else f"; cluster logs in {doc['data_dir']}")
     )
     return 0 if doc["ok"] else 1

@@ -1,9 +1,9 @@
 """The chaos harness, short and seeded: faults of every kind against an exactly-once app.
 
-``bench/chaos.py --faults 5 --seed 1`` kills a worker, kills the master, cuts the
-links between workers and freezes a worker past the heartbeat timeout (in a
-seeded order), with online upgrades, rescales or rollbacks between them, and
-checks every committed record. See bench/README.md.
+``bench/chaos.py --faults 5 --seed 1 --windows 100`` kills a worker, kills the master,
+cuts the links between workers and freezes a worker past the heartbeat timeout (in a
+seeded order), with online upgrades, rescales or rollbacks between them, and checks
+every committed record and every committed event-time window. See bench/README.md.
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ def test_a_short_seeded_chaos_run_loses_duplicates_and_miscounts_nothing(tmp_pat
         str(tmp_path / "run"),
         "--out",
         str(out),
+        "--windows",
+        "100",
     ]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=90, cwd=ROOT)
     assert res.stdout.strip(), f"no JSON document (exit {res.returncode}):\n{res.stderr[-4000:]}"
@@ -51,4 +53,8 @@ def test_a_short_seeded_chaos_run_loses_duplicates_and_miscounts_nothing(tmp_pat
     assert sum(doc["faults"].values()) == 5, why
     assert len(doc["faults"]) == 5, f"not every kind of fault: {doc['faults']}"
     assert doc["records"] > 0 and doc["committed_rows"] == doc["records"], why
+    # Every (key, window) of those records exactly once, with its count.
+    assert doc["windows"] > 0 and doc["window_rows"] == doc["windows"], why
+    assert doc["windows_lost"] == doc["windows_duplicated"] == 0, why
+    assert doc["windows_wrong"] == doc["windows_beyond"] == 0, why
     assert res.returncode == 0, why
