@@ -28,6 +28,7 @@ from hotwire.pe.executors import (
     TransactionalSinkExecutor,
 )
 from hotwire.plan import Gate, Instruction, KeyRef, Retire, Route, StartInstance, Switch
+from hotwire.sdk.bundle import load_bundle, unload_bundle
 from hotwire.worker.channels import (
     BARRIER,
     CONTROL,
@@ -204,8 +205,6 @@ class Runtime:
         """Drop bundles no instance, prepare or route uses, except the newest
         :data:`KEEP_BUNDLES` (a master sends a bundle again with any prepare that
         needs it, so nothing here has to be kept for later)."""
-        from hotwire.sdk.bundle import unload_bundle
-
         used = set(list(self.bundles)[-KEEP_BUNDLES:])
         for inst in self.instances.values():
             used.add(inst.spec.bundle)
@@ -221,8 +220,8 @@ class Runtime:
         return evicted
 
     def topology(self, h: str) -> Any:
-        from hotwire.sdk.bundle import load_bundle
-
+        # load_bundle is imported with the worker, not at its first deployment: the
+        # SDK (and networkx, which its model uses) takes a few hundred ms to import.
         data = self.bundles.get(h)
         if data is None:
             raise PrepareError(f"bundle {h[:12]} was not sent to worker {self.name!r}")
