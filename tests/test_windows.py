@@ -124,6 +124,8 @@ def test_windows_equal_the_reference_through_a_code_change_and_rescales(
 
 LATE_APP = """
 import asyncio
+import json
+import time
 
 from hotwire import Topology
 from hotwire.sdk.windows import Tumbling
@@ -140,9 +142,20 @@ async def events(ctx):
         yield {{"k": "a", "t": t}}
         if t % 100 == 99:
             await asyncio.sleep(0.01)
-    await asyncio.sleep(1.0)  # the watermark reaches 999 meanwhile
+    # Until window [980, 990) has fired (the watermark passed 990), at most 30 s.
+    deadline = time.monotonic() + 30
+    while not fired(980) and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
     yield {{"k": "a", "t": 985}}  # its window [980, 990) fired but is within the lateness
     yield {{"k": "a", "t": 5}}  # its window [0, 10) closed long ago
+
+
+def fired(start):
+    try:
+        with open({out!r}, encoding="utf-8") as f:
+            return any(json.loads(line)["start"] == start for line in f if line.strip())
+    except (OSError, ValueError):
+        return False
 
 
 app = Topology("late")
@@ -366,7 +379,9 @@ def test_a_killed_worker_recovers_open_windows_from_the_checkpoint(tmp_path: Pat
     expected = _reference()
     with LocalCluster(workers=2, data_dir=tmp_path / "c", heartbeat_timeout=2.0) as c:
         c.client.submit(_app(tmp_path, "v1.py", AGG_V1, 2))
-        poll_for(lambda: c.client.status("win").apps[0].last_checkpoint >= 1, 15, what="a checkpoint")
+        poll_for(
+            lambda: c.client.status("win").apps[0].last_checkpoint >= 1, 15, what="a checkpoint"
+        )
         poll_for(lambda: count_lines(out) > 40, 20, what="windows firing")
         st = c.client.status("win").apps[0]
         src_worker = next(i.worker for p in st.pes if p.name == "src" for i in p.instances)
