@@ -87,18 +87,26 @@ class Count(ProcessPE):
 
 
 class PlainInsert(PostgresSink):
-    # The same rows at the same barriers, each epoch one ordinary transaction.
+    # The same rows written the same way (COPY while the epoch runs, the rest at the
+    # barrier), each epoch ended by COMMIT instead of PREPARE TRANSACTION.
     def pre_commit(self):
-        rows, self._rows = self._rows, []
-        if rows:
-            with self.conn.transaction(), self.conn.cursor() as cur:
-                self._write_rows(cur, rows)
+        if not self._rows:
+            return None
+        conn = self._opened()
+        if self._sent < len(self._rows):
+            with conn.cursor() as cur:
+                self._write_rows(cur, self._rows[self._sent:])
+        conn.execute("COMMIT")
+        self._open, self._rows, self._sent = None, [], 0
         return None
 
 
 class CountOnly(PostgresSink):
     # No rows written: one row per epoch with its number of records, committed at the
     # barrier (the app without the database's work for the rows).
+    def flush_due(self):
+        return False
+
     def pre_commit(self):
         n, self._rows = len(self._rows), []
         if n:

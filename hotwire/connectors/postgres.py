@@ -3,16 +3,21 @@
 ``stream.sink("out", PostgresSink, config={"url": ..., "table": ..., "columns": [...]})``.
 
 Exactly-once mode (the default, ``"mode": "exactly_once"``): the rows of an
-epoch (between two checkpoint barriers) are buffered in memory; at the barrier
-the sink writes them in one transaction and ends it with ``PREPARE TRANSACTION
-'hotwire/<app>/<pe>/<instance>/<txn>'``: durable, invisible, surviving a crash
-of the worker and of the server. When the checkpoint completes the runtime
-calls ``commit`` and the sink runs ``COMMIT PREPARED``. On a recovery the
-handles in the restored checkpoint are committed again (a missing one was
-committed already) and every other prepared transaction of this app, PE and
-instance index is rolled back: its checkpoint never completed, and the source
-replays its records into new transactions. The server needs
-``max_prepared_transactions > 0``; the sink checks it at start.
+epoch (between two checkpoint barriers) go into one transaction, ended at the
+barrier with ``PREPARE TRANSACTION 'hotwire/<app>/<pe>/<instance>/<txn>'``:
+durable, invisible, surviving a crash of the worker and of the server. The rows
+are written with ``COPY`` while the epoch runs, :data:`STREAM_ROWS` at a time, so
+the barrier only writes the last ones and prepares; they also stay in memory
+until the transaction is prepared, and a new connection (the old one lost)
+begins the transaction again with all of them. While a transaction this sink
+prepared waits for its ``COMMIT PREPARED`` nothing is written (a row could wait
+on one of its locks); the rows wait for the commit or the next barrier. When the
+checkpoint completes the runtime calls ``commit`` and the sink runs ``COMMIT
+PREPARED``. On a recovery the handles in the restored checkpoint are committed
+again (a missing one was committed already) and every other prepared transaction
+of this app, PE and instance index is rolled back: its checkpoint never
+completed, and the source replays its records into new transactions. The
+server needs ``max_prepared_transactions > 0``; the sink checks it at start.
 
 Upsert mode (``"mode": "upsert", "key": [...]``): each input batch is written
 at once with ``INSERT ... ON CONFLICT (key) DO UPDATE``; replays after a
@@ -50,6 +55,9 @@ OPTIONS = {
 }
 MODES = ("exactly_once", "upsert")
 GID_PREFIX = "hotwire"
+# Exactly-once mode: rows of the open epoch written (COPY) into its transaction at a
+# time, while the epoch runs; the rest go at the barrier.
+STREAM_ROWS = 4096
 
 
 def _psycopg() -> Any:
@@ -147,6 +155,13 @@ class PostgresSink(TransactionalSink):
         self._upserts: list[tuple[Any, tuple[Any, ...]]] = []  # (record, row) of a batch
         self._txn = ""
         self._tried = ""  # the gid of a PREPARE TRANSACTION that may have succeeded
+        # Exactly-once: the connection the open epoch's transaction runs on (None: no
+        # transaction open), how many of its rows were written into it, and the
+        # transactions prepared and not committed yet (no rows are streamed meanwhile).
+        self._open: Any = None
+        self._sent = 0
+        self._uncommitted: set[str] = set()
+        self._stream = True  # False after a write failed: the barrier writes them all
 
     def _connect(self) -> Any:
         return _psycopg().connect(self.url, autocommit=True, connect_timeout=5)
@@ -232,6 +247,7 @@ class PostgresSink(TransactionalSink):
     # -- transactions ----------------------------------------------------------
     def begin(self, txn: str) -> None:
         self._txn, self._rows = txn, []
+        self._sent, self._stream = 0, True
 
     def write(self, record: Any) -> None:
         if self.mode == "upsert":
@@ -239,9 +255,20 @@ class PostgresSink(TransactionalSink):
             return
         self._rows.append(self._row(record))
 
+    def flush_due(self) -> bool:
+        if self.mode == "upsert":
+            return bool(self._upserts)
+        return (
+            self._stream and not self._uncommitted and len(self._rows) - self._sent >= STREAM_ROWS
+        )
+
     def flush(self) -> list[tuple[Any, BaseException]]:
         """Upsert mode: write the batch's rows in one transaction; when a row is
-        refused, write them one by one and return the refused ones."""
+        refused, write them one by one and return the refused ones. Exactly-once
+        mode: write the epoch's rows not written yet into its open transaction."""
+        if self.mode != "upsert":
+            self._write_open()
+            return []
         todo = self._upserts
         if not todo:
             return []
@@ -277,20 +304,60 @@ class PostgresSink(TransactionalSink):
         gid = self.prefix + self._txn
         conn = self._live()
         if self._tried == gid and self._prepared(gid):
-            self._rows, self._tried = [], ""
+            self._rows, self._tried, self._open = [], "", None
+            self._uncommitted.add(gid)
             return gid  # the last attempt prepared it; its reply was lost
         self._tried = gid
-        with conn.cursor() as cur:
-            cur.execute("BEGIN")
-            try:
-                self._write_rows(cur, rows)
+        try:
+            conn = self._opened()
+            with conn.cursor() as cur:
+                if self._sent < len(rows):
+                    self._write_rows(cur, rows[self._sent :] if self._sent else rows)
+                self._open = None  # PREPARE ends the transaction, prepared or not
                 cur.execute(self._sql.SQL("PREPARE TRANSACTION {}").format(self._sql.Literal(gid)))
-            except BaseException:
-                with contextlib.suppress(Exception):
-                    conn.execute("ROLLBACK")
-                raise
-        self._rows, self._tried = [], ""
+        except BaseException:
+            self._rollback(conn)
+            raise
+        self._rows, self._tried, self._sent = [], "", 0
+        self._uncommitted.add(gid)
         return gid
+
+    def _opened(self) -> Any:
+        """The connection with the epoch's transaction open on it: begun anew, with
+        none of the rows written, when the connection changed (the last one lost)."""
+        conn = self._live()
+        if self._open is not conn:
+            self._open, self._sent = None, 0
+            if conn.info.transaction_status != _psycopg().pq.TransactionStatus.IDLE:
+                conn.execute("ROLLBACK")  # an aborted epoch's
+            conn.execute("BEGIN")
+            self._open = conn
+        return conn
+
+    def _write_open(self) -> None:
+        """Write the open epoch's rows not written yet into its transaction. A row
+        the server refuses rolls the transaction back and stops the writes of this
+        epoch: the barrier writes every row and fails as it would have."""
+        psycopg = _psycopg()
+        rows = self._rows
+        conn = self._live()
+        try:
+            conn = self._opened()
+            with conn.cursor() as cur:
+                self._write_rows(cur, rows[self._sent :] if self._sent else rows)
+        except psycopg.Error as e:
+            self._rollback(conn)
+            if self.is_transient(e):
+                raise  # retried on a new connection, which writes every row again
+            self._stream = False
+            return
+        self._sent = len(rows)
+
+    def _rollback(self, conn: Any) -> None:
+        """End the epoch's open transaction on ``conn`` (none open afterwards)."""
+        self._open, self._sent = None, 0
+        with contextlib.suppress(Exception):
+            conn.execute("ROLLBACK")
 
     def _prepared(self, gid: str) -> bool:
         row = self.conn.execute("SELECT 1 FROM pg_prepared_xacts WHERE gid = %s", (gid,))
@@ -298,12 +365,18 @@ class PostgresSink(TransactionalSink):
 
     def commit(self, handle: Any) -> None:
         self._finish("COMMIT PREPARED", str(handle))
+        self._uncommitted.discard(str(handle))
 
     def _finish(self, verb: str, gid: str) -> None:
         psycopg = _psycopg()
         stmt = self._sql.SQL(verb + " {}").format(self._sql.Literal(gid))
+        conn = self._live()
+        if self._open is conn:
+            # A transaction this sink did not prepare (handed over by a predecessor)
+            # commits while rows are written: they are written again later.
+            self._rollback(conn)
         try:
-            self._live().execute(stmt)
+            conn.execute(stmt)
         except psycopg.errors.UndefinedObject:
             pass  # finished already: commit is idempotent
 
@@ -324,7 +397,9 @@ class PostgresSink(TransactionalSink):
                 self._finish("ROLLBACK PREPARED", gid)
 
     def abort(self) -> None:
-        self._rows, self._upserts = [], []
+        # Runs on the event loop: an open transaction is rolled back before the next
+        # one begins (_opened), or by the server when teardown closes the connection.
+        self._rows, self._upserts, self._open, self._sent = [], [], None, 0
 
     def teardown(self) -> None:
         conn = getattr(self, "conn", None)

@@ -514,7 +514,7 @@ class TransactionalSinkExecutor(Executor):
 
     async def process(self, records: list[Any]) -> list[Any]:
         await self._each(records, self.fn)
-        if type(self.obj).flush is not TransactionalSink.flush:
+        if type(self.obj).flush is not TransactionalSink.flush and self.obj.flush_due():
             failed = await self._call(self.obj.flush)
             for i, (record, exc) in enumerate(failed):
                 if self.on_error(record, exc) is False:
