@@ -44,6 +44,7 @@ import sys
 import tempfile
 import time
 from datetime import UTC, datetime, timedelta
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +69,7 @@ from nexmark.queries import build, count_v1, count_v2
 
 app = build(
     {name!r}, {out!r}, {n}, queries={queries!r}, rate={rate!r}, ticks={ticks!r},
-    q5_count={q5}, q7_parallelism={p7},
+    q5_count={q5}, q7_parallelism={p7}, parallelism={par},
 )
 """
 
@@ -84,6 +85,7 @@ def app_file(
     ticks: Path | None = None,
     q5: str = "count_v1",
     p7: int = 1,
+    par: int = 1,
 ) -> str:
     body = APP.format(
         name=name,
@@ -94,6 +96,7 @@ def app_file(
         ticks=str(ticks) if ticks else None,
         q5=q5,
         p7=p7,
+        par=par,
     )
     return write_app(directory, file, body)
 
@@ -112,15 +115,20 @@ def spread(xs: list[float]) -> dict[str, float]:
     }
 
 
-def window_latencies(results: list[tuple[float, dict[str, Any]]], ticks: list[Any]) -> list[float]:
-    """Seconds from the moment each window result could be known to its sink time."""
-    at: dict[int, float] = {}
-    end = None
+def window_latencies(
+    results: list[tuple[float, dict[str, Any]]], ticks: list[Any], parts: int = 1
+) -> list[float]:
+    """Seconds from the moment each window result could be known to its sink time.
+
+    ``ticks``: ``[ms, wall]`` lines of every part of the source (each logs a tick
+    once) and one ``["end", wall]`` per part; a window ending at ``ms`` could be
+    known once every part passed ``ms`` (or ended), at the latest of their times."""
+    seen: dict[Any, list[float]] = {}
     for ms, wall in ticks:
-        if ms == "end":
-            end = wall
-        else:
-            at.setdefault(ms, wall)
+        seen.setdefault(ms, []).append(wall)
+    ends = seen.pop("end", [])
+    end = max(ends) if len(ends) == parts else None
+    at = {ms: max(walls) for ms, walls in seen.items() if len(walls) == parts}
     out = []
     for t_sink, r in results:
         ready = at.get(r["end"], end)
@@ -131,11 +139,11 @@ def window_latencies(results: list[tuple[float, dict[str, Any]]], ticks: list[An
 
 # -- hotwire ---------------------------------------------------------------------
 def run_hotwire(
-    query: str, n: int, expected: list[str], work: Path, workers: int = 2
+    query: str, n: int, expected: list[str], work: Path, workers: int = 2, par: int = 1
 ) -> dict[str, Any]:
     run = Path(tempfile.mkdtemp(prefix=f"hw-{query}-", dir=work))
     ticks = run / "ticks.jsonl"
-    app = app_file(run, "app.py", f"nexmark-{query}", run, n, [query], ticks=ticks)
+    app = app_file(run, "app.py", f"nexmark-{query}", run, n, [query], ticks=ticks, par=par)
     out = run / f"{query}.jsonl"
     with LocalCluster(workers=workers, data_dir=run / "cluster") as c:
         t0 = time.time()
@@ -150,7 +158,7 @@ def run_hotwire(
         rows = read_jsonl(out)
     t_last = max(t for t, _ in rows)
     tick_rows = read_jsonl(ticks)
-    first = tick_rows[0][1]
+    first = min(wall for _, wall in tick_rows)
     got = normalise(r for _, r in rows)
     res: dict[str, Any] = {
         "events_per_s": round(n / (t_last - t0), 1),
@@ -160,7 +168,7 @@ def run_hotwire(
         "result_equal": got == expected,
     }
     if query in WINDOWED:
-        lat = window_latencies(rows, tick_rows)
+        lat = window_latencies(rows, tick_rows, par)
         res["latency_p50_ms"] = round(percentile(lat, 50) * 1000, 1)
         res["latency_p99_ms"] = round(percentile(lat, 99) * 1000, 1)
     return res
@@ -174,38 +182,41 @@ def _dt(ms: int) -> datetime:
 ORIGIN = datetime(1970, 1, 1, tzinfo=UTC)
 
 
-def run_bytewax(query: str, n: int, expected: list[str], work: Path) -> dict[str, Any]:
+def bytewax_flow(query: str, n: int, parts: int, out_path: Path, ticks_path: Path) -> Any:
+    """The Bytewax dataflow of ``query``: a source of ``parts`` partitions, partition
+    ``i`` yielding part ``i`` of the events (as hotwire's source instance ``i``) in
+    batches of 1024 and logging its ticks to ``ticks_path``; the sink appends to
+    ``out_path`` with the function hotwire's app uses."""
     from bytewax import operators as op
     from bytewax.dataflow import Dataflow
     from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
     from bytewax.operators import windowing as win
     from bytewax.outputs import DynamicSink, StatelessSinkPartition
-    from bytewax.testing import run_main
 
-    ticks: list[Any] = []
-    run = Path(tempfile.mkdtemp(prefix=f"bw-{query}-", dir=work))
-    out_path = run / f"{query}.jsonl"
     write = Q.result_sink(str(out_path))  # the sink function hotwire's app uses
 
     class Part(StatefulSourcePartition):
-        def __init__(self) -> None:
-            self.it = events(n)
+        def __init__(self, part: int) -> None:
+            self.it = events(n, part=part, parts=parts)
             self.next_tick = 0
+            self.ticks = open(ticks_path, "a", buffering=1)
+
+        def log(self, ms: Any, now: float) -> None:
+            self.ticks.write(json.dumps([ms, now]) + "\n")
 
         def next_batch(self) -> list[Any]:
-            b = []
-            for e in self.it:
-                b.append(e)
-                if len(b) == 1024:
-                    break
+            b = list(islice(self.it, 1024))
             now = time.time()
             if not b:
-                ticks.append(["end", now])
+                self.log("end", now)
+                self.ticks.close()
                 raise StopIteration
             for e in b:  # the wall time a window ending at a tick could be complete
                 if e["date_time"] >= self.next_tick:
-                    ticks.append([e["date_time"] // Q.TICK_MS * Q.TICK_MS, now])
-                    self.next_tick = (e["date_time"] // Q.TICK_MS + 1) * Q.TICK_MS
+                    top = e["date_time"] // Q.TICK_MS * Q.TICK_MS
+                    for ms in range(self.next_tick, top + 1, Q.TICK_MS):
+                        self.log(ms, now)
+                    self.next_tick = top + Q.TICK_MS
             return b
 
         def snapshot(self) -> None:
@@ -213,10 +224,10 @@ def run_bytewax(query: str, n: int, expected: list[str], work: Path) -> dict[str
 
     class Source(FixedPartitionedSource):
         def list_parts(self) -> list[str]:
-            return ["events"]
+            return [str(i) for i in range(parts)]
 
         def build_part(self, step_id: str, for_part: str, resume_state: Any) -> Part:
-            return Part()
+            return Part(int(for_part))
 
     class SinkPart(StatelessSinkPartition):
         def write_batch(self, items: list[Any]) -> None:
@@ -229,9 +240,12 @@ def run_bytewax(query: str, n: int, expected: list[str], work: Path) -> dict[str
 
     flow = Dataflow(f"nexmark_{query}")
     ev = op.input("events", flow, Source())
-    clock = win.EventClock(
-        lambda e: _dt(e["date_time"]), wait_for_system_duration=timedelta(seconds=10)
-    )
+    # One partition's events come in order: 10 s covers it. Partitions run apart
+    # (another process, another speed) and this clock is per key, not the least of
+    # the partitions', so with more than one the wait must cover the whole run or
+    # the lagging partition's bids are dropped as late; windows then close at the end.
+    wait = timedelta(seconds=10) if parts == 1 else timedelta(days=1)
+    clock = win.EventClock(lambda e: _dt(e["date_time"]), wait_for_system_duration=wait)
     if query == "q0":
         out = op.map("q0", ev, Q.passthrough)
     elif query == "q1":
@@ -285,26 +299,108 @@ def run_bytewax(query: str, n: int, expected: list[str], work: Path) -> dict[str
     else:
         raise ValueError(f"Bytewax runs {BYTEWAX_QUERIES}, not {query}")
     op.output("out", out, Sink())
-    t0 = time.time()
-    run_main(flow)
-    t1 = time.time()
+    return flow
+
+
+def run_bytewax(
+    query: str, n: int, expected: list[str], work: Path, procs: int = 1
+) -> dict[str, Any]:
+    """``procs`` 1: ``run_main`` in this process, one partition. Otherwise ``procs``
+    processes of one worker each (``cluster_main`` on loopback), the source in
+    ``procs`` partitions; the time runs from the earliest process's call of
+    ``cluster_main`` (imports and the flow built) to the latest one's return."""
+    run = Path(tempfile.mkdtemp(prefix=f"bw-{query}-", dir=work))
+    out_path, ticks_path = run / f"{query}.jsonl", run / "ticks.jsonl"
+    if procs == 1:
+        from bytewax.testing import run_main
+
+        flow = bytewax_flow(query, n, 1, out_path, ticks_path)
+        t0 = time.time()
+        run_main(flow)
+        t1 = time.time()
+    else:
+        t0, t1 = _bytewax_cluster(query, n, procs, out_path, ticks_path, run)
     rows = read_jsonl(out_path)
+    tick_rows = read_jsonl(ticks_path)
+    first = min(wall for _, wall in tick_rows)  # after a partition's first batch
     res: dict[str, Any] = {
         "events_per_s": round(n / (t1 - t0), 1),
+        "events_per_s_from_first_event": round(n / (t1 - first), 1),
         "seconds": round(t1 - t0, 3),
         "results": len(rows),
         "result_equal": normalise(r for _, r in rows) == expected,
     }
     if query in WINDOWED:
-        lat = window_latencies(rows, ticks)
+        lat = window_latencies(rows, tick_rows, procs)
         res["latency_p50_ms"] = round(percentile(lat, 50) * 1000, 1)
         res["latency_p99_ms"] = round(percentile(lat, 99) * 1000, 1)
     return res
 
 
+def _free_ports(k: int) -> list[int]:
+    import socket
+
+    socks = [socket.socket() for _ in range(k)]
+    try:
+        for so in socks:
+            so.bind(("127.0.0.1", 0))
+        return [so.getsockname()[1] for so in socks]
+    finally:
+        for so in socks:
+            so.close()
+
+
+def _bytewax_cluster(
+    query: str, n: int, procs: int, out_path: Path, ticks_path: Path, run: Path
+) -> tuple[float, float]:
+    import subprocess
+
+    addresses = ",".join(f"127.0.0.1:{p}" for p in _free_ports(procs))
+    cmds = [
+        [sys.executable, __file__, "--bytewax-process", query, "--events", str(n),
+         "--bytewax-addresses", addresses, "--bytewax-id", str(i),
+         "--bytewax-out", str(out_path), "--bytewax-ticks", str(ticks_path),
+         "--bytewax-times", str(run / f"times-{i}.json")]
+        for i in range(procs)
+    ]  # fmt: skip
+    ps = [subprocess.Popen(c, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for c in cmds]
+    errs = []
+    for p in ps:
+        try:
+            _, err = p.communicate(timeout=600)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            _, err = p.communicate()
+        if p.returncode:
+            errs.append(err.decode(errors="replace")[-2000:])
+    if errs:
+        raise RuntimeError(f"a Bytewax process of {query} failed: {errs[0]}")
+    times = [json.loads((run / f"times-{i}.json").read_text()) for i in range(procs)]
+    return min(t[0] for t in times), max(t[1] for t in times)
+
+
+def bytewax_process(args: argparse.Namespace) -> int:
+    """One process of a multi-process Bytewax run (one worker)."""
+    from bytewax.testing import cluster_main
+
+    addresses = args.bytewax_addresses.split(",")
+    flow = bytewax_flow(
+        args.bytewax_process,
+        args.events,
+        len(addresses),
+        Path(args.bytewax_out),
+        Path(args.bytewax_ticks),
+    )
+    t0 = time.time()
+    cluster_main(flow, addresses, args.bytewax_id)
+    t1 = time.time()
+    Path(args.bytewax_times).write_text(json.dumps([t0, t1]))
+    return 0
+
+
 # -- profile --------------------------------------------------------------------
 def profile_hotwire(
-    query: str, n: int, work: Path, rate: int = 200, workers: int = 2
+    query: str, n: int, work: Path, rate: int = 200, workers: int = 2, par: int = 1
 ) -> dict[str, Any]:
     """Run ``query`` once while py-spy samples each worker (``rate`` per second, idle
     threads left out); per worker, the share of its samples in each function (self)."""
@@ -314,9 +410,15 @@ def profile_hotwire(
 
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     run = Path(tempfile.mkdtemp(prefix=f"prof-{query}-", dir=work))
-    app = app_file(run, "app.py", f"nexmark-{query}", run, n, [query])
+    app = app_file(run, "app.py", f"nexmark-{query}", run, n, [query], par=par)
     expected = len(reference(query, list(events(n))))
-    out: dict[str, Any] = {"query": query, "events": n, "rate": rate, "workers": {}}
+    out: dict[str, Any] = {
+        "query": query,
+        "events": n,
+        "rate": rate,
+        "parallelism": par,
+        "workers": {},
+    }
     with LocalCluster(workers=workers, data_dir=run / "cluster") as c:
         spies = {
             w.label: subprocess.Popen(
@@ -422,17 +524,36 @@ def main(argv: list[str] | None = None) -> int:
         default=2,
         help="hotwire workers for the query runs (1: every PE in one process, as Bytewax runs)",
     )
+    ap.add_argument(
+        "--parallelism",
+        type=int,
+        help="instances of hotwire's source (each making its part of the events), its "
+        "assigners and filters, and Q5's windows (default: --workers)",
+    )
+    ap.add_argument(
+        "--bytewax-procs",
+        help="Bytewax configurations, comma-separated process counts, one worker each and "
+        "the source in as many partitions (default: 1 and --workers)",
+    )
     ap.add_argument("--out", help="also write the JSON here")
     ap.add_argument("--profile", metavar="QUERY", help="only profile one hotwire run (py-spy)")
+    for hidden in ("--bytewax-process", "--bytewax-addresses", "--bytewax-out",
+                   "--bytewax-ticks", "--bytewax-times"):  # fmt: skip
+        ap.add_argument(hidden, help=argparse.SUPPRESS)
+    ap.add_argument("--bytewax-id", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.bytewax_process:
+        return bytewax_process(args)
     queries = [q.strip() for q in args.queries.split(",") if q.strip()]
     unknown = sorted(set(queries) - set(Q.QUERIES) - set(Q.VARIANTS))
     if unknown:
         ap.error(f"unknown queries {unknown}; choose among {Q.QUERIES + list(Q.VARIANTS)}")
     n = args.events
+    par = args.parallelism or args.workers
+    procs = sorted({int(x) for x in (args.bytewax_procs or f"1,{args.workers}").split(",")})
     if args.profile:
         with tempfile.TemporaryDirectory(prefix="nexmark-") as tmp:
-            prof = profile_hotwire(args.profile, n, Path(tmp), workers=args.workers)
+            prof = profile_hotwire(args.profile, n, Path(tmp), workers=args.workers, par=par)
             print(json.dumps(prof, indent=2))
         return 0
     ev = list(events(n))
@@ -448,40 +569,65 @@ def main(argv: list[str] | None = None) -> int:
             "events": n,
             "runs": args.runs,
             "workers": args.workers,
+            "parallelism": par,
+            "bytewax_procs": procs,
             "events_per_s": "events / (last result's sink time - submit time)",
+            "ratio_to_best": "per round, hotwire (from submit) / the best Bytewax "
+            "configuration of that round with a correct result (from its first event)",
         },
         "queries": {},
     }
     with tempfile.TemporaryDirectory(prefix="nexmark-") as tmp:
         work = Path(tmp)
         for q in queries:
-            entry: dict[str, Any] = {
-                "expected_results": len(expected[q]),
-                "hotwire": [],
-                "bytewax": [],
-            }
+            bw_on = q in BYTEWAX_QUERIES and not args.no_bytewax
+            entry: dict[str, Any] = {"expected_results": len(expected[q]), "hotwire": []}
+            bw: dict[int, list[dict[str, Any]]] = {k: [] for k in procs} if bw_on else {}
+            loads = []
             for _ in range(args.runs):
-                entry["hotwire"].append(run_hotwire(q, n, expected[q], work, args.workers))
-                if q in BYTEWAX_QUERIES and not args.no_bytewax:
-                    entry["bytewax"].append(run_bytewax(q, n, expected[q], work))
-                print(
-                    json.dumps(
-                        {q: {k: v[-1] for k, v in entry.items() if isinstance(v, list) and v}}
-                    ),
-                    file=sys.stderr,
-                )
+                load0 = os.getloadavg()[0]
+                entry["hotwire"].append(run_hotwire(q, n, expected[q], work, args.workers, par))
+                for k in bw:
+                    bw[k].append(run_bytewax(q, n, expected[q], work, k))
+                loads.append([round(load0, 2), round(os.getloadavg()[0], 2)])
+                last = {"hotwire": entry["hotwire"][-1]}
+                last.update({f"bytewax_{k}": v[-1] for k, v in bw.items()})
+                print(json.dumps({q: last, "load_1min": loads[-1]}), file=sys.stderr)
+            entry["load_1min_before_after_each_round"] = loads
             hw = [r["events_per_s"] for r in entry["hotwire"]]
             entry["hotwire_events_per_s"] = spread(hw)
             entry["result_equal"] = all(r["result_equal"] for r in entry["hotwire"])
-            if entry["bytewax"]:
-                bw = [r["events_per_s"] for r in entry["bytewax"]]
-                entry["bytewax_events_per_s"] = spread(bw)
-                entry["bytewax_result_equal"] = all(r["result_equal"] for r in entry["bytewax"])
-                entry["ratio_hotwire_to_bytewax"] = spread(
-                    [h / b for h, b in zip(hw, bw, strict=True)]
-                )
-            else:
-                del entry["bytewax"]
+            if bw:
+                for k, rs in bw.items():
+                    xs = [r["events_per_s"] for r in rs]
+                    entry[f"bytewax_{k}"] = rs
+                    entry[f"bytewax_{k}_events_per_s"] = spread(xs)
+                    entry[f"bytewax_{k}_result_equal"] = all(r["result_equal"] for r in rs)
+                    entry[f"ratio_hotwire_to_bytewax_{k}"] = spread(
+                        [h / b for h, b in zip(hw, xs, strict=True)]
+                    )
+                # Per round, Bytewax's best configuration with a correct result, timed
+                # from its first event (its processes' start-up left out); hotwire's
+                # from the submit (deployment included) and from its first event.
+                best = [
+                    max(
+                        (
+                            bw[k][i]["events_per_s_from_first_event"]
+                            for k in bw
+                            if bw[k][i]["result_equal"]
+                        ),
+                        default=None,
+                    )
+                    for i in range(args.runs)
+                ]
+                entry["best_bytewax_events_per_s_from_first_event"] = best
+                ok = [i for i, b in enumerate(best) if b]
+                if ok:
+                    first = [r["events_per_s_from_first_event"] for r in entry["hotwire"]]
+                    entry["ratio_hotwire_to_best_bytewax"] = spread([hw[i] / best[i] for i in ok])
+                    entry["ratio_hotwire_to_best_bytewax_from_first_events"] = spread(
+                        [first[i] / best[i] for i in ok]
+                    )
             doc["queries"][q] = entry
         if args.upgrade:
             doc["upgrade"] = run_upgrade(args.upgrade_events, args.upgrade_rate, work)

@@ -1,17 +1,24 @@
 """The Nexmark event generator: persons, auctions and bids of an online auction site.
 
-Deterministic: event ``n`` depends only on ``n``'s predecessors and the seed, so
-any run (and any resumed source) sees the same events. As in Nexmark, events
-come in epochs of 50: 1 person, 3 auctions, 46 bids. Event ``n`` happens at
-``n * step_ms`` milliseconds (event time starts at 0), so events are in order.
+Deterministic and splittable: the events come in chunks of :data:`CHUNK`, and
+chunk ``c`` draws its randomness from a generator seeded by ``(seed, c)``
+alone, so any chunk can be made without the ones before it (as Nexmark's own
+generator derives each event from its number). :func:`events` with ``parts=p``
+and ``part=i`` yields the chunks ``c`` with ``c % p == i``, in order; the ``p``
+parts together hold exactly the events of one unsplit run. As in Nexmark,
+events come in epochs of 50: 1 person, 3 auctions, 46 bids. Event ``n`` happens
+at ``n * step_ms`` milliseconds (event time starts at 0), so events are in order
+within a part.
 Auctions are sold by recent persons (a hot seller 3 times in 4, else one of the
 last ``NUM_ACTIVE_PEOPLE``); bids go to recent auctions (a hot auction every
 other bid, else one of the last ``NUM_IN_FLIGHT_AUCTIONS``) by recent persons
 (a hot bidder 3 times in 4). Ids start at 1000, categories at 10, prices are
 cents (``round(10 ** (6 * u) * 100)``, u uniform), as in Nexmark. Nexmark's
 padding field ``extra`` is left out. Two auctions never close in the same
-millisecond (a clash moves the later one's ``expires`` on by 1 ms), so "the
-last ten closed auctions" of a seller has a single order.
+millisecond: auction ``a`` closes at a time ``≡ a (mod K)`` within
+``MAX_AUCTION_MS`` of its start, where ``K`` (:func:`expiry_modulus`) is more
+auctions than start within ``MAX_AUCTION_MS``; so "the last ten closed
+auctions" of a seller has a single order.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ NUM_IN_FLIGHT_AUCTIONS = 100
 MAX_AUCTION_MS = 20_000  # an auction is open for 1 ms to 20 s of event time
 STEP_MS = 10  # event time between two events
 SEED = 2026
+CHUNK = 100  # events per chunk of randomness (2 epochs, 1 s of event time at STEP_MS)
 
 US_STATES = ["AZ", "CA", "ID", "OR", "WA", "WY"]
 US_CITIES = [
@@ -62,29 +70,40 @@ def person_reach_ms(step_ms: int = STEP_MS) -> int:
     return NUM_ACTIVE_PEOPLE * EPOCH * step_ms
 
 
+def expiry_modulus(step_ms: int = STEP_MS) -> int:
+    """``K``: auctions ``K`` or more apart in number start ``MAX_AUCTION_MS`` or more
+    apart in time, so closing times that differ mod ``K`` never meet."""
+    # a2 - a1 >= K puts their epochs (K - 2) / 3 apart: 50 * (K - 2) / 3 - 2 events.
+    k = 2 + -(-3 * (MAX_AUCTION_MS // step_ms + 3) // EPOCH)
+    if k > MAX_AUCTION_MS:
+        raise ValueError(f"step_ms={step_ms} is too small for auctions of {MAX_AUCTION_MS} ms")
+    return k
+
+
+def chunk_rng(seed: int, chunk: int) -> random.Random:
+    """The random generator of chunk ``chunk``: seeded by the seed and the chunk alone."""
+    return random.Random(seed << 40 | chunk)
+
+
 class Generator:
-    """Yields Nexmark events as dicts with a ``kind`` of person, auction or bid."""
+    """Makes Nexmark events as dicts with a ``kind`` of person, auction or bid;
+    :meth:`event` takes the random generator of the event's chunk."""
 
     def __init__(self, seed: int = SEED, step_ms: int = STEP_MS) -> None:
-        self.rng = random.Random(seed)
+        self.seed = seed
         self.step_ms = step_ms
-        self.closing: set[int] = set()  # expires of auctions still open
+        self.modulus = expiry_modulus(step_ms)
 
-    def price(self) -> int:
-        return round(10 ** (self.rng.random() * 6) * 100)
-
-    def _recent(self, last: int, hot_ratio: int, active: int) -> int:
+    def _recent(self, rng: random.Random, last: int, hot_ratio: int, active: int) -> int:
         """A base-0 id among the recent ones up to ``last``: hot or one of ``active``."""
-        rng = self.rng
         if rng.randrange(hot_ratio) > 0:
             return (last // hot_ratio) * hot_ratio
         k = min(last + 1, active)
         return last + 1 - k + rng.randrange(k)
 
-    def event(self, n: int) -> dict[str, Any]:
+    def event(self, n: int, rng: random.Random) -> dict[str, Any]:
         epoch, offset = divmod(n, EPOCH)
         t = n * self.step_ms
-        rng = self.rng
         if offset < PERSON_PROPORTION:
             first, last = rng.choice(FIRST_NAMES), rng.choice(LAST_NAMES)
             card = " ".join(f"{rng.randrange(10000):04d}" for _ in range(4))
@@ -100,48 +119,75 @@ class Generator:
             }
         if offset < PERSON_PROPORTION + AUCTION_PROPORTION:
             a = epoch * AUCTION_PROPORTION + offset - PERSON_PROPORTION
-            seller = self._recent(epoch, HOT_SELLER_RATIO, NUM_ACTIVE_PEOPLE)
-            initial = self.price()
-            expires = t + rng.randint(1, MAX_AUCTION_MS)
-            if len(self.closing) > 4 * MAX_AUCTION_MS // self.step_ms:
-                self.closing = {e for e in self.closing if e > t}
-            while expires in self.closing:
-                expires += 1
-            self.closing.add(expires)
+            seller = self._recent(rng, epoch, HOT_SELLER_RATIO, NUM_ACTIVE_PEOPLE)
+            initial = _price(rng)
+            k = self.modulus
+            expires = t + rng.randint(1, MAX_AUCTION_MS - k + 1)
+            expires += (a - expires) % k  # unique: see expiry_modulus
             return {
                 "kind": "auction",
                 "id": FIRST_AUCTION_ID + a,
                 "item_name": f"item-{rng.randrange(1000)}",
                 "description": f"description-{rng.randrange(1000)}",
                 "initial_bid": initial,
-                "reserve": initial + self.price(),
+                "reserve": initial + _price(rng),
                 "date_time": t,
                 "expires": expires,
                 "seller": FIRST_PERSON_ID + seller,
                 "category": FIRST_CATEGORY_ID + rng.randrange(NUM_CATEGORIES),
             }
         last_auction = epoch * AUCTION_PROPORTION + AUCTION_PROPORTION - 1
-        auction = self._recent(last_auction, HOT_AUCTION_RATIO, NUM_IN_FLIGHT_AUCTIONS)
-        bidder = self._recent(epoch, HOT_BIDDER_RATIO, NUM_ACTIVE_PEOPLE)
+        auction = self._recent(rng, last_auction, HOT_AUCTION_RATIO, NUM_IN_FLIGHT_AUCTIONS)
+        bidder = self._recent(rng, epoch, HOT_BIDDER_RATIO, NUM_ACTIVE_PEOPLE)
         return {
             "kind": "bid",
             "auction": FIRST_AUCTION_ID + auction,
             "bidder": FIRST_PERSON_ID + bidder,
-            "price": self.price(),
+            "price": _price(rng),
             "channel": CHANNELS[rng.randrange(len(CHANNELS))],
             "url": f"https://www.nexmark.com/item.htm?query=1&channel_id={rng.randrange(1000)}",
             "date_time": t,
         }
 
 
+def _price(rng: random.Random) -> int:
+    return round(10 ** (rng.random() * 6) * 100)
+
+
+def part_chunks(n: int, part: int = 0, parts: int = 1) -> range:
+    """The chunks of part ``part`` of ``parts`` among the first ``n`` events."""
+    if not 0 <= part < parts:
+        raise ValueError(f"part {part} of {parts}: give 0 <= part < parts")
+    return range(part, -(-n // CHUNK), parts)
+
+
+def part_size(n: int, part: int = 0, parts: int = 1) -> int:
+    """How many of the first ``n`` events part ``part`` of ``parts`` holds."""
+    return sum(min(CHUNK, n - c * CHUNK) for c in part_chunks(n, part, parts))
+
+
 def events(
-    n: int, seed: int = SEED, step_ms: int = STEP_MS, skip: int = 0
+    n: int,
+    seed: int = SEED,
+    step_ms: int = STEP_MS,
+    skip: int = 0,
+    part: int = 0,
+    parts: int = 1,
 ) -> Iterator[dict[str, Any]]:
-    """Events ``skip`` to ``n - 1`` of the sequence (the first ``skip`` are made and dropped,
-    so the generator's random state is the same as in an uninterrupted run)."""
+    """Part ``part`` of ``parts`` of the first ``n`` events (the chunks ``c`` with
+    ``c % parts == part``, in order), from its ``skip``-th event on. ``parts=1``:
+    events 0 to ``n - 1`` in order."""
     g = Generator(seed, step_ms)
     event = g.event
-    for i in range(n):
-        e = event(i)
-        if i >= skip:
+    chunks = part_chunks(n, part, parts)
+    first, drop = divmod(skip, CHUNK)
+    for c in chunks[first:]:
+        rng = chunk_rng(seed, c)
+        lo = c * CHUNK
+        hi = min(n, lo + CHUNK)
+        for i in range(lo, hi):
+            e = event(i, rng)
+            if drop:
+                drop -= 1  # made for its randomness, not yielded
+                continue
             yield e

@@ -1,10 +1,13 @@
 """Nexmark queries Q0-Q8 as one hotwire app (any subset of them).
 
-:func:`build` makes the app: one source of Nexmark events (the generator), a
-timestamp assigner on ``date_time`` (events come in order, so no
-out-of-orderness), filters for persons, auctions and bids, then each query's
-PEs and a sink writing ``[wall time, result]`` JSON lines to
-``<out_dir>/<query>.jsonl``. Event time is in milliseconds.
+:func:`build` makes the app: a source of Nexmark events (the generator) with
+``parallelism`` instances, instance ``i`` making part ``i`` of the events
+(``events(..., part=i, parts=parallelism)``); behind each, on a forward stream,
+its own timestamp assigner on ``date_time`` (a part's events come in order, so
+no out-of-orderness; a PE downstream takes the least watermark of its inputs)
+and filters for persons, auctions and bids; then each query's PEs and a sink
+writing ``[wall time, result]`` JSON lines to ``<out_dir>/<query>.jsonl``. Event
+time is in milliseconds.
 """
 
 from __future__ import annotations
@@ -36,28 +39,42 @@ TICK_MS = 1_000  # the source logs the wall time at which event time passes each
 
 # -- the source and the sinks ---------------------------------------------------
 def event_source(n: int, rate: float | None = None, ticks: str | None = None) -> Any:
-    """A source of the first ``n`` events; ``rate`` events/s of wall time (None: as
-    fast as it can). With ``ticks`` (a file), it appends ``[ms, wall time]`` the
-    first time an event reaches each multiple of TICK_MS, and ``["end", wall time]``
-    after the last event: when a window ending there could first be known."""
+    """A source of the first ``n`` events: instance ``i`` of ``p`` yields part ``i`` of
+    ``p``; ``rate`` events/s of wall time per instance (None: as fast as it can).
+    With ``ticks`` (a file), each instance appends ``[ms, wall time]`` when its
+    events first reach or pass each multiple of TICK_MS, and ``["end", wall time]``
+    after its last event: a window ending at ``ms`` could first be known when every
+    instance has logged ``ms`` (or its end). An instance resumes from its position
+    at the same parallelism; another parallelism is refused."""
 
     def log(f: Any, ms: Any) -> None:
         if f is not None:
             f.write(json.dumps([ms, time.time()]) + "\n")
 
+    def part(ctx: Any) -> Any:
+        p = ctx.parallelism
+        if any(s["of"] != p for s in ctx.predecessors):
+            raise ValueError(
+                f"the Nexmark source cannot resume at parallelism {p} from instances of "
+                f"{sorted({s['of'] for s in ctx.predecessors})}: keep its parallelism"
+            )
+        return events(n, skip=ctx.position, part=ctx.instance, parts=p)
+
     def sync_source(ctx: Any) -> Any:
         f = open(ticks, "a", buffering=1) if ticks and not ctx.position else None
         next_tick = 0
-        for e in events(n, skip=ctx.position):
+        for e in part(ctx):
             if f is not None and e["date_time"] >= next_tick:
-                log(f, e["date_time"] // TICK_MS * TICK_MS)
-                next_tick = (e["date_time"] // TICK_MS + 1) * TICK_MS
+                top = e["date_time"] // TICK_MS * TICK_MS
+                for ms in range(next_tick, top + 1, TICK_MS):
+                    log(f, ms)
+                next_tick = top + TICK_MS
             yield e
         log(f, "end")
 
     async def paced_source(ctx: Any) -> Any:
         t0 = time.monotonic()
-        for i, e in enumerate(events(n, skip=ctx.position)):
+        for i, e in enumerate(part(ctx)):
             if i % 100 == 0:
                 ahead = t0 + i / rate - time.monotonic()
                 if ahead > 0:
@@ -253,8 +270,14 @@ def build(
     q5_count: Any = count_v1,
     q7_parallelism: int = 1,
     step_ms: int = STEP_MS,
+    parallelism: int = 1,
 ) -> Topology:
-    """The app running ``queries`` (default all) over the first ``n`` events."""
+    """The app running ``queries`` (default all) over the first ``n`` events.
+
+    ``parallelism``: instances of the source, of each assigner and filter behind
+    it (forward streams), of Q0-Q2's maps and sinks and of Q5's windows. Q7's
+    window has one key (every bid), so ``q7_parallelism`` instances of which one
+    holds it, as in Nexmark."""
     queries = list(queries or QUERIES)
     unknown = sorted(set(queries) - set(QUERIES) - set(VARIANTS))
     if unknown:
@@ -262,21 +285,26 @@ def build(
             f"unknown Nexmark queries {unknown}; choose among {QUERIES + list(VARIANTS)}"
         )
     app = Topology(name)
-    ev = app.source("events", event_source(n, rate, ticks)).assign_timestamps("ts", event_time)
+    p = parallelism
+    src = app.source("events", event_source(n, rate, ticks), parallelism=p)
+    ev = src.forward().assign_timestamps("ts", event_time, parallelism=p).forward()
     need = set(queries)
-    persons = ev.filter("persons", is_person) if need & {"q3", "q8"} else None
-    auctions = ev.filter("auctions", is_auction) if need & {"q3", "q4", "q6", "q8"} else None
-    bids = ev.filter("bids", is_bid) if need & {"q1", "q2", "q4", "q5", "q5b", "q6", "q7"} else None
+    persons = ev.filter("persons", is_person, p) if need & {"q3", "q8"} else None
+    auctions = ev.filter("auctions", is_auction, p) if need & {"q3", "q4", "q6", "q8"} else None
+    bids = (
+        ev.filter("bids", is_bid, p) if need & {"q1", "q2", "q4", "q5", "q5b", "q6", "q7"} else None
+    )
 
     def out(q: str) -> Any:
         return result_sink(os.path.join(out_dir, f"{q}.jsonl"))
 
     if "q0" in need:
-        ev.map("q0", passthrough).sink("q0_out", out("q0"))
+        ev.map("q0", passthrough, p).forward().sink("q0_out", out("q0"), p)
     if "q1" in need:
-        bids.map("q1", to_euro).sink("q1_out", out("q1"))
+        bids.forward().map("q1", to_euro, p).forward().sink("q1_out", out("q1"), p)
     if "q2" in need:
-        bids.filter("q2", q2_selected).map("q2_project", q2_project).sink("q2_out", out("q2"))
+        q2 = bids.forward().filter("q2", q2_selected, p)
+        q2.forward().map("q2_project", q2_project, p).forward().sink("q2_out", out("q2"), p)
     if "q3" in need:
         # An interval join: a seller is a person at most person_reach_ms before the
         # auction, so both sides' buffers are dropped as the watermark passes.
@@ -304,10 +332,10 @@ def build(
             ).sink("q6_out", out("q6"))
     if "q5" in need:
         counts = bids.key_by(lambda b: b["auction"]).window(
-            "q5_count", Q5_WINDOW, aggregate=q5_count
+            "q5_count", Q5_WINDOW, aggregate=q5_count, parallelism=p
         )
         counts.key_by(lambda c: c["start"]).window(
-            "q5", Tumbling(Q5_WINDOW.slide), process=hottest, timestamp=window_end_ms
+            "q5", Tumbling(Q5_WINDOW.slide), process=hottest, timestamp=window_end_ms, parallelism=p
         ).sink("q5_out", out("q5"))
     if "q5b" in need:
         bids.key_by(all_bids).window("q5b_count", Q5_WINDOW, aggregate=count_per_auction).flat_map(
