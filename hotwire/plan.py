@@ -250,6 +250,27 @@ class Gate:
 
 
 @dataclass(frozen=True)
+class Adopt:
+    """PREPARE: a kept keyed instance will take over the keys of ``predecessors``
+    (a canary's instances, retiring in this transition) while it runs.
+
+    From now on it holds every input record whose key lies in ``split``'s share
+    (``crc32 % CANARY_BUCKETS < split.share``) and processes the others at once;
+    once every predecessor's state has arrived it merges it into its own
+    (``merge`` of a class PE, the runtime's dict for a ``reduce``), processes the
+    input the predecessors held unprocessed, then the records it held, in order
+    per channel. A checkpoint barrier that arrives meanwhile waits for the merge.
+    A worker refuses it in prepare when the PE cannot merge state.
+    """
+
+    app: str
+    version: int
+    instance: str
+    predecessors: tuple[str, ...]
+    split: CanarySplit
+
+
+@dataclass(frozen=True)
 class Switch:
     """SWITCH: at its next batch boundary a kept instance sends an end marker on each
     channel in ``ended``, then replaces its routes to the PEs in ``routes`` (by
@@ -317,10 +338,10 @@ class StopApp:
     version: int
 
 
-Instruction = StartInstance | Gate | Switch | Retire | StopApp
+Instruction = StartInstance | Gate | Adopt | Switch | Retire | StopApp
 
 INSTRUCTION_TYPES: dict[str, type] = {
-    t.__name__: t for t in (StartInstance, Gate, Switch, Retire, StopApp)
+    t.__name__: t for t in (StartInstance, Gate, Adopt, Switch, Retire, StopApp)
 }
 
 
@@ -367,6 +388,11 @@ def _describe(ins: Instruction) -> str:
         return (
             f"gate {ins.instance}: hold {len(ins.appearing)} new input(s) until "
             f"{len(ins.disappearing)} old one(s) end"
+        )
+    if isinstance(ins, Adopt):
+        return (
+            f"adopt {ins.instance}: hold keys of the {ins.split.share / 100:g}% share until "
+            f"the state of {len(ins.predecessors)} is merged"
         )
     if isinstance(ins, Switch):
         parts = []
@@ -439,6 +465,9 @@ def from_wire(d: dict[str, Any]) -> Instruction:
     elif cls is Gate:
         d["appearing"] = tuple(d["appearing"])
         d["disappearing"] = tuple(d["disappearing"])
+    elif cls is Adopt:
+        d["predecessors"] = tuple(d["predecessors"])
+        d["split"] = CanarySplit(**d["split"])
     elif cls is Switch:
         d["routes"] = tuple(_route(r) for r in d["routes"])
         d["unrouted"] = tuple(d["unrouted"])

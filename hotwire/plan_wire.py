@@ -12,6 +12,7 @@ from typing import Any
 
 from hotwire.codec import packb, unpackb
 from hotwire.plan import (
+    Adopt,
     CanarySplit,
     Gate,
     Instruction,
@@ -90,6 +91,16 @@ def to_pb(ins: Instruction) -> pb.Instruction:
                 disappearing=ins.disappearing,
             )
         )
+    if isinstance(ins, Adopt):
+        return pb.Instruction(
+            adopt=pb.Adopt(
+                app=ins.app,
+                version=ins.version,
+                instance=ins.instance,
+                predecessors=ins.predecessors,
+                split=_split(ins.split),
+            )
+        )
     if isinstance(ins, Switch):
         return pb.Instruction(
             switch=pb.Switch(
@@ -163,6 +174,15 @@ def from_pb(msg: pb.Instruction) -> Instruction:
     if kind == "gate":
         g = msg.gate
         return Gate(g.app, g.version, g.instance, tuple(g.appearing), tuple(g.disappearing))
+    if kind == "adopt":
+        a = msg.adopt
+        return Adopt(
+            a.app,
+            a.version,
+            a.instance,
+            tuple(a.predecessors),
+            CanarySplit(a.split.share, a.split.first),
+        )
     if kind == "switch":
         s = msg.switch
         return Switch(

@@ -40,7 +40,14 @@ from hotwire.master.cut import checkpoint_samples, sampled_keys, states_for_rest
 from hotwire.master.diff import ChangeSet, diff, renamed_states
 from hotwire.master.locks import AppLocks
 from hotwire.master.membership import Membership
-from hotwire.master.planner import StateMove, plan_stop, plan_upgrade, state_moves
+from hotwire.master.planner import (
+    StateMove,
+    canary_abort_placement,
+    plan_canary_abort,
+    plan_stop,
+    plan_upgrade,
+    state_moves,
+)
 from hotwire.master.progress import TransitionProgress
 from hotwire.master.scheduler import SchedulingError, schedule
 from hotwire.master.store import Store
@@ -623,9 +630,60 @@ class TransitionEngine:
             raise
 
     async def abort_canary(self, app: str, why: str = "aborted by hand") -> None:
-        """Move the canary's keys back to the running code, with their state."""
+        """Move the canary's keys back to the running code, with their state.
+
+        A keyed PE's old-code instances keep running and take the canary's keys
+        in (``planner.plan_canary_abort``); when a worker refuses that in prepare
+        (the PE cannot merge state: a class without ``merge``), nothing changed
+        and every instance of the PE is replaced instead, as in an upgrade."""
         self._held(app)
         run, cur = self._canary(app)
+        if cur.model.pe(run.pe).keyed:
+            try:
+                await self._abort_canary_in_place(app, run, cur, why)
+                return
+            except Refused as e:
+                if e.code != grpc.StatusCode.ABORTED or self.canaries.get(app) is not run:
+                    raise  # it switched (and restarted) or the canary ended otherwise
+                log.info(
+                    "app %r: the canary of PE %r cannot go back in place (%s); "
+                    "replacing the PE's instances",
+                    app,
+                    run.pe,
+                    e,
+                )
+        await self._abort_canary_regenerating(app, run, cur, why)
+
+    async def _abort_canary_in_place(
+        self, app: str, run: cn.CanaryRun, cur: AppState, why: str
+    ) -> None:
+        store = self._store()
+        t0 = time.perf_counter()
+        epoch = cur.epoch + 1
+        plan = plan_canary_abort(app, epoch, cur.model, cur.placement, run.pe)
+        new_pl = canary_abort_placement(cur.placement, run.pe)
+        bundle = await store.read(store.bundle, cur.bundle) or b""
+        run.outcome, run.why = "aborted", why
+        intent = {
+            **_placement_intent(cur, new_pl),
+            "canary_end": {"outcome": "aborted", "why": why},
+        }
+        try:
+            await self._apply(plan, cur.bundle, bundle, intent, tr.Fallback.RESTART, t0)
+        except BaseException:
+            if app in self.canaries:
+                run.outcome, run.why = "", ""
+            raise
+        log.warning(
+            "app %r: canary of PE %r aborted (its keys moved back to the running instances): %s",
+            app,
+            run.pe,
+            why,
+        )
+
+    async def _abort_canary_regenerating(
+        self, app: str, run: cn.CanaryRun, cur: AppState, why: str
+    ) -> None:
         store = self._store()
         epoch = cur.epoch + 1
         change = ChangeSet(regenerated=(run.pe,))

@@ -38,6 +38,7 @@ import networkx as nx
 from hotwire.master.diff import ChangeSet, split_stream_name
 from hotwire.model import STATEFUL_KINDS, LogicalModel, StreamSpec
 from hotwire.plan import (
+    Adopt,
     Gate,
     Instruction,
     KeyRef,
@@ -308,6 +309,77 @@ def plan_upgrade(
         version=version,
         prepare={w: tuple(prepare[w]) for w in sorted(prepare) if prepare[w]},
         switch={w: tuple(switch[w]) for w in sorted(switch) if switch[w]},
+    )
+
+
+def canary_abort_placement(old_pl: Placement, pe: str) -> Placement:
+    """``old_pl`` with ``pe``'s canary instances gone: its old-code instances
+    ``0..first-1`` keep their generation, workers and ids."""
+    pl = old_pl[pe]
+    if pl.canary is None:
+        raise ValueError(f"PE {pe!r} runs no canary")
+    return {**old_pl, pe: PEPlacement(pl.gen, pl.bundle, pl.workers[: pl.canary.first])}
+
+
+def plan_canary_abort(
+    app: str, version: int, model: LogicalModel, old_pl: Placement, pe: str
+) -> Plan:
+    """End ``pe``'s canary by moving only the canary's keys back: the old-code
+    instances keep running (no ``StartInstance``, no ``Retire``); each takes over
+    its keys of the canary's state while it runs (``Adopt``, prepare), the senders
+    into ``pe`` route by the plain partition again and end their channels to the
+    canary's instances (``Switch``), and the canary's instances retire, splitting
+    their state by ``key_partition(key, first)`` (``Retire``).
+
+    The instructions of the running instances outside ``pe``'s senders, and ``pe``'s
+    downstream (the canary's output channels end when it retires), do not change.
+    """
+    opl = old_pl[pe]
+    c = opl.canary
+    if c is None:
+        raise ValueError(f"app {app!r}: PE {pe!r} runs no canary")
+    new_pl = canary_abort_placement(old_pl, pe)
+    npl = new_pl[pe]
+    keyed = model.pe(pe).keyed
+    prepare: dict[str, list[Instruction]] = defaultdict(list)
+    switch: dict[str, list[Instruction]] = defaultdict(list)
+    canaries = tuple(opl.instance(pe, k) for k in range(c.first, opl.parallelism))
+    for j in range(c.first):
+        prepare[npl.workers[j]].append(Adopt(app, version, npl.instance(pe, j), canaries, c.split))
+    switches: dict[tuple[str, int], Switch] = {}
+    for st in sorted(model.inputs(pe), key=lambda s: s.src):
+        u = st.src
+        upl = old_pl[u]
+        for i in range(upl.parallelism):
+            before = {ch for _, ch in stream_channels(st, old_pl, i)}
+            after = {ch for _, ch in stream_channels(st, new_pl, i)}
+            route = _route(st, new_pl, i, npl.bundle)  # as the canary's start routed
+            sw = switches.get((u, i)) or Switch(app, version, upl.instance(u, i), (), (), ())
+            switches[u, i] = dataclasses.replace(
+                sw,
+                routes=(*sw.routes, route),
+                ended=tuple(sorted({*sw.ended, *(before - after)})),
+            )
+    epochs = _epochs(model, old_pl, model, new_pl, set(), {u for u, _ in switches})
+    for u, (after_epoch, epoch_out) in epochs.items():
+        upl = new_pl[u]
+        for i in range(upl.parallelism):
+            sw = switches.get((u, i)) or Switch(app, version, upl.instance(u, i), (), (), ())
+            switches[u, i] = dataclasses.replace(
+                sw, after_epoch=after_epoch[i], epoch_out=epoch_out[i]
+            )
+    for (u, i), sw in sorted(switches.items()):
+        switch[new_pl[u].workers[i]].append(sw)
+    succ = tuple(Successor(npl.instance(pe, j), npl.workers[j]) for j in range(c.first))
+    for k in range(c.first, opl.parallelism):
+        switch[opl.workers[k]].append(
+            Retire(app, version, opl.instance(pe, k), successors=succ, keyed=keyed, rehash=True)
+        )
+    return Plan(
+        app=app,
+        version=version,
+        prepare={w: tuple(prepare[w]) for w in sorted(prepare)},
+        switch={w: tuple(switch[w]) for w in sorted(switch)},
     )
 
 

@@ -71,6 +71,16 @@ class Executor:
     def restore(self, states: list[Any]) -> None:
         return None
 
+    def cannot_merge(self) -> str:
+        """Why the running instance cannot take other instances' keyed state in
+        (:meth:`merge`); "" when it can."""
+        return "only a keyed PE (a reduce, or a keyed class PE with merge()) can"
+
+    def merge(self, states: list[Any]) -> None:
+        """Add other instances' keyed ``states`` (their keys are new to this one)
+        to the running state."""
+        raise RuntimeError(self.cannot_merge())
+
     def versioned(self, state: Any) -> Any:
         """``state`` (a snapshot or a part of it) as it travels: with its version."""
         return state
@@ -234,6 +244,12 @@ class ReduceExecutor(Executor):
         for s in states:
             if s:
                 self.state.update(_keyed_items(s))
+
+    def cannot_merge(self) -> str:
+        return ""
+
+    def merge(self, states: list[Any]) -> None:
+        self.restore(states)
 
 
 def _keyed_items(s: Any) -> list[tuple[Any, Any]]:
@@ -400,6 +416,26 @@ class ProcessExecutor(Executor):
             state, version = unwrap(s)
             if state is not None:
                 restore(self._validated(self._migrated(state, version)))
+
+    def cannot_merge(self) -> str:
+        if not self.keyed:
+            return "its state is not keyed"
+        if self.timers is not None:
+            return "it keeps timers (on_timer)"
+        if not callable(getattr(self.obj, "merge", None)):
+            return f"{type(self.obj).__name__} defines no merge(state)"
+        return ""
+
+    def merge(self, states: list[Any]) -> None:
+        """Each state's keys, migrated and validated as for :meth:`restore`, go to
+        the class's ``merge``: once, all states together, when there are any."""
+        merged: dict[Any, Any] = {}
+        for s in states:
+            state, version = unwrap(s)
+            if state:
+                merged.update(self._migrated(dict(_keyed_items(state)), version))
+        if merged:
+            self.obj.merge(self._validated(merged))
 
     def check_state(self, states: list[Any]) -> int:
         """Try ``migrate``, ``validate_state`` and ``restore`` on ``states``; the

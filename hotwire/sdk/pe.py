@@ -118,6 +118,13 @@ class ProcessPE(ABC):
         predecessor whose snapshot was not None. Not called without predecessors.
         """
 
+    # ``merge(self, state)`` is optional and deliberately not defined here: a keyed
+    # subclass that defines it takes a canary's keys back while it runs when the
+    # canary is aborted (``streamctl canary abort``), instead of being replaced.
+    # ``state`` maps keys new to the instance to their state (after migrate and
+    # validate_state); add them to the instance's own. Without it an abort
+    # replaces every instance of the PE, as an upgrade does.
+
     def migrate(self, state: Any, from_version: int) -> Any:
         """Return ``state``, written by this PE's class at ``from_version``, in the
         shape of :attr:`state_version`; called before :meth:`restore` (and

@@ -20,6 +20,7 @@ import json
 import logging
 import threading
 import time
+import zlib
 from bisect import bisect_left
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -33,7 +34,16 @@ from hotwire.metrics import BATCH_BUCKETS, E2E_BUCKETS
 from hotwire.names import confined
 from hotwire.pe.executors import EXECUTORS, Executor, _keyed_items
 from hotwire.pe.state import REPLICATED_KEY, split_replicated
-from hotwire.plan import Gate, Retire, StartInstance, Switch, key_partition
+from hotwire.plan import (
+    CANARY_BUCKETS,
+    Adopt,
+    Gate,
+    Retire,
+    StartInstance,
+    Switch,
+    key_partition,
+    pack_key,
+)
 from hotwire.worker import machine as sm
 from hotwire.worker.channels import (
     BARRIER,
@@ -128,6 +138,7 @@ class Instance:
         self.released: asyncio.Future[None] = loop.create_future()
         self.finished: asyncio.Future[None] = loop.create_future()
         self.gate_released: dict[int, asyncio.Future[None]] = {}
+        self.adopted: dict[int, asyncio.Future[None]] = {}  # by version: merged
         self._switched: dict[int, asyncio.Future[None]] = {}
         self.task: asyncio.Task[None] | None = None
         self._pump: _Pump | None = None  # a source's running iterator
@@ -212,11 +223,35 @@ class Instance:
             assert type(a) is sm.GateOpened, a
             self._gate_opened(a.version)
 
+    def apply_adopt(self, adopt: Adopt) -> None:
+        """Prepare: hold the records of ``adopt``'s share until the canary's state is
+        merged (see :class:`hotwire.plan.Adopt`); ValueError when this PE cannot."""
+        ex = self.executor
+        why = "it runs no executor" if ex is None else ex.cannot_merge()
+        if why or ex is None or ex.key_fn is None:
+            raise ValueError(
+                f"app {self.app!r} PE {self.pe!r} instance {self.spec.index} cannot take a "
+                f"canary's keys in while it runs: {why or 'its input is not keyed'}"
+            )
+        key_fn, share = ex.key_fn, adopt.split.share
+
+        def in_share(r: Any) -> bool:
+            if is_marker(r):
+                return False
+            try:
+                return zlib.crc32(pack_key(key_fn(r))) % CANARY_BUCKETS < share
+            except Exception:
+                return False  # processed now: the PE reports the record that fails
+
+        self.adopted[adopt.version] = asyncio.get_running_loop().create_future()
+        self.machine.handle(sm.Adopt(adopt.version, adopt.predecessors, in_share))
+
     def undo_gate(self, version: int) -> None:
         self.machine.handle(sm.Abort(version))
-        fut = self.gate_released.pop(version, None)
-        if fut is not None and not fut.done():
-            fut.cancel()
+        for futs in (self.gate_released, self.adopted):
+            fut = futs.pop(version, None)
+            if fut is not None and not fut.done():
+                fut.cancel()
         if self.machine.flow:
             # Input held on an aborted channel flows, in the instance's own task.
             self.inbox.put_nowait((CONTROL, None, sm.RESUME, None))
@@ -292,6 +327,8 @@ class Instance:
                     self.runtime.forget_in(self.app, a.channel)
                 elif isinstance(a, sm.Restore):
                     self._restore(list(a.states))
+                elif isinstance(a, sm.Merge):
+                    self._merge(a)
                 elif isinstance(a, sm.Released):
                     self._set_released()
                 elif isinstance(a, sm.Finish):
@@ -625,6 +662,21 @@ class Instance:
             self.ctx.position = self.position
         elif self.executor is not None:
             self.executor.restore(states)
+
+    def _merge(self, m: sm.Merge) -> None:
+        assert self.executor is not None
+        t0 = time.perf_counter()
+        self.executor.merge(list(m.states))
+        log.debug(
+            "%s/%s: merged the state of %d canary instance(s) in %.1f ms",
+            self.app,
+            self.iid,
+            len(m.states),
+            (time.perf_counter() - t0) * 1000,
+        )
+        fut = self.adopted.get(m.version)
+        if fut is not None and not fut.done():
+            fut.set_result(None)
 
     def _set_released(self) -> None:
         if not self.released.done():

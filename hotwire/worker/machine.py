@@ -41,6 +41,13 @@ The rules:
   were released, each channel's batches and barriers in arrival order.
 * **Handover.** A new instance with predecessors restores their states once all
   arrived; input they held unprocessed comes before anything else.
+* **Adopt.** A kept keyed instance that takes over a retiring canary's keys holds
+  each input record whose key is in the canary's share (not its batch: the other
+  records are processed at once and the credit returned), and every barrier
+  with the batches behind it on its channel, until every predecessor's state is
+  in; then it merges the states (:class:`Merge`), processes the input the
+  predecessors held unprocessed, then what it held, in order per channel. An
+  abort of the transition lets what it held flow.
 * **Retire.** Once retired, with every input ended and all predecessors' state
   in, the instance finishes (:class:`Finish`), handing on what it holds
   unprocessed.
@@ -115,6 +122,16 @@ class Gate:
     version: int
     appearing: tuple[str, ...]
     disappearing: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Adopt:
+    """Prepare: take over the keys of ``predecessors`` (retiring) while running;
+    ``in_share(record)`` says whether a record's key is theirs until then."""
+
+    version: int
+    predecessors: tuple[str, ...]
+    in_share: Any  # Callable[[Any], bool]
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,6 +268,15 @@ class Restore:
 
 
 @dataclass(frozen=True, slots=True)
+class Merge:
+    """Merge the adopted predecessors' ``states`` into the running state (version
+    ``version``'s adoption is complete)."""
+
+    version: int
+    states: tuple[Any, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Released:
     """Every predecessor's state is in (or there was none): the instance runs."""
 
@@ -308,12 +334,12 @@ class Finish:
 
 
 Event = (
-    Start | Batch | End | Epoch | Barrier | Handover | Gate | Abort | Switch | Retire
+    Start | Batch | End | Epoch | Barrier | Handover | Gate | Adopt | Abort | Switch | Retire
     | Checkpoint | CheckpointDone | Processed | Snapshotted | RecordError | Fail | Resume
 )  # fmt: skip
 Action = (
     Process | Snapshot | ForwardBarrier | ApplySwitch | GateOpened | ForgetInput | Restore
-    | Released | DropState | Commit | Skip | DeadLetter | Stop | Finish
+    | Merge | Released | DropState | Commit | Skip | DeadLetter | Stop | Finish
 )  # fmt: skip
 
 _NONE: list[Action] = []  # returned when nothing is to be done; never appended to
@@ -363,6 +389,16 @@ class InstanceMachine:
         self.pending_preds: set[str] = set(predecessors)
         self.pred_states: list[Any] = []
         self.pred_pending: list[tuple[str, list[Any]]] = []
+        # adoption (a kept instance taking over a canary's keys): its version, the
+        # predecessors still owed, their states, the key test, and the records of
+        # the share held per channel (each list a part of one batch, in order)
+        self.adopt_version = 0
+        self.adopt_preds: set[str] = set()
+        self.adopt_states: list[Any] = []
+        self.adopt_pending: list[tuple[str, list[Any]]] = []
+        self.in_share: Any = None
+        self.adopt_held: dict[str, list[list[Any]]] = {}
+        self.adopt_blocked: set[str] = set()  # channels whose barrier waits for the merge
         # lifecycle and errors
         self.retire: plan.Retire | None = None
         self.finished = False
@@ -393,7 +429,12 @@ class InstanceMachine:
 
     def blocked(self, ch: str) -> bool:
         """Whether ``ch`` is held by a gate, an epoch marker or a barrier."""
-        return ch in self.holding or ch in self.epoch_held or ch in self.barrier_held
+        return (
+            ch in self.holding
+            or ch in self.epoch_held
+            or ch in self.barrier_held
+            or ch in self.adopt_blocked
+        )
 
     # -- input ---------------------------------------------------------------
     def _batch(self, ev: Batch) -> list[Action]:
@@ -405,11 +446,22 @@ class InstanceMachine:
             or ch in self.holding
             or ch in self.epoch_held
             or ch in self.barrier_held
+            or ch in self.adopt_blocked
         ):
             self._hold(ch, (ev.records, ev.ret))
             return _NONE
+        records = ev.records if self.in_share is None else self._adopt_split(ch, ev.records)
         self.busy = (ch, ev.ret)
-        return [Process(ch, ev.records, ev.ret)]
+        return [Process(ch, records, ev.ret)]
+
+    def _adopt_split(self, ch: str, records: list[Any]) -> list[Any]:
+        """The records of a batch to process now; those of the adopted share are held."""
+        test = self.in_share
+        mine = [r for r in records if test(r)]
+        if not mine:
+            return records
+        self.adopt_held.setdefault(ch, []).append(mine)
+        return [r for r in records if not test(r)]
 
     def _processed(self, ev: Processed) -> list[Action]:
         busy = self.busy
@@ -435,6 +487,12 @@ class InstanceMachine:
         if self.pending_preds or ch in self.held or self.blocked(ch):
             # A barrier stays behind the batches held before it on its channel:
             # the cut must include them.
+            self._hold(ch, (None, ev.checkpoint))
+            return _NONE
+        if self.adopt_preds:
+            # The cut must include the adopted keys' state and the records of the
+            # share held so far: the barrier, and its channel, wait for the merge.
+            self.adopt_blocked.add(ch)
             self._hold(ch, (None, ev.checkpoint))
             return _NONE
         acts = self._align(ch, ev.checkpoint)
@@ -533,7 +591,45 @@ class InstanceMachine:
             return _NONE
         return [GateOpened(ev.version)]
 
+    def _adopt(self, ev: Adopt) -> list[Action]:
+        if self.adopt_preds or self.in_share is not None:
+            raise RuntimeError(
+                f"InstanceMachine: an adoption of version {ev.version} while that of "
+                f"version {self.adopt_version} is in progress"
+            )
+        self.adopt_version = ev.version
+        self.adopt_preds = set(ev.predecessors)
+        self.in_share = ev.in_share
+        return _NONE
+
+    def _adopted(self) -> list[Action]:
+        """Every adopted predecessor's state is in: merge it, then let the input the
+        predecessors held and the records of the share held here flow, in that order
+        and in order per channel, before anything held behind them."""
+        acts: list[Action] = [Merge(self.adopt_version, tuple(self.adopt_states))]
+        self._end_adoption()
+        return acts + self._drain()
+
+    def _end_adoption(self) -> None:
+        """Put what the adoption held back in front of the held input and release it."""
+        front: dict[str, deque[tuple[list[Any] | None, Any]]] = {
+            f"handover:{pred}": deque([(records, None)]) for pred, records in self.adopt_pending
+        }
+        for ch, parts in self.adopt_held.items():
+            q: deque[tuple[list[Any] | None, Any]] = deque((part, None) for part in parts)
+            # (their batches' credit went back when the rest of each batch was processed)
+            q.extend(self.held.pop(ch, ()))
+            front[ch] = q
+        self.held = {**front, **self.held}
+        self._release(set(front) | self.adopt_blocked)
+        self.adopt_preds, self.adopt_states, self.adopt_pending = set(), [], []
+        self.in_share, self.adopt_held, self.adopt_blocked = None, {}, set()
+
     def _abort(self, ev: Abort) -> list[Action]:
+        if ev.version == self.adopt_version and (self.adopt_preds or self.in_share is not None):
+            # Nothing was merged (the switch never came): what was held flows as it is.
+            self.adopt_states, self.adopt_pending = [], []
+            self._end_adoption()
         appearing, _ = self.gates.pop(ev.version, (set(), set()))
         self.holding -= appearing
         self.inputs -= appearing
@@ -569,6 +665,12 @@ class InstanceMachine:
         return self._drain()
 
     def _handover(self, ev: Handover) -> list[Action]:
+        if ev.src in self.adopt_preds:
+            self.adopt_preds.discard(ev.src)
+            self.adopt_states.append(ev.state)
+            if ev.pending:
+                self.adopt_pending.append((ev.src, list(ev.pending)))
+            return _NONE if self.adopt_preds else self._adopted()
         if ev.src not in self.pending_preds:
             return [DropState(ev.src)]
         self.pending_preds.discard(ev.src)
@@ -655,6 +757,8 @@ class InstanceMachine:
             if acts is _NONE:
                 acts = []
             if records is not None:
+                if self.in_share is not None:
+                    records = self._adopt_split(ch, records)
                 self.busy = (ch, ret)
                 acts.append(Process(ch, records, ret))
                 return acts
@@ -692,6 +796,7 @@ _HANDLERS: dict[type, Any] = {
     Barrier: InstanceMachine._barrier,
     Handover: InstanceMachine._handover,
     Gate: InstanceMachine._gate,
+    Adopt: InstanceMachine._adopt,
     Abort: InstanceMachine._abort,
     Switch: InstanceMachine._switch,
     Retire: InstanceMachine._retire,
@@ -704,4 +809,4 @@ _HANDLERS: dict[type, Any] = {
 }
 
 # Events that may come while a blocking action is carried out.
-_WHILE_BUSY = frozenset({Gate, Abort, RecordError, Processed, Snapshotted, Fail, Resume})
+_WHILE_BUSY = frozenset({Gate, Adopt, Abort, RecordError, Processed, Snapshotted, Fail, Resume})

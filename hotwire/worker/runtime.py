@@ -27,7 +27,7 @@ from hotwire.pe.executors import (
     StateCheckError,
     TransactionalSinkExecutor,
 )
-from hotwire.plan import Gate, Instruction, KeyRef, Retire, Route, StartInstance, Switch
+from hotwire.plan import Adopt, Gate, Instruction, KeyRef, Retire, Route, StartInstance, Switch
 from hotwire.sdk.bundle import load_bundle, unload_bundle
 from hotwire.worker.channels import (
     BARRIER,
@@ -431,6 +431,13 @@ class Runtime:
                     for ch in ins.appearing:
                         self.in_channels[(app, ch)] = inst
                     st.gated.append(inst)
+                elif isinstance(ins, Adopt):
+                    inst = self._get(app, ins.instance)
+                    try:
+                        inst.apply_adopt(ins)
+                    except ValueError as e:
+                        raise PrepareError(f"worker {self.name!r}: {e}") from e
+                    st.gated.append(inst)
                 else:
                     raise PrepareError(f"{type(ins).__name__} is not a prepare instruction")
             # Connect downstream links before anything switches.
@@ -488,6 +495,7 @@ class Runtime:
                 )
         for inst in sw.gated:
             inst.gate_released.pop(version, None)
+            inst.adopted.pop(version, None)
         self.evict_bundles()
         return [sw.handed[pe] for pe in sorted(sw.handed)]
 
@@ -508,6 +516,9 @@ class Runtime:
             fut = inst.gate_released.get(version)
             if fut is not None:
                 sw.add(fut, f"gate of {inst.iid} to open")
+            fut = inst.adopted.get(version)
+            if fut is not None:
+                sw.add(fut, f"instance {inst.iid} to merge the canary's state")
         for ins, inst in targets:
             if isinstance(ins, Retire):
                 sw.add(inst.finished, f"instance {inst.iid} to retire")
