@@ -25,7 +25,7 @@ import math
 import struct
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from msgpack import ExtType
 
@@ -182,8 +182,7 @@ ACC, FIRED, HAS = 0, 1, 2
 _NONE: tuple[Any, ...] = ()  # "no window fired again" without a new list per record
 
 
-@dataclass(frozen=True, slots=True)
-class Fired:
+class Fired(NamedTuple):
     """A window result: ``value`` is the aggregate, or the records of the window;
     ``update`` when a late record changed a window that had fired already."""
 
@@ -218,8 +217,12 @@ class KeyedWindows:
         self.merge = merge
         self.watermark = NEG_INF
         self.keys: dict[Any, dict[tuple[float, float], list[Any]]] = {}
-        self._heap: list[tuple[float, int, Any, tuple[float, float]]] = []
-        self._seq = 0
+        # When each open window is due (its end, then end + lateness once fired):
+        # the (key, window) pairs due at each time, in the order they were added,
+        # and a heap of those times. Windows of every key share their ends, so a
+        # new window is mostly an append to an existing time's list.
+        self._due: dict[float, list[tuple[Any, tuple[float, float]]]] = {}
+        self._times: list[float] = []
         self._session = spec.kind == "session"
         self._size = spec.size
         self._slide = spec.slide if spec.kind == "sliding" else spec.size
@@ -259,8 +262,12 @@ class KeyedWindows:
                     wins[w] = [[record], False, True]
                 else:
                     wins[w] = [agg(None, record), False, True]
-                self._seq += 1
-                heapq.heappush(self._heap, (w[1], self._seq, key, w))
+                due = self._due.get(w[1])
+                if due is None:
+                    self._due[w[1]] = [(key, w)]
+                    heapq.heappush(self._times, w[1])
+                else:
+                    due.append((key, w))
                 continue
             if agg is None:
                 win[ACC].append(record)
@@ -307,8 +314,13 @@ class KeyedWindows:
         return (start, end)
 
     def _push(self, t: float, key: Any, w: tuple[float, float]) -> None:
-        self._seq += 1
-        heapq.heappush(self._heap, (t, self._seq, key, w))
+        """Window ``w`` of ``key`` is due at ``t``."""
+        due = self._due.get(t)
+        if due is None:
+            self._due[t] = [(key, w)]
+            heapq.heappush(self._times, t)
+        else:
+            due.append((key, w))
 
     # -- the watermark ---------------------------------------------------------
     def advance(self, watermark: float) -> list[Fired]:
@@ -318,24 +330,24 @@ class KeyedWindows:
             return []
         self.watermark = watermark
         out: list[Fired] = []
-        heap, late, keys = self._heap, self.lateness, self.keys
+        times, due, late, keys = self._times, self._due, self.lateness, self.keys
         pop = heapq.heappop
-        while heap and heap[0][0] <= watermark:
-            _t, _s, key, w = pop(heap)
-            wins = keys.get(key)
-            win = wins.get(w) if wins is not None else None
-            if win is None:
-                continue  # merged into another session, or dropped
-            if not win[FIRED]:
-                win[FIRED] = True
-                if win[HAS]:
-                    out.append(Fired(key, w[0], w[1], win[ACC], False))
-            if w[1] + late <= watermark:
-                del wins[w]  # type: ignore[union-attr]
-                if not wins:
-                    del keys[key]
-            else:
-                self._push(w[1] + late, key, w)
+        while times and times[0] <= watermark:
+            for key, w in due.pop(pop(times)):
+                wins = keys.get(key)
+                win = wins.get(w) if wins is not None else None
+                if win is None:
+                    continue  # merged into another session, or dropped
+                if not win[FIRED]:
+                    win[FIRED] = True
+                    if win[HAS]:
+                        out.append(Fired(key, w[0], w[1], win[ACC], False))
+                if w[1] + late <= watermark:
+                    del wins[w]  # type: ignore[union-attr]
+                    if not wins:
+                        del keys[key]
+                else:
+                    self._push(w[1] + late, key, w)  # later than the watermark
         return out
 
     # -- state -----------------------------------------------------------------
