@@ -163,25 +163,15 @@ class Worker(Node):
         await self.registered.wait()
 
     async def _serve_metrics(self, addr: str) -> None:
-        from hotwire.metrics import (
-            MetricsServer,
-            OnLoop,
-            text_app,
-            worker_exposition,
-            worker_snapshot,
-        )
+        from hotwire.metrics import MetricsServer, OnLoop, WorkerExposition
 
         assert self._loop is not None
-        on_loop = OnLoop(self._loop)
-
-        def snapshot() -> Any:
-            return worker_snapshot(self)
-
-        def render() -> str:
-            return worker_exposition(on_loop(snapshot, worker_snapshot(self, empty=True)))
+        exposition = WorkerExposition(self, OnLoop(self._loop))
 
         # With TLS, over HTTPS with the worker's certificate (scrapers check it with the CA).
-        self._metrics = await asyncio.to_thread(MetricsServer, addr, text_app(render), self.tls)
+        self._metrics = await asyncio.to_thread(
+            MetricsServer, addr, exposition.scrape, self.tls, wsgi=False
+        )
         self.metrics_address = addr = self._metrics.address
         log.info(
             "worker %s: Prometheus metrics at %s://%s/metrics",
