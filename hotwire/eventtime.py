@@ -36,6 +36,7 @@ WATERMARK_CODE = 72  # the msgpack ext type of a watermark marker
 _MARK = struct.Struct(">dd")
 INF = math.inf
 NEG_INF = -math.inf
+NAN = math.nan  # equal to nothing
 
 __all__ = [
     "INF",
@@ -226,6 +227,11 @@ class KeyedWindows:
         self._session = spec.kind == "session"
         self._size = spec.size
         self._slide = spec.slide if spec.kind == "sliding" else spec.size
+        # The windows of the last record's start (at that closed time), reused while
+        # the records' start and the watermark stay the same: with a size that is a
+        # multiple of the slide, every record of a start is in the same windows.
+        self._targets: tuple[float, float, tuple[tuple[float, float], ...]] = (NAN, NAN, ())
+        self._per_start = not self._session and self._size % self._slide == 0
 
     # -- records -------------------------------------------------------------
     def add(self, key: Any, ts: float, record: Any) -> Sequence[Fired] | None:
@@ -245,14 +251,19 @@ class KeyedWindows:
                 return None  # its latest window closed, so did the earlier ones
             if wins is None:
                 wins = self.keys[key] = {}
-            if slide == size:
-                targets = ((start, start + size),)
+            last = self._targets
+            if last[0] == start and last[1] == closed:
+                targets = last[2]  # the windows of the record before (records in order)
             else:
-                targets = []
-                while start > ts - size:
-                    if start + size > closed:
-                        targets.append((start, start + size))
-                    start -= slide
+                found = []
+                s = start
+                while s > ts - size:
+                    if s + size > closed:
+                        found.append((s, s + size))
+                    s -= slide
+                targets = tuple(found)
+                if self._per_start:
+                    self._targets = (start, closed, targets)
         agg = self.aggregate
         fired: Sequence[Fired] = _NONE
         for w in targets:

@@ -6,7 +6,10 @@ from __future__ import annotations
 import math
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from hotwire.codec import packb, unpackb
 from hotwire.eventtime import (
     InputWatermarks,
     KeyedWindows,
@@ -16,7 +19,6 @@ from hotwire.eventtime import (
     marker,
     marker_value,
 )
-from hotwire.codec import packb, unpackb
 from hotwire.master.cut import states_for_restart
 from hotwire.pe.state import REPLICATED_KEY
 from hotwire.plan import key_partition
@@ -69,6 +71,44 @@ def test_every_input_idle_holds_the_watermark() -> None:
 
 
 # -- window assignment -----------------------------------------------------------
+@settings(max_examples=300, deadline=None)
+@given(
+    size_slide=st.sampled_from([(10, 7), (10, 4), (10, 5), (10, 10), (6, 4), (2.5, 1), (1, 0.3)]),
+    steps=st.lists(
+        st.one_of(
+            st.tuples(st.just("add"), st.integers(0, 2), st.integers(0, 30)),
+            st.tuples(st.just("add"), st.integers(0, 2), st.integers(0, 30)),
+            st.tuples(st.just("wm"), st.integers(0, 30)),
+        ),
+        max_size=60,
+    ),
+)
+def test_keyed_windows_put_each_record_in_every_open_window_holding_it(
+    size_slide: tuple[float, float], steps: list[tuple]
+) -> None:
+    # Slides that do and do not divide the size, records in and out of order.
+    size, slide = size_slide
+    spec = WindowSpec("sliding", size=size, slide=slide)
+    kw = KeyedWindows(spec, aggregate=lambda acc, r: (acc or 0) + 1)
+    expected: dict[tuple, int] = {}
+    fired: list = []
+    wm = -math.inf
+    for step in steps:
+        if step[0] == "wm":
+            wm = max(wm, step[1])
+            fired += kw.advance(step[1])
+            continue
+        _, key, ts = step
+        ws = [w for w in spec.assign(ts) if w[1] > wm]
+        got = kw.add(key, ts, {"t": ts})
+        assert (got is None) == (not ws), (key, ts, wm)
+        for w in ws:
+            expected[(key, *w)] = expected.get((key, *w), 0) + 1
+    fired += kw.advance(math.inf)
+    assert {(f.key, f.start, f.end): f.value for f in fired} == expected
+    assert len(fired) == len(expected)
+
+
 def test_sliding_windows_of_a_record() -> None:
     s = WindowSpec("sliding", size=10, slide=5)
     assert sorted(s.assign(12)) == [(5, 15), (10, 20)]
@@ -290,7 +330,9 @@ def test_a_record_without_a_usable_timestamp_is_reported_not_windowed() -> None:
 
     window = {"kind": "tumbling", "size": 10, "mode": "aggregate", "allowed_lateness": 0}
     ctx = Context(app="a", pe="w", config={"window": window})
-    ex = WindowExecutor(lambda a, r: (a or 0) + 1, ctx, on_error, lambda r: "k", ts_fn=lambda r: r["t"])
+    ex = WindowExecutor(
+        lambda a, r: (a or 0) + 1, ctx, on_error, lambda r: "k", ts_fn=lambda r: r["t"]
+    )
     asyncio.run(ex.process(records))
     assert [repr(r["t"]) for r, _e in errors] == [repr(t) for t in bad]  # nan != nan
     assert all("return a finite number" in e for _r, e in errors)
@@ -312,10 +354,18 @@ def test_timers_split_by_key_and_the_watermark_is_copied() -> None:
     assert [o["watermark"] for o in own] == [7, 7, 7]
     assert sorted(t[2] for o in own for t in o["timers"]) == sorted(t[2] for t in timers)
     for i, o in enumerate(own):
-        assert all(key_partition(tuple(t[1]) if isinstance(t[1], list) else t[1], 3) == i
-                   for t in o["timers"])
+        assert all(
+            key_partition(tuple(t[1]) if isinstance(t[1], list) else t[1], 3) == i
+            for t in o["timers"]
+        )
     cut = {"p@1.0": [["k1", 1], [REPLICATED_KEY, {"timers": timers}]]}
     parts = states_for_restart(unpackb(packb(cut)), {"p": 2}, {"p": True})
-    got = [t for i in range(2) for s in parts.get(("p", i), []) for k, v in s
-           if k == REPLICATED_KEY for t in v["timers"]]
+    got = [
+        t
+        for i in range(2)
+        for s in parts.get(("p", i), [])
+        for k, v in s
+        if k == REPLICATED_KEY
+        for t in v["timers"]
+    ]
     assert len(got) == len(timers)
