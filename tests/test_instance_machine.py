@@ -27,6 +27,11 @@ from hotwire.worker.machine import InstanceMachine
 POISON = "poison"
 
 
+def in_share(r: Any) -> bool:
+    """A key in an adopted canary's share: every third record of a channel."""
+    return isinstance(r[-1], int) and r[-1] % 3 == 0
+
+
 def switch(version: int, after_epoch: tuple[str, ...] = ()) -> plan.Switch:
     return plan.Switch("app", version, "pe@1.0", (), (), (), after_epoch, ())
 
@@ -297,6 +302,9 @@ class World:
     version: int = 1
     epoch: dict[str, Any] | None = None  # the epoch transition in progress
     gate: dict[str, Any] | None = None  # the gate transition in progress
+    adopt: dict[str, Any] | None = None  # the adoption (a canary's abort) in progress
+    adoptions: int = 0
+    merges: list[int] = field(default_factory=list)
     switches: list[int] = field(default_factory=list)
     gates_opened: list[int] = field(default_factory=list)
     n_channels: int = 3
@@ -347,6 +355,8 @@ class World:
             self.gates_opened.append(a.version)
         elif isinstance(a, sm.Finish):
             self.finished.append(a)
+        elif isinstance(a, sm.Merge):
+            self.merges.append(a.version)
         return None
 
     # what the senders do
@@ -365,6 +375,7 @@ class World:
         self.next_barrier[ch] = cid
         if self.epoch is not None or self.gate is not None:
             self.spanning = max(self.spanning, cid)
+        # (an adoption spans no checkpoint: its cut must hold, the master may use it)
         if lose:
             return
         self.barrier_at[(ch, cid)] = len(self.sent.get(ch, []))
@@ -412,19 +423,32 @@ class World:
             if records is not None
             for r in records
         ] + [(f"handover:{pred}", r) for pred, records in m.pred_pending for r in records]
+        # what an adoption holds came before anything its channel holds otherwise
+        held[:0] = [(ch, r) for ch, parts in m.adopt_held.items() for part in parts for r in part]
+        held += [(f"handover:{p}", r) for p, records in m.adopt_pending for r in records]
         unprocessed = [r for f in self.finished for r in f.unprocessed]
         everything = self.processed + self.skipped + [r for _, r in held] + unprocessed
         sent = [r for seq in self.sent.values() for r in seq]
         assert Counter(everything) == Counter(sent), "records lost or duplicated"
         assert len(self.finished) <= 1
+        # Order per channel; after an adoption, per key: the canary's share may
+        # be held while the other keys of its channel go on.
+        classes: list[Any] = [lambda r: True]
+        if self.adoptions:
+            classes = [in_share, lambda r: not in_share(r)]
         for ch, seq in self.sent.items():
-            mine = [r for r in self.consumed if r[0] == ch]
-            later = [r for r in [r for _, r in held] + unprocessed if r[0] == ch]
-            assert mine + later == seq, f"order on {ch}"
+            for cls in classes:
+                mine = [r for r in self.consumed if r[0] == ch and cls(r)]
+                later = [r for r in [r for _, r in held] + unprocessed if r[0] == ch and cls(r)]
+                assert mine + later == [r for r in seq if cls(r)], f"order on {ch}"
         if self.policy != "fail":
             assert self.dead == (self.skipped if self.policy == "dead_letter" else [])
         # Held input has a reason to be held; nothing released is left behind.
         assert not m.flow
+        if self.adopt is None:
+            assert m.in_share is None and not m.adopt_held and not m.adopt_blocked
+        else:
+            assert all(in_share(r) for parts in m.adopt_held.values() for p in parts for r in p)
         for key in m.held:
             ch = key
             assert m.pending_preds or m.failed or m.blocked(ch), f"{ch} held for nothing"
@@ -453,8 +477,12 @@ def step(w: World, data: st.DataObject, faults: bool = True) -> str:
     pending = [p for p in w.preds if p not in w.handover_sent]
     if pending:
         options.append("handover")
-    if w.epoch is None and w.gate is None:
+    if w.epoch is None and w.gate is None and w.adopt is None:
         options += ["epoch_transition", "gate_transition"]
+        if not pending:
+            options.append("adopt_transition")
+    if w.adopt is not None:
+        options += ["adopt_handover", "adopt_abort"]
     if w.epoch is not None:
         options += ["epoch", "switch"]
     if w.gate is not None and w.gate["state"] == "prepared":
@@ -482,7 +510,7 @@ def step(w: World, data: st.DataObject, faults: bool = True) -> str:
         # an epoch marker whose switch did not apply (the sender's switch sends
         # the end marker instead); a channel a gate adds ends after the one it
         # replaces.
-        if pending:
+        if pending or w.adopt is not None:  # an adopting instance's inputs stay
             return "no end"
         owing = set(w.epoch["owed"]) if w.epoch is not None else set()
         owing |= {c for v, chs in w.epochs.items() if v not in w.switches for c in chs}
@@ -552,6 +580,25 @@ def step(w: World, data: st.DataObject, faults: bool = True) -> str:
             w.run(sm.RESUME)  # as the instance does
         w.gate = None
         return what
+    if what == "adopt_transition":
+        w.version += 1
+        w.adoptions += 1
+        pred = f"cp{w.version}"
+        w.m.handle(sm.Adopt(w.version, (pred,), in_share))  # prepare: from outside the task
+        w.adopt = {"version": w.version, "pred": pred}
+        return what
+    if what == "adopt_handover":
+        assert w.adopt is not None
+        w.handover(w.adopt["pred"], data.draw(st.integers(0, 2)))
+        w.adopt = None
+        return what
+    if what == "adopt_abort":
+        assert w.adopt is not None
+        w.m.handle(sm.Abort(w.adopt["version"]))  # from outside the task
+        if w.m.flow:
+            w.run(sm.RESUME)
+        w.adopt = None
+        return what
     if what == "fail_snapshots":
         w.fail_snapshot = True
         return what
@@ -564,6 +611,9 @@ def finale(w: World) -> None:
     for pred in w.preds:
         if pred not in w.handover_sent:
             w.handover(pred, 1)
+    if w.adopt is not None:
+        w.handover(w.adopt["pred"], 1)
+        w.adopt = None
     if w.epoch is not None:
         for ch in sorted(w.epoch["owed"]):
             w.epochs.setdefault(w.epoch["version"], set()).add(ch)
@@ -608,3 +658,4 @@ def test_random_interleavings_without_faults_release_all_held_input(
     finale(w)
     assert w.switches == sorted(set(w.switches)) and len(w.switches) == w.epoch_transitions
     assert not w.m.gates and len(w.gates_opened) == len(set(w.gates_opened))
+    assert w.merges == sorted(set(w.merges)) and len(w.merges) <= w.adoptions

@@ -776,7 +776,10 @@ class InstanceMachine:
         return acts
 
     def _unprocessed(self) -> list[Any]:
-        """Held input this instance never processed, in order per channel."""
+        """Held input this instance never processed, in order per channel (what an
+        adoption in progress held first: it came before the rest of its channel)."""
+        if self.adopt_held or self.adopt_pending:
+            self._end_adoption()
         pending = [
             r
             for q in self.held.values()
