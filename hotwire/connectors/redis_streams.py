@@ -18,7 +18,10 @@ acknowledged (``XACK``) and dropped from the log only when a checkpoint that
 covers them is complete. After a restart (recovery or an online upgrade of the
 source) the source re-emits the log from its position, in the order first
 emitted, then reads new entries: nothing is re-read that a complete checkpoint
-covers and nothing delivered is skipped.
+covers and nothing delivered is skipped. After a full batch the read of the next
+one starts at once, so the server's work overlaps the emission of the batch; a
+read under way when the source stops is waited for, and what it logged is emitted
+by the next instance from the log.
 
 A rescale (another parallelism) hands each old instance's log to new instance
 ``j % n``, which puts the entries it emitted (acked at the new instance's first
@@ -52,6 +55,7 @@ anything is deployed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from typing import Any, ClassVar
@@ -68,14 +72,18 @@ log = logging.getLogger(__name__)
 _SCHEMES = ("redis", "rediss", "unix")
 
 # Reads up to COUNT new entries for consumer C of group G on stream S and appends
-# their ids to the delivery log L, atomically: an entry is never delivered to the
-# consumer without being in its log.
+# their ids to the delivery log L (one RPUSH per 1000 ids), atomically: an entry is
+# never delivered to the consumer without being in its log.
 _READ = """
 local r = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', ARGV[3],
                      'STREAMS', KEYS[1], '>')
 if not r then return {} end
 local entries = r[1][2]
-for i, e in ipairs(entries) do redis.call('RPUSH', KEYS[2], e[1]) end
+local ids = {}
+for i, e in ipairs(entries) do ids[i] = e[1] end
+for i = 1, #ids, 1000 do
+  redis.call('RPUSH', KEYS[2], unpack(ids, i, math.min(i + 999, #ids)))
+end
 return entries
 """
 
@@ -299,6 +307,7 @@ class _Reader(DeliveryLogReader):
         self.base_key = f"{self.prefix}{self.name}:base"
         self.rescales_key = f"{self.prefix}rescales"
         self._redis: Any = None
+        self._next: asyncio.Task[Any] | None = None  # the read of the next batch, under way
 
     def transient(self, exc: BaseException) -> bool:
         return _transient(exc)
@@ -415,19 +424,33 @@ class _Reader(DeliveryLogReader):
                 )
         return out
 
-    async def read(self) -> list[Any]:
-        entries = await self._redis.eval(
-            _READ,
-            2,
-            self.conf.stream,
-            self.log_key,
-            self.group,
-            self.consumer,
-            self.conf.batch,
+    def _start_read(self) -> asyncio.Task[Any]:
+        return asyncio.ensure_future(
+            self._redis.eval(
+                _READ,
+                2,
+                self.conf.stream,
+                self.log_key,
+                self.group,
+                self.consumer,
+                self.conf.batch,
+            )
         )
+
+    async def read(self) -> list[Any]:
+        """The next batch; after a full one the read of the batch after it starts at
+        once, so the server's work overlaps the emission of this one. A read still
+        under way when the iterator is cancelled goes on (shielded) and ``close``
+        waits for it: its entries, in the log, are emitted from there on reopening."""
+        if self._next is None:
+            self._next = self._start_read()
+        entries = await asyncio.shield(self._next)
+        self._next = None
         if not entries:
             await asyncio.sleep(self.conf.poll_interval)
             return []
+        if len(entries) >= self.conf.batch:
+            self._next = self._start_read()
         return [_record(e) for e in entries]
 
     async def ack(self, position: int) -> None:
@@ -446,6 +469,12 @@ class _Reader(DeliveryLogReader):
         )
 
     async def close(self) -> None:
+        task, self._next = self._next, None
+        if task is not None:
+            # A read sent to the server may have logged entries: let it finish before
+            # the connection goes (its error, if any, is the connection's, gone anyway).
+            with contextlib.suppress(Exception):
+                await task
         r, self._redis = self._redis, None
         if r is not None:
             await r.aclose()
@@ -454,7 +483,8 @@ class _Reader(DeliveryLogReader):
 def _record(entry: Any) -> dict[str, Any]:
     eid, fields = entry
     if isinstance(fields, list):  # from Lua: a flat [field, value, ...] list
-        fields = dict(zip(fields[::2], fields[1::2], strict=True))
+        pairs = iter(fields)
+        fields = dict(zip(pairs, pairs, strict=False))  # pairs in turn
     return {"id": eid, "fields": fields}
 
 
