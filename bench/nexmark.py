@@ -146,6 +146,8 @@ def run_hotwire(
     app = app_file(run, "app.py", f"nexmark-{query}", run, n, [query], ticks=ticks, par=par)
     out = run / f"{query}.jsonl"
     with LocalCluster(workers=workers, data_dir=run / "cluster") as c:
+        pids = [p.proc.pid for p in [c.master, *c.workers] if p is not None]
+        cpu0 = sum(_cpu_s(p) for p in pids)
         t0 = time.time()
         c.client.submit(app, include=INCLUDE)
         poll_for(
@@ -154,6 +156,7 @@ def run_hotwire(
             interval=0.05,
             what=f"{query}: {len(expected)} results",
         )
+        cpu = sum(_cpu_s(p) for p in pids) - cpu0
         time.sleep(0.2)  # anything beyond the expected count would be a wrong result
         rows = read_jsonl(out)
     t_last = max(t for t, _ in rows)
@@ -164,6 +167,8 @@ def run_hotwire(
         "events_per_s": round(n / (t_last - t0), 1),
         "events_per_s_from_first_event": round(n / (t_last - first), 1),
         "seconds": round(t_last - t0, 3),
+        "cpu_s": round(cpu, 3),
+        "events_per_cpu_s": round(n / cpu, 1),
         "results": len(rows),
         "result_equal": got == expected,
     }
@@ -172,6 +177,12 @@ def run_hotwire(
         res["latency_p50_ms"] = round(percentile(lat, 50) * 1000, 1)
         res["latency_p99_ms"] = round(percentile(lat, 99) * 1000, 1)
     return res
+
+
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) process ``pid`` has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # -- Bytewax ---------------------------------------------------------------------
@@ -315,11 +326,13 @@ def run_bytewax(
         from bytewax.testing import run_main
 
         flow = bytewax_flow(query, n, 1, out_path, ticks_path)
+        c0 = time.process_time()  # this process's threads; the driver's waits here
         t0 = time.time()
         run_main(flow)
         t1 = time.time()
+        cpu = time.process_time() - c0
     else:
-        t0, t1 = _bytewax_cluster(query, n, procs, out_path, ticks_path, run)
+        t0, t1, cpu = _bytewax_cluster(query, n, procs, out_path, ticks_path, run)
     rows = read_jsonl(out_path)
     tick_rows = read_jsonl(ticks_path)
     first = min(wall for _, wall in tick_rows)  # after a partition's first batch
@@ -327,6 +340,8 @@ def run_bytewax(
         "events_per_s": round(n / (t1 - t0), 1),
         "events_per_s_from_first_event": round(n / (t1 - first), 1),
         "seconds": round(t1 - t0, 3),
+        "cpu_s": round(cpu, 3),
+        "events_per_cpu_s": round(n / cpu, 1),
         "results": len(rows),
         "result_equal": normalise(r for _, r in rows) == expected,
     }
@@ -352,7 +367,7 @@ def _free_ports(k: int) -> list[int]:
 
 def _bytewax_cluster(
     query: str, n: int, procs: int, out_path: Path, ticks_path: Path, run: Path
-) -> tuple[float, float]:
+) -> tuple[float, float, float]:
     import subprocess
 
     addresses = ",".join(f"127.0.0.1:{p}" for p in _free_ports(procs))
@@ -376,7 +391,7 @@ def _bytewax_cluster(
     if errs:
         raise RuntimeError(f"a Bytewax process of {query} failed: {errs[0]}")
     times = [json.loads((run / f"times-{i}.json").read_text()) for i in range(procs)]
-    return min(t[0] for t in times), max(t[1] for t in times)
+    return min(t[0] for t in times), max(t[1] for t in times), sum(t[2] for t in times)
 
 
 def bytewax_process(args: argparse.Namespace) -> int:
@@ -391,10 +406,11 @@ def bytewax_process(args: argparse.Namespace) -> int:
         Path(args.bytewax_out),
         Path(args.bytewax_ticks),
     )
+    c0 = time.process_time()
     t0 = time.time()
     cluster_main(flow, addresses, args.bytewax_id)
     t1 = time.time()
-    Path(args.bytewax_times).write_text(json.dumps([t0, t1]))
+    Path(args.bytewax_times).write_text(json.dumps([t0, t1, time.process_time() - c0]))
     return 0
 
 
@@ -596,12 +612,18 @@ def main(argv: list[str] | None = None) -> int:
             entry["load_1min_before_after_each_round"] = loads
             hw = [r["events_per_s"] for r in entry["hotwire"]]
             entry["hotwire_events_per_s"] = spread(hw)
+            entry["hotwire_events_per_cpu_s"] = spread(
+                [r["events_per_cpu_s"] for r in entry["hotwire"]]
+            )
             entry["result_equal"] = all(r["result_equal"] for r in entry["hotwire"])
             if bw:
                 for k, rs in bw.items():
                     xs = [r["events_per_s"] for r in rs]
                     entry[f"bytewax_{k}"] = rs
                     entry[f"bytewax_{k}_events_per_s"] = spread(xs)
+                    entry[f"bytewax_{k}_events_per_cpu_s"] = spread(
+                        [r["events_per_cpu_s"] for r in rs]
+                    )
                     entry[f"bytewax_{k}_result_equal"] = all(r["result_equal"] for r in rs)
                     entry[f"ratio_hotwire_to_bytewax_{k}"] = spread(
                         [h / b for h, b in zip(hw, xs, strict=True)]
