@@ -8,7 +8,10 @@ for each scenario performs the upgrade ``runs`` times while records flow at
 ``rate`` per second (reverting in between), and does the same change by
 killing the app and submitting the new version (``restart``), and, when bytewax is
 installed, the same change the Bytewax way: kill the dataflow and start the new version
-resuming from its recovery store (``peer``, see ``peer_bytewax.py``). Before the
+resuming from its recovery store (``peer``, see ``peer_bytewax.py``), and with ``--flink``
+the same change the Flink way on a local Flink cluster: stop with a savepoint, run the
+new version from it (``flink``, for ``change_code`` and ``rescale_keyed``, see
+``peer_flink.py``). Before the
 first upgrade of an online run, the source has emitted every key of the domain
 (``--keys``) once and the sink has seen each, so the keyed PE's state holds them all;
 each upgrade's entry says how many keys and bytes its switch handed over, as the
@@ -39,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import itertools
 
 import peer_bytewax
+import peer_flink
 from workload import render_app, render_wide, wide_model
 
 from hotwire.master.diff import diff
@@ -932,6 +936,42 @@ def peer_entry(
     return out
 
 
+FLINK_SATURATE_N = 60000  # records of the unpaced Flink run (about 10 s on 2 cores)
+
+
+def flink_entries(
+    doc: dict[str, Any], work: Path, *, runs: int, warm: float, missing: dict[str, Any] | None
+) -> None:
+    """The ``flink`` field of each scenario that has a Flink counterpart, and Flink's
+    saturated throughput beside hotwire's; the Flink cluster runs only meanwhile (the
+    hotwire cluster is idle then)."""
+    wanted = [s for s in doc["scenarios"] if s["name"] in peer_flink.SCENARIO_VERSIONS]
+    if missing is not None or not wanted:
+        for s in wanted:
+            s["flink"] = missing
+        return
+    rate, keys = doc["config"]["rate"], doc["config"]["keys"]
+    log("flink: starting a local Flink cluster")
+    with peer_flink.FlinkCluster(peer_flink.flink_python(), work=work / "flink") as fc:
+        n = FLINK_SATURATE_N
+        log(f"flink: saturated throughput ({n} records)")
+        sat = peer_flink.saturate(fc, work, n=n, keys=keys)
+        doc["throughput"]["flink"] = {**sat, "rps": r3(sat["rps"]), "system": fc.version}
+        for s in wanted:
+            log(f"{s['name']}: {runs} Flink stop-with-savepoint run(s)")
+            r = peer_flink.peer_runs(
+                fc, work / "flink-runs", s["name"], runs, rate=rate, keys=keys, warm=warm, after=3.0
+            )
+            f = r["entry"]
+            s["flink"] = f
+            hw, fl = (s.get("gap_ms") or {}).get("p50"), f["gap_ms"]["p50"]
+            s["gap_ratio_vs_flink"] = r3(fl / hw) if hw and fl else None
+            log(
+                f"{s['name']}: flink gap p50/max {f['gap_ms']['p50']}/{f['gap_ms']['max']} ms, "
+                f"lost/dup/resets {f['lost']}/{f['duplicated']}/{f['state_resets']}"
+            )
+
+
 def peer_status() -> dict[str, Any]:
     if peer_bytewax.version() is None:
         return {
@@ -1070,6 +1110,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--no-peer", action="store_true", help="skip the Bytewax peer runs")
     ap.add_argument(
+        "--flink",
+        action="store_true",
+        help="also run the Flink peer (stop with a savepoint, run the new version from it) "
+        "for " + " and ".join(peer_flink.SCENARIO_VERSIONS) + " on a local Flink cluster; "
+        "PyFlink from HOTWIRE_FLINK_PYTHON or this interpreter",
+    )
+    ap.add_argument(
         "--tls",
         action="store_true",
         help="run the cluster with mTLS under a cluster CA and tokens (as `streamctl up` does)",
@@ -1139,6 +1186,9 @@ def main(argv: list[str] | None = None) -> int:
             "measured": list(PEER_QUICK) if a.quick else "every scenario",
         }
     peer_done: dict[str, dict[str, Any]] = {}
+    flink_missing = peer_flink.unavailable() if a.flink else None
+    if flink_missing is not None:
+        log(f"flink peer skipped: {flink_missing['reason']}")
     t_start = time.perf_counter()
     timelines: list[dict[str, Any]] = []
     doc: dict[str, Any] = {"machine": machine(), "config": config}
@@ -1176,6 +1226,8 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 for s in scenarios
             ]
+            if a.flink:
+                flink_entries(doc, work, runs=restarts or 1, warm=warm, missing=flink_missing)
             doc["scaling"] = []
             for pes in scaling:
                 log(f"scaling: one PE changed among {pes}")
