@@ -930,6 +930,7 @@ def status(ctx: click.Context, name: str, as_json: bool) -> None:
                         "canary_percent": p.canary_share / 100 if p.canary_share else None,
                         "rate": round(sum(i.rate_in for i in p.instances), 1),
                         "errors": sum(i.errors for i in p.instances),
+                        "late_dropped": sum(i.late_dropped for i in p.instances),
                         "blocked": round(max((i.blocked for i in p.instances), default=0.0), 3),
                         "failed": p.failed,
                         "instances": [
@@ -943,6 +944,7 @@ def status(ctx: click.Context, name: str, as_json: bool) -> None:
                                 "failed": i.failed,
                                 "error": i.error,
                                 "dead_letters": i.dead_letters,
+                                "late_dropped": i.late_dropped,
                                 "version": i.version,
                                 "process_ms": round(i.process_ms, 3),
                                 "waiting": i.waiting,
@@ -994,6 +996,7 @@ def status(ctx: click.Context, name: str, as_json: bool) -> None:
                     notes = "".join(
                         (
                             f"  {p['errors']} errors" if p["errors"] else "",
+                            f"  {p['late_dropped']} late dropped" if p["late_dropped"] else "",
                             f"  blocked {p['blocked']:.0%}" if p["blocked"] >= 0.01 else "",
                         )
                     )

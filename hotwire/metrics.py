@@ -374,6 +374,7 @@ def worker_snapshot(w: Any, empty: bool = False) -> _WorkerSnapshot:
                 1 if i.failed else 0,
                 i.queued(),
                 blocked(k, 0.0),
+                i.late_dropped,
             )
             for k, i in zip(keys, insts, strict=True)
         ],
@@ -423,6 +424,11 @@ _INSTANCE_FAMILIES = (
         "hotwire_credit_blocked_seconds_total",
         "counter",
         "Seconds the instance waited for credit to send downstream (backpressure).",
+    ),
+    (
+        "hotwire_late_dropped_total",
+        "counter",
+        "Records dropped as late: a window with no .late() sink, or a join.",
     ),
 )
 _BATCH = "hotwire_batch_process_seconds"

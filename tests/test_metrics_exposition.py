@@ -31,6 +31,7 @@ SCALARS = (
     "hotwire_instance_failed",
     "hotwire_inbox_records",
     "hotwire_credit_blocked_seconds_total",
+    "hotwire_late_dropped_total",
 )
 
 
@@ -49,6 +50,7 @@ def _snapshot(rng: random.Random, keys: list[tuple[str, str]]) -> _WorkerSnapsho
                 rng.randrange(2),
                 rng.randrange(100),
                 rng.random() * 3,
+                rng.randrange(7),
             )
         )
         s.batches.append([0] * nb if n == 0 else [rng.randrange(50) for _ in range(nb)])

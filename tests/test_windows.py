@@ -5,6 +5,7 @@ fires its window again."""
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -183,6 +184,31 @@ def test_late_records_update_a_window_or_go_to_the_side_output(
     updates = [r for r in rows if r["update"]]
     assert [(u["start"], u["value"]) for u in updates] == [(980, 11)]
     assert read_jsonl(late) == [{"k": "a", "t": 5}]
+
+
+def test_a_record_too_late_with_no_late_sink_is_counted_in_status(
+    cluster: LocalCluster, tmp_path: Path
+) -> None:
+    """Dropped, not silently: status and its JSON count it per PE and instance."""
+    out = tmp_path / "out.jsonl"
+    body = LATE_APP.format(out=str(out), late=str(tmp_path / "late.jsonl"))
+    body = body.replace('w.late().sink("late", LATE)\n', "")
+    assert ".late()" not in body
+    cluster.client.submit(write_app(tmp_path, "dropped.py", body))
+    poll_for(lambda: count_lines(out) >= 101, 30, what="every window and the update")
+
+    def dropped() -> int:
+        pes = {p.name: p for p in cluster.client.status("late").apps[0].pes}
+        return sum(i.late_dropped for i in pes["win"].instances)
+
+    poll_for(lambda: dropped() == 1, 15, what="the late record counted as dropped")
+    res = cluster.streamctl("status", "late", "--json")
+    assert res.returncode == 0, res.stderr
+    win = next(p for p in json.loads(res.stdout)["pes"] if p["name"] == "win")
+    assert win["late_dropped"] == 1
+    assert [i["late_dropped"] for i in win["instances"]] == [1]
+    human = cluster.streamctl("status", "late").stdout
+    assert "1 late dropped" in next(line for line in human.splitlines() if "win" in line)
 
 
 JOIN_APP = """

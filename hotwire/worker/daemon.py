@@ -232,8 +232,9 @@ class Worker(Node):
                 waiting_s=waiting.get((a, i), ("", 0.0, 0))[1],
                 queued=waiting.get((a, i), ("", 0.0, 0))[2],
                 blocked_s=BLOCKED_S.get((a, i), 0.0),
+                late_dropped=late,
             )
-            for a, i, ri, ro, e, f, d, s in self.runtime.running()
+            for a, i, ri, ro, e, f, d, s, late in self.runtime.running()
         ]
 
     async def _session_loop(self) -> None:

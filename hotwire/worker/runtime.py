@@ -579,11 +579,21 @@ class Runtime:
             )
         return inst
 
-    def running(self) -> list[tuple[str, str, int, int, int, str, int, float]]:
+    def running(self) -> list[tuple[str, str, int, int, int, str, int, float, int]]:
         """(app, instance, records in, records out, errors, why it failed or "", dead
-        letters, seconds spent in the PE's code)."""
+        letters, seconds spent in the PE's code, records dropped as late)."""
         return [
-            (a, iid, i.records_in, i.records_out, i.errors, i.failed, i.dead_letters, i.process_s)
+            (
+                a,
+                iid,
+                i.records_in,
+                i.records_out,
+                i.errors,
+                i.failed,
+                i.dead_letters,
+                i.process_s,
+                i.late_dropped,
+            )
             for (a, iid), i in self.instances.items()
         ]
 
