@@ -15,11 +15,20 @@ When bytewax is importable, the same functions also run as a Bytewax dataflow in
 process (``bytewax.testing.run_main``, one worker, input batches of 1024; see
 ``peer_bytewax.py``), in the same rounds, also with no cluster process alive.
 
-With ``--metrics``, another cluster of the same shape runs with Prometheus metrics on
-(``LocalCluster(metrics=True)``) while a thread of this process scrapes its master and
-workers every second, as Prometheus would, in the same alternation (before the
-plaintext cluster in odd runs, after it in even ones); ``metrics_cost``
-is 1 - (metrics median / plaintext median), and ``scrape_ms`` gives the scrapes' times.
+With ``--metrics``, the cost of Prometheus metrics is measured in pairs after the
+rounds above, per workload: a plaintext cluster and one of the same shape with
+metrics on (``LocalCluster(metrics=True)``, its master and workers scraped every
+second by a thread of this process, as Prometheus would) both start once and stay
+up; then ``--metrics-rounds`` rounds each run the app once on both, in ABBA order
+(plaintext first in even rounds), ``--metrics-records`` records a run. A round gives
+two ratios, metrics over plaintext: records/s, and the master's and workers' CPU
+seconds per record. ``metrics_paired`` has their per-round values and, as the
+cost, 1 - the median ratio of records/s (``rps_cost``) and the median ratio of CPU
+per record - 1 (``cpu_cost``), each with a 95% bootstrap confidence interval of the
+median (2000 resamples of the rounds, seeded); ``goal_met`` says whether the
+interval's upper end of each is at most 5%. Pairing within a round cancels the
+load that other work puts on the machine over minutes, and CPU seconds do not count
+the time the processes waited for a core.
 
 With ``--tls`` (the default), a second cluster of the same shape runs with mTLS under
 a cluster CA (``LocalCluster(secure=True)``: the data plane between workers and every
@@ -41,6 +50,7 @@ import contextlib
 import json
 import os
 import platform
+import random
 import statistics
 import sys
 import tempfile
@@ -292,6 +302,69 @@ def _cpu_ratio(a: list[Measured], b: list[Measured]) -> dict[str, object]:
     }
 
 
+def _boot_ci(xs: list[float], resamples: int = 2000, seed: int = 1) -> list[float]:
+    """95% bootstrap confidence interval of the median of ``xs``."""
+    rng = random.Random(seed)
+    meds = sorted(statistics.median(rng.choices(xs, k=len(xs))) for _ in range(resamples))
+    return [round(meds[int(0.025 * resamples)], 4), round(meds[int(0.975 * resamples) - 1], 4)]
+
+
+def metrics_paired(body: str, workers: int, n: int, rounds: int, tmp: Path) -> dict[str, object]:
+    """The cost of metrics in ``rounds`` paired rounds on two clusters that stay up:
+    plaintext and metrics on (scraped every second), ABBA order; see the docstring."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    plain: list[Measured] = []
+    met: list[Measured] = []
+    load: list[float] = []
+    with contextlib.ExitStack() as stack:
+        c = stack.enter_context(
+            LocalCluster(workers=workers, data_dir=tmp / "plain", log_level="warning")
+        )
+        cm = stack.enter_context(
+            LocalCluster(
+                workers=workers, data_dir=tmp / "metrics", log_level="warning", metrics=True
+            )
+        )
+        scraper = stack.enter_context(Scraper(cm))
+        for r in range(rounds):
+            load.append(os.getloadavg()[0])
+            pair = [(c, plain, "plain"), (cm, met, "metrics")]
+            for cluster, out, tag in pair if r % 2 == 0 else pair[::-1]:
+                out.append(hotwire_run(cluster, body, n, tmp, f"{tag}-{r}"))
+    rps = [m[0] / p[0] for m, p in zip(met, plain, strict=True)]
+    cpu = [m[1] / p[1] for m, p in zip(met, plain, strict=True)]
+    rps_cost = [1 - x for x in rps]
+    cpu_cost = [x - 1 for x in cpu]
+    ms = sorted(scraper.ms)
+    doc: dict[str, object] = {
+        "rounds": rounds,
+        "records_per_run": n,
+        "load_average": _spread(load, 2),
+        "plain_rps": _spread([x[0] for x in plain]),
+        "metrics_rps": _spread([x[0] for x in met]),
+        "plain_cpu_s_per_m": _spread([x[1] for x in plain], 3),
+        "metrics_cpu_s_per_m": _spread([x[1] for x in met], 3),
+        "rps_cost_per_round": [round(x, 4) for x in rps_cost],
+        "cpu_cost_per_round": [round(x, 4) for x in cpu_cost],
+        "rps_cost": round(statistics.median(rps_cost), 4),
+        "rps_cost_ci95": _boot_ci(rps_cost),
+        "rps_cost_spread": _spread(rps_cost, 4),
+        "cpu_cost": round(statistics.median(cpu_cost), 4),
+        "cpu_cost_ci95": _boot_ci(cpu_cost),
+        "cpu_cost_spread": _spread(cpu_cost, 4),
+        "scrape_ms": {
+            "count": len(ms),
+            "median": round(statistics.median(ms), 2) if ms else None,
+            "max": round(ms[-1], 2) if ms else None,
+        },
+    }
+    doc["goal_met"] = {
+        "rps": _boot_ci(rps_cost)[1] <= 0.05,
+        "cpu": _boot_ci(cpu_cost)[1] <= 0.05,
+    }
+    return doc
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -315,8 +388,10 @@ def main() -> None:
         "--metrics",
         action=argparse.BooleanOptionalAction,
         default=False,
-        help="also measure a cluster with Prometheus metrics on, scraped every second",
+        help="also measure the cost of metrics on (scraped every second) in paired rounds",
     )
+    ap.add_argument("--metrics-rounds", type=int, default=20)
+    ap.add_argument("--metrics-records", type=int, default=0, help="default: --records")
     args = ap.parse_args()
     n = args.records
     result: dict[str, object] = {
@@ -330,6 +405,7 @@ def main() -> None:
             "runs": args.runs,
             "tls": args.tls,
             "metrics": args.metrics,
+            "metrics_rounds": args.metrics_rounds if args.metrics else 0,
             "baseline": "the app's functions and counting sink in one loop, run first in "
             "each round with no cluster process alive (Bytewax too); the round's "
             "clusters start after it and stop before the next round",
@@ -359,8 +435,6 @@ def main() -> None:
             base: list[Measured] = []
             bw: list[Measured] = []
             tls: list[Measured] = []
-            met: list[Measured] = []
-            scrape_ms: list[float] = []
             gone: list[int] = []  # the processes of the last round's clusters
             for run in range(args.runs):
                 # The baselines run alone: every cluster process of the round before
@@ -389,28 +463,10 @@ def main() -> None:
                             )
                         )
                         clusters.append(ct)
-                    cm, scraper = None, None
-                    if args.metrics:
-                        cm = stack.enter_context(
-                            LocalCluster(
-                                workers=workers,
-                                data_dir=tmp / f"{name}-metrics-{run}",
-                                log_level="warning",
-                                metrics=True,
-                            )
-                        )
-                        clusters.append(cm)
-                        scraper = stack.enter_context(Scraper(cm))
                     gone = [pid for cl in clusters for pid in cluster_pids(cl)]
-                    if cm is not None and run % 2:  # every other run: metrics first
-                        met.append(hotwire_run(cm, body, n, tmp, f"{name}-metrics-{run}"))
                     hw.append(hotwire_run(c, body, n, tmp, f"{name}-{run}"))
                     if ct is not None:
                         tls.append(hotwire_run(ct, body, n, tmp, f"{name}-tls-{run}"))
-                    if cm is not None and not run % 2:
-                        met.append(hotwire_run(cm, body, n, tmp, f"{name}-metrics-{run}"))
-                if scraper is not None:
-                    scrape_ms += scraper.ms
             hw_rps, base_rps = [x[0] for x in hw], [x[0] for x in base]
             entry: dict[str, object] = {
                 "workers": workers,
@@ -438,22 +494,14 @@ def main() -> None:
                     1 - statistics.median(tls_rps) / statistics.median(hw_rps), 3
                 )
                 entry["tls_cost_spread"] = _spread([1 - r for r in _ratios(tls_rps, hw_rps)], 3)
-            if met:
-                met_rps = [x[0] for x in met]
-                entry["hotwire_metrics_rps"] = [round(x, 1) for x in met_rps]
-                entry["hotwire_metrics_rps_median"] = _med(met_rps)
-                entry["hotwire_metrics_rps_spread"] = _spread(met_rps)
-                entry["hotwire_metrics_cpu_s_per_m"] = _cpu_entry(met)
-                entry["metrics_cost"] = round(
-                    1 - statistics.median(met_rps) / statistics.median(hw_rps), 3
+            if args.metrics:
+                entry["metrics_paired"] = metrics_paired(
+                    body,
+                    workers,
+                    args.metrics_records or n,
+                    args.metrics_rounds,
+                    tmp / f"{name}-paired",
                 )
-                entry["metrics_cost_spread"] = _spread([1 - r for r in _ratios(met_rps, hw_rps)], 3)
-                ms = sorted(scrape_ms)
-                entry["scrape_ms"] = {
-                    "count": len(ms),
-                    "median": round(statistics.median(ms), 2) if ms else None,
-                    "max": round(ms[-1], 2) if ms else None,
-                }
             if bw:
                 bw_rps = [x[0] for x in bw]
                 entry["bytewax_workers"] = 1
