@@ -25,7 +25,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Restartable", "ServerMissing", "free_port", "postgres_server", "redis_server"]
+__all__ = [
+    "Restartable",
+    "ServerMissing",
+    "durable_redis",
+    "free_port",
+    "postgres_server",
+    "redis_server",
+    "restartable_postgres",
+]
 
 
 class ServerMissing(RuntimeError):
@@ -142,11 +150,28 @@ def _has_user(name: str) -> bool:
 
 
 @contextlib.contextmanager
-def postgres_server(tmp: Path, settings: dict[str, str] | None = None) -> Iterator[str]:
-    """A PostgreSQL server (initdb into a new directory, TCP on 127.0.0.1, trust auth,
-    ``max_prepared_transactions=10``, ``fsync=off`` plus ``settings``); yields the URL
-    of its ``postgres`` database. As root it runs as the postgres (or nobody) user
-    in a directory of its own (PostgreSQL refuses to run as root)."""
+def durable_redis(tmp: Path) -> Iterator[tuple[str, Restartable]]:
+    """A redis-server that writes every change to its append-only file before it
+    replies (``appendfsync always``), so a SIGKILL loses nothing it acknowledged;
+    its data in ``tmp/redis``, its log in ``tmp/redis.log``. Yields its URL and the
+    :class:`Restartable` that kills and starts it again on the same port and data."""
+    binary = find_binary("redis-server")
+    port = free_port()
+    data = tmp / "redis"
+    data.mkdir(parents=True, exist_ok=True)
+    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data)]
+    args += ["--save", "", "--appendonly", "yes", "--appendfsync", "always"]
+    server = Restartable(args, tmp / "redis.log", port)
+    server.start()
+    try:
+        yield f"redis://127.0.0.1:{port}/0", server
+    finally:
+        server.stop()
+
+
+def _initdb(tmp: Path, settings: dict[str, str] | None) -> tuple[Path, list[str], str | None]:
+    """A new PostgreSQL data directory (as the postgres or nobody user when root) and
+    the arguments that run a server on it on a free port: (base dir, args, user)."""
     initdb, postgres = find_binary("initdb"), find_binary("postgres")
     user = None
     if os.geteuid() == 0:
@@ -163,17 +188,55 @@ def postgres_server(tmp: Path, settings: dict[str, str] | None = None) -> Iterat
             user=user,
             cwd=base,
         )
-        conf = {
-            "listen_addresses": "127.0.0.1",
-            "max_prepared_transactions": "10",
-            "fsync": "off",
-            "max_connections": "50",
-            **(settings or {}),
-        }
-        port = free_port()
-        args = [postgres, "-D", str(data), "-p", str(port), "-k", str(base)]
-        for k, v in conf.items():
-            args += ["-c", f"{k}={v}"]
+    except BaseException:
+        shutil.rmtree(base, ignore_errors=True)
+        raise
+    conf = {
+        "listen_addresses": "127.0.0.1",
+        "max_prepared_transactions": "10",
+        "fsync": "off",
+        "max_connections": "50",
+        **(settings or {}),
+    }
+    args = [postgres, "-D", str(data), "-p", str(free_port()), "-k", str(base)]
+    for k, v in conf.items():
+        args += ["-c", f"{k}={v}"]
+    return base, args, user
+
+
+@contextlib.contextmanager
+def restartable_postgres(
+    tmp: Path, settings: dict[str, str] | None = None
+) -> Iterator[tuple[str, Restartable]]:
+    """A PostgreSQL server as :func:`postgres_server` starts it, its log in
+    ``tmp/postgres.log``; yields the URL of its ``postgres`` database and the
+    :class:`Restartable` that stops it (``stop(signal.SIGQUIT)``: an immediate
+    shutdown, crash recovery at the next start) and starts it again on the same
+    port and data."""
+    base, args, user = _initdb(tmp, settings)
+    port = int(args[args.index("-p") + 1])
+    server = Restartable(args, tmp / "postgres.log", port, user)
+    url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    try:
+        server.start()
+        proc = server.proc
+        assert proc is not None
+        _wait_postgres(url, proc, tmp / "postgres.log")
+        yield url, server
+    finally:
+        server.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def postgres_server(tmp: Path, settings: dict[str, str] | None = None) -> Iterator[str]:
+    """A PostgreSQL server (initdb into a new directory, TCP on 127.0.0.1, trust auth,
+    ``max_prepared_transactions=10``, ``fsync=off`` plus ``settings``); yields the URL
+    of its ``postgres`` database. As root it runs as the postgres (or nobody) user
+    in a directory of its own (PostgreSQL refuses to run as root)."""
+    base, args, user = _initdb(tmp, settings)
+    port = args[args.index("-p") + 1]
+    try:
         with open(base / "postgres.log", "wb") as log:
             proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, user=user, cwd=base)
             url = f"postgresql://postgres@127.0.0.1:{port}/postgres"

@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
-import subprocess
-import tempfile
 import threading
 import time
 from collections import Counter, defaultdict
@@ -25,6 +22,7 @@ from typing import Any
 import pytest
 from connector_servers import redis_url  # noqa: F401 - a fixture
 
+from hotwire.testing import servers
 from hotwire.testing.cluster import LocalCluster, poll_for, write_app
 from hotwire.testing.servers import Restartable, ServerMissing, find_binary, free_port
 
@@ -49,61 +47,18 @@ def _binary(name: str) -> str:
 def durable_redis(tmp_path: Path) -> Iterator[tuple[str, Restartable]]:
     """A redis-server that writes every change to its append-only file before it
     replies, so a SIGKILL loses nothing it acknowledged."""
-    port = free_port()
-    data = tmp_path / "redis"
-    data.mkdir()
-    args = [_binary("redis-server"), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data)]
-    args += ["--save", "", "--appendonly", "yes", "--appendfsync", "always"]
-    server = Restartable(args, tmp_path / "redis.log", port)
-    server.start()
-    try:
-        yield f"redis://127.0.0.1:{port}/0", server
-    finally:
-        server.stop()
+    _binary("redis-server")
+    with servers.durable_redis(tmp_path) as got:
+        yield got
 
 
 @pytest.fixture
 def restartable_postgres(tmp_path: Path) -> Iterator[tuple[str, Restartable]]:
     """A PostgreSQL server of this test alone (it is stopped and started again)."""
-    initdb, postgres = _binary("initdb"), _binary("postgres")
-    user = None
-    if os.geteuid() == 0:  # PostgreSQL refuses to run as root
-        import pwd
-
-        try:
-            pwd.getpwnam("postgres")
-            user = "postgres"
-        except KeyError:
-            user = "nobody"
-    base = Path(tempfile.mkdtemp(prefix="hotwire-pg-", dir=None if user else tmp_path))
-    if user is not None:
-        shutil.chown(base, user)
-    data = base / "data"
-    subprocess.run(
-        [initdb, "-D", str(data), "-U", "postgres", "-A", "trust", "--no-sync", "-E", "UTF8"],
-        check=True,
-        capture_output=True,
-        user=user,
-        cwd=base,
-    )
-    port = free_port()
-    args = [postgres, "-D", str(data), "-p", str(port), "-k", str(base)]
-    for setting in (
-        "listen_addresses=127.0.0.1",
-        "max_prepared_transactions=10",
-        "fsync=off",
-        "max_connections=50",
-    ):
-        args += ["-c", setting]
-    server = Restartable(args, tmp_path / "postgres.log", port, user)
-    url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
-    try:
-        server.start()
-        poll_for(lambda: _pg_ready(url), 20, what="postgres to accept connections")
-        yield url, server
-    finally:
-        server.stop()
-        shutil.rmtree(base, ignore_errors=True)
+    _binary("initdb")
+    _binary("postgres")
+    with servers.restartable_postgres(tmp_path) as got:
+        yield got
 
 
 def _pg_ready(url: str) -> bool:
