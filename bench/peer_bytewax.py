@@ -313,6 +313,42 @@ def _spawn(out: Path, db: Path, n: int, rate: float, keys: int, v: dict[str, Any
     return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
+def saturate(
+    work: Path, *, n: int, keys: int, workers: int = 2, timeout: float = 300.0
+) -> dict[str, Any]:
+    """The scenario dataflow (v1) on ``n`` records as fast as it goes (``workers`` workers,
+    a recovery store as in the upgrade runs): records/s at the sink after its first
+    second (its first third if shorter)."""
+    from bytewax.recovery import init_db_dir
+
+    work.mkdir(parents=True, exist_ok=True)
+    out, db = work / "bytewax-saturate.out.jsonl", work / "bytewax-saturate.db"
+    out.unlink(missing_ok=True)
+    db.mkdir(parents=True, exist_ok=True)
+    for old in db.iterdir():
+        old.unlink()
+    init_db_dir(db, 1)
+    # a rate no source reaches: the source emits a full batch whenever it is asked
+    p = _spawn(out, db, n, 1e12, keys, {"workers": workers})
+    try:
+        rc = p.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+        rc = None
+    err = p.stderr.read().decode(errors="replace") if p.stderr else ""
+    if p.stderr:
+        p.stderr.close()
+    if rc != 0:
+        raise RuntimeError(f"the saturating bytewax run exited with {rc}: {err[-1000:]}")
+    with open(out) as f:
+        ts = sorted(json.loads(line)["t_sink"] for line in f if line.strip())
+    out.unlink()
+    t0, t1 = ts[0] + min(1.0, (ts[-1] - ts[0]) / 3), ts[-1]  # leave out the start-up
+    done = sum(1 for t in ts if t >= t0)
+    return {"records": len(ts), "workers": workers, "rps": done / (t1 - t0) if t1 > t0 else None}
+
+
 def stop_and_resume(
     work: Path,
     tag: str,

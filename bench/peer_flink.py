@@ -53,7 +53,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve()
 TICK_S = 0.001
-STOP_ALLOWANCE_S = 8.0  # input budgeted for the time ``flink stop`` takes to trigger
+STOP_ALLOWANCE_S = 60.0  # input budgeted for the stop, the run and start of v2
 
 
 # -- the job (runs in the Flink client and in the TaskManager) --------------------
@@ -489,6 +489,22 @@ def _count_lines(path: Path) -> int:
         return 0
 
 
+def _has_ver(path: Path, ver: int) -> bool:
+    """Whether the last whole line of ``path`` was written by version ``ver``."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        return False
+    for line in reversed(lines[1:] if len(lines) > 1 else lines):
+        try:
+            return bool(json.loads(line)["ver"] == ver)
+        except ValueError:
+            continue
+    return False
+
+
 def _read_rows(path: Path) -> list[dict[str, Any]]:
     rows = []
     with open(path) as f:
@@ -501,7 +517,8 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
 def saturate(
     fc: FlinkCluster, work: Path, *, n: int, keys: int, count_p: int = 2
 ) -> dict[str, Any]:
-    """The job unpaced on ``n`` records: records/s at the sink after its first second."""
+    """The job unpaced on ``n`` records: records/s at the sink after its first second
+    (its first third if shorter)."""
     out = work / "flink-saturate.out.jsonl"
     out.unlink(missing_ok=True)
     jid = fc.run({"out": out, "n": n, "rate": 0, "keys": keys, "count_p": count_p, "ver": 1})
@@ -510,7 +527,7 @@ def saturate(
         raise RuntimeError(f"the saturating Flink job ended {st}: {fc.exception(jid)}")
     ts = sorted(r["t_sink"] for r in _read_rows(out))
     out.unlink()
-    t0, t1 = ts[0] + 1.0, ts[-1]
+    t0, t1 = ts[0] + min(1.0, (ts[-1] - ts[0]) / 3), ts[-1]  # leave out the start-up
     done = sum(1 for t in ts if t >= t0)
     return {"records": len(ts), "count_p": count_p, "rps": done / (t1 - t0) if t1 > t0 else None}
 
@@ -526,14 +543,19 @@ def stop_and_resume(
     rate: float,
     keys: int,
     warm: float,
+    after: float,
     timeout: float = 120.0,
 ) -> dict[str, Any]:
     """Run ``v1``; after ``warm`` s of output stop it with a savepoint and run ``v2`` from it.
 
-    ``v1``/``v2``: ``code`` and ``count_p``. Returns the sink rows (``ver`` says which job
-    wrote each), ``t_req`` (before ``flink stop``), ``t_done`` (``flink run`` of ``v2``
-    returned), ``stop_ms`` and ``run_ms`` (the two commands), ``first_output_s`` (from
-    ``t_req`` to the first record written by ``v2``) and ``v2``'s final state.
+    ``v1``/``v2``: ``code`` and ``count_p``. ``v2`` is stopped with a savepoint as well
+    after ``after`` s of output (unless its ``n`` records are done): every record its
+    source emitted before that savepoint reaches the sink, so sequence numbers
+    ``0 .. emitted - 1`` are checked (``emitted``: the highest one written, plus 1).
+    Returns the sink rows (``ver`` says which job wrote each), ``emitted``, ``t_req``
+    (before ``flink stop``), ``t_done`` (``flink run`` of ``v2`` returned), ``stop_ms`` and
+    ``run_ms`` (the two commands), ``first_output_s`` (from ``t_req`` to the first record
+    written by ``v2``) and ``v2``'s final state.
     """
     work.mkdir(parents=True, exist_ok=True)
     out = work / f"{tag}.out.jsonl"
@@ -556,6 +578,14 @@ def stop_and_resume(
             savepoint=sp,
         )
         c2, t_done = time.perf_counter(), time.time()
+        deadline = time.monotonic() + timeout
+        while not _has_ver(out, 2):
+            if fc.state(j2) in ("FAILED", "CANCELED", "FINISHED") or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        time.sleep(after)
+        if fc.state(j2) == "RUNNING":
+            fc.stop(j2)
         st = fc.wait(j2, timeout)
         err = fc.exception(j2) if st != "FINISHED" else ""
     finally:
@@ -566,6 +596,7 @@ def stop_and_resume(
     first_new = min((r["t_sink"] for r in rows if r["ver"] == 2), default=None)
     return {
         "rows": rows,
+        "emitted": max((r["seq"] for r in rows), default=-1) + 1,
         "t_req": t_req,
         "t_done": t_done,
         "stop_ms": (c1 - c0) * 1000,
@@ -616,7 +647,7 @@ def peer_runs(
     v1, v2 = SCENARIO_VERSIONS[scenario]
     warm = max(warm, keys / rate + 1.0)  # every key is in the state before the stop
     # the source must still be running when the savepoint is triggered: ``flink stop``
-    # starts a JVM first (seconds); then ``after`` s of input are left for the new version
+    # starts a JVM first (seconds, more under load); v2 is stopped after ``after`` s
     n = int(rate * (warm + STOP_ALLOWANCE_S + after))
     gaps: list[float] = []
     new_gaps: list[float] = []
@@ -630,18 +661,32 @@ def peer_runs(
     tl = None
     for i in range(runs):
         r = stop_and_resume(
-            fc, work, f"flink-{scenario}-{i}", v1, v2, n=n, rate=rate, keys=keys, warm=warm
+            fc,
+            work,
+            f"flink-{scenario}-{i}",
+            v1,
+            v2,
+            n=n,
+            rate=rate,
+            keys=keys,
+            warm=warm,
+            after=after,
         )
         if r["state"] != "FINISHED":
             raise RuntimeError(f"flink v2 ended {r['state']}: {r['error']}")
-        run = Run(f"flink:{scenario}", rows=r["rows"], n=n)
+        run = Run(f"flink:{scenario}", rows=r["rows"], n=r["emitted"])
         run.events.append(
             Event("restart", r["t_req"], r["t_done"], r["stop_ms"] + r["run_ms"], r["run_ms"])
         )
         m = measure(run)
         v = m["verdict"]
         gaps += m["gaps"]
-        steady += steady_gap(run, steady_window)
+        # the noise floor: v1's output before the stop and v2's after its start-up, apart
+        for part in (
+            [x for x in r["rows"] if x["t_sink"] < r["t_req"]],
+            [x for x in r["rows"] if x["ver"] == 2],
+        ):
+            steady += steady_gap(Run("steady", rows=part), steady_window)
         t_out = min(x["t_sink"] for x in r["rows"])
         stretch.append(max_gap(run.sink_times, t_out + 0.5, r["t_req"] - 0.2) * 1000)
         new_gaps.append(new_output_gap(run, run.events[0]))
@@ -727,7 +772,9 @@ def main(argv: list[str] | None = None) -> int:
         default=2.0,
         help="s of output before the stop (at least keys/rate + 1)",
     )
-    ap.add_argument("--after", type=float, default=4.0, help="s of input left for the new version")
+    ap.add_argument(
+        "--after", type=float, default=4.0, help="s of output of the new version before its stop"
+    )
     ap.add_argument(
         "--saturate-n",
         type=int,

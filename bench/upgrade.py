@@ -936,27 +936,40 @@ def peer_entry(
     return out
 
 
-FLINK_SATURATE_N = 60000  # records of the unpaced Flink run (about 10 s on 2 cores)
+FLINK_SATURATE_N = 60000  # records of the unpaced Flink and Bytewax runs
 
 
 def flink_entries(
     doc: dict[str, Any], work: Path, *, runs: int, warm: float, missing: dict[str, Any] | None
 ) -> None:
-    """The ``flink`` field of each scenario that has a Flink counterpart, and Flink's
-    saturated throughput beside hotwire's; the Flink cluster runs only meanwhile (the
-    hotwire cluster is idle then)."""
+    """The ``flink`` field of each scenario that has a Flink counterpart, and Flink's and
+    Bytewax's saturated throughput on the same records beside hotwire's; the Flink
+    cluster runs only meanwhile (the hotwire cluster is idle then)."""
     wanted = [s for s in doc["scenarios"] if s["name"] in peer_flink.SCENARIO_VERSIONS]
+    keys = doc["config"]["keys"]
+    if peer_bytewax.version() is not None:
+        log(f"bytewax: saturated throughput ({FLINK_SATURATE_N} records, 2 workers)")
+        bw = peer_bytewax.saturate(work / "bytewax-sat", n=FLINK_SATURATE_N, keys=keys)
+        doc["throughput"]["bytewax"] = {
+            **bw,
+            "rps": r3(bw["rps"]),
+            "system": f"bytewax {peer_bytewax.version()}",
+        }
     if missing is not None or not wanted:
         for s in wanted:
             s["flink"] = missing
         return
-    rate, keys = doc["config"]["rate"], doc["config"]["keys"]
+    rate = doc["config"]["rate"]
     log("flink: starting a local Flink cluster")
     with peer_flink.FlinkCluster(peer_flink.flink_python(), work=work / "flink") as fc:
         n = FLINK_SATURATE_N
         log(f"flink: saturated throughput ({n} records)")
         sat = peer_flink.saturate(fc, work, n=n, keys=keys)
-        doc["throughput"]["flink"] = {**sat, "rps": r3(sat["rps"]), "system": fc.version}
+        doc["throughput"]["flink"] = {
+            **sat,
+            "rps": r3(sat["rps"]),
+            "system": f"apache-flink {fc.version}",
+        }
         for s in wanted:
             log(f"{s['name']}: {runs} Flink stop-with-savepoint run(s)")
             r = peer_flink.peer_runs(
