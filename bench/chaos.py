@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import contextlib
 import inspect
 import json
 import os
@@ -40,13 +41,16 @@ import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, astuple, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import chaos_connectors as cx
 
 from hotwire.sinks import read_committed
 from hotwire.testing.cluster import LocalCluster, write_app
@@ -56,7 +60,7 @@ WORKERS = ("w1", "w2", "w3")
 # worker_restart: SIGKILL a worker and start it again at once, before the master can
 # declare it dead.
 FAULT_KINDS = ("worker_kill", "master_kill", "link_cut", "worker_pause", "worker_restart")
-EXTRA_KINDS: tuple[str, ...] = ()
+EXTRA_KINDS: tuple[str, ...] = cx.KINDS  # --connectors only
 TRANSITION_KINDS = ("upgrade", "rescale", "rollback")
 
 APP_TEMPLATE = '''\
@@ -174,6 +178,7 @@ class Shape:
     code: int = 1  # the constant the counting PE writes into every row
     count_p: int = 2
     sink_p: int = 2
+    src_p: int = 1  # --connectors: the Redis stream source's (and parse's) parallelism
 
 
 # -- the ledger: what is committed, and when it was first seen ----------------
@@ -262,11 +267,14 @@ class Ledger(threading.Thread):
 
 
 # -- the verdict ----------------------------------------------------------------
-def check(rows: list[dict[str, Any]], n: int, keys: int) -> dict[str, Any]:
+def check(rows: list[dict[str, Any]], n: int, keys: int, ordered: bool = True) -> dict[str, Any]:
     """Lost, duplicated and per-key state errors in the committed rows of seqs 0..n-1.
 
-    A row's ``n`` must equal the number of committed seqs of its key up to and
-    including its own seq (the counting PE's state at that record)."""
+    ``ordered``: a row's ``n`` must equal the number of committed seqs of its key up
+    to and including its own seq (the counting PE's state at that record). Else (the
+    records of a key reach the count from more than one source instance, in no seq
+    order) the ``n`` of a key's rows must be 1, 2, ... its number of rows, each once;
+    a row whose ``n`` is not one of those, or is another row's, is an error."""
     counts = Counter(r["seq"] for r in rows)
     lost = [s for s in range(n) if s not in counts]
     dups = sorted(s for s, k in counts.items() if k > 1)
@@ -276,9 +284,15 @@ def check(rows: list[dict[str, Any]], n: int, keys: int) -> dict[str, Any]:
         per_key[f"k{s % keys}"].append(s)
     state_errors: list[dict[str, Any]] = []
     wrong_key = 0
+    ns: dict[str, Counter[int]] = defaultdict(Counter)
     for r in rows:
         if r["key"] != f"k{r['seq'] % keys}":
             wrong_key += 1
+            continue
+        if not ordered:
+            ns[r["key"]][r["n"]] += 1
+            if ns[r["key"]][r["n"]] > 1 or not 1 <= r["n"] <= len(per_key[r["key"]]):
+                state_errors.append({"seq": r["seq"], "key": r["key"], "n": r["n"]})
             continue
         expect = bisect.bisect_right(per_key[r["key"]], r["seq"])
         if r["n"] != expect:
@@ -351,6 +365,9 @@ class Config:
     keep: bool
     log_level: str = "info"
     windows: int = 0  # tumbling window size in seqs; 0: no window branch
+    connectors: bool = False  # Redis stream source and PostgreSQL sink, their servers killed
+    batch: int = 32  # --connectors: entries per Redis read
+    stream_rows: int = 64  # --connectors: rows a PostgresSink COPYs at a time mid-epoch
 
 
 @dataclass
@@ -370,9 +387,11 @@ class Run:
     transition_errors: list[dict[str, Any]] = field(default_factory=list)
     busy_retries: int = 0
     paths: dict[Shape, str] = field(default_factory=dict)
+    servers: cx.Servers | None = None  # --connectors
 
     def __post_init__(self) -> None:
         self.rng_rescale = random.Random(f"{self.cfg.seed}/rescale")
+        self.rng_down = random.Random(f"{self.cfg.seed}/down")  # a server's time down
 
     # -- the cluster, read without failing while the master restarts ------------
     def status(self) -> Any | None:
@@ -409,6 +428,17 @@ class Run:
 
     # -- the app ----------------------------------------------------------------------
     def app_path(self, shape: Shape) -> str:
+        if shape not in self.paths and self.servers is not None:
+            body = cx.app_source(
+                APP,
+                self.servers.redis_url,
+                self.servers.pg_url,
+                **asdict(shape),
+                batch=self.cfg.batch,
+                stream_rows=self.cfg.stream_rows,
+            )
+            name = f"v_c{shape.code}_r{shape.src_p}_p{shape.count_p}_s{shape.sink_p}.py"
+            self.paths[shape] = write_app(self.tmp, name, body)
         if shape not in self.paths:
             body = APP_TEMPLATE.format(
                 rate=self.cfg.rate,
@@ -488,6 +518,9 @@ class Run:
             ev["restarted_s"] = round(time.time() - t_fault, 3)
         elif kind == "link_cut":
             ev["links_reset"] = self.c.cut_links()
+        elif kind in cx.KINDS:
+            assert self.servers is not None, f"{kind} needs --connectors"
+            ev.update(self.servers.kill(kind, self.rng_down.uniform(0.2, 2.0)))
         elif kind == "worker_pause":
             self.c.pause_worker(victim)
             time.sleep(1.5 * hb)
@@ -510,12 +543,15 @@ class Run:
             kind = "upgrade"
         ev: dict[str, Any] = {"kind": kind, "at_s": self.at(), "from_version": self.version}
         if kind == "upgrade":
-            target = Shape(self.shape.code % 3 + 1, self.shape.count_p, self.shape.sink_p)
+            target = Shape(self.shape.code % 3 + 1, *astuple(self.shape)[1:])
         elif kind == "rescale":
-            if self.rng_rescale.random() < 0.5:
-                target = Shape(self.shape.code, 5 - self.shape.count_p, self.shape.sink_p)
+            x, sh = self.rng_rescale.random(), self.shape
+            if self.servers is not None and x < 1 / 3:
+                target = Shape(sh.code, sh.count_p, sh.sink_p, 3 - sh.src_p)
+            elif x < (0.5 if self.servers is None else 2 / 3):
+                target = Shape(sh.code, 5 - sh.count_p, sh.sink_p, sh.src_p)
             else:
-                target = Shape(self.shape.code, self.shape.count_p, 3 - self.shape.sink_p)
+                target = Shape(sh.code, sh.count_p, 3 - sh.sink_p, sh.src_p)
         else:
             target = self.versions[self.version - 1]
         ev["to"] = asdict(target)
@@ -640,19 +676,34 @@ def run(cfg: Config) -> dict[str, Any]:
         if d.exists():
             shutil.rmtree(d)
     c, settings = _cluster(cfg, tmp / "cluster")
+    stack = contextlib.ExitStack()
+    servers: cx.Servers | None = None
+    producer: cx.Producer | None = None
+    ledger: Ledger | cx.PgLedger
+    if cfg.connectors:  # the run's own redis-server and PostgreSQL, a producer feeding in
+        servers = stack.enter_context(cx.servers(tmp / "servers"))
+        producer = cx.Producer(servers.redis_url, cfg.rate, cfg.keys)
+        ledger = cx.PgLedger(servers.pg_url)
+    else:
+        ledger = Ledger(out)
     kinds = [k for k in cfg.kinds if k in FAULT_KINDS + EXTRA_KINDS]
     skipped: dict[str, str] = {}
     if "link_cut" in kinds and not settings.get("proxy_data"):
         kinds.remove("link_cut")
         skipped["link_cut"] = "LocalCluster cannot put workers behind proxies (no proxy_data)"
     plan = _fault_plan(rng, kinds, cfg.faults) if kinds else []
-    ledger = Ledger(out)
-    r = Run(cfg, c, tmp, ledger, random.Random(f"{cfg.seed}/victims"), time.time())
+    r = Run(cfg, c, tmp, ledger, random.Random(f"{cfg.seed}/victims"), time.time())  # type: ignore[arg-type]
+    r.servers = servers
+    if servers is not None:
+        r.shape = Shape(src_p=2)
     doc: dict[str, Any] = {"seed": cfg.seed}
     log(f"seed {cfg.seed}; faults planned: {plan}; data in {tmp}")
-    c.start()
+    leftover: dict[str, Any] = {}
     try:
+        c.start()
         ledger.start()
+        if producer is not None:
+            producer.start()
         r.versions[1] = r.shape
         c.client.submit(r.app_path(r.shape))
         r.version = 1
@@ -681,6 +732,9 @@ def run(cfg: Config) -> dict[str, Any]:
         # Stop injecting: the source ends at a fixed seq, far enough ahead of what is
         # committed that it has not emitted it yet.
         n = ledger.max_seq() + 1 + max(int(cfg.rate * 3), 200)
+        if producer is not None:  # it stops at a fixed seq a little ahead of where it is
+            n = max(n, producer.seq + max(int(cfg.rate), 200))
+            producer.stop_at(n)
         end_tmp = tmp / "end.tmp"
         end_tmp.write_text(str(n))
         os.replace(end_tmp, tmp / "end")
@@ -695,6 +749,9 @@ def run(cfg: Config) -> dict[str, Any]:
                 time.sleep(0.2)
         # Late duplicates would land within a few checkpoints.
         time.sleep(3 * cfg.checkpoint_interval + 1)
+        if servers is not None:  # nothing prepared and left, nothing pending in the group
+            leftover = cx.leftovers(servers, APP, 30)
+            rows = cx.rows(servers.pg_url)
         st = r.status()
         if st is None or st.state == "upgrading":
             r.stuck.append({"kind": "end", "stuck": f"app state {st.state if st else None!r}"})
@@ -709,10 +766,22 @@ def run(cfg: Config) -> dict[str, Any]:
     finally:
         try:
             ledger.stop()
+            if producer is not None:
+                producer.halt()
         finally:
-            c.stop()  # every process it started, whatever happened
-    rows = read_committed(out) if out.exists() else []
-    verdict = check(rows, n, cfg.keys)
+            try:
+                c.stop()  # every process it started, whatever happened
+            finally:
+                stack.close()  # and every server
+    if servers is None:
+        rows = read_committed(out) if out.exists() else []
+    verdict = check(rows, n, cfg.keys, ordered=servers is None)
+    if servers is not None:
+        assert producer is not None and isinstance(ledger, cx.PgLedger)
+        verdict.update(leftover)
+        verdict["producer_reconnects"] = producer.reconnects
+        verdict["producer_errors"] = producer.errors
+        verdict["ledger_unreachable_polls"] = ledger.unreachable_polls
     if cfg.windows:
         verdict.update(check_windows(_committed(wout), n, cfg.keys, cfg.windows))
     faults = [e for e in r.events if "fault" in e]
@@ -723,6 +792,8 @@ def run(cfg: Config) -> dict[str, Any]:
         if e["recovery_s"] is not None:
             by_kind[e["kind"]].append(e["recovery_s"])
     ok = not (verdict["lost"] or verdict["duplicated"] or verdict["state_errors"] or r.stuck)
+    ok = ok and not any(verdict.get(k) for k in ("pg_prepared_xacts", "redis_pending"))
+    ok = ok and not verdict.get("redis_stream_seqs_twice")
     ok = ok and not any(verdict.get(k) for k in ("windows_lost", "windows_duplicated"))
     ok = ok and not any(verdict.get(k) for k in ("windows_wrong", "windows_beyond"))
     doc.update(
@@ -758,6 +829,8 @@ def run(cfg: Config) -> dict[str, Any]:
                 "name": APP,
                 "rate": cfg.rate,
                 "keys": cfg.keys,
+                "connectors": cfg.connectors,
+                **({"batch": cfg.batch, "stream_rows": cfg.stream_rows} if cfg.connectors else {}),
                 "versions": {v: asdict(s) for v, s in sorted(r.versions.items())},
             },
             "settle_timeout_s": cfg.settle_timeout,
@@ -789,13 +862,21 @@ def _argv(cfg: Config) -> list[str]:
         f"--heartbeat-timeout {cfg.heartbeat_timeout:g}",
         f"--checkpoint-interval {cfg.checkpoint_interval:g}",
     ]
-    if tuple(cfg.kinds) != FAULT_KINDS:
+    if cfg.connectors:
+        args.append("--connectors")
+        if cfg.batch != 32 or cfg.stream_rows != 64:
+            args.append(f"--batch {cfg.batch} --stream-rows {cfg.stream_rows}")
+    if tuple(cfg.kinds) != _default_kinds(cfg.connectors):
         args.append(f"--kinds {','.join(cfg.kinds)}")
     if not cfg.transitions:
         args.append("--no-transitions")
     if cfg.windows:
         args.append(f"--windows {cfg.windows}")
     return args
+
+
+def _default_kinds(connectors: bool) -> tuple[str, ...]:
+    return FAULT_KINDS + cx.KINDS if connectors else FAULT_KINDS
 
 
 def parse(argv: Sequence[str] | None = None) -> tuple[Config, str | None]:
@@ -819,9 +900,9 @@ def parse(argv: Sequence[str] | None = None) -> tuple[Config, str | None]:
     )
     ap.add_argument(
         "--kinds",
-        default=",".join(FAULT_KINDS),
+        default=None,
         help=f"fault kinds to draw from (default {','.join(FAULT_KINDS)}; "
-        f"also: {','.join(EXTRA_KINDS)})",
+        f"with --connectors also {','.join(EXTRA_KINDS)})",
     )
     ap.add_argument(
         "--no-transitions", action="store_true", help="no upgrade/rescale/rollback between faults"
@@ -836,11 +917,29 @@ def parse(argv: Sequence[str] | None = None) -> tuple[Config, str | None]:
         metavar="SIZE",
         help="also count per key in tumbling event-time windows of SIZE seqs (default off)",
     )
+    ap.add_argument(
+        "--connectors",
+        action="store_true",
+        help="the app reads a Redis stream and commits into PostgreSQL (2PC), both servers "
+        "the run's own and killed by faults redis_kill and postgres_kill",
+    )
+    ap.add_argument(
+        "--batch", type=int, default=32, help="--connectors: entries per Redis read (32)"
+    )
+    ap.add_argument(
+        "--stream-rows",
+        type=int,
+        default=64,
+        help="--connectors: rows the PostgreSQL sink COPYs at a time while an epoch runs (64)",
+    )
     a = ap.parse_args(argv)
-    kinds = tuple(k for k in a.kinds.split(",") if k)
-    unknown = [k for k in kinds if k not in FAULT_KINDS + EXTRA_KINDS]
+    allowed = _default_kinds(a.connectors)
+    kinds = tuple(k for k in a.kinds.split(",") if k) if a.kinds is not None else allowed
+    unknown = [k for k in kinds if k not in allowed]
     if unknown:
-        ap.error(f"unknown fault kinds {unknown}; choose from {FAULT_KINDS + EXTRA_KINDS}")
+        ap.error(f"unknown fault kinds {unknown}; choose from {allowed}")
+    if a.connectors and a.windows:
+        ap.error("--connectors and --windows do not go together")
     if a.faults < 0 or a.rate <= 0 or a.keys < 1 or a.windows < 0:
         ap.error("--faults must be >= 0, --rate > 0, --keys >= 1 and --windows >= 0")
     seed = a.seed if a.seed is not None else random.SystemRandom().randrange(1 << 31)
@@ -860,6 +959,9 @@ def parse(argv: Sequence[str] | None = None) -> tuple[Config, str | None]:
         keep=a.keep,
         log_level=a.log_level,
         windows=a.windows,
+        connectors=a.connectors,
+        batch=a.batch,
+        stream_rows=a.stream_rows,
     )
     return cfg, a.out
 
@@ -881,6 +983,11 @@ def main(argv: Sequence[str] | None = None, emit: Callable[[str], None] = print)
             f"; windows {doc['windows']}: lost {doc['windows_lost']}, duplicated "
             f"{doc['windows_duplicated']}, wrong {doc['windows_wrong']}"
             if cfg.windows
+            else ""
+        )
+        + (
+            f"; prepared left {doc['pg_prepared_xacts']}, pending {doc['redis_pending']}"
+            if cfg.connectors
             else ""
         )
         + ("" if doc["ok"] else f"; cluster logs in {doc['data_dir']}")
