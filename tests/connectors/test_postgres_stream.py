@@ -179,3 +179,44 @@ def test_an_abandoned_epoch_is_rolled_back_before_the_next_begins(pg_url: str) -
         sink.teardown()
     assert _committed(pg_url) == _expected(range(STREAM_ROWS, STREAM_ROWS + 10))
     assert _prepared(pg_url) == []
+
+
+class _Dict(dict):  # a dict subclass: rows are built by the general path
+    pass
+
+
+def test_missing_columns_extra_keys_dict_subclasses_and_one_column_rows(pg_url: str) -> None:
+    _table(pg_url)
+    _sql(pg_url, "CREATE TABLE one (seq bigint)")
+    errors: list[tuple[Any, str]] = []
+    records: list[Any] = [
+        {"seq": 1},  # the other columns missing: NULL
+        {"seq": 2, "key": "b", "note": "x", "k": 7, "extra": "ignored"},
+        _Dict(seq=3, key="ключ", k=1),
+        ["not", "a", "dict"],  # refused, to the PE's error policy
+        {"key": "no seq", "note": None, "k": None},
+    ]
+
+    async def run() -> None:
+        for ctx in (_ctx(pg_url), _ctx(pg_url, instance=1)):
+            if ctx.instance == 1:
+                ctx.config = {"url": pg_url, "table": "one", "columns": ["seq"]}
+            ex = TransactionalSinkExecutor(
+                PostgresSink, ctx, lambda r, e: errors.append((r, type(e).__name__))
+            )
+            await ex.setup()
+            await ex.process(records * (STREAM_ROWS // len(records) + 1))  # streamed
+            await ex.apre_commit(1)
+            await ex.acheckpoint_complete(1)
+            await ex.teardown()
+
+    asyncio.run(run())
+    k = STREAM_ROWS // len(records) + 1
+    expected = [(1, None, None, None), (2, "b", "x", 7), (3, "ключ", None, 1)]
+    expected += [(None, "no seq", None, None)]
+    got = _sql(pg_url, "SELECT seq, key, note, k FROM rows")
+    assert sorted(got, key=str) == sorted(expected * k, key=str)
+    assert sorted(_sql(pg_url, "SELECT seq FROM one"), key=str) == sorted(
+        [(1,), (2,), (3,), (None,)] * k, key=str
+    )
+    assert errors == [(["not", "a", "dict"], "TypeError")] * (2 * k)
