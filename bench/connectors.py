@@ -270,6 +270,7 @@ def plain_run(redis_url: str, pg: str, n: int, batch: int, tag: str) -> dict[str
         "rps": n / wall,
         "cpu_s": time.process_time() - cpu0,
         "redis_cpu_s": _redis_cpu_s(redis_url) - rcpu0,
+        "loadavg_after": [round(x, 2) for x in os.getloadavg()],
         **_check(pg, table, n),
     }
 
@@ -325,6 +326,7 @@ def hotwire_run(
     return {
         "rps": n / (float(t_end) - t0),
         "submit_s": t0 - t_submit,
+        "loadavg_after": [round(x, 2) for x in os.getloadavg()],
         "cluster_cpu_s": cpu,
         "redis_cpu_s": rcpu,
         **checks,
@@ -489,6 +491,7 @@ def main() -> None:
     result["two_pc_cost"] = round(1 - med["two_pc"] / med["plain_insert"], 3)
     result["two_pc_vs_no_rows"] = round(med["two_pc"] / med["no_rows"], 3)
     lat["p99_over_checkpoint_interval"] = round(lat["latency_ms"]["p99"] / 1000 / ci, 3)
+    result["machine"]["loadavg_end"] = list(os.getloadavg())
     result["latency"] = lat
     exact = all(
         x["lost"] == x["duplicated"] == x["out_of_range"] == x["keys_with_wrong_counts"] == 0
