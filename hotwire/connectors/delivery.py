@@ -98,7 +98,19 @@ class DeliveryLogReader:
         self.position += 1
         return self._buf.pop()
 
+    def held(self) -> bool:
+        """The worker holds its output (it stood still; the master may have declared
+        it dead and started this instance elsewhere, on the same delivery log)."""
+        hold = getattr(self.ctx, "hold", None)
+        return hold is not None and bool(hold.held())
+
     async def _step(self) -> None:
+        # A worker that was stopped (SIGSTOP, a paused host) may have been replaced
+        # meanwhile: a read now would append to the log its replacement emits from,
+        # and shift every later position in it. Nothing goes to the server until the
+        # master answers that this worker's session is current.
+        while self.held():
+            await self.ctx.hold.wait()
         if not self._open:
             self._replay = list(await self.open(self.position))
             self._open = True
@@ -129,7 +141,7 @@ class DeliveryLogReader:
         """Retiring: acks what a complete checkpoint covers first (a source held back
         by backpressure may not have stepped since), so a rescale that follows finds
         the previous one finished; then drops the connection."""
-        if self._ack_due and self._open:
+        if self._ack_due and self._open and not self.held():
             try:
                 await self.ack(self._acked_to)
                 self._ack_due = False

@@ -454,7 +454,10 @@ class _Reader(DeliveryLogReader):
         return asyncio.ensure_future(self._read_logged())
 
     async def _read_logged(self) -> list[Any]:
-        """Up to ``batch`` new entries, in the delivery log (see ``_MARK``)."""
+        """Up to ``batch`` new entries, in the delivery log (see ``_MARK``); none
+        while the worker holds its output (a read ahead started before it stood still)."""
+        if self.held():
+            return []
         stream, batch = self.conf.stream, self.conf.batch
         async with self._redis.pipeline(transaction=True) as p:
             p.eval(_MARK, 2, stream, self.mark_key, self.group)
