@@ -1,11 +1,16 @@
-"""Nexmark on hotwire and on Bytewax: events/s, window latency and result equality.
+"""Nexmark on hotwire and on Bytewax: events/s, CPU, window latency and result equality.
 
     python bench/nexmark.py [--events N] [--queries q0,q5,...] [--runs R] [--upgrade]
+        [--workers W] [--parallelism P] [--bytewax-procs 1,2] [--out FILE]
 
-Each query runs alone, as its own app on a fresh local cluster (a master and 2
-workers, processes on loopback) whose source is the Nexmark generator
-(``examples/nexmark``) inside the app; every result is checked against the
-plain-Python reference over the same events (the exact multiset, normalised).
+Each query runs alone, as its own app on a fresh local cluster (a master and W
+workers, default 2, processes on loopback) whose source is the Nexmark generator
+(``examples/nexmark``) inside the app, in P instances (default W), instance i
+making part i of the events (chunks of 100 events, chunk c in part c % P), each
+with its own timestamp assigner and filters on forward streams, so instance i of
+each runs on one worker; Q5's windows also run P instances, Q7's one (one key).
+Every result is checked against the plain-Python reference over the same events
+(the exact multiset, normalised).
 
 * **events/s** = events / (time of the last result at the sink - time of the
   submit call): deployment, the source's generation and every PE included. The
@@ -13,25 +18,45 @@ plain-Python reference over the same events (the exact multiset, normalised).
   the result file until it holds as many results as the reference. We also give
   ``events_per_s_from_first_event`` (from the source's first event instead of
   the submit).
+* **CPU**: ``cpu_s``, the CPU seconds (user + system, /proc) the master and
+  workers used from the submit to the last result, and ``events_per_cpu_s``; on
+  a machine other work shares, this is steadier than events/s.
 * **latency** (windowed queries q5, q7): per window result, its sink time minus
-  the wall time at which the source yielded the first event at or past the
-  window's end (the first moment the window could be complete; the final
-  windows, closed by the end of the input, count from the source's last event).
-  Sources run unthrottled, so this is latency at full load, queueing included.
-* **Bytewax** (0.21.1, ``bytewax.testing.run_main``, one worker in-process, input
-  batches of 1024, the same generator and functions; Q5 and Q7 with
-  ``bytewax.operators.windowing``: ``SlidingWindower``/``TumblingWindower`` and an
-  ``EventClock`` whose ``wait_for_system_duration`` is 10 s) runs q0, q1, q2, q5
-  and q7: events / wall time of ``run_main``, the same latency measure, its
-  result checked against the same reference.
+  the wall time at which every part of the source had yielded an event at or
+  past the window's end (the first moment the window could be complete; the
+  final windows, closed by the end of the input, count from the last part's last
+  event). Sources run unthrottled, so this is latency at full load, queueing
+  included.
+* **Bytewax** (0.21.1) runs q0, q1, q2, q5 and q7 with the same generator, the
+  same functions and the same sink function, in each configuration of
+  ``--bytewax-procs`` (default 1 and W): 1 is ``bytewax.testing.run_main`` in
+  this process, one worker, one partition; k > 1 is k processes of one worker
+  each (``bytewax.testing.cluster_main`` on loopback) and the source in k
+  partitions, partition i making part i of k of the events. Input batches of
+  1024; Q5 and Q7 with ``bytewax.operators.windowing`` (``SlidingWindower`` /
+  ``TumblingWindower``, an ``EventClock``). Its clock is per key and moves with
+  the items it sees, not with the least of the partitions, so with one
+  partition ``wait_for_system_duration`` is 10 s (the events are in order),
+  and with more the wait spans the whole run (else the bids of the partition
+  that runs behind are dropped as late); windows then close at the end of the
+  input. events/s: events / the time from the call of ``run_main`` (or the
+  earliest process's ``cluster_main``) to its (the latest one's) return;
+  ``events_per_s_from_first_event`` from the first batch a partition made; the
+  same latency measure; CPU: the process time of its process(es).
 
-Rounds alternate hotwire and Bytewax per query; the ratio is per round
-(hotwire/Bytewax events/s), reported as median, min and max.
+Rounds alternate hotwire and each Bytewax configuration per query; the ratios
+are per round, reported as median, min and max: ``ratio_hotwire_to_bytewax_K``
+(events/s over events/s) and ``ratio_hotwire_to_best_bytewax``: hotwire's
+events/s from the submit over the events/s from its first event of the best
+Bytewax configuration of that round whose result equalled the reference. The
+load average (1 min) before and after each round is recorded.
 
 ``--upgrade``: one app of q5 and q7 with a paced source; in the middle of the
 run an online upgrade swaps q5's aggregation code (count_v1 -> count_v2) and a
 second one rescales q7's window PE from 1 to 2 instances; the results must still
 equal the reference, and the results fired after each switch carry its version.
+
+``--profile QUERY``: one hotwire run of QUERY while py-spy samples each worker.
 """
 
 from __future__ import annotations
@@ -565,8 +590,13 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         ap.error(f"unknown queries {unknown}; choose among {Q.QUERIES + list(Q.VARIANTS)}")
     n = args.events
-    par = args.parallelism or args.workers
-    procs = sorted({int(x) for x in (args.bytewax_procs or f"1,{args.workers}").split(",")})
+    par = args.workers if args.parallelism is None else args.parallelism
+    try:
+        procs = sorted({int(x) for x in (args.bytewax_procs or f"1,{args.workers}").split(",")})
+    except ValueError:
+        ap.error(f"--bytewax-procs takes process counts such as 1,2, not {args.bytewax_procs!r}")
+    if args.workers < 1 or par < 1 or min(procs) < 1:
+        ap.error("--workers, --parallelism and --bytewax-procs must be at least 1")
     if args.profile:
         with tempfile.TemporaryDirectory(prefix="nexmark-") as tmp:
             prof = profile_hotwire(args.profile, n, Path(tmp), workers=args.workers, par=par)
