@@ -43,6 +43,8 @@ pack_key = msgpack.Packer(use_bin_type=True).pack  # 5x faster than msgpack.pack
 
 
 CANARY_BUCKETS = 10_000  # a canary's share is counted in basis points of the key space
+# What a worker's refusal of an Adopt says (the master then plans without one).
+ADOPT_REFUSED = "cannot take a canary's keys in while it runs"
 
 
 @dataclass(frozen=True)
@@ -251,8 +253,10 @@ class Gate:
 
 @dataclass(frozen=True)
 class Adopt:
-    """PREPARE: a kept keyed instance will take over the keys of ``predecessors``
-    (a canary's instances, retiring in this transition) while it runs.
+    """PREPARE: a keyed instance will take over the keys of ``predecessors`` (a
+    canary's instances, retiring in this transition) while it runs: a kept
+    old-code instance at the canary's abort, a new instance at its promote (which
+    merges after it restored its ``StartInstance.predecessors``' state).
 
     From now on it holds every input record whose key lies in ``split``'s share
     (``crc32 % CANARY_BUCKETS < split.share``) and processes the others at once;

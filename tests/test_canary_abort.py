@@ -1,9 +1,12 @@
-"""A canary aborted in place, on a real two-worker cluster through streamctl: the
-old code's instances keep running and take the canary's keys back with their
-state (the PE's generation does not change), through a master restart, a
-promote after it, a class that cannot merge state (every instance replaced, as
-before) and a merge that fails (the switch fails: the app restarts from its
-checkpoint, every record at least once with the checkpoint's state). Otherwise
+"""A canary's keys adopted by running instances, on a real two-worker cluster
+through streamctl: at an abort the old code's instances keep running and take
+the canary's keys back with their state (the PE's generation does not change),
+through a master restart; at a promote the new instances run once the old
+code's instances handed over and take the canary's keys in while they run. A
+class that cannot merge state is replaced (abort) or takes every key before it
+runs (promote), as before; a merge that fails fails the switch, and the app
+restarts from its checkpoint (every record at least once, with the checkpoint's
+state). Otherwise
 every record is counted once, in order per key, and no count restarts.
 """
 
@@ -22,7 +25,9 @@ from hotwire.testing.scenarios import BASE, check_output, render
 MERGE = "    def merge(self, state):\n        self.n.update(state)\n\n"
 
 
-def _apps(tmp_path: Path, n: int, rate: float, v1_edit: Any = None) -> tuple[Path, str, str]:
+def _apps(
+    tmp_path: Path, n: int, rate: float, v1_edit: Any = None, v2_edit: Any = None
+) -> tuple[Path, str, str]:
     out = tmp_path / "out.jsonl"
     kw: dict[str, Any] = {"out": str(out), "audit": str(tmp_path / "a.jsonl"), "n": n, "rate": rate}
     v1 = render(BASE, **kw)
@@ -30,6 +35,8 @@ def _apps(tmp_path: Path, n: int, rate: float, v1_edit: Any = None) -> tuple[Pat
     if v1_edit is not None:
         v1 = v1_edit(v1)
     v2 = render(replace(BASE, count_code=2), **kw)
+    if v2_edit is not None:
+        v2 = v2_edit(v2)
     return out, str(write_app(tmp_path, "v1.py", v1)), str(write_app(tmp_path, "v2.py", v2))
 
 
@@ -64,7 +71,7 @@ def _canary_records(out: Path) -> int:
 def test_abort_keeps_the_old_instances_through_a_master_restart_then_promote(
     cluster: LocalCluster, tmp_path: Path
 ) -> None:
-    n, rate = 14000, 1000.0
+    n, rate = 24000, 1000.0
     out, app1, app2 = _apps(tmp_path, n, rate)
     assert cluster.streamctl("submit", app1).returncode == 0
     poll_for(lambda: count_lines(out) > 1000, 20, what="records flowing before the canary")
@@ -101,6 +108,8 @@ def test_abort_keeps_the_old_instances_through_a_master_restart_then_promote(
     pr = cluster.streamctl("canary", "promote", "upg")
     assert pr.returncode == 0, pr.stderr
     assert _status(cluster)["version"] == 2
+    assert "the new instances took the canary's keys in while they ran" in _master_log(cluster)
+    assert count_lines(out) < n, "the promote must happen while records flow"
     rows = _exact(out, n)
     assert {r["code"] for r in rows} == {1, 2}
     hist = json.loads(cluster.streamctl("history", "upg", "--json").stdout)
@@ -167,3 +176,22 @@ def test_a_merge_that_fails_restarts_the_app_from_its_checkpoint(tmp_path: Path)
             assert [c for _, c in sorted(pairs)] == list(range(1, len(pairs) + 1)), key
         hist = json.loads(cluster.streamctl("history", "upg", "--json").stdout)
         assert [c["outcome"] for c in hist["canaries"]] == ["aborted"]
+
+
+def test_a_new_class_without_merge_is_promoted_with_every_key_handed_over_first(
+    cluster: LocalCluster, tmp_path: Path
+) -> None:
+    n, rate = 16000, 1000.0
+    out, app1, app2 = _apps(tmp_path, n, rate, v2_edit=lambda v2: v2.replace(MERGE, ""))
+    assert cluster.streamctl("submit", app1).returncode == 0
+    poll_for(lambda: count_lines(out) > 1000, 20, what="records flowing before the canary")
+    assert cluster.streamctl("upgrade", app2, "--canary", "count=20%").returncode == 0
+    pr = cluster.streamctl("canary", "promote", "upg")
+    assert pr.returncode == 0, pr.stderr
+    assert _status(cluster)["version"] == 2 and _status(cluster)["canary"] is None
+    log = _master_log(cluster)
+    assert "defines no merge(state)" in log and "the promote hands every key over first" in log
+    assert "took the canary's keys in" not in log
+    assert count_lines(out) < n, "the promote must happen while records flow"
+    rows = _exact(out, n)
+    assert {r["code"] for r in rows} == {1, 2}

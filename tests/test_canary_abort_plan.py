@@ -1,6 +1,7 @@
-"""A canary aborted in place, without a cluster: the plan (the old-code instances
-adopt the canary's keys, nothing starts), its wire form, and the instance machine
-holding only the canary's keys until their state is merged."""
+"""A canary's keys adopted while instances run, without a cluster: the abort's plan
+(the old-code instances adopt them, nothing starts), the promote's (the new
+instances adopt them after restoring the old code's state), the wire form, and
+the instance machine holding only the canary's keys until their state is merged."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 
 from hotwire.master import canary as cn
 from hotwire.master.diff import diff
-from hotwire.master.planner import canary_abort_placement, plan_canary_abort
+from hotwire.master.planner import canary_abort_placement, plan_canary_abort, plan_upgrade
 from hotwire.master.scheduler import schedule
 from hotwire.model import LogicalModel, PESpec, StreamSpec
 from hotwire.plan import (
@@ -186,3 +187,68 @@ def test_an_adoption_may_arrive_while_a_batch_is_processed() -> None:
     assert m.handle(sm.PROCESSED) == []
     with pytest.raises(RuntimeError, match="in progress"):
         m.handle(sm.Adopt(4, ("pe@2.2",), in_share))
+
+
+# -- a promote: the new instances adopt the canary's keys -----------------------
+def test_promote_plan_lets_the_new_instances_adopt_the_canary_keys() -> None:
+    model, pl = canary_placement()
+    new = app("g")
+    change = diff(model, new)
+    promote_pl = schedule(new, pl, change, WORKERS, 3, "h2")
+    plain = plan_upgrade(APP, 3, model, pl, new, promote_pl, change, "h2")
+    plan = plan_upgrade(APP, 3, model, pl, new, promote_pl, change, "h2", adopt_canary=True)
+    ins = [i for b in (*plan.prepare.values(), *plan.switch.values()) for i in b]
+    starts = sorted((i for i in ins if isinstance(i, StartInstance)), key=lambda s: s.index)
+    assert [s.predecessors for s in starts] == [("count@2.0", "count@2.1")] * 2
+    adopts = sorted((i for i in ins if isinstance(i, Adopt)), key=lambda a: a.instance)
+    assert [(a.instance, a.predecessors, a.split) for a in adopts] == [
+        ("count@3.0", ("count@2.2",), CanarySplit(1000, 2)),
+        ("count@3.1", ("count@2.2",), CanarySplit(1000, 2)),
+    ]
+    for batch in plan.prepare.values():  # an Adopt comes after its instance is built
+        names = [getattr(i, "instance", "") for i in batch]
+        for a in (i for i in batch if isinstance(i, Adopt)):
+            assert names.index(a.instance) < batch.index(a)
+    # the switch is the one without adoption: every old instance hands its state over
+    assert plan.switch == plain.switch
+    plain_starts = [i for b in plain.prepare.values() for i in b if isinstance(i, StartInstance)]
+    assert all(len(s.predecessors) == 3 for s in plain_starts)
+    # nothing to adopt from a placement without a canary
+    rescale = plan_upgrade(APP, 4, new, promote_pl, new, promote_pl, change, "h2", True)
+    assert not [i for b in rescale.prepare.values() for i in b if isinstance(i, Adopt)]
+
+
+def test_a_new_instance_merges_the_canary_after_restoring_the_old_state() -> None:
+    m = InstanceMachine(("a",), ("pe@2.0", "pe@2.1"))
+    assert m.handle(sm.START) == []
+    assert m.handle(sm.Adopt(3, ("pe@2.2",), in_share)) == []
+    done: list[Any] = []
+    assert run(m, m.handle(sm.Batch("a", ["x1", "c1"], None)), done) == []
+    assert run(m, m.handle(sm.Barrier("a", 5)), done) == []
+    assert run(m, m.handle(sm.Batch("a", ["c2", "x2"], None)), done) == []
+    # the canary's part comes first: it waits for the restore
+    assert run(m, m.handle(sm.Handover("pe@2.2", {"c0": 1}, ["c9"])), done) == []
+    assert run(m, m.handle(sm.Handover("pe@2.1", None)), done) == []
+    acts = run(m, m.handle(sm.Handover("pe@2.0", {"x0": 1})), done)
+    assert acts[:3] == [sm.Restore((None, {"x0": 1})), sm.Released(), sm.Merge(3, ({"c0": 1},))]
+    assert sm.ForwardBarrier(5) in acts
+    # before the barrier: the canary's held input, x1 and c1; after it: c2 and x2
+    assert done == ["c9", "x1", "c1", "c2", "x2"]
+
+
+def test_a_new_instance_holds_the_share_until_the_canary_hands_over() -> None:
+    m = InstanceMachine(("a",), ("pe@2.0",))
+    m.handle(sm.START)
+    m.handle(sm.Adopt(3, ("pe@2.2",), in_share))
+    done: list[Any] = []
+    run(m, m.handle(sm.Batch("a", ["x1", "c1"], None)), done)
+    acts = run(m, m.handle(sm.Handover("pe@2.0", {"x0": 1})), done)
+    assert acts == [sm.Restore(({"x0": 1},)), sm.Released()]
+    assert done == ["x1"], "the old code's keys run before the canary's part is in"
+    # a barrier held with the batch behind it waits for the merge
+    run(m, m.handle(sm.Barrier("a", 6)), done)
+    run(m, m.handle(sm.Batch("a", ["x2"], None)), done)
+    assert done == ["x1"] and "a" in m.adopt_blocked
+    acts = run(m, m.handle(sm.Handover("pe@2.2", {"c0": 1})), done)
+    assert acts == [sm.Merge(3, ({"c0": 1},)), sm.ForwardBarrier(6)]
+    assert done == ["x1", "c1", "x2"]

@@ -445,7 +445,7 @@ class World:
             assert self.dead == (self.skipped if self.policy == "dead_letter" else [])
         # Held input has a reason to be held; nothing released is left behind.
         assert not m.flow
-        if self.adopt is None:
+        if self.adopt is None and not m.pending_preds:  # (a new one merges after restoring)
             assert m.in_share is None and not m.adopt_held and not m.adopt_blocked
         else:
             assert all(in_share(r) for parts in m.adopt_held.values() for p in parts for r in p)
@@ -479,7 +479,8 @@ def step(w: World, data: st.DataObject, faults: bool = True) -> str:
         options.append("handover")
     if w.epoch is None and w.gate is None and w.adopt is None:
         options += ["epoch_transition", "gate_transition"]
-        if not pending:
+        if not pending or not (w.adoptions or w.handover_sent):
+            # a kept instance's (an abort), or a new one's from its prepare (a promote)
             options.append("adopt_transition")
     if w.adopt is not None:
         options += ["adopt_handover", "adopt_abort"]

@@ -55,6 +55,7 @@ from hotwire.metrics import MasterMetrics
 from hotwire.model import STATEFUL_KINDS, LogicalModel
 from hotwire.model_delta import apply_delta, model_delta
 from hotwire.plan import (
+    ADOPT_REFUSED,
     Placement,
     Plan,
     StartInstance,
@@ -80,6 +81,12 @@ class Refused(Exception):
 
 class SwitchFailed(Refused):
     """A switch did not finish on every worker: the app is half switched."""
+
+
+def _adopt_refused(e: Refused) -> bool:
+    """A prepare that a worker refused because a PE cannot take a canary's keys in
+    while it runs (nothing changed)."""
+    return e.code == grpc.StatusCode.ABORTED and ADOPT_REFUSED in str(e)
 
 
 @dataclass
@@ -313,6 +320,7 @@ class TransitionEngine:
         rolled_back_to: int = 0,
         drop_state: Collection[str] = (),
         recorded: dict[str, Any] | None = None,
+        adopt_canary: bool = False,
     ) -> Outcome:
         """Take ``app`` from ``old`` to ``new`` as ``version`` (a submit, upgrade or
         rollback); with ``dry_run``, only plan it.
@@ -331,7 +339,7 @@ class TransitionEngine:
             new_pl = schedule(new, old_pl, change, self.free_slots(app), epoch, bundle_hash)
         except SchedulingError as e:
             raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from e
-        plan = plan_upgrade(app, epoch, old, old_pl, new, new_pl, change, bundle_hash)
+        plan = plan_upgrade(app, epoch, old, old_pl, new, new_pl, change, bundle_hash, adopt_canary)
         moves = state_moves(plan, old, self._state_sizes(app))
         if change.is_empty and action != "submit":
             return Outcome(app, cur_version, cur_version, change, plan, False, 0.0)
@@ -612,22 +620,43 @@ class TransitionEngine:
         if bundle is None:
             raise Refused(grpc.StatusCode.INTERNAL, f"app {app!r}: the canary's bundle is gone")
         run.outcome, run.why = "promoted", why
-        try:
-            return await self.change(
-                app,
-                cur.version + 1,
-                "upgrade",
-                cur.model,
-                cur.placement,
-                run.model,
-                bundle,
-                run.bundle,
-                recorded={"canary": run.to_dict()},
-            )
-        except BaseException:
-            if app in self.canaries:  # still running: the promote changed nothing
-                run.outcome, run.why = "", ""
-            raise
+        # The new instances take the old code's keys as their state and the
+        # canary's while they run (Adopt); a new class without merge() is refused
+        # in prepare, and then every key's state comes in before they run.
+        for adopt in (run.model.pe(run.pe).keyed, False):
+            try:
+                outcome = await self.change(
+                    app,
+                    cur.version + 1,
+                    "upgrade",
+                    cur.model,
+                    cur.placement,
+                    run.model,
+                    bundle,
+                    run.bundle,
+                    recorded={"canary": run.to_dict()},
+                    adopt_canary=adopt,
+                )
+            except Refused as e:
+                if adopt and _adopt_refused(e) and self.canaries.get(app) is run:
+                    log.info("app %r: %s; the promote hands every key over first", app, e)
+                    continue
+                if app in self.canaries:  # still running: the promote changed nothing
+                    run.outcome, run.why = "", ""
+                raise
+            except BaseException:
+                if app in self.canaries:
+                    run.outcome, run.why = "", ""
+                raise
+            if adopt:
+                log.info(
+                    "app %r: canary of PE %r promoted; the new instances took the canary's "
+                    "keys in while they ran",
+                    app,
+                    run.pe,
+                )
+            return outcome
+        raise AssertionError("unreachable")
 
     async def abort_canary(self, app: str, why: str = "aborted by hand") -> None:
         """Move the canary's keys back to the running code, with their state.
@@ -643,8 +672,8 @@ class TransitionEngine:
                 await self._abort_canary_in_place(app, run, cur, why)
                 return
             except Refused as e:
-                if e.code != grpc.StatusCode.ABORTED or self.canaries.get(app) is not run:
-                    raise  # it switched (and restarted) or the canary ended otherwise
+                if not _adopt_refused(e) or self.canaries.get(app) is not run:
+                    raise  # it switched (and restarted), or failed otherwise
                 log.info(
                     "app %r: the canary of PE %r cannot go back in place (%s); "
                     "replacing the PE's instances",

@@ -111,11 +111,17 @@ def plan_upgrade(
     new_pl: Placement,
     change: ChangeSet,
     bundle: str | None = None,
+    adopt_canary: bool = False,
 ) -> Plan:
     """The instructions that turn ``old`` on ``old_pl`` into ``new`` on ``new_pl``.
 
     ``bundle`` is the new version's bundle: the key functions of streams the
     upgrade adds or changes live there (even when no PE gets new instances).
+
+    ``adopt_canary``: a keyed PE leaving a canary for ``first`` instances (a
+    promote) starts each new instance with the old-code instances as its
+    predecessors and adopts the canary's keys (``Adopt``): it runs once they
+    handed over, holding only the canary's share until the canary's part is in.
     """
     added, removed, regen = set(change.pes_added), set(change.pes_removed), set(change.regenerated)
     # A renamed PE is replaced like a regenerated one: the new name's instances
@@ -155,6 +161,7 @@ def plan_upgrade(
     switch: dict[str, list[Instruction]] = defaultdict(list)
     switches: dict[tuple[str, int], Switch] = {}  # (kept pe, index) -> its switch
     starts: dict[str, list[tuple[str, int, StartInstance]]] = defaultdict(list)
+    adopts: dict[str, list[Instruction]] = defaultdict(list)
 
     # -- new instances ---------------------------------------------------------
     for pe in sorted(new_pes):
@@ -163,10 +170,21 @@ def plan_upgrade(
         out_streams = sorted(new.outputs(pe), key=lambda s: s.dst)
         keyed_in = next((s.src for s in in_streams if s.partition == "key"), None)
         preds: tuple[str, ...] = ()
+        adopted: tuple[str, ...] = ()
         if pe in regen or pe in was:
             old_name = was.get(pe, pe)
             opl = old_pl[old_name]
             preds = tuple(opl.instance(old_name, i) for i in range(opl.parallelism))
+            c = opl.canary
+            if (
+                adopt_canary
+                and c is not None
+                and pl.canary is None
+                and pl.parallelism == c.first
+                and spec.keyed
+                and old_name == pe
+            ):
+                preds, adopted = preds[: c.first], preds[c.first :]
         for i in range(pl.parallelism):
             code = pl.bundle_of(i)  # in a canary, instances canary.first.. run the new code
             in_canary = pl.canary is not None and i >= pl.canary.first
@@ -186,6 +204,12 @@ def plan_upgrade(
                 config=pl.canary.config if pl.canary is not None and in_canary else spec.config,
             )
             starts[pl.workers[i]].append((pe, i, ins))
+            if adopted:
+                split = old_pl[pe].canary
+                assert split is not None
+                adopts[pl.workers[i]].append(
+                    Adopt(app, version, ins.instance, adopted, split.split)
+                )
 
     # -- kept instances: gates and switches -------------------------------------
     kept_in: dict[str, set[Edge]] = defaultdict(lambda: set())
@@ -303,6 +327,8 @@ def plan_upgrade(
         for w, items in starts.items():
             items.sort(key=lambda t: (-rank[t[0]], t[0], t[1]))
             prepare[w][:0] = [ins for _, _, ins in items]
+    for w, ads in adopts.items():
+        prepare[w].extend(ads)  # after the instance they go to is built
 
     return Plan(
         app=app,

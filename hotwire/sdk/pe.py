@@ -124,11 +124,13 @@ class ProcessPE(ABC):
         """
 
     # ``merge(self, state)`` is optional and deliberately not defined here: a keyed
-    # subclass that defines it takes a canary's keys back while it runs when the
-    # canary is aborted (``streamctl canary abort``), instead of being replaced.
-    # ``state`` maps keys new to the instance to their state (after migrate and
-    # validate_state); add them to the instance's own. Without it an abort
-    # replaces every instance of the PE, as an upgrade does.
+    # subclass that defines it takes a canary's keys in while it runs: the old
+    # code's instances when the canary is aborted (``streamctl canary abort``),
+    # instead of being replaced, and the new code's when it is promoted, after
+    # ``restore`` (they run before the canary's part is in). ``state`` maps keys
+    # new to the instance to their state (after migrate and validate_state); add
+    # them to the instance's own. Without it an abort replaces every instance of
+    # the PE, and a promote hands every key over before the new instances run.
 
     def migrate(self, state: Any, from_version: int) -> Any:
         """Return ``state``, written by this PE's class at ``from_version``, in the

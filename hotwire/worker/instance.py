@@ -35,6 +35,7 @@ from hotwire.names import confined
 from hotwire.pe.executors import EXECUTORS, Executor, _keyed_items
 from hotwire.pe.state import REPLICATED_KEY, split_replicated
 from hotwire.plan import (
+    ADOPT_REFUSED,
     CANARY_BUCKETS,
     Adopt,
     Gate,
@@ -230,8 +231,8 @@ class Instance:
         why = "it runs no executor" if ex is None else ex.cannot_merge()
         if why or ex is None or ex.key_fn is None:
             raise ValueError(
-                f"app {self.app!r} PE {self.pe!r} instance {self.spec.index} cannot take a "
-                f"canary's keys in while it runs: {why or 'its input is not keyed'}"
+                f"app {self.app!r} PE {self.pe!r} instance {self.spec.index} {ADOPT_REFUSED}: "
+                f"{why or 'its input is not keyed'}"
             )
         key_fn, share = ex.key_fn, adopt.split.share
 

@@ -41,7 +41,9 @@ The rules:
   were released, each channel's batches and barriers in arrival order.
 * **Handover.** A new instance with predecessors restores their states once all
   arrived; input they held unprocessed comes before anything else.
-* **Adopt.** A kept keyed instance that takes over a retiring canary's keys holds
+* **Adopt.** A keyed instance that takes over a retiring canary's keys (a kept
+  one at an abort, a new one at a promote, after it restored its other
+  predecessors' state) holds
   each input record whose key is in the canary's share (not its batch: the other
   records are processed at once and the credit returned), and every barrier
   with the batches behind it on its channel, until every predecessor's state is
@@ -670,7 +672,8 @@ class InstanceMachine:
             self.adopt_states.append(ev.state)
             if ev.pending:
                 self.adopt_pending.append((ev.src, list(ev.pending)))
-            return _NONE if self.adopt_preds else self._adopted()
+            # A new instance merges after it restored its predecessors' state.
+            return _NONE if self.adopt_preds or self.pending_preds else self._adopted()
         if ev.src not in self.pending_preds:
             return [DropState(ev.src)]
         self.pending_preds.discard(ev.src)
@@ -689,6 +692,11 @@ class InstanceMachine:
             }
             self.held = {**handed, **self.held}
         self.pred_pending = []
+        if self.in_share is not None and not self.adopt_preds:
+            # The adopted state came in first: merge it now, and what the adoption
+            # held goes before the rest.
+            acts.append(Merge(self.adopt_version, tuple(self.adopt_states)))
+            self._end_adoption()
         # Held channels that nothing still holds flow now, in arrival order.
         self._release(self.held)
         return acts + self._drain()
@@ -749,6 +757,11 @@ class InstanceMachine:
             ch = flow[0]
             q = held.get(ch)
             if q is None or self.blocked(ch):
+                del flow[0]
+                continue
+            if q[0][0] is None and self.adopt_preds:
+                # A barrier waits for the merge (see _barrier), and its channel with it.
+                self.adopt_blocked.add(ch)
                 del flow[0]
                 continue
             records, ret = q.popleft()
