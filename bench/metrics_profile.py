@@ -10,7 +10,7 @@ apps) on clusters with ``--metrics``, scraped every second as Prometheus would,
 while py-spy samples every worker process (``--nonblocking``, ``--rate`` samples
 per second, idle threads left out). Each sample is a stack; it is metrics work when
 a frame of it is in ``hotwire/metrics.py`` (snapshots and the text exposition) or in
-the metrics HTTP server (``socketserver``, ``wsgiref``), when a frame is
+the metrics HTTP server (``socketserver``, ``http.server``, ``wsgiref``), when a frame is
 ``Instance._e2e`` (a sink's latency count), or when its innermost frame is the
 ``Stamp`` class or a line of ``Instance._process`` or ``_emit_source`` that names
 the stamp (those lines also pass it on to ``emit_all``: their own time is counted
@@ -82,7 +82,11 @@ def _part(frames: list[str]) -> str | None:
         path, name, line = _where(frame)
         if path.endswith("hotwire/metrics.py"):
             return "exposition"
-        if name in ("socketserver.py", "simple_server.py") or "/wsgiref/" in path:
+        if (
+            name in ("socketserver.py", "simple_server.py")
+            or "/wsgiref/" in path
+            or path.endswith("/http/server.py")
+        ):
             return "http_server"
         if path.endswith(f"hotwire/worker/{name}") and (
             (name, line) in STAMP_ANY or (i == 0 and (name, line) in STAMP_LEAF)
