@@ -70,9 +70,9 @@ def schedule(
         up = _forward_input(new, pe)
         for i, prior in enumerate(chosen[pe]):
             if prior is None:
-                w = _worker_of(up, i, chosen, result)
-                if w in workers and load[w] < workers[w]:
-                    best = w
+                follow = _worker_of(up, i, chosen, result)
+                if follow is not None and follow in workers and load[follow] < workers[follow]:
+                    best = follow
                 else:
                     best = min(
                         (x for x in workers if load[x] < workers[x]), key=lambda x: (load[x], x)
