@@ -1,6 +1,6 @@
 """Bytewax as the peer of the benchmarks (bytewax 0.21.1, ``pip install hotwire[bench]``).
 
-Two uses:
+Three uses:
 
 * **Throughput** (``bench/throughput.py``): the same functions as the plain loop and the
   hotwire app (``numbers``, ``scale``, ``keep``, ``add`` of its ``APP`` text) as a Bytewax
@@ -17,6 +17,8 @@ Two uses:
   counting ``n``, a ``DynamicSink`` appending ``{seq, key, n, code, t_emit, t_sink}``
   JSON lines (one O_APPEND write per batch; at-least-once: what was output after the
   last committed epoch is output again on resume) and an optional ``audit`` sink.
+* **Saturated throughput** (``bench/upgrade.py --flink``, beside hotwire's and Flink's):
+  ``saturate`` runs that dataflow's first version unpaced on a fixed number of records.
 
 Run as a script, this file is one version of that dataflow (the process the driver
 starts and kills):
