@@ -334,6 +334,7 @@ class _Reader(DeliveryLogReader):
         self.rescales_key = f"{self.prefix}rescales"
         self._redis: Any = None
         self._next: asyncio.Task[Any] | None = None  # the read of the next batch, under way
+        self._formed = False  # this instance's log is formed (its first open succeeded)
 
     def transient(self, exc: BaseException) -> bool:
         return _transient(exc)
@@ -353,9 +354,15 @@ class _Reader(DeliveryLogReader):
                 raise
         n = int(getattr(self.ctx, "parallelism", 1) or 1)
         me = int(self.ctx.instance)
-        preds = list(getattr(self.ctx, "predecessors", None) or ())
+        # Once the log is formed, a reconnection (the server was unreachable) reads it
+        # from the position: forming it again from the predecessors' logs would drop
+        # what this instance read since (and, before its first checkpoint, emit again
+        # what it emitted since).
+        preds = [] if self._formed else list(getattr(self.ctx, "predecessors", None) or ())
         if any(int(p["of"]) != n for p in preds):
-            return await self._rescale(r, position, n, me, preds)
+            ids = await self._rescale(r, position, n, me, preds)
+            self._formed = True
+            return ids
         if preds:  # restored: at the same parallelism
             await r.eval(
                 _RESUME,
@@ -368,6 +375,7 @@ class _Reader(DeliveryLogReader):
                 me,
                 f"{self.prefix}{me}",
             )
+        self._formed = True
         base = int(await r.get(self.base_key) or 0)
         if position < base:
             log.warning(

@@ -172,3 +172,55 @@ def test_a_delivery_log_of_the_earlier_form_is_taken_over_by_a_restored_instance
     assert asyncio.run(_take(src, _ctx(0, 1, 4, preds), 100, complete=True)) == list(range(4, 10))
     assert not r.exists("hotwire:src:a:src:0:log")
     assert _pending(r) == 0
+
+
+@pytest.mark.parametrize("checkpoint", [False, True], ids=["before", "after"])
+def test_a_rescaled_instance_that_reconnects_reads_its_own_log_on(
+    redis_url: str,  # noqa: F811
+    checkpoint: bool,
+) -> None:
+    """The server drops the connection of an instance formed by a rescale after it
+    read and emitted entries of its own, before or after its first complete
+    checkpoint: it goes on from its position in its own log (before: not emitting
+    again what it emitted; after: not dropping what it read), every entry once."""
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    _feed(r, range(40))
+    src = RedisStreamSource(url=redis_url, stream="in", batch=8, poll_interval=0.01)
+    a = asyncio.run(_take(src, _ctx(0, 2), 6, complete=True))
+    b = asyncio.run(_take(src, _ctx(1, 2), 6, complete=True))
+    preds = [
+        {"instance": 0, "of": 2, "position": len(a)},
+        {"instance": 1, "of": 2, "position": len(b)},
+    ]
+    ctx = _ctx(0, 1, len(a) + len(b), preds)
+
+    async def run() -> list[int]:
+        it = src(ctx)
+        out: list[int] = []
+        try:
+            while len(out) < 20:  # what the old instances logged, then reads of its own
+                out.append(int((await it.__anext__())["fields"]["seq"]))
+            if checkpoint:  # the rescale's first checkpoint: the old logs go
+                it.checkpoint_complete(ctx.position + len(out))
+                while it._buf:
+                    out.append(int((await it.__anext__())["fields"]["seq"]))
+                await it._step()  # the ack, and a read of its own
+                assert not r.hgetall("hotwire:src:a:src:rescales")
+            if not it._buf:  # a read of its own, not all emitted yet
+                out.append(int((await it.__anext__())["fields"]["seq"]))
+            assert it._buf, "nothing read and not emitted yet"
+            killed = r.client_kill_filter(_type="normal", skipme=True)  # the reader's
+            assert killed >= 1
+            _feed(r, range(40, TOTAL))
+            while len(out) < TOTAL - 12:
+                out.append(int((await asyncio.wait_for(it.__anext__(), 20))["fields"]["seq"]))
+            it.checkpoint_complete(ctx.position + len(out))
+            await it._step()  # the ack
+        finally:
+            await it.aclose()
+        return out
+
+    seen = Counter(a + b + asyncio.run(run()))
+    assert set(seen) == set(range(TOTAL)), sorted(set(range(TOTAL)) - set(seen))
+    assert max(seen.values()) == 1, [s for s, k in seen.items() if k > 1]
+    assert _pending(r) == 0
