@@ -2,6 +2,7 @@
 
     python bench/chaos.py [--faults N] [--seed S] [--out FILE] [--heartbeat-timeout 1]
                           [--rate R] [--keys K] [--kinds worker_kill,...] [--keep]
+                          [--windows SIZE] [--connectors]
 
 Starts a master and 3 workers (real processes on loopback; each worker's data
 port behind a TCP proxy when the cluster supports it, so links can be cut) and
@@ -14,6 +15,10 @@ under the same name), SIGKILL of the master (restarted on the same address and
 data directory), a cut of every TCP link between workers, a SIGSTOP of a worker
 for 1.5 heartbeat timeouts. Between two faults it runs an online upgrade (the
 counting code's constant), rescale (the count or the sink) or rollback.
+
+With ``--connectors`` the app reads a Redis stream that a producer thread feeds and
+commits into PostgreSQL with two-phase commit, against a redis-server and a PostgreSQL
+of the run's own, and the faults include killing either server (bench/chaos_connectors.py).
 
 At the end it stops the source at a fixed number of records, waits until every
 one of them is committed (bounded) and checks the committed output: lost,
