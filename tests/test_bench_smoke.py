@@ -123,8 +123,8 @@ def test_bench_upgrade_safety_scenarios(tmp_path: Path) -> None:
     assert re.fullmatch(r"PE 'count': 500 keys of checkpoint \d+ tried", checked), checked
     runs = {kind: e["runs"] for kind, e in canary["events"].items()}
     assert runs == {"canary_start": 2, "promote": 1, "abort": 1}, runs
-    # --phases: the master's debug lines per transition (the submit first); an
-    # abort has no "planned" line
+    # --phases: the master's debug lines per transition (the submit first, then two
+    # canary starts, a promote and an abort, which is planned as well)
     phases = doc["master_phases"]
     assert {k: len(v) for k, v in phases["b_migrate_state"].items()} == {
         "planned_ms": 2,
@@ -133,7 +133,7 @@ def test_bench_upgrade_safety_scenarios(tmp_path: Path) -> None:
         "commit_ms": 2,
     }, phases
     assert {k: len(v) for k, v in phases["b_canary"].items()} == {
-        "planned_ms": 4,
+        "planned_ms": 5,
         "prepare_ms": 5,
         "switch_ms": 5,
         "commit_ms": 5,
