@@ -110,8 +110,8 @@ class TcpProxy:
             return
         self._blocked = True
         self.cut()
-        if self._server is not None:
-            self._server.close()
+        if self._server is not None:  # on its own loop: Server.close() is not thread-safe
+            self._loop.call_soon_threadsafe(self._server.close)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
         if not self._thread.is_alive():
