@@ -566,7 +566,14 @@ class TransactionalSinkExecutor(Executor):
         self._begin()
 
     async def apre_commit(self, checkpoint: int) -> None:
-        """:meth:`pre_commit` off the event loop, waiting out an unreachable server."""
+        """:meth:`pre_commit` off the event loop, waiting out an unreachable server.
+
+        Not while the worker holds its output (it stood still, and the master may
+        have restarted this instance elsewhere and rolled back what it left): a
+        transaction prepared then would be left in the server, in doubt."""
+        hold = getattr(self.ctx, "hold", None)
+        if hold is not None and hold.held():
+            await hold.wait()
         handle = await self._call(self.obj.pre_commit)
         if handle is not None:
             self.pending.append([checkpoint, handle])

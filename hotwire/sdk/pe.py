@@ -26,10 +26,11 @@ class Context:
     current key: ``ctx.timers.event(t)`` (when the watermark reaches ``t``) and
     ``ctx.timers.processing(t)`` (at wall-clock ``time.time()`` ``t``);
     ``ctx.timers.cancel(t, kind)``.
-    ``hold``, for a source, is the worker's output hold (``hotwire.worker.fence``):
-    while ``hold.held()`` the master may have declared the worker dead and started
-    this instance elsewhere, so a source with effects in its server (a delivery
-    log) reads nothing until ``await hold.wait()`` returns; None outside a worker.
+    ``hold``, for a source or a sink, is the worker's output hold
+    (``hotwire.worker.fence``): while ``hold.held()`` the master may have declared
+    the worker dead and started this instance elsewhere, so a source with effects in
+    its server (a delivery log) reads nothing and a transactional sink pre-commits
+    nothing until ``await hold.wait()`` returns; None outside a worker.
     ``predecessors``, for a source, lists the states it took over (from the
     instances it replaces, or from a checkpoint): ``{"instance": j, "of": m,
     "position": p}`` each, instance ``j`` of ``m`` having emitted ``p`` records;
@@ -50,7 +51,7 @@ class Context:
     predecessors: list[dict[str, Any]] = field(default_factory=list)
     version: int = 0
     timers: Any = None  # a keyed class PE's timers (hotwire.eventtime.Timers) if it has on_timer
-    hold: Any = None  # a source's: the worker's OutputHold (hotwire.worker.fence)
+    hold: Any = None  # a source's or sink's: the worker's OutputHold (hotwire.worker.fence)
     logger: logging.Logger = field(init=False, repr=False)
 
     def __post_init__(self) -> None:

@@ -220,3 +220,37 @@ def test_missing_columns_extra_keys_dict_subclasses_and_one_column_rows(pg_url: 
         [(1,), (2,), (3,), (None,)] * k, key=str
     )
     assert errors == [(["not", "a", "dict"], "TypeError")] * (2 * k)
+
+
+def test_a_held_worker_s_sink_prepares_nothing_until_released(pg_url: str) -> None:
+    """A worker that stood still past the heartbeat timeout may have been declared dead,
+    its sink instance restarted elsewhere and what it left rolled back: a transaction
+    it prepared then would stay in doubt. The barrier's pre-commit waits for the hold."""
+    from hotwire.worker.fence import OutputHold
+
+    _table(pg_url)
+    hold = OutputHold("w1")
+    ctx = _ctx(pg_url)
+    ctx.hold = hold
+
+    async def run() -> None:
+        ex = TransactionalSinkExecutor(PostgresSink, ctx, lambda r, e: None)
+        await ex.setup()
+        await _feed(ex, range(0, 100))
+        hold.suspect("it did not run for 1.5 s")  # as after a SIGSTOP
+        prepare = asyncio.ensure_future(ex.apre_commit(1))
+        for _ in range(200):  # until it waits on the hold (or, wrongly, prepared)
+            if prepare.done() or hold._waiters:
+                break
+            await asyncio.sleep(0.01)
+        assert not prepare.done(), "the sink prepared while its worker held its output"
+        assert _prepared(pg_url) == [] and ex.pending == []
+        hold.release("the master answered: the session is current")
+        await asyncio.wait_for(prepare, 30)
+        assert len(_prepared(pg_url)) == 1 and len(ex.pending) == 1
+        await ex.acheckpoint_complete(1)
+        assert _prepared(pg_url) == []
+        await ex.teardown()
+
+    asyncio.run(run())
+    assert _committed(pg_url) == _expected(range(0, 100))
