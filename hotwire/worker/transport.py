@@ -499,6 +499,8 @@ class DataPlane:
                     await self._dial(link.peer, addr)
                 except (OSError, TimeoutError, ValueError, asyncio.IncompleteReadError) as e:
                     link.error = f"dialling {addr}: {_why(e)}"
+                except RuntimeError as e:  # uvloop: a write to a transport the peer closed
+                    link.error = f"dialling {addr}: {_why(e)}"
             if link.conn is not None:
                 return
             self._check_lost(link, loop.time())
