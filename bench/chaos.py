@@ -68,7 +68,8 @@ FAULT_KINDS = ("worker_kill", "master_kill", "link_cut", "worker_pause", "worker
 EXTRA_KINDS: tuple[str, ...] = cx.KINDS  # --connectors only
 TRANSITION_KINDS = ("upgrade", "rescale", "rollback")
 
-APP_TEMPLATE = '''\
+APP_TEMPLATE = (
+    '''\
 """bench/chaos.py's app: count records per key, commit them exactly once."""
 
 import asyncio
@@ -108,28 +109,16 @@ async def source(ctx):
         await asyncio.sleep(ahead if ahead > 0 else 0)
 
 
-class Count(ProcessPE):
-    def setup(self, ctx):
-        self.n = {{}}
-
-    def process(self, r):
-        k = r["key"]
-        n = self.n.get(k, 0) + 1
-        self.n[k] = n
-        yield {{"seq": r["seq"], "key": k, "n": n, "code": {code}, "t": r["t"]}}
-
-    def snapshot(self):
-        return self.n
-
-    def restore(self, state):
-        self.n.update(state)
-
+'''
+    + cx.COUNT_PE
+    + """
 
 app = Topology({app!r})
 src = app.source("src", source)
 count = src.key_by(lambda r: r["key"]).process("count", Count, parallelism={count_p})
 count.sink("out", JsonlSink, parallelism={sink_p}, config={{"dir": {out!r}}})
-{windows}'''
+{windows}"""
+)
 
 # --windows SIZE: the same records, stamped with their seq as event time, counted per
 # key in tumbling windows of SIZE seqs by a window PE that is upgraded and rescaled

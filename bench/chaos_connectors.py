@@ -29,7 +29,28 @@ KINDS = ("redis_kill", "postgres_kill")
 STREAM = "in"
 TABLE = "counts"
 
-TEMPLATE = '''\
+# The counting PE of both apps of bench/chaos.py (a format string: {code} is its
+# version's constant, written into every row).
+COUNT_PE = """\
+class Count(ProcessPE):
+    def setup(self, ctx):
+        self.n = {{}}
+
+    def process(self, r):
+        k = r["key"]
+        n = self.n.get(k, 0) + 1
+        self.n[k] = n
+        yield {{"seq": r["seq"], "key": k, "n": n, "code": {code}, "t": r["t"]}}
+
+    def snapshot(self):
+        return self.n
+
+    def restore(self, state):
+        self.n.update(state)
+"""
+
+TEMPLATE = (
+    '''\
 """bench/chaos.py --connectors's app: Redis stream -> count per key -> PostgreSQL, once."""
 
 from hotwire import Topology
@@ -48,22 +69,9 @@ def parse(e):
     return {{"seq": int(f["seq"]), "key": f["key"], "t": float(f["t"])}}
 
 
-class Count(ProcessPE):
-    def setup(self, ctx):
-        self.n = {{}}
-
-    def process(self, r):
-        k = r["key"]
-        n = self.n.get(k, 0) + 1
-        self.n[k] = n
-        yield {{"seq": r["seq"], "key": k, "n": n, "code": {code}, "t": r["t"]}}
-
-    def snapshot(self):
-        return self.n
-
-    def restore(self, state):
-        self.n.update(state)
-
+'''
+    + COUNT_PE
+    + """
 
 app = Topology({app!r})
 src = app.source(
@@ -79,7 +87,8 @@ count.sink(
     parallelism={sink_p},
     config={{"url": {pg!r}, "table": {table!r}, "columns": ["seq", "key", "n", "code", "t"]}},
 )
-'''
+"""
+)
 
 
 def app_source(
