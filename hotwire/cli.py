@@ -33,6 +33,13 @@ def _fail_from_rpc(e: grpc.RpcError) -> Failure:
     code = e.code()
     details = e.details() or code.name
     if code == grpc.StatusCode.UNAVAILABLE:
+        ctx = click.get_current_context(silent=True)
+        profile = ((ctx and ctx.find_root().obj) or {}).get("profile_used")
+        if profile is not None:  # a stale profile (its cluster gone, the port reused) reads so
+            details += (
+                f" (TLS credentials from the profile in {profile}; "
+                "delete it if that cluster is gone)"
+            )
         return Failure(f"cannot reach the master: {details}")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return Failure(f"the master did not answer in time: {details}")
@@ -67,6 +74,8 @@ def _client(master: str) -> Any:
     creds = client_credentials(
         master, obj.get("ca"), obj.get("cert"), obj.get("key"), obj.get("token")
     )
+    if creds.profile is not None:
+        obj["profile_used"] = creds.profile
     return Client(master, creds)
 
 

@@ -10,6 +10,16 @@ import pytest
 from hotwire.testing.cluster import LocalCluster
 
 
+@pytest.fixture(autouse=True)
+def _own_profiles(
+    monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Each test reads and writes client profiles in a home of its own. With the user's
+    home, a profile that ``streamctl up`` left for one port made a later plaintext
+    cluster on that port unreachable (the client dialled it with TLS)."""
+    monkeypatch.setenv("HOTWIRE_HOME", str(tmp_path_factory.mktemp("hotwire-home")))
+
+
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[LocalCluster]:
     """A master and two workers as real processes on loopback port 0; stopped afterwards."""

@@ -193,3 +193,27 @@ def test_ctrl_c_stops_up_cleanly(tmp_path: Path) -> None:
         assert bad not in text, text
     assert "".join(err) == ""
     assert "stopping the local cluster\n" in out and out[-1] == "local cluster stopped\n", text
+
+
+def test_a_stale_profile_for_the_port_is_named_in_the_error(
+    master_only: LocalCluster, tmp_path: Path
+) -> None:
+    """A profile left by a secure cluster that ran on this port before: the plaintext
+    master now there cannot be reached with its TLS files, and the one line says which
+    profile to delete. Without the profile the same command works."""
+    from hotwire.master.access import bootstrap
+    from hotwire.security.tls import profile_dir, write_profile
+
+    gone = bootstrap(tmp_path / "gone")
+    d = write_profile(master_only.address, gone.ca, gone.client_cert, gone.client_key, gone.token)
+    assert d == profile_dir(master_only.address)
+    r = master_only.streamctl("workers", timeout=60)
+    assert r.returncode == 1, r.stdout
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("streamctl: cannot reach the master:"), r.stderr
+    assert f"TLS credentials from the profile in {d}" in last, r.stderr
+    import shutil
+
+    shutil.rmtree(d)
+    r = master_only.streamctl("workers", timeout=60)
+    assert r.returncode == 0, r.stderr

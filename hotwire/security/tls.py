@@ -135,6 +135,7 @@ class ClientCredentials:
 
     tls: TlsFiles | None = None
     token: str = ""
+    profile: Path | None = None  # the profile that filled in the TLS files, if one did
 
 
 def home() -> Path:
@@ -182,7 +183,9 @@ def client_credentials(
     key = key or os.environ.get("HOTWIRE_KEY") or None
     token = token or os.environ.get("HOTWIRE_TOKEN") or None
     prof = profile_dir(master)
+    used = None
     if (prof / "ca.pem").is_file():  # the profile fills in what was not given
+        used = prof if ca is None else None
         ca = ca or str(prof / "ca.pem")
         cert = cert or str(prof / "client.pem")
         key = key or str(prof / "client.key")
@@ -192,7 +195,7 @@ def client_credentials(
         return ClientCredentials(None, token or "")
     if cert is None or key is None:
         raise PkiError("a CA was given without a client certificate and key (--cert, --key)")
-    return ClientCredentials(TlsFiles.of(ca, cert, key), token or "")
+    return ClientCredentials(TlsFiles.of(ca, cert, key), token or "", used)
 
 
 def dial(master: str, creds: ClientCredentials, options: list[tuple[str, Any]]) -> grpc.Channel:
