@@ -279,7 +279,18 @@ def test_heartbeat_clock_jumps_do_not_change_liveness(cluster: LocalCluster) -> 
         poll_for(lambda: not ghost().alive, 10, what="the ghost to be declared dead")
         assert time.monotonic() - t0 >= 2.5  # heartbeat_timeout is 3 s
         assert 3.0 <= ghost().last_heartbeat_age_s < 6.0
-        beat(0.0)  # back, with a clock in 1970
+        # Declared dead, its session is fenced (on the master's next recovery tick):
+        # a heartbeat under it is refused; it must register again, then a heartbeat
+        # with a clock in 1970 keeps it alive.
+        poll_for(lambda: "declared dead" in ghost().fenced, 10, what="the ghost to be fenced")
+        with pytest.raises(grpc.RpcError) as refused:
+            beat(time.time())
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "register again" in (refused.value.details() or "")
+        session = stub.Register(
+            pb.RegisterRequest(name="ghost", data_address="127.0.0.1:1", slots=0), timeout=5
+        ).session
+        beat(0.0)
         assert ghost().alive
     finally:
         channel.close()
