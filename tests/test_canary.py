@@ -15,7 +15,7 @@ from typing import Any
 
 from hotwire.testing import count_lines, read_jsonl
 from hotwire.testing.cluster import LocalCluster, poll_for, write_app
-from hotwire.testing.scenarios import BASE, check_output, render
+from hotwire.testing.scenarios import BASE, check_output, read_exact, render
 
 N = 9000
 RATE = 2000.0
@@ -48,15 +48,6 @@ def _status(cluster: LocalCluster) -> dict[str, Any]:
 def _start(cluster: LocalCluster, out: Path, app1: str) -> None:
     assert cluster.streamctl("submit", app1).returncode == 0
     poll_for(lambda: count_lines(out) > N // 6, 20, what="records flowing before the canary")
-
-
-def _exact(out: Path) -> list[dict[str, Any]]:
-    poll_for(lambda: count_lines(out) >= N, 40, what="every record at the sink")
-    rows = read_jsonl(out)
-    v = check_output(rows, N)
-    assert (v.lost, v.duplicated, v.out_of_order, v.state_resets) == (0, 0, 0, 0), v
-    assert not v.problems, v.problems
-    return rows
 
 
 def _failing(v2: str) -> str:
@@ -125,7 +116,7 @@ def test_healthy_canary_is_promoted_after_its_time(cluster: LocalCluster, tmp_pa
         assert sorted(i["version"] for i in count["instances"]) == [1, 1, 2]
     poll_for(lambda: _status(cluster)["version"] == 2, 30, what="the canary promoted")
     assert _status(cluster)["canary"] is None
-    rows = _exact(out)
+    rows = read_exact(out, N, 40)
     assert {r["code"] for r in rows} == {1, 2}
     hist = cluster.streamctl("history", "upg")
     assert "canary of 'count' on 30% of its keys, v1 -> v2" in hist.stdout, hist.stdout
@@ -158,7 +149,7 @@ def test_canary_aborted_then_promoted_by_hand(cluster: LocalCluster, tmp_path: P
     assert pr.returncode == 0, pr.stderr
     assert "runs version 2" in pr.stdout
     assert count_lines(out) < N, "the canary must run while records flow"
-    rows = _exact(out)
+    rows = read_exact(out, N, 40)
     assert {r["code"] for r in rows} == {1, 2}
     hist = json.loads(cluster.streamctl("history", "upg", "--json").stdout)
     assert [c["outcome"] for c in hist["canaries"]] == ["aborted", "promoted"]

@@ -20,7 +20,7 @@ from typing import Any
 
 from hotwire.testing import count_lines, read_jsonl
 from hotwire.testing.cluster import LocalCluster, poll_for, write_app
-from hotwire.testing.scenarios import BASE, check_output, render
+from hotwire.testing.scenarios import BASE, check_output, read_exact, render
 
 MERGE = "    def merge(self, state):\n        self.n.update(state)\n\n"
 
@@ -53,15 +53,6 @@ def _count_pe(cluster: LocalCluster) -> dict[str, Any]:
 
 def _master_log(cluster: LocalCluster) -> str:
     return "".join(p.read_text(errors="replace") for p in cluster.dir.glob("master.*.log"))
-
-
-def _exact(out: Path, n: int) -> list[dict[str, Any]]:
-    poll_for(lambda: count_lines(out) >= n, 60, what="every record at the sink")
-    rows = read_jsonl(out)
-    v = check_output(rows, n)
-    assert (v.lost, v.duplicated, v.out_of_order, v.state_resets) == (0, 0, 0, 0), v
-    assert not v.problems, v.problems
-    return rows
 
 
 def _canary_records(out: Path) -> int:
@@ -110,7 +101,7 @@ def test_abort_keeps_the_old_instances_through_a_master_restart_then_promote(
     assert _status(cluster)["version"] == 2
     assert "the new instances took the canary's keys in while they ran" in _master_log(cluster)
     assert count_lines(out) < n, "the promote must happen while records flow"
-    rows = _exact(out, n)
+    rows = read_exact(out, n)
     assert {r["code"] for r in rows} == {1, 2}
     hist = json.loads(cluster.streamctl("history", "upg", "--json").stdout)
     assert [c["outcome"] for c in hist["canaries"]] == ["aborted", "promoted"]
@@ -132,7 +123,7 @@ def test_a_class_without_merge_is_replaced_at_the_abort(
     log = _master_log(cluster)
     assert "defines no merge(state)" in log and "replacing the PE's instances" in log
     assert _status(cluster)["canary"] is None
-    _exact(out, n)
+    read_exact(out, n)
 
 
 def test_a_merge_that_fails_restarts_the_app_from_its_checkpoint(tmp_path: Path) -> None:
@@ -193,5 +184,5 @@ def test_a_new_class_without_merge_is_promoted_with_every_key_handed_over_first(
     assert "defines no merge(state)" in log and "the promote hands every key over first" in log
     assert "took the canary's keys in" not in log
     assert count_lines(out) < n, "the promote must happen while records flow"
-    rows = _exact(out, n)
+    rows = read_exact(out, n)
     assert {r["code"] for r in rows} == {1, 2}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 __all__ = ["SCENARIOS", "Shape", "Verdict", "check_output", "render"]
@@ -190,3 +191,20 @@ def check_output(rows: list[dict[str, Any]], n: int) -> Verdict:
     v.lost = sum(1 for s in range(n) if s not in seen)
     v.state_resets = len(reset_keys)
     return v
+
+
+def read_exact(
+    out: str | Path, n: int, timeout: float = 60.0, context: Any = None
+) -> list[dict[str, Any]]:
+    """Wait for ``n`` lines at the JSON-lines sink ``out`` and return its rows, after
+    asserting that none was lost, duplicated, out of order or counted from a reset
+    state (``context`` goes into the assertion message)."""
+    from hotwire.testing.cluster import poll_for
+    from hotwire.testing.sources import count_lines, read_jsonl
+
+    poll_for(lambda: count_lines(out) >= n, timeout, what="every record at the sink")
+    rows = read_jsonl(out)
+    v = check_output(rows, n)
+    assert (v.lost, v.duplicated, v.out_of_order, v.state_resets) == (0, 0, 0, 0), (v, context)
+    assert not v.problems, (v.problems, context)
+    return rows
