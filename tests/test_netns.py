@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -161,6 +162,84 @@ def test_a_worker_cut_off_is_replaced_and_fenced(tmp_path: Path, cut_from: str) 
         logs = c.logs()
     _check(_rows(tmp_path), n)
     assert "fenced" in logs, logs[-3000:]
+
+
+REDIS_APP = """
+from hotwire import Topology
+from hotwire.connectors.redis_streams import RedisStreamSource
+from hotwire.sinks import JsonlSink
+
+app = Topology("hosts")
+src = app.source("src", RedisStreamSource(url={url!r}, stream="in", batch=100))
+seqs = src.map("parse", lambda r: {{"seq": int(r["fields"]["seq"]), "key": r["fields"]["key"]}})
+counted = seqs.key_by(lambda r: r["key"]).process("count", Count, parallelism=2)
+counted.sink("out", JsonlSink, config={{"dir": {out!r}}})
+"""
+
+
+def test_a_redis_source_on_a_worker_cut_off_the_master_takes_nothing_once_replaced(
+    tmp_path: Path,
+) -> None:
+    """The worker running the Redis source is cut off the master only: it still
+    reaches Redis and runs on, alone, after the master started the source again on
+    the other worker. Its reads are fenced in Redis (the replacement claimed the
+    delivery log): every entry reaches the sink once. Before, what it read while cut
+    off went into the log behind the replacement's position and was never emitted."""
+    from hotwire.testing.servers import redis_server
+
+    redis = pytest.importorskip("redis")
+    n, rate = 12_000, 1500.0
+    with (
+        NetnsCluster(
+            workers=2, data_dir=tmp_path / "c", heartbeat_timeout=1.0, checkpoint_interval=0.5
+        ) as c,
+        redis_server(tmp_path, host=c.net.client_ip) as url,
+    ):
+        r = redis.Redis.from_url(url)
+        stop = threading.Event()
+
+        def feed() -> None:  # the stream grows at ``rate`` entries per second
+            t0 = time.monotonic()
+            for s in range(0, n, 50):
+                if stop.is_set():
+                    return
+                with r.pipeline(transaction=False) as p:
+                    for q in range(s, min(s + 50, n)):
+                        p.xadd("in", {"seq": q, "key": f"k{q % 16}"})
+                    p.execute()
+                time.sleep(max(0.0, t0 + (s + 50) / rate - time.monotonic()))
+
+        feeder = threading.Thread(target=feed, daemon=True)
+        count_pe = APP.format(n=0, rate=1.0, v=1, par=2, extra="", out="")
+        body = count_pe.split("app = Topology")[0] + REDIS_APP.format(
+            url=url, out=str(tmp_path / "out")
+        )
+        try:
+            c.client.submit(write_app(tmp_path, "redis_app.py", body))
+            feeder.start()
+            poll_for(lambda: _status(c).last_checkpoint >= 1, 30, what="a checkpoint")
+            victim = _source_worker(c)
+            survivor = "w2" if victim == "w1" else "w1"
+            c.partition_worker(victim, ["master"])
+            poll_for(lambda: _status(c).recoveries >= 1, 30, what="a recovery")
+            placed = {i.worker for p in _status(c).pes for i in p.instances}
+            assert placed == {survivor}, placed
+            time.sleep(2.0)  # the victim runs on alone, cut off the master, reaching Redis
+            c.heal_worker(victim)
+            poll_for(
+                lambda: any(w.name == victim and w.alive for w in c.client.workers().workers),
+                30,
+                what="the healed worker to register again",
+            )
+            poll_for(lambda: len(_rows(tmp_path)) >= n, 120, what="every record")
+            time.sleep(1.0)  # a fenced worker that went on writing would add rows now
+            logs = c.logs()
+        finally:
+            stop.set()
+            feeder.join(10)
+            r.close()
+    _check(_rows(tmp_path), n)
+    assert "was replaced" in logs, logs[-3000:]
 
 
 def test_a_worker_cut_off_one_peer_stalls_is_detected_and_recovers(tmp_path: Path) -> None:

@@ -24,6 +24,16 @@ one starts at once, so the server's work overlaps the emission of the batch; a
 read under way when the source stops is waited for, and what it logged is emitted
 by the next instance from the log.
 
+Fencing. Every delivery log has an owner key holding the generation
+(``Context.generation``) of the instance that owns it: an instance claims its log
+(and, in a rescale or a restart that abandons one, the logs it takes over) when it
+opens, and a claim by an older generation is refused. A read whose instance no
+longer owns its log is undone in the same transaction (its entries go back to the
+group, undelivered, for the owner to read) and the instance stops with an error:
+an instance left running on a worker cut off from the master, after the master
+started its replacement elsewhere, takes nothing from the stream and writes
+nothing to the log its replacement emits from.
+
 A rescale (another parallelism) hands each old instance's log to new instance
 ``j % n``, which puts the entries it emitted (acked at the new instance's first
 complete checkpoint) before those it did not (emitted first); until that
@@ -98,7 +108,10 @@ return 0
 # _LOG appends to the delivery log KEYS[2] the ids the read delivered: the entries
 # pending for consumer ARGV[2] of group ARGV[1] after the mark KEYS[3] (up to ARGV[3]),
 # in id order, the order XREADGROUP returned them (one RPUSH per 1000 ids); drops the
-# mark and returns how many it logged.
+# mark and returns how many it logged. When the log's owner KEYS[4] is not generation
+# ARGV[4] (a later instance claimed it), the read is undone instead: its entries are
+# acknowledged out of the consumer's pending list and the group's last delivered id
+# goes back to the mark, so the next read of the owner gets them; returns -1.
 _LOG = """
 local from = redis.call('GET', KEYS[3])
 if not from then return 0 end
@@ -106,6 +119,13 @@ redis.call('DEL', KEYS[3])
 local p = redis.call('XPENDING', KEYS[1], ARGV[1], '(' .. from, '+', ARGV[3], ARGV[2])
 local ids = {}
 for i, e in ipairs(p) do ids[i] = e[1] end
+if redis.call('GET', KEYS[4]) ~= ARGV[4] then
+  for i = 1, #ids, 1000 do
+    redis.call('XACK', KEYS[1], ARGV[1], unpack(ids, i, math.min(i + 999, #ids)))
+  end
+  redis.call('XGROUP', 'SETID', KEYS[1], ARGV[1], from)
+  return -1
+end
 for i = 1, #ids, 1000 do
   redis.call('RPUSH', KEYS[2], unpack(ids, i, math.min(i + 999, #ids)))
 end
@@ -116,8 +136,10 @@ return #ids
 # KEYS[3]. A checkpoint of this instance is complete: when the log was formed by a
 # rescale (its entry in the hash KEYS[4]), no restart goes back to the old
 # parallelism any more, so the old instances' logs it took over are deleted.
-# ARGV: group, N, key prefix, this log's name.
+# ARGV: group, N, key prefix, this log's name, generation (-1, nothing done, when the
+# log's owner KEYS[5] is another).
 _ACK = """
+if redis.call('GET', KEYS[5]) ~= ARGV[5] then return -1 end
 local n = tonumber(ARGV[2])
 local acked = 0
 if n > 0 then
@@ -139,6 +161,20 @@ if from then
   redis.call('HDEL', KEYS[4], ARGV[4])
 end
 return acked
+"""
+
+# Claims the delivery logs whose owner keys are KEYS for generation ARGV[1]; refused
+# (an error reply FENCED) when one of them is owned by a later generation.
+_CLAIM = """
+local g = tonumber(ARGV[1])
+for _, k in ipairs(KEYS) do
+  local cur = tonumber(redis.call('GET', k) or '-1')
+  if cur > g then
+    return redis.error_reply('FENCED ' .. k .. ' is owned by generation ' .. cur)
+  end
+end
+for _, k in ipairs(KEYS) do redis.call('SET', k, ARGV[1]) end
+return 1
 """
 
 # A rescale: forms the delivery log KEYS[2] (base KEYS[3]) of new instance
@@ -206,7 +242,8 @@ return {#covered, out}
 # back to its checkpoint). What the rescale's new instances read themselves is
 # still pending: each one's reads go at the end of the log of the old instance
 # named in its entry ("fold"), to be emitted from there, and its log is deleted.
-# Also renames a log of the earlier form (named by the instance index alone).
+# Also renames a log of the earlier form (named by the instance index alone). The
+# folded logs' owners become generation ARGV[5] (their instances are abandoned).
 _RESUME = """
 local prefix, m, j = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 if redis.call('EXISTS', KEYS[2]) == 0 and redis.call('EXISTS', ARGV[4] .. ':log') == 1 then
@@ -226,6 +263,7 @@ for i = 1, #h, 2 do
     end
     folded = folded + #own
     redis.call('DEL', prefix .. name .. ':log', prefix .. name .. ':base')
+    redis.call('SET', prefix .. name .. ':owner', ARGV[5])
     redis.call('HDEL', KEYS[1], name)
   end
 end
@@ -332,6 +370,8 @@ class _Reader(DeliveryLogReader):
         self.base_key = f"{self.prefix}{self.name}:base"
         self.mark_key = f"{self.prefix}{self.name}:mark"  # only within a read
         self.rescales_key = f"{self.prefix}rescales"
+        self.owner_key = f"{self.prefix}{self.name}:owner"
+        self.gen = str(int(getattr(ctx, "generation", 0) or 0))
         self._redis: Any = None
         self._next: asyncio.Task[Any] | None = None  # the read of the next batch, under way
         self._formed = False  # this instance's log is formed (its first open succeeded)
@@ -359,7 +399,21 @@ class _Reader(DeliveryLogReader):
         # what this instance read since (and, before its first checkpoint, emit again
         # what it emitted since).
         preds = [] if self._formed else list(getattr(self.ctx, "predecessors", None) or ())
-        if any(int(p["of"]) != n for p in preds):
+        rescaled = any(int(p["of"]) != n for p in preds)
+        claims = [self.owner_key]
+        if rescaled:  # the old instances' logs it takes over
+            claims += [
+                f"{self.prefix}{p['instance']}-of-{p['of']}:owner"
+                for p in preds
+                if int(p["instance"]) % n == me
+            ]
+        try:
+            await r.eval(_CLAIM, len(claims), *claims, self.gen)
+        except ResponseError as e:
+            if "FENCED" not in str(e):
+                raise
+            self._superseded(str(e).split("FENCED ", 1)[-1])
+        if rescaled:
             ids = await self._rescale(r, position, n, me, preds)
             self._formed = True
             return ids
@@ -374,6 +428,7 @@ class _Reader(DeliveryLogReader):
                 n,
                 me,
                 f"{self.prefix}{me}",
+                self.gen,
             )
         self._formed = True
         base = int(await r.get(self.base_key) or 0)
@@ -470,9 +525,22 @@ class _Reader(DeliveryLogReader):
         async with self._redis.pipeline(transaction=True) as p:
             p.eval(_MARK, 2, stream, self.mark_key, self.group)
             p.xreadgroup(self.group, self.consumer, {stream: ">"}, count=batch)
-            p.eval(_LOG, 3, stream, self.log_key, self.mark_key, self.group, self.consumer, batch)
+            p.eval(
+                _LOG,
+                4,
+                stream,
+                self.log_key,
+                self.mark_key,
+                self.owner_key,
+                self.group,
+                self.consumer,
+                batch,
+                self.gen,
+            )
             _marked, got, logged = await p.execute()
         entries = got[0][1] if got else []
+        if logged == -1:
+            self._superseded(await self._owner())
         if logged != len(entries):  # the delivery log no longer matches the position
             msg = (
                 f"app {self.ctx.app!r} PE {self.ctx.pe!r}: a read of stream "
@@ -501,18 +569,34 @@ class _Reader(DeliveryLogReader):
 
     async def ack(self, position: int) -> None:
         base = int(await self._redis.get(self.base_key) or 0)
-        await self._redis.eval(
+        acked = await self._redis.eval(
             _ACK,
-            4,
+            5,
             self.conf.stream,
             self.log_key,
             self.base_key,
             self.rescales_key,
+            self.owner_key,
             self.group,
             position - base,
             self.prefix,
             self.name,
+            self.gen,
         )
+        if acked == -1:
+            self._superseded(await self._owner())
+
+    async def _owner(self) -> str:
+        return f"{self.owner_key} is owned by generation {await self._redis.get(self.owner_key)}"
+
+    def _superseded(self, why: str) -> None:
+        """A later instance of this source owns the delivery log: stop, loudly."""
+        msg = (
+            f"app {self.ctx.app!r} PE {self.ctx.pe!r} instance {self.name} (generation "
+            f"{self.gen}) was replaced: {why}; it stops reading (a read it made was "
+            "undone, its entries go to the replacement)"
+        )
+        raise RuntimeError(msg)
 
     async def close(self) -> None:
         task, self._next = self._next, None

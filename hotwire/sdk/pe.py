@@ -21,7 +21,11 @@ class Context:
     ``waiting_since`` when that began (``time.monotonic()``); "" and 0.0 otherwise.
     The worker reports them with its heartbeats (``streamctl status``).
     ``version`` is the app version this instance was started in (an upgrade
-    that changes the PE starts new instances in the new version). ``timers``,
+    that changes the PE starts new instances in the new version). ``generation``
+    is the app's transition that started this instance (an upgrade, a restart, a
+    move): an instance that replaces another always has a larger one, so a
+    connector can fence in its server what an older instance still running (on a
+    worker cut off from the master) would write. ``timers``,
     in a keyed class PE that defines ``on_timer``, registers timers for the
     current key: ``ctx.timers.event(t)`` (when the watermark reaches ``t``) and
     ``ctx.timers.processing(t)`` (at wall-clock ``time.time()`` ``t``);
@@ -50,6 +54,7 @@ class Context:
     waiting_since: float = 0.0
     predecessors: list[dict[str, Any]] = field(default_factory=list)
     version: int = 0
+    generation: int = 0
     timers: Any = None  # a keyed class PE's timers (hotwire.eventtime.Timers) if it has on_timer
     hold: Any = None  # a source's or sink's: the worker's OutputHold (hotwire.worker.fence)
     logger: logging.Logger = field(init=False, repr=False)

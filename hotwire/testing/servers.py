@@ -69,13 +69,19 @@ def _stop(proc: subprocess.Popen[bytes], timeout: float = 10) -> None:
         proc.wait(5)
 
 
-def _wait_port(port: int, proc: subprocess.Popen[bytes], what: str, timeout: float = 10) -> None:
+def _wait_port(
+    port: int,
+    proc: subprocess.Popen[bytes],
+    what: str,
+    host: str = "127.0.0.1",
+    timeout: float = 10,
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"{what} exited with {proc.returncode}")
         try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            socket.create_connection((host, port), timeout=0.2).close()
             return
         except OSError:
             time.sleep(0.05)
@@ -95,7 +101,7 @@ class Restartable:
             self.proc = subprocess.Popen(
                 self.args, stdout=log, stderr=subprocess.STDOUT, user=self.user
             )
-        _wait_port(self.port, self.proc, os.path.basename(self.args[0]), timeout)
+        _wait_port(self.port, self.proc, os.path.basename(self.args[0]), timeout=timeout)
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         p, self.proc = self.proc, None
@@ -110,8 +116,9 @@ class Restartable:
 
 
 @contextlib.contextmanager
-def redis_server(tmp: Path) -> Iterator[str]:
-    """A redis-server without persistence, its log in ``tmp``; yields its URL."""
+def redis_server(tmp: Path, host: str = "127.0.0.1") -> Iterator[str]:
+    """A redis-server without persistence listening on ``host``, its log in ``tmp``;
+    yields its URL."""
     binary = find_binary("redis-server")
     port = free_port()
     with open(tmp / "redis.log", "wb") as log:
@@ -121,7 +128,9 @@ def redis_server(tmp: Path) -> Iterator[str]:
                 "--port",
                 str(port),
                 "--bind",
-                "127.0.0.1",
+                host,
+                "--protected-mode",
+                "yes" if host == "127.0.0.1" else "no",
                 "--save",
                 "",
                 "--appendonly",
@@ -133,8 +142,8 @@ def redis_server(tmp: Path) -> Iterator[str]:
             stderr=subprocess.STDOUT,
         )
         try:
-            _wait_port(port, proc, "redis-server")
-            yield f"redis://127.0.0.1:{port}/0"
+            _wait_port(port, proc, "redis-server", host)
+            yield f"redis://{host}:{port}/0"
         finally:
             _stop(proc)
 

@@ -285,6 +285,7 @@ class Runtime:
             parallelism=ins.parallelism,
             config=dict(ins.config),
             version=ins.version,
+            generation=ins.gen,
             hold=self.hold if ins.kind in ("source", "sink") else None,
         )
         inst = Instance(self, ins, ctx, None, source_fn=impl.fn if ins.kind == "source" else None)

@@ -1,0 +1,112 @@
+"""Fencing the Redis Streams source in the server, against a real redis-server: an
+older instance still running (its worker cut off from the master, which started a
+replacement elsewhere) takes nothing from the stream once the replacement claimed
+the delivery log. Before, its reads moved entries into the log behind the
+replacement's position, where no one emitted them: they were lost."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from typing import Any
+
+import pytest
+from connector_servers import redis_url  # noqa: F401 - a fixture
+
+from hotwire.connectors.redis_streams import RedisStreamSource, group_name
+from hotwire.sdk.pe import Context
+
+redis = pytest.importorskip("redis")
+
+TOTAL = 600
+BATCH = 50
+
+
+def _ctx(generation: int, position: int = 0, preds: Any = ()) -> Context:
+    return Context(
+        "a",
+        "src",
+        0,
+        1,
+        position=position,
+        predecessors=[dict(p) for p in preds],
+        generation=generation,
+    )
+
+
+async def _records(it: Any, n: int) -> list[int]:
+    """``n`` records' seqs from the reader's own loop."""
+    return [int((await asyncio.wait_for(it.__anext__(), 20))["fields"]["seq"]) for _ in range(n)]
+
+
+def test_an_older_instance_still_running_takes_nothing_once_replaced(
+    redis_url: str,  # noqa: F811
+) -> None:
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    with r.pipeline(transaction=False) as p:
+        for s in range(TOTAL):
+            p.xadd("in", {"seq": s})
+        p.execute()
+    src = RedisStreamSource(url=redis_url, stream="in", batch=BATCH, poll_interval=0.01)
+
+    async def run() -> tuple[list[int], list[int], str]:
+        old = src(_ctx(generation=3))
+        new = None
+        try:
+            emitted_old = await _records(old, 3 * BATCH)  # its checkpoint covers 2 batches
+            old.checkpoint_complete(2 * BATCH)
+            # The master declares old's worker dead and restarts the app from the
+            # checkpoint: the replacement (a later generation) opens on the same log.
+            preds = [{"instance": 0, "of": 1, "position": 2 * BATCH}]
+            new = src(_ctx(generation=5, position=2 * BATCH, preds=preds))
+            emitted_new = await _records(new, BATCH)  # the third batch again, from the log
+            # old goes on (its worker cannot reach the master, so nothing stops it)
+            with pytest.raises(RuntimeError, match="was replaced") as e:
+                while True:
+                    await asyncio.wait_for(old.__anext__(), 20)
+            emitted_new += await _records(new, TOTAL - 3 * BATCH)
+            new.checkpoint_complete(TOTAL)
+            await new._step()  # the ack
+            return emitted_old, emitted_new, str(e.value)
+        finally:
+            await old.aclose()
+            if new is not None:
+                await new.aclose()
+
+    emitted_old, emitted_new, why = asyncio.run(run())
+    assert "generation 5" in why and "instance 0-of-1 (generation 3)" in why, why
+    # What the checkpoint covers came from old; everything after it from new, once.
+    assert emitted_old == list(range(3 * BATCH))
+    assert emitted_new == list(range(2 * BATCH, TOTAL))
+    assert int(r.xpending("in", group_name("a", "src"))["pending"]) == 0
+    assert r.llen("hotwire:src:a:src:0-of-1:log") == 0
+
+
+def test_an_older_instance_cannot_claim_the_log_back(
+    redis_url: str,  # noqa: F811
+) -> None:
+    """An instance of an earlier generation that opens (or reconnects) after its
+    replacement claimed the log is refused before it reads or rewrites anything;
+    the replacement reads on."""
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    for s in range(2 * BATCH):
+        r.xadd("in", {"seq": s})
+    src = RedisStreamSource(url=redis_url, stream="in", batch=BATCH, poll_interval=0.01)
+
+    async def run() -> tuple[list[int], str]:
+        new = src(_ctx(generation=9))
+        old = src(_ctx(generation=8))
+        try:
+            got = await _records(new, BATCH)
+            with pytest.raises(RuntimeError, match="was replaced") as e:
+                await asyncio.wait_for(old.__anext__(), 20)
+            got += await _records(new, BATCH)
+            return got, str(e.value)
+        finally:
+            await old.aclose()
+            await new.aclose()
+
+    got, why = asyncio.run(run())
+    assert "owned by generation 9" in why, why
+    assert Counter(got) == Counter(range(2 * BATCH))
+    assert r.get("hotwire:src:a:src:0-of-1:owner") == "9"
