@@ -34,6 +34,15 @@ first complete checkpoint once every new instance has read them. A restart befor
 that checkpoint starts the new consumers afresh (at the new parallelism) or deletes
 them (at the old one); a second rescale before it is refused.
 
+Fencing. The log carries the generation of the instance that wrote it
+(``Context.generation``; a replacement always has a larger one) and every write is
+conditional on the KV revision this instance last read or wrote. A restored
+instance claims its log when it opens, so once its replacement opened, an instance
+still running on a worker cut off from the master fails its next write and stops
+with an error, its batch neither emitted nor acked (the server delivers it again,
+after ``ack_wait``, to the replacement). The logs a rescale takes over are not
+fenced that way.
+
 Limit: a message delivered and not acked by a crashed instance is redelivered
 after ``ack_wait`` seconds, and only then acked (``num_ack_pending`` stays above
 zero until then).
@@ -201,6 +210,10 @@ class _Reader(DeliveryLogReader):
         self.floor = 0
         self._nc: Any = None
         self._loaded = False  # the log was read from the server (or started empty)
+        self.gen = int(getattr(ctx, "generation", 0) or 0)
+        # The log's KV revision this instance last read or wrote (0: it has none);
+        # its writes are conditional on it. None: not known, a write is unconditional.
+        self.rev: int | None = None
 
     async def open(self, position: int) -> list[Any]:
         import nats
@@ -247,11 +260,14 @@ class _Reader(DeliveryLogReader):
             await self._save()  # this reader's log is the truth; a put in doubt is redone
         else:
             try:
-                saved = json.loads((await self.kv.get(self.key)).value or b"{}")
+                entry = await self.kv.get(self.key)
+                saved, rev = json.loads(entry.value or b"{}"), int(entry.revision or 0)
             except KeyNotFoundError:
                 if position > 0:  # an earlier generation emitted, so it logged
                     raise _NotReady(f"delivery log {self.key!r} not found") from None
-                saved = {}
+                saved, rev = {}, 0
+            if int(saved.get("gen", -1)) > self.gen:
+                self._superseded(int(saved["gen"]))
             self.base, self.seqs = int(saved.get("base", 0)), list(saved.get("seqs", []))
             self.covered |= set(saved.get("covered", []))
             if not fresh:
@@ -259,6 +275,9 @@ class _Reader(DeliveryLogReader):
             self.rescaled, self.old = saved.get("rescaled"), saved.get("old")
             self._old_sets = [set(e) for e in (self.old or {}).get("emitted", [])]
             self._loaded = True
+            if saved.get("gen") != self.gen:  # claim it: an older instance writes no more
+                self.rev = rev
+                await self._save()
         self.logged = set(self.seqs)
         # Deliveries to an earlier connection cannot be acked on this one: the server
         # delivers them again (after ack_wait), and those are kept or acked then.
@@ -276,7 +295,48 @@ class _Reader(DeliveryLogReader):
             doc["rescaled"] = self.rescaled
         if self.old is not None:
             doc["old"] = self.old
-        await self.kv.put(self.key, json.dumps(doc).encode())
+        doc["gen"] = self.gen
+        data = json.dumps(doc).encode()
+        if self.rev is None:
+            self.rev = await self.kv.put(self.key, data)
+            return
+        from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+
+        for _ in range(3):
+            try:
+                if self.rev == 0:
+                    self.rev = await self.kv.create(self.key, data)
+                else:
+                    self.rev = await self.kv.update(self.key, data, last=self.rev)
+                return
+            except KeyWrongLastSequenceError:
+                pass
+            try:
+                entry = await self.kv.get(self.key)
+            except KeyNotFoundError:
+                if self.rev:  # deleted: a rescale's first checkpoint took it over
+                    self._superseded(None)
+                continue
+            other = int(json.loads(entry.value or b"{}").get("gen", -1))
+            if other > self.gen:
+                self._superseded(other)
+            if other < self.gen:
+                # An older instance wrote after this one read the log, before its
+                # claim: read the log again (its entries are to be emitted from it).
+                self._loaded, self.rev = False, None
+                raise _NotReady(f"delivery log {self.key!r} changed while it was read")
+            self.rev = int(entry.revision)  # this instance's own write, its answer lost
+        raise _NotReady(f"delivery log {self.key!r}: a conditional write kept failing")
+
+    def _superseded(self, other: int | None) -> None:
+        """A later instance of this source owns the delivery log: stop, loudly."""
+        by = "was deleted" if other is None else f"is owned by generation {other}"
+        msg = (
+            f"app {self.ctx.app!r} PE {self.ctx.pe!r} instance {self.me} of {self.n} "
+            f"(generation {self.gen}) was replaced: its delivery log {self.key!r} {by}; "
+            "it stops (what it read and did not log goes to the replacement)"
+        )
+        raise RuntimeError(msg)
 
     async def _add_consumer(self, api: Any, start: int) -> None:
         """Create this instance's durable consumer, reading from stream sequence

@@ -1,8 +1,10 @@
-"""Fencing the Redis Streams source in the server, against a real redis-server: an
-older instance still running (its worker cut off from the master, which started a
-replacement elsewhere) takes nothing from the stream once the replacement claimed
-the delivery log. Before, its reads moved entries into the log behind the
-replacement's position, where no one emitted them: they were lost."""
+"""Fencing the sources with a delivery log in their server, against a real
+redis-server and nats-server: an older instance still running (its worker cut off
+from the master, which started a replacement elsewhere) takes nothing from the
+stream once the replacement claimed the delivery log. Before, a Redis instance's
+reads moved entries into the log behind the replacement's position, where no one
+emitted them (lost), and a JetStream instance overwrote the replacement's log
+with its own."""
 
 from __future__ import annotations
 
@@ -11,12 +13,14 @@ from collections import Counter
 from typing import Any
 
 import pytest
-from connector_servers import redis_url  # noqa: F401 - a fixture
+from connector_servers import nats_url, redis_url  # noqa: F401 - fixtures
 
+from hotwire.connectors.nats_js import JetStreamSource
 from hotwire.connectors.redis_streams import RedisStreamSource, group_name
 from hotwire.sdk.pe import Context
 
 redis = pytest.importorskip("redis")
+nats = pytest.importorskip("nats")
 
 TOTAL = 600
 BATCH = 50
@@ -110,3 +114,54 @@ def test_an_older_instance_cannot_claim_the_log_back(
     assert "owned by generation 9" in why, why
     assert Counter(got) == Counter(range(2 * BATCH))
     assert r.get("hotwire:src:a:src:0-of-1:owner") == "9"
+
+
+def test_an_older_jetstream_instance_still_running_is_fenced_once_replaced(
+    nats_url: str,  # noqa: F811
+) -> None:
+    """The same with the JetStream source: the old instance's next log write is
+    refused, it stops, and what it fetched then reaches the replacement (the server
+    delivers it again after ``ack_wait``); every message once."""
+    total, batch = 300, 25
+
+    async def publish() -> None:
+        nc = await nats.connect(nats_url)
+        try:
+            js = nc.jetstream()
+            await js.add_stream(name="IN", subjects=["in.>"])
+            for i in range(total):
+                await js.publish("in.x", str(i).encode())
+        finally:
+            await nc.close()
+
+    src = JetStreamSource(url=nats_url, stream="IN", batch=batch, ack_wait=1)
+
+    async def data(it: Any, n: int) -> list[int]:
+        return [int((await asyncio.wait_for(it.__anext__(), 20))["data"]) for _ in range(n)]
+
+    async def run() -> tuple[list[int], list[int], str]:
+        await publish()
+        old = src(_ctx(generation=3))
+        new = None
+        try:
+            emitted_old = await data(old, 3 * batch)
+            old.checkpoint_complete(2 * batch)
+            await old._step()  # the ack, and a fetch logged (not emitted)
+            preds = [{"instance": 0, "of": 1, "position": 2 * batch}]
+            new = src(_ctx(generation=5, position=2 * batch, preds=preds))
+            emitted_new = await data(new, batch)  # the log from the position
+            with pytest.raises(RuntimeError, match="was replaced") as e:
+                while True:
+                    await asyncio.wait_for(old.__anext__(), 20)
+            emitted_new += await data(new, total - 3 * batch)
+            return emitted_old, emitted_new, str(e.value)
+        finally:
+            await old.aclose()
+            if new is not None:
+                await new.aclose()
+
+    emitted_old, emitted_new, why = asyncio.run(run())
+    assert "(generation 3) was replaced" in why and "generation 5" in why, why
+    assert emitted_old == list(range(3 * batch))
+    assert sorted(emitted_new) == list(range(2 * batch, total)), emitted_new
+    assert len(emitted_new) == len(set(emitted_new))
