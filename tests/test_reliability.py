@@ -198,9 +198,16 @@ def test_on_error_fail_stops_the_instance_and_reports_it(
     assert human.returncode == 0 and "FAILED instance" in human.stdout, human.stdout
     # The failed instance holds its input: the source stops at the credit limit.
     src_out = lambda: _pe(cluster, "strict", "src")["instances"][0]["records_out"]  # noqa: E731
-    first = src_out()
-    time.sleep(1.2)  # two heartbeats: would show the source moving on
-    assert src_out() == first < 100_000
+
+    def settled() -> int | None:  # the same over two heartbeats (status lags by one)
+        first = src_out()
+        time.sleep(1.2)
+        return first if src_out() == first else None
+
+    stopped = poll_for(settled, 30, interval=0, what="the source to stop")
+    assert stopped < 100_000, "the source went on to the end"
+    time.sleep(1.2)  # two heartbeats more: would show the source moving on
+    assert src_out() == stopped
     rows = read_jsonl(out)
     assert len({r["seq"] for r in rows}) == len(rows), "a record was delivered twice"
     log = "".join(w.log_path.read_text() for w in cluster.workers)
