@@ -1,4 +1,5 @@
-"""Real redis-server and PostgreSQL servers on free loopback ports, for benchmarks.
+"""Real redis-server, nats-server and PostgreSQL servers on free ports, for tests and
+benchmarks.
 
 Each is a context manager that starts the server in a directory of its own and
 stops it (and waits for it) on exit::
@@ -30,6 +31,7 @@ __all__ = [
     "ServerMissing",
     "durable_redis",
     "free_port",
+    "nats_server",
     "postgres_server",
     "redis_server",
     "restartable_postgres",
@@ -144,6 +146,27 @@ def redis_server(tmp: Path, host: str = "127.0.0.1") -> Iterator[str]:
         try:
             _wait_port(port, proc, "redis-server", host)
             yield f"redis://{host}:{port}/0"
+        finally:
+            _stop(proc)
+
+
+@contextlib.contextmanager
+def nats_server(tmp: Path, host: str = "127.0.0.1") -> Iterator[str]:
+    """A nats-server with JetStream storing in ``tmp/jetstream``, listening on
+    ``host``, its log in ``tmp/nats.log``; yields its URL."""
+    binary = find_binary("nats-server")
+    port = free_port()
+    store = tmp / "jetstream"
+    store.mkdir(parents=True, exist_ok=True)
+    with open(tmp / "nats.log", "wb") as log:
+        proc = subprocess.Popen(
+            [binary, "-js", "-sd", str(store), "-a", host, "-p", str(port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            _wait_port(port, proc, "nats-server", host)
+            yield f"nats://{host}:{port}"
         finally:
             _stop(proc)
 

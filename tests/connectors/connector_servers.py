@@ -7,7 +7,6 @@ them: CI must run the connector tests against real servers.
 from __future__ import annotations
 
 import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,14 +27,6 @@ def find_binary(name: str) -> str:
     raise AssertionError("unreachable")
 
 
-def free_port() -> int:
-    return servers.free_port()
-
-
-_wait_port = servers._wait_port
-_stop = servers._stop
-
-
 def run_redis(tmp: Path) -> Iterator[str]:
     """A redis-server without persistence (:func:`hotwire.testing.servers.redis_server`);
     yields its URL."""
@@ -45,23 +36,11 @@ def run_redis(tmp: Path) -> Iterator[str]:
 
 
 def run_nats(tmp: Path) -> Iterator[str]:
-    """A nats-server with JetStream storing in ``tmp``; yields its URL."""
-    binary = find_binary("nats-server")
-    port = free_port()
-    store = tmp / "jetstream"
-    store.mkdir(exist_ok=True)
-    log = open(tmp / "nats.log", "wb")
-    proc = subprocess.Popen(
-        [binary, "-js", "-sd", str(store), "-a", "127.0.0.1", "-p", str(port)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        _wait_port(port, proc, "nats-server")
-        yield f"nats://127.0.0.1:{port}"
-    finally:
-        _stop(proc)
-        log.close()
+    """A nats-server with JetStream storing in ``tmp`` (:func:`hotwire.testing.servers.
+    nats_server`); yields its URL."""
+    find_binary("nats-server")
+    with servers.nats_server(tmp) as url:
+        yield url
 
 
 @pytest.fixture
