@@ -83,7 +83,11 @@ CONNECT_TIMEOUT_S = 5.0  # a prepare waits this long for a link to a new instanc
 REDIAL_MIN_S = 0.05
 REDIAL_MAX_S = 1.0
 LINK_TIMEOUT_S = 15.0  # down this long while needed: reported to the master (--link-timeout)
-TCP_USER_TIMEOUT_MS = 30_000  # the kernel gives up on a connection whose data nobody acks
+# The kernel gives up on a connection whose data nobody acks after the link timeout
+# (within these bounds): a peer cut off while data flows is noticed then, and the
+# link is reported after as long again. Acks come from the peer's kernel, so a busy
+# or stopped peer process does not trip it.
+TCP_USER_TIMEOUT_MS = (2_000, 30_000)
 STATE_PREFIX = ">"  # stream name of the handovers to an instance: ">" + instance id
 _LEN = struct.Struct(">I")
 
@@ -359,6 +363,8 @@ class DataPlane:
         self.name = name
         self.receiver = receiver
         self.link_timeout = link_timeout
+        low, high = TCP_USER_TIMEOUT_MS
+        self.user_timeout_ms = int(min(high, max(low, link_timeout * 1000)))
         self.incarnation = os.urandom(8).hex()  # tells peers this process from an earlier one
         self.peers: dict[str, str] = {}  # worker name -> "host:port"
         self.links: dict[str, Link] = {}
@@ -535,7 +541,7 @@ class DataPlane:
             asyncio.open_connection(host, int(port), **tls), DIAL_TIMEOUT_S
         )
         try:
-            _tune(writer)
+            _tune(writer, self.user_timeout_ms)
             if self._client_ssl is not None:
                 who = ssl_peer(writer.get_extra_info("peercert"))
                 if who != ("worker", peer):
@@ -553,7 +559,7 @@ class DataPlane:
             self._track(self._read_loop(conn))
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        _tune(writer)
+        _tune(writer, self.user_timeout_ms)
         task = asyncio.current_task()
         if task is not None:
             self._conn_tasks.add(task)
@@ -859,7 +865,7 @@ def _why(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
 
 
-def _tune(writer: asyncio.StreamWriter) -> None:
+def _tune(writer: asyncio.StreamWriter, user_timeout_ms: int) -> None:
     """No Nagle delay; keepalives and a user timeout, so a peer that vanished without
     a reset (a partition, a dead host) ends the connection within seconds."""
     sock = writer.get_extra_info("socket")
@@ -871,7 +877,7 @@ def _tune(writer: asyncio.StreamWriter) -> None:
         (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPIDLE", None), 5),
         (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPINTVL", None), 2),
         (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPCNT", None), 3),
-        (socket.IPPROTO_TCP, getattr(socket, "TCP_USER_TIMEOUT", None), TCP_USER_TIMEOUT_MS),
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_USER_TIMEOUT", None), user_timeout_ms),
     ]
     for level, opt, value in opts:
         if opt is None:
