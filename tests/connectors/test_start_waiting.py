@@ -6,6 +6,7 @@ refused with the server's error, and nothing is deployed."""
 from __future__ import annotations
 
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -189,13 +190,20 @@ def test_a_sink_moved_by_a_drain_while_redis_is_down_waits_for_it(
         victim = _instances(c, "app")[("out", 0)].worker
         server.stop(signal.SIGKILL)
         # The app is idle: the retiring sink has nothing to pre-commit, and the new
-        # one's setup cannot reach redis. The drain moves it all the same.
+        # one's setup cannot reach redis. The drain moves it all the same: the new
+        # sink takes the handover while its setup waits, so the switch completes
+        # (before, it waited for the setup, the switch timed out after 30 s, the drain
+        # failed and the app restarted from its checkpoint).
         proc = next(w for w in c.workers if w.label == victim)
+        t0 = time.monotonic()
         proc.proc.send_signal(signal.SIGTERM)
         assert proc.proc.wait(60) == 0
+        drained_s = time.monotonic() - t0
+        assert "could not drain" not in proc.log_path.read_text(), proc.log_path.read_text()
         inst = _instances(c, "app")
         assert all(i.worker != victim for i in inst.values())
-        assert c.client.status("app").apps[0].version == 1
+        st = c.client.status("app").apps[0]
+        assert (st.version, st.recoveries) == (1, 0), (st.version, st.recoveries, drained_s)
         poll_for(
             lambda: _instances(c, "app")[("out", 0)].waiting == f"{url} unreachable",
             30,
