@@ -139,6 +139,31 @@ def _source_worker(c: NetnsCluster) -> str:
     raise AssertionError("no source instance")
 
 
+def _cut_off_replaced_and_healed(
+    c: NetnsCluster, tmp: Path, n: int, everyone: bool, alone_s: float
+) -> str:
+    """Cut the source's worker off the master (or off every host); once the master
+    restarted the app on the other worker, let the victim run on alone for
+    ``alone_s``, heal it, wait for it to register again and for every record; the
+    cluster's logs."""
+    victim = _source_worker(c)
+    survivor = "w2" if victim == "w1" else "w1"
+    c.partition_worker(victim, ["master", survivor, "client"] if everyone else ["master"])
+    poll_for(lambda: _status(c).recoveries >= 1, 30, what="a recovery")
+    placed = {i.worker for p in _status(c).pes for i in p.instances}
+    assert placed == {survivor}, placed
+    time.sleep(alone_s)
+    c.heal_worker(victim)
+    poll_for(
+        lambda: any(w.name == victim and w.alive for w in c.client.workers().workers),
+        30,
+        what="the healed worker to register again",
+    )
+    poll_for(lambda: len(_rows(tmp)) >= n, 120, what="every record")
+    time.sleep(1.0)  # a fenced worker that went on writing would add rows now
+    return c.logs()
+
+
 @pytest.mark.parametrize("cut_from", ["master", "everyone"])
 def test_a_worker_cut_off_is_replaced_and_fenced(tmp_path: Path, cut_from: str) -> None:
     """Cut off the master only (its peers still reach it), or off every host."""
@@ -148,23 +173,7 @@ def test_a_worker_cut_off_is_replaced_and_fenced(tmp_path: Path, cut_from: str) 
     ) as c:
         c.client.submit(_app(tmp_path, "v1", n, rate))
         poll_for(lambda: _status(c).last_checkpoint >= 1, 30, what="a checkpoint")
-        victim = _source_worker(c)
-        survivor = "w2" if victim == "w1" else "w1"
-        peers = ["master"] if cut_from == "master" else ["master", survivor, "client"]
-        c.partition_worker(victim, peers)
-        poll_for(lambda: _status(c).recoveries >= 1, 30, what="a recovery")
-        placed = {i.worker for p in _status(c).pes for i in p.instances}
-        assert placed == {survivor}, placed
-        time.sleep(1.0)  # the victim runs on alone, cut off, for a while
-        c.heal_worker(victim)
-        poll_for(
-            lambda: any(w.name == victim and w.alive for w in c.client.workers().workers),
-            30,
-            what="the healed worker to register again",
-        )
-        poll_for(lambda: len(_rows(tmp_path)) >= n, 120, what="every record")
-        time.sleep(1.0)  # a fenced worker that went on writing would add rows now
-        logs = c.logs()
+        logs = _cut_off_replaced_and_healed(c, tmp_path, n, cut_from == "everyone", 1.0)
     _check(_rows(tmp_path), n)
     assert "fenced" in logs, logs[-3000:]
 
@@ -276,22 +285,8 @@ def test_a_source_on_a_worker_cut_off_the_master_takes_nothing_once_replaced(
             c.client.submit(write_app(tmp_path, "server_app.py", body))
             feed.thread.start()
             poll_for(lambda: _status(c).last_checkpoint >= 1, 30, what="a checkpoint")
-            victim = _source_worker(c)
-            survivor = "w2" if victim == "w1" else "w1"
-            c.partition_worker(victim, ["master"])
-            poll_for(lambda: _status(c).recoveries >= 1, 30, what="a recovery")
-            placed = {i.worker for p in _status(c).pes for i in p.instances}
-            assert placed == {survivor}, placed
-            time.sleep(2.0)  # the victim runs on alone, cut off the master, reaching the server
-            c.heal_worker(victim)
-            poll_for(
-                lambda: any(w.name == victim and w.alive for w in c.client.workers().workers),
-                30,
-                what="the healed worker to register again",
-            )
-            poll_for(lambda: len(_rows(tmp_path)) >= n, 120, what="every record")
-            time.sleep(1.0)  # a fenced worker that went on writing would add rows now
-            logs = c.logs()
+            # the victim runs on alone, cut off the master, reaching the server
+            logs = _cut_off_replaced_and_healed(c, tmp_path, n, False, 2.0)
         finally:
             feed.stop.set()
             if feed.thread.is_alive():
