@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -38,9 +39,46 @@ def _ctx(generation: int, position: int = 0, preds: Any = ()) -> Context:
     )
 
 
-async def _records(it: Any, n: int) -> list[int]:
-    """``n`` records' seqs from the reader's own loop."""
-    return [int((await asyncio.wait_for(it.__anext__(), 20))["fields"]["seq"]) for _ in range(n)]
+def _seq(rec: Any) -> int:
+    return int(rec["fields"]["seq"])
+
+
+async def _take(it: Any, n: int, value: Callable[[Any], int] = _seq) -> list[int]:
+    """``n`` records' values from the reader's own loop."""
+    return [value(await asyncio.wait_for(it.__anext__(), 20)) for _ in range(n)]
+
+
+async def _replaced_while_running(
+    src: Any, value: Callable[[Any], int], batch: int, total: int, old_acks: bool
+) -> tuple[list[int], list[int], str]:
+    """Instance 0 of 1 (generation 3) emits three batches; a checkpoint covering two
+    completes (``old_acks``: the old one acks it, which also makes it read ahead).
+    The master declares its worker dead and restarts the app from the checkpoint:
+    the replacement (generation 5) opens on the same log and emits from there, while
+    the old one goes on (its worker cannot reach the master, so nothing stops it)
+    until its server refuses it. Returns what each emitted and the old one's error."""
+
+    old = src(_ctx(generation=3))
+    new = None
+    try:
+        emitted_old = await _take(old, 3 * batch, value)
+        old.checkpoint_complete(2 * batch)
+        if old_acks:
+            await old._step()  # the ack, and a read logged (not emitted)
+        preds = [{"instance": 0, "of": 1, "position": 2 * batch}]
+        new = src(_ctx(generation=5, position=2 * batch, preds=preds))
+        emitted_new = await _take(new, batch, value)  # the third batch again, from the log
+        with pytest.raises(RuntimeError, match="was replaced") as e:
+            while True:
+                await asyncio.wait_for(old.__anext__(), 20)
+        emitted_new += await _take(new, total - 3 * batch, value)
+        new.checkpoint_complete(total)
+        await new._step()  # the ack
+        return emitted_old, emitted_new, str(e.value)
+    finally:
+        await old.aclose()
+        if new is not None:
+            await new.aclose()
 
 
 def test_an_older_instance_still_running_takes_nothing_once_replaced(
@@ -53,31 +91,9 @@ def test_an_older_instance_still_running_takes_nothing_once_replaced(
         p.execute()
     src = RedisStreamSource(url=redis_url, stream="in", batch=BATCH, poll_interval=0.01)
 
-    async def run() -> tuple[list[int], list[int], str]:
-        old = src(_ctx(generation=3))
-        new = None
-        try:
-            emitted_old = await _records(old, 3 * BATCH)  # its checkpoint covers 2 batches
-            old.checkpoint_complete(2 * BATCH)
-            # The master declares old's worker dead and restarts the app from the
-            # checkpoint: the replacement (a later generation) opens on the same log.
-            preds = [{"instance": 0, "of": 1, "position": 2 * BATCH}]
-            new = src(_ctx(generation=5, position=2 * BATCH, preds=preds))
-            emitted_new = await _records(new, BATCH)  # the third batch again, from the log
-            # old goes on (its worker cannot reach the master, so nothing stops it)
-            with pytest.raises(RuntimeError, match="was replaced") as e:
-                while True:
-                    await asyncio.wait_for(old.__anext__(), 20)
-            emitted_new += await _records(new, TOTAL - 3 * BATCH)
-            new.checkpoint_complete(TOTAL)
-            await new._step()  # the ack
-            return emitted_old, emitted_new, str(e.value)
-        finally:
-            await old.aclose()
-            if new is not None:
-                await new.aclose()
-
-    emitted_old, emitted_new, why = asyncio.run(run())
+    emitted_old, emitted_new, why = asyncio.run(
+        _replaced_while_running(src, _seq, BATCH, TOTAL, old_acks=False)
+    )
     assert "generation 5" in why and "instance 0-of-1 (generation 3)" in why, why
     # What the checkpoint covers came from old; everything after it from new, once.
     assert emitted_old == list(range(3 * BATCH))
@@ -101,10 +117,10 @@ def test_an_older_instance_cannot_claim_the_log_back(
         new = src(_ctx(generation=9))
         old = src(_ctx(generation=8))
         try:
-            got = await _records(new, BATCH)
+            got = await _take(new, BATCH)
             with pytest.raises(RuntimeError, match="was replaced") as e:
                 await asyncio.wait_for(old.__anext__(), 20)
-            got += await _records(new, BATCH)
+            got += await _take(new, BATCH)
             return got, str(e.value)
         finally:
             await old.aclose()
@@ -136,29 +152,10 @@ def test_an_older_jetstream_instance_still_running_is_fenced_once_replaced(
 
     src = JetStreamSource(url=nats_url, stream="IN", batch=batch, ack_wait=1)
 
-    async def data(it: Any, n: int) -> list[int]:
-        return [int((await asyncio.wait_for(it.__anext__(), 20))["data"]) for _ in range(n)]
-
     async def run() -> tuple[list[int], list[int], str]:
         await publish()
-        old = src(_ctx(generation=3))
-        new = None
-        try:
-            emitted_old = await data(old, 3 * batch)
-            old.checkpoint_complete(2 * batch)
-            await old._step()  # the ack, and a fetch logged (not emitted)
-            preds = [{"instance": 0, "of": 1, "position": 2 * batch}]
-            new = src(_ctx(generation=5, position=2 * batch, preds=preds))
-            emitted_new = await data(new, batch)  # the log from the position
-            with pytest.raises(RuntimeError, match="was replaced") as e:
-                while True:
-                    await asyncio.wait_for(old.__anext__(), 20)
-            emitted_new += await data(new, total - 3 * batch)
-            return emitted_old, emitted_new, str(e.value)
-        finally:
-            await old.aclose()
-            if new is not None:
-                await new.aclose()
+        data = lambda rec: int(rec["data"])  # noqa: E731
+        return await _replaced_while_running(src, data, batch, total, old_acks=True)
 
     emitted_old, emitted_new, why = asyncio.run(run())
     assert "(generation 3) was replaced" in why and "generation 5" in why, why
