@@ -120,6 +120,10 @@ def test_master_killed_in_prepare_undoes_the_upgrade(tmp_path: Path) -> None:
         assert read_jsonl(out)[-1]["code"] == 1
         v3 = write_app(tmp_path, "v3.py", render(SCENARIOS["rescale_stateless"][1], **kw))
         assert c.client.upgrade(v3).to_version == 2
+        # The undo is reported as one, not as an error with a traceback.
+        log = c.master.log_path.read_text()
+        assert "undid an upgrade interrupted in prepare" in log, log[-3000:]
+        assert "could not finish" not in log and "Traceback" not in log, log[-3000:]
 
 
 def test_master_killed_in_switch_finishes_the_upgrade(tmp_path: Path) -> None:

@@ -36,7 +36,7 @@ from typing import Any
 
 import msgpack
 
-from hotwire.master.engine import TransitionEngine
+from hotwire.master.engine import Refused, TransitionEngine
 from hotwire.master.membership import Membership
 from hotwire.proto import hotwire_pb2 as pb
 
@@ -447,11 +447,20 @@ class Recovery:
                     deadline = time.monotonic() + ms.heartbeat_timeout * 2
                     while time.monotonic() < deadline and not all(ms.alive(w) for w in it.workers):
                         await asyncio.sleep(0.1)
-                    await self.engine.finish(it)
-                    if it.phase == "prepare":
-                        log.warning("app %r: undid an upgrade interrupted in prepare", it.app)
+                    try:
+                        await self.engine.finish(it)
+                    except Refused as e:
+                        if it.phase != "prepare":
+                            raise
+                        # Undoing it is what finishing an upgrade caught in prepare
+                        # means: the engine answers so, as to the client it had.
+                        log.warning(
+                            "app %r: undid an upgrade interrupted in prepare (%s)", it.app, e
+                        )
                     else:
-                        log.warning("app %r: finished an upgrade interrupted in switch", it.app)
+                        log.warning(
+                            "app %r: finished an upgrade interrupted in %s", it.app, it.phase
+                        )
             except Exception:
                 log.exception("app %r: could not finish the interrupted upgrade", it.app)
 
