@@ -37,10 +37,12 @@ them (at the old one); a second rescale before it is refused.
 Fencing. The log carries the generation of the instance that wrote it
 (``Context.generation``; a replacement always has a larger one) and every write is
 conditional on the KV revision this instance last read or wrote. A restored
-instance claims its log when it opens, so once its replacement opened, an instance
-still running on a worker cut off from the master fails its next write and stops
-with an error, its batch neither emitted nor acked (the server delivers it again,
-after ``ack_wait``, to the replacement). The logs a rescale takes over are not
+instance claims its log when it opens (a fresh start, with no state taken over,
+claims it whatever generation wrote it: a master with a new store counts from 1),
+so once its replacement opened, an instance still running on a worker cut off
+from the master fails its next write and stops with an error, its batch neither
+emitted nor acked (the server delivers it again, after ``ack_wait``, to the
+replacement). The logs a rescale takes over are not
 fenced that way.
 
 Limit: a message delivered and not acked by a crashed instance is redelivered
@@ -266,7 +268,9 @@ class _Reader(DeliveryLogReader):
                 if position > 0:  # an earlier generation emitted, so it logged
                     raise _NotReady(f"delivery log {self.key!r} not found") from None
                 saved, rev = {}, 0
-            if int(saved.get("gen", -1)) > self.gen:
+            # A fresh start (no state taken over: a new app, or a master with a new
+            # store, counts generations from 1 again) claims the log whatever wrote it.
+            if int(saved.get("gen", -1)) > self.gen and (preds or position > 0):
                 self._superseded(int(saved["gen"]))
             self.base, self.seqs = int(saved.get("base", 0)), list(saved.get("seqs", []))
             self.covered |= set(saved.get("covered", []))

@@ -27,7 +27,9 @@ by the next instance from the log.
 Fencing. Every delivery log has an owner key holding the generation
 (``Context.generation``) of the instance that owns it: an instance claims its log
 (and, in a rescale or a restart that abandons one, the logs it takes over) when it
-opens, and a claim by an older generation is refused. A read whose instance no
+opens, and a claim by an older generation is refused, except by a fresh start (no
+state taken over: a new app, or a master with a new store, counts generations from 1
+again). A read whose instance no
 longer owns its log is undone in the same transaction (its entries go back to the
 group, undelivered, for the owner to read) and the instance stops with an error:
 an instance left running on a worker cut off from the master, after the master
@@ -164,12 +166,14 @@ return acked
 """
 
 # Claims the delivery logs whose owner keys are KEYS for generation ARGV[1]; refused
-# (an error reply FENCED) when one of them is owned by a later generation.
+# (an error reply FENCED) when one of them is owned by a later generation, unless
+# ARGV[2] is '1' (a fresh start: no state taken over, so a new app or a master with
+# a new store, whose generations count from 1 again).
 _CLAIM = """
 local g = tonumber(ARGV[1])
 for _, k in ipairs(KEYS) do
   local cur = tonumber(redis.call('GET', k) or '-1')
-  if cur > g then
+  if cur > g and ARGV[2] ~= '1' then
     return redis.error_reply('FENCED ' .. k .. ' is owned by generation ' .. cur)
   end
 end
@@ -407,8 +411,9 @@ class _Reader(DeliveryLogReader):
                 for p in preds
                 if int(p["instance"]) % n == me
             ]
+        fresh = not preds and position == 0 and not self._formed
         try:
-            await r.eval(_CLAIM, len(claims), *claims, self.gen)
+            await r.eval(_CLAIM, len(claims), *claims, self.gen, "1" if fresh else "0")
         except ResponseError as e:
             if "FENCED" not in str(e):
                 raise

@@ -105,9 +105,10 @@ def test_an_older_instance_still_running_takes_nothing_once_replaced(
 def test_an_older_instance_cannot_claim_the_log_back(
     redis_url: str,  # noqa: F811
 ) -> None:
-    """An instance of an earlier generation that opens (or reconnects) after its
-    replacement claimed the log is refused before it reads or rewrites anything;
-    the replacement reads on."""
+    """An instance of an earlier generation that took over state (a restart's) and
+    opens (or reconnects) after its replacement claimed the log is refused before it
+    reads or rewrites anything; the replacement reads on. (A fresh start, which took
+    over nothing, claims the log whatever owned it: the test below.)"""
     r = redis.Redis.from_url(redis_url, decode_responses=True)
     for s in range(2 * BATCH):
         r.xadd("in", {"seq": s})
@@ -115,7 +116,7 @@ def test_an_older_instance_cannot_claim_the_log_back(
 
     async def run() -> tuple[list[int], str]:
         new = src(_ctx(generation=9))
-        old = src(_ctx(generation=8))
+        old = src(_ctx(generation=8, preds=[{"instance": 0, "of": 1, "position": 0}]))
         try:
             got = await _take(new, BATCH)
             with pytest.raises(RuntimeError, match="was replaced") as e:
@@ -162,3 +163,35 @@ def test_an_older_jetstream_instance_still_running_is_fenced_once_replaced(
     assert emitted_old == list(range(3 * batch))
     assert sorted(emitted_new) == list(range(2 * batch, total)), emitted_new
     assert len(emitted_new) == len(set(emitted_new))
+
+
+def test_a_fresh_start_takes_over_a_log_of_another_masters_generations(
+    redis_url: str,  # noqa: F811
+) -> None:
+    """A master with a new store (``streamctl up`` with a temporary data directory,
+    say) counts generations from 1 again: its fresh source instance (no state taken
+    over) claims the log an earlier master's generation 7 owned and reads on from
+    where the group is, nothing refused, nothing read twice."""
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    for s in range(2 * BATCH):
+        r.xadd("in", {"seq": s})
+    src = RedisStreamSource(url=redis_url, stream="in", batch=BATCH, poll_interval=0.01)
+
+    async def run() -> tuple[list[int], list[int]]:
+        earlier = src(_ctx(generation=7))
+        try:
+            first = await _take(earlier, BATCH)
+            earlier.checkpoint_complete(BATCH)
+            await earlier._step()  # the ack (and a read of the next batch, logged)
+        finally:
+            await earlier.aclose()
+        fresh = src(_ctx(generation=1))
+        try:
+            return first, await _take(fresh, BATCH)
+        finally:
+            await fresh.aclose()
+
+    first, then = asyncio.run(run())
+    assert first == list(range(BATCH))
+    assert then == list(range(BATCH, 2 * BATCH))
+    assert r.get("hotwire:src:a:src:0-of-1:owner") == "1"
