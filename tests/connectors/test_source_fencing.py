@@ -195,3 +195,39 @@ def test_a_fresh_start_takes_over_a_log_of_another_masters_generations(
     assert first == list(range(BATCH))
     assert then == list(range(BATCH, 2 * BATCH))
     assert r.get("hotwire:src:a:src:0-of-1:owner") == "1"
+
+
+def test_a_fresh_jetstream_start_takes_over_a_log_of_another_masters_generations(
+    nats_url: str,  # noqa: F811
+) -> None:
+    """The same with the JetStream source: the fresh instance (generation 1) claims
+    the log generation 7 wrote and emits what the acked checkpoint does not cover."""
+    total, batch = 100, 25
+
+    async def run() -> tuple[list[int], list[int]]:
+        nc = await nats.connect(nats_url)
+        try:
+            js = nc.jetstream()
+            await js.add_stream(name="IN", subjects=["in.>"])
+            for i in range(total):
+                await js.publish("in.x", str(i).encode())
+        finally:
+            await nc.close()
+        src = JetStreamSource(url=nats_url, stream="IN", batch=batch, ack_wait=1)
+        data = lambda rec: int(rec["data"])  # noqa: E731
+        earlier = src(_ctx(generation=7))
+        try:
+            first = await _take(earlier, batch, data)
+            earlier.checkpoint_complete(batch)
+            await earlier._step()  # the ack (and a fetch logged, not emitted)
+        finally:
+            await earlier.aclose()
+        fresh = src(_ctx(generation=1))
+        try:
+            return first, await _take(fresh, total - batch, data)
+        finally:
+            await fresh.aclose()
+
+    first, then = asyncio.run(run())
+    assert first == list(range(batch))
+    assert sorted(then) == list(range(batch, total)), then
