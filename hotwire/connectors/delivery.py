@@ -11,7 +11,7 @@ out an unreachable server. A subclass supplies the server's side as hooks.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, NoReturn
 
 from hotwire.connectors.outage import Outage
 
@@ -49,12 +49,24 @@ class DeliveryLogReader:
         self.ctx = ctx
         self.batch = batch
         self.position = int(getattr(ctx, "position", 0) or 0)  # records emitted
+        # The fencing token: a replacement of this instance has a larger generation.
+        self.generation = int(getattr(ctx, "generation", 0) or 0)
         self.outage = Outage(ctx, server)
         self._acked_to = 0  # position up to which a complete checkpoint covers
         self._ack_due = False  # a checkpoint completed since the last ack()
         self._buf: list[Any] = []  # records to emit, last one first
         self._replay: list[Any] = []  # log ids still to re-emit
         self._open = False
+
+    def superseded(self, name: str, why: str) -> NoReturn:
+        """A later instance of this source owns the delivery log (``why`` says how
+        the server answered): stop, loudly, reading nothing more."""
+        msg = (
+            f"app {self.ctx.app!r} PE {self.ctx.pe!r} instance {name} (generation "
+            f"{self.generation}) was replaced: {why}; it stops (what it read and did not "
+            "log goes to the replacement)"
+        )
+        raise RuntimeError(msg)
 
     # -- hooks ---------------------------------------------------------------
     async def open(self, position: int) -> list[Any]:

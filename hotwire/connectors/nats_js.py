@@ -68,7 +68,7 @@ import json
 import logging
 import re
 import threading
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NoReturn
 from urllib.parse import urlparse
 
 from hotwire.connectors.base import check_typed_options
@@ -212,7 +212,6 @@ class _Reader(DeliveryLogReader):
         self.floor = 0
         self._nc: Any = None
         self._loaded = False  # the log was read from the server (or started empty)
-        self.gen = int(getattr(ctx, "generation", 0) or 0)
         # The log's KV revision this instance last read or wrote (0: it has none);
         # its writes are conditional on it. None: not known, a write is unconditional.
         self.rev: int | None = None
@@ -270,7 +269,7 @@ class _Reader(DeliveryLogReader):
                 saved, rev = {}, 0
             # A fresh start (no state taken over: a new app, or a master with a new
             # store, counts generations from 1 again) claims the log whatever wrote it.
-            if int(saved.get("gen", -1)) > self.gen and (preds or position > 0):
+            if int(saved.get("gen", -1)) > self.generation and (preds or position > 0):
                 self._superseded(int(saved["gen"]))
             self.base, self.seqs = int(saved.get("base", 0)), list(saved.get("seqs", []))
             self.covered |= set(saved.get("covered", []))
@@ -279,7 +278,7 @@ class _Reader(DeliveryLogReader):
             self.rescaled, self.old = saved.get("rescaled"), saved.get("old")
             self._old_sets = [set(e) for e in (self.old or {}).get("emitted", [])]
             self._loaded = True
-            if saved.get("gen") != self.gen:  # claim it: an older instance writes no more
+            if saved.get("gen") != self.generation:  # claim it: an older instance writes no more
                 self.rev = rev
                 await self._save()
         self.logged = set(self.seqs)
@@ -299,7 +298,7 @@ class _Reader(DeliveryLogReader):
             doc["rescaled"] = self.rescaled
         if self.old is not None:
             doc["old"] = self.old
-        doc["gen"] = self.gen
+        doc["gen"] = self.generation
         data = json.dumps(doc).encode()
         if self.rev is None:
             self.rev = await self.kv.put(self.key, data)
@@ -322,9 +321,9 @@ class _Reader(DeliveryLogReader):
                     self._superseded(None)
                 continue
             other = int(json.loads(entry.value or b"{}").get("gen", -1))
-            if other > self.gen:
+            if other > self.generation:
                 self._superseded(other)
-            if other < self.gen:
+            if other < self.generation:
                 # An older instance wrote after this one read the log, before its
                 # claim: read the log again (its entries are to be emitted from it).
                 self._loaded, self.rev = False, None
@@ -332,15 +331,9 @@ class _Reader(DeliveryLogReader):
             self.rev = int(entry.revision)  # this instance's own write, its answer lost
         raise _NotReady(f"delivery log {self.key!r}: a conditional write kept failing")
 
-    def _superseded(self, other: int | None) -> None:
-        """A later instance of this source owns the delivery log: stop, loudly."""
+    def _superseded(self, other: int | None) -> NoReturn:
         by = "was deleted" if other is None else f"is owned by generation {other}"
-        msg = (
-            f"app {self.ctx.app!r} PE {self.ctx.pe!r} instance {self.me} of {self.n} "
-            f"(generation {self.gen}) was replaced: its delivery log {self.key!r} {by}; "
-            "it stops (what it read and did not log goes to the replacement)"
-        )
-        raise RuntimeError(msg)
+        self.superseded(f"{self.me} of {self.n}", f"its delivery log {self.key!r} {by}")
 
     async def _add_consumer(self, api: Any, start: int) -> None:
         """Create this instance's durable consumer, reading from stream sequence

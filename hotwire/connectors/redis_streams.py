@@ -375,7 +375,7 @@ class _Reader(DeliveryLogReader):
         self.mark_key = f"{self.prefix}{self.name}:mark"  # only within a read
         self.rescales_key = f"{self.prefix}rescales"
         self.owner_key = f"{self.prefix}{self.name}:owner"
-        self.gen = str(int(getattr(ctx, "generation", 0) or 0))
+        self.gen = str(self.generation)  # as the owner keys hold it
         self._redis: Any = None
         self._next: asyncio.Task[Any] | None = None  # the read of the next batch, under way
         self._formed = False  # this instance's log is formed (its first open succeeded)
@@ -417,7 +417,7 @@ class _Reader(DeliveryLogReader):
         except ResponseError as e:
             if "FENCED" not in str(e):
                 raise
-            self._superseded(str(e).split("FENCED ", 1)[-1])
+            self.superseded(self.name, str(e).split("FENCED ", 1)[-1])
         if rescaled:
             ids = await self._rescale(r, position, n, me, preds)
             self._formed = True
@@ -545,7 +545,7 @@ class _Reader(DeliveryLogReader):
             _marked, got, logged = await p.execute()
         entries = got[0][1] if got else []
         if logged == -1:
-            self._superseded(await self._owner())
+            self.superseded(self.name, await self._owner())
         if logged != len(entries):  # the delivery log no longer matches the position
             msg = (
                 f"app {self.ctx.app!r} PE {self.ctx.pe!r}: a read of stream "
@@ -589,19 +589,10 @@ class _Reader(DeliveryLogReader):
             self.gen,
         )
         if acked == -1:
-            self._superseded(await self._owner())
+            self.superseded(self.name, await self._owner())
 
     async def _owner(self) -> str:
         return f"{self.owner_key} is owned by generation {await self._redis.get(self.owner_key)}"
-
-    def _superseded(self, why: str) -> None:
-        """A later instance of this source owns the delivery log: stop, loudly."""
-        msg = (
-            f"app {self.ctx.app!r} PE {self.ctx.pe!r} instance {self.name} (generation "
-            f"{self.gen}) was replaced: {why}; it stops reading (a read it made was "
-            "undone, its entries go to the replacement)"
-        )
-        raise RuntimeError(msg)
 
     async def close(self) -> None:
         task, self._next = self._next, None

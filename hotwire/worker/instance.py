@@ -281,60 +281,57 @@ class Instance:
     async def _run(self) -> None:
         handle = self.machine.handle
         await self._perform(handle(sm.START))
-        # A deferred setup (a sink waiting for its server) runs beside the loop: a
-        # handover of state alone is taken meanwhile, so the switch that moved the
-        # sink completes; anything else waits for the setup (backpressure).
-        setup = asyncio.ensure_future(self._deferred_setup()) if self.deferred_setup else None
+        first = await self._setup_beside_inbox() if self.deferred_setup else []
         get = self.inbox.get
-        try:
-            while not self.finished.done():
-                if setup is None:
-                    kind, ch, payload, ret = await get()
-                else:
-                    kind, ch, payload, ret = await self._next_beside(setup)
-                    if setup.done():
-                        setup.result()  # its error fails the instance, as before
-                        setup = None
-                    elif kind != STATE or payload[1]:
-                        await setup
-                        setup = None
-                if kind == BATCH:
-                    acts = handle(sm.Batch(ch, payload, ret))
-                elif kind == BARRIER:
-                    acts = handle(sm.Barrier(ch, payload))
-                elif kind == END:
-                    acts = handle(sm.End(ch))
-                elif kind == EPOCH:
-                    acts = handle(sm.Epoch(ch, payload))
-                elif kind == STATE:
-                    state, pending = payload
-                    acts = handle(sm.Handover(ch, state, pending))
-                elif kind == CONTROL:
-                    acts = handle(_event(payload))
-                elif kind == TICK:
-                    await self._on_tick()
-                    continue
-                else:
-                    continue
-                if acts:
-                    await self._perform(acts)
-        finally:
-            if setup is not None and not setup.done():
-                setup.cancel()
+        while not self.finished.done():
+            kind, ch, payload, ret = first.pop() if first else await get()
+            if kind == BATCH:
+                acts = handle(sm.Batch(ch, payload, ret))
+            elif kind == BARRIER:
+                acts = handle(sm.Barrier(ch, payload))
+            elif kind == END:
+                acts = handle(sm.End(ch))
+            elif kind == EPOCH:
+                acts = handle(sm.Epoch(ch, payload))
+            elif kind == STATE:
+                state, pending = payload
+                acts = handle(sm.Handover(ch, state, pending))
+            elif kind == CONTROL:
+                acts = handle(_event(payload))
+            elif kind == TICK:
+                await self._on_tick()
+                continue
+            else:
+                continue
+            if acts:
+                await self._perform(acts)
 
-    async def _next_beside(self, setup: asyncio.Future[None]) -> tuple[Any, Any, Any, Any]:
-        """The next inbox item; raises the deferred setup's error if it fails first."""
-        getter = asyncio.ensure_future(self.inbox.get())
+    async def _setup_beside_inbox(self) -> list[tuple[Any, Any, Any, Any]]:
+        """Run the deferred setup (a sink waiting for its server) while taking each
+        handover of state alone (no records in it) from the inbox, so the switch that
+        moved the sink completes; the first other item waits for the setup and is
+        returned for the loop (backpressure). Raises the setup's error."""
+        setup = asyncio.ensure_future(self._deferred_setup())
         try:
-            await asyncio.wait({getter, setup}, return_when=asyncio.FIRST_COMPLETED)
-        except BaseException:
-            getter.cancel()
-            raise
-        if not getter.done():
-            getter.cancel()
-            setup.result()  # failed: raise; done: the caller reads the inbox on
-            return await self.inbox.get()
-        return getter.result()  # type: ignore[no-any-return]
+            while True:
+                getter = asyncio.ensure_future(self.inbox.get())
+                try:
+                    await asyncio.wait({getter, setup}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    if not getter.done():
+                        getter.cancel()  # the item, if any, stays in the inbox
+                if not getter.done() or getter.cancelled():
+                    setup.result()  # the setup ended first: its error, or on
+                    return []
+                item = getter.result()
+                kind, ch, payload, _ret = item
+                if kind != STATE or payload[1]:
+                    await setup
+                    return [item]
+                await self._perform(self.machine.handle(sm.Handover(ch, *payload)))
+        finally:
+            if not setup.done():
+                setup.cancel()
 
     async def _perform(self, acts: list[sm.Action]) -> None:
         """Carry out ``acts`` in order; report each blocking action's outcome to the

@@ -87,7 +87,7 @@ LINK_TIMEOUT_S = 15.0  # down this long while needed: reported to the master (--
 # (within these bounds): a peer cut off while data flows is noticed then, and the
 # link is reported after as long again. Acks come from the peer's kernel, so a busy
 # or stopped peer process does not trip it.
-TCP_USER_TIMEOUT_MS = (2_000, 30_000)
+TCP_USER_TIMEOUT_BOUNDS_MS = (2_000, 30_000)
 STATE_PREFIX = ">"  # stream name of the handovers to an instance: ">" + instance id
 _LEN = struct.Struct(">I")
 
@@ -363,7 +363,7 @@ class DataPlane:
         self.name = name
         self.receiver = receiver
         self.link_timeout = link_timeout
-        low, high = TCP_USER_TIMEOUT_MS
+        low, high = TCP_USER_TIMEOUT_BOUNDS_MS
         self.user_timeout_ms = int(min(high, max(low, link_timeout * 1000)))
         self.incarnation = os.urandom(8).hex()  # tells peers this process from an earlier one
         self.peers: dict[str, str] = {}  # worker name -> "host:port"
