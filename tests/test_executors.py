@@ -88,3 +88,35 @@ def test_user_function_runs_once_per_record_when_one_raises(kind: str, n: int) -
     assert out == expected
     assert errors == sorted(bad)
     assert set(calls) == set(range(n)) and max(calls.values()) == 1, "a record ran twice"
+
+
+@pytest.mark.parametrize("kind", ["map", "filter", "flat_map", "sink", "reduce"])
+@pytest.mark.parametrize("n", [1, 31, 33, 300, 1000])
+def test_a_function_raising_stop_iteration_is_reported_not_the_end_of_the_batch(
+    kind: str, n: int
+) -> None:
+    """StopIteration from user code ends ``map``/``filter`` as if the input had ended:
+    the rest of the slice must still be processed and that record reported."""
+    done: list[int] = []
+    errors: list[tuple[int, str]] = []
+    bad = {r for r in range(n) if r % 29 == 3} | {n - 1, 31, 255}
+
+    def fn(r: int, *more: Any) -> Any:
+        r = more[0] if kind == "reduce" else r
+        if r in bad:
+            next(iter(()))  # raises StopIteration
+        done.append(r)
+        return [r] if kind == "flat_map" else r if kind != "filter" else True
+
+    cls = {
+        "map": MapExecutor,
+        "filter": FilterExecutor,
+        "flat_map": FlatMapExecutor,
+        "sink": SinkExecutor,
+        "reduce": ReduceExecutor,
+    }[kind]
+    extra = {"key_fn": lambda r: r % 3} if kind == "reduce" else {}
+    ex = cls(fn, None, lambda r, e: errors.append((r, str(e))), **extra)
+    _run(ex.process(list(range(n))))
+    assert done == [r for r in range(n) if r not in bad]
+    assert errors == [(r, "the function raised StopIteration") for r in sorted(bad) if r < n]

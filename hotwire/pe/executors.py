@@ -17,6 +17,7 @@ import asyncio
 import inspect
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterator
 from itertools import chain
 from operator import length_hint
@@ -34,6 +35,21 @@ ErrorHook = Callable[[Any, BaseException], "bool | None"]
 YIELD_S = 0.01  # longest run of user code within a batch before the loop gets a turn
 SLICE = 256  # records per fast-path slice of a sync map, filter or flat_map
 EACH_SLICE = 32  # records between clock checks for sinks, reduce and class PEs
+
+_consume = deque(maxlen=0).extend  # runs an iterator to its end and keeps nothing
+
+
+def _check_ran_to_end(it: Iterator[Any]) -> None:
+    """Raise if ``map``/``filter`` stopped before the end of the list iterator ``it``.
+
+    A user function that raises StopIteration (a ``next()`` on an empty iterator, say)
+    ends ``map`` and ``filter`` as if their input had ended, and the rest of the slice
+    would be skipped without a word. A list iterator's ``__reduce__`` carries its
+    index until it is exhausted, which tells the two apart; the record it stopped on
+    is then reported like any other failure.
+    """
+    if len(it.__reduce__()) == 3:
+        raise RuntimeError("the function raised StopIteration")
 
 
 def _is_async(fn: Any) -> bool:
@@ -100,7 +116,7 @@ class Executor:
         clock = time.monotonic
         deadline = clock() + YIELD_S
         while start < n:
-            i = ok = start - 1
+            i = start  # the record being processed
             try:
                 if self.is_async:
                     for i in range(start, n):
@@ -110,12 +126,16 @@ class Executor:
                     start = i + 1
                 else:
                     end = min(n, start + EACH_SLICE)
-                    # enumerate(map(...)) counts in C; ``ok`` is the last record done.
-                    for ok, _ in enumerate(map(step, records[start:end]), start):  # noqa: B007
-                        pass
+                    it = iter(records[start:end])
+                    try:
+                        _consume(map(step, it))  # at C speed, no Python loop per record
+                        _check_ran_to_end(it)
+                    except Exception:
+                        i = end - 1 - length_hint(it)  # the iterator is past the failing one
+                        raise
                     start = end
             except Exception as e:
-                bad = i if self.is_async else ok + 1
+                bad = i
                 if self.on_error(records[bad], e) is False:
                     self.rest = records[bad:]
                     return
@@ -141,6 +161,7 @@ class Executor:
             while True:
                 try:
                     fast(it)
+                    _check_ran_to_end(it)
                     break
                 except Exception as e:
                     bad = len(part) - length_hint(it) - 1
