@@ -256,12 +256,19 @@ def test_on_error_fail_holds_the_rest_and_everything_after() -> None:
     assert m.handle(sm.RecordError(2, "E: x")) == [sm.Stop(2, "E: x")]
     assert m.handle(sm.Processed([2, 3])) == []
     assert m.failed == "E: x"
-    assert m.handle(sm.Batch("a", [4])) == []
-    assert m.handle(sm.Batch("b", [5])) == []
+    r4, r5, r6 = Credit(), Credit(), Credit()
+    assert m.handle(sm.Batch("a", [4], r4)) == []
+    assert m.handle(sm.Batch("b", [5], r5)) == []
     assert m.handle(sm.Barrier("b", 1)) == []  # no checkpoint cuts past held input
-    assert m.handle(sm.Retire(retire())) == []
+    # Retired, it returns the credit of what it holds (its senders must reach the
+    # switch that ends their channels), and of each batch until the end markers.
+    assert m.handle(sm.Retire(retire())) == [
+        sm.ReturnCredit((("a", ret), ("a", r4), ("b", r5)))  # ret: the batch it stopped in
+    ]
+    assert m.handle(sm.Batch("b", [6], r6)) == [sm.ReturnCredit((("b", r6),))]
+    assert m.handle(sm.Batch("b", [7])) == []  # a handover's input: no credit owed
     m.handle(sm.End("a"))
-    assert m.handle(sm.End("b"))[-1] == sm.Finish(retire(), [2, 3, 4, 5])
+    assert m.handle(sm.End("b"))[-1] == sm.Finish(retire(), [2, 3, 4, 5, 6, 7])
 
 
 def test_state_that_cannot_be_stored_fails_the_instance_with_its_channels_held() -> None:
@@ -357,6 +364,10 @@ class World:
             self.finished.append(a)
         elif isinstance(a, sm.Merge):
             self.merges.append(a.version)
+        elif isinstance(a, sm.ReturnCredit):
+            assert self.m.failed and self.m.retire is not None, "credit for unprocessed input"
+            for _ch, ret in a.batches:
+                ret.granted += 1
         return None
 
     # what the senders do
@@ -629,8 +640,10 @@ def finale(w: World) -> None:
     assert len(w.finished) == 1, "a retired instance whose inputs all ended did not finish"
     if not w.m.failed:
         assert w.finished[0].unprocessed == [], "held input never released"
-        assert all(c.granted == 1 for c in w.credits), "a processed batch kept its credit"
         assert w.m.errors == len(w.skipped)
+    # A retired instance owes no credit: what it processed and, had it failed, what
+    # it hands on unprocessed (its senders could not reach the end otherwise).
+    assert all(c.granted == 1 for c in w.credits), "a batch kept its credit"
 
 
 @settings(deadline=None, max_examples=400)

@@ -372,6 +372,9 @@ class Instance:
                     )
                 elif isinstance(a, sm.DeadLetter):
                     self._dead_letter(a)
+                elif isinstance(a, sm.ReturnCredit):
+                    for ch, ret in a.batches:
+                        ret.grant(self.app, ch, 1)
                 else:
                     raise TypeError(f"instance {self.iid}: no way to carry out {a!r}")
             acts = self.machine.handle(report) if report is not None else []

@@ -52,7 +52,9 @@ The rules:
   abort of the transition lets what it held flow.
 * **Retire.** Once retired, with every input ended and all predecessors' state
   in, the instance finishes (:class:`Finish`), handing on what it holds
-  unprocessed.
+  unprocessed. A failed instance that is retired returns the credit of what it
+  holds, and of what arrives until its inputs end (:class:`ReturnCredit`): a
+  sender waiting for that credit could not reach its end marker otherwise.
 * **Errors.** A record that raises is skipped, dead-lettered or stops the
   instance, per the PE's ``on_error`` policy.
 """
@@ -284,6 +286,14 @@ class Released:
 
 
 @dataclass(frozen=True, slots=True)
+class ReturnCredit:
+    """Return the credit of batches a retired, failed instance keeps unprocessed:
+    ``batches`` holds a (channel, ret) pair per batch (see ``InstanceMachine._retire``)."""
+
+    batches: tuple[tuple[str, Any], ...]
+
+
+@dataclass(frozen=True, slots=True)
 class DropState:
     """A handover from ``src``, which is not (or no longer) a predecessor, is dropped."""
 
@@ -341,7 +351,7 @@ Event = (
 )  # fmt: skip
 Action = (
     Process | Snapshot | ForwardBarrier | ApplySwitch | GateOpened | ForgetInput | Restore
-    | Merge | Released | DropState | Commit | Skip | DeadLetter | Stop | Finish
+    | Merge | Released | DropState | Commit | Skip | DeadLetter | Stop | Finish | ReturnCredit
 )  # fmt: skip
 
 _NONE: list[Action] = []  # returned when nothing is to be done; never appended to
@@ -450,6 +460,9 @@ class InstanceMachine:
             or ch in self.barrier_held
             or ch in self.adopt_blocked
         ):
+            if self.failed and self.retire is not None and ev.ret is not None:
+                self._hold(ch, (ev.records, None))  # goes to the successor (_owed_credit)
+                return [ReturnCredit(((ch, ev.ret),))]
             self._hold(ch, (ev.records, ev.ret))
             return _NONE
         records = ev.records if self.in_share is None else self._adopt_split(ch, ev.records)
@@ -478,6 +491,7 @@ class InstanceMachine:
             ch, ret = busy
             self.held.setdefault(ch, deque()).appendleft((list(ev.rest), ret))
             self.failed = self.failed or "stopped on an error"
+            return [*self._owed_credit(), *self._drain()]
         return self._drain()
 
     def _barrier(self, ev: Barrier) -> list[Action]:
@@ -664,7 +678,27 @@ class InstanceMachine:
 
     def _retire(self, ev: Retire) -> list[Action]:
         self.retire = ev.retire
-        return self._drain()
+        return [*self._owed_credit(), *self._drain()]
+
+    def _owed_credit(self) -> list[Action]:
+        """For a failed, retired instance: a :class:`ReturnCredit` for every held batch
+        whose credit is still owed.
+
+        A failed instance returns no credit for the input it holds, and a sender out
+        of credit never reaches the switch that ends its channel: the retirement
+        would wait for an end marker that cannot come. What it holds goes to its
+        successor (Finish), so once it is both failed and retired the credit goes
+        back, and for each batch that arrives until the end markers (``_batch``).
+        """
+        if not self.failed or self.retire is None:
+            return _NONE
+        batches = []
+        for ch, q in self.held.items():
+            for j, (records, ret) in enumerate(q):
+                if records is not None and ret is not None:
+                    batches.append((ch, ret))
+                    q[j] = (records, None)  # owed no more
+        return [ReturnCredit(tuple(batches))] if batches else []
 
     def _handover(self, ev: Handover) -> list[Action]:
         if ev.src in self.adopt_preds:
@@ -728,7 +762,7 @@ class InstanceMachine:
         self.failed = self.failed or ev.reason
         self.busy = None
         self.flow.clear()
-        acts = self._drain()  # nothing flows any more; a retired instance may finish
+        acts = [*self._owed_credit(), *self._drain()]  # nothing flows; a retired one may finish
         if ev.position is not None and self.on_error == "dead_letter":
             return [DeadLetter(None, ev.reason, ev.position), *acts]
         return acts
