@@ -76,7 +76,7 @@ from hotwire.security.tls import TlsFiles, ssl_peer
 log = logging.getLogger(__name__)
 
 MAX_FRAME = 64 * 1024 * 1024
-CREDITS = 16  # batches per channel a sender may have that the receiver has not processed
+CREDITS = 4  # batches (of up to SOURCE_BATCH records) per channel a sender may have unprocessed
 HELLO_TIMEOUT = 10.0
 DIAL_TIMEOUT_S = 5.0  # to connect and exchange HELLOs
 CONNECT_TIMEOUT_S = 5.0  # a prepare waits this long for a link to a new instance's peer

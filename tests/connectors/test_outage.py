@@ -25,12 +25,11 @@ from connector_servers import redis_url  # noqa: F401 - a fixture
 from hotwire.testing import servers
 from hotwire.testing.cluster import LocalCluster, poll_for, write_app
 from hotwire.testing.servers import Restartable, ServerMissing, find_binary, free_port
+from hotwire.worker.instance import SOURCE_BATCH  # records per source batch
+from hotwire.worker.transport import CREDITS  # batches a sender may have unprocessed
 
 redis = pytest.importorskip("redis")
 psycopg = pytest.importorskip("psycopg")
-
-SOURCE_BATCH = 256  # hotwire.worker.instance.SOURCE_BATCH: records per source batch
-CREDITS = 16  # batches a sender may have unprocessed per channel
 
 
 def _binary(name: str) -> str:
