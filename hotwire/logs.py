@@ -66,6 +66,17 @@ def log_context(**fields: Any) -> Iterator[None]:
         _context.reset(token)
 
 
+@contextlib.contextmanager
+def as_task(ctx: contextvars.Context) -> Iterator[None]:
+    """Lines logged inside carry the log context of ``ctx`` (a :func:`task_context`)
+    instead of this task's: for work one task does on behalf of another's."""
+    token = _context.set(ctx.get(_context, _NONE))
+    try:
+        yield
+    finally:
+        _context.reset(token)
+
+
 def task_context(**fields: Any) -> contextvars.Context:
     """A copy of the current context whose log context is exactly ``fields``: give it
     to ``loop.create_task(..., context=)`` so a long-lived task logs with them."""

@@ -1,7 +1,8 @@
 """Output channels and routing: how an instance's output batches reach its downstreams.
 
 Two channel implementations share one interface: :class:`LocalChannel` hands the
-batch object to a same-worker instance's inbox without serialising it, and
+batch object to a same-worker instance without serialising it (carried through
+that instance in the sender's task when it is idle, else into its inbox), and
 :class:`RemoteChannel` sends a BATCH frame on the data plane's link to the peer
 worker, numbered and kept until acknowledged. Both are credit-based: a sender
 holds at most :data:`CREDITS` batches per channel that the receiver has not
@@ -16,7 +17,7 @@ import asyncio
 import copy
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from hotwire.plan import CANARY_BUCKETS, Route, canary_index, pack_key
@@ -102,9 +103,10 @@ class LocalChannel(OutChannel):
             await self._take_credit()
         else:
             self.credit -= 1
-        self.dst.inbox.put_nowait(
-            (BATCH, self.channel, records, self if t is None else Stamp(self, t))
-        )
+        ret = self if t is None else Stamp(self, t)
+        dst = self.dst
+        if not await dst.take_inline(self.channel, records, ret):
+            dst.inbox.put_nowait((BATCH, self.channel, records, ret))
 
     async def end(self) -> None:
         if not self.ended:
@@ -234,14 +236,7 @@ class RouteState:
                 if part:
                     await ch.send(part, t)
         elif p == "broadcast":
-            # Same-worker receivers get objects: each after the first gets its own copy.
-            shared = False
-            for ch in self.channels:
-                if isinstance(ch, LocalChannel):
-                    await ch.send(fan_out_copy(records) if shared else records, t)
-                    shared = True
-                else:
-                    await ch.send(records, t)
+            await _fan_out(self.channels, _is_local, _send, records, t)
         else:  # forward
             await self.channels[0].send(records, t)
 
@@ -280,21 +275,55 @@ async def emit_all(
     source time of the input batch it came from, see :class:`Stamp`).
 
     Records reach same-worker PEs as objects; when several streams (branches)
-    would receive the same objects, every local one after the first gets a deep
-    copy, so a PE that mutates its input cannot change what a sibling branch sees,
-    just as when the branches run on other workers.
+    would receive the same objects, every local one but one gets a deep copy
+    (:func:`_fan_out`), so a PE that mutates its input cannot change what a sibling
+    branch sees, just as when the branches run on other workers.
     """
     if len(routes) == 1:
         for route in routes.values():
             await route.emit(records, t)
         return
-    shared = False
-    for route in list(routes.values()):
-        if route.local:
-            await route.emit(fan_out_copy(records) if shared else records, t)
-            shared = True
-        else:
-            await route.emit(records, t)
+    await _fan_out(list(routes.values()), _has_local, _emit, records, t)
+
+
+async def _fan_out(
+    targets: list[Any],
+    local: Callable[[Any], bool],
+    send: Callable[[Any, list[Any], float | None], Awaitable[None]],
+    records: list[Any],
+    t: float | None,
+) -> None:
+    """Send the same ``records`` to each of ``targets`` (channels or routes).
+
+    Remote receivers get them serialised as they are sent. Same-worker receivers get
+    the objects, and may process them at once, in this task
+    (:meth:`Instance.take_inline`): so each of them but the last gets a deep copy
+    made before anything is sent, and the last gets the originals after the remote
+    sends. A receiver that mutates its input changes nothing another one sees.
+    """
+    mine = [x for x in targets if local(x)]
+    parts = [*(fan_out_copy(records) for _ in mine[1:]), records] if mine else []
+    for x in targets:
+        if not local(x):
+            await send(x, records, t)
+    for x, part in zip(mine, parts, strict=True):
+        await send(x, part, t)
+
+
+def _is_local(ch: OutChannel) -> bool:
+    return isinstance(ch, LocalChannel)
+
+
+def _has_local(route: RouteState) -> bool:
+    return route.local
+
+
+def _send(ch: OutChannel, records: list[Any], t: float | None) -> Awaitable[None]:
+    return ch.send(records, t)
+
+
+def _emit(route: RouteState, records: list[Any], t: float | None) -> Awaitable[None]:
+    return route.emit(records, t)
 
 
 def fan_out_copy(records: list[Any]) -> list[Any]:

@@ -15,6 +15,7 @@ Held batches return no credit, so their senders stop at the credit limit.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import inspect
 import json
 import logging
@@ -29,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from hotwire.codec import packb
 from hotwire.eventtime import INF, NEG_INF, InputWatermarks, is_marker, marker, marker_value
-from hotwire.logs import task_context
+from hotwire.logs import as_task, task_context
 from hotwire.metrics import BATCH_BUCKETS, E2E_BUCKETS
 from hotwire.names import confined
 from hotwire.pe.executors import EXECUTORS, Executor, _keyed_items
@@ -73,6 +74,8 @@ SOURCE_BATCH = 1024
 SOURCE_LINGER_S = 0.002
 PUMP_CHUNKS = 4  # chunks a source thread may pull ahead of the instance
 TICK = 16  # inbox item: a timestamp assigner's timer for its next watermark
+MAX_INLINE = 16  # longest run of same-worker PEs one task carries a batch through
+_INLINE_DEPTH: contextvars.ContextVar[int] = contextvars.ContextVar("inline_depth", default=0)
 YIELD_EVERY_S = 0.002  # longest an instance with a full inbox keeps the loop
 
 
@@ -130,6 +133,11 @@ class Instance:
         self.executor = executor
         self.source_fn = source_fn
         self.inbox: asyncio.Queue[tuple[int, Any, Any, Any]] = asyncio.Queue()
+        # Held while an inbox item, or a batch a same-worker sender hands over
+        # directly (take_inline), is carried out: one at a time, as in one task.
+        self._turn = asyncio.Lock()
+        self._inline_ok = False  # the loop runs and has nothing of its own in hand
+        self._log_context = task_context(app=self.app, pe=self.pe, instance=self.iid)
         self.routes: dict[str, RouteState] = {}
         self.out: dict[str, OutChannel] = {}
         config = getattr(ctx, "config", None)
@@ -218,7 +226,7 @@ class Instance:
         self.task = asyncio.get_running_loop().create_task(
             self._main(),
             name=f"{self.app}/{self.iid}",
-            context=task_context(app=self.app, pe=self.pe, instance=self.iid),
+            context=self._log_context,
         )
 
     def apply_gate(self, gate: Gate) -> None:
@@ -277,38 +285,97 @@ class Instance:
         except asyncio.CancelledError:
             raise
         except Exception as e:
-            self.machine.handle(sm.Fail(f"{type(e).__name__}: {e}"))
-            log.exception("instance %s/%s failed", self.app, self.iid)
-            if not self.finished.done():
-                self.finished.set_result(None)
+            self._failed(e)
+
+    def _failed(self, e: Exception) -> None:
+        self.machine.handle(sm.Fail(f"{type(e).__name__}: {e}"))
+        log.exception("instance %s/%s failed", self.app, self.iid)
+        if not self.finished.done():
+            self.finished.set_result(None)
 
     async def _run(self) -> None:
         handle = self.machine.handle
         await self._perform(handle(sm.START))
         first = await self._setup_beside_inbox() if self.deferred_setup else []
-        get = self.inbox.get
-        while not self.finished.done():
-            kind, ch, payload, ret = first.pop() if first else await get()
-            if kind == BATCH:
-                acts = handle(sm.Batch(ch, payload, ret))
-            elif kind == BARRIER:
-                acts = handle(sm.Barrier(ch, payload))
-            elif kind == END:
-                acts = handle(sm.End(ch))
-            elif kind == EPOCH:
-                acts = handle(sm.Epoch(ch, payload))
-            elif kind == STATE:
-                state, pending = payload
-                acts = handle(sm.Handover(ch, state, pending))
-            elif kind == CONTROL:
-                acts = handle(_event(payload))
-            elif kind == TICK:
-                await self._on_tick()
-                continue
-            else:
-                continue
-            if acts:
-                await self._perform(acts)
+        get, turn = self.inbox.get, self._turn
+        try:
+            while not self.finished.done():
+                if first:
+                    kind, ch, payload, ret = first.pop()
+                else:
+                    self._inline_ok = True
+                    kind, ch, payload, ret = await get()
+                # No await between taking the item and the turn when it is free, so
+                # a sender never hands a batch over (take_inline) in between.
+                async with turn:
+                    if kind == BATCH:
+                        acts = handle(sm.Batch(ch, payload, ret))
+                    elif kind == BARRIER:
+                        acts = handle(sm.Barrier(ch, payload))
+                    elif kind == END:
+                        acts = handle(sm.End(ch))
+                    elif kind == EPOCH:
+                        acts = handle(sm.Epoch(ch, payload))
+                    elif kind == STATE:
+                        state, pending = payload
+                        acts = handle(sm.Handover(ch, state, pending))
+                    elif kind == CONTROL:
+                        acts = handle(_event(payload))
+                    elif kind == TICK:
+                        await self._on_tick()
+                        continue
+                    else:
+                        continue
+                    if acts:
+                        await self._perform(acts)
+        finally:
+            self._inline_ok = False
+
+    async def take_inline(self, ch: str, records: list[Any], ret: Any) -> bool:
+        """Carry out a batch from a same-worker sender in the sender's task, as this
+        instance's own loop would, when nothing of its own is queued or under way
+        (so order per channel holds); False (and nothing done) otherwise.
+
+        A chain of same-worker PEs then runs as one task over each batch, without an
+        inbox hand-off and a task switch per PE (operator chaining). The instance's
+        machine decides as for any batch: a held channel still holds it. An error
+        fails this instance, never the sender.
+        """
+        depth = _INLINE_DEPTH.get()
+        if not self._inline_ok or self.inbox._queue or self._turn.locked() or depth >= MAX_INLINE:  # type: ignore[attr-defined]
+            return False
+        token = _INLINE_DEPTH.set(depth + 1)
+        try:
+            async with self._turn:
+                with as_task(self._log_context):
+                    acts = self.machine.handle(sm.Batch(ch, records, ret))
+                    if acts:
+                        await self._perform(acts)
+        except asyncio.CancelledError:
+            if self.machine.busy is not None:
+                # The sender was stopped (its app or it alone) halfway through this
+                # batch, which cannot be finished or given back: stop here as well,
+                # and say so.
+                log.warning(
+                    "instance %s/%s stopped: its sender was stopped while carrying a batch "
+                    "through it",
+                    self.app,
+                    self.iid,
+                )
+                self.machine.handle(sm.Fail("stopped with its sender halfway through a batch"))
+                self._stop_loop()
+            raise
+        except Exception as e:
+            self._failed(e)
+            self._stop_loop()
+        finally:
+            _INLINE_DEPTH.reset(token)
+        return True
+
+    def _stop_loop(self) -> None:
+        if not self.finished.done():
+            self.finished.set_result(None)
+        self.inbox.put_nowait((-1, None, None, None))  # its loop wakes, sees it finished
 
     async def _setup_beside_inbox(self) -> list[tuple[Any, Any, Any, Any]]:
         """Run the deferred setup (a sink waiting for its server) while taking each
