@@ -1,6 +1,7 @@
 """Record-path throughput: hotwire against a plain Python loop doing the same work.
 
     python bench/throughput.py [--records N] [--runs K] [--out FILE]
+    python bench/throughput.py --table FILE   # the README's table rows from a result
 
 Two workloads, each measured on a real local cluster (master and workers as
 processes) and as a plain loop in this process, in K rounds. The plain loop calls
@@ -373,8 +374,56 @@ def _alive(pid: int) -> bool:
     return True
 
 
+DASH, TIMES = "\u2013", "\u00d7"  # as the README writes ranges and ratios
+ROWS = {
+    "pipeline": "source → map → filter → sink, one worker",
+    "keyed_count": "keyed count (`key_by` → `reduce`, parallelism 2), two workers",
+}
+
+
+def table_rows(result: dict[str, Any]) -> list[str]:
+    """The README's throughput rows (markdown) from one result of this benchmark."""
+
+    def rps(s: dict[str, float]) -> str:
+        return f"{s['median'] / 1e3:.0f}k ({s['min'] / 1e3:.0f}k{DASH}{s['max'] / 1e3:.0f}k)"
+
+    def cpu(c: dict[str, Any]) -> str:
+        return f"{c['median']:.2f} ({c['min']:.2f}{DASH}{c['max']:.2f})"
+
+    def ratio(median: float, s: dict[str, float]) -> str:
+        return f"**{median:.2f}{TIMES}** ({s['min']:.2f}{DASH}{s['max']:.2f})"
+
+    rows = []
+    for name, label in ROWS.items():
+        x = result.get(name)
+        if not isinstance(x, dict):
+            continue
+        cr = x["cpu_ratio"]
+        cells = [
+            label,
+            f"{rps(x['hotwire_rps_spread'])}, {cpu(x['hotwire_cpu_s_per_m'])}",
+            f"{rps(x['plain_loop_rps_spread'])}, {cpu(x['plain_loop_cpu_s_per_m'])}",
+            f"{ratio(x['ratio'], x['ratio_spread'])}; CPU {cr['of_medians']:.1f}{TIMES} "
+            f"({cr['min']:.1f}{DASH}{cr['max']:.1f})",
+        ]
+        if "bytewax_rps_spread" in x:
+            cells += [
+                f"{rps(x['bytewax_rps_spread'])}, {cpu(x['bytewax_cpu_s_per_m'])}",
+                ratio(x["ratio_vs_bytewax"], x["ratio_vs_bytewax_spread"]),
+            ]
+        else:
+            cells += ["(Bytewax not installed)", ""]
+        rows.append("| " + " | ".join(cells) + " |")
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument(
+        "--table",
+        metavar="JSON",
+        help="only print the README's table rows from a result file of this benchmark",
+    )
     ap.add_argument("--records", type=int, default=1_000_000)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--out", default="")
@@ -393,6 +442,9 @@ def main() -> None:
     ap.add_argument("--metrics-rounds", type=int, default=20)
     ap.add_argument("--metrics-records", type=int, default=0, help="default: --records")
     args = ap.parse_args()
+    if args.table:
+        print("\n".join(table_rows(json.loads(Path(args.table).read_text()))))
+        return
     n = args.records
     result: dict[str, object] = {
         "machine": {

@@ -52,3 +52,14 @@ def test_throughput_reports_spread_and_cpu(tmp_path: Path) -> None:
         if "bytewax_rps" in e:
             assert e["bytewax_cpu_s_per_m"]["median"] > 0
             assert len(e["ratio_vs_bytewax_spread"]) == 5
+    # The README's table rows come from the document: one per workload, six cells.
+    rows = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "throughput.py"), "--table", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        check=True,
+    ).stdout.splitlines()
+    assert len(rows) == 2 and all(r.startswith("| ") and r.count(" | ") == 5 for r in rows), rows
+    assert f"{doc['pipeline']['ratio']:.2f}" in rows[0], rows[0]
