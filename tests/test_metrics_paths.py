@@ -145,14 +145,18 @@ def test_a_batch_frame_with_a_bad_source_time_is_taken_without_it(tmp_path: Path
             _frame(1, "forged", channel, 5, [{"n": 5}], float("-inf")),
             _frame(1, "forged", channel, 6, [{"n": 6}], 1.0),
         ]
+        addr = c.metrics_addresses[worker]
+
+        def sink_in() -> float:
+            fam = _scrape(addr)["hotwire_records_in"]
+            return sum(x.value for x in fam.samples if x.labels["pe"] == "snk")
+
         with socket.create_connection((host, int(port)), timeout=10) as s:
-            s.sendall(b"".join(frames))
-            addr = c.metrics_addresses[worker]
-
-            def sink_in() -> float:
-                fam = _scrape(addr)["hotwire_records_in"]
-                return sum(x.value for x in fam.samples if x.labels["pe"] == "snk")
-
+            # Three batches at a time: within the channel's credits (a sender past
+            # them has its batches dropped, see test_integrity).
+            s.sendall(b"".join(frames[:4]))
+            poll_for(lambda: sink_in() == 3, 20, 0.2, what="the first three forged records")
+            s.sendall(b"".join(frames[4:]))
             poll_for(lambda: sink_in() == 6, 20, 0.2, what="the six forged records at the sink")
         count, total = _e2e(c, "forged")
         assert count == 1 and total > 1e9, (count, total)
