@@ -941,6 +941,9 @@ def status(ctx: click.Context, name: str, as_json: bool) -> None:
                         "errors": sum(i.errors for i in p.instances),
                         "late_dropped": sum(i.late_dropped for i in p.instances),
                         "blocked": round(max((i.blocked for i in p.instances), default=0.0), 3),
+                        "chained": _share(
+                            sum(i.chained for i in p.instances), sum(i.batches for i in p.instances)
+                        ),
                         "failed": p.failed,
                         "instances": [
                             {
@@ -960,6 +963,8 @@ def status(ctx: click.Context, name: str, as_json: bool) -> None:
                                 "waiting_s": round(i.waiting_s, 1),
                                 "queued": i.queued,
                                 "blocked": round(i.blocked, 3),
+                                "batches": i.batches,
+                                "chained": i.chained,
                             }
                             for i in p.instances
                         ],
@@ -1007,6 +1012,7 @@ def status(ctx: click.Context, name: str, as_json: bool) -> None:
                             f"  {p['errors']} errors" if p["errors"] else "",
                             f"  {p['late_dropped']} late dropped" if p["late_dropped"] else "",
                             f"  blocked {p['blocked']:.0%}" if p["blocked"] >= 0.01 else "",
+                            f"  chained {p['chained']:.0%}" if p["chained"] else "",
                         )
                     )
                     click.echo(
@@ -1086,6 +1092,11 @@ def history(ctx: click.Context, name: str, as_json: bool) -> None:
         _emit(as_json, doc, human)
 
     _run(body)
+
+
+def _share(part: int, whole: int) -> float | None:
+    """``part / whole`` to 3 places, or None when ``whole`` is 0 (nothing to share)."""
+    return round(part / whole, 3) if whole else None
 
 
 def _describe_canary(c: dict[str, Any]) -> str:

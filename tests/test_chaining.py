@@ -9,8 +9,10 @@ whose receivers mutate their input without seeing each other's changes.
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 from hotwire.testing import count_lines, read_jsonl
 from hotwire.testing.cluster import LocalCluster, poll_for, write_app
@@ -56,6 +58,18 @@ def test_a_chain_runs_in_the_source_task_and_keeps_order_through_an_upgrade(
         assert r.applied
         assert count_lines(out) < N, "the upgrade must happen while records flow"
         poll_for(lambda: count_lines(out) >= N, 30, what="every record at the sink")
+
+        def sink_status() -> dict[str, Any] | None:
+            st = json.loads(c.streamctl("status", "chain", "--json").stdout)
+            [snk] = [p for p in st["pes"] if p["name"] == "out"]
+            return snk if snk["instances"][0]["batches"] else None
+
+        # status says how much of a PE's input came through a chain
+        snk = poll_for(sink_status, 10, what="the sink's batches in status")
+        [inst] = snk["instances"]
+        assert 0 < inst["chained"] <= inst["batches"], inst
+        assert snk["chained"] == round(inst["chained"] / inst["batches"], 3) > 0.5, snk
+        assert "chained" in c.streamctl("status", "chain").stdout
     rows = read_jsonl(out)
     seqs = [row["seq"] for row in rows]
     assert Counter(seqs) == Counter(range(N)), "a record lost or duplicated"

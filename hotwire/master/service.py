@@ -481,6 +481,8 @@ class Master(Node):
                         waiting_s=r.waiting_s if r else 0.0,
                         queued=r.queued if r else 0,
                         late_dropped=r.late_dropped if r else 0,
+                        batches=r.batches if r else 0,
+                        chained=r.chained if r else 0,
                         blocked=blocked.get((st.name, pl.instance(spec.name, i)), 0.0),
                         version=st.version + 1
                         if pl.canary is not None and i >= pl.canary.first

@@ -233,8 +233,10 @@ class Worker(Node):
                 queued=waiting.get((a, i), ("", 0.0, 0))[2],
                 blocked_s=BLOCKED_S.get((a, i), 0.0),
                 late_dropped=late,
+                batches=batches,
+                chained=chained,
             )
-            for a, i, ri, ro, e, f, d, s, late in self.runtime.running()
+            for a, i, ri, ro, e, f, d, s, late, batches, chained in self.runtime.running()
         ]
 
     async def _session_loop(self) -> None:

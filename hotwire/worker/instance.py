@@ -183,6 +183,8 @@ class Instance:
         self._announced = False  # whether an assigner sent the watermark it took over
         self._tick_due = False
         self.late_dropped = 0  # late records of a windowed PE with no late side output
+        self.batches = 0  # input batches taken (from the inbox or a sender's task)
+        self.chained = 0  # of them, taken in a same-worker sender's task (take_inline)
         # A transactional sink started outside a user's request: its setup, and the
         # commits of the checkpoint it restored, run in its task once it runs.
         self.deferred_setup = False
@@ -309,6 +311,7 @@ class Instance:
                 # a sender never hands a batch over (take_inline) in between.
                 async with turn:
                     if kind == BATCH:
+                        self.batches += 1
                         acts = handle(sm.Batch(ch, payload, ret))
                     elif kind == BARRIER:
                         acts = handle(sm.Barrier(ch, payload))
@@ -345,6 +348,8 @@ class Instance:
         if not self._inline_ok or self.inbox._queue or self._turn.locked() or depth >= MAX_INLINE:  # type: ignore[attr-defined]
             return False
         token = _INLINE_DEPTH.set(depth + 1)
+        self.batches += 1
+        self.chained += 1
         try:
             async with self._turn:
                 with as_task(self._log_context):

@@ -360,6 +360,7 @@ class Runtime:
             parallelism=ins.parallelism,
             config=dict(ins.config),
         )
+
         def ignore(_record: Any, _error: BaseException) -> None:
             return None  # the probe processes no record
 
@@ -583,7 +584,8 @@ class Runtime:
 
     def running(self) -> list[tuple[str, str, int, int, int, str, int, float, int]]:
         """(app, instance, records in, records out, errors, why it failed or "", dead
-        letters, seconds spent in the PE's code, records dropped as late)."""
+        letters, seconds spent in the PE's code, records dropped as late, input batches
+        taken, of them taken in a same-worker sender's task)."""
         return [
             (
                 a,
@@ -595,6 +597,8 @@ class Runtime:
                 i.dead_letters,
                 i.process_s,
                 i.late_dropped,
+                i.batches,
+                i.chained,
             )
             for (a, iid), i in self.instances.items()
         ]
