@@ -345,8 +345,10 @@ class Instance:
         fails this instance, never the sender.
         """
         depth = _INLINE_DEPTH.get()
-        if not self._inline_ok or self.inbox._queue or self._turn.locked() or depth >= MAX_INLINE:  # type: ignore[attr-defined]
+        if depth >= MAX_INLINE or not self._inline_ok:
             return False
+        if self._turn.locked() or not self.inbox.empty():
+            return False  # busy, or something of its channels may be ahead of this batch
         token = _INLINE_DEPTH.set(depth + 1)
         self.batches += 1
         self.chained += 1
