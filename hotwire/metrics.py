@@ -375,6 +375,7 @@ def worker_snapshot(w: Any, empty: bool = False) -> _WorkerSnapshot:
                 i.queued(),
                 blocked(k, 0.0),
                 i.late_dropped,
+                i.chained,
             )
             for k, i in zip(keys, insts, strict=True)
         ],
@@ -429,6 +430,12 @@ _INSTANCE_FAMILIES = (
         "hotwire_late_dropped_total",
         "counter",
         "Records dropped as late: a window with no .late() sink, or a join.",
+    ),
+    (
+        "hotwire_chained_batches_total",
+        "counter",
+        "Input batches carried through the instance in a same-worker sender's task "
+        "(a chain); compare hotwire_batch_process_seconds_count.",
     ),
 )
 _BATCH = "hotwire_batch_process_seconds"

@@ -10,9 +10,12 @@ whose receivers mutate their input without seeing each other's changes.
 from __future__ import annotations
 
 import json
+import urllib.request
 from collections import Counter
 from pathlib import Path
 from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from hotwire.testing import count_lines, read_jsonl
 from hotwire.testing.cluster import LocalCluster, poll_for, write_app
@@ -51,7 +54,7 @@ def test_a_chain_runs_in_the_source_task_and_keeps_order_through_an_upgrade(
     out = tmp_path / "out.jsonl"
     v1 = write_app(tmp_path, "v1.py", _CHAIN.format(out=str(out), n=N, v=1))
     v2 = write_app(tmp_path, "v2.py", _CHAIN.format(out=str(out), n=N, v=2))
-    with LocalCluster(workers=1, data_dir=tmp_path / "cluster") as c:
+    with LocalCluster(workers=1, data_dir=tmp_path / "cluster", metrics=True) as c:
         c.client.submit(v1)
         poll_for(lambda: count_lines(out) > N // 4, 20, what="records before the upgrade")
         r = c.client.upgrade(v2)
@@ -70,6 +73,18 @@ def test_a_chain_runs_in_the_source_task_and_keeps_order_through_an_upgrade(
         assert 0 < inst["chained"] <= inst["batches"], inst
         assert snk["chained"] == round(inst["chained"] / inst["batches"], 3) > 0.5, snk
         assert "chained" in c.streamctl("status", "chain").stdout
+        # and Prometheus: the sink's chained batches, against the batches it processed
+        families = _scrape(c.metrics_addresses["w1"])
+        [chained] = [
+            x.value for x in families["hotwire_chained_batches"].samples if x.labels["pe"] == "out"
+        ]
+        [processed] = [
+            x.value
+            for x in families["hotwire_batch_process_seconds"].samples
+            if x.labels["pe"] == "out" and x.name.endswith("_count")
+        ]
+        # (a marker batch, such as the source's last watermark, is taken, not processed)
+        assert processed / 2 < chained <= processed + 1, (chained, processed)
     rows = read_jsonl(out)
     seqs = [row["seq"] for row in rows]
     assert Counter(seqs) == Counter(range(N)), "a record lost or duplicated"
@@ -80,3 +95,8 @@ def test_a_chain_runs_in_the_source_task_and_keeps_order_through_an_upgrade(
     first = rows[: N // 8]
     assert {row["map_task"] for row in first} == {"chain/src@1.0"}, first[0]
     assert {row["sink_task"] for row in first} == {"chain/src@1.0"}, first[0]
+
+
+def _scrape(addr: str) -> dict[str, Any]:
+    with urllib.request.urlopen(f"http://{addr}/metrics", timeout=5) as r:
+        return {f.name: f for f in text_string_to_metric_families(r.read().decode())}

@@ -32,6 +32,7 @@ SCALARS = (
     "hotwire_inbox_records",
     "hotwire_credit_blocked_seconds_total",
     "hotwire_late_dropped_total",
+    "hotwire_chained_batches_total",
 )
 
 
@@ -51,6 +52,7 @@ def _snapshot(rng: random.Random, keys: list[tuple[str, str]]) -> _WorkerSnapsho
                 rng.randrange(100),
                 rng.random() * 3,
                 rng.randrange(7),
+                rng.randrange(1000),
             )
         )
         s.batches.append([0] * nb if n == 0 else [rng.randrange(50) for _ in range(nb)])
