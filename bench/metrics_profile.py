@@ -83,7 +83,8 @@ def _part(frames: list[str]) -> str | None:
         if path.endswith("hotwire/metrics.py"):
             return "exposition"
         if (
-            name in ("socketserver.py", "simple_server.py")
+            path.endswith("hotwire/httpd.py")
+            or name in ("socketserver.py", "simple_server.py")
             or "/wsgiref/" in path
             or path.endswith("/http/server.py")
         ):

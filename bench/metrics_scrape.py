@@ -8,15 +8,15 @@ every PE has series for records, errors, inbox and credit waits, the maps a
 batch-time histogram and the sink an end-to-end latency histogram; every record
 passes every PE, which keeps the worker's loop busy meanwhile. The benchmark
 scrapes the worker's endpoint ``--scrapes`` times, one after another, on a new
-connection each (as Prometheus does with a worker's HTTP/1.0 answer), and prints
+connection each (as Prometheus does: a worker closes each after its answer), and prints
 as JSON the times (request sent to the last byte read), the size of the
 exposition, and where the time went: the worker's ``Server-Timing`` header gives,
-in ms, ``request`` (connection's thread started to request read), ``wait`` (for
-the worker's event loop), ``snapshot`` (the counters copied on the loop),
-``text`` (the exposition written) and ``write`` (the previous answer's
-``sendall``); ``rest`` is the client's time less the first four: connecting, the
-connection's thread starting, the transfer and this process reading. The issue's
-goal: a scrape of a 1000-PE app's worker in at most 100 ms.
+in ms, ``request`` (connection accepted to request read, on the worker's loop),
+``snapshot`` (the counters copied on the loop), ``text`` (the exposition written,
+on the loop) and ``write`` (the previous answer's, from the first write until the
+kernel had taken all of it); ``rest`` is the client's time less the first three:
+connecting, the loop's turns before it accepted, the transfer and this process
+reading. The issue's goal: a scrape of a 1000-PE app's worker in at most 100 ms.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ s.sink("out", lambda r: None)
 """
 
 
-PARTS = ("request", "wait", "snapshot", "text")
+PARTS = ("request", "snapshot", "text")
 
 
 def scrape(host: str, port: int) -> tuple[bytes, float, dict[str, float]]:

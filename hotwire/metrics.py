@@ -8,13 +8,14 @@ Prometheus scrapes. The master's transitions and checkpoints are rare events:
 :class:`MasterMetrics` observes them into ``prometheus_client`` histograms and
 counters as they happen, and reads the workers' liveness at scrape time.
 
-A scrape arrives on the HTTP server's thread while the event loop changes the
-counters, so a worker's exposition is taken and written on the loop
-(:class:`OnLoop`); a loop busy longer than a second (user code that blocks it)
-answers with the last one. A worker answers with one ``sendall`` and a
-``Server-Timing`` header (what the scrape's parts took). A node that runs TLS
-serves the endpoint over HTTPS with its own certificate (:func:`https_context`)
-and answers plain HTTP with a 400.
+A worker serves its endpoint on its own event loop
+(:class:`WorkerMetricsServer`): a scrape copies the counters and writes the text
+between two of the loop's steps, and its answer, with a ``Server-Timing`` header
+(what the scrape's parts took), goes out through the loop's transport. The
+master's is prometheus_client's WSGI app on a thread of its own
+(:class:`MetricsServer`), which reads the master's state on its loop
+(:class:`OnLoop`). A node that runs TLS serves the endpoint over HTTPS with its own
+certificate (:func:`https_context`) and answers plain HTTP with a 400.
 
 A sink's end-to-end latency (``hotwire_e2e_latency_seconds``) comes from the batch
 stamps of :class:`hotwire.worker.transport.Stamp`: sources on a worker with
@@ -31,16 +32,13 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import logging
 import socket
-import socketserver
 import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler
 from itertools import accumulate, chain
 from typing import TYPE_CHECKING, Any, TypeVar
 from wsgiref.simple_server import WSGIRequestHandler, make_server
@@ -58,6 +56,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
+
+from hotwire.httpd import HttpError, LoopServer, Request, response
 
 if TYPE_CHECKING:
     from hotwire.security.tls import TlsFiles
@@ -77,11 +77,11 @@ E2E_BUCKETS = (
 T = TypeVar("T")
 
 __all__ = [
-    "Body",
     "MasterMetrics",
     "MetricsServer",
     "OnLoop",
     "WorkerExposition",
+    "WorkerMetricsServer",
     "parse_address",
     "worker_exposition",
 ]
@@ -113,8 +113,8 @@ def https_context(tls: TlsFiles) -> ssl.SSLContext:
 
 HANDSHAKE_TIMEOUT_S = 10.0
 _PLAIN_REFUSED = (
-    b"this endpoint serves HTTPS only: scrape it with scheme https and the cluster CA "
-    b"(tls_config: ca_file)\n"
+    "this endpoint serves HTTPS only: scrape it with scheme https and the cluster CA "
+    "(tls_config: ca_file)"
 )
 
 
@@ -126,12 +126,13 @@ def _tls_accept(sock: socket.socket, ctx: ssl.SSLContext) -> ssl.SSLSocket | Non
         first = sock.recv(1, socket.MSG_PEEK)
         if first != b"\x16":  # not a TLS handshake record: plain HTTP, or garbage
             if first:
+                refused = (_PLAIN_REFUSED + "\n").encode()
                 sock.sendall(
                     b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\n"
                     b"Connection: close\r\nContent-Length: "
-                    + str(len(_PLAIN_REFUSED)).encode()
+                    + str(len(refused)).encode()
                     + b"\r\n\r\n"
-                    + _PLAIN_REFUSED
+                    + refused
                 )
             sock.close()
             return None
@@ -142,102 +143,19 @@ def _tls_accept(sock: socket.socket, ctx: ssl.SSLContext) -> ssl.SSLSocket | Non
         return None
 
 
-@dataclass(frozen=True)
-class Body:
-    """A scrape's answer: the exposition in Prometheus' text format (0.0.4), and the
-    milliseconds its parts took, for the ``Server-Timing`` header."""
-
-    data: bytes
-    timing: tuple[tuple[str, float], ...] = ()
-
-
-class _ScrapeHandler(BaseHTTPRequestHandler):
-    """GET or HEAD of ``/`` or ``/metrics``: the server's :class:`Body`, status line,
-    headers and body in one buffer written by one ``sendall`` into a send buffer made
-    to hold it, then the connection closes (HTTP/1.0). A malformed request gets a 400,
-    another method a 501 (``BaseHTTPRequestHandler``)."""
-
-    server: _ScrapeServer
-    protocol_version = "HTTP/1.0"
-    timeout = 30  # seconds a connection may take to send its request
-
-    def log_message(self, format: str, *args: Any) -> None:
-        """No line per request on stderr."""
-
-    def do_GET(self) -> None:
-        self._answer(head_only=False)
-
-    def do_HEAD(self) -> None:
-        self._answer(head_only=True)
-
-    def _answer(self, head_only: bool) -> None:
-        t0 = time.perf_counter()
-        if self.path.partition("?")[0] not in ("/", "/metrics"):
-            self._send("404 Not Found", "text/plain", b"not found: the metrics are on /metrics\n")
-            return
-        body = self.server.scrape()
-        timing = [*body.timing, ("request", (t0 - self.started) * 1000)]
-        if self.server.last_write_ms is not None:
-            timing.append(("write", self.server.last_write_ms))
-        t1 = time.perf_counter()
-        self._send(
-            "200 OK",
-            CONTENT_TYPE_LATEST,
-            body.data,
-            head_only,
-            "Server-Timing: " + ", ".join(f"{k};dur={v:.2f}" for k, v in timing) + "\r\n",
-        )
-        self.server.last_write_ms = (time.perf_counter() - t1) * 1000
-
-    def setup(self) -> None:
-        self.started = time.perf_counter()
-        super().setup()
-
-    def _send(
-        self, status: str, ctype: str, data: bytes, head_only: bool = False, extra: str = ""
-    ) -> None:
-        head = (
-            f"HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\n"
-            f"Content-Length: {len(data)}\r\n{extra}\r\n"
-        ).encode()
-        out = head if head_only else head + data
-        with contextlib.suppress(OSError):  # the kernel keeps its own bound
-            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, len(out))
-        self.wfile.write(out)
-
-
-class _ScrapeServer(socketserver.ThreadingTCPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    block_on_close = False
-    scrape: Callable[[], Body]
-    last_write_ms: float | None = None  # the last answer's sendall
-
-
 class MetricsServer:
-    """Serve the metrics on ``addr``, on a thread of its own (each connection on one
-    more); over HTTPS with ``tls`` (the handshake on each connection's thread).
+    """Serve the master's metrics (``app``, prometheus_client's WSGI app) on
+    ``addr``, on a thread of its own (each connection on one more); over HTTPS with
+    ``tls`` (the handshake on each connection's thread)."""
 
-    ``app`` is a WSGI app (the master's, prometheus_client's), or a function that
-    returns the exposition as a :class:`Body` (a worker's, answered by
-    :class:`_ScrapeHandler`)."""
-
-    def __init__(
-        self,
-        addr: str,
-        app: Callable[..., Any],
-        tls: TlsFiles | None = None,
-        *,
-        wsgi: bool = True,
-    ):
+    def __init__(self, addr: str, app: Callable[..., Any], tls: TlsFiles | None = None):
         host, port = parse_address(addr)
         context = https_context(tls) if tls is not None else None
         self.scheme = "https" if context is not None else "http"
-        base: type[socketserver.TCPServer] = ThreadingWSGIServer if wsgi else _ScrapeServer
         try:
             family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
 
-            class Server(base):  # type: ignore[valid-type,misc]
+            class Server(ThreadingWSGIServer):
                 address_family = family
 
                 def process_request_thread(self, request: Any, client_address: Any) -> None:
@@ -247,11 +165,7 @@ class MetricsServer:
                             return
                     super().process_request_thread(request, client_address)
 
-            if wsgi:
-                self._server = make_server(host, port, app, Server, _QuietHandler)
-            else:
-                self._server = Server((host, port), _ScrapeHandler)
-                self._server.scrape = app
+            self._server = make_server(host, port, app, Server, _QuietHandler)
         except OSError as e:
             msg = f"--metrics {addr}: cannot listen: {e.strerror or e}"
             raise OSError(msg) from e
@@ -522,12 +436,9 @@ def _cumulative(counts: list[list[int]], sums: Iterable[float]) -> Iterator[int 
 class WorkerExposition:
     """A worker's metrics in Prometheus' text format (0.0.4).
 
-    A scrape (:meth:`scrape`, on the HTTP server's thread) has the worker's loop copy
-    the counters (:func:`worker_snapshot`) and write the text (:meth:`render`) in one
-    go, and waits for the bytes. Written on the loop, the text costs the loop its CPU
-    time once, in one piece; written on the scrape's thread, each of its steps has to
-    win the interpreter's lock back from a busy loop (up to a switch interval, 5 ms,
-    each time), and on a loaded worker that made the text part about twice as long.
+    :meth:`answer` (on the worker's loop) copies the counters
+    (:func:`worker_snapshot`) and writes the text (:meth:`render`) in one go: the
+    loop pays its CPU time once, in one piece.
 
     Each instance's labels are escaped and its sample lines' starts ("name{labels} ")
     written once, when it first appears, and kept while it lives; a scrape joins them
@@ -536,10 +447,8 @@ class WorkerExposition:
     with its encoding 9 ms at best (bench/metrics_scrape.py; prometheus_client's
     generic writer took 300 ms for the text)."""
 
-    def __init__(self, worker: Any = None, on_loop: OnLoop | None = None) -> None:
-        self.worker = worker  # a hotwire.worker.daemon.Worker, for scrape()
-        self.on_loop = on_loop
-        self._lock = threading.Lock()  # scrapes on two threads share the prefixes
+    def __init__(self, worker: Any = None) -> None:
+        self.worker = worker  # a hotwire.worker.daemon.Worker, for answer()
         self._worker = ""
         self._prefixes: dict[tuple[str, str], _Prefixes] = {}
         self._keys: list[tuple[str, str]] = []
@@ -562,9 +471,8 @@ class WorkerExposition:
         return rows
 
     def render(self, s: _WorkerSnapshot) -> str:
-        with self._lock:
-            rows = self._rows(s)
-            columns = self._columns
+        rows = self._rows(s)
+        columns = self._columns
         out: list[str] = []
         add = out.append
         values = list(zip(*s.scalars, strict=True)) or [() for _ in _INSTANCE_FAMILIES]
@@ -647,7 +555,7 @@ class WorkerExposition:
         add("\n")
         return "".join(out)
 
-    def _answer(self) -> tuple[bytes, float, float]:
+    def answer(self) -> tuple[bytes, float, float]:
         """On the worker's loop: the counters copied and the exposition written, and
         the seconds each took."""
         t0 = time.perf_counter()
@@ -655,18 +563,70 @@ class WorkerExposition:
         t1 = time.perf_counter()
         return self.render(snap).encode(), t1 - t0, time.perf_counter() - t1
 
-    def scrape(self) -> Body:
-        """On a scrape's thread: the worker's exposition, written on its loop; the
-        last one when the loop does not run it within ``on_loop.timeout``."""
-        assert self.on_loop is not None
-        t0 = time.perf_counter()
-        empty = (self.render(worker_snapshot(self.worker, empty=True)).encode(), 0.0, 0.0)
-        data, snap_s, text_s = self.on_loop(self._answer, empty)
-        wait_s = time.perf_counter() - t0 - snap_s - text_s
-        return Body(
-            data,
-            (("wait", wait_s * 1000), ("snapshot", snap_s * 1000), ("text", text_s * 1000)),
+
+class WorkerMetricsServer:
+    """A worker's metrics endpoint: GET or HEAD of ``/`` or ``/metrics``, served on
+    the worker's event loop (:class:`hotwire.httpd.LoopServer`), over HTTPS with
+    ``tls``.
+
+    The exposition is written on the loop between two of its steps, and the answer
+    goes out through the loop's transport as the scraper reads it; the
+    ``Server-Timing`` header gives, in ms, ``request`` (connection accepted to
+    request read: the TLS handshake, the client, and the loop's turns),
+    ``snapshot`` (the counters copied), ``text`` (the exposition written) and
+    ``write`` (the previous answer's, until the scraper had read all but what the
+    kernel buffers). A loop held by user code answers once it is free: a
+    scraper's timeout shows the stall (``up == 0``) instead of stale counters."""
+
+    def __init__(self, worker: Any, tls: TlsFiles | None = None):
+        self.exposition = WorkerExposition(worker)
+        self.server = LoopServer(
+            self._handle,
+            context=https_context(tls) if tls is not None else None,
+            methods=("GET", "HEAD"),
+            https_only=_PLAIN_REFUSED,
+            name="metrics endpoint",
         )
+        self._last_write_ms: float | None = None
+
+    @property
+    def scheme(self) -> str:
+        return self.server.scheme
+
+    async def start(self, addr: str) -> str:
+        host, port = parse_address(addr)
+        try:
+            return await self.server.start(host, port)
+        except OSError as e:
+            msg = f"--metrics {addr}: cannot listen: {e.strerror or e}"
+            raise OSError(msg) from e
+
+    async def close(self) -> None:
+        await self.server.close()
+
+    async def _handle(self, req: Request, writer: asyncio.StreamWriter) -> None:
+        if req.path not in ("/", "/metrics"):
+            raise HttpError(404, "not found: the metrics are on /metrics")
+        data, snap_s, text_s = self.exposition.answer()
+        timing = [
+            ("request", (req.read_at - req.started) * 1000),
+            ("snapshot", snap_s * 1000),
+            ("text", text_s * 1000),
+        ]
+        if self._last_write_ms is not None:
+            timing.append(("write", self._last_write_ms))
+        header = ", ".join(f"{k};dur={v:.2f}" for k, v in timing)
+        out = response(
+            200,
+            data,
+            CONTENT_TYPE_LATEST,
+            (("Server-Timing", header),),
+            head_only=req.method == "HEAD",
+        )
+        t0 = time.perf_counter()
+        writer.write(out)
+        await writer.drain()
+        self._last_write_ms = (time.perf_counter() - t0) * 1000
 
 
 def worker_exposition(s: _WorkerSnapshot) -> str:

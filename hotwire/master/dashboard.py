@@ -1,12 +1,13 @@
 """The master's read-only web dashboard (``streamctl master --dashboard HOST:PORT``).
 
-A small HTTP/1.1 server on the master's own event loop (asyncio streams: no
-thread, so every read of the master's state happens on the loop, between two of
-its steps). One JSON endpoint per view, each fed by the functions ``streamctl``
-uses through the gRPC API (:meth:`Master.app_status`, :meth:`Master.history`,
-:meth:`Master.workers`, :meth:`Master.version_models` with
-:func:`hotwire.master.diff.diff`), and a Server-Sent Events stream (``/events``)
-that pushes the whole picture once a second and at each phase of a transition:
+A small HTTP/1.1 server on the master's own event loop
+(:class:`hotwire.httpd.LoopServer`: no thread, so every read of the master's
+state happens on the loop, between two of its steps). One JSON endpoint per
+view, each fed by the functions ``streamctl`` uses through the gRPC API
+(:meth:`Master.app_status`, :meth:`Master.history`, :meth:`Master.workers`,
+:meth:`Master.version_models` with :func:`hotwire.master.diff.diff`), and a
+Server-Sent Events stream (``/events``) that pushes the whole picture once a
+second and at each phase of a transition:
 
 - ``GET /`` the page; ``/static/app.js`` and ``/static/style.css`` its assets,
   shipped in ``hotwire/master/dashboard_static`` (no CDN, no internet);
@@ -34,18 +35,16 @@ import asyncio
 import contextlib
 import json
 import logging
-import socket
 import ssl
 import time
-import urllib.parse
 from collections import OrderedDict
-from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
 import grpc
 import networkx as nx
 
+from hotwire.httpd import HttpError, LoopServer, Request, response
 from hotwire.master.access import Denied
 from hotwire.master.diff import ChangeSet, diff, relabel, split_stream_name
 from hotwire.master.engine import Refused
@@ -60,24 +59,8 @@ STATIC = {
     "/static/style.css": ("style.css", "text/css; charset=utf-8"),
 }
 COOKIE = "hotwire_dashboard"
-MAX_HEAD = 16 * 1024  # request line and headers
-READ_TIMEOUT_S = 10.0
 MAX_STREAMS = 32  # concurrent /events clients
 TICK_S = 1.0  # an /events client gets the picture at least this often
-REASONS = {
-    200: "OK",
-    303: "See Other",
-    400: "Bad Request",
-    401: "Unauthorized",
-    403: "Forbidden",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    409: "Conflict",
-    414: "URI Too Long",
-    431: "Request Header Fields Too Large",
-    500: "Internal Server Error",
-    503: "Service Unavailable",
-}
 _HTTP_OF_GRPC = {
     grpc.StatusCode.NOT_FOUND: 404,
     grpc.StatusCode.INVALID_ARGUMENT: 400,
@@ -95,87 +78,6 @@ def parse_address(addr: str) -> tuple[str, int]:
         msg = f"--dashboard {addr!r}: expected HOST:PORT, e.g. 127.0.0.1:8080 (port 0: any free)"
         raise ValueError(msg)
     return host.strip("[]"), int(port)
-
-
-class HttpError(Exception):
-    def __init__(self, status: int, text: str, headers: tuple[tuple[str, str], ...] = ()):
-        super().__init__(text)
-        self.status = status
-        self.headers = headers
-
-
-@dataclass
-class Request:
-    method: str
-    path: str
-    query: dict[str, list[str]]
-    headers: dict[str, str]
-    cookies: dict[str, str] = field(default_factory=dict)
-
-    def arg(self, name: str) -> str:
-        values = self.query.get(name)
-        return values[-1] if values else ""
-
-
-async def read_request(reader: asyncio.StreamReader) -> Request:
-    """One request's head; :class:`HttpError` (4xx) if it is not a well-formed GET."""
-    try:
-        head = await reader.readuntil(b"\r\n\r\n")
-    except asyncio.LimitOverrunError:
-        raise HttpError(431, "the request's head is longer than 16 KiB") from None
-    except asyncio.IncompleteReadError:
-        raise ConnectionResetError("the client went before its request ended") from None
-    try:
-        text = head.decode("latin-1")
-        line, *rest = text.split("\r\n")
-        method, target, version = line.split(" ")
-    except ValueError:
-        raise HttpError(400, "malformed request line: expected 'GET /path HTTP/1.1'") from None
-    if not version.startswith("HTTP/1."):
-        raise HttpError(400, f"unsupported protocol {version[:20]!r}: HTTP/1.0 or 1.1")
-    if method != "GET":
-        raise HttpError(
-            405, f"method {method[:20]!r}: the dashboard is read-only (GET)", (("Allow", "GET"),)
-        )
-    if not target.startswith("/"):
-        raise HttpError(400, "the request target must be a path starting with '/'")
-    if len(target) > 4096:
-        raise HttpError(414, "the request target is longer than 4096 characters")
-    headers: dict[str, str] = {}
-    for h in rest:
-        if not h:
-            continue
-        name, sep, value = h.partition(":")
-        if not sep or not name.strip() or name != name.strip():
-            raise HttpError(400, f"malformed header line {h[:40]!r}")
-        headers[name.lower()] = value.strip()
-    parts = urllib.parse.urlsplit(target)
-    try:
-        query = urllib.parse.parse_qs(parts.query, keep_blank_values=True, errors="strict")
-        path = urllib.parse.unquote(parts.path, errors="strict")
-    except (UnicodeDecodeError, ValueError):
-        raise HttpError(400, "the request target is not valid UTF-8 once decoded") from None
-    cookies: dict[str, str] = {}
-    for item in headers.get("cookie", "").split(";"):
-        k, sep, v = item.strip().partition("=")
-        if sep:
-            cookies[k] = v
-    return Request(method, path, query, headers, cookies)
-
-
-def _response(
-    status: int, body: bytes, ctype: str, headers: tuple[tuple[str, str], ...] = ()
-) -> bytes:
-    lines = [
-        f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}",
-        f"Content-Type: {ctype}",
-        f"Content-Length: {len(body)}",
-        "Cache-Control: no-store",
-        "X-Content-Type-Options: nosniff",
-        "Connection: close",
-        *(f"{k}: {v}" for k, v in headers),
-    ]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
 def _json(value: Any) -> bytes:
@@ -367,12 +269,8 @@ class Dashboard:
 
     def __init__(self, master: Any):
         self.m = master
-        self.address = ""
-        self._sock: socket.socket | None = None
-        self._accepting: asyncio.Task[None] | None = None
-        self._context: ssl.SSLContext | None = None
         self.tls = master.tls is not None
-        self._conns: set[asyncio.Task[Any]] = set()
+        self.server: LoopServer | None = None
         self._streams = 0
         self._tick = asyncio.Event()
         self._snap: tuple[float, bytes] | None = None
@@ -388,82 +286,29 @@ class Dashboard:
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             context.minimum_version = ssl.TLSVersion.TLSv1_2
             context.load_cert_chain(str(self.m.tls.cert), str(self.m.tls.key))
-        self._context = context
+        self.server = LoopServer(
+            self._handle,
+            context=context,
+            refused="the dashboard is read-only (GET)",
+            https_only="this dashboard serves HTTPS only: https://{address}/",
+            name="dashboard",
+        )
         try:
-            family, _, _, _, sockaddr = socket.getaddrinfo(
-                host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-            )[0]
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                sock.bind(sockaddr)
-                sock.listen(64)
-                sock.setblocking(False)
-            except OSError:
-                sock.close()
-                raise
+            address = await self.server.start(host, port)
         except OSError as e:
             msg = f"--dashboard {addr}: cannot listen: {e.strerror or e}"
             raise OSError(msg) from e
-        self._sock = sock
-        self.address = f"{host}:{sock.getsockname()[1]}"
-        self._accepting = asyncio.get_running_loop().create_task(self._accept(sock))
         self.m.engine.on_progress = self._wake
-        scheme = "https" if context is not None else "http"
-        log.info("master: dashboard at %s://%s/", scheme, self.address)
-        return self.address
+        log.info("master: dashboard at %s://%s/", self.server.scheme, address)
+        return address
+
+    @property
+    def address(self) -> str:
+        return self.server.address if self.server is not None else ""
 
     async def close(self) -> None:
-        if self._accepting is not None:
-            self._accepting.cancel()
-            await asyncio.gather(self._accepting, return_exceptions=True)
-        if self._sock is not None:
-            self._sock.close()
-        for task in list(self._conns):
-            task.cancel()
-        await asyncio.gather(*self._conns, return_exceptions=True)
-
-    async def _accept(self, sock: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            try:
-                conn, _ = await loop.sock_accept(sock)
-            except OSError as e:  # out of descriptors, say: the next one may do
-                log.warning("dashboard: accept failed: %s", e)
-                await asyncio.sleep(0.1)
-                continue
-            task = loop.create_task(self._connection(conn))
-            self._conns.add(task)
-            task.add_done_callback(self._conns.discard)
-
-    async def _connection(self, conn: socket.socket) -> None:
-        """Streams over ``conn``; with TLS, a client that does not start with a TLS
-        handshake (plain HTTP) is answered in plain text that the page is HTTPS only."""
-        loop = asyncio.get_running_loop()
-        conn.setblocking(False)
-        try:
-            context = self._context
-            if context is not None:
-                first = await asyncio.wait_for(_peek(conn), READ_TIMEOUT_S)
-                if not first:
-                    conn.close()
-                    return
-                if first != b"\x16":  # not a TLS handshake record
-                    context = None
-            reader = asyncio.StreamReader(limit=MAX_HEAD)
-            protocol = asyncio.StreamReaderProtocol(reader)
-            transport, _ = await asyncio.wait_for(
-                loop.connect_accepted_socket(lambda: protocol, conn, ssl=context),
-                READ_TIMEOUT_S,
-            )
-        except (OSError, TimeoutError, ssl.SSLError):
-            conn.close()
-            return
-        writer = asyncio.StreamWriter(transport, protocol, reader, loop)
-        if self._context is not None and context is None:
-            await self._serve(reader, writer, plain_on_tls=True)
-        else:
-            await self._serve(reader, writer)
+        if self.server is not None:
+            await self.server.close()
 
     def _wake(self, app: str = "") -> None:
         """Something changed (a transition's phase): push the picture to every stream now."""
@@ -471,39 +316,7 @@ class Dashboard:
         self._snap = None
         tick.set()
 
-    # -- one connection: one request -----------------------------------------
-    async def _serve(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, plain_on_tls: bool = False
-    ) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self._conns.add(task)
-        try:
-            try:
-                req = await asyncio.wait_for(read_request(reader), READ_TIMEOUT_S)
-                if plain_on_tls:
-                    raise HttpError(
-                        400, f"this dashboard serves HTTPS only: https://{self.address}/"
-                    )
-                await self._handle(req, writer)
-            except HttpError as e:
-                body = (str(e) + "\n").encode()
-                writer.write(_response(e.status, body, "text/plain; charset=utf-8", e.headers))
-                await writer.drain()
-        except (TimeoutError, ConnectionError, ssl.SSLError, asyncio.CancelledError):
-            pass
-        except Exception:
-            log.exception("dashboard: a request failed")
-            with contextlib.suppress(Exception):
-                writer.write(_response(500, b"internal error\n", "text/plain; charset=utf-8"))
-                await writer.drain()
-        finally:
-            if task is not None:
-                self._conns.discard(task)
-            writer.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(writer.wait_closed(), 2)
-
+    # -- one request -------------------------------------------------------------
     def _authorize(self, req: Request) -> tuple[tuple[str, str], ...]:
         """Raise 401/403 unless the request carries a usable token (when the master has
         tokens); the headers that keep a token given as ``?token=`` in a cookie."""
@@ -543,7 +356,7 @@ class Dashboard:
                 raise HttpError(303, "see /", (*cookie, ("Location", req.path)))
             name, ctype = STATIC[req.path]
             body = (resources.files("hotwire.master") / "dashboard_static" / name).read_bytes()
-            writer.write(_response(200, body, ctype, cookie))
+            writer.write(response(200, body, ctype, cookie))
             await writer.drain()
             return
         if req.path == "/events":
@@ -553,10 +366,10 @@ class Dashboard:
             value = await self._api(req)
         except Refused as e:
             status = _HTTP_OF_GRPC.get(e.code, 409)
-            writer.write(_response(status, _json({"error": str(e)}), "application/json", cookie))
+            writer.write(response(status, _json({"error": str(e)}), "application/json", cookie))
             await writer.drain()
             return
-        writer.write(_response(200, _json(value), "application/json", cookie))
+        writer.write(response(200, _json(value), "application/json", cookie))
         await writer.drain()
 
     async def _api(self, req: Request) -> Any:
@@ -772,26 +585,6 @@ class Dashboard:
 
 
 _CHALLENGE = (("WWW-Authenticate", 'Bearer realm="hotwire"'),)
-
-
-def _set_once(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
-
-
-async def _peek(conn: socket.socket) -> bytes:
-    """The first byte ``conn`` received, left in its buffer (b"": closed)."""
-    loop = asyncio.get_running_loop()
-    while True:
-        try:
-            return conn.recv(1, socket.MSG_PEEK)
-        except BlockingIOError:
-            ready = loop.create_future()
-            loop.add_reader(conn.fileno(), _set_once, ready)
-            try:
-                await ready
-            finally:
-                loop.remove_reader(conn.fileno())
 
 
 def _version_arg(req: Request, name: str) -> int:

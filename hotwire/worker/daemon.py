@@ -75,7 +75,7 @@ class Worker(Node):
         super().__init__()
         self.metrics = metrics  # HOST:PORT of the Prometheus endpoint; None: off
         self.metrics_address = ""  # where it listens (the port bound when 0 was asked)
-        self._metrics: Any = None  # its hotwire.metrics.MetricsServer
+        self._metrics: Any = None  # its hotwire.metrics.WorkerMetricsServer
         self.health_port = health_port  # the gRPC health service's port; 0: any free one
         self.master = master
         self.listen = listen
@@ -163,16 +163,11 @@ class Worker(Node):
         await self.registered.wait()
 
     async def _serve_metrics(self, addr: str) -> None:
-        from hotwire.metrics import MetricsServer, OnLoop, WorkerExposition
-
-        assert self._loop is not None
-        exposition = WorkerExposition(self, OnLoop(self._loop))
+        from hotwire.metrics import WorkerMetricsServer
 
         # With TLS, over HTTPS with the worker's certificate (scrapers check it with the CA).
-        self._metrics = await asyncio.to_thread(
-            MetricsServer, addr, exposition.scrape, self.tls, wsgi=False
-        )
-        self.metrics_address = addr = self._metrics.address
+        self._metrics = WorkerMetricsServer(self, self.tls)
+        self.metrics_address = addr = await self._metrics.start(addr)
         log.info(
             "worker %s: Prometheus metrics at %s://%s/metrics",
             self.name,
@@ -182,7 +177,7 @@ class Worker(Node):
 
     async def _close(self) -> None:
         if self._metrics is not None:
-            await asyncio.to_thread(self._metrics.close)
+            await self._metrics.close()
         self._hb_stop.set()
         self._hb_wake.set()
         if self._hb_channel is not None:
