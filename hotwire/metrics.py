@@ -112,6 +112,7 @@ def https_context(tls: TlsFiles) -> ssl.SSLContext:
 
 
 HANDSHAKE_TIMEOUT_S = 10.0
+WRITE_TIMEOUT_S = 30.0  # for a scraper to read a worker's answer
 _PLAIN_REFUSED = (
     "this endpoint serves HTTPS only: scrape it with scheme https and the cluster CA "
     "(tls_config: ca_file)"
@@ -625,7 +626,8 @@ class WorkerMetricsServer:
         )
         t0 = time.perf_counter()
         writer.write(out)
-        await writer.drain()
+        # A scraper that stops reading lets the connection go (and its copy of the text).
+        await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT_S)
         self._last_write_ms = (time.perf_counter() - t0) * 1000
 
 
