@@ -177,6 +177,14 @@ class RemoteChannel(OutChannel):
             self.stream.push(Frame.BARRIER, checkpoint)
 
 
+# Keys' hashes (zlib.crc32 of their msgpack form) for the key split: str keys of at
+# most _MEMO_STR characters and int keys, up to about _MEMO_KEYS of them (all dropped
+# when there are more; a split fills it again).
+_KEY_HASH: dict[str | int, int] = {}
+_MEMO_KEYS = 1 << 17
+_MEMO_STR = 64
+
+
 class RouteState:
     """One output stream of an instance: partitioning over its target channels."""
 
@@ -229,9 +237,23 @@ class RouteState:
             key_fn = self.key_fn
             assert key_fn is not None
             parts: list[list[Any]] = [[] for _ in range(n)]
-            pack, crc = pack_key, zlib.crc32  # key_partition(), inlined on the record path
+            # key_partition(), inlined on the record path, with the hashes of short str
+            # and int keys kept (only those two exact types go in, so 1.0 or True never
+            # finds 1's hash: they pack differently).
+            pack, crc, memo = pack_key, zlib.crc32, _KEY_HASH
+            get = memo.get
             for r in records:
-                parts[crc(pack(key_fn(r))) % n].append(r)
+                k = key_fn(r)
+                t = type(k)
+                if t is int or (t is str and len(k) <= _MEMO_STR):
+                    h = get(k)
+                    if h is None:
+                        h = memo[k] = crc(pack(k))
+                else:
+                    h = crc(pack(k))
+                parts[h % n].append(r)
+            if len(memo) > _MEMO_KEYS:
+                memo.clear()
             for ch, part in zip(self.channels, parts, strict=True):
                 if part:
                     await ch.send(part, t)
