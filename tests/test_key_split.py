@@ -20,9 +20,11 @@ from hotwire.worker.channels import RouteState
 class _Sink:
     def __init__(self) -> None:
         self.records: list[Any] = []
+        self.stamps: set[float | None] = set()
 
     async def send(self, records: list[Any], t: float | None = None) -> None:
         self.records.extend(records)
+        self.stamps.add(t)
 
 
 KEYS: list[Any] = [
@@ -57,10 +59,11 @@ def test_every_record_goes_where_key_partition_says(n: int, monkeypatch: Any) ->
 
     async def go() -> None:
         for _ in range(3):  # the kept hashes: none, some, and dropped again
-            await rs.emit(list(records))
+            await rs.emit(list(records), 12.5)
 
     asyncio.run(go())
     for i, sink in enumerate(sinks):
+        assert sink.stamps == {12.5}, "every part keeps the batch's source time"
         for k, _ in sink.records:
             assert key_partition(k, n) == i, (k, i)
     got = sorted((r for s in sinks for r in s.records), key=lambda r: r[1])

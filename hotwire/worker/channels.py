@@ -244,8 +244,8 @@ class RouteState:
             get = memo.get
             for r in records:
                 k = key_fn(r)
-                t = type(k)
-                if t is int or (t is str and len(k) <= _MEMO_STR):
+                kt = type(k)
+                if kt is int or (kt is str and len(k) <= _MEMO_STR):
                     h = get(k)
                     if h is None:
                         h = memo[k] = crc(pack(k))
