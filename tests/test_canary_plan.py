@@ -175,6 +175,8 @@ def test_verdict() -> None:
 
 
 class _Sink:
+    local = False  # a remote channel, as RouteState sees it
+
     def __init__(self) -> None:
         self.batches: list[list[Any]] = []
 

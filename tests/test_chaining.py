@@ -10,15 +10,12 @@ whose receivers mutate their input without seeing each other's changes.
 from __future__ import annotations
 
 import json
-import urllib.request
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from prometheus_client.parser import text_string_to_metric_families
-
 from hotwire.testing import count_lines, read_jsonl
-from hotwire.testing.cluster import LocalCluster, poll_for, write_app
+from hotwire.testing.cluster import LocalCluster, poll_for, scrape_metrics, write_app
 
 N = 20_000
 
@@ -74,7 +71,7 @@ def test_a_chain_runs_in_the_source_task_and_keeps_order_through_an_upgrade(
         assert snk["chained"] == round(inst["chained"] / inst["batches"], 3) > 0.5, snk
         assert "chained" in c.streamctl("status", "chain").stdout
         # and Prometheus: the sink's chained batches, against the batches it processed
-        families = _scrape(c.metrics_addresses["w1"])
+        families = scrape_metrics(c.metrics_addresses["w1"])
         [chained] = [
             x.value for x in families["hotwire_chained_batches"].samples if x.labels["pe"] == "out"
         ]
@@ -95,8 +92,3 @@ def test_a_chain_runs_in_the_source_task_and_keeps_order_through_an_upgrade(
     first = rows[: N // 8]
     assert {row["map_task"] for row in first} == {"chain/src@1.0"}, first[0]
     assert {row["sink_task"] for row in first} == {"chain/src@1.0"}, first[0]
-
-
-def _scrape(addr: str) -> dict[str, Any]:
-    with urllib.request.urlopen(f"http://{addr}/metrics", timeout=5) as r:
-        return {f.name: f for f in text_string_to_metric_families(r.read().decode())}

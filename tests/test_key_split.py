@@ -18,6 +18,8 @@ from hotwire.worker.channels import RouteState
 
 
 class _Sink:
+    local = False  # a remote channel, as RouteState sees it
+
     def __init__(self) -> None:
         self.records: list[Any] = []
         self.stamps: set[float | None] = set()

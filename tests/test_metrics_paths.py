@@ -22,7 +22,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from hotwire.security import pki
-from hotwire.testing.cluster import LocalCluster, poll_for, write_app
+from hotwire.testing.cluster import LocalCluster, poll_for, scrape_metrics, write_app
 from hotwire.testing.servers import (
     ServerMissing,
     find_binary,
@@ -46,19 +46,13 @@ app.source("src", counter(rate={rate})).map("m", lambda r: {{**r, "m": 1}}).sink
 """
 
 
-def _scrape(addr: str) -> dict[str, Any]:
-    with urllib.request.urlopen(f"http://{addr}/metrics", timeout=5) as r:
-        text = r.read().decode()
-    return {f.name: f for f in text_string_to_metric_families(text)}
-
-
 def _e2e(c: LocalCluster, app: str) -> tuple[float, float]:
     """(count, sum) of ``app``'s hotwire_e2e_latency_seconds over every worker."""
     count = total = 0.0
     for label, addr in c.metrics_addresses.items():
         if label == "master":
             continue
-        fam = _scrape(addr).get("hotwire_e2e_latency_seconds")
+        fam = scrape_metrics(addr).get("hotwire_e2e_latency_seconds")
         for s in fam.samples if fam else ():
             if s.labels.get("app") != app:
                 continue
@@ -101,7 +95,7 @@ def test_e2e_latency_at_sinks_grows_with_a_slow_sink(tmp_path: Path) -> None:
         # The count keeps growing while records flow.
         poll_for(lambda: _e2e(c, "fast")[0] > fast_n, 20, 0.5, what="the count to grow")
         # The stamp crossed the data plane: w2's sink has only remote input.
-        w2 = _scrape(c.metrics_addresses["w2"])
+        w2 = scrape_metrics(c.metrics_addresses["w2"])
         received = sum(s.value for s in w2["hotwire_dataplane_received_frames"].samples)
         assert received > 0
 
@@ -148,7 +142,7 @@ def test_a_batch_frame_with_a_bad_source_time_is_taken_without_it(tmp_path: Path
         addr = c.metrics_addresses[worker]
 
         def sink_in() -> float:
-            fam = _scrape(addr)["hotwire_records_in"]
+            fam = scrape_metrics(addr)["hotwire_records_in"]
             return sum(x.value for x in fam.samples if x.labels["pe"] == "snk")
 
         with socket.create_connection((host, int(port)), timeout=10) as s:
@@ -160,10 +154,10 @@ def test_a_batch_frame_with_a_bad_source_time_is_taken_without_it(tmp_path: Path
             poll_for(lambda: sink_in() == 6, 20, 0.2, what="the six forged records at the sink")
         count, total = _e2e(c, "forged")
         assert count == 1 and total > 1e9, (count, total)
-        fam = _scrape(addr)["hotwire_e2e_latency_seconds"]
+        fam = scrape_metrics(addr)["hotwire_e2e_latency_seconds"]
         buckets = {x.labels["le"]: x.value for x in fam.samples if x.name.endswith("_bucket")}
         assert buckets["60.0"] == 0 and buckets["+Inf"] == 1, buckets
-        drops = _scrape(addr).get("hotwire_dataplane_drops")
+        drops = scrape_metrics(addr).get("hotwire_dataplane_drops")
         assert not drops or all(x.value == 0 for x in drops.samples), drops.samples
         assert all(p.proc.poll() is None for p in [c.master, *c.workers])
 
@@ -192,7 +186,7 @@ src.key_by(lambda r: r["key"]).reduce("count", add, parallelism={p}).sink("out",
 
 
 def _series(addr: str, family: str) -> dict[tuple[tuple[str, str], ...], float]:
-    fam = _scrape(addr).get(family)
+    fam = scrape_metrics(addr).get(family)
     return {tuple(sorted(s.labels.items())): s.value for s in fam.samples} if fam else {}
 
 

@@ -14,9 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from hotwire.testing.cluster import LocalCluster, poll_for, write_app
+from hotwire.testing.cluster import LocalCluster, poll_for, scrape_metrics, write_app
 from hotwire.testing.servers import ServerMissing, find_binary, prometheus_server, promql
 
 RATE = 400  # records per second from the source
@@ -85,18 +84,14 @@ def test_prometheus_scrapes_rates_and_upgrade_durations_status_reports(tmp_path:
 
         # Both expositions parse (prometheus_client's parser) with the types documented.
 
-        def families(addr: str) -> dict[str, Any]:
-            text = _get(f"http://{addr}/metrics").decode()
-            return {f.name: f for f in text_string_to_metric_families(text)}
-
         w1 = poll_for(
-            lambda: (f := families(addrs["w1"]))["hotwire_records_in"].samples and f,
+            lambda: (f := scrape_metrics(addrs["w1"]))["hotwire_records_in"].samples and f,
             20,
             what="w1's instances in its metrics",
         )
         assert w1["hotwire_records_in"].type == "counter"
         assert w1["hotwire_batch_process_seconds"].type == "histogram"
-        assert families(addrs["master"])["hotwire_worker_up"].type == "gauge"
+        assert scrape_metrics(addrs["master"])["hotwire_worker_up"].type == "gauge"
         with prometheus(tmp_path, sorted(addrs.values())) as prom:
             poll_for(
                 lambda: scalar(prom, 'count(up{job="hotwire"} == 1)') == 3,

@@ -72,6 +72,18 @@ def write_app(directory: str | Path, name: str, body: str) -> str:
     return str(path)
 
 
+def scrape_metrics(addr: str, timeout: float = 5) -> dict[str, Any]:
+    """The metric families a node's plain-HTTP endpoint at ``addr`` (``HOST:PORT``)
+    serves, by name, parsed by prometheus_client's parser."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://{addr}/metrics", timeout=timeout) as r:
+        text = r.read().decode()
+    return {f.name: f for f in text_string_to_metric_families(text)}
+
+
 def streamctl(
     *args: str, master: str | None = None, timeout: float = 120, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:

@@ -50,6 +50,7 @@ class OutChannel:
     """The sending end of one channel."""
 
     __slots__ = ("_waiter", "app", "channel", "credit", "ended")
+    local = False  # whether records reach the receiver as objects (same worker)
 
     def __init__(self, app: str, channel: str):
         self.app = app
@@ -93,6 +94,7 @@ class OutChannel:
 
 class LocalChannel(OutChannel):
     __slots__ = ("dst",)
+    local = True
 
     def __init__(self, app: str, channel: str, dst: Instance):
         super().__init__(app, channel)
@@ -105,7 +107,9 @@ class LocalChannel(OutChannel):
             self.credit -= 1
         ret = self if t is None else Stamp(self, t)
         dst = self.dst
-        if not await dst.take_inline(self.channel, records, ret):
+        if dst.can_take_inline():
+            await dst.take_inline(self.channel, records, ret)
+        else:
             dst.inbox.put_nowait((BATCH, self.channel, records, ret))
 
     async def end(self) -> None:
@@ -216,7 +220,7 @@ class RouteState:
         self.dealt = 0  # shuffle into a canary: batches dealt so far
         self.next_canary = 0
         # Whether records reach a same-worker instance as objects (not serialised).
-        self.local = any(isinstance(c, LocalChannel) for c in channels)
+        self.local = any(c.local for c in channels)
 
     async def emit(self, records: list[Any], t: float | None = None) -> None:
         """Send one batch of output records along this stream (``t``: its source
@@ -258,7 +262,7 @@ class RouteState:
                 if part:
                     await ch.send(part, t)
         elif p == "broadcast":
-            await _fan_out(self.channels, _is_local, _send, records, t)
+            await _fan_out([(c.local, c.send) for c in self.channels], records, t)
         else:  # forward
             await self.channels[0].send(records, t)
 
@@ -305,17 +309,15 @@ async def emit_all(
         for route in routes.values():
             await route.emit(records, t)
         return
-    await _fan_out(list(routes.values()), _has_local, _emit, records, t)
+    await _fan_out([(r.local, r.emit) for r in routes.values()], records, t)
 
 
-async def _fan_out(
-    targets: list[Any],
-    local: Callable[[Any], bool],
-    send: Callable[[Any, list[Any], float | None], Awaitable[None]],
-    records: list[Any],
-    t: float | None,
-) -> None:
-    """Send the same ``records`` to each of ``targets`` (channels or routes).
+Send = Callable[[list[Any], float | None], Awaitable[None]]
+
+
+async def _fan_out(targets: list[tuple[bool, Send]], records: list[Any], t: float | None) -> None:
+    """Send the same ``records`` to each of ``targets`` (whether it is on this
+    worker, and its channel's ``send`` or its route's ``emit``).
 
     Remote receivers get them serialised as they are sent. Same-worker receivers get
     the objects, and may process them at once, in this task
@@ -323,29 +325,13 @@ async def _fan_out(
     made before anything is sent, and the last gets the originals after the remote
     sends. A receiver that mutates its input changes nothing another one sees.
     """
-    mine = [x for x in targets if local(x)]
+    mine = [send for local, send in targets if local]
     parts = [*(fan_out_copy(records) for _ in mine[1:]), records] if mine else []
-    for x in targets:
-        if not local(x):
-            await send(x, records, t)
-    for x, part in zip(mine, parts, strict=True):
-        await send(x, part, t)
-
-
-def _is_local(ch: OutChannel) -> bool:
-    return isinstance(ch, LocalChannel)
-
-
-def _has_local(route: RouteState) -> bool:
-    return route.local
-
-
-def _send(ch: OutChannel, records: list[Any], t: float | None) -> Awaitable[None]:
-    return ch.send(records, t)
-
-
-def _emit(route: RouteState, records: list[Any], t: float | None) -> Awaitable[None]:
-    return route.emit(records, t)
+    for local, send in targets:
+        if not local:
+            await send(records, t)
+    for send, part in zip(mine, parts, strict=True):
+        await send(part, t)
 
 
 def fan_out_copy(records: list[Any]) -> list[Any]:

@@ -334,22 +334,29 @@ class Instance:
         finally:
             self._inline_ok = False
 
-    async def take_inline(self, ch: str, records: list[Any], ret: Any) -> bool:
+    def can_take_inline(self) -> bool:
+        """Whether a batch from a same-worker sender may be carried out in the
+        sender's task now (:meth:`take_inline`): nothing of this instance's own is
+        queued or under way (so order per channel holds), and the sender's chain is
+        not already :data:`MAX_INLINE` deep."""
+        return (
+            self._inline_ok
+            and not self._turn.locked()
+            and self.inbox.empty()
+            and _INLINE_DEPTH.get() < MAX_INLINE
+        )
+
+    async def take_inline(self, ch: str, records: list[Any], ret: Any) -> None:
         """Carry out a batch from a same-worker sender in the sender's task, as this
-        instance's own loop would, when nothing of its own is queued or under way
-        (so order per channel holds); False (and nothing done) otherwise.
+        instance's own loop would; only right after :meth:`can_take_inline` said so,
+        with no await in between.
 
         A chain of same-worker PEs then runs as one task over each batch, without an
         inbox hand-off and a task switch per PE (operator chaining). The instance's
         machine decides as for any batch: a held channel still holds it. An error
         fails this instance, never the sender.
         """
-        depth = _INLINE_DEPTH.get()
-        if depth >= MAX_INLINE or not self._inline_ok:
-            return False
-        if self._turn.locked() or not self.inbox.empty():
-            return False  # busy, or something of its channels may be ahead of this batch
-        token = _INLINE_DEPTH.set(depth + 1)
+        token = _INLINE_DEPTH.set(_INLINE_DEPTH.get() + 1)
         self.batches += 1
         self.chained += 1
         try:
@@ -377,7 +384,6 @@ class Instance:
             self._stop_loop()
         finally:
             _INLINE_DEPTH.reset(token)
-        return True
 
     def _stop_loop(self) -> None:
         if not self.finished.done():
