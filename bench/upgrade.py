@@ -1047,7 +1047,13 @@ def goals(doc: dict[str, Any]) -> list[dict[str, Any]]:
         )
     for s in doc["scenarios"]:
         if s["name"] not in SAFETY:
-            add(f"{s['name']}: gap_ratio >= 100", s["gap_ratio"], lambda v: v >= 100)
+            # The measure: against the time until the restart's first new
+            # record (new_output_gap_ms), which is what a user waits for.
+            add(
+                f"{s['name']}: gap_ratio_new_output >= 100",
+                s["gap_ratio_new_output"],
+                lambda v: v >= 100,
+            )
         add(
             f"{s['name']}: lost = duplicated = state_resets = 0",
             [s["lost"], s["duplicated"], s["state_resets"]],
