@@ -80,7 +80,7 @@ def test_e2e_latency_at_sinks_grows_with_a_slow_sink(tmp_path: Path) -> None:
 
         # Enough stamped batches at both sinks (the slow one gets its share too).
         poll_for(
-            lambda: _e2e(c, "fast")[0] >= 200 and _e2e(c, "slow")[0] >= 50,
+            lambda: _e2e(c, "fast")[0] >= 200 and _e2e(c, "slow")[0] >= 10,
             60,
             0.5,
             what="stamped batches counted at both sinks",
