@@ -120,3 +120,31 @@ def test_a_function_raising_stop_iteration_is_reported_not_the_end_of_the_batch(
     _run(ex.process(list(range(n))))
     assert done == [r for r in range(n) if r not in bad]
     assert errors == [(r, "the function raised StopIteration") for r in sorted(bad) if r < n]
+
+
+@pytest.mark.parametrize("is_async", [False, True])
+def test_a_sink_object_is_called_once_per_record_with_its_own_state(is_async: bool) -> None:
+    """A sink given as an object with ``__call__`` (sync or async; the executor calls
+    its bound method) sees every record once, keeps its state on the object, and its
+    failures are reported like a function's."""
+
+    class Counting:
+        def __init__(self) -> None:
+            self.seen: list[int] = []
+
+        def __call__(self, r: int) -> None:
+            if r == 3:
+                raise ValueError("bad 3")
+            self.seen.append(r)
+
+    class AsyncCounting(Counting):
+        async def __call__(self, r: int) -> None:  # type: ignore[override]
+            Counting.__call__(self, r)
+
+    sink = AsyncCounting() if is_async else Counting()
+    errors: list[tuple[int, str]] = []
+    ex = SinkExecutor(sink, None, lambda r, e: errors.append((r, str(e))))
+    for start in (0, 10):
+        _run(ex.process(list(range(start, start + 10))))
+    assert sink.seen == [r for r in range(20) if r != 3]
+    assert errors == [(3, "bad 3")]

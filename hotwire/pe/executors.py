@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
+import types
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -52,6 +53,16 @@ def _check_ran_to_end(it: Iterator[Any]) -> None:
         raise RuntimeError("the function raised StopIteration")
 
 
+def _direct(fn: Any) -> Any:
+    """``fn``, or for an instance of a class with a Python ``__call__`` (a sink
+    object, say) its bound ``__call__``, bound once: calling the instance binds it on
+    every call (a minimal counting sink object: 86 ns a record, against 60 bound)."""
+    call = getattr(type(fn), "__call__", None)  # noqa: B004 - the class's method, not callable()
+    if isinstance(call, types.FunctionType) and not isinstance(fn, type):
+        return fn.__call__
+    return fn
+
+
 def _is_async(fn: Any) -> bool:
     return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
         getattr(fn, "__call__", None)  # noqa: B004 - callable objects with async __call__
@@ -64,7 +75,7 @@ class Executor:
     keyed = False
 
     def __init__(self, fn: Any, ctx: Any, on_error: ErrorHook, key_fn: Any = None):
-        self.fn = fn
+        self.fn = _direct(fn)
         self.ctx = ctx
         self.on_error = on_error
         self.key_fn = key_fn
