@@ -15,7 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from hotwire.testing import count_lines, read_jsonl
-from hotwire.testing.cluster import LocalCluster, poll_for, scrape_metrics, write_app
+from hotwire.testing.cluster import (
+    LocalCluster,
+    poll_for,
+    scrape_metrics,
+    upgrade_under_load,
+    write_app,
+)
 
 N = 20_000
 
@@ -53,10 +59,7 @@ def test_a_chain_runs_in_the_source_task_and_keeps_order_through_an_upgrade(
     v2 = write_app(tmp_path, "v2.py", _CHAIN.format(out=str(out), n=N, v=2))
     with LocalCluster(workers=1, data_dir=tmp_path / "cluster", metrics=True) as c:
         c.client.submit(v1)
-        poll_for(lambda: count_lines(out) > N // 4, 20, what="records before the upgrade")
-        r = c.client.upgrade(v2)
-        assert r.applied
-        assert count_lines(out) < N, "the upgrade must happen while records flow"
+        upgrade_under_load(c.client, v2, out, N)
         poll_for(lambda: count_lines(out) >= N, 30, what="every record at the sink")
 
         def sink_status() -> dict[str, Any] | None:

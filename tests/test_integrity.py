@@ -10,7 +10,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from hotwire.testing import count_lines, read_jsonl
-from hotwire.testing.cluster import LocalCluster, poll_for, write_app
+from hotwire.testing.cluster import LocalCluster, poll_for, upgrade_under_load, write_app
 from hotwire.worker.transport import CREDITS
 
 N = 3000
@@ -86,10 +86,7 @@ def test_integer_keyed_state_survives_a_rescale_across_workers(
     v1 = write_app(tmp_path, "v1.py", _INT_STATE_PE.format(n=N, par=1, out=str(out)))
     v2 = write_app(tmp_path, "v2.py", _INT_STATE_PE.format(n=N, par=3, out=str(out)))
     cluster.client.submit(v1)
-    poll_for(lambda: count_lines(out) > N // 4, 20, what="records before the rescale")
-    r = cluster.client.upgrade(v2)
-    assert r.applied
-    assert count_lines(out) < N, "the rescale must happen while records flow"
+    upgrade_under_load(cluster.client, v2, out, N)
     poll_for(lambda: count_lines(out) >= N, 30, what="every record at the sink")
     rows = read_jsonl(out)
     seqs = Counter(r["seq"] for r in rows)

@@ -15,7 +15,7 @@ import grpc
 import pytest
 
 from hotwire.testing import count_lines, read_jsonl
-from hotwire.testing.cluster import LocalCluster, poll_for, write_app
+from hotwire.testing.cluster import LocalCluster, poll_for, upgrade_under_load, write_app
 from hotwire.testing.scenarios import SCENARIOS, check_output, read_exact, render
 
 N = 9000
@@ -35,10 +35,8 @@ def test_online_upgrade_under_load(cluster: LocalCluster, tmp_path: Path, scenar
     app2 = write_app(tmp_path, "v2.py", render(v2, **kw))
     cluster.client.submit(app1)
     gens_before = _gens(cluster, "upg")
-    poll_for(lambda: count_lines(out) > N // 4, 20, what="records flowing before the upgrade")
-    r = cluster.client.upgrade(app2)
-    assert r.applied and (r.from_version, r.to_version) == (1, 2)
-    assert count_lines(out) < N, "the upgrade must happen while records flow"
+    r = upgrade_under_load(cluster.client, app2, out, N)
+    assert (r.from_version, r.to_version) == (1, 2)
     changes = json.loads(r.changes_json)
     rows = read_exact(out, N, 30, context=changes)
     if v2.count_code == 2:

@@ -72,6 +72,19 @@ def write_app(directory: str | Path, name: str, body: str) -> str:
     return str(path)
 
 
+def upgrade_under_load(client: Client, app: str, out: str | Path, n: int) -> Any:
+    """Upgrade to ``app`` once a quarter of the ``n`` records an app writes to the
+    sink file ``out`` are there; check that it applied while records still flowed.
+    The reply; the caller waits for the rest of the records."""
+    from hotwire.testing.sources import count_lines
+
+    poll_for(lambda: count_lines(out) > n // 4, 20, what="records before the upgrade")
+    r = client.upgrade(app)
+    assert r.applied, r
+    assert count_lines(out) < n, "the upgrade must happen while records flow"
+    return r
+
+
 def scrape_metrics(addr: str, timeout: float = 5) -> dict[str, Any]:
     """The metric families a node's plain-HTTP endpoint at ``addr`` (``HOST:PORT``)
     serves, by name, parsed by prometheus_client's parser."""
