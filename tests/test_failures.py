@@ -4,6 +4,7 @@ killed in the middle of an upgrade. Every record is counted at the sink."""
 from __future__ import annotations
 
 import signal
+import sqlite3
 import threading
 from collections import defaultdict
 from pathlib import Path
@@ -105,7 +106,13 @@ def test_master_killed_in_prepare_undoes_the_upgrade(tmp_path: Path) -> None:
         v2 = write_app(tmp_path, "v2.py", _slow(render(SCENARIOS["change_code"][1], **kw), "setup"))
         t = threading.Thread(target=lambda: _quiet(lambda: c.client.upgrade(v2)))
         t.start()
-        poll_for(lambda: c.client.status("upg").apps[0].state == "upgrading", 5)
+        # "upgrading" shows from when the master takes the app, before it has
+        # recorded anything; the kill must come once the prepare is on record.
+        poll_for(
+            lambda: _inflight_phase(c.dir / "master" / "hotwire.db", "upg") == "prepare",
+            5,
+            what="the master to record the prepare",
+        )
         assert c.master is not None
         c.master.stop(signal.SIGKILL)
         t.join(30)
@@ -157,6 +164,16 @@ def test_master_killed_in_switch_finishes_the_upgrade(tmp_path: Path) -> None:
         poll_for(lambda: count_lines(out) >= N, 30)
         v = check_output(read_jsonl(out), N)
         assert (v.lost, v.duplicated, v.out_of_order, v.state_resets) == (0, 0, 0, 0), v
+
+
+def _inflight_phase(db: Path, app: str) -> str | None:
+    """The phase of ``app``'s transition a master's store has on record, if any."""
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1.0)
+    try:
+        row = con.execute("SELECT phase FROM inflight WHERE app = ?", (app,)).fetchone()
+    finally:
+        con.close()
+    return row[0] if row else None
 
 
 def _quiet(fn: object) -> None:
