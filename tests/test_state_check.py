@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from hotwire.codec import packb
+from hotwire.codec import hashable_key, packb, unpackb
 from hotwire.master.cut import checkpoint_samples, decode_thinned, state_samples, states_for_restart
-from hotwire.pe.state import unwrap, wrap
+from hotwire.pe.executors import _keyed_items
+from hotwire.pe.state import keyed_pairs, keyed_wire, unwrap, wrap
 from hotwire.plan import key_partition
 from hotwire.testing import count_lines, read_jsonl
 from hotwire.testing.cluster import LocalCluster, poll_for, write_app
@@ -220,7 +221,9 @@ def test_checkpoint_samples_decode_only_what_the_check_tries(version: int) -> No
         (list(range(300)), False),  # not pairs
         ([[1, 2]] * 50 + [[1, 2, 3]] * 250, False),  # a kept element is not a pair
         ([[1, 2]] * 20, False),  # short: whole
-        ({"a": 1}, False),
+        ({f"k{i}": i for i in range(300)}, True),  # a keyed dict (keyed_wire)
+        ({"__hotwire_state_version__": 2, "state": {i: [i] for i in range(300)}}, True),
+        ({"a": 1}, False),  # a short keyed dict: whole, as pairs
         (None, False),
         ([], False),
     ],
@@ -229,11 +232,35 @@ def test_decode_thinned_reads_evenly_spread_pairs_or_the_whole_state(
     state: object, thinned: bool
 ) -> None:
     got = decode_thinned(packb(state), 30)
+    bare, version = unwrap(state)
     if thinned:
-        bare, version = unwrap(state)
-        assert unwrap(got) == ([bare[j * 10] for j in range(30)], version)
+        pairs = keyed_pairs(bare)
+        assert unwrap(got) == ([pairs[j * 10] for j in range(30)], version)
+    elif isinstance(state, dict) and "other" not in state:
+        assert got == keyed_pairs(state)
     else:
         assert got == state
+
+
+@pytest.mark.parametrize(
+    ("state", "as_dict"),
+    [
+        ({"a": 1, 2: [3], -7: None, 1.5: {"x": 1}, b"k": 1, None: 0, True: "t"}, True),
+        ({("a", 1): 1, "b": 2}, False),  # a tuple key packs as an array
+        ({"__hotwire_state_version__": 1, "state": 2}, False),  # never an envelope
+        ({}, True),
+    ],
+)
+def test_keyed_state_travels_as_a_dict_only_when_its_keys_come_back(
+    state: dict[object, object], as_dict: bool
+) -> None:
+    wire = keyed_wire(state)
+    assert isinstance(wire, dict) == as_dict
+    back = unpackb(packb(wire))
+    assert unwrap(back) == (back, 1)
+    assert dict(_keyed_items(back)) == state
+    assert {hashable_key(k): v for k, v in keyed_pairs(back)} == state
+
 
 
 @pytest.mark.parametrize("version", [1, 2])

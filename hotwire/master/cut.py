@@ -29,7 +29,14 @@ from typing import Any
 import msgpack
 
 from hotwire.codec import hashable_key, unpackb
-from hotwire.pe.state import REPLICATED_KEY, STATE_VERSION, split_replicated, unwrap, wrap
+from hotwire.pe.state import (
+    REPLICATED_KEY,
+    STATE_VERSION,
+    keyed_pairs,
+    split_replicated,
+    unwrap,
+    wrap,
+)
 from hotwire.plan import instance_id, key_partition, parse_instance_id
 
 
@@ -63,6 +70,8 @@ def states_for_restart(
                 out[(pe, i)] = [old[j] for j in sorted(old)]
             continue
         bare = {i: unwrap(s) for i, s in old.items()}
+        if keyed.get(pe):
+            bare = {i: (keyed_pairs(s), v) for i, (s, v) in bare.items()}
         if keyed.get(pe) and all(_pairs(s) for s, _v in bare.values()):
             # Split inside the version envelope: each part keeps its writer's version.
             parts: list[dict[int, list[Any]]] = [defaultdict(list) for _ in range(n)]
@@ -70,7 +79,7 @@ def states_for_restart(
                 state, version = bare[i]
                 for pair in state or ():
                     if pair[0] == REPLICATED_KEY:  # the instance's own entry: every part
-                        own = split_replicated(pair[1], n, lambda k: key_partition(k, n))
+                        own = split_replicated(pair[1], n, lambda k, n=n: key_partition(k, n))
                         for part, value in zip(parts, own, strict=True):
                             part[version].append([REPLICATED_KEY, value])
                         continue
@@ -167,10 +176,11 @@ def _is_map(b: int) -> bool:
 
 
 def decode_thinned(data: bytes, keep: int) -> Any:
-    """``unpackb(data)``, except that a keyed state (a list of ``[key, value]`` pairs,
-    bare or in its version envelope) longer than ``keep`` comes back as ``keep``
-    pairs spread evenly over it: the others are skipped without being decoded.
-    Anything else (or a list whose kept elements are not pairs) is decoded whole."""
+    """``unpackb(data)``, except that a keyed state (a list of ``[key, value]`` pairs
+    or a dict, bare or in its version envelope) longer than ``keep`` comes back as
+    ``keep`` pairs spread evenly over it: the others are skipped without being
+    decoded. Anything else (or a list whose kept elements are not pairs) is decoded
+    whole; a keyed dict comes back as pairs."""
     if not data or keep <= 0:
         return unpackb(data)
     try:
@@ -178,17 +188,23 @@ def decode_thinned(data: bytes, keep: int) -> Any:
         unp.feed(data)
         if _is_array(data[0]):
             out: Any = _thinned_pairs(unp, keep)
-        elif _is_map(data[0]) and unp.read_map_header() == 2:
-            out = {}
-            for _ in range(2):
-                k = unp.unpack()
-                at = unp.tell()
-                if k == "state" and at < len(data) and _is_array(data[at]):
-                    out[k] = _thinned_pairs(unp, keep)
-                else:
-                    out[k] = unp.unpack()
-            if STATE_VERSION not in out or out["state"] is None:
-                return unpackb(data)
+        elif _is_map(data[0]):
+            count = unp.read_map_header()
+            if count != 2:  # a keyed dict (keyed_wire), bare
+                out = _thinned_map(unp, count, keep)
+            else:
+                out = {}
+                for _ in range(2):
+                    k = unp.unpack()
+                    at = unp.tell()
+                    if k == "state" and at < len(data) and _is_array(data[at]):
+                        out[k] = _thinned_pairs(unp, keep)
+                    elif k == "state" and at < len(data) and _is_map(data[at]):
+                        out[k] = _thinned_map(unp, unp.read_map_header(), keep)
+                    else:
+                        out[k] = unp.unpack()
+                if STATE_VERSION not in out or out["state"] is None:
+                    return unpackb(data)
         else:
             return unpackb(data)
         if unp.tell() != len(data):
@@ -222,8 +238,28 @@ def _thinned_pairs(unp: msgpack.Unpacker, keep: int) -> list[Any]:
     return out
 
 
+def _thinned_map(unp: msgpack.Unpacker, count: int, keep: int) -> list[Any]:
+    """A keyed dict's ``count`` entries (its map header read) as ``[key, value]`` pairs,
+    ``keep`` of them spread evenly over it; the others skipped undecoded."""
+    if count <= keep:
+        return [[unp.unpack(), unp.unpack()] for _ in range(count)]
+    step = count / keep
+    out: list[Any] = []
+    nxt, j = 0, 0
+    for idx in range(count):
+        if idx == nxt:
+            out.append([unp.unpack(), unp.unpack()])
+            j += 1
+            nxt = int(j * step) if j < keep else count
+        else:
+            unp.skip()
+            unp.skip()
+    return out
+
+
 def _sample(s: Any, limit: int) -> Any:
     state, version = unwrap(s)
+    state = keyed_pairs(state)
     if not _pairs(state) or state is None or len(state) <= limit:
         return s
     step = len(state) / limit

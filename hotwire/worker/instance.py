@@ -34,7 +34,7 @@ from hotwire.logs import as_task, task_context
 from hotwire.metrics import BATCH_BUCKETS, E2E_BUCKETS
 from hotwire.names import confined
 from hotwire.pe.executors import EXECUTORS, Executor, _keyed_items
-from hotwire.pe.state import REPLICATED_KEY, split_replicated
+from hotwire.pe.state import REPLICATED_KEY, keyed_wire, split_replicated
 from hotwire.plan import (
     ADOPT_REFUSED,
     CANARY_BUCKETS,
@@ -725,7 +725,7 @@ class Instance:
         assert self.executor is not None
         state = self.executor.snapshot()
         if self.executor.keyed and isinstance(state, dict):
-            state = [[k, v] for k, v in state.items()]
+            state = keyed_wire(state)
         return self.executor.versioned(state)
 
     async def restore_checkpoint(self, states: list[Any]) -> None:
@@ -1019,12 +1019,16 @@ class Instance:
             whole: list[Any] = [[] for _ in range(n)]
             succ = retire.successors[self.spec.index]
             # A local successor takes the state object itself; over the wire keyed
-            # state travels as [key, value] pairs (msgpack map keys must be strings).
+            # state travels as keyed_wire() makes it (pairs unless its keys survive).
             local = succ.worker == self.runtime.name and isinstance(state, dict)
             size = len(self._packed(state))  # fails here if it cannot be serialised
             if local:
                 self._packed_size = size  # the handover's bytes
-            whole[self.spec.index] = state if local else [[k, v] for k, v in _keyed_items(state)]
+                whole[self.spec.index] = state
+            elif isinstance(state, dict):
+                whole[self.spec.index] = keyed_wire(state)
+            else:
+                whole[self.spec.index] = [[k, v] for k, v in _keyed_items(state)]
             return whole
         if retire.keyed and state:
             return self._split_keys(state, retire)
