@@ -148,7 +148,7 @@ def test_an_abort_abandons_an_alignment_waiting_for_the_aborted_channel() -> Non
     m.handle(sm.PROCESSED)
     assert m.handle(sm.Barrier("c", 1)) == []  # of the abandoned checkpoint: ignored
     assert m.handle(sm.Barrier("a", 2)) == []
-    assert m.handle(sm.Barrier("c", 2)) == [sm.Snapshot(2)]
+    assert m.handle(sm.Barrier("c", 2)) == [sm.ForwardBarrier(2), sm.Snapshot(2)]
 
 
 def test_barriers_align_then_snapshot_forward_and_release() -> None:
@@ -158,9 +158,10 @@ def test_barriers_align_then_snapshot_forward_and_release() -> None:
     assert m.handle(sm.Batch("a", [1])) == []  # after the barrier: held
     assert kinds(m.handle(sm.Batch("b", [2]))) == ["Process"]  # before it: processed
     m.handle(sm.PROCESSED)
-    assert m.handle(sm.Barrier("b", 1)) == [sm.Snapshot(1)]
+    # the barrier goes on first; the state is packed before anything is processed
+    assert m.handle(sm.Barrier("b", 1)) == [sm.ForwardBarrier(1), sm.Snapshot(1)]
     assert m.last_checkpoint == 1
-    assert m.handle(sm.SNAPSHOTTED) == [sm.ForwardBarrier(1), sm.Process("a", [1], None)]
+    assert m.handle(sm.SNAPSHOTTED) == [sm.Process("a", [1], None)]
     assert m.handle(sm.PROCESSED) == []
     assert m.handle(sm.Barrier("a", 1)) == []  # a late barrier of a completed checkpoint
 
@@ -174,7 +175,7 @@ def test_a_newer_barrier_abandons_the_older_alignment() -> None:
     assert m.aligning == 2 and m.abandoned == 1 and m.barrier_held == {"b"}
     assert m.handle(sm.PROCESSED) == []
     assert m.handle(sm.Barrier("a", 1)) == []  # abandoned
-    assert m.handle(sm.Barrier("a", 2)) == [sm.Snapshot(2)]
+    assert m.handle(sm.Barrier("a", 2)) == [sm.ForwardBarrier(2), sm.Snapshot(2)]
 
 
 def test_an_older_barrier_is_ignored_while_a_newer_aligns() -> None:
@@ -220,7 +221,7 @@ def test_a_handover_restores_and_its_pending_input_goes_first() -> None:
     ]
     assert m.handle(sm.PROCESSED) == [sm.Process("handover:q", [2], None)]
     assert m.handle(sm.PROCESSED) == [sm.Process("a", [3], None)]
-    assert m.handle(sm.PROCESSED) == [sm.Snapshot(1)]  # the queued barrier, after its batch
+    assert m.handle(sm.PROCESSED) == [sm.ForwardBarrier(1), sm.Snapshot(1)]  # after its batch
 
 
 def test_a_retired_instance_finishes_when_its_inputs_ended() -> None:
@@ -273,7 +274,7 @@ def test_on_error_fail_holds_the_rest_and_everything_after() -> None:
 
 def test_state_that_cannot_be_stored_fails_the_instance_with_its_channels_held() -> None:
     m = InstanceMachine(("a",))
-    assert m.handle(sm.Barrier("a", 1)) == [sm.Snapshot(1)]
+    assert m.handle(sm.Barrier("a", 1)) == [sm.ForwardBarrier(1), sm.Snapshot(1)]
     assert m.handle(sm.Fail("StateError: no")) == []
     assert m.failed == "StateError: no" and m.errors == 1 and m.busy is None
     assert m.handle(sm.Batch("a", [1])) == []

@@ -31,8 +31,9 @@ The rules:
   every channel in ``Switch.after_epoch``.
 * **Barrier.** The first barrier of a checkpoint aligns on the input channels
   open at that moment: each channel that delivered it is held; when all have,
-  the instance snapshots its state (:class:`Snapshot`), forwards the barrier and
-  lets the held channels flow. One checkpoint aligns at a time: a barrier of a
+  the instance forwards the barrier, snapshots its state (:class:`Snapshot`) and
+  lets the held channels flow (a source snapshots its position first, then
+  forwards: its barrier follows that position). One checkpoint aligns at a time: a barrier of a
   newer checkpoint abandons the older one (it can no longer complete), a barrier
   of an older one is ignored, and so is every barrier of an abandoned or
   completed checkpoint or reaching a failed instance. An end marker abandons the
@@ -567,7 +568,10 @@ class InstanceMachine:
         self.aligning = 0
         self.last_checkpoint = max(self.last_checkpoint, cid)
         self.busy = cid
-        return [Snapshot(cid)]
+        # The barrier goes on before the snapshot is taken: downstream aligns while
+        # this instance packs its state. Nothing is processed in between, so the
+        # snapshot is still the state at the barrier.
+        return [ForwardBarrier(cid), Snapshot(cid)]
 
     def _abandon(self) -> None:
         """Give up the alignment in flight: its later barriers are ignored and the
@@ -584,7 +588,9 @@ class InstanceMachine:
         self.busy = None
         self._release(self.barrier_held)
         self.barrier_held = set()
-        return [ForwardBarrier(cid), *self._drain()]
+        if self.source:  # its barrier follows the position it snapshotted
+            return [ForwardBarrier(cid), *self._drain()]
+        return self._drain()
 
     def _checkpoint(self, ev: Checkpoint) -> list[Action]:
         if not self.source:
