@@ -65,6 +65,9 @@ BENCH_SCENARIOS = (
 )
 SAFETY = ("migrate_state", "canary")  # no stop-and-resubmit or peer counterpart
 CANARY_SHARE = "10%"
+# Input a run holds per upgrade call beyond the spacing (the call itself, status and
+# history): a run's records must outlast its last event's window (measure() checks).
+EVENT_S = 0.3
 STATELESS = ("insert_pe", "remove_pe", "reroute")  # changes that move no keyed state
 PEER_QUICK = ("change_code", "rescale_keyed")  # measured with --quick; the others reuse change_code
 
@@ -287,7 +290,7 @@ class Bench:
     def online(self, scenario: str, runs: int, warm: float, spacing: float) -> Run:
         base = "change_code" if scenario == "rollback" else scenario
         v1, v2 = SCENARIOS[base]
-        n = int(self.rate * (self.fill_s + warm + runs * 2 * spacing + 1.5))
+        n = int(self.rate * (self.fill_s + warm + runs * 2 * (spacing + EVENT_S) + 1.5))
         name = f"b_{scenario}"
         out, (app1, app2) = self.apps(scenario, name, [v1, v2], n, self.rate)
         run = Run(scenario, n=n)
@@ -307,6 +310,7 @@ class Bench:
         self._wait_rows(out, n, 30)
         self.c.client.kill(name)
         run.rows = read_jsonl(out)
+        check_covered(run)
         return run
 
     def _upgrade(self, app: str, kind: str, timed: bool = True) -> Event:
@@ -351,7 +355,7 @@ class Bench:
         over state are on every upgrade's path. Returns the run and the state check's
         line of each upgrade."""
         v1 = SCENARIOS["change_code"][0]
-        n = int(self.rate * (self.fill_s + warm + runs * spacing + 1.5))
+        n = int(self.rate * (self.fill_s + warm + runs * (spacing + EVENT_S) + 1.5))
         name = "b_migrate_state"
         out, apps = self.apps(
             "migrate_state",
@@ -377,13 +381,14 @@ class Bench:
         self._wait_rows(out, n, 30)
         self.c.client.kill(name)
         run.rows = read_jsonl(out)
+        check_covered(run)
         return run, checks
 
     def canary(self, runs: int, warm: float, spacing: float, share: str) -> Run:
         """Per run: a canary of ``count`` on ``share`` of its keys, promoted; another,
         aborted. The canaries alternate between the two codes of ``change_code``."""
         v1, v2 = SCENARIOS["change_code"]
-        n = int(self.rate * (self.fill_s + warm + runs * 4 * spacing + 1.5))
+        n = int(self.rate * (self.fill_s + warm + runs * 4 * (spacing + EVENT_S) + 1.5))
         name = "b_canary"
         out, (app1, app2) = self.apps("canary", name, [v1, v2], n, self.rate)
         run = Run("canary", n=n)
@@ -417,6 +422,7 @@ class Bench:
         self._wait_rows(out, n, 30)
         self.c.client.kill(name)
         run.rows = read_jsonl(out)
+        check_covered(run)
         return run
 
     # -- the baseline: stop and resubmit -------------------------------------------
@@ -440,6 +446,7 @@ class Bench:
         self._wait_rows(out, n, 30)
         self.c.client.kill(name)
         run.rows = read_jsonl(out)
+        check_covered(run)
         return run
 
     # -- the peer: Bytewax, stopped and resumed from its recovery store ----------------
@@ -554,6 +561,20 @@ def diff_plan_ms(pes: int, repeat: int = 5) -> dict[str, float]:
 def window(e: Event) -> tuple[float, float]:
     """Where an event's gap is looked for: from the request to a little after the reply."""
     return e.t_req, e.t_done + 0.1
+
+
+def check_covered(run: Run) -> None:
+    """Raise unless the run's records outlast its last event's window: an input that
+    ended inside it would make its gap the end of the stream, not the upgrade's."""
+    ts = run.sink_times
+    if not run.events or not ts:
+        return
+    end = max(window(e)[1] for e in run.events)
+    if ts[-1] < end:
+        raise RuntimeError(
+            f"{run.name}: the input ran out at {ts[-1] - ts[0]:.2f} s, before the window "
+            f"of the last event ended ({end - ts[0]:.2f} s); raise the run's record count"
+        )
 
 
 def measure(run: Run) -> dict[str, Any]:
