@@ -148,3 +148,59 @@ def test_a_sink_object_is_called_once_per_record_with_its_own_state(is_async: bo
         _run(ex.process(list(range(start, start + 10))))
     assert sink.seen == [r for r in range(20) if r != 3]
     assert errors == [(3, "bad 3")]
+
+
+class _Count:
+    """A keyed class PE's state: key -> count; version 2 stores counts doubled."""
+
+    state_version = 2
+
+    def __init__(self) -> None:
+        self.n: dict[Any, int] = {}
+        self.restores = 0
+
+    def process(self, r: Any) -> list[Any]:
+        return []
+
+    def snapshot(self) -> dict[Any, int]:
+        return self.n
+
+    def restore(self, state: dict[Any, int]) -> None:
+        self.restores += 1
+        self.n.update(state)
+
+    def merge(self, state: dict[Any, int]) -> None:
+        self.n.update(state)
+
+    def migrate(self, state: dict[Any, int], from_version: int) -> dict[Any, int]:
+        return {k: v * 2 for k, v in state.items()}
+
+
+def test_keyed_restore_takes_dicts_pairs_and_envelopes_and_copies_the_handed_object() -> None:
+    from hotwire.pe.executors import ProcessExecutor
+    from hotwire.pe.state import REPLICATED_KEY, wrap
+
+    class Ctx:
+        key = None
+
+    handed = {"a": 2, 7: 4}  # a same-worker handover passes this object itself
+    states = [
+        wrap(handed, 2),
+        wrap([[["t", 1], 6], [REPLICATED_KEY, {"timers": []}]], 2),  # pairs, tuple key
+        {"old": 5},  # version 1: migrated
+    ]
+    ex = ProcessExecutor(_Count, Ctx(), lambda r, e: None, key_fn=lambda r: r)
+    ex.restore(states)
+    obj = ex.obj
+    assert obj.n == {"a": 2, 7: 4, ("t", 1): 6, "old": 10} and obj.restores == 1
+    obj.n["a"] += 1
+    assert handed == {"a": 2, 7: 4}, "the predecessor's object is left as it was"
+
+    own = {"a": 2, 7: 4, REPLICATED_KEY: {"timers": []}}
+    one = ProcessExecutor(_Count, Ctx(), lambda r, e: None, key_fn=lambda r: r)
+    one.restore([wrap(own, 2)])
+    one.obj.n["x"] = 1
+    assert REPLICATED_KEY in own, "the instance's entry is taken from a copy"
+    assert one.obj.n == {"a": 2, 7: 4, "x": 1}
+    one.merge([wrap({"m": 1}, 2), [["p", 3]]])
+    assert one.obj.n == {"a": 2, 7: 4, "x": 1, "m": 1, "p": 6}
