@@ -289,7 +289,10 @@ def _keyed_dict(s: Any) -> dict[Any, Any]:
     since a handover on one worker passes the predecessor's object itself."""
     if isinstance(s, dict):
         return dict(s)
-    return {hashable_key(k): v for k, v in s}
+    try:
+        return dict(s)  # pairs whose keys are hashable as they are
+    except TypeError:  # a tuple key that came back from msgpack as a list
+        return {hashable_key(k): v for k, v in s}
 
 
 def _merged(parts: list[Any]) -> dict[Any, Any]:
