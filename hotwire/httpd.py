@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 MAX_HEAD = 16 * 1024  # request line and headers
 READ_TIMEOUT_S = 10.0  # the TLS handshake, and the request's head
+MAX_CONNECTIONS = 64  # open at once; more are answered 503 (plain HTTP) or closed
 REASONS = {
     200: "OK",
     303: "See Other",
@@ -147,7 +148,12 @@ class LoopServer:
     one's request with ``handle(request, writer)``; a request whose method is not in
     ``methods`` gets a 405 that says ``refused``. With ``context``, HTTPS, and
     plain HTTP gets a 400 with ``https_only`` (a line of text) and ``{address}``
-    in it replaced by this server's."""
+    in it replaced by this server's.
+
+    At most ``max_connections`` are open at once (each lives at most
+    :data:`READ_TIMEOUT_S` before its request is read): one more is answered 503 at
+    once on plain HTTP, or closed on HTTPS, and counted in :attr:`refused_count`, so
+    idle or slow clients cannot pile up descriptors and tasks in the process."""
 
     def __init__(
         self,
@@ -158,8 +164,12 @@ class LoopServer:
         refused: str = "",
         https_only: str = "this endpoint serves HTTPS only",
         name: str = "http",
+        max_connections: int = MAX_CONNECTIONS,
     ):
         self.handle = handle
+        self.max_connections = max_connections
+        self.refused_count = 0  # connections turned away over max_connections
+        self._warned = 0.0
         self.context = context
         self.methods = methods
         self.refused = refused
@@ -212,9 +222,32 @@ class LoopServer:
                 log.warning("%s: accept failed: %s", self.name, e)
                 await asyncio.sleep(0.1)
                 continue
+            if len(self.conns) >= self.max_connections:
+                self._turn_away(conn)
+                continue
             task = loop.create_task(self._connection(conn))
             self.conns.add(task)
             task.add_done_callback(self.conns.discard)
+
+    def _turn_away(self, conn: socket.socket) -> None:
+        """Close ``conn`` at once, over :attr:`max_connections`: with a 503 that says
+        so on plain HTTP (a send that fits the socket's buffer, never waited on)."""
+        self.refused_count += 1
+        if self.context is None:
+            text = f"{self.max_connections} connections are open already; try again\n"
+            with contextlib.suppress(OSError):
+                conn.setblocking(False)
+                conn.send(response(503, text.encode(), "text/plain; charset=utf-8"))
+        conn.close()
+        now = time.monotonic()
+        if now - self._warned > 10.0:
+            self._warned = now
+            log.warning(
+                "%s: %d connection(s) are open, the most it keeps; turned one away (%d so far)",
+                self.name,
+                len(self.conns),
+                self.refused_count,
+            )
 
     async def _connection(self, conn: socket.socket) -> None:
         started = time.perf_counter()
