@@ -219,3 +219,33 @@ def test_dry_run_history_and_rollback(cluster: LocalCluster, tmp_path: Path) -> 
     poll_for(lambda: count_lines(out) >= N, 30)
     v = check_output(read_jsonl(out), N)
     assert (v.lost, v.duplicated, v.out_of_order, v.state_resets) == (0, 0, 0, 0), v
+
+
+_SLOW_IMPORT = """
+import time
+
+from hotwire import Topology
+from hotwire.testing import counter, file_sink
+
+time.sleep({sleep})  # a large app.py imports slowly
+app = Topology("preload")
+src = app.source("src", counter(n=100000, rate=500))
+src.map("m", lambda r: {{**r, "v": {v}}}, parallelism=2).sink("out", file_sink({out!r}))
+"""
+
+
+def test_workers_import_an_upgrade_while_the_master_plans_it(
+    cluster: LocalCluster, tmp_path: Path
+) -> None:
+    """The master sends the new bundle as it starts to plan (LOAD); the prepare that
+    follows finds it imported. The upgrade's result does not depend on it."""
+    out = tmp_path / "out.jsonl"
+    v1 = write_app(tmp_path, "v1.py", _SLOW_IMPORT.format(sleep=0, v=1, out=str(out)))
+    v2 = write_app(tmp_path, "v2.py", _SLOW_IMPORT.format(sleep=0.3, v=2, out=str(out)))
+    cluster.client.submit(v1)
+    poll_for(lambda: count_lines(out) > 10, 20, what="records at the sink")
+    assert cluster.client.upgrade(v2).applied
+    poll_for(lambda: read_jsonl(out)[-1]["v"] == 2, 10, what="version 2 live")
+    logs = "".join(w.log_path.read_text() for w in cluster.workers)
+    assert logs.count("loaded ahead of its prepare") == 2, "each worker of the app loads it"
+    assert "(preload v0) failed" not in logs, logs[-2000:]

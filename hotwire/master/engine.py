@@ -198,6 +198,7 @@ class TransitionEngine:
         # Hooks (set by Recovery): a transition of the app begins; it committed; a
         # restart from the checkpoint finished (with what it did).
         self.on_begin: Callable[[str], None] = lambda app: None
+        self._preloads: set[asyncio.Task[Any]] = set()  # LOAD sends in flight
         self.on_commit: Callable[[str], None] = lambda app: None
         self.on_restart: Callable[[dict[str, Any]], None] = lambda event: None
         # Phase durations and outcomes of transitions, checkpoints (Prometheus).
@@ -282,6 +283,29 @@ class TransitionEngine:
     def running(self, app: str) -> AppState | None:
         st = self.apps.get(app)
         return st if st is not None and st.state == "running" else None
+
+    def preload(self, app: str, bundle_hash: str, bundle: bytes) -> None:
+        """Send ``bundle`` to the live workers running ``app`` now, for them to import
+        while the master plans the change (the import of a large app.py takes
+        milliseconds). The prepare sends it again and waits for its import: a load
+        that fails, comes late or reaches no worker changes nothing."""
+        st = self.running(app)
+        if st is None:
+            return
+        ms = self.membership
+        for w in sorted({w for pl in st.placement.values() for w in pl.workers}):
+            if not (ms.alive(w) and ms.connected(w)):
+                continue
+            task = asyncio.get_running_loop().create_task(
+                ms.send(w, pb.LOAD, app, 0, [], {bundle_hash: bundle}, timeout=30)
+            )
+            self._preloads.add(task)
+            task.add_done_callback(self._preload_done)
+
+    def _preload_done(self, task: asyncio.Task[Any]) -> None:
+        self._preloads.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.debug("a bundle preload was not delivered: %s", task.exception())
 
     def free_slots(self, app: str) -> dict[str, int]:
         """Slots on live, non-draining workers that apps other than ``app`` leave free."""

@@ -257,10 +257,13 @@ class Master(Node):
                     f"--canary {pe}: the share must lie strictly between 0% and 100%",
                 )
             async with self.engine.claim(app, f"a canary of PE {pe!r}"):
+                self.engine.preload(app, bundle_hash, bundle)
                 return await self.engine.start_canary(
                     app, model, bundle, bundle_hash, pe, share, max_errors, promote_after
                 )
         async with self.engine.claim(app, f"an upgrade to version {cur.version + 1}"):
+            if not dry_run:
+                self.engine.preload(app, bundle_hash, bundle)
             outcome = await self.engine.change(
                 app,
                 cur.version + 1,

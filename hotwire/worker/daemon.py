@@ -49,7 +49,7 @@ from hotwire.security.tls import (
 )
 from hotwire.worker.channels import BLOCKED_S
 from hotwire.worker.fence import TICK_S
-from hotwire.worker.runtime import SWITCH_TIMEOUT_S, Runtime
+from hotwire.worker.runtime import KEEP_LOADED, SWITCH_TIMEOUT_S, Runtime
 from hotwire.worker.transport import LINK_TIMEOUT_S
 
 log = logging.getLogger(__name__)
@@ -585,6 +585,20 @@ class Worker(Node):
                 rt.checkpoint(batch.app, batch.version)
             elif batch.phase == pb.COMMITTED:
                 rt.checkpoint_done(batch.app, batch.version)
+            elif batch.phase == pb.LOAD:
+                # The master sends an upgrade's bundle as it starts planning: the
+                # import (a large app.py compiles for milliseconds) overlaps the plan.
+                # Its prepare sends the bundle again, so nothing depends on this one.
+                for h in batch.bundles:
+                    await asyncio.to_thread(rt.load, h)
+                    log.info(
+                        "worker %s: app %r: bundle %s loaded ahead of its prepare in %.1f ms",
+                        self.name,
+                        batch.app,
+                        h[:12],
+                        (time.perf_counter() - t0) * 1000,
+                    )
+                rt.evict_bundles(KEEP_LOADED)  # refused upgrades' bundles do not pile up
             elif batch.phase == pb.CHECK_STATE:
                 for h in batch.bundles:
                     await asyncio.to_thread(rt.load, h)

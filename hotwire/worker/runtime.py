@@ -50,6 +50,9 @@ log = logging.getLogger(__name__)
 SWITCH_TIMEOUT_S = 60.0
 KEEP_SWITCHES = 4
 KEEP_BUNDLES = 2  # newest bundles kept even when nothing uses them
+# After a preload (LOAD): more kept, so that loads of other apps' upgrades arriving
+# while one prepares do not drop the bundle it is about to use.
+KEEP_LOADED = 8
 
 
 class PrepareError(Exception):
@@ -201,11 +204,11 @@ class Runtime:
         else:
             self.bundles[h] = data
 
-    def evict_bundles(self) -> list[str]:
+    def evict_bundles(self, keep: int = KEEP_BUNDLES) -> list[str]:
         """Drop bundles no instance, prepare or route uses, except the newest
-        :data:`KEEP_BUNDLES` (a master sends a bundle again with any prepare that
-        needs it, so nothing here has to be kept for later)."""
-        used = set(list(self.bundles)[-KEEP_BUNDLES:])
+        ``keep`` (a master sends a bundle again with any prepare that needs it, so
+        nothing here has to be kept for later)."""
+        used = set(list(self.bundles)[-keep:])
         for inst in self.instances.values():
             used.add(inst.spec.bundle)
             if inst.spec.input_key is not None:
