@@ -24,6 +24,7 @@ Pure: no I/O, testable on its own.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterator
 from typing import Any
 
 import msgpack
@@ -218,21 +219,29 @@ class _NotPairs(Exception):
     pass
 
 
-def _thinned_pairs(unp: msgpack.Unpacker, keep: int) -> list[Any]:
-    count = unp.read_array_header()
+def _kept(count: int, keep: int) -> Iterator[bool]:
+    """For each of ``count`` elements, whether it is one of ``keep`` spread evenly."""
     if count <= keep:
-        out = [unp.unpack() for _ in range(count)]
-    else:
-        step = count / keep
-        out = []
-        nxt, j = 0, 0
-        for idx in range(count):
-            if idx == nxt:
-                out.append(unp.unpack())
-                j += 1
-                nxt = int(j * step) if j < keep else count
-            else:
-                unp.skip()
+        yield from (True for _ in range(count))
+        return
+    step = count / keep
+    nxt, j = 0, 0
+    for idx in range(count):
+        if idx == nxt:
+            j += 1
+            nxt = int(j * step) if j < keep else count
+            yield True
+        else:
+            yield False
+
+
+def _thinned_pairs(unp: msgpack.Unpacker, keep: int) -> list[Any]:
+    out = []
+    for take in _kept(unp.read_array_header(), keep):
+        if take:
+            out.append(unp.unpack())
+        else:
+            unp.skip()
     if not all(isinstance(p, list) and len(p) == 2 for p in out):
         raise _NotPairs
     return out
@@ -241,16 +250,10 @@ def _thinned_pairs(unp: msgpack.Unpacker, keep: int) -> list[Any]:
 def _thinned_map(unp: msgpack.Unpacker, count: int, keep: int) -> list[Any]:
     """A keyed dict's ``count`` entries (its map header read) as ``[key, value]`` pairs,
     ``keep`` of them spread evenly over it; the others skipped undecoded."""
-    if count <= keep:
-        return [[unp.unpack(), unp.unpack()] for _ in range(count)]
-    step = count / keep
-    out: list[Any] = []
-    nxt, j = 0, 0
-    for idx in range(count):
-        if idx == nxt:
+    out = []
+    for take in _kept(count, keep):
+        if take:
             out.append([unp.unpack(), unp.unpack()])
-            j += 1
-            nxt = int(j * step) if j < keep else count
         else:
             unp.skip()
             unp.skip()

@@ -287,10 +287,8 @@ class ReduceExecutor(Executor):
 def _keyed_dict(s: Any) -> dict[Any, Any]:
     """A keyed state (a dict, or ``[key, value]`` pairs) as a dict of its own: a copy,
     since a handover on one worker passes the predecessor's object itself."""
-    if isinstance(s, dict):
-        return dict(s)
     try:
-        return dict(s)  # pairs whose keys are hashable as they are
+        return dict(s)  # a dict, or pairs whose keys are hashable as they are
     except TypeError:  # a tuple key that came back from msgpack as a list
         return {hashable_key(k): v for k, v in s}
 
