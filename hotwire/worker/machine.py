@@ -33,10 +33,10 @@ The rules:
   open at that moment: each channel that delivered it is held; when all have,
   the instance forwards the barrier, snapshots its state (:class:`Snapshot`) and
   lets the held channels flow (a source snapshots its position first, then
-  forwards: its barrier follows that position). One checkpoint aligns at a time: a barrier of a
-  newer checkpoint abandons the older one (it can no longer complete), a barrier
-  of an older one is ignored, and so is every barrier of an abandoned or
-  completed checkpoint or reaching a failed instance. An end marker abandons the
+  forwards: its barrier follows that position). One checkpoint aligns at a time:
+  a barrier of a newer checkpoint abandons the older one (it can no longer
+  complete), a barrier of an older one is ignored, and so is every barrier of an
+  abandoned or completed checkpoint or reaching a failed instance. An end marker abandons the
   alignment in flight (the master abandons checkpoints when a transition begins).
 * **Release.** Held channels that stop being held flow again in the order they
   were released, each channel's batches and barriers in arrival order.
