@@ -393,7 +393,7 @@ class ProcessExecutor(Executor):
         state = snap() if snap is not None else None
         if self.timers:
             # A split by key gives each part the timers of its keys.
-            state = dict(_keyed_items(state)) if state else {}
+            state = _keyed_dict(state) if state else {}
             state[REPLICATED_KEY] = {"timers": self.timers.snapshot()}
         return state
 
